@@ -1,0 +1,12 @@
+//! `rampart-core` is Rampart's sans-IO domain: the types every other crate speaks (API
+//! bodies, configuration schema, durations, limits) and every *policy* written as a plain
+//! state machine that takes `now` as an argument. Nothing here opens a socket, reads a
+//! clock or spawns a task, so each decision can be tested with explicit time.
+
+pub mod api;
+pub mod config;
+pub mod duration;
+pub mod lease;
+pub mod limits;
+
+pub use duration::{format_duration, parse_duration};

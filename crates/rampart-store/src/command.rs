@@ -1,0 +1,83 @@
+//! What goes through the Raft log, and what applying it answers.
+
+use serde::{Deserialize, Serialize};
+
+/// One client write, as proposed by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// The proposing leader's wall clock in ms since the epoch: the only notion of time
+    /// apply sees, so `since_ms` of an election is the same on every node.
+    pub at_ms: u64,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put {
+        key: String,
+        value: String,
+        lease: Option<u64>,
+        if_revision: Option<u64>,
+    },
+    Delete {
+        key: String,
+    },
+    LeaseGrant {
+        ttl_ms: u64,
+    },
+    /// Revoke by a client, or expiry decided by the leader.
+    LeaseRevoke {
+        id: u64,
+    },
+    Campaign {
+        name: String,
+        candidate: String,
+        lease: u64,
+    },
+    Resign {
+        name: String,
+        candidate: Option<String>,
+    },
+}
+
+/// The answer to one applied entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Blank and membership entries.
+    Nothing,
+    Put {
+        revision: u64,
+    },
+    Deleted {
+        revision: u64,
+        deleted: bool,
+    },
+    /// `if_revision` did not match; `current` is the key's revision (0 = absent).
+    RevisionMismatch {
+        current: u64,
+    },
+    LeaseNotFound {
+        id: u64,
+    },
+    LeaseGranted {
+        id: u64,
+        ttl_ms: u64,
+    },
+    LeaseRevoked {
+        found: bool,
+    },
+    /// The candidate holds the election (newly or already) with this fencing token.
+    Elected {
+        leader: String,
+        token: u64,
+    },
+    /// Someone else holds it.
+    Held {
+        leader: String,
+        token: u64,
+        lease: u64,
+    },
+    Resigned {
+        found: bool,
+    },
+}

@@ -1,0 +1,44 @@
+//! `rampart-store` is the replicated state of one region: the commands that go through the
+//! Raft log, their deterministic apply (KV with revisions, leases, elections), snapshots,
+//! and the durable storage openraft needs (log, vote, committed pointer, snapshot) in one
+//! redb file. Apply never reads a clock, draws a random number or does I/O: every node that
+//! applies the same log reaches the same state and the same checksum.
+
+pub mod command;
+pub mod log_store;
+pub mod state;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+pub use command::{Command, Op, Outcome};
+pub use log_store::LogStore;
+pub use state::State;
+pub use state_machine::{Applied, StateMachineStore};
+
+openraft::declare_raft_types!(
+    /// Openraft's type configuration for a Rampart region.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// Opens (or creates) the redb file of a node and returns its log store and state machine.
+pub fn open(
+    path: &std::path::Path,
+    watch_history: usize,
+) -> Result<(LogStore, StateMachineStore), StorageError> {
+    let db = std::sync::Arc::new(log_store::open_database(path)?);
+    let log = LogStore::new(db.clone())?;
+    let sm = StateMachineStore::new(db, watch_history)?;
+    Ok((log, sm))
+}

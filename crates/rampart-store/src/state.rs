@@ -1,0 +1,416 @@
+//! The region's state and its deterministic apply.
+//!
+//! Invariants, checked by tests: the revision increases by exactly one per state-changing
+//! command; every key and election tied to a lease is listed under that lease; an election's
+//! fencing token is the revision of the write that won it, so tokens strictly increase.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rampart_core::api::{KeyValue, WatchEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Op, Outcome};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub value: String,
+    pub revision: u64,
+    pub create_revision: u64,
+    pub lease: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ttl_ms: u64,
+    pub keys: BTreeSet<String>,
+    pub elections: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub candidate: String,
+    pub lease: u64,
+    pub token: u64,
+    pub since_ms: u64,
+}
+
+/// Everything a region replicates. BTreeMaps keep iteration, serialisation and the checksum
+/// identical on every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub revision: u64,
+    pub kv: BTreeMap<String, Record>,
+    pub leases: BTreeMap<u64, Lease>,
+    pub elections: BTreeMap<String, Hold>,
+    pub next_lease_id: u64,
+}
+
+impl State {
+    /// Applies one command; returns its outcome and the watch events it caused.
+    pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<WatchEvent>) {
+        let mut events = Vec::new();
+        let outcome = match &command.op {
+            Op::Put {
+                key,
+                value,
+                lease,
+                if_revision,
+            } => {
+                let current = self.kv.get(key).map_or(0, |r| r.revision);
+                if let Some(expected) = if_revision {
+                    if *expected != current {
+                        return (Outcome::RevisionMismatch { current }, events);
+                    }
+                }
+                if let Some(id) = lease {
+                    if !self.leases.contains_key(id) {
+                        return (Outcome::LeaseNotFound { id: *id }, events);
+                    }
+                }
+                let revision = self.bump();
+                self.put(key, value, *lease, revision);
+                events.push(WatchEvent {
+                    revision,
+                    kind: "put".into(),
+                    key: key.clone(),
+                    value: Some(value.clone()),
+                });
+                Outcome::Put { revision }
+            }
+            Op::Delete { key } => {
+                if self.kv.contains_key(key) {
+                    let revision = self.bump();
+                    self.delete(key);
+                    events.push(delete_event(revision, key));
+                    Outcome::Deleted {
+                        revision,
+                        deleted: true,
+                    }
+                } else {
+                    Outcome::Deleted {
+                        revision: self.revision,
+                        deleted: false,
+                    }
+                }
+            }
+            Op::LeaseGrant { ttl_ms } => {
+                self.next_lease_id += 1;
+                let id = self.next_lease_id;
+                self.leases.insert(
+                    id,
+                    Lease {
+                        ttl_ms: *ttl_ms,
+                        ..Lease::default()
+                    },
+                );
+                Outcome::LeaseGranted {
+                    id,
+                    ttl_ms: *ttl_ms,
+                }
+            }
+            Op::LeaseRevoke { id } => match self.leases.remove(id) {
+                None => Outcome::LeaseRevoked { found: false },
+                Some(lease) => {
+                    // Like etcd: every key of the lease goes in one revision.
+                    if !lease.keys.is_empty() {
+                        let revision = self.bump();
+                        for key in &lease.keys {
+                            self.kv.remove(key);
+                            events.push(delete_event(revision, key));
+                        }
+                    }
+                    for name in &lease.elections {
+                        self.elections.remove(name);
+                    }
+                    Outcome::LeaseRevoked { found: true }
+                }
+            },
+            Op::Campaign {
+                name,
+                candidate,
+                lease,
+            } => {
+                if !self.leases.contains_key(lease) {
+                    return (Outcome::LeaseNotFound { id: *lease }, events);
+                }
+                match self.elections.get(name) {
+                    Some(hold) if hold.candidate == *candidate && hold.lease == *lease => {
+                        Outcome::Elected {
+                            leader: hold.candidate.clone(),
+                            token: hold.token,
+                        }
+                    }
+                    Some(hold) => Outcome::Held {
+                        leader: hold.candidate.clone(),
+                        token: hold.token,
+                        lease: hold.lease,
+                    },
+                    None => {
+                        let token = self.bump();
+                        let hold = Hold {
+                            candidate: candidate.clone(),
+                            lease: *lease,
+                            token,
+                            since_ms: command.at_ms,
+                        };
+                        self.elections.insert(name.clone(), hold);
+                        self.leases
+                            .get_mut(lease)
+                            .expect("checked above")
+                            .elections
+                            .insert(name.clone());
+                        Outcome::Elected {
+                            leader: candidate.clone(),
+                            token,
+                        }
+                    }
+                }
+            }
+            Op::Resign { name, candidate } => {
+                let matches = match (self.elections.get(name), candidate) {
+                    (None, _) => false,
+                    (Some(hold), Some(who)) => hold.candidate == *who,
+                    (Some(_), None) => true,
+                };
+                if matches {
+                    let hold = self.elections.remove(name).expect("checked above");
+                    if let Some(lease) = self.leases.get_mut(&hold.lease) {
+                        lease.elections.remove(name);
+                    }
+                }
+                Outcome::Resigned { found: matches }
+            }
+        };
+        (outcome, events)
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    fn put(&mut self, key: &str, value: &str, lease: Option<u64>, revision: u64) {
+        let previous = self.kv.get(key).cloned();
+        if let Some(old_lease) = previous.as_ref().and_then(|r| r.lease) {
+            if Some(old_lease) != lease {
+                if let Some(l) = self.leases.get_mut(&old_lease) {
+                    l.keys.remove(key);
+                }
+            }
+        }
+        if let Some(id) = lease {
+            self.leases
+                .get_mut(&id)
+                .expect("lease checked by caller")
+                .keys
+                .insert(key.to_string());
+        }
+        let create_revision = previous.map_or(revision, |r| r.create_revision);
+        self.kv.insert(
+            key.to_string(),
+            Record {
+                value: value.to_string(),
+                revision,
+                create_revision,
+                lease,
+            },
+        );
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(record) = self.kv.remove(key) {
+            if let Some(l) = record.lease.and_then(|id| self.leases.get_mut(&id)) {
+                l.keys.remove(key);
+            }
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<KeyValue> {
+        self.kv.get(key).map(|r| key_value(key, r))
+    }
+
+    /// Keys starting with `prefix`, in key order, at most `limit`.
+    pub fn range(&self, prefix: &str, limit: usize) -> Vec<KeyValue> {
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, r)| key_value(k, r))
+            .collect()
+    }
+
+    /// FNV-1a 64 over the canonical encoding: equal states have equal checksums.
+    pub fn checksum(&self) -> u64 {
+        let bytes = postcard::to_allocvec(self).expect("state always encodes");
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in bytes {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        hash
+    }
+}
+
+fn key_value(key: &str, r: &Record) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: r.value.clone(),
+        revision: r.revision,
+        create_revision: r.create_revision,
+        lease: r.lease,
+    }
+}
+
+fn delete_event(revision: u64, key: &str) -> WatchEvent {
+    WatchEvent {
+        revision,
+        kind: "delete".into(),
+        key: key.to_string(),
+        value: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(op: Op) -> Command {
+        Command { at_ms: 1000, op }
+    }
+
+    fn put(state: &mut State, key: &str, lease: Option<u64>, if_revision: Option<u64>) -> Outcome {
+        state
+            .apply(&cmd(Op::Put {
+                key: key.into(),
+                value: "v".into(),
+                lease,
+                if_revision,
+            }))
+            .0
+    }
+
+    #[test]
+    fn every_write_increments_the_revision() {
+        let mut s = State::default();
+        assert_eq!(put(&mut s, "a", None, None), Outcome::Put { revision: 1 });
+        assert_eq!(put(&mut s, "a", None, None), Outcome::Put { revision: 2 });
+        let got = s.get("a").unwrap();
+        assert_eq!((got.revision, got.create_revision), (2, 1));
+        let (out, events) = s.apply(&cmd(Op::Delete { key: "a".into() }));
+        assert_eq!(
+            out,
+            Outcome::Deleted {
+                revision: 3,
+                deleted: true
+            }
+        );
+        assert_eq!(events.len(), 1);
+        let (out, _) = s.apply(&cmd(Op::Delete { key: "a".into() }));
+        assert_eq!(
+            out,
+            Outcome::Deleted {
+                revision: 3,
+                deleted: false
+            }
+        );
+    }
+
+    #[test]
+    fn compare_and_set_checks_the_revision() {
+        let mut s = State::default();
+        assert_eq!(
+            put(&mut s, "a", None, Some(0)),
+            Outcome::Put { revision: 1 }
+        );
+        assert_eq!(
+            put(&mut s, "a", None, Some(0)),
+            Outcome::RevisionMismatch { current: 1 }
+        );
+        assert_eq!(
+            put(&mut s, "a", None, Some(1)),
+            Outcome::Put { revision: 2 }
+        );
+        assert_eq!(s.revision, 2, "a failed compare leaves the revision alone");
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_and_frees_its_elections() {
+        let mut s = State::default();
+        let (Outcome::LeaseGranted { id, .. }, _) = s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
+        else {
+            panic!()
+        };
+        put(&mut s, "k1", Some(id), None);
+        put(&mut s, "k2", Some(id), None);
+        put(&mut s, "k3", None, None);
+        let (won, _) = s.apply(&cmd(Op::Campaign {
+            name: "e".into(),
+            candidate: "a".into(),
+            lease: id,
+        }));
+        assert_eq!(
+            won,
+            Outcome::Elected {
+                leader: "a".into(),
+                token: 4
+            }
+        );
+        let (_, events) = s.apply(&cmd(Op::LeaseRevoke { id }));
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|e| e.revision == 5 && e.kind == "delete"));
+        assert!(s.get("k1").is_none() && s.get("k3").is_some());
+        assert!(s.elections.is_empty());
+    }
+
+    #[test]
+    fn election_has_one_holder_and_tokens_increase() {
+        let mut s = State::default();
+        let (Outcome::LeaseGranted { id: l1, .. }, _) =
+            s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
+        else {
+            panic!()
+        };
+        let (Outcome::LeaseGranted { id: l2, .. }, _) =
+            s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
+        else {
+            panic!()
+        };
+        let campaign = |s: &mut State, who: &str, lease| {
+            s.apply(&cmd(Op::Campaign {
+                name: "e".into(),
+                candidate: who.into(),
+                lease,
+            }))
+            .0
+        };
+        let Outcome::Elected { token: t1, .. } = campaign(&mut s, "a", l1) else {
+            panic!()
+        };
+        assert!(matches!(campaign(&mut s, "b", l2), Outcome::Held { token, .. } if token == t1));
+        assert_eq!(
+            campaign(&mut s, "a", l1),
+            Outcome::Elected {
+                leader: "a".into(),
+                token: t1
+            }
+        );
+        s.apply(&cmd(Op::Resign {
+            name: "e".into(),
+            candidate: Some("a".into()),
+        }));
+        let Outcome::Elected { token: t2, .. } = campaign(&mut s, "b", l2) else {
+            panic!()
+        };
+        assert!(t2 > t1);
+    }
+
+    #[test]
+    fn checksum_follows_state() {
+        let mut a = State::default();
+        let mut b = State::default();
+        put(&mut a, "x", None, None);
+        assert_ne!(a.checksum(), b.checksum());
+        put(&mut b, "x", None, None);
+        assert_eq!(a.checksum(), b.checksum());
+    }
+}

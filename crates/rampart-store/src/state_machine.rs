@@ -1,0 +1,261 @@
+//! The state machine openraft applies committed entries to, its snapshots, and the feed of
+//! changes that watches read.
+//!
+//! The state lives in memory and reaches disk as snapshots (in the same redb file as the
+//! log): a restarted node loads its last snapshot and openraft re-applies the committed log
+//! after it. Recent changes are kept in a bounded history so a watch can resume from an
+//! older revision; a watch from before the history answers "compacted".
+
+use std::collections::VecDeque;
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageIOError, StoredMembership,
+};
+use rampart_core::api::WatchEvent;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::command::Outcome;
+use crate::state::State;
+use crate::{NodeId, StorageError, TypeConfig};
+
+pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+const SNAPSHOT_KEY: &str = "current";
+
+/// How many changes a slow watcher may fall behind before it is cut off (it then resumes
+/// from its last revision, out of the history).
+const FEED_CAPACITY: usize = 4096;
+
+/// What has been applied so far; shared with the HTTP layer for reads.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub state: State,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    /// Recent changes, oldest first, for watches that start in the past.
+    pub history: VecDeque<WatchEvent>,
+    /// Changes at or below this revision are no longer in `history`.
+    pub compacted_revision: u64,
+    history_max: usize,
+}
+
+impl Applied {
+    /// Events with revision >= `from`, or `Err(compacted_revision)` if some are gone.
+    pub fn history_from(&self, from: u64) -> Result<Vec<WatchEvent>, u64> {
+        if from <= self.compacted_revision && from <= self.state.revision {
+            return Err(self.compacted_revision);
+        }
+        let start = self.history.partition_point(|e| e.revision < from);
+        Ok(self.history.iter().skip(start).cloned().collect())
+    }
+
+    fn record(&mut self, event: WatchEvent) {
+        if self.history.len() >= self.history_max {
+            if let Some(old) = self.history.pop_front() {
+                self.compacted_revision = old.revision;
+                // Never split one revision: drop its siblings too.
+                while self
+                    .history
+                    .front()
+                    .is_some_and(|e| e.revision == old.revision)
+                {
+                    self.history.pop_front();
+                }
+            }
+        }
+        self.history.push_back(event);
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    state: State,
+}
+
+/// Openraft's view of the state machine. Cloning shares it.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    applied: Arc<RwLock<Applied>>,
+    feed: broadcast::Sender<WatchEvent>,
+}
+
+impl StateMachineStore {
+    pub fn new(db: Arc<Database>, history_max: usize) -> Result<StateMachineStore, StorageError> {
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let store = StateMachineStore {
+            db,
+            applied: Arc::new(RwLock::new(Applied {
+                history_max: history_max.max(1),
+                ..Applied::default()
+            })),
+            feed,
+        };
+        if let Some(snapshot) = store.load_snapshot()? {
+            store.replace(snapshot);
+        }
+        Ok(store)
+    }
+
+    /// The applied state, for reads.
+    pub fn applied(&self) -> Arc<RwLock<Applied>> {
+        self.applied.clone()
+    }
+
+    /// Subscribes to changes as they are applied. Take the subscription while holding the
+    /// `applied` read lock to join history and feed without a gap.
+    pub fn subscribe(&self) -> broadcast::Receiver<WatchEvent> {
+        self.feed.subscribe()
+    }
+
+    fn replace(&self, snapshot: StoredSnapshot) {
+        let mut applied = self.applied.write().expect("state lock poisoned");
+        applied.compacted_revision = snapshot.state.revision;
+        applied.state = snapshot.state;
+        applied.last_applied = snapshot.meta.last_log_id;
+        applied.membership = snapshot.meta.last_membership;
+        applied.history.clear();
+    }
+
+    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
+        match self.load_snapshot_bytes()? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(
+                postcard::from_bytes(&bytes)
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+            )),
+        }
+    }
+
+    fn load_snapshot_bytes(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            Ok(table.get(SNAPSHOT_KEY)?.map(|v| v.value().to_vec()))
+        };
+        read().map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+    }
+
+    fn save_snapshot_bytes(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let write = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            txn.open_table(SNAPSHOT)?.insert(SNAPSHOT_KEY, bytes)?;
+            txn.commit()?;
+            Ok(())
+        };
+        write().map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let stored = {
+            let applied = self.applied.read().expect("state lock poisoned");
+            let last = applied.last_applied;
+            let snapshot_id = match last {
+                Some(id) => format!(
+                    "{}-{}-{}",
+                    id.leader_id.term, id.index, applied.state.revision
+                ),
+                None => "empty".to_string(),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: applied.membership.clone(),
+                snapshot_id,
+            };
+            StoredSnapshot {
+                meta,
+                state: applied.state.clone(),
+            }
+        };
+        let bytes =
+            postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.save_snapshot_bytes(&bytes)?;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        let applied = self.applied.read().expect("state lock poisoned");
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut outcomes = Vec::new();
+        let mut applied = self.applied.write().expect("state lock poisoned");
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => Outcome::Nothing,
+                EntryPayload::Membership(membership) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Outcome::Nothing
+                }
+                EntryPayload::Normal(command) => {
+                    let (outcome, events) = applied.state.apply(&command);
+                    for event in events {
+                        // No receiver is fine: nobody is watching.
+                        let _ = self.feed.send(event.clone());
+                        applied.record(event);
+                    }
+                    outcome
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let mut stored: StoredSnapshot = postcard::from_bytes(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        stored.meta = meta.clone();
+        let bytes = postcard::to_allocvec(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.save_snapshot_bytes(&bytes)?;
+        self.replace(stored);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.load_snapshot_bytes()?.and_then(|bytes| {
+            let stored: StoredSnapshot = postcard::from_bytes(&bytes).ok()?;
+            Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(Cursor::new(bytes)),
+            })
+        }))
+    }
+}
