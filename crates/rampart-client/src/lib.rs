@@ -1,1 +1,385 @@
-//! rampart-client
+//! `rampart-client` is the typed async client of Rampart's HTTP API, used by the CLI, the
+//! testkit, benchmarks and users' Rust programs.
+//!
+//! It tries each endpoint in turn, follows the region through leader changes, and retries
+//! within a deadline only what is safe to retry: calls that are idempotent, and any call
+//! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused).
+//! A write whose outcome is unknown (timeout after sending) is reported, never repeated.
+
+mod watch;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rampart_core::api::*;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use watch::WatchStream;
+
+/// Why a call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The cluster answered with an error.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        current: Option<serde_json::Value>,
+    },
+    /// No endpoint could be reached or none had a leader before the deadline.
+    #[error("no endpoint answered within {deadline_ms}ms: {last_error}")]
+    Unavailable { deadline_ms: u64, last_error: String },
+    /// The request was sent but no answer came: it may or may not have taken effect.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    #[error("bad endpoint {0:?}: expected HOST:PORT or http://HOST:PORT")]
+    BadEndpoint(String),
+}
+
+impl ClientError {
+    /// The API error code, if the cluster answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// True when the request certainly took no effect.
+    pub fn is_definite(&self) -> bool {
+        !matches!(self, ClientError::Unknown(_))
+    }
+}
+
+/// Options of a put.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutOptions {
+    pub lease: Option<u64>,
+    pub if_revision: Option<u64>,
+}
+
+/// A client of one region.
+#[derive(Debug)]
+pub struct Client {
+    endpoints: Vec<String>,
+    http: reqwest::Client,
+    deadline: Duration,
+    /// Index of the endpoint that answered last; tried first.
+    preferred: AtomicUsize,
+}
+
+fn normalize(endpoint: &str) -> Result<String, ClientError> {
+    let trimmed = endpoint.trim().trim_end_matches('/');
+    let with_scheme = if trimmed.starts_with("http://") {
+        trimmed.to_string()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let host = with_scheme.trim_start_matches("http://");
+    if host.is_empty() || !host.contains(':') {
+        return Err(ClientError::BadEndpoint(endpoint.to_string()));
+    }
+    Ok(with_scheme)
+}
+
+/// Codes that mean the cluster did not apply the request and a retry is safe.
+fn retryable(code: &str) -> bool {
+    matches!(code, "no_leader" | "not_leader")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Safe to repeat after any failure.
+    Idempotent,
+    /// Repeat only when the request certainly did not take effect.
+    OnlyIfNotApplied,
+}
+
+impl Client {
+    /// A client over `endpoints` (`HOST:PORT` or `http://HOST:PORT`), with a 10 s deadline per call.
+    pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Client, ClientError> {
+        let endpoints = endpoints
+            .iter()
+            .map(|e| normalize(e.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(ClientError::BadEndpoint(String::new()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| ClientError::BadEndpoint(e.to_string()))?;
+        Ok(Client {
+            endpoints,
+            http,
+            deadline: Duration::from_secs(10),
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// Sets the overall deadline of each call, retries included.
+    pub fn with_deadline(mut self, deadline: Duration) -> Client {
+        self.deadline = deadline;
+        self
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        retry: Retry,
+    ) -> Result<T, ClientError> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        let mut last_error = String::from("not tried");
+        let mut attempt = 0usize;
+        loop {
+            let index = (self.preferred.load(Ordering::Relaxed) + attempt) % self.endpoints.len();
+            attempt += 1;
+            let remaining = self.deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(ClientError::Unavailable {
+                    deadline_ms: self.deadline.as_millis() as u64,
+                    last_error,
+                });
+            }
+            let url = format!("{}{}", self.endpoints[index], path);
+            let mut request = self.http.request(method.clone(), &url).timeout(remaining);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let bytes = match response.bytes().await {
+                        Ok(bytes) => bytes,
+                        Err(e) if retry == Retry::Idempotent => {
+                            last_error = format!("{url}: {e}");
+                            continue;
+                        }
+                        Err(e) => return Err(ClientError::Unknown(format!("{url}: {e}"))),
+                    };
+                    if status.is_success() {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        return serde_json::from_slice(&bytes)
+                            .map_err(|e| ClientError::Unknown(format!("{url}: undecodable answer: {e}")));
+                    }
+                    let error = decode_error(status, &bytes);
+                    match &error {
+                        ClientError::Api { code, .. } if retryable(code) => last_error = format!("{url}: {error}"),
+                        ClientError::Api { code, .. } if code == "timeout" && retry == Retry::Idempotent => {
+                            last_error = format!("{url}: {error}")
+                        }
+                        _ => return Err(error),
+                    }
+                }
+                Err(e) if e.is_connect() => last_error = format!("{url}: {e}"),
+                Err(e) if retry == Retry::Idempotent => last_error = format!("{url}: {e}"),
+                Err(e) => return Err(ClientError::Unknown(format!("{url}: {e}"))),
+            }
+            // After a full round of endpoints, pause before the next.
+            if attempt % self.endpoints.len() == 0 {
+                tokio::time::sleep(backoff.min(self.deadline.saturating_sub(started.elapsed()))).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None, Retry::Idempotent).await
+    }
+
+    pub async fn put(&self, key: &str, value: &str, options: PutOptions) -> Result<PutResponse, ClientError> {
+        let body = PutRequest {
+            value: value.to_string(),
+            lease: options.lease,
+            if_revision: options.if_revision,
+        };
+        self.call(Method::PUT, &kv_path(key), Some(&body), Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    /// Linearizable get; `None` when the key does not exist.
+    pub async fn get_key(&self, key: &str, stale: bool) -> Result<Option<KeyValue>, ClientError> {
+        let path = if stale {
+            format!("{}?consistency=stale", kv_path(key))
+        } else {
+            kv_path(key)
+        };
+        match self.get::<KeyValue>(&path).await {
+            Ok(kv) => Ok(Some(kv)),
+            Err(e) if e.code() == Some("key_not_found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn range(&self, prefix: &str, stale: bool) -> Result<RangeResponse, ClientError> {
+        let mut path = format!("/v1/kv?prefix={}", encode(prefix));
+        if stale {
+            path.push_str("&consistency=stale");
+        }
+        self.get(&path).await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<DeleteResponse, ClientError> {
+        self.call::<(), _>(Method::DELETE, &kv_path(key), None, Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    /// Changes under `prefix` from `from_revision` (or from now), resuming across nodes.
+    pub fn watch(&self, prefix: &str, from_revision: Option<u64>) -> WatchStream {
+        watch::start(self, prefix, from_revision)
+    }
+
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrantResponse, ClientError> {
+        let body = LeaseGrantRequest {
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        self.call(Method::POST, "/v1/leases", Some(&body), Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    pub async fn lease_keepalive(&self, id: u64) -> Result<LeaseKeepaliveResponse, ClientError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/leases/{id}/keepalive"),
+            None,
+            Retry::Idempotent,
+        )
+        .await
+    }
+
+    pub async fn lease_revoke(&self, id: u64) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(
+            Method::DELETE,
+            &format!("/v1/leases/{id}"),
+            None,
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        lease: u64,
+        wait: Option<Duration>,
+    ) -> Result<CampaignResponse, ClientError> {
+        let body = CampaignRequest {
+            candidate: candidate.to_string(),
+            lease,
+            wait_ms: wait.map(|w| w.as_millis() as u64),
+        };
+        // Campaigning again with the same candidate and lease is idempotent in the store.
+        let path = format!("/v1/elections/{}/campaign", encode(name));
+        self.call(Method::POST, &path, Some(&body), Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    /// The current holder; `None` when nobody holds the election.
+    pub async fn observe(&self, name: &str) -> Result<Option<ElectionState>, ClientError> {
+        match self
+            .get::<ElectionState>(&format!("/v1/elections/{}", encode(name)))
+            .await
+        {
+            Ok(state) => Ok(Some(state)),
+            Err(e) if e.code() == Some("no_holder") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn resign(&self, name: &str, candidate: Option<&str>) -> Result<ElectionState, ClientError> {
+        let body = ResignRequest {
+            candidate: candidate.map(str::to_string),
+        };
+        let path = format!("/v1/elections/{}/resign", encode(name));
+        self.call(Method::POST, &path, Some(&body), Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    pub async fn cluster(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    pub async fn members(&self) -> Result<MembersResponse, ClientError> {
+        self.get("/v1/cluster/members").await
+    }
+
+    pub async fn add_member(&self, id: u64, addr: &str) -> Result<MembersResponse, ClientError> {
+        let body = AddMemberRequest {
+            id,
+            addr: addr.to_string(),
+        };
+        self.call(
+            Method::POST,
+            "/v1/cluster/members",
+            Some(&body),
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<MembersResponse, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/cluster/members/{id}"),
+            None,
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+    }
+}
+
+fn decode_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api {
+            status: status.as_u16(),
+            code: body.error.code,
+            message: body.error.message,
+            current: body.error.current,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: "http_error".to_string(),
+            message: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+            current: None,
+        },
+    }
+}
+
+fn kv_path(key: &str) -> String {
+    format!("/v1/kv/{}", encode_path(key))
+}
+
+/// Percent-encodes a query value.
+pub(crate) fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a key for the path, keeping `/` so keys read naturally.
+fn encode_path(key: &str) -> String {
+    key.split('/').map(encode).collect::<Vec<_>>().join("/")
+}

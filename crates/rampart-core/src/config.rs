@@ -86,17 +86,12 @@ impl NodeConfig {
                 return Err(ConfigError::new(
                     name,
                     &settings[name],
-                    format!(
-                        "unknown setting; known settings are {}",
-                        NODE_SETTINGS.join(", ")
-                    ),
+                    format!("unknown setting; known settings are {}", NODE_SETTINGS.join(", ")),
                 ));
             }
         }
         let get = |name: &str| settings.get(name).map(String::as_str);
-        let required = |name: &str| {
-            get(name).ok_or_else(|| ConfigError::new(name, "", "this setting is required"))
-        };
+        let required = |name: &str| get(name).ok_or_else(|| ConfigError::new(name, "", "this setting is required"));
 
         let id = parse_node_id("id", required("id")?)?;
         let region = get("region").unwrap_or("local").to_string();
@@ -132,10 +127,8 @@ impl NodeConfig {
             Some(text) => parse_members("peer-via", text)?,
             None => BTreeMap::new(),
         };
-        let heartbeat_interval =
-            parse_duration_setting("heartbeat-interval", get("heartbeat-interval"), 50)?;
-        let election_timeout =
-            parse_duration_setting("election-timeout", get("election-timeout"), 250)?;
+        let heartbeat_interval = parse_duration_setting("heartbeat-interval", get("heartbeat-interval"), 50)?;
+        let election_timeout = parse_duration_setting("election-timeout", get("election-timeout"), 250)?;
         if heartbeat_interval.is_zero() {
             return Err(ConfigError::new(
                 "heartbeat-interval",
@@ -153,8 +146,7 @@ impl NodeConfig {
                 ),
             ));
         }
-        let request_timeout =
-            parse_duration_setting("request-timeout", get("request-timeout"), 5000)?;
+        let request_timeout = parse_duration_setting("request-timeout", get("request-timeout"), 5000)?;
         if request_timeout < election_timeout {
             return Err(ConfigError::new(
                 "request-timeout",
@@ -162,15 +154,8 @@ impl NodeConfig {
                 "must be at least --election-timeout, or writes fail during every election",
             ));
         }
-        let snapshot_logs = parse_number(
-            "snapshot-logs",
-            get("snapshot-logs"),
-            10_000,
-            10,
-            10_000_000,
-        )?;
-        let watch_history =
-            parse_number("watch-history", get("watch-history"), 10_000, 1, 10_000_000)? as usize;
+        let snapshot_logs = parse_number("snapshot-logs", get("snapshot-logs"), 10_000, 10, 10_000_000)?;
+        let watch_history = parse_number("watch-history", get("watch-history"), 10_000, 1, 10_000_000)? as usize;
         let defaults = Limits::default();
         let limits = Limits {
             key_bytes_max: parse_number(
@@ -245,27 +230,12 @@ fn parse_addr(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
 pub fn parse_members(setting: &str, text: &str) -> Result<BTreeMap<u64, SocketAddr>, ConfigError> {
     let mut members = BTreeMap::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let bad = || {
-            ConfigError::new(
-                setting,
-                entry,
-                "expected ID=HOST:PORT, e.g. 2=127.0.0.1:7002",
-            )
-        };
+        let bad = || ConfigError::new(setting, entry, "expected ID=HOST:PORT, e.g. 2=127.0.0.1:7002");
         let (id, addr) = entry.split_once('=').ok_or_else(bad)?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(bad)?;
+        let id: u64 = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(bad)?;
         let addr: SocketAddr = addr.trim().parse().map_err(|_| bad())?;
         if members.insert(id, addr).is_some() {
-            return Err(ConfigError::new(
-                setting,
-                text,
-                format!("node id {id} is listed twice"),
-            ));
+            return Err(ConfigError::new(setting, text, format!("node id {id} is listed twice")));
         }
     }
     if members.is_empty() {
@@ -278,26 +248,15 @@ pub fn parse_members(setting: &str, text: &str) -> Result<BTreeMap<u64, SocketAd
     Ok(members)
 }
 
-fn parse_duration_setting(
-    setting: &str,
-    text: Option<&str>,
-    default_ms: u64,
-) -> Result<Duration, ConfigError> {
+fn parse_duration_setting(setting: &str, text: Option<&str>, default_ms: u64) -> Result<Duration, ConfigError> {
     match text {
         None => Ok(Duration::from_millis(default_ms)),
-        Some(text) => parse_duration(text).map_err(|_| {
-            ConfigError::new(setting, text, "expected a duration such as 50ms, 5s or 1m")
-        }),
+        Some(text) => parse_duration(text)
+            .map_err(|_| ConfigError::new(setting, text, "expected a duration such as 50ms, 5s or 1m")),
     }
 }
 
-fn parse_number(
-    setting: &str,
-    text: Option<&str>,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
+fn parse_number(setting: &str, text: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
     let Some(text) = text else { return Ok(default) };
     match text.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
@@ -314,18 +273,11 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn minimal() -> Vec<(&'static str, &'static str)> {
-        vec![
-            ("id", "1"),
-            ("listen", "127.0.0.1:7001"),
-            ("data-dir", "/tmp/n1"),
-        ]
+        vec![("id", "1"), ("listen", "127.0.0.1:7001"), ("data-dir", "/tmp/n1")]
     }
 
     #[test]
@@ -341,7 +293,10 @@ mod tests {
         let mut pairs = minimal();
         pairs.push(("initial-cluster", "1=127.0.0.1:7001,2=127.0.0.1"));
         let err = NodeConfig::from_settings(&settings(&pairs)).unwrap_err();
-        assert_eq!(err.to_string(), "invalid --initial-cluster \"2=127.0.0.1\": expected ID=HOST:PORT, e.g. 2=127.0.0.1:7002");
+        assert_eq!(
+            err.to_string(),
+            "invalid --initial-cluster \"2=127.0.0.1\": expected ID=HOST:PORT, e.g. 2=127.0.0.1:7002"
+        );
     }
 
     #[test]
@@ -367,9 +322,7 @@ mod tests {
         let mut pairs = minimal();
         pairs.push(("initial-cluster", "2=127.0.0.1:7002"));
         assert_eq!(
-            NodeConfig::from_settings(&settings(&pairs))
-                .unwrap_err()
-                .setting,
+            NodeConfig::from_settings(&settings(&pairs)).unwrap_err().setting,
             "initial-cluster"
         );
     }

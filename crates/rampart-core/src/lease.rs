@@ -63,10 +63,7 @@ impl LeaseClock {
     /// Extends the lease by its TTL from `now`. A lease already past its deadline cannot be
     /// revived: its revoke may already be in the log.
     pub fn keepalive(&mut self, now: Instant, id: u64) -> Result<Duration, KeepaliveError> {
-        let deadline = self
-            .deadlines
-            .get_mut(&id)
-            .ok_or(KeepaliveError::NotFound)?;
+        let deadline = self.deadlines.get_mut(&id).ok_or(KeepaliveError::NotFound)?;
         if now >= deadline.expires_at {
             return Err(KeepaliveError::Expired);
         }
@@ -100,6 +97,11 @@ impl LeaseClock {
         }
         due.sort_unstable();
         due
+    }
+
+    /// Every lease the clock tracks.
+    pub fn ids(&self) -> Vec<u64> {
+        self.deadlines.keys().copied().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -165,9 +167,7 @@ mod tests {
         clock.granted(t0, 7, TTL);
         let t_new_leader = t0 + TTL * 2;
         clock.restart_all(t_new_leader, [(7, TTL)]);
-        assert!(clock
-            .due(t_new_leader + TTL - Duration::from_millis(1))
-            .is_empty());
+        assert!(clock.due(t_new_leader + TTL - Duration::from_millis(1)).is_empty());
         assert_eq!(clock.remaining(t_new_leader, 7), Some(TTL));
     }
 }

@@ -1,1 +1,240 @@
-//! rampart-node
+//! `rampart-node` is the daemon behind `rampart node`: it runs a region member's Raft
+//! engine (openraft over the redb store), the peer transport, the HTTP API with leader
+//! forwarding, the leader-only lease-expiry controller, and metrics. Decisions live in
+//! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
+
+mod api;
+mod error;
+mod forward;
+mod leases;
+mod metrics;
+mod peer;
+mod server;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use rampart_core::config::NodeConfig;
+use rampart_core::lease::LeaseClock;
+use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
+
+pub use error::ApiError;
+use metrics::Metrics;
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot open the store in {path}: {message} (is another node running on this data dir?)")]
+    Store { path: String, message: String },
+    #[error("invalid raft settings: {0}")]
+    RaftConfig(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("raft engine failed: {0}")]
+    Raft(String),
+}
+
+/// Everything a request handler or controller of one node needs.
+pub(crate) struct Node {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub applied: Arc<RwLock<Applied>>,
+    pub leases: Mutex<LeaseClock>,
+    pub http: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub watchers: AtomicUsize,
+}
+
+pub(crate) type Shared = Arc<Node>;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// The leader this node currently knows, if any. A leader that has not heard from a
+    /// majority for longer than the election timeout does not count itself: it is likely
+    /// cut off, and answering `no_leader` at once beats letting the client time out.
+    pub fn known_leader(&self) -> Option<NodeId> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        if leader == self.id && metrics.state == ServerState::Leader {
+            let quorum_ms = metrics.millis_since_quorum_ack.unwrap_or(u64::MAX);
+            let single = metrics.membership_config.membership().voter_ids().count() == 1;
+            if !single && quorum_ms > self.config.election_timeout.as_millis() as u64 * 2 {
+                return None;
+            }
+        }
+        Some(leader)
+    }
+
+    /// How this node reaches peer `id`: its `--peer-via` override, else the member address.
+    pub fn address_of(&self, id: NodeId) -> Option<String> {
+        if let Some(via) = self.config.peer_via.get(&id) {
+            return Some(via.to_string());
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Proposes one command and waits for it to be applied, within the request timeout.
+    pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
+        let started = std::time::Instant::now();
+        let command = Command { at_ms: now_ms(), op };
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
+            Err(_) => Err(ApiError::timeout("the write", timeout)),
+            Ok(Ok(response)) => {
+                self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
+                Ok(response.data)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::not_leader()),
+            Ok(Err(e)) => Err(ApiError::internal(format!("write failed: {e}"))),
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read (ReadIndex: leadership confirmed
+    /// by a majority, and everything committed before the read applied).
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(ApiError::timeout("the read", timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(ApiError::not_leader())
+            }
+            Ok(Err(e)) => Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "no_quorum",
+                format!("leadership could not be confirmed by a majority: {e}"),
+            )),
+        }
+    }
+}
+
+fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
+    let heartbeat_ms = config.heartbeat_interval.as_millis() as u64;
+    let election_ms = config.election_timeout.as_millis() as u64;
+    let raft = openraft::Config {
+        cluster_name: config.region.clone(),
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: election_ms,
+        election_timeout_max: election_ms * 2,
+        max_payload_entries: 1000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        max_in_snapshot_log_to_keep: config.snapshot_logs.min(1000),
+        ..Default::default()
+    };
+    raft.validate().map_err(|e| NodeError::RaftConfig(e.to_string()))
+}
+
+/// Runs a node until Ctrl-C or SIGTERM.
+pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| NodeError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let fsync_metrics = metrics.clone();
+    let store_path = data_dir.join("rampart.redb");
+    let (log, sm) = rampart_store::open(
+        &store_path,
+        config.watch_history,
+        Some(Arc::new(move |d: Duration| {
+            fsync_metrics.fsync_seconds.observe(d.as_secs_f64())
+        })),
+    )
+    .map_err(|e| NodeError::Store {
+        path: store_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+
+    let network = peer::PeerNetwork {
+        peer_via: Arc::new(config.peer_via.clone()),
+    };
+    let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network, log, sm.clone())
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    if !config.initial_cluster.is_empty()
+        && !raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?
+    {
+        let members: BTreeMap<NodeId, BasicNode> = config
+            .initial_cluster
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.to_string() }))
+            .collect();
+        // Every member bootstraps with the same membership, as etcd's --initial-cluster
+        // does; identical initial logs make the order irrelevant.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::info!("initialize skipped: {e}");
+        }
+    }
+
+    let node = Arc::new(Node {
+        id: config.id,
+        applied: sm.applied(),
+        sm,
+        raft: raft.clone(),
+        leases: Mutex::new(LeaseClock::default()),
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(config.request_timeout + Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| NodeError::Raft(e.to_string()))?,
+        metrics,
+        watchers: AtomicUsize::new(0),
+        config,
+    });
+    tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");
+
+    let controllers = [
+        tokio::spawn(leases::run_expiry(node.clone())),
+        tokio::spawn(api::track_raft_metrics(node.clone())),
+        tokio::spawn(server::serve(listener, node.clone())),
+    ];
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    for task in controllers {
+        task.abort();
+    }
+    let _ = raft.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

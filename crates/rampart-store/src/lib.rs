@@ -33,12 +33,14 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
 /// Opens (or creates) the redb file of a node and returns its log store and state machine.
+/// `on_fsync` hears how long each durable log commit took (for metrics).
 pub fn open(
     path: &std::path::Path,
     watch_history: usize,
+    on_fsync: Option<log_store::FsyncObserver>,
 ) -> Result<(LogStore, StateMachineStore), StorageError> {
     let db = std::sync::Arc::new(log_store::open_database(path)?);
-    let log = LogStore::new(db.clone())?;
+    let log = LogStore::new(db.clone(), on_fsync)?;
     let sm = StateMachineStore::new(db, watch_history)?;
     Ok((log, sm))
 }

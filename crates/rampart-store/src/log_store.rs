@@ -24,14 +24,16 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
+/// Hears the duration of every durable log commit.
+pub type FsyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 /// Opens the node's single redb file, creating it and its tables if needed.
 pub fn open_database(path: &Path) -> Result<Database, StorageError> {
     let db = Database::create(path).map_err(|e| StorageIOError::write(&e))?;
     let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
     {
         txn.open_table(LOG).map_err(|e| StorageIOError::write(&e))?;
-        txn.open_table(META)
-            .map_err(|e| StorageIOError::write(&e))?;
+        txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
         txn.open_table(crate::state_machine::SNAPSHOT)
             .map_err(|e| StorageIOError::write(&e))?;
     }
@@ -47,12 +49,12 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Result<LogStore, StorageError> {
+    pub fn new(db: Arc<Database>, on_fsync: Option<FsyncObserver>) -> Result<LogStore, StorageError> {
         let (flusher, pending) = mpsc::channel();
         let flush_db = db.clone();
         std::thread::Builder::new()
             .name("rampart-log-flush".into())
-            .spawn(move || flush_loop(&flush_db, &pending))
+            .spawn(move || flush_loop(&flush_db, &pending, on_fsync))
             .map_err(|e| StorageIOError::write(&e))?;
         Ok(LogStore { db, flusher })
     }
@@ -87,12 +89,7 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(
-        &self,
-        durability: Durability,
-        name: &str,
-        value: &T,
-    ) -> Result<(), StorageError> {
+    fn put_meta<T: serde::Serialize>(&self, durability: Durability, name: &str, value: &T) -> Result<(), StorageError> {
         let bytes = postcard::to_allocvec(value).map_err(|e| StorageIOError::write(&e))?;
         self.write(durability, |txn| {
             txn.open_table(META)?.insert(name, bytes.as_slice())?;
@@ -102,16 +99,20 @@ impl LogStore {
 }
 
 /// Makes one durable commit for every batch of appends waiting, then acknowledges them.
-fn flush_loop(db: &Database, pending: &mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flush_loop(db: &Database, pending: &mpsc::Receiver<LogFlushed<TypeConfig>>, on_fsync: Option<FsyncObserver>) {
     while let Ok(first) = pending.recv() {
         let mut batch = vec![first];
         batch.extend(pending.try_iter());
+        let started = std::time::Instant::now();
         // An empty durable commit persists every non-durable commit before it.
         let failure = db
             .begin_write()
             .map_err(redb::Error::from)
             .and_then(|txn| Ok(txn.commit()?))
             .err();
+        if let Some(observe) = &on_fsync {
+            observe(started.elapsed());
+        }
         for callback in batch {
             let result = match &failure {
                 None => Ok(()),
@@ -181,10 +182,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta(VOTE)
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
         // Only a hint for re-applying after a restart; losing it in a crash is harmless.
         self.put_meta(Durability::None, COMMITTED, &committed)
     }
@@ -193,19 +191,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
         for entry in entries {
-            let bytes =
-                postcard::to_allocvec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            let bytes = postcard::to_allocvec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             encoded.push((entry.log_id.index, bytes));
         }
         self.write(Durability::None, |txn| {
@@ -232,8 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         let bytes = postcard::to_allocvec(&log_id).map_err(|e| StorageIOError::write(&e))?;
         self.write(Durability::Immediate, |txn| {
-            txn.open_table(META)?
-                .insert(LAST_PURGED, bytes.as_slice())?;
+            txn.open_table(META)?.insert(LAST_PURGED, bytes.as_slice())?;
             let mut table = txn.open_table(LOG)?;
             table.retain_in(..=log_id.index, |_, _| false)?;
             Ok(())

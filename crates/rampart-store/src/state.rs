@@ -103,10 +103,7 @@ impl State {
                         ..Lease::default()
                     },
                 );
-                Outcome::LeaseGranted {
-                    id,
-                    ttl_ms: *ttl_ms,
-                }
+                Outcome::LeaseGranted { id, ttl_ms: *ttl_ms }
             }
             Op::LeaseRevoke { id } => match self.leases.remove(id) {
                 None => Outcome::LeaseRevoked { found: false },
@@ -125,21 +122,15 @@ impl State {
                     Outcome::LeaseRevoked { found: true }
                 }
             },
-            Op::Campaign {
-                name,
-                candidate,
-                lease,
-            } => {
+            Op::Campaign { name, candidate, lease } => {
                 if !self.leases.contains_key(lease) {
                     return (Outcome::LeaseNotFound { id: *lease }, events);
                 }
                 match self.elections.get(name) {
-                    Some(hold) if hold.candidate == *candidate && hold.lease == *lease => {
-                        Outcome::Elected {
-                            leader: hold.candidate.clone(),
-                            token: hold.token,
-                        }
-                    }
+                    Some(hold) if hold.candidate == *candidate && hold.lease == *lease => Outcome::Elected {
+                        leader: hold.candidate.clone(),
+                        token: hold.token,
+                    },
                     Some(hold) => Outcome::Held {
                         leader: hold.candidate.clone(),
                         token: hold.token,
@@ -318,26 +309,19 @@ mod tests {
     #[test]
     fn compare_and_set_checks_the_revision() {
         let mut s = State::default();
-        assert_eq!(
-            put(&mut s, "a", None, Some(0)),
-            Outcome::Put { revision: 1 }
-        );
+        assert_eq!(put(&mut s, "a", None, Some(0)), Outcome::Put { revision: 1 });
         assert_eq!(
             put(&mut s, "a", None, Some(0)),
             Outcome::RevisionMismatch { current: 1 }
         );
-        assert_eq!(
-            put(&mut s, "a", None, Some(1)),
-            Outcome::Put { revision: 2 }
-        );
+        assert_eq!(put(&mut s, "a", None, Some(1)), Outcome::Put { revision: 2 });
         assert_eq!(s.revision, 2, "a failed compare leaves the revision alone");
     }
 
     #[test]
     fn revoking_a_lease_deletes_its_keys_and_frees_its_elections() {
         let mut s = State::default();
-        let (Outcome::LeaseGranted { id, .. }, _) = s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
-        else {
+        let (Outcome::LeaseGranted { id, .. }, _) = s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 })) else {
             panic!()
         };
         put(&mut s, "k1", Some(id), None);
@@ -365,14 +349,10 @@ mod tests {
     #[test]
     fn election_has_one_holder_and_tokens_increase() {
         let mut s = State::default();
-        let (Outcome::LeaseGranted { id: l1, .. }, _) =
-            s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
-        else {
+        let (Outcome::LeaseGranted { id: l1, .. }, _) = s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 })) else {
             panic!()
         };
-        let (Outcome::LeaseGranted { id: l2, .. }, _) =
-            s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 }))
-        else {
+        let (Outcome::LeaseGranted { id: l2, .. }, _) = s.apply(&cmd(Op::LeaseGrant { ttl_ms: 1000 })) else {
             panic!()
         };
         let campaign = |s: &mut State, who: &str, lease| {

@@ -12,8 +12,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
 };
 use rampart_core::api::WatchEvent;
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -59,11 +59,7 @@ impl Applied {
             if let Some(old) = self.history.pop_front() {
                 self.compacted_revision = old.revision;
                 // Never split one revision: drop its siblings too.
-                while self
-                    .history
-                    .front()
-                    .is_some_and(|e| e.revision == old.revision)
-                {
+                while self.history.front().is_some_and(|e| e.revision == old.revision) {
                     self.history.pop_front();
                 }
             }
@@ -127,8 +123,7 @@ impl StateMachineStore {
         match self.load_snapshot_bytes()? {
             None => Ok(None),
             Some(bytes) => Ok(Some(
-                postcard::from_bytes(&bytes)
-                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+                postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?,
             )),
         }
     }
@@ -159,10 +154,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let applied = self.applied.read().expect("state lock poisoned");
             let last = applied.last_applied;
             let snapshot_id = match last {
-                Some(id) => format!(
-                    "{}-{}-{}",
-                    id.leader_id.term, id.index, applied.state.revision
-                ),
+                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, applied.state.revision),
                 None => "empty".to_string(),
             };
             let meta = SnapshotMeta {
@@ -175,8 +167,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 state: applied.state.clone(),
             }
         };
-        let bytes =
-            postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let bytes = postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.save_snapshot_bytes(&bytes)?;
         Ok(Snapshot {
             meta: stored.meta,
@@ -239,11 +230,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let mut stored: StoredSnapshot = postcard::from_bytes(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut stored: StoredSnapshot =
+            postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         stored.meta = meta.clone();
-        let bytes = postcard::to_allocvec(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let bytes =
+            postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.save_snapshot_bytes(&bytes)?;
         self.replace(stored);
         Ok(())

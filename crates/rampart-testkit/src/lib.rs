@@ -1,1 +1,33 @@
-//! rampart-testkit
+//! `rampart-testkit` runs real Rampart regions for tests, benchmarks and `rampart demo`:
+//! N `rampart node` processes on ephemeral loopback ports, faults (SIGKILL, SIGSTOP/SIGCONT,
+//! restart on the same data dir, partitions through a fault-injecting TCP relay), and
+//! operation histories with checkers for the safety rules.
+
+pub mod cluster;
+pub mod history;
+pub mod relay;
+
+pub use cluster::{Cluster, ClusterOptions};
+pub use history::{History, OpOutcome};
+pub use relay::{Relay, RelayMode};
+
+use std::time::Duration;
+
+/// Polls `check` until it returns `Some`, or fails with `what` after `timeout`. Tests wait
+/// for conditions this way, never by sleeping a fixed time.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {}ms waiting for {what}", timeout.as_millis());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

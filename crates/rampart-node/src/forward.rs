@@ -1,0 +1,96 @@
+//! Any node accepts any request: requests that need the leader (writes, linearizable
+//! reads, keepalives) are forwarded to it by a follower, once. Only when no leader is known
+//! does the client get 503 `no_leader`.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::Shared;
+
+/// Marks a request a node forwarded, so it is never forwarded twice.
+pub const FORWARDED_HEADER: &str = "x-rampart-forwarded-by";
+
+fn needs_leader(request: &Request) -> bool {
+    let path = request.uri().path();
+    if !path.starts_with("/v1/") || path.starts_with("/v1/watch") {
+        return false;
+    }
+    if request.method() != Method::GET {
+        return true;
+    }
+    let stale = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=stale"));
+    (path.starts_with("/v1/kv") || path.starts_with("/v1/elections")) && !stale
+}
+
+pub async fn to_leader(State(node): State<Shared>, request: Request, next: Next) -> Response {
+    if !needs_leader(&request) || request.headers().contains_key(FORWARDED_HEADER) {
+        return next.run(request).await;
+    }
+    match node.known_leader() {
+        None => ApiError::no_leader().into_response(),
+        Some(leader) if leader == node.id => next.run(request).await,
+        Some(leader) => match node.address_of(leader) {
+            None => ApiError::no_leader().into_response(),
+            Some(addr) => forward(&node, &addr, request)
+                .await
+                .unwrap_or_else(|e| e.into_response()),
+        },
+    }
+}
+
+async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response, ApiError> {
+    node.metrics.forwarded_requests.inc();
+    let (parts, body) = request.into_parts();
+    let limit = node.config.limits.request_body_bytes_max;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is over {limit} bytes"),
+        )
+    })?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut outgoing = node
+        .http
+        .request(parts.method.clone(), format!("http://{addr}{path}"))
+        .body(body);
+    if let Some(content_type) = parts.headers.get("content-type") {
+        outgoing = outgoing.header("content-type", content_type);
+    }
+    outgoing = outgoing.header(FORWARDED_HEADER, node.id.to_string());
+    let answer = outgoing.send().await.map_err(|e| {
+        if e.is_connect() {
+            // Nothing reached the leader: safe for the client to retry.
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", format!("leader at {addr} unreachable: {e}"))
+        } else {
+            // The leader may have applied it before the connection broke.
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                format!("lost the connection to the leader at {addr} mid-request; the request may or may not have taken effect: {e}"),
+            )
+        }
+    })?;
+    let status = answer.status();
+    let content_type = answer.headers().get("content-type").cloned();
+    let bytes = answer
+        .bytes()
+        .await
+        .map_err(|e| ApiError::internal(format!("reading leader answer: {e}")))?;
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    if let Some(content_type) = content_type {
+        response.headers_mut().insert("content-type", content_type);
+    }
+    response
+        .headers_mut()
+        .insert(FORWARDED_HEADER, HeaderValue::from(node.id));
+    Ok(response)
+}

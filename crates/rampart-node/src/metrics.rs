@@ -1,0 +1,97 @@
+//! Prometheus metrics (`/metrics`), all named `rampart_*`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub term: Gauge,
+    pub is_leader: Gauge,
+    pub leader_changes: Counter,
+    pub commit_index: Gauge,
+    pub apply_index: Gauge,
+    pub revision: Gauge,
+    pub watchers: Gauge,
+    pub proposal_seconds: Histogram,
+    pub fsync_seconds: Histogram,
+    pub forwarded_requests: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("rampart");
+        let term = Gauge::default();
+        let is_leader = Gauge::default();
+        let leader_changes = Counter::default();
+        let commit_index = Gauge::default();
+        let apply_index = Gauge::default();
+        let revision = Gauge::default();
+        let watchers = Gauge::default();
+        // 100 µs to ~6.5 s.
+        let proposal_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        let fsync_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        let forwarded_requests = Counter::default();
+        registry.register("raft_term", "Current Raft term", term.clone());
+        registry.register("is_leader", "1 if this node is the region's leader", is_leader.clone());
+        registry.register(
+            "leader_changes",
+            "Leader changes seen by this node",
+            leader_changes.clone(),
+        );
+        registry.register(
+            "commit_index",
+            "Highest log index known committed",
+            commit_index.clone(),
+        );
+        registry.register(
+            "apply_index",
+            "Highest log index applied to the state machine",
+            apply_index.clone(),
+        );
+        registry.register("revision", "Store revision of the applied state", revision.clone());
+        registry.register("watchers", "Open watch streams on this node", watchers.clone());
+        registry.register(
+            "proposal_duration_seconds",
+            "Time from proposing a write to its apply on the leader",
+            proposal_seconds.clone(),
+        );
+        registry.register(
+            "fsync_duration_seconds",
+            "Duration of each durable log commit",
+            fsync_seconds.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Requests this node forwarded to the leader",
+            forwarded_requests.clone(),
+        );
+        Metrics {
+            registry,
+            term,
+            is_leader,
+            leader_changes,
+            commit_index,
+            apply_index,
+            revision,
+            watchers,
+            proposal_seconds,
+            fsync_seconds,
+            forwarded_requests,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

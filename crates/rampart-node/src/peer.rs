@@ -1,0 +1,227 @@
+//! Raft traffic between the nodes of a region: postcard frames over persistent TCP
+//! connections with TCP_NODELAY.
+//!
+//! A peer connection opens with [`PEER_MAGIC`] so it can share the node's one `--listen`
+//! port with HTTP (see `server.rs`). After that it is a plain request/response stream: a
+//! frame is a 4-byte big-endian length and a postcard body. Connections are pooled per
+//! target and reused; a connection that fails or times out is dropped, never reused, so a
+//! late answer can never be read as the answer to a newer request.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use rampart_store::{NodeId, Raft, TypeConfig};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// First bytes of every peer connection.
+pub const PEER_MAGIC: &[u8; 8] = b"RMPTPEER";
+/// Largest frame either side accepts: snapshot chunks are far smaller.
+const FRAME_BYTES_MAX: usize = 64 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Idle connections kept per target.
+const POOL_MAX: usize = 4;
+
+#[derive(Serialize, Deserialize)]
+enum PeerRequest {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+}
+
+/// Remote failures travel as text: the caller only needs to know the call failed.
+#[derive(Serialize, Deserialize)]
+enum PeerResponse {
+    Append(Result<AppendEntriesResponse<NodeId>, String>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, String>),
+    Vote(Result<VoteResponse<NodeId>, String>),
+}
+
+async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
+    let body = postcard::to_allocvec(value).map_err(io::Error::other)?;
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(io::Error::other(format!(
+            "frame of {} bytes is over the {FRAME_BYTES_MAX}-byte limit",
+            body.len()
+        )));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).await
+}
+
+async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("peer frame of {len} bytes is over the limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Serves one accepted peer connection (magic already peeked, not yet read).
+pub async fn serve_peer(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic).await?;
+    loop {
+        let request: PeerRequest = match read_frame(&mut stream).await {
+            Ok(request) => request,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let response = match request {
+            PeerRequest::Append(rpc) => PeerResponse::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+            PeerRequest::Snapshot(rpc) => {
+                PeerResponse::Snapshot(raft.install_snapshot(rpc).await.map_err(|e| e.to_string()))
+            }
+            PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await.map_err(|e| e.to_string())),
+        };
+        write_frame(&mut stream, &response).await?;
+    }
+}
+
+/// Builds a [`PeerClient`] per target. `peer_via` overrides where a peer is dialled
+/// (relays in tests, NAT in the field); otherwise the address in the membership is used.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    pub peer_via: Arc<BTreeMap<NodeId, SocketAddr>>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let addr = match self.peer_via.get(&target) {
+            Some(via) => via.to_string(),
+            None => node.addr.clone(),
+        };
+        PeerClient {
+            target,
+            addr,
+            pool: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    pool: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+enum CallError {
+    Connect(io::Error),
+    Io(io::Error),
+    Remote(String),
+}
+
+impl PeerClient {
+    async fn connect(&self) -> Result<TcpStream, io::Error> {
+        let pooled = self.pool.lock().expect("pool lock").pop();
+        if let Some(stream) = pooled {
+            return Ok(stream);
+        }
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {} timed out", self.addr)))??;
+        stream.set_nodelay(true)?;
+        stream.write_all(PEER_MAGIC).await?;
+        Ok(stream)
+    }
+
+    async fn call(&self, request: PeerRequest, ttl: Duration) -> Result<PeerResponse, CallError> {
+        let mut stream = self.connect().await.map_err(CallError::Connect)?;
+        let exchange = async {
+            write_frame(&mut stream, &request).await?;
+            read_frame::<PeerResponse>(&mut stream).await
+        };
+        let response = tokio::time::timeout(ttl, exchange)
+            .await
+            .map_err(|_| CallError::Io(io::Error::new(io::ErrorKind::TimedOut, "peer call timed out")))?
+            .map_err(CallError::Io)?;
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.len() < POOL_MAX {
+            pool.push(stream);
+        }
+        Ok(response)
+    }
+
+    fn rpc_error<E: std::error::Error>(&self, error: CallError) -> RPCError<NodeId, BasicNode, E> {
+        match error {
+            CallError::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Io(e) => RPCError::Network(NetworkError::new(&e)),
+            CallError::Remote(message) => RPCError::Network(NetworkError::new(&io::Error::other(format!(
+                "node {}: {message}",
+                self.target
+            )))),
+        }
+    }
+}
+
+fn unexpected() -> CallError {
+    CallError::Io(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "peer answered a different request kind",
+    ))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(PeerRequest::Append(rpc), option.hard_ttl()).await {
+            Ok(PeerResponse::Append(Ok(response))) => Ok(response),
+            Ok(PeerResponse::Append(Err(message))) => Err(self.rpc_error(CallError::Remote(message))),
+            Ok(_) => Err(self.rpc_error(unexpected())),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self.call(PeerRequest::Snapshot(rpc), option.hard_ttl()).await {
+            Ok(PeerResponse::Snapshot(Ok(response))) => Ok(response),
+            Ok(PeerResponse::Snapshot(Err(message))) => Err(self.rpc_error(CallError::Remote(message))),
+            Ok(_) => Err(self.rpc_error(unexpected())),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(PeerRequest::Vote(rpc), option.hard_ttl()).await {
+            Ok(PeerResponse::Vote(Ok(response))) => Ok(response),
+            Ok(PeerResponse::Vote(Err(message))) => Err(self.rpc_error(CallError::Remote(message))),
+            Ok(_) => Err(self.rpc_error(unexpected())),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! A region of real `rampart node` processes on loopback.
+//!
+//! Each node gets an ephemeral port and a data dir under one temp dir. With relays on,
+//! every ordered pair of nodes talks through its own [`Relay`] (via `--peer-via`), so a
+//! test can cut any link in either direction. Dropping the cluster SIGKILLs every process
+//! it started, and only those.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rampart_client::Client;
+use rampart_core::api::ClusterStatus;
+
+use crate::relay::{Relay, RelayMode};
+
+/// How to start a region.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// Put a fault-injecting relay on every peer link.
+    pub relays: bool,
+    /// Extra `rampart node` flags for every node, e.g. `["--snapshot-logs", "100"]`.
+    pub node_args: Vec<String>,
+    /// Where data dirs go; a fresh temp dir when `None`.
+    pub base_dir: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            relays: false,
+            node_args: Vec::new(),
+            base_dir: None,
+        }
+    }
+}
+
+/// One node process.
+pub struct NodeProcess {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl NodeProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && !self.paused
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    base_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub nodes: BTreeMap<u64, NodeProcess>,
+    /// Relay carrying traffic from the first node to the second.
+    relays: BTreeMap<(u64, u64), Relay>,
+    options: ClusterOptions,
+}
+
+/// Picks a free loopback port (the OS may hand it out again later; tests retry the start).
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    listener.local_addr()
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a PID this process spawned and has not reaped yet.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+impl Cluster {
+    /// Starts `options.nodes` nodes of `binary` (the `rampart` executable) as one region.
+    pub async fn start(binary: impl AsRef<Path>, options: ClusterOptions) -> std::io::Result<Cluster> {
+        let (temp, base_dir) = match &options.base_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                (None, dir.clone())
+            }
+            None => {
+                let temp = tempfile::Builder::new().prefix("rampart-cluster-").tempdir()?;
+                let path = temp.path().to_path_buf();
+                (Some(temp), path)
+            }
+        };
+        let mut addrs = BTreeMap::new();
+        for id in 1..=options.nodes as u64 {
+            addrs.insert(id, free_port()?);
+        }
+        let mut cluster = Cluster {
+            binary: binary.as_ref().to_path_buf(),
+            base_dir,
+            _temp: temp,
+            nodes: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            options: options.clone(),
+        };
+        if options.relays {
+            for from in addrs.keys() {
+                for (to, to_addr) in &addrs {
+                    if from != to {
+                        cluster.relays.insert((*from, *to), Relay::start(*to_addr).await?);
+                    }
+                }
+            }
+        }
+        let initial: Vec<String> = addrs.iter().map(|(id, addr)| format!("{id}={addr}")).collect();
+        let initial = initial.join(",");
+        for (id, addr) in &addrs {
+            let mut args = vec!["--initial-cluster".to_string(), initial.clone()];
+            args.extend(cluster.peer_via_args(*id, addrs.keys().copied()));
+            cluster.spawn(*id, *addr, args)?;
+        }
+        Ok(cluster)
+    }
+
+    fn peer_via_args(&self, id: u64, peers: impl Iterator<Item = u64>) -> Vec<String> {
+        let via: Vec<String> = peers
+            .filter(|p| *p != id)
+            .filter_map(|p| self.relays.get(&(id, p)).map(|r| format!("{p}={}", r.addr())))
+            .collect();
+        if via.is_empty() {
+            Vec::new()
+        } else {
+            vec!["--peer-via".to_string(), via.join(",")]
+        }
+    }
+
+    fn spawn(&mut self, id: u64, addr: SocketAddr, extra: Vec<String>) -> std::io::Result<()> {
+        let data_dir = self.base_dir.join(format!("n{id}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut args = vec![
+            "node".to_string(),
+            "--id".to_string(),
+            id.to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra);
+        args.extend(self.options.node_args.iter().cloned());
+        let mut node = NodeProcess {
+            id,
+            addr,
+            data_dir,
+            args,
+            child: None,
+            paused: false,
+        };
+        node.child = Some(self.launch(&node)?);
+        self.nodes.insert(id, node);
+        Ok(())
+    }
+
+    fn launch(&self, node: &NodeProcess) -> std::io::Result<Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(node.data_dir.join("node.log"))?;
+        Command::new(&self.binary)
+            .args(&node.args)
+            .env_remove("RAMPART_ENDPOINTS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+    }
+
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(NodeProcess::endpoint).collect()
+    }
+
+    /// A client over every node.
+    pub fn client(&self) -> Client {
+        Client::new(&self.endpoints()).expect("loopback endpoints are valid")
+    }
+
+    /// A client that only talks to node `id`.
+    pub fn client_of(&self, id: u64) -> Client {
+        Client::new(&[self.nodes[&id].endpoint()]).expect("loopback endpoint is valid")
+    }
+
+    /// A node's own view of the region, if it answers quickly.
+    pub async fn status_of(&self, id: u64) -> Option<ClusterStatus> {
+        let client = self.client_of(id).with_deadline(Duration::from_millis(500));
+        client.cluster().await.ok()
+    }
+
+    /// Waits until every running node agrees on one leader that is running; returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
+        crate::eventually(timeout, "one leader agreed by every running node", || async {
+            let mut leaders = Vec::new();
+            for node in self.nodes.values().filter(|n| n.is_running()) {
+                leaders.push(self.status_of(node.id).await?.leader?);
+            }
+            let first = *leaders.first()?;
+            let agreed = leaders.iter().all(|l| *l == first);
+            (agreed && self.nodes.get(&first).is_some_and(|n| n.is_running())).then_some(first)
+        })
+        .await
+    }
+
+    /// Waits until every running node has applied the same revision with the same checksum,
+    /// and returns them.
+    pub async fn wait_converged(&self, timeout: Duration) -> (u64, String) {
+        crate::eventually(
+            timeout,
+            "every running node at the same revision and checksum",
+            || async {
+                let mut seen = Vec::new();
+                for node in self.nodes.values().filter(|n| n.is_running()) {
+                    let status = self.status_of(node.id).await?;
+                    seen.push((status.revision, status.checksum));
+                }
+                let first = seen.first()?.clone();
+                seen.iter().all(|s| *s == first).then_some(first)
+            },
+        )
+        .await
+    }
+
+    /// SIGKILLs a node; its data dir stays for [`Cluster::restart`].
+    pub fn kill(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(mut child) = node.child.take() {
+            send_signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+        node.paused = false;
+    }
+
+    /// SIGSTOPs a node: it stays alive but silent, like a long GC pause.
+    pub fn pause(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(pid) = node.pid() {
+            send_signal(pid, libc::SIGSTOP);
+            node.paused = true;
+        }
+    }
+
+    /// SIGCONTs a paused node.
+    pub fn resume(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(pid) = node.pid() {
+            send_signal(pid, libc::SIGCONT);
+            node.paused = false;
+        }
+    }
+
+    /// Starts a killed node again on its data dir.
+    pub fn restart(&mut self, id: u64) -> std::io::Result<()> {
+        let child = {
+            let node = &self.nodes[&id];
+            assert!(node.child.is_none(), "node {id} is still running; kill it first");
+            self.launch(node)?
+        };
+        self.nodes.get_mut(&id).expect("known node").child = Some(child);
+        Ok(())
+    }
+
+    /// Starts a new node that joins with no `--initial-cluster` (add it with `members add`).
+    pub fn start_joiner(&mut self) -> std::io::Result<u64> {
+        assert!(!self.options.relays, "joining nodes are not wired through relays");
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        self.spawn(id, free_port()?, Vec::new())?;
+        Ok(id)
+    }
+
+    /// Forgets a stopped node (after it was removed from the region).
+    pub fn forget(&mut self, id: u64) {
+        self.kill(id);
+        self.nodes.remove(&id);
+    }
+
+    /// Cuts node `id` off from every other node, both directions.
+    pub fn isolate(&self, id: u64, mode: RelayMode) {
+        assert!(self.options.relays, "start the cluster with relays to cut links");
+        for ((from, to), relay) in &self.relays {
+            if *from == id || *to == id {
+                relay.set_mode(mode);
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        for relay in self.relays.values() {
+            relay.set_mode(RelayMode::Pass);
+        }
+    }
+
+    /// Path of a node's log file, for failure messages.
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.nodes[&id].data_dir.join("node.log")
+    }
+
+    /// SIGKILLs every node (also done on drop).
+    pub fn stop_all(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.resume(id);
+            self.kill(id);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,349 @@
+//! Command-line surface: argument definitions and the thin glue from each command to
+//! `rampart-client`, `rampart-node` or the demo.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rampart_client::{Client, PutOptions};
+use rampart_core::parse_duration;
+use serde::Serialize;
+
+use crate::node_cmd::NodeArgs;
+
+/// Rampart keeps services available through the loss of a process, a machine, a zone or a
+/// region, and measures it.
+#[derive(Parser, Debug)]
+#[command(name = "rampart", version, propagate_version = true)]
+pub struct Args {
+    /// Nodes to talk to, comma-separated HOST:PORT
+    #[arg(
+        long,
+        global = true,
+        env = "RAMPART_ENDPOINTS",
+        default_value = "127.0.0.1:7001",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// How read commands print their answer
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Overall deadline of one command, retries included
+    #[arg(long, global = true, default_value = "10s", value_parser = duration_arg)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a region member (the daemon)
+    Node(NodeArgs),
+    /// Show the region: leader, term, revision, checksum, members
+    Status,
+    /// Read and write keys
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Grant, keep alive and revoke leases
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Leader election with fencing tokens
+    #[command(subcommand)]
+    Elect(ElectCommand),
+    /// List, add and remove region members
+    #[command(subcommand)]
+    Members(MembersCommand),
+    /// Start a 3-node region locally, kill its leader under load, and report what happened
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCommand {
+    /// Print a key's value (or every key under --prefix)
+    Get {
+        key: Option<String>,
+        /// List every key starting with this prefix instead
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Serve from the answering node without confirming leadership (may be stale)
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Write a key
+    Put {
+        key: String,
+        value: String,
+        /// Attach to a lease: the key is deleted when the lease ends
+        #[arg(long)]
+        lease: Option<u64>,
+        /// Only write if the key is at this revision (0 = must not exist)
+        #[arg(long)]
+        if_revision: Option<u64>,
+    },
+    /// Delete a key
+    Del { key: String },
+    /// Print changes under a prefix as they happen (Ctrl-C to stop)
+    Watch {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Start from this revision instead of now
+        #[arg(long)]
+        from_revision: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Grant a lease with a TTL such as 10s
+    Grant {
+        #[arg(value_parser = duration_arg)]
+        ttl: Duration,
+    },
+    /// Keep a lease alive (once, or every third of its TTL until Ctrl-C)
+    Keepalive {
+        id: u64,
+        #[arg(long)]
+        once: bool,
+    },
+    /// Revoke a lease: its keys are deleted and its elections freed
+    Revoke { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum ElectCommand {
+    /// Campaign for an election, holding a lease; prints the fencing token on winning
+    Campaign {
+        name: String,
+        candidate: String,
+        #[arg(long)]
+        lease: u64,
+        /// Wait this long for the election to become free
+        #[arg(long, value_parser = duration_arg)]
+        wait: Option<Duration>,
+    },
+    /// Show the current holder and token
+    Observe { name: String },
+    /// Give up an election
+    Resign {
+        name: String,
+        /// Only resign if this candidate holds it
+        #[arg(long)]
+        candidate: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MembersCommand {
+    /// List members
+    List,
+    /// Add a started node (without --initial-cluster) as a voter
+    Add { id: u64, addr: String },
+    /// Remove a member
+    Remove { id: u64 },
+}
+
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// A command's failure and its exit code (1 failed, 2 bad usage).
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn usage(error: anyhow::Error) -> Failure {
+        Failure { code: 2, error }
+    }
+    pub fn failed(error: anyhow::Error) -> Failure {
+        Failure { code: 1, error }
+    }
+}
+
+impl From<rampart_client::ClientError> for Failure {
+    fn from(error: rampart_client::ClientError) -> Failure {
+        let code = match &error {
+            rampart_client::ClientError::BadEndpoint(_) => 2,
+            rampart_client::ClientError::Api { status: 400, .. } => 2,
+            _ => 1,
+        };
+        Failure {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+fn print<T: Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("answers encode")),
+        Output::Text => println!("{}", text(value)),
+    }
+}
+
+pub async fn run(args: Args) -> Result<(), Failure> {
+    let output = args.output;
+    let client = || -> Result<Client, Failure> { Ok(Client::new(&args.endpoints)?.with_deadline(args.timeout)) };
+    match args.command {
+        Command::Node(node_args) => crate::node_cmd::run(node_args).await,
+        Command::Demo(demo_args) => crate::demo::run(demo_args).await,
+        Command::Status => {
+            let status = client()?.cluster().await?;
+            print(output, &status, |s| {
+                let mut text = format!(
+                    "region {}  leader {}  term {}  revision {}  checksum {}\n",
+                    s.region,
+                    s.leader.map_or("none".to_string(), |l| l.to_string()),
+                    s.term,
+                    s.revision,
+                    s.checksum
+                );
+                for m in &s.members {
+                    text.push_str(&format!("  node {} {} {}\n", m.id, m.addr, m.role));
+                }
+                text.trim_end().to_string()
+            });
+            Ok(())
+        }
+        Command::Kv(kv) => run_kv(client()?, output, kv).await,
+        Command::Lease(lease) => run_lease(client()?, output, lease).await,
+        Command::Elect(elect) => run_elect(client()?, output, elect).await,
+        Command::Members(members) => {
+            let client = client()?;
+            let answer = match members {
+                MembersCommand::List => client.members().await?,
+                MembersCommand::Add { id, addr } => client.add_member(id, &addr).await?,
+                MembersCommand::Remove { id } => client.remove_member(id).await?,
+            };
+            print(output, &answer, |a| {
+                a.members
+                    .iter()
+                    .map(|m| format!("{} {} {}", m.id, m.addr, m.role))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
+    }
+}
+
+async fn run_kv(client: Client, output: Output, command: KvCommand) -> Result<(), Failure> {
+    match command {
+        KvCommand::Get { key, prefix, stale } => match (key, prefix) {
+            (Some(key), None) => match client.get_key(&key, stale).await? {
+                Some(kv) => {
+                    print(output, &kv, |kv| kv.value.clone());
+                    Ok(())
+                }
+                None => Err(Failure::failed(anyhow::anyhow!("key {key:?} not found"))),
+            },
+            (None, Some(prefix)) => {
+                let range = client.range(&prefix, stale).await?;
+                print(output, &range, |r| {
+                    r.items
+                        .iter()
+                        .map(|kv| format!("{}={}", kv.key, kv.value))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+                Ok(())
+            }
+            _ => Err(Failure::usage(anyhow::anyhow!("give either a KEY or --prefix PREFIX"))),
+        },
+        KvCommand::Put {
+            key,
+            value,
+            lease,
+            if_revision,
+        } => {
+            let answer = client.put(&key, &value, PutOptions { lease, if_revision }).await?;
+            print(output, &answer, |a| format!("revision {}", a.revision));
+            Ok(())
+        }
+        KvCommand::Del { key } => {
+            let answer = client.delete(&key).await?;
+            print(output, &answer, |a| {
+                if a.deleted {
+                    format!("deleted at revision {}", a.revision)
+                } else {
+                    "not found".into()
+                }
+            });
+            Ok(())
+        }
+        KvCommand::Watch { prefix, from_revision } => {
+            let mut watch = client.watch(&prefix, from_revision);
+            while let Some(event) = watch.next().await {
+                let event = event?;
+                print(output, &event, |e| match &e.value {
+                    Some(v) => format!("{} {} {}={}", e.revision, e.kind, e.key, v),
+                    None => format!("{} {} {}", e.revision, e.kind, e.key),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_lease(client: Client, output: Output, command: LeaseCommand) -> Result<(), Failure> {
+    match command {
+        LeaseCommand::Grant { ttl } => {
+            let answer = client.lease_grant(ttl).await?;
+            print(output, &answer, |a| {
+                format!("lease {} granted with ttl {}ms", a.id, a.ttl_ms)
+            });
+        }
+        LeaseCommand::Keepalive { id, once } => loop {
+            let answer = client.lease_keepalive(id).await?;
+            print(output, &answer, |a| {
+                format!("lease {id} kept alive, ttl {}ms", a.ttl_ms)
+            });
+            if once {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(answer.ttl_ms / 3)).await;
+        },
+        LeaseCommand::Revoke { id } => {
+            client.lease_revoke(id).await?;
+            print(output, &serde_json::json!({"revoked": id}), |_| {
+                format!("lease {id} revoked")
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn run_elect(client: Client, output: Output, command: ElectCommand) -> Result<(), Failure> {
+    match command {
+        ElectCommand::Campaign {
+            name,
+            candidate,
+            lease,
+            wait,
+        } => {
+            let answer = client.campaign(&name, &candidate, lease, wait).await?;
+            print(output, &answer, |a| {
+                format!("{} leads {name} with token {}", a.leader, a.token)
+            });
+        }
+        ElectCommand::Observe { name } => match client.observe(&name).await? {
+            Some(state) => print(output, &state, |s| {
+                format!("{} leads {name} with token {} for {}ms", s.leader, s.token, s.since_ms)
+            }),
+            None => return Err(Failure::failed(anyhow::anyhow!("election {name:?} has no holder"))),
+        },
+        ElectCommand::Resign { name, candidate } => {
+            let answer = client.resign(&name, candidate.as_deref()).await?;
+            print(output, &answer, |a| {
+                format!("{} resigned {name} (token {})", a.leader, a.token)
+            });
+        }
+    }
+    Ok(())
+}

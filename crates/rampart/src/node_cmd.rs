@@ -1,0 +1,141 @@
+//! `rampart node`: gathers settings from `--config` TOML, `RAMPART_*` variables and flags
+//! (in rising precedence) and hands the validated configuration to `rampart-node`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+use rampart_core::config::{NodeConfig, NODE_SETTINGS};
+
+use crate::cli::Failure;
+
+/// Settings of `rampart node`. Every flag also reads `RAMPART_<NAME>` (e.g.
+/// `RAMPART_HEARTBEAT_INTERVAL=50ms`); durations are written like `100ms`, `5s`, `1m`.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// TOML file with the same settings (`heartbeat_interval = "50ms"`); flags override it
+    #[arg(long, env = "RAMPART_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id, a whole number from 1, unique in its region
+    #[arg(long, env = "RAMPART_ID")]
+    id: Option<String>,
+    /// Region name [default: local]
+    #[arg(long, env = "RAMPART_REGION")]
+    region: Option<String>,
+    /// Address for the HTTP API and peer traffic, e.g. 127.0.0.1:7001
+    #[arg(long, env = "RAMPART_LISTEN")]
+    listen: Option<String>,
+    /// Address other nodes use to reach this one [default: --listen]
+    #[arg(long, env = "RAMPART_ADVERTISE")]
+    advertise: Option<String>,
+    /// Directory for the Raft log, vote and snapshots
+    #[arg(long, env = "RAMPART_DATA_DIR")]
+    data_dir: Option<String>,
+    /// Bootstrap members ID=HOST:PORT,...; leave out on a node that joins with `members add`
+    #[arg(long, env = "RAMPART_INITIAL_CLUSTER")]
+    initial_cluster: Option<String>,
+    /// Dial these peers through another address (relay, NAT): ID=HOST:PORT,...
+    #[arg(long, env = "RAMPART_PEER_VIA")]
+    peer_via: Option<String>,
+    /// Leader heartbeat period [default: 50ms]
+    #[arg(long, env = "RAMPART_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// Election timeout, randomised between this and twice this [default: 250ms]
+    #[arg(long, env = "RAMPART_ELECTION_TIMEOUT")]
+    election_timeout: Option<String>,
+    /// How long a write or linearizable read waits for a majority [default: 5s]
+    #[arg(long, env = "RAMPART_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
+    /// Snapshot and compact the log every this many entries [default: 10000]
+    #[arg(long, env = "RAMPART_SNAPSHOT_LOGS")]
+    snapshot_logs: Option<String>,
+    /// Changes kept for watches that resume from the past [default: 10000]
+    #[arg(long, env = "RAMPART_WATCH_HISTORY")]
+    watch_history: Option<String>,
+    /// Largest key in bytes [default: 1024]
+    #[arg(long, env = "RAMPART_KEY_BYTES_MAX")]
+    key_bytes_max: Option<String>,
+    /// Largest value in bytes [default: 1048576]
+    #[arg(long, env = "RAMPART_VALUE_BYTES_MAX")]
+    value_bytes_max: Option<String>,
+    /// Largest request body in bytes [default: 2097152]
+    #[arg(long, env = "RAMPART_REQUEST_BODY_BYTES_MAX")]
+    request_body_bytes_max: Option<String>,
+    /// Most watch streams one node serves [default: 1024]
+    #[arg(long, env = "RAMPART_WATCHERS_MAX")]
+    watchers_max: Option<String>,
+}
+
+impl NodeArgs {
+    fn flags(&self) -> Vec<(&'static str, &Option<String>)> {
+        vec![
+            ("id", &self.id),
+            ("region", &self.region),
+            ("listen", &self.listen),
+            ("advertise", &self.advertise),
+            ("data-dir", &self.data_dir),
+            ("initial-cluster", &self.initial_cluster),
+            ("peer-via", &self.peer_via),
+            ("heartbeat-interval", &self.heartbeat_interval),
+            ("election-timeout", &self.election_timeout),
+            ("request-timeout", &self.request_timeout),
+            ("snapshot-logs", &self.snapshot_logs),
+            ("watch-history", &self.watch_history),
+            ("key-bytes-max", &self.key_bytes_max),
+            ("value-bytes-max", &self.value_bytes_max),
+            ("request-body-bytes-max", &self.request_body_bytes_max),
+            ("watchers-max", &self.watchers_max),
+        ]
+    }
+}
+
+/// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`).
+fn file_settings(path: &PathBuf) -> Result<BTreeMap<String, String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --config {}: {e}", path.display())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
+    let mut settings = BTreeMap::new();
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        if !NODE_SETTINGS.contains(&name.as_str()) {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "invalid --config {}: unknown setting {key:?}; known settings are {}",
+                path.display(),
+                NODE_SETTINGS.join(", ")
+            )));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "invalid --config {}: setting {key:?} has unsupported value {other}",
+                    path.display()
+                )))
+            }
+        };
+        settings.insert(name, text);
+    }
+    Ok(settings)
+}
+
+pub fn config(args: &NodeArgs) -> Result<NodeConfig, Failure> {
+    let mut settings = match &args.config {
+        Some(path) => file_settings(path)?,
+        None => BTreeMap::new(),
+    };
+    for (name, value) in args.flags() {
+        if let Some(value) = value {
+            settings.insert(name.to_string(), value.clone());
+        }
+    }
+    NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))
+}
+
+pub async fn run(args: NodeArgs) -> Result<(), Failure> {
+    let config = config(&args)?;
+    rampart_node::run(config).await.map_err(|e| Failure::failed(e.into()))
+}
