@@ -50,7 +50,11 @@ impl ClientError {
 
     /// True when the request certainly took no effect.
     pub fn is_definite(&self) -> bool {
-        !matches!(self, ClientError::Unknown(_))
+        match self {
+            ClientError::Unknown(_) => false,
+            ClientError::Api { code, .. } => !outcome_unknown(code),
+            _ => true,
+        }
     }
 }
 
@@ -83,6 +87,11 @@ fn normalize(endpoint: &str) -> Result<String, ClientError> {
         return Err(ClientError::BadEndpoint(endpoint.to_string()));
     }
     Ok(with_scheme)
+}
+
+/// Codes that mean the request may or may not have taken effect.
+fn outcome_unknown(code: &str) -> bool {
+    matches!(code, "timeout" | "outcome_unknown" | "leadership_lost")
 }
 
 /// Codes that mean the cluster did not apply the request and a retry is safe.
@@ -181,7 +190,7 @@ impl Client {
                     let error = decode_error(status, &bytes);
                     match &error {
                         ClientError::Api { code, .. } if retryable(code) => last_error = format!("{url}: {error}"),
-                        ClientError::Api { code, .. } if code == "timeout" && retry == Retry::Idempotent => {
+                        ClientError::Api { code, .. } if outcome_unknown(code) && retry == Retry::Idempotent => {
                             last_error = format!("{url}: {error}")
                         }
                         _ => return Err(error),
@@ -227,8 +236,22 @@ impl Client {
         }
     }
 
+    /// Keys under `prefix` (the server answers at most 10,000 unless told otherwise).
     pub async fn range(&self, prefix: &str, stale: bool) -> Result<RangeResponse, ClientError> {
+        self.range_limited(prefix, stale, None).await
+    }
+
+    /// Keys under `prefix`, at most `limit`.
+    pub async fn range_limited(
+        &self,
+        prefix: &str,
+        stale: bool,
+        limit: Option<usize>,
+    ) -> Result<RangeResponse, ClientError> {
         let mut path = format!("/v1/kv?prefix={}", encode(prefix));
+        if let Some(limit) = limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
         if stale {
             path.push_str("&consistency=stale");
         }

@@ -53,6 +53,9 @@ pub struct RangeResponse {
     /// Store revision at which the range was read.
     pub revision: u64,
     pub items: Vec<KeyValue>,
+    /// True when more keys matched than `limit` allowed.
+    #[serde(default)]
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -104,7 +104,13 @@ impl Node {
                 self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
                 Ok(response.data)
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::not_leader()),
+            // Openraft also answers this when leadership is lost after the entry was
+            // appended, and a successor may still commit it: the outcome is unknown.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "leadership_lost",
+                "this node lost leadership while proposing; the write may or may not take effect",
+            )),
             Ok(Err(e)) => Err(ApiError::internal(format!("write failed: {e}"))),
         }
     }

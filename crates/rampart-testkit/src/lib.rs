@@ -6,10 +6,12 @@
 pub mod cluster;
 pub mod history;
 pub mod relay;
+pub mod workload;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use history::{History, OpOutcome};
 pub use relay::{Relay, RelayMode};
+pub use workload::{final_state, Workload};
 
 use std::time::Duration;
 

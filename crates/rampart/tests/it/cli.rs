@@ -1,0 +1,143 @@
+//! The CLI: bad flags and config exit 2 naming the setting; the demo runs end to end;
+//! commands work against a live region.
+
+use std::process::Command;
+
+use crate::{binary, cluster, DEADLINE};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .env_remove("RAMPART_ENDPOINTS")
+        .output()
+        .expect("run rampart");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_node_flags_exit_2_naming_setting_value_and_allowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["node", "--id", "x", "--listen", "127.0.0.1:1", "--data-dir", data],
+            "invalid --id \"x\"",
+        ),
+        (
+            &["node", "--id", "1", "--listen", "nowhere", "--data-dir", data],
+            "invalid --listen \"nowhere\"",
+        ),
+        (
+            &[
+                "node",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                data,
+                "--heartbeat-interval",
+                "50",
+            ],
+            "invalid --heartbeat-interval \"50\": expected a duration",
+        ),
+        (
+            &[
+                "node",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                data,
+                "--initial-cluster",
+                "1=127.0.0.1:1,2=x",
+            ],
+            "invalid --initial-cluster \"2=x\": expected ID=HOST:PORT",
+        ),
+        (
+            &["node", "--listen", "127.0.0.1:1", "--data-dir", data],
+            "invalid --id \"\": this setting is required",
+        ),
+        (&["node", "--no-such-flag"], "unexpected argument"),
+    ];
+    for (args, expected) in cases {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?} should exit 2; stderr: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: stderr {stderr:?} lacks {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_config_file_exits_2_and_env_overrides_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("rampart.toml");
+    std::fs::write(
+        &config,
+        "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nheartbeat = \"50ms\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["node", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unknown setting \"heartbeat\""), "{stderr}");
+
+    std::fs::write(&config, "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+    let out = Command::new(binary())
+        .args(["node", "--config", config.to_str().unwrap()])
+        .env("RAMPART_ELECTION_TIMEOUT", "10ms")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --election-timeout \"10ms\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_reads_and_writes_a_live_region() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let endpoints = cluster.endpoints().join(",");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--endpoints", endpoints.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    let (code, out, err) = cli(&["kv", "put", "cli/a", "hello"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("revision "), "{out}");
+    let (code, out, _) = cli(&["kv", "get", "cli/a"]);
+    assert_eq!((code, out.trim()), (0, "hello"));
+    let (code, out, _) = cli(&["--output", "json", "kv", "get", "cli/a"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("json output");
+    assert_eq!(json["value"], "hello");
+    let (code, _, err) = cli(&["kv", "get", "cli/missing"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, out, _) = cli(&["--output", "json", "status"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).expect("json status");
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3));
+    let (code, out, _) = cli(&["lease", "grant", "5s"]);
+    assert_eq!(code, 0);
+    let lease = out.split_whitespace().nth(1).expect("lease id").to_string();
+    let (code, out, err) = cli(&["elect", "campaign", "cli-job", "me", "--lease", &lease]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("me leads cli-job with token"), "{out}");
+    let (code, out, _) = cli(&["members", "list"]);
+    assert_eq!((code, out.lines().count()), (0, 3));
+}
+
+#[test]
+fn demo_reports_failover_and_no_lost_writes() {
+    let (code, out, err) = run(&["demo", "--exit-after-report"]);
+    assert_eq!(code, 0, "demo failed: {out}\n{err}");
+    assert!(out.contains("new leader: node"), "{out}");
+    assert!(out.contains("lost: 0"), "{out}");
+    assert!(out.contains("all 3 nodes caught up"), "{out}");
+}

@@ -1,0 +1,48 @@
+//! Integration tests: every test runs real `rampart` processes on loopback through
+//! `rampart-testkit` and asserts outcomes a user cares about. One test binary, so the
+//! suite links once.
+
+mod cli;
+mod elections;
+mod failover;
+mod input;
+mod leases;
+mod membership;
+mod partition;
+mod watch;
+
+use std::time::Duration;
+
+use rampart_testkit::{Cluster, ClusterOptions};
+
+/// Generous: the suite runs on a loaded 2-core machine; tests poll, they never sleep.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_rampart")
+}
+
+pub async fn cluster(nodes: usize) -> Cluster {
+    Cluster::start(
+        binary(),
+        ClusterOptions {
+            nodes,
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+    .expect("start cluster")
+}
+
+pub async fn cluster_with_relays(nodes: usize) -> Cluster {
+    Cluster::start(
+        binary(),
+        ClusterOptions {
+            nodes,
+            relays: true,
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+    .expect("start cluster")
+}

@@ -1,0 +1,109 @@
+//! Partitions and pauses: a leader cut off from the majority, or frozen past the election
+//! timeout, acknowledges nothing and serves no linearizable read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rampart_client::PutOptions;
+use rampart_testkit::{final_state, RelayMode, Workload};
+
+use crate::{cluster, cluster_with_relays, DEADLINE};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_leader_acknowledges_nothing_and_majority_goes_on() {
+    let cluster = cluster_with_relays(3).await;
+    let old_leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    client
+        .put("part/before", "1", PutOptions::default())
+        .await
+        .expect("write before the partition");
+
+    cluster.isolate(old_leader, RelayMode::Blackhole);
+    let cut_off = cluster.client_of(old_leader).with_deadline(Duration::from_secs(3));
+    for i in 0..5 {
+        let answer = cut_off
+            .put(&format!("part/minority-{i}"), "x", PutOptions::default())
+            .await;
+        assert!(answer.is_err(), "the cut-off leader acknowledged a write: {answer:?}");
+    }
+    let read = cut_off.get_key("part/before", false).await;
+    assert!(read.is_err(), "the cut-off leader served a linearizable read: {read:?}");
+
+    // The majority elects a leader among itself and keeps accepting writes.
+    let majority: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != old_leader).collect();
+    let majority_client = Arc::new(
+        rampart_client::Client::new(
+            &majority
+                .iter()
+                .map(|id| cluster.nodes[id].endpoint())
+                .collect::<Vec<_>>(),
+        )
+        .expect("client"),
+    );
+    let new_leader = rampart_testkit::eventually(DEADLINE, "a leader in the majority", || async {
+        let status = cluster.status_of(majority[0]).await?;
+        status.leader.filter(|l| *l != old_leader)
+    })
+    .await;
+    assert!(majority.contains(&new_leader));
+    let workload = Workload::start(majority_client.clone(), 2, "part/majority");
+    workload.wait_progress(20, DEADLINE).await;
+
+    cluster.heal();
+    workload.wait_progress(20, DEADLINE).await;
+    let history = workload.stop().await;
+    cluster.wait_converged(DEADLINE).await;
+    let state = final_state(&majority_client, "part/").await;
+    assert!(history.lost_acknowledged_writes(&state).is_empty());
+    assert_eq!(state.get("part/before").map(String::as_str), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_leader_acknowledges_nothing_with_stale_leadership() {
+    let mut cluster = cluster(3).await;
+    let old_leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    client
+        .put("pause/register", "before", PutOptions::default())
+        .await
+        .expect("write");
+
+    cluster.pause(old_leader);
+    let new_leader = cluster.wait_for_leader(DEADLINE).await;
+    assert_ne!(new_leader, old_leader);
+    let others: Vec<String> = cluster
+        .nodes
+        .values()
+        .filter(|n| n.id != old_leader)
+        .map(|n| n.endpoint())
+        .collect();
+    let majority = rampart_client::Client::new(&others).expect("client");
+    majority
+        .put("pause/register", "after", PutOptions::default())
+        .await
+        .expect("write during the pause");
+    cluster.resume(old_leader);
+
+    // Straight after waking, the old leader still thinks it leads. Whatever it answers
+    // must be true: no stale read, and every write it acknowledges survives.
+    let woken = Arc::new(cluster.client_of(old_leader).with_deadline(Duration::from_secs(5)));
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        if let Ok(Some(kv)) = woken.get_key("pause/register", false).await {
+            assert_eq!(kv.value, "after", "read {i} from the woken leader was stale");
+        }
+        let key = format!("pause/woken-{i}");
+        if woken.put(&key, "v", PutOptions::default()).await.is_ok() {
+            acknowledged.push(key);
+        }
+    }
+    cluster.wait_converged(DEADLINE).await;
+    let state = final_state(&majority, "pause/").await;
+    for key in acknowledged {
+        assert!(
+            state.contains_key(&key),
+            "write {key} acknowledged by the woken leader was lost"
+        );
+    }
+}
