@@ -201,7 +201,7 @@ impl Client {
                 Err(e) => return Err(ClientError::Unknown(format!("{url}: {e}"))),
             }
             // After a full round of endpoints, pause before the next.
-            if attempt % self.endpoints.len() == 0 {
+            if attempt.is_multiple_of(self.endpoints.len()) {
                 tokio::time::sleep(backoff.min(self.deadline.saturating_sub(started.elapsed()))).await;
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }

@@ -42,7 +42,7 @@ pub fn format_duration(duration: Duration) -> String {
         return "0ms".to_string();
     }
     for (unit, size) in [("h", 3_600_000u128), ("m", 60_000), ("s", 1_000)] {
-        if millis % size == 0 {
+        if millis.is_multiple_of(size) {
             return format!("{}{unit}", millis / size);
         }
     }

@@ -15,6 +15,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuil
 }
 
 #[test]
-fn redb_store_passes_openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(RedbBuilder)
+fn redb_store_passes_openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(RedbBuilder) {
+        panic!("openraft storage suite failed: {e}");
+    }
 }

@@ -43,7 +43,7 @@ enum Output {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a region member (the daemon)
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show the region: leader, term, revision, checksum, members
     Status,
     /// Read and write keys
@@ -191,7 +191,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let output = args.output;
     let client = || -> Result<Client, Failure> { Ok(Client::new(&args.endpoints)?.with_deadline(args.timeout)) };
     match args.command {
-        Command::Node(node_args) => crate::node_cmd::run(node_args).await,
+        Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
         Command::Status => {
             let status = client()?.cluster().await?;

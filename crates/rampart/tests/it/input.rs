@@ -4,6 +4,9 @@ use rampart_client::PutOptions;
 
 use crate::{cluster, DEADLINE};
 
+/// (what, method, url, body, expected status, expected code)
+type Case = (&'static str, reqwest::Method, String, Vec<u8>, u16, &'static str);
+
 async fn send(method: reqwest::Method, url: String, body: Vec<u8>) -> (u16, serde_json::Value) {
     let response = reqwest::Client::new()
         .request(method, url)
@@ -30,7 +33,7 @@ async fn malformed_and_oversized_requests_are_refused_without_change() {
     let base = format!("http://{}", cluster.endpoints()[0]);
     let put = reqwest::Method::PUT;
 
-    let cases: Vec<(&str, reqwest::Method, String, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             put.clone(),
