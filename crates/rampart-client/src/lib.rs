@@ -153,7 +153,7 @@ impl Client {
         retry: Retry,
     ) -> Result<T, ClientError> {
         let started = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Duration::from_millis(5);
         let mut last_error = String::from("not tried");
         let mut attempt = 0usize;
         loop {
@@ -203,7 +203,7 @@ impl Client {
             // After a full round of endpoints, pause before the next.
             if attempt.is_multiple_of(self.endpoints.len()) {
                 tokio::time::sleep(backoff.min(self.deadline.saturating_sub(started.elapsed()))).await;
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                backoff = (backoff * 2).min(Duration::from_millis(50));
             }
         }
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod duration;
+pub mod election;
 pub mod lease;
 pub mod limits;
 

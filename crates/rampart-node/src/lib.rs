@@ -4,6 +4,7 @@
 //! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
 
 mod api;
+mod elector;
 mod error;
 mod forward;
 mod leases;
@@ -52,6 +53,7 @@ pub(crate) struct Node {
     pub http: reqwest::Client,
     pub metrics: Arc<Metrics>,
     pub watchers: AtomicUsize,
+    pub links: Arc<peer::PeerLinks>,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -136,12 +138,18 @@ impl Node {
 
 fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
     let heartbeat_ms = config.heartbeat_interval.as_millis() as u64;
-    let election_ms = config.election_timeout.as_millis() as u64;
+    // Elections are started by our pre-vote controller (elector.rs), not openraft's own
+    // timer. Openraft's `election_timeout_max` remains its leader lease: a voter refuses a
+    // real vote within it of hearing a leader. Pre-vote already keeps disruptive candidates
+    // away, so this lease only needs to end before any candidate that passed pre-vote asks.
+    // The crash fast path campaigns after two silent heartbeats, so the lease must end
+    // before that: one and a half heartbeats.
+    let lease_ms = heartbeat_ms + heartbeat_ms / 2;
     let raft = openraft::Config {
         cluster_name: config.region.clone(),
         heartbeat_interval: heartbeat_ms,
-        election_timeout_min: election_ms,
-        election_timeout_max: election_ms * 2,
+        election_timeout_min: heartbeat_ms + 1,
+        election_timeout_max: lease_ms,
         max_payload_entries: 1000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.snapshot_logs.min(1000),
@@ -185,6 +193,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network, log, sm.clone())
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+    raft.runtime_config().elect(false);
 
     if !config.initial_cluster.is_empty()
         && !raft
@@ -218,12 +227,14 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .map_err(|e| NodeError::Raft(e.to_string()))?,
         metrics,
         watchers: AtomicUsize::new(0),
+        links: Arc::new(peer::PeerLinks::default()),
         config,
     });
     tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");
 
     let controllers = [
         tokio::spawn(leases::run_expiry(node.clone())),
+        tokio::spawn(elector::run(node.clone())),
         tokio::spawn(api::track_raft_metrics(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -20,6 +20,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use openraft::BasicNode;
+use rampart_core::election::{grant_pre_vote, lease_for, LeaderContact, LogPosition};
 use rampart_store::{NodeId, Raft, TypeConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,11 @@ enum PeerRequest {
     Append(AppendEntriesRequest<TypeConfig>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
+    /// "Would you vote for me?" (see `rampart_core::election`); changes nothing.
+    PreVote {
+        candidate: NodeId,
+        last_log: Option<LogPosition>,
+    },
 }
 
 /// Remote failures travel as text: the caller only needs to know the call failed.
@@ -47,6 +53,7 @@ enum PeerResponse {
     Append(Result<AppendEntriesResponse<NodeId>, String>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, String>),
     Vote(Result<VoteResponse<NodeId>, String>),
+    PreVote(bool),
 }
 
 async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
@@ -78,8 +85,89 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Serves one accepted peer connection (magic already peeked, not yet read).
-pub async fn serve_peer(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
+/// When each peer's connections to this node last closed: a leader whose links all
+/// closed and that has been silent since has most likely crashed.
+#[derive(Debug, Default)]
+pub struct PeerLinks {
+    closed_at: Mutex<BTreeMap<NodeId, Instant>>,
+}
+
+impl PeerLinks {
+    fn closed(&self, peer: NodeId) {
+        self.closed_at.lock().expect("links lock").insert(peer, Instant::now());
+    }
+
+    pub fn closed_at(&self, peer: NodeId) -> Option<Instant> {
+        self.closed_at.lock().expect("links lock").get(&peer).copied()
+    }
+}
+
+/// What this node knows of its current leader's liveness.
+pub async fn leader_contact(raft: &Raft, links: &PeerLinks) -> Option<LeaderContact> {
+    let leader = raft.metrics().borrow().current_leader;
+    let last = raft
+        .with_raft_state(|s| s.vote_last_modified().map(|i| i.into_std()))
+        .await
+        .ok()?;
+    Some(LeaderContact {
+        last,
+        link_closed: leader.and_then(|l| links.closed_at(l)),
+    })
+}
+
+/// Timing a peer connection needs to answer pre-votes.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerTiming {
+    pub election_timeout: Duration,
+    pub heartbeat: Duration,
+}
+
+/// This node's answer to a pre-vote.
+async fn answer_pre_vote(
+    raft: &Raft,
+    links: &PeerLinks,
+    timing: PeerTiming,
+    candidate_log: Option<LogPosition>,
+) -> bool {
+    let is_leader = raft.metrics().borrow().state == openraft::ServerState::Leader;
+    let own_log = raft.data_metrics().borrow().last_log.as_ref().map(log_position);
+    let Some(contact) = leader_contact(raft, links).await else {
+        return false;
+    };
+    let lease = lease_for(timing.election_timeout);
+    grant_pre_vote(
+        Instant::now(),
+        is_leader,
+        contact,
+        lease,
+        timing.heartbeat,
+        candidate_log,
+        own_log,
+    )
+}
+
+pub fn log_position(id: &openraft::LogId<NodeId>) -> LogPosition {
+    (id.leader_id.term, id.index)
+}
+
+/// Serves one accepted peer connection (magic already peeked, not yet read), noting in
+/// `links` when a connection that carried a leader's appends closes.
+pub async fn serve_peer(stream: TcpStream, raft: Raft, links: Arc<PeerLinks>, timing: PeerTiming) -> io::Result<()> {
+    let mut sender = None;
+    let result = serve_frames(stream, &raft, &links, timing, &mut sender).await;
+    if let Some(leader) = sender {
+        links.closed(leader);
+    }
+    result
+}
+
+async fn serve_frames(
+    mut stream: TcpStream,
+    raft: &Raft,
+    links: &PeerLinks,
+    timing: PeerTiming,
+    sender: &mut Option<NodeId>,
+) -> io::Result<()> {
     let mut magic = [0u8; 8];
     stream.read_exact(&mut magic).await?;
     loop {
@@ -89,11 +177,19 @@ pub async fn serve_peer(mut stream: TcpStream, raft: Raft) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         let response = match request {
-            PeerRequest::Append(rpc) => PeerResponse::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string())),
+            PeerRequest::Append(rpc) => {
+                *sender = Some(rpc.vote.leader_id().voted_for().unwrap_or_default());
+                PeerResponse::Append(raft.append_entries(rpc).await.map_err(|e| e.to_string()))
+            }
             PeerRequest::Snapshot(rpc) => {
                 PeerResponse::Snapshot(raft.install_snapshot(rpc).await.map_err(|e| e.to_string()))
             }
             PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await.map_err(|e| e.to_string())),
+            PeerRequest::PreVote { candidate, last_log } => {
+                let granted = answer_pre_vote(raft, links, timing, last_log).await;
+                tracing::debug!(candidate, granted, "pre-vote");
+                PeerResponse::PreVote(granted)
+            }
         };
         write_frame(&mut stream, &response).await?;
     }
@@ -135,6 +231,22 @@ enum CallError {
 }
 
 impl PeerClient {
+    pub fn new(target: NodeId, addr: String) -> PeerClient {
+        PeerClient {
+            target,
+            addr,
+            pool: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Asks the target for a pre-vote; any failure counts as "no".
+    pub async fn pre_vote(&self, candidate: NodeId, last_log: Option<LogPosition>, ttl: Duration) -> bool {
+        matches!(
+            self.call(PeerRequest::PreVote { candidate, last_log }, ttl).await,
+            Ok(PeerResponse::PreVote(true))
+        )
+    }
+
     async fn connect(&self) -> Result<TcpStream, io::Error> {
         let pooled = self.pool.lock().expect("pool lock").pop();
         if let Some(stream) = pooled {

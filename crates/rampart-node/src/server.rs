@@ -8,7 +8,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::peer::{serve_peer, PEER_MAGIC};
+use crate::peer::{serve_peer, PeerTiming, PEER_MAGIC};
 use crate::Shared;
 
 /// How long a new connection may take to send its first bytes.
@@ -29,10 +29,15 @@ pub async fn serve(listener: TcpListener, node: Shared) {
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let raft = node.raft.clone();
+        let links = node.links.clone();
+        let timing = PeerTiming {
+            election_timeout: node.config.election_timeout,
+            heartbeat: node.config.heartbeat_interval,
+        };
         tokio::spawn(async move {
             match tokio::time::timeout(FIRST_BYTES_TIMEOUT, is_peer(&stream)).await {
                 Ok(Ok(true)) => {
-                    if let Err(e) = serve_peer(stream, raft).await {
+                    if let Err(e) = serve_peer(stream, raft, links, timing).await {
                         tracing::debug!("peer connection ended: {e}");
                     }
                 }

@@ -21,6 +21,7 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_l
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 const VOTE: &str = "vote";
+const REDB_CACHE_BYTES: usize = 16 << 20;
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
@@ -29,7 +30,12 @@ pub type FsyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 /// Opens the node's single redb file, creating it and its tables if needed.
 pub fn open_database(path: &Path) -> Result<Database, StorageError> {
-    let db = Database::create(path).map_err(|e| StorageIOError::write(&e))?;
+    // The state lives in memory; redb's cache only speeds up log reads by lagging
+    // followers, so a small one keeps a node's memory bounded.
+    let db = Database::builder()
+        .set_cache_size(REDB_CACHE_BYTES)
+        .create(path)
+        .map_err(|e| StorageIOError::write(&e))?;
     let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
     {
         txn.open_table(LOG).map_err(|e| StorageIOError::write(&e))?;

@@ -3,6 +3,7 @@
 //! restart on the same data dir, partitions through a fault-injecting TCP relay), and
 //! operation histories with checkers for the safety rules.
 
+pub mod bench;
 pub mod cluster;
 pub mod history;
 pub mod relay;

@@ -60,6 +60,8 @@ enum Command {
     Members(MembersCommand),
     /// Start a 3-node region locally, kill its leader under load, and report what happened
     Demo(crate::demo::DemoArgs),
+    /// Measure put throughput and latency, failover time, stability and memory on a local region
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +149,56 @@ enum MembersCommand {
     Remove { id: u64 },
 }
 
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Concurrent clients of each put round
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Length of each put round
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    duration: Duration,
+    /// Failover rounds (SIGKILL the leader, time to the first acknowledged write)
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
+    /// Length of the 64-client load during which the Raft term must not change
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    stability: Duration,
+    /// Keys of 100 bytes loaded before measuring resident memory
+    #[arg(long, default_value_t = 100_000)]
+    memory_keys: usize,
+    /// Extra flags for every node, e.g. "--heartbeat-interval=100ms --election-timeout=1s"
+    #[arg(long, allow_hyphen_values = true)]
+    node_args: Option<String>,
+}
+
+async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
+    use rampart_testkit::bench::{rampart_suite, report_markdown, SuiteOptions};
+    let binary = std::env::current_exe().map_err(|e| Failure::failed(e.into()))?;
+    if args.clients.is_empty() || args.clients.contains(&0) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid --clients: expected whole numbers from 1, e.g. 1,16,64"
+        )));
+    }
+    let options = SuiteOptions {
+        clients: args.clients,
+        duration: args.duration,
+        failover_rounds: args.failover_rounds,
+        stability: args.stability,
+        memory_keys: args.memory_keys,
+        node_args: args
+            .node_args
+            .map(|a| a.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
+        ..SuiteOptions::default()
+    };
+    eprintln!("benchmarking a local 3-node region (fsync on); this takes a few minutes...");
+    let report = rampart_suite(&binary, &options)
+        .await
+        .map_err(|e| Failure::failed(e.into()))?;
+    print(output, &report, report_markdown);
+    Ok(())
+}
+
 fn duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
@@ -193,6 +245,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
+        Command::Bench(bench_args) => run_bench(bench_args, output).await,
         Command::Status => {
             let status = client()?.cluster().await?;
             print(output, &status, |s| {
