@@ -54,11 +54,13 @@ pub async fn run(node: Shared) {
         let granted = 1 + join_all(asks).await.into_iter().filter(|granted| *granted).count();
         if is_majority(granted, voters.len()) {
             tracing::info!(granted, voters = voters.len(), "pre-vote won; campaigning");
+            node.metrics.pre_votes_won.inc();
             if node.raft.trigger().elect().await.is_err() {
                 return;
             }
         } else {
             tracing::debug!(granted, voters = voters.len(), "pre-vote lost; staying a follower");
+            node.metrics.pre_votes_lost.inc();
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub proposal_seconds: Histogram,
     pub fsync_seconds: Histogram,
     pub forwarded_requests: Counter,
+    pub pre_votes_won: Counter,
+    pub pre_votes_lost: Counter,
 }
 
 impl Metrics {
@@ -34,6 +36,18 @@ impl Metrics {
         let proposal_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         let fsync_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         let forwarded_requests = Counter::default();
+        let pre_votes_won = Counter::default();
+        let pre_votes_lost = Counter::default();
+        registry.register(
+            "pre_votes_won",
+            "Pre-votes this node won, each followed by a campaign",
+            pre_votes_won.clone(),
+        );
+        registry.register(
+            "pre_votes_lost",
+            "Pre-votes this node lost: it stayed a follower",
+            pre_votes_lost.clone(),
+        );
         registry.register("raft_term", "Current Raft term", term.clone());
         registry.register("is_leader", "1 if this node is the region's leader", is_leader.clone());
         registry.register(
@@ -80,6 +94,8 @@ impl Metrics {
             proposal_seconds,
             fsync_seconds,
             forwarded_requests,
+            pre_votes_won,
+            pre_votes_lost,
         }
     }
 

@@ -107,3 +107,55 @@ async fn paused_leader_acknowledges_nothing_with_stale_leadership() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejoining_follower_does_not_depose_a_healthy_leader() {
+    let cluster = cluster_with_relays(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let term = cluster.status_of(leader).await.expect("status").term;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
+
+    // Cut one follower off for many election timeouts; without pre-vote it would
+    // campaign again and again, raising its term, and depose the leader on return.
+    cluster.isolate(follower, RelayMode::Blackhole);
+    let client = cluster.client_of(leader);
+    for i in 0..20 {
+        client
+            .put(&format!("rejoin/{i}"), "v", PutOptions::default())
+            .await
+            .expect("majority keeps writing");
+    }
+    // Its API is still reachable directly: wait until it has tried (and failed) to start
+    // an election three more times.
+    let lost_pre_votes = || async {
+        let metrics = reqwest::get(format!("http://{}/metrics", cluster.nodes[&follower].endpoint()))
+            .await
+            .ok()?;
+        let text = metrics.text().await.ok()?;
+        text.lines()
+            .find(|l| l.starts_with("rampart_pre_votes_lost_total"))?
+            .split(' ')
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+    };
+    let before = lost_pre_votes().await.expect("metrics of the cut-off follower");
+    rampart_testkit::eventually(
+        DEADLINE,
+        "three more lost pre-votes on the cut-off follower",
+        || async { (lost_pre_votes().await? >= before + 3.0).then_some(()) },
+    )
+    .await;
+    cluster.heal();
+    cluster.wait_converged(DEADLINE).await;
+    let after = cluster.status_of(leader).await.expect("status");
+    assert_eq!(
+        after.leader,
+        Some(leader),
+        "the leader was deposed by a rejoining follower"
+    );
+    assert_eq!(
+        after.term, term,
+        "the term moved: the rejoining follower disrupted the region"
+    );
+}
