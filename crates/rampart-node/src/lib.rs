@@ -10,6 +10,7 @@ mod forward;
 mod leases;
 mod metrics;
 mod peer;
+mod proposer;
 mod server;
 mod watch;
 
@@ -18,8 +19,9 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use proposer::Proposer;
 use rampart_core::config::NodeConfig;
 use rampart_core::lease::LeaseClock;
 use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
@@ -54,6 +56,7 @@ pub(crate) struct Node {
     pub metrics: Arc<Metrics>,
     pub watchers: AtomicUsize,
     pub links: Arc<peer::PeerLinks>,
+    pub proposer: Proposer,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -96,25 +99,13 @@ impl Node {
     }
 
     /// Proposes one command and waits for it to be applied, within the request timeout.
+    /// Concurrent proposals share Raft entries (see `proposer.rs`).
     pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
         let started = std::time::Instant::now();
         let command = Command { at_ms: now_ms(), op };
-        let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
-            Err(_) => Err(ApiError::timeout("the write", timeout)),
-            Ok(Ok(response)) => {
-                self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
-                Ok(response.data)
-            }
-            // Openraft also answers this when leadership is lost after the entry was
-            // appended, and a successor may still commit it: the outcome is unknown.
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "leadership_lost",
-                "this node lost leadership while proposing; the write may or may not take effect",
-            )),
-            Ok(Err(e)) => Err(ApiError::internal(format!("write failed: {e}"))),
-        }
+        let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
+        self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(outcome)
     }
 
     /// Waits until this node may serve a linearizable read (ReadIndex: leadership confirmed
@@ -213,6 +204,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         }
     }
 
+    let proposer = Proposer::start(raft.clone(), metrics.clone(), config.request_timeout);
     let node = Arc::new(Node {
         id: config.id,
         applied: sm.applied(),
@@ -228,6 +220,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         metrics,
         watchers: AtomicUsize::new(0),
         links: Arc::new(peer::PeerLinks::default()),
+        proposer,
         config,
     });
     tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub watchers: Gauge,
     pub proposal_seconds: Histogram,
     pub fsync_seconds: Histogram,
+    pub batch_commands: Histogram,
     pub forwarded_requests: Counter,
     pub pre_votes_won: Counter,
     pub pre_votes_lost: Counter,
@@ -35,6 +36,8 @@ impl Metrics {
         // 100 µs to ~6.5 s.
         let proposal_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         let fsync_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
+        // 1 to 1024 writes per Raft entry.
+        let batch_commands = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         let forwarded_requests = Counter::default();
         let pre_votes_won = Counter::default();
         let pre_votes_lost = Counter::default();
@@ -78,6 +81,11 @@ impl Metrics {
             fsync_seconds.clone(),
         );
         registry.register(
+            "proposal_batch_commands",
+            "Client writes per proposed Raft entry (group commit)",
+            batch_commands.clone(),
+        );
+        registry.register(
             "forwarded_requests",
             "Requests this node forwarded to the leader",
             forwarded_requests.clone(),
@@ -93,6 +101,7 @@ impl Metrics {
             watchers,
             proposal_seconds,
             fsync_seconds,
+            batch_commands,
             forwarded_requests,
             pre_votes_won,
             pre_votes_lost,

@@ -2,6 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
+/// One Raft entry: the client writes a leader gathered while its earlier proposals were in
+/// flight, applied in order, each with its own revision and outcome. Batching is Rampart's
+/// group commit: openraft 0.9 appends and fsyncs one entry at a time, so many writes per
+/// entry means many writes per fsync, on the leader and on every follower.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub commands: Vec<Command>,
+}
+
 /// One client write, as proposed by the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
@@ -40,11 +49,13 @@ pub enum Op {
     },
 }
 
-/// The answer to one applied entry.
+/// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
+/// membership entries).
+pub type Outcomes = Vec<Outcome>;
+
+/// The answer to one applied command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Blank and membership entries.
-    Nothing,
     Put {
         revision: u64,
     },

@@ -15,7 +15,7 @@ pub mod state_machine;
 
 use std::io::Cursor;
 
-pub use command::{Command, Op, Outcome};
+pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use log_store::LogStore;
 pub use state::State;
 pub use state_machine::{Applied, StateMachineStore};
@@ -23,8 +23,8 @@ pub use state_machine::{Applied, StateMachineStore};
 openraft::declare_raft_types!(
     /// Openraft's type configuration for a Rampart region.
     pub TypeConfig:
-        D = Command,
-        R = Outcome,
+        D = Batch,
+        R = Outcomes,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

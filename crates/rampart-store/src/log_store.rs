@@ -1,19 +1,30 @@
 //! The durable Raft log and vote, in redb, with group commit.
 //!
-//! Each `append` writes its entries in a redb transaction with `Durability::None`: visible
-//! to readers at once, not yet on disk. A flusher thread then makes one durable commit,
-//! which fsyncs every append before it, and only then tells openraft the entries are
-//! persisted. Concurrent proposals that arrive while one fsync runs share the next one:
-//! one fsync for many writes, and no write acknowledged before its fsync.
+//! One writer thread owns every change to the log. `append` only queues its entries and
+//! puts them in an in-memory overlay (`Pending`), so they are readable at once and
+//! openraft's core never waits for a disk; the writer drains everything queued into one
+//! redb transaction, commits it with one fsync, and only then tells openraft the entries
+//! are persisted. Proposals that arrive while one fsync runs share the next one: one
+//! fsync for many writes, and no write acknowledged before its fsync.
+//!
+//! Openraft 0.9 appends each client write on its own, so a writer that took redb's write
+//! lock per append would run the whole Raft core in lock-step with the disk (one fsync per
+//! entry). That is why appends never touch redb from the caller's task.
+//!
+//! Votes, truncation and purges are rare: they go through the same queue, in order with
+//! the appends before them, and their caller waits until they are on disk.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{NodeId, StorageError, TypeConfig};
 
@@ -24,9 +35,14 @@ const VOTE: &str = "vote";
 const REDB_CACHE_BYTES: usize = 16 << 20;
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
+/// Log operations queued for the writer at most; a full queue makes `append` wait, which
+/// slows proposals down instead of growing memory without bound.
+const QUEUE_OPS_MAX: usize = 8192;
+/// Operations the writer puts in one transaction at most.
+const BATCH_OPS_MAX: usize = 4096;
 
 /// Hears the duration of every durable log commit.
-pub type FsyncObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// Opens the node's single redb file, creating it and its tables if needed.
 pub fn open_database(path: &Path) -> Result<Database, StorageError> {
@@ -47,38 +63,56 @@ pub fn open_database(path: &Path) -> Result<Database, StorageError> {
     Ok(db)
 }
 
-/// Log and vote storage of one node. Cloning shares the database.
+/// Encoded entries appended but not yet committed to redb, with the sequence number of the
+/// append that queued each, so the writer removes exactly what it wrote.
+#[derive(Default)]
+struct Pending {
+    entries: BTreeMap<u64, (u64, Arc<[u8]>)>,
+    next_seq: u64,
+}
+
+/// One change for the writer thread.
+enum LogOp {
+    Append {
+        seq: u64,
+        entries: Vec<(u64, Arc<[u8]>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Metadata write; `done` hears when it is on disk, if the caller waits.
+    Meta {
+        name: &'static str,
+        bytes: Vec<u8>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    Truncate {
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        upto: u64,
+        log_id_bytes: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Log and vote storage of one node. Cloning shares the database and the writer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    pending: Arc<Mutex<Pending>>,
+    writer: mpsc::Sender<LogOp>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>, on_fsync: Option<FsyncObserver>) -> Result<LogStore, StorageError> {
-        let (flusher, pending) = mpsc::channel();
-        let flush_db = db.clone();
+        let (writer, queue) = mpsc::channel(QUEUE_OPS_MAX);
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (writer_db, writer_pending) = (db.clone(), pending.clone());
         std::thread::Builder::new()
-            .name("rampart-log-flush".into())
-            .spawn(move || flush_loop(&flush_db, &pending, on_fsync))
+            .name("rampart-log-writer".into())
+            .spawn(move || write_loop(&writer_db, &writer_pending, queue, on_fsync))
             .map_err(|e| StorageIOError::write(&e))?;
-        Ok(LogStore { db, flusher })
-    }
-
-    fn write(
-        &self,
-        durability: Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), StorageError> {
-        let run = || -> Result<(), redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(durability)
-                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-            f(&txn)?;
-            txn.commit()?;
-            Ok(())
-        };
-        run().map_err(|e| StorageIOError::write_logs(&e).into())
+        Ok(LogStore { db, pending, writer })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StorageError> {
@@ -95,42 +129,128 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(&self, durability: Durability, name: &str, value: &T) -> Result<(), StorageError> {
-        let bytes = postcard::to_allocvec(value).map_err(|e| StorageIOError::write(&e))?;
-        self.write(durability, |txn| {
-            txn.open_table(META)?.insert(name, bytes.as_slice())?;
-            Ok(())
-        })
+    async fn send(&self, op: LogOp) -> Result<(), StorageError> {
+        self.writer
+            .send(op)
+            .await
+            .map_err(|_| StorageIOError::write_logs(&std::io::Error::other("log writer stopped")).into())
+    }
+
+    /// Queues `op` (built around a completion channel) and waits until it is on disk.
+    async fn send_and_wait(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<(), String>>) -> LogOp,
+    ) -> Result<(), StorageError> {
+        let (done, written) = oneshot::channel();
+        self.send(op(done)).await?;
+        let result = written.await.unwrap_or_else(|_| Err("log writer stopped".to_string()));
+        result.map_err(|message| StorageIOError::write_logs(&std::io::Error::other(message)).into())
     }
 }
 
-/// Makes one durable commit for every batch of appends waiting, then acknowledges them.
-fn flush_loop(db: &Database, pending: &mpsc::Receiver<LogFlushed<TypeConfig>>, on_fsync: Option<FsyncObserver>) {
-    while let Ok(first) = pending.recv() {
+/// Commits everything queued in batches, one durable transaction each, then reports.
+fn write_loop(
+    db: &Database,
+    pending: &Mutex<Pending>,
+    mut queue: mpsc::Receiver<LogOp>,
+    on_fsync: Option<FsyncObserver>,
+) {
+    while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
-        batch.extend(pending.try_iter());
-        let started = std::time::Instant::now();
-        // An empty durable commit persists every non-durable commit before it.
-        let failure = db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|txn| Ok(txn.commit()?))
-            .err();
-        if let Some(observe) = &on_fsync {
+        while batch.len() < BATCH_OPS_MAX {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let outcome = commit_batch(db, &batch).map_err(|e| e.to_string());
+        if let (Some(observe), Ok(true)) = (&on_fsync, &outcome) {
             observe(started.elapsed());
         }
-        for callback in batch {
-            let result = match &failure {
-                None => Ok(()),
-                Some(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            callback.log_io_completed(result);
+        let outcome = outcome.map(|_durable| ());
+        let written_seq = batch
+            .iter()
+            .filter_map(|op| match op {
+                LogOp::Append { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .max();
+        if let (Some(written_seq), Ok(())) = (written_seq, &outcome) {
+            // Now in redb: readers find them there. Later appends to the same index keep
+            // their newer overlay entry.
+            pending
+                .lock()
+                .expect("pending log lock")
+                .entries
+                .retain(|_, (seq, _)| *seq > written_seq);
+        }
+        for op in batch {
+            let result = outcome.clone();
+            match op {
+                LogOp::Append { callback, .. } => {
+                    callback.log_io_completed(result.map_err(std::io::Error::other));
+                }
+                LogOp::Meta { done, .. } => {
+                    if let Some(done) = done {
+                        let _ = done.send(result);
+                    }
+                }
+                LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
+                    let _ = done.send(result);
+                }
+            }
         }
     }
+}
+
+/// Applies a batch in order in one transaction and makes it durable (one fsync); answers
+/// whether it synced.
+fn commit_batch(db: &Database, batch: &[LogOp]) -> Result<bool, redb::Error> {
+    // A batch of nothing but committed-index hints needs no fsync of its own: the hint is
+    // only an optimisation for restarts, and the next durable commit carries it to disk.
+    let hints_only = batch.iter().all(|op| matches!(op, LogOp::Meta { done: None, .. }));
+    let mut txn = db.begin_write()?;
+    let durability = if hints_only {
+        Durability::None
+    } else {
+        Durability::Immediate
+    };
+    txn.set_durability(durability)
+        .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        for op in batch {
+            match op {
+                LogOp::Append { entries, .. } => {
+                    for (index, bytes) in entries {
+                        log.insert(*index, &bytes[..])?;
+                    }
+                }
+                LogOp::Meta { name, bytes, .. } => {
+                    meta.insert(*name, bytes.as_slice())?;
+                }
+                LogOp::Truncate { from, .. } => {
+                    log.retain_in(*from.., |_, _| false)?;
+                }
+                LogOp::Purge { upto, log_id_bytes, .. } => {
+                    meta.insert(LAST_PURGED, log_id_bytes.as_slice())?;
+                    log.retain_in(..=*upto, |_, _| false)?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(!hints_only)
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageError> {
     postcard::from_bytes(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    postcard::to_allocvec(value).map_err(|e| StorageIOError::write(&e).into())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -138,18 +258,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        let read = || -> Result<Vec<Vec<u8>>, redb::Error> {
+        // The overlay first, redb second: the writer removes an entry from the overlay only
+        // after committing it, so an entry missing from the overlay is already in redb.
+        let mut found: BTreeMap<u64, Arc<[u8]>> = {
+            let pending = self.pending.lock().expect("pending log lock");
+            pending
+                .entries
+                .range(range.clone())
+                .map(|(index, (_, bytes))| (*index, bytes.clone()))
+                .collect()
+        };
+        let read = || -> Result<Vec<(u64, Vec<u8>)>, redb::Error> {
             let txn = self.db.begin_read()?;
             let table = txn.open_table(LOG)?;
             let mut out = Vec::new();
             for item in table.range(range)? {
-                let (_, v) = item?;
-                out.push(v.value().to_vec());
+                let (k, v) = item?;
+                out.push((k.value(), v.value().to_vec()));
             }
             Ok(out)
         };
-        let raw = read().map_err(|e| StorageIOError::read_logs(&e))?;
-        raw.iter().map(|b| decode_entry(b)).collect()
+        for (index, bytes) in read().map_err(|e| StorageIOError::read_logs(&e))? {
+            found.entry(index).or_insert_with(|| bytes.into());
+        }
+        found.values().map(|b| decode_entry(b)).collect()
     }
 }
 
@@ -158,13 +290,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.meta(LAST_PURGED)?;
-        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(LOG)?;
-            let last = table.last()?.map(|(_, v)| v.value().to_vec());
-            Ok(last)
+        let pending_last = self
+            .pending
+            .lock()
+            .expect("pending log lock")
+            .entries
+            .last_key_value()
+            .map(|(_, (_, bytes))| bytes.clone());
+        let last = match pending_last {
+            Some(bytes) => Some(bytes.to_vec()),
+            None => {
+                let read = || -> Result<Option<Vec<u8>>, redb::Error> {
+                    let txn = self.db.begin_read()?;
+                    let table = txn.open_table(LOG)?;
+                    let last = table.last()?.map(|(_, v)| v.value().to_vec());
+                    Ok(last)
+                };
+                read().map_err(|e| StorageIOError::read_logs(&e))?
+            }
         };
-        let last = read().map_err(|e| StorageIOError::read_logs(&e))?;
         let last_log_id = match last {
             Some(bytes) => Some(decode_entry(&bytes)?.log_id),
             None => last_purged_log_id,
@@ -180,8 +324,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        // A vote must be on disk before it is answered: Immediate.
-        self.put_meta(Durability::Immediate, VOTE, vote)
+        // A vote must be on disk before it is answered: wait for the writer.
+        let bytes = encode(vote)?;
+        self.send_and_wait(|done| LogOp::Meta {
+            name: VOTE,
+            bytes,
+            done: Some(done),
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -189,8 +339,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
-        // Only a hint for re-applying after a restart; losing it in a crash is harmless.
-        self.put_meta(Durability::None, COMMITTED, &committed)
+        // Only a hint for re-applying after a restart; it rides with the next batch.
+        let bytes = encode(&committed)?;
+        self.send(LogOp::Meta {
+            name: COMMITTED,
+            bytes,
+            done: None,
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
@@ -205,36 +361,48 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut encoded = Vec::new();
         for entry in entries {
             let bytes = postcard::to_allocvec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            encoded.push((entry.log_id.index, bytes));
+            encoded.push((entry.log_id.index, Arc::<[u8]>::from(bytes)));
         }
-        self.write(Durability::None, |txn| {
-            let mut table = txn.open_table(LOG)?;
+        let seq = {
+            let mut pending = self.pending.lock().expect("pending log lock");
+            pending.next_seq += 1;
+            let seq = pending.next_seq;
             for (index, bytes) in &encoded {
-                table.insert(*index, bytes.as_slice())?;
+                pending.entries.insert(*index, (seq, bytes.clone()));
             }
-            Ok(())
-        })?;
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-            callback.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
-        }
-        Ok(())
+            seq
+        };
+        self.send(LogOp::Append {
+            seq,
+            entries: encoded,
+            callback,
+        })
+        .await
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.write(Durability::Immediate, |txn| {
-            let mut table = txn.open_table(LOG)?;
-            table.retain_in(log_id.index.., |_, _| false)?;
-            Ok(())
-        })
+        let from = log_id.index;
+        self.pending
+            .lock()
+            .expect("pending log lock")
+            .entries
+            .retain(|index, _| *index < from);
+        self.send_and_wait(|done| LogOp::Truncate { from, done }).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        let bytes = postcard::to_allocvec(&log_id).map_err(|e| StorageIOError::write(&e))?;
-        self.write(Durability::Immediate, |txn| {
-            txn.open_table(META)?.insert(LAST_PURGED, bytes.as_slice())?;
-            let mut table = txn.open_table(LOG)?;
-            table.retain_in(..=log_id.index, |_, _| false)?;
-            Ok(())
+        let upto = log_id.index;
+        let log_id_bytes = encode(&log_id)?;
+        self.pending
+            .lock()
+            .expect("pending log lock")
+            .entries
+            .retain(|index, _| *index > upto);
+        self.send_and_wait(|done| LogOp::Purge {
+            upto,
+            log_id_bytes,
+            done,
         })
+        .await
     }
 }

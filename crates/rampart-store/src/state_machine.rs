@@ -20,7 +20,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::command::Outcome;
+use crate::command::Outcomes;
 use crate::state::State;
 use crate::{NodeId, StorageError, TypeConfig};
 
@@ -186,7 +186,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcomes>, StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -195,23 +195,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut applied = self.applied.write().expect("state lock poisoned");
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
-            let outcome = match entry.payload {
-                EntryPayload::Blank => Outcome::Nothing,
+            let mut answers = Outcomes::new();
+            match entry.payload {
+                EntryPayload::Blank => {}
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Outcome::Nothing
                 }
-                EntryPayload::Normal(command) => {
-                    let (outcome, events) = applied.state.apply(&command);
-                    for event in events {
-                        // No receiver is fine: nobody is watching.
-                        let _ = self.feed.send(event.clone());
-                        applied.record(event);
+                EntryPayload::Normal(batch) => {
+                    for command in &batch.commands {
+                        let (outcome, events) = applied.state.apply(command);
+                        for event in events {
+                            // No receiver is fine: nobody is watching.
+                            let _ = self.feed.send(event.clone());
+                            applied.record(event);
+                        }
+                        answers.push(outcome);
                     }
-                    outcome
                 }
-            };
-            outcomes.push(outcome);
+            }
+            outcomes.push(answers);
         }
         Ok(outcomes)
     }
@@ -248,5 +250,55 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 snapshot: Box::new(Cursor::new(bytes)),
             })
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    use super::*;
+    use crate::command::{Batch, Command, Op, Outcome};
+
+    fn put(key: &str) -> Command {
+        Command {
+            at_ms: 1,
+            op: Op::Put {
+                key: key.into(),
+                value: "v".into(),
+                lease: None,
+                if_revision: Some(0),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_in_order_with_one_revision_and_outcome_per_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_log, mut sm) = crate::open(&dir.path().join("n.redb"), 100, None).expect("open");
+        let mut feed = sm.subscribe();
+        // The second write of "a" must see the first: it fails its must-not-exist check.
+        let batch = Batch {
+            commands: vec![put("a"), put("b"), put("a")],
+        };
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(batch),
+        };
+        let outcomes = sm.apply([entry]).await.expect("apply");
+        assert_eq!(
+            outcomes,
+            vec![vec![
+                Outcome::Put { revision: 1 },
+                Outcome::Put { revision: 2 },
+                Outcome::RevisionMismatch { current: 1 },
+            ]]
+        );
+        let events: Vec<u64> = [feed.try_recv(), feed.try_recv()]
+            .into_iter()
+            .map(|e| e.expect("event").revision)
+            .collect();
+        assert_eq!(events, vec![1, 2]);
+        assert!(feed.try_recv().is_err(), "a failed write makes no event");
     }
 }
