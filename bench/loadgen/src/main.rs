@@ -172,6 +172,10 @@ async fn etcd_suite(binary: &Path, options: &SuiteOptions, heartbeat_ms: u64, el
         }
         put_load(drivers, options.stability, options.value_bytes, "stability").await;
         report.term_after_load = cluster.wait_leader().await.1;
+        // Memory: a fresh cluster holding exactly `memory_keys` keys.
+        drop(cluster);
+        let cluster = EtcdCluster::start(binary, heartbeat_ms, election_ms).expect("start etcd");
+        cluster.wait_leader().await;
         load_keys(cluster.driver(cluster.endpoints()).await, options.memory_keys, 100).await;
         report.rss_kib = cluster.nodes.iter().filter_map(|n| n.child.as_ref().and_then(|c| rss_kib(c.id()))).collect();
     }

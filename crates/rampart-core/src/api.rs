@@ -134,6 +134,13 @@ pub struct ClusterStatus {
     pub checksum: String,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Last log index covered by this node's latest snapshot (0: none yet).
+    #[serde(default)]
+    pub snapshot_index: u64,
+    /// Log entries up to this index are compacted away on this node: a member further
+    /// behind catches up from a snapshot, not from the log.
+    #[serde(default)]
+    pub purged_index: u64,
     pub members: Vec<Member>,
 }
 

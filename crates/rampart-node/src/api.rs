@@ -441,6 +441,8 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         checksum: format!("{checksum:016x}"),
         commit_index,
         applied_index,
+        snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
+        purged_index: metrics.purged.map_or(0, |l| l.index),
         members: member_list(&node),
     })
 }
@@ -572,6 +574,10 @@ pub async fn track_raft_metrics(node: Shared) {
         let m = rx.borrow_and_update().clone();
         node.metrics.term.set(m.current_term as i64);
         node.metrics.is_leader.set(i64::from(m.state == ServerState::Leader));
+        node.metrics
+            .snapshot_index
+            .set(m.snapshot.map_or(0, |l| l.index) as i64);
+        node.metrics.purged_index.set(m.purged.map_or(0, |l| l.index) as i64);
         if m.current_leader.is_some() && m.current_leader != last_leader {
             if last_leader.is_some() {
                 node.metrics.leader_changes.inc();

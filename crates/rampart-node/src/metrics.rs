@@ -14,6 +14,8 @@ pub struct Metrics {
     pub commit_index: Gauge,
     pub apply_index: Gauge,
     pub revision: Gauge,
+    pub snapshot_index: Gauge,
+    pub purged_index: Gauge,
     pub watchers: Gauge,
     pub proposal_seconds: Histogram,
     pub fsync_seconds: Histogram,
@@ -32,6 +34,8 @@ impl Metrics {
         let commit_index = Gauge::default();
         let apply_index = Gauge::default();
         let revision = Gauge::default();
+        let snapshot_index = Gauge::default();
+        let purged_index = Gauge::default();
         let watchers = Gauge::default();
         // 100 µs to ~6.5 s.
         let proposal_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
@@ -69,6 +73,16 @@ impl Metrics {
             apply_index.clone(),
         );
         registry.register("revision", "Store revision of the applied state", revision.clone());
+        registry.register(
+            "snapshot_index",
+            "Last log index covered by this node's latest snapshot",
+            snapshot_index.clone(),
+        );
+        registry.register(
+            "log_purged_index",
+            "Log entries up to this index are compacted away (covered by a snapshot)",
+            purged_index.clone(),
+        );
         registry.register("watchers", "Open watch streams on this node", watchers.clone());
         registry.register(
             "proposal_duration_seconds",
@@ -98,6 +112,8 @@ impl Metrics {
             commit_index,
             apply_index,
             revision,
+            snapshot_index,
+            purged_index,
             watchers,
             proposal_seconds,
             fsync_seconds,

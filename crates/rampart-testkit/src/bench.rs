@@ -273,7 +273,11 @@ pub async fn rampart_suite(binary: &std::path::Path, options: &SuiteOptions) -> 
     put_load(drivers, options.stability, options.value_bytes, "stability").await;
     let term_after_load = cluster.status_of(leader).await.map_or(0, |s| s.term);
 
-    // Memory: a node holding `memory_keys` keys.
+    // Memory: a fresh region holding exactly `memory_keys` keys, so the load rounds above
+    // do not add theirs.
+    drop(cluster);
+    let cluster = Cluster::start(binary, cluster_options.clone()).await?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
     load_keys(
         RampartDriver {
             client: Arc::new(cluster.client()),

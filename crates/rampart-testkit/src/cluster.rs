@@ -10,6 +10,7 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rampart_client::Client;
@@ -74,10 +75,38 @@ pub struct Cluster {
     options: ClusterOptions,
 }
 
-/// Picks a free loopback port (the OS may hand it out again later; tests retry the start).
+/// Where node ports come from: below the kernel's ephemeral range, so no `bind(0)` (relays,
+/// other tests' nodes) and no outgoing connection can take a port between the moment it is
+/// picked here and the moment the node process binds it.
+fn node_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    (10_000, ephemeral_low.max(10_000 + 1024))
+}
+
+/// Picks a free loopback port for a node. Ports are handed out in turn from a range of
+/// their own (see [`node_port_range`]), starting at an offset drawn from the process id so
+/// that two test processes rarely walk the same ports; a port that is busy is skipped.
 pub fn free_port() -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    listener.local_addr()
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = node_port_range();
+    let span = u32::from(high - low);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span.min(4096) {
+        let port = low + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr();
+        }
+    }
+    // Every candidate busy: fall back to the kernel's choice.
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
 fn send_signal(pid: u32, signal: i32) {
@@ -203,6 +232,27 @@ impl Cluster {
         Client::new(&[self.nodes[&id].endpoint()]).expect("loopback endpoint is valid")
     }
 
+    /// Panics, with the tail of its log, if a node that should be running has exited: a
+    /// wait for a condition it takes part in could only time out.
+    pub fn assert_running(&self) {
+        for node in self.nodes.values().filter(|n| n.child.is_some()) {
+            let Some(pid) = node.pid() else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name in parentheses; Z: exited, not yet reaped.
+            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+            if stat.is_empty() || state == Some("Z") {
+                let log = std::fs::read_to_string(self.log_path(node.id)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "node {} (pid {pid}) exited unexpectedly; last lines of its log:\n{}",
+                    node.id,
+                    tail.join("\n")
+                );
+            }
+        }
+    }
+
     /// A node's own view of the region, if it answers quickly.
     pub async fn status_of(&self, id: u64) -> Option<ClusterStatus> {
         let client = self.client_of(id).with_deadline(Duration::from_millis(500));
@@ -212,6 +262,7 @@ impl Cluster {
     /// Waits until every running node agrees on one leader that is running; returns it.
     pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
         crate::eventually(timeout, "one leader agreed by every running node", || async {
+            self.assert_running();
             let mut leaders = Vec::new();
             for node in self.nodes.values().filter(|n| n.is_running()) {
                 leaders.push(self.status_of(node.id).await?.leader?);
@@ -230,6 +281,7 @@ impl Cluster {
             timeout,
             "every running node at the same revision and checksum",
             || async {
+                self.assert_running();
                 let mut seen = Vec::new();
                 for node in self.nodes.values().filter(|n| n.is_running()) {
                     let status = self.status_of(node.id).await?;

@@ -9,6 +9,7 @@ mod input;
 mod leases;
 mod membership;
 mod partition;
+mod snapshot;
 mod watch;
 
 use std::time::Duration;
