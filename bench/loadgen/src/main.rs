@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rampart_testkit::bench::{
-    failover_write_gap, load_keys, median, put_load, rampart_suite, report_markdown, rss_kib, KvDriver, PutStats,
+    failover_write_gap, load_keys, FAILOVER_ATTEMPT_TIMEOUT, FAILOVER_WRITERS_PER_MEMBER, median, put_load, rampart_suite, report_markdown, rss_kib, KvDriver, PutStats,
     SuiteOptions, SuiteReport,
 };
 use rampart_testkit::cluster::free_port;
@@ -30,7 +30,6 @@ impl KvDriver for EtcdDriver {
 }
 
 struct EtcdNode {
-    name: String,
     client: SocketAddr,
     args: Vec<String>,
     child: Option<Child>,
@@ -65,7 +64,7 @@ impl EtcdCluster {
                 format!("--election-timeout={election_ms}"),
                 "--log-level=error".into(),
             ];
-            let mut node = EtcdNode { name, client, args, child: None };
+            let mut node = EtcdNode { client, args, child: None };
             node.child = Some(cluster.launch(&node)?);
             cluster.nodes.push(node);
         }
@@ -183,9 +182,14 @@ async fn etcd_suite(binary: &Path, options: &SuiteOptions, heartbeat_ms: u64, el
     let mut gaps = Vec::new();
     for _ in 0..options.failover_rounds {
         let (leader, _) = cluster.wait_leader().await;
-        let driver = cluster.driver(cluster.endpoints()).await;
+        let mut drivers = Vec::new();
+        for (_, node) in cluster.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+            for _ in 0..FAILOVER_WRITERS_PER_MEMBER {
+                drivers.push(cluster.driver(vec![format!("http://{}", node.client)]).await);
+            }
+        }
         let cluster_ref = &mut cluster;
-        let gap = failover_write_gap(driver, Duration::from_secs(1), || async move { cluster_ref.kill(leader) }).await;
+        let gap = failover_write_gap(drivers, FAILOVER_ATTEMPT_TIMEOUT, || async move { cluster_ref.kill(leader) }).await;
         gaps.push(gap);
         cluster.restart(leader).expect("restart etcd member");
         // Let the restarted member catch up before the next round.

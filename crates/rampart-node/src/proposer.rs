@@ -136,6 +136,12 @@ async fn batch_loop(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, mut wa
             bytes += next.bytes;
             batch.push(next);
         }
+        // A writer that timed out and went away was told "may or may not take effect";
+        // not proposing its write at all is the better of the two.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         metrics.batch_commands.observe(batch.len() as f64);
         let raft = raft.clone();
         tokio::spawn(async move {

@@ -36,7 +36,8 @@ pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
-/// Opens (or creates) the redb file of a node and returns its log store and state machine.
+/// Opens (or creates) the redb file of a node (log and vote) and returns its log store and
+/// its state machine, whose snapshot file lives beside it.
 /// `on_fsync` hears how long each durable log commit took (for metrics).
 pub fn open(
     path: &std::path::Path,
@@ -44,7 +45,7 @@ pub fn open(
     on_fsync: Option<log_store::FsyncObserver>,
 ) -> Result<(LogStore, StateMachineStore), StorageError> {
     let db = std::sync::Arc::new(log_store::open_database(path)?);
-    let log = LogStore::new(db.clone(), on_fsync)?;
-    let sm = StateMachineStore::new(db, watch_history)?;
+    let log = LogStore::new(db, on_fsync)?;
+    let sm = StateMachineStore::new(path.with_file_name(state_machine::SNAPSHOT_FILE), watch_history)?;
     Ok((log, sm))
 }

@@ -56,8 +56,6 @@ pub fn open_database(path: &Path) -> Result<Database, StorageError> {
     {
         txn.open_table(LOG).map_err(|e| StorageIOError::write(&e))?;
         txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
-        txn.open_table(crate::state_machine::SNAPSHOT)
-            .map_err(|e| StorageIOError::write(&e))?;
     }
     txn.commit().map_err(|e| StorageIOError::write(&e))?;
     Ok(db)

@@ -1,13 +1,18 @@
 //! The state machine openraft applies committed entries to, its snapshots, and the feed of
 //! changes that watches read.
 //!
-//! The state lives in memory and reaches disk as snapshots (in the same redb file as the
-//! log): a restarted node loads its last snapshot and openraft re-applies the committed log
-//! after it. Recent changes are kept in a bounded history so a watch can resume from an
+//! The state lives in memory and reaches disk as snapshots, in a file of their own beside
+//! the log's redb file (written to a temporary name, fsync'd, then renamed over the old
+//! one): a restarted node loads its last snapshot and openraft re-applies the committed log
+//! after it. Serialising and writing a snapshot happen on a blocking thread, never on the
+//! async workers, and never under redb's write lock: a snapshot of a large state must not
+//! stall heartbeats or log appends, or every node (they snapshot at the same index) would
+//! go quiet at once and call an election. Recent changes are kept in a bounded history so a watch can resume from an
 //! older revision; a watch from before the history answers "compacted".
 
 use std::collections::VecDeque;
-use std::io::Cursor;
+use std::io::{Cursor, Write};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -16,7 +21,6 @@ use openraft::{
     StoredMembership,
 };
 use rampart_core::api::WatchEvent;
-use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -24,8 +28,8 @@ use crate::command::Outcomes;
 use crate::state::State;
 use crate::{NodeId, StorageError, TypeConfig};
 
-pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
-const SNAPSHOT_KEY: &str = "current";
+/// The snapshot file's name, beside the redb file.
+pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// How many changes a slow watcher may fall behind before it is cut off (it then resumes
 /// from its last revision, out of the history).
@@ -77,16 +81,17 @@ struct StoredSnapshot {
 /// Openraft's view of the state machine. Cloning shares it.
 #[derive(Clone)]
 pub struct StateMachineStore {
-    db: Arc<Database>,
+    snapshot_path: Arc<PathBuf>,
     applied: Arc<RwLock<Applied>>,
     feed: broadcast::Sender<WatchEvent>,
 }
 
 impl StateMachineStore {
-    pub fn new(db: Arc<Database>, history_max: usize) -> Result<StateMachineStore, StorageError> {
+    /// Opens the state machine whose snapshot lives at `snapshot_path`.
+    pub fn new(snapshot_path: PathBuf, history_max: usize) -> Result<StateMachineStore, StorageError> {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let store = StateMachineStore {
-            db,
+            snapshot_path: Arc::new(snapshot_path),
             applied: Arc::new(RwLock::new(Applied {
                 history_max: history_max.max(1),
                 ..Applied::default()
@@ -129,22 +134,33 @@ impl StateMachineStore {
     }
 
     fn load_snapshot_bytes(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(SNAPSHOT)?;
-            Ok(table.get(SNAPSHOT_KEY)?.map(|v| v.value().to_vec()))
-        };
-        read().map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+        match std::fs::read(self.snapshot_path.as_ref()) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
+        }
     }
 
-    fn save_snapshot_bytes(&self, bytes: &[u8]) -> Result<(), StorageError> {
-        let write = || -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            txn.open_table(SNAPSHOT)?.insert(SNAPSHOT_KEY, bytes)?;
-            txn.commit()?;
+    /// Writes a snapshot durably on a blocking thread: temporary file, fsync, rename, fsync
+    /// of the directory, so a crash leaves either the old snapshot or the new one.
+    async fn save_snapshot_bytes(&self, bytes: Arc<Vec<u8>>) -> Result<(), StorageError> {
+        let path = self.snapshot_path.clone();
+        let write = move || -> std::io::Result<()> {
+            let temp = path.with_extension("tmp");
+            let mut file = std::fs::File::create(&temp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temp, path.as_ref())?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             Ok(())
         };
-        write().map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+        tokio::task::spawn_blocking(write)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 }
 
@@ -167,10 +183,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 state: applied.state.clone(),
             }
         };
-        let bytes = postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        self.save_snapshot_bytes(&bytes)?;
+        let meta = stored.meta.clone();
+        let encode = move || postcard::to_allocvec(&stored);
+        let bytes = tokio::task::spawn_blocking(encode)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let bytes = Arc::new(bytes);
+        self.save_snapshot_bytes(bytes.clone()).await?;
+        let bytes = Arc::try_unwrap(bytes).unwrap_or_else(|shared| shared.as_ref().clone());
         Ok(Snapshot {
-            meta: stored.meta,
+            meta,
             snapshot: Box::new(Cursor::new(bytes)),
         })
     }
@@ -237,7 +260,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         stored.meta = meta.clone();
         let bytes =
             postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.save_snapshot_bytes(&bytes)?;
+        self.save_snapshot_bytes(Arc::new(bytes)).await?;
         self.replace(stored);
         Ok(())
     }

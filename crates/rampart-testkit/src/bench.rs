@@ -101,11 +101,13 @@ pub async fn put_load<D: KvDriver>(drivers: Vec<D>, duration: Duration, value_by
     }
 }
 
-/// Measures one failover as a client sees it: a writer puts back to back (each attempt
-/// bounded by `attempt_timeout`, retried at once on failure); `kill` stops the leader;
-/// the answer is the time from the kill to the acknowledgement of the first write sent
-/// after it.
-pub async fn failover_write_gap<D, K, KF>(driver: D, attempt_timeout: Duration, kill: K) -> Duration
+/// Measures one failover as the surviving members serve it: one writer per driver (give
+/// one pinned to each surviving member) puts back to back, each attempt bounded by
+/// `attempt_timeout` and retried at once on failure; `kill` stops the leader; the answer
+/// is the time from the kill to the first acknowledgement of a write sent after it.
+/// Writers pinned to survivors keep a client library's choice of endpoint (a connection
+/// stuck on the dead leader) out of the figure, for every system alike.
+pub async fn failover_write_gap<D, K, KF>(drivers: Vec<D>, attempt_timeout: Duration, kill: K) -> Duration
 where
     D: KvDriver,
     K: FnOnce() -> KF,
@@ -113,22 +115,27 @@ where
 {
     let stop = Arc::new(AtomicBool::new(false));
     let acks: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
-    let writer = {
-        let (stop, acks) = (stop.clone(), acks.clone());
-        tokio::spawn(async move {
-            let mut seq = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                seq += 1;
-                let sent = Instant::now();
-                let attempt = tokio::time::timeout(attempt_timeout, driver.put(format!("failover/{seq}"), "v".into()));
-                if let Ok(Ok(())) = attempt.await {
-                    acks.lock().expect("acks").push((sent, Instant::now()));
-                } else {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+    let writers: Vec<_> = drivers
+        .into_iter()
+        .enumerate()
+        .map(|(w, driver)| {
+            let (stop, acks) = (stop.clone(), acks.clone());
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let sent = Instant::now();
+                    let key = format!("failover/{w}/{seq}");
+                    let attempt = tokio::time::timeout(attempt_timeout, driver.put(key, "v".into()));
+                    if let Ok(Ok(())) = attempt.await {
+                        acks.lock().expect("acks").push((sent, Instant::now()));
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
-            }
+            })
         })
-    };
+        .collect();
     crate::eventually(Duration::from_secs(30), "writes before the kill", || async {
         (acks.lock().expect("acks").len() >= 20).then_some(())
     })
@@ -149,9 +156,18 @@ where
     )
     .await;
     stop.store(true, Ordering::Relaxed);
-    let _ = writer.await;
+    for writer in writers {
+        let _ = writer.await;
+    }
     first.duration_since(killed_at)
 }
+
+/// Failover writers pinned to each surviving member: their retries interleave, so the
+/// clock resolves a recovery to about a quarter of [`FAILOVER_ATTEMPT_TIMEOUT`].
+pub const FAILOVER_WRITERS_PER_MEMBER: usize = 4;
+/// How long one failover write attempt may take before it is retried. Short, because some
+/// systems (etcd) hold a proposal made without a leader until their own request timeout.
+pub const FAILOVER_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Resident memory of a process in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
@@ -299,13 +315,19 @@ pub async fn rampart_suite(binary: &std::path::Path, options: &SuiteOptions) -> 
     let mut gaps = Vec::new();
     for _ in 0..options.failover_rounds {
         let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
-        let driver = RampartDriver {
-            client: Arc::new(cluster.client().with_deadline(Duration::from_secs(1))),
-        };
+        let drivers = cluster
+            .nodes
+            .keys()
+            .filter(|id| **id != leader)
+            .flat_map(|id| std::iter::repeat_n(*id, FAILOVER_WRITERS_PER_MEMBER))
+            .map(|id| RampartDriver {
+                client: Arc::new(cluster.client_of(id).with_deadline(FAILOVER_ATTEMPT_TIMEOUT)),
+            })
+            .collect();
         let cluster_ref = &mut cluster;
         let gap = failover_write_gap(
-            driver,
-            Duration::from_secs(1),
+            drivers,
+            FAILOVER_ATTEMPT_TIMEOUT,
             || async move { cluster_ref.kill(leader) },
         )
         .await;
