@@ -7,8 +7,9 @@
 //! after it. Serialising and writing a snapshot happen on a blocking thread, never on the
 //! async workers, and never under redb's write lock: a snapshot of a large state must not
 //! stall heartbeats or log appends, or every node (they snapshot at the same index) would
-//! go quiet at once and call an election. Recent changes are kept in a bounded history so a watch can resume from an
-//! older revision; a watch from before the history answers "compacted".
+//! go quiet at once and call an election. Recent changes are kept in a bounded history so
+//! a watch can resume from an older revision; a watch from before the history answers
+//! "compacted".
 
 use std::collections::VecDeque;
 use std::io::{Cursor, Write};
@@ -141,11 +142,14 @@ impl StateMachineStore {
         }
     }
 
-    /// Writes a snapshot durably on a blocking thread: temporary file, fsync, rename, fsync
-    /// of the directory, so a crash leaves either the old snapshot or the new one.
-    async fn save_snapshot_bytes(&self, bytes: Arc<Vec<u8>>) -> Result<(), StorageError> {
+    /// Encodes `stored` and writes it durably, on a blocking thread: temporary file, fsync,
+    /// rename, fsync of the directory, so a crash leaves either the old snapshot or the new
+    /// one. Hands back the snapshot and its encoding.
+    async fn persist(&self, stored: StoredSnapshot) -> Result<(StoredSnapshot, Vec<u8>), StorageError> {
         let path = self.snapshot_path.clone();
-        let write = move || -> std::io::Result<()> {
+        let signature = stored.meta.signature();
+        let write = move || -> std::io::Result<(StoredSnapshot, Vec<u8>)> {
+            let bytes = postcard::to_allocvec(&stored).map_err(std::io::Error::other)?;
             let temp = path.with_extension("tmp");
             let mut file = std::fs::File::create(&temp)?;
             file.write_all(&bytes)?;
@@ -154,13 +158,13 @@ impl StateMachineStore {
             if let Some(dir) = path.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
             }
-            Ok(())
+            Ok((stored, bytes))
         };
         tokio::task::spawn_blocking(write)
             .await
             .map_err(std::io::Error::other)
             .and_then(|written| written)
-            .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e).into())
     }
 }
 
@@ -183,17 +187,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 state: applied.state.clone(),
             }
         };
-        let meta = stored.meta.clone();
-        let encode = move || postcard::to_allocvec(&stored);
-        let bytes = tokio::task::spawn_blocking(encode)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let bytes = Arc::new(bytes);
-        self.save_snapshot_bytes(bytes.clone()).await?;
-        let bytes = Arc::try_unwrap(bytes).unwrap_or_else(|shared| shared.as_ref().clone());
+        let (stored, bytes) = self.persist(stored).await?;
         Ok(Snapshot {
-            meta,
+            meta: stored.meta,
             snapshot: Box::new(Cursor::new(bytes)),
         })
     }
@@ -258,9 +254,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut stored: StoredSnapshot =
             postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         stored.meta = meta.clone();
-        let bytes =
-            postcard::to_allocvec(&stored).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.save_snapshot_bytes(Arc::new(bytes)).await?;
+        let (stored, _bytes) = self.persist(stored).await?;
         self.replace(stored);
         Ok(())
     }

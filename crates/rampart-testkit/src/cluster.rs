@@ -242,12 +242,11 @@ impl Cluster {
             let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
             if stat.is_empty() || state == Some("Z") {
                 let log = std::fs::read_to_string(self.log_path(node.id)).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
                 panic!(
-                    "node {} (pid {pid}) exited unexpectedly; last lines of its log:\n{}",
-                    node.id,
-                    tail.join("\n")
+                    "node {} (pid {pid}) exited unexpectedly; last lines of its log:\n{tail}",
+                    node.id
                 );
             }
         }
