@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Role;
+
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -142,6 +144,10 @@ pub struct ClusterStatus {
     #[serde(default)]
     pub purged_index: u64,
     pub members: Vec<Member>,
+    /// How this node guards its API: `tls` (TLS and tokens), `loopback` (plaintext, bound
+    /// to loopback only) or `insecure` (plaintext on a reachable address, by `--insecure`).
+    #[serde(default)]
+    pub security: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,4 +171,65 @@ pub struct WatchEvent {
     pub key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreateRequest {
+    pub name: String,
+    pub role: Role,
+    /// Restrict the token to keys under these prefixes (empty: every key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+}
+
+/// A token as listed: never its secret, nor the hash of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+    pub created_ms: u64,
+}
+
+/// The answer to a token creation: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    /// `NAME.SECRET`, to pass as `Authorization: Bearer ...`; shown once, stored hashed.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokensResponse {
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// One entry of the region's event log (`GET /v1/events`), committed so every node shows
+/// the same history. Audit events (`kind = "audit"`) record who changed what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event in the region.
+    pub id: u64,
+    /// Leader's wall clock when the event was committed, ms since the epoch.
+    pub at_ms: u64,
+    /// `audit`, and later `failover`, `health`, `backup`, ...
+    pub kind: String,
+    /// What happened, e.g. `token.create`, `member.add`.
+    pub action: String,
+    /// The token name that asked (`-` when the node runs without tokens).
+    pub actor: String,
+    /// The client address the request came from.
+    pub source: String,
+    /// `ok`, or `failed: <reason>`.
+    pub outcome: String,
+    /// The action's arguments, never a secret.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsResponse {
+    pub events: Vec<Event>,
 }

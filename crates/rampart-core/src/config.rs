@@ -50,7 +50,43 @@ pub const NODE_SETTINGS: &[&str] = &[
     "value-bytes-max",
     "request-body-bytes-max",
     "watchers-max",
+    "tls-cert",
+    "tls-key",
+    "tls-ca",
+    "insecure",
 ];
+
+/// The PEM files that turn on TLS for the API and peer links (see `rampart certs init`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The cluster CA: peers and client certificates must chain to it.
+    pub ca: PathBuf,
+}
+
+/// How a node guards its API and peer links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// TLS on every connection, mutual TLS between peers, tokens on the API.
+    Tls,
+    /// Plaintext without tokens, reachable only from this machine.
+    Loopback,
+    /// Plaintext without tokens on a reachable address: `--insecure`.
+    Insecure,
+}
+
+impl Security {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::Tls => "tls",
+            Security::Loopback => "loopback",
+            Security::Insecure => "insecure",
+        }
+    }
+}
 
 /// A validated node configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +111,10 @@ pub struct NodeConfig {
     /// Changes kept in memory for watches that resume from an older revision.
     pub watch_history: usize,
     pub limits: Limits,
+    /// `Some`: TLS and tokens required on every connection.
+    pub tls: Option<TlsFiles>,
+    /// Plaintext on a non-loopback address was asked for explicitly.
+    pub insecure: bool,
 }
 
 impl NodeConfig {
@@ -187,6 +227,46 @@ impl NodeConfig {
                 1_000_000,
             )? as usize,
         };
+        let tls = match (get("tls-cert"), get("tls-key"), get("tls-ca")) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+                ca: PathBuf::from(ca),
+            }),
+            _ => {
+                let missing = ["tls-cert", "tls-key", "tls-ca"]
+                    .into_iter()
+                    .find(|name| get(name).is_none())
+                    .expect("one is missing");
+                return Err(ConfigError::new(
+                    missing,
+                    "",
+                    "TLS needs all three of --tls-cert, --tls-key and --tls-ca (see `rampart certs init`)",
+                ));
+            }
+        };
+        let insecure = match get("insecure") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(ConfigError::new("insecure", other, "expected true or false")),
+        };
+        if insecure && tls.is_some() {
+            return Err(ConfigError::new(
+                "insecure",
+                "true",
+                "cannot be combined with --tls-cert/--tls-key/--tls-ca; drop one or the other",
+            ));
+        }
+        if tls.is_none() && !insecure && !listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "listen",
+                &listen.to_string(),
+                "a non-loopback address without TLS would expose the API to anyone on the network \
+                 with no authentication: give --tls-cert, --tls-key and --tls-ca (create them with \
+                 `rampart certs init`), or accept the risk with --insecure",
+            ));
+        }
         Ok(NodeConfig {
             id,
             region,
@@ -201,7 +281,17 @@ impl NodeConfig {
             snapshot_logs,
             watch_history,
             limits,
+            tls,
+            insecure,
         })
+    }
+
+    pub fn security(&self) -> Security {
+        match (&self.tls, self.insecure) {
+            (Some(_), _) => Security::Tls,
+            (None, true) => Security::Insecure,
+            (None, false) => Security::Loopback,
+        }
     }
 }
 
@@ -315,6 +405,33 @@ mod tests {
         let err = NodeConfig::from_settings(&settings(&pairs)).unwrap_err();
         assert_eq!(err.setting, "heartbeat");
         assert!(err.allowed.contains("heartbeat-interval"));
+    }
+
+    #[test]
+    fn reachable_plaintext_needs_tls_or_insecure() {
+        let pairs = vec![("id", "1"), ("listen", "0.0.0.0:7001"), ("data-dir", "/tmp/n1")];
+        let err = NodeConfig::from_settings(&settings(&pairs)).unwrap_err();
+        assert_eq!(err.setting, "listen");
+        assert!(err.allowed.contains("--tls-cert") && err.allowed.contains("--insecure"));
+        let mut insecure = pairs.clone();
+        insecure.push(("insecure", "true"));
+        let config = NodeConfig::from_settings(&settings(&insecure)).unwrap();
+        assert_eq!(config.security(), Security::Insecure);
+        let mut tls = pairs;
+        tls.extend([("tls-cert", "c.pem"), ("tls-key", "k.pem"), ("tls-ca", "ca.pem")]);
+        assert_eq!(NodeConfig::from_settings(&settings(&tls)).unwrap().security(), Security::Tls);
+        assert_eq!(
+            NodeConfig::from_settings(&settings(&minimal())).unwrap().security(),
+            Security::Loopback
+        );
+    }
+
+    #[test]
+    fn tls_needs_all_three_files() {
+        let mut pairs = minimal();
+        pairs.push(("tls-cert", "c.pem"));
+        let err = NodeConfig::from_settings(&settings(&pairs)).unwrap_err();
+        assert_eq!(err.setting, "tls-key");
     }
 
     #[test]

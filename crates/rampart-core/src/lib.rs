@@ -4,6 +4,7 @@
 //! clock or spawns a task, so each decision can be tested with explicit time.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod duration;
 pub mod election;

@@ -1,5 +1,7 @@
 //! What goes through the Raft log, and what applying it answers.
 
+use rampart_core::api::Event;
+use rampart_core::auth::Role;
 use serde::{Deserialize, Serialize};
 
 /// One Raft entry: the client writes a leader gathered while its earlier proposals were in
@@ -47,6 +49,22 @@ pub enum Op {
         name: String,
         candidate: Option<String>,
     },
+    /// Adds an API token. Only the SHA-256 of its secret travels through the log.
+    TokenCreate {
+        name: String,
+        role: Role,
+        prefixes: Vec<String>,
+        hash: [u8; 32],
+        /// The region's first admin token: applies only if none was ever bootstrapped.
+        bootstrap: bool,
+    },
+    TokenRevoke {
+        name: String,
+    },
+    /// Appends to the region's event log (audit trail and, later, failovers and backups).
+    Record {
+        event: Event,
+    },
 }
 
 /// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
@@ -90,5 +108,14 @@ pub enum Outcome {
     },
     Resigned {
         found: bool,
+    },
+    TokenCreated,
+    /// A token of that name exists (or, for a bootstrap, one was already made).
+    TokenExists,
+    TokenRevoked {
+        found: bool,
+    },
+    Recorded {
+        id: u64,
     },
 }

@@ -4,9 +4,10 @@
 //! command; every key and election tied to a lease is listed under that lease; an election's
 //! fencing token is the revision of the write that won it, so tokens strictly increase.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use rampart_core::api::{KeyValue, WatchEvent};
+use rampart_core::api::{Event, KeyValue, WatchEvent};
+use rampart_core::auth::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Op, Outcome};
@@ -34,6 +35,18 @@ pub struct Hold {
     pub since_ms: u64,
 }
 
+/// An API token as stored: the SHA-256 of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub role: Role,
+    pub prefixes: Vec<String>,
+    pub hash: [u8; 32],
+    pub created_ms: u64,
+}
+
+/// Events kept in the replicated log of events; older ones drop off.
+pub const EVENTS_MAX: usize = 1000;
+
 /// Everything a region replicates. BTreeMaps keep iteration, serialisation and the checksum
 /// identical on every node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +56,12 @@ pub struct State {
     pub leases: BTreeMap<u64, Lease>,
     pub elections: BTreeMap<String, Hold>,
     pub next_lease_id: u64,
+    pub tokens: BTreeMap<String, Token>,
+    /// Set by the first bootstrap admin token, so a region gets one exactly once.
+    pub auth_bootstrapped: bool,
+    /// The newest [`EVENTS_MAX`] events, oldest first.
+    pub events: VecDeque<Event>,
+    pub next_event_id: u64,
 }
 
 impl State {
@@ -170,6 +189,44 @@ impl State {
                     }
                 }
                 Outcome::Resigned { found: matches }
+            }
+            Op::TokenCreate {
+                name,
+                role,
+                prefixes,
+                hash,
+                bootstrap,
+            } => {
+                if self.tokens.contains_key(name) || (*bootstrap && self.auth_bootstrapped) {
+                    return (Outcome::TokenExists, events);
+                }
+                self.auth_bootstrapped |= *bootstrap;
+                self.tokens.insert(
+                    name.clone(),
+                    Token {
+                        role: *role,
+                        prefixes: prefixes.clone(),
+                        hash: *hash,
+                        created_ms: command.at_ms,
+                    },
+                );
+                Outcome::TokenCreated
+            }
+            Op::TokenRevoke { name } => Outcome::TokenRevoked {
+                found: self.tokens.remove(name).is_some(),
+            },
+            Op::Record { event } => {
+                self.next_event_id += 1;
+                let id = self.next_event_id;
+                if self.events.len() >= EVENTS_MAX {
+                    self.events.pop_front();
+                }
+                self.events.push_back(Event {
+                    id,
+                    at_ms: command.at_ms,
+                    ..event.clone()
+                });
+                Outcome::Recorded { id }
             }
         };
         (outcome, events)
@@ -382,6 +439,55 @@ mod tests {
             panic!()
         };
         assert!(t2 > t1);
+    }
+
+    #[test]
+    fn a_region_bootstraps_one_admin_token_once() {
+        let mut s = State::default();
+        let create = |name: &str, bootstrap| {
+            cmd(Op::TokenCreate {
+                name: name.into(),
+                role: Role::Admin,
+                prefixes: vec![],
+                hash: [1; 32],
+                bootstrap,
+            })
+        };
+        assert_eq!(s.apply(&create("admin", true)).0, Outcome::TokenCreated);
+        assert_eq!(s.apply(&create("admin-2", true)).0, Outcome::TokenExists);
+        assert_eq!(s.apply(&create("admin", false)).0, Outcome::TokenExists);
+        assert_eq!(
+            s.apply(&cmd(Op::TokenRevoke { name: "admin".into() })).0,
+            Outcome::TokenRevoked { found: true }
+        );
+        assert_eq!(
+            s.apply(&create("again", true)).0,
+            Outcome::TokenExists,
+            "revoking the bootstrap token does not allow a second bootstrap"
+        );
+        assert_eq!(s.revision, 0, "tokens are not key writes");
+    }
+
+    #[test]
+    fn the_event_log_is_bounded_and_numbered() {
+        let mut s = State::default();
+        let event = Event {
+            id: 0,
+            at_ms: 0,
+            kind: "audit".into(),
+            action: "token.create".into(),
+            actor: "admin".into(),
+            source: "127.0.0.1".into(),
+            outcome: "ok".into(),
+            detail: String::new(),
+        };
+        for _ in 0..EVENTS_MAX + 5 {
+            s.apply(&cmd(Op::Record { event: event.clone() }));
+        }
+        assert_eq!(s.events.len(), EVENTS_MAX);
+        assert_eq!(s.events.front().unwrap().id, 6);
+        assert_eq!(s.events.back().unwrap().id, EVENTS_MAX as u64 + 5);
+        assert_eq!(s.events.back().unwrap().at_ms, 1000);
     }
 
     #[test]
