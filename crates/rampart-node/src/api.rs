@@ -444,12 +444,14 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
         purged_index: metrics.purged.map_or(0, |l| l.index),
         members: member_list(&node),
+        security: node.config.security().as_str().to_string(),
     })
 }
 
 async fn members(State(node): State<Shared>) -> Json<MembersResponse> {
     Json(MembersResponse {
         members: member_list(&node),
+        security: node.config.security().as_str().to_string(),
     })
 }
 

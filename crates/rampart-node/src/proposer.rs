@@ -103,6 +103,11 @@ fn approx_bytes(op: &Op) -> usize {
             Op::Delete { key } => key.len(),
             Op::Campaign { name, candidate, .. } => name.len() + candidate.len(),
             Op::Resign { name, candidate } => name.len() + candidate.as_ref().map_or(0, String::len),
+            Op::TokenCreate { name, prefixes, .. } => name.len() + 32 + prefixes.iter().map(String::len).sum::<usize>(),
+            Op::TokenRevoke { name } => name.len(),
+            Op::Record { event } => {
+                event.kind.len() + event.action.len() + event.actor.len() + event.source.len() + event.outcome.len() + event.detail.len()
+            }
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
         }
 }
