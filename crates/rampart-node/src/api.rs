@@ -451,7 +451,6 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
 async fn members(State(node): State<Shared>) -> Json<MembersResponse> {
     Json(MembersResponse {
         members: member_list(&node),
-        security: node.config.security().as_str().to_string(),
     })
 }
 
