@@ -4,6 +4,7 @@
 //! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
 
 mod api;
+pub mod certs;
 mod elector;
 mod error;
 mod forward;
@@ -12,6 +13,7 @@ mod metrics;
 mod peer;
 mod proposer;
 mod server;
+pub mod tls;
 mod watch;
 
 use std::collections::BTreeMap;
