@@ -10,15 +10,18 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use openraft::{BasicNode, ServerState};
 use rampart_core::api::*;
 use rampart_store::{Op, Outcome};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{forward, now_ms, watch, Shared};
+use crate::tokens::audit;
+use crate::{auth, forward, now_ms, tokens, watch, Shared};
+use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -48,6 +51,9 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
+        .route("/v1/events", get(tokens::events))
         .route(
             "/health/live",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -56,12 +62,14 @@ pub fn router(node: Shared) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no_route", "no such API path; see docs/api/openapi.yaml") })
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::to_leader))
+        // Outside forwarding: a follower refuses a bad token itself instead of relaying it.
+        .layer(axum::middleware::from_fn_with_state(node.clone(), auth::authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }
 
 /// Parses a JSON body, turning every failure into a 400/413 with a JSON error.
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -123,7 +131,7 @@ fn check_limits(node: &Shared, key: &str, value: Option<&str>) -> Result<(), Api
     Ok(())
 }
 
-fn unexpected(outcome: Outcome) -> ApiError {
+pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
     ApiError::internal(format!("unexpected outcome {outcome:?}"))
 }
 
@@ -136,9 +144,11 @@ fn lease_not_found(id: u64) -> ApiError {
 
 async fn put_key(
     State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<PutResponse> {
+    caller.check(Role::Write, Scope::Key(&key))?;
     let request: PutRequest = parse_body(body)?;
     check_limits(&node, &key, Some(&request.value))?;
     let op = Op::Put {
@@ -165,9 +175,11 @@ async fn put_key(
 
 async fn get_key(
     State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<KeyValue>, ApiError> {
+    caller.check(Role::Read, Scope::Key(&key))?;
     let query = parse_query(query)?;
     check_limits(&node, &key, None)?;
     if !query.stale()? {
@@ -183,9 +195,11 @@ async fn get_key(
 
 async fn range(
     State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let query = parse_query(query)?;
+    caller.check(Role::Read, Scope::Prefix(query.prefix.as_deref().unwrap_or_default()))?;
     if !query.stale()? {
         node.read_barrier().await?;
     }
@@ -199,7 +213,12 @@ async fn range(
     Ok(Json(body).into_response())
 }
 
-async fn delete_key(State(node): State<Shared>, Path(key): Path<String>) -> ApiResult<DeleteResponse> {
+async fn delete_key(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+) -> ApiResult<DeleteResponse> {
+    caller.check(Role::Write, Scope::Key(&key))?;
     check_limits(&node, &key, None)?;
     match node.propose(Op::Delete { key }).await? {
         Outcome::Deleted { revision, deleted } => Ok(Json(DeleteResponse { revision, deleted })),
@@ -454,8 +473,19 @@ async fn members(State(node): State<Shared>) -> Json<MembersResponse> {
     })
 }
 
-async fn add_member(State(node): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<MembersResponse> {
+async fn add_member(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<MembersResponse> {
     let request: AddMemberRequest = parse_body(body)?;
+    let detail = format!("id={} addr={}", request.id, request.addr);
+    let result = add_member_to_region(&node, request).await;
+    audit(&node, &caller, "member.add", detail, &result).await;
+    result
+}
+
+async fn add_member_to_region(node: &Shared, request: AddMemberRequest) -> ApiResult<MembersResponse> {
     let addr: std::net::SocketAddr = request.addr.parse().map_err(|_| {
         ApiError::bad_request(
             "bad_addr",
@@ -498,8 +528,18 @@ async fn add_member(State(node): State<Shared>, body: Result<Bytes, BytesRejecti
     }))
 }
 
-async fn remove_member(State(node): State<Shared>, Path(id): Path<String>) -> ApiResult<MembersResponse> {
+async fn remove_member(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<MembersResponse> {
     let id = parse_id(&id, "member id")?;
+    let result = remove_member_from_region(&node, id).await;
+    audit(&node, &caller, "member.remove", format!("id={id}"), &result).await;
+    result
+}
+
+async fn remove_member_from_region(node: &Shared, id: u64) -> ApiResult<MembersResponse> {
     let membership = node.raft.metrics().borrow().membership_config.membership().clone();
     let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
     if membership.get_node(&id).is_none() {

@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::{Caller, FORWARDED_FOR_HEADER};
 use crate::error::ApiError;
 use crate::Shared;
 
@@ -57,12 +58,20 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
         )
     })?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
     let mut outgoing = node
         .http
-        .request(parts.method.clone(), format!("http://{addr}{path}"))
+        .request(parts.method.clone(), format!("{scheme}://{addr}{path}"))
         .body(body);
-    if let Some(content_type) = parts.headers.get("content-type") {
-        outgoing = outgoing.header("content-type", content_type);
+    // The leader checks the caller's token again (it may have been revoked meanwhile) and
+    // records the caller's own address, which it trusts from a node certificate only.
+    for name in ["content-type", "authorization"] {
+        if let Some(value) = parts.headers.get(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    if let Some(caller) = parts.extensions.get::<Caller>() {
+        outgoing = outgoing.header(FORWARDED_FOR_HEADER, caller.source.as_str());
     }
     outgoing = outgoing.header(FORWARDED_HEADER, node.id.to_string());
     let answer = outgoing.send().await.map_err(|e| {

@@ -4,6 +4,7 @@
 //! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
 
 mod api;
+mod auth;
 pub mod certs;
 mod elector;
 mod error;
@@ -14,6 +15,7 @@ mod peer;
 mod proposer;
 mod server;
 pub mod tls;
+mod tokens;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -24,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use proposer::Proposer;
-use rampart_core::config::NodeConfig;
+use rampart_core::config::{NodeConfig, Security};
 use rampart_core::lease::LeaseClock;
 use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
 
@@ -44,6 +46,8 @@ pub enum NodeError {
     Listen { addr: String, source: std::io::Error },
     #[error("raft engine failed: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Everything a request handler or controller of one node needs.
@@ -59,6 +63,9 @@ pub(crate) struct Node {
     pub watchers: AtomicUsize,
     pub links: Arc<peer::PeerLinks>,
     pub proposer: Proposer,
+    /// `Some` when the node runs with TLS (and tokens).
+    pub tls: Option<tls::NodeTls>,
+    pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -173,6 +180,20 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         message: e.to_string(),
     })?;
 
+    let tls = config.tls.as_ref().map(tls::NodeTls::load).transpose()?;
+    match config.security() {
+        Security::Tls => tracing::info!("TLS on: mutual TLS between peers, API tokens required"),
+        Security::Loopback => tracing::warn!(
+            listen = %config.listen,
+            "no TLS: serving plaintext without tokens, reachable from this machine only; \
+             give --tls-cert/--tls-key/--tls-ca to serve other machines"
+        ),
+        Security::Insecure => tracing::warn!(
+            listen = %config.listen,
+            "--insecure: serving plaintext WITHOUT TLS OR TOKENS on a reachable address; anyone who \
+             can connect can read and change everything and join the region as a peer"
+        ),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -182,6 +203,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
 
     let network = peer::PeerNetwork {
         peer_via: Arc::new(config.peer_via.clone()),
+        tls: tls.as_ref().map(|t| t.peer_connector.clone()),
     };
     let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network, log, sm.clone())
         .await
@@ -213,17 +235,18 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         sm,
         raft: raft.clone(),
         leases: Mutex::new(LeaseClock::default()),
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(config.request_timeout + Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| NodeError::Raft(e.to_string()))?,
+        http: forwarding_client(&config, tls.as_ref())?,
         metrics,
         watchers: AtomicUsize::new(0),
         links: Arc::new(peer::PeerLinks::default()),
         proposer,
         config,
+        tls,
+        auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
+            auth::FAILURES_BURST,
+            auth::FAILURES_DRAIN_MS,
+            auth::FAILURE_SOURCES_MAX,
+        )),
     });
     tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");
 
@@ -231,6 +254,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(leases::run_expiry(node.clone())),
         tokio::spawn(elector::run(node.clone())),
         tokio::spawn(api::track_raft_metrics(node.clone())),
+        tokio::spawn(tokens::run_bootstrap(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];
     shutdown_signal().await;
@@ -240,6 +264,20 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
     let _ = raft.shutdown().await;
     Ok(())
+}
+
+/// The client a follower forwards API calls to the leader with: HTTPS with this node's
+/// certificate on a TLS node, so the leader trusts the client address it passes along.
+fn forwarding_client(config: &NodeConfig, tls: Option<&tls::NodeTls>) -> Result<reqwest::Client, NodeError> {
+    let builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(config.request_timeout + Duration::from_secs(1))
+        .tcp_nodelay(true);
+    let builder = match tls {
+        Some(tls) => builder.use_preconfigured_tls(tls.forward_config.clone()),
+        None => builder,
+    };
+    builder.build().map_err(|e| NodeError::Raft(e.to_string()))
 }
 
 async fn shutdown_signal() {

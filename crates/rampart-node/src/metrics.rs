@@ -1,13 +1,24 @@
 //! Prometheus metrics (`/metrics`), all named `rampart_*`.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// Why an API call or connection was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `missing_token`, `invalid_token`, `forbidden`, `rate_limited`, `tls_handshake`,
+    /// `peer_without_node_certificate`.
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub auth_failures: Family<RefusalLabels, Counter>,
     pub term: Gauge,
     pub is_leader: Gauge,
     pub leader_changes: Counter,
@@ -45,6 +56,12 @@ impl Metrics {
         let forwarded_requests = Counter::default();
         let pre_votes_won = Counter::default();
         let pre_votes_lost = Counter::default();
+        let auth_failures = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "API calls and connections refused for want of a valid token, role or certificate, by reason",
+            auth_failures.clone(),
+        );
         registry.register(
             "pre_votes_won",
             "Pre-votes this node won, each followed by a campaign",
@@ -106,6 +123,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            auth_failures,
             term,
             is_leader,
             leader_changes,
@@ -122,6 +140,14 @@ impl Metrics {
             pre_votes_won,
             pre_votes_lost,
         }
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.auth_failures
+            .get_or_create(&RefusalLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn render(&self) -> String {

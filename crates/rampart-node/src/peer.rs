@@ -1,5 +1,6 @@
 //! Raft traffic between the nodes of a region: postcard frames over persistent TCP
-//! connections with TCP_NODELAY.
+//! connections with TCP_NODELAY, inside mutual TLS when the node has TLS settings (see
+//! `tls.rs`: a peer must present a node certificate of the cluster CA).
 //!
 //! A peer connection opens with [`PEER_MAGIC`] so it can share the node's one `--listen`
 //! port with HTTP (see `server.rs`). After that it is a plain request/response stream: a
@@ -24,8 +25,9 @@ use rampart_core::election::{grant_pre_vote, lease_for, LeaderContact, LogPositi
 use rampart_store::{NodeId, Raft, TypeConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// First bytes of every peer connection.
 pub const PEER_MAGIC: &[u8; 8] = b"RMPTPEER";
@@ -56,7 +58,12 @@ enum PeerResponse {
     PreVote(bool),
 }
 
-async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
+/// A peer connection: plain TCP, or TLS over TCP.
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+type PeerStream = Box<dyn PeerIo>;
+
+async fn write_frame<T: Serialize>(stream: &mut (impl AsyncWrite + Unpin), value: &T) -> io::Result<()> {
     let body = postcard::to_allocvec(value).map_err(io::Error::other)?;
     if body.len() > FRAME_BYTES_MAX {
         return Err(io::Error::other(format!(
@@ -67,10 +74,12 @@ async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Res
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
-    stream.write_all(&frame).await
+    stream.write_all(&frame).await?;
+    // TLS buffers records; plain TCP's flush is free.
+    stream.flush().await
 }
 
-async fn read_frame<T: DeserializeOwned>(stream: &mut TcpStream) -> io::Result<T> {
+async fn read_frame<T: DeserializeOwned>(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<T> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -152,7 +161,7 @@ pub fn log_position(id: &openraft::LogId<NodeId>) -> LogPosition {
 
 /// Serves one accepted peer connection (magic already peeked, not yet read), noting in
 /// `links` when a connection that carried a leader's appends closes.
-pub async fn serve_peer(stream: TcpStream, raft: Raft, links: Arc<PeerLinks>, timing: PeerTiming) -> io::Result<()> {
+pub async fn serve_peer(stream: impl PeerIo, raft: Raft, links: Arc<PeerLinks>, timing: PeerTiming) -> io::Result<()> {
     let mut sender = None;
     let result = serve_frames(stream, &raft, &links, timing, &mut sender).await;
     if let Some(leader) = sender {
@@ -162,7 +171,7 @@ pub async fn serve_peer(stream: TcpStream, raft: Raft, links: Arc<PeerLinks>, ti
 }
 
 async fn serve_frames(
-    mut stream: TcpStream,
+    mut stream: impl PeerIo,
     raft: &Raft,
     links: &PeerLinks,
     timing: PeerTiming,
@@ -200,6 +209,8 @@ async fn serve_frames(
 #[derive(Clone)]
 pub struct PeerNetwork {
     pub peer_via: Arc<BTreeMap<NodeId, SocketAddr>>,
+    /// `Some` on a TLS node: every link is mutual TLS.
+    pub tls: Option<TlsConnector>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -210,18 +221,15 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             Some(via) => via.to_string(),
             None => node.addr.clone(),
         };
-        PeerClient {
-            target,
-            addr,
-            pool: Arc::new(Mutex::new(Vec::new())),
-        }
+        PeerClient::new(target, addr, self.tls.clone())
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    pool: Arc<Mutex<Vec<TcpStream>>>,
+    tls: Option<TlsConnector>,
+    pool: Arc<Mutex<Vec<PeerStream>>>,
 }
 
 enum CallError {
@@ -231,10 +239,11 @@ enum CallError {
 }
 
 impl PeerClient {
-    pub fn new(target: NodeId, addr: String) -> PeerClient {
+    pub fn new(target: NodeId, addr: String, tls: Option<TlsConnector>) -> PeerClient {
         PeerClient {
             target,
             addr,
+            tls,
             pool: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -247,15 +256,28 @@ impl PeerClient {
         )
     }
 
-    async fn connect(&self) -> Result<TcpStream, io::Error> {
+    async fn connect(&self) -> Result<PeerStream, io::Error> {
         let pooled = self.pool.lock().expect("pool lock").pop();
         if let Some(stream) = pooled {
             return Ok(stream);
         }
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, format!("connect to {} timed out", self.addr));
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {} timed out", self.addr)))??;
-        stream.set_nodelay(true)?;
+            .map_err(|_| timed_out())??;
+        tcp.set_nodelay(true)?;
+        let mut stream: PeerStream = match &self.tls {
+            None => Box::new(tcp),
+            Some(connector) => Box::new(
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    connector.connect(crate::tls::node_server_name(), tcp),
+                )
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {} failed: {e}", self.addr)))?,
+            ),
+        };
         stream.write_all(PEER_MAGIC).await?;
         Ok(stream)
     }

@@ -1,23 +1,30 @@
-//! The node's one listening port: peer connections (which open with `PEER_MAGIC`) go to
-//! the Raft transport, everything else is HTTP/1.1 for the API.
+//! The node's one listening port. Without TLS, peer connections (which open with
+//! `PEER_MAGIC`) go to the Raft transport and everything else is HTTP/1.1 for the API. With
+//! TLS, every connection starts with a handshake; the negotiated ALPN protocol tells a peer
+//! link from an API call, and a peer link is served only with a node certificate.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
 
+use crate::auth::Connection;
 use crate::peer::{serve_peer, PeerTiming, PEER_MAGIC};
+use crate::tls::{is_node_certificate, PEER_ALPN};
 use crate::Shared;
 
-/// How long a new connection may take to send its first bytes.
+/// How long a new connection may take to send its first bytes or finish its handshake.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, node: Shared) {
     let router = crate::api::router(node.clone());
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, source) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -28,29 +35,82 @@ pub async fn serve(listener: TcpListener, node: Shared) {
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let raft = node.raft.clone();
-        let links = node.links.clone();
-        let timing = PeerTiming {
-            election_timeout: node.config.election_timeout,
-            heartbeat: node.config.heartbeat_interval,
-        };
+        let node = node.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(FIRST_BYTES_TIMEOUT, is_peer(&stream)).await {
-                Ok(Ok(true)) => {
-                    if let Err(e) = serve_peer(stream, raft, links, timing).await {
-                        tracing::debug!("peer connection ended: {e}");
-                    }
-                }
-                Ok(Ok(false)) => {
-                    let service = TowerToHyperService::new(router);
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
-                }
-                _ => {}
+            if node.tls.is_some() {
+                serve_tls(stream, source, node, router).await;
+            } else {
+                serve_plain(stream, source, node, router).await;
             }
         });
     }
+}
+
+fn timing(node: &Shared) -> PeerTiming {
+    PeerTiming {
+        election_timeout: node.config.election_timeout,
+        heartbeat: node.config.heartbeat_interval,
+    }
+}
+
+async fn serve_plain(stream: TcpStream, source: SocketAddr, node: Shared, router: axum::Router) {
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, is_peer(&stream)).await {
+        Ok(Ok(true)) => {
+            if let Err(e) = serve_peer(stream, node.raft.clone(), node.links.clone(), timing(&node)).await {
+                tracing::debug!("peer connection ended: {e}");
+            }
+        }
+        Ok(Ok(false)) => {
+            let connection = Connection {
+                source,
+                from_node: false,
+            };
+            serve_http(stream, connection, router).await;
+        }
+        _ => {}
+    }
+}
+
+async fn serve_tls(stream: TcpStream, source: SocketAddr, node: Shared, router: axum::Router) {
+    let acceptor = node.tls.as_ref().expect("TLS node").acceptor.clone();
+    let stream = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            // A client with the wrong CA, a certificate from another cluster, plaintext on
+            // the TLS port: counted, logged without detail from the client's bytes.
+            node.metrics.refused("tls_handshake");
+            tracing::debug!(%source, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (_, session) = stream.get_ref();
+    let from_node = is_node_certificate(session.peer_certificates());
+    if session.alpn_protocol() == Some(PEER_ALPN) {
+        if !from_node {
+            node.metrics.refused("peer_without_node_certificate");
+            tracing::warn!(%source, "refused a peer connection without a node certificate of the cluster CA");
+            return;
+        }
+        if let Err(e) = serve_peer(stream, node.raft.clone(), node.links.clone(), timing(&node)).await {
+            tracing::debug!("peer connection ended: {e}");
+        }
+        return;
+    }
+    serve_http(stream, Connection { source, from_node }, router).await;
+}
+
+async fn serve_http<S>(stream: S, connection: Connection, router: axum::Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = router.map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(connection);
+        request
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+        .await;
 }
 
 /// Peeks at the first bytes without consuming them.

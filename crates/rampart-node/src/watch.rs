@@ -18,8 +18,11 @@ use rampart_core::api::WatchEvent;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::Shared;
+use axum::Extension;
+use rampart_core::auth::{Role, Scope};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,7 +49,14 @@ fn sse_event(event: &WatchEvent) -> Event {
         .data(serde_json::to_string(event).expect("event encodes"))
 }
 
-pub async fn watch(State(node): State<Shared>, Query(query): Query<WatchQuery>) -> Response {
+pub async fn watch(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<WatchQuery>,
+) -> Response {
+    if let Err(denied) = caller.check(Role::Read, Scope::Prefix(&query.prefix)) {
+        return denied.into_response();
+    }
     let max = node.config.limits.watchers_max;
     if node.watchers.fetch_add(1, Ordering::SeqCst) >= max {
         node.watchers.fetch_sub(1, Ordering::SeqCst);

@@ -197,10 +197,17 @@ impl State {
                 hash,
                 bootstrap,
             } => {
-                if self.tokens.contains_key(name) || (*bootstrap && self.auth_bootstrapped) {
+                if *bootstrap {
+                    if self.auth_bootstrapped {
+                        return (Outcome::TokenExists, events);
+                    }
+                    // Once per region, even when the name is taken (by a token made while
+                    // the region ran without TLS): that region already has an admin.
+                    self.auth_bootstrapped = true;
+                }
+                if self.tokens.contains_key(name) {
                     return (Outcome::TokenExists, events);
                 }
-                self.auth_bootstrapped |= *bootstrap;
                 self.tokens.insert(
                     name.clone(),
                     Token {
