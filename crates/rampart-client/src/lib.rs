@@ -6,6 +6,7 @@
 //! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused).
 //! A write whose outcome is unknown (timeout after sending) is reported, never repeated.
 
+mod tls;
 mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use tls::TlsOptions;
 pub use watch::WatchStream;
 
 /// Why a call failed.
@@ -35,8 +37,14 @@ pub enum ClientError {
     /// The request was sent but no answer came: it may or may not have taken effect.
     #[error("outcome unknown: {0}")]
     Unknown(String),
-    #[error("bad endpoint {0:?}: expected HOST:PORT or http://HOST:PORT")]
+    #[error("bad endpoint {0:?}: expected HOST:PORT, http://HOST:PORT or https://HOST:PORT")]
     BadEndpoint(String),
+    /// The TLS handshake failed for a reason a retry cannot fix (wrong CA, wrong name).
+    #[error("{0}")]
+    Tls(String),
+    /// Client settings that cannot work (unreadable certificate files, a bad token).
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl ClientError {
@@ -75,14 +83,19 @@ pub struct Client {
     preferred: AtomicUsize,
 }
 
-fn normalize(endpoint: &str) -> Result<String, ClientError> {
+/// `HOST:PORT` gets `https://` when the client has a CA, else `http://`.
+fn normalize(endpoint: &str, tls: bool) -> Result<String, ClientError> {
     let trimmed = endpoint.trim().trim_end_matches('/');
-    let with_scheme = if trimmed.starts_with("http://") {
+    let with_scheme = if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
         trimmed.to_string()
+    } else if tls {
+        format!("https://{trimmed}")
     } else {
         format!("http://{trimmed}")
     };
-    let host = with_scheme.trim_start_matches("http://");
+    let host = with_scheme
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
     if host.is_empty() || !host.contains(':') {
         return Err(ClientError::BadEndpoint(endpoint.to_string()));
     }
@@ -108,21 +121,45 @@ enum Retry {
 }
 
 impl Client {
-    /// A client over `endpoints` (`HOST:PORT` or `http://HOST:PORT`), with a 10 s deadline per call.
+    /// A client over `endpoints` (`HOST:PORT` or `http://HOST:PORT`) of a region without
+    /// TLS, with a 10 s deadline per call.
     pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Client, ClientError> {
+        Client::secured(endpoints, None, None)
+    }
+
+    /// A client that trusts the cluster CA of `tls` (and presents its client certificate,
+    /// if any) and sends `token` (`NAME.SECRET`) with every call.
+    pub fn secured<S: AsRef<str>>(
+        endpoints: &[S],
+        tls: Option<&TlsOptions>,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
         let endpoints = endpoints
             .iter()
-            .map(|e| normalize(e.as_ref()))
+            .map(|e| normalize(e.as_ref(), tls.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {
             return Err(ClientError::BadEndpoint(String::new()));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(64);
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls.client_config()?);
+        }
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| ClientError::Settings("the token holds characters a header cannot carry".into()))?;
+            // Keeps the token out of debug output.
+            value.set_sensitive(true);
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
+        }
+        let http = builder
             .build()
-            .map_err(|e| ClientError::BadEndpoint(e.to_string()))?;
+            .map_err(|e| ClientError::Settings(e.to_string()))?;
         Ok(Client {
             endpoints,
             http,
@@ -196,9 +233,17 @@ impl Client {
                         _ => return Err(error),
                     }
                 }
-                Err(e) if e.is_connect() => last_error = format!("{url}: {e}"),
-                Err(e) if retry == Retry::Idempotent => last_error = format!("{url}: {e}"),
-                Err(e) => return Err(ClientError::Unknown(format!("{url}: {e}"))),
+                Err(e) => {
+                    let described = tls::describe(&e);
+                    if let Some(hint) = tls::handshake_hint(&described) {
+                        return Err(ClientError::Tls(format!("{url}: {described}; {hint}")));
+                    }
+                    if e.is_connect() || retry == Retry::Idempotent {
+                        last_error = format!("{url}: {described}");
+                    } else {
+                        return Err(ClientError::Unknown(format!("{url}: {described}")));
+                    }
+                }
             }
             // After a full round of endpoints, pause before the next.
             if attempt.is_multiple_of(self.endpoints.len()) {
@@ -356,6 +401,43 @@ impl Client {
             Retry::OnlyIfNotApplied,
         )
         .await
+    }
+
+    pub async fn token_create(&self, request: &TokenCreateRequest) -> Result<TokenCreated, ClientError> {
+        self.call(Method::POST, "/v1/tokens", Some(request), Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    pub async fn tokens(&self) -> Result<TokensResponse, ClientError> {
+        self.get("/v1/tokens").await
+    }
+
+    pub async fn token_revoke(&self, name: &str) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(
+            Method::DELETE,
+            &format!("/v1/tokens/{}", encode(name)),
+            None,
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The region's newest events (at most `limit`), oldest first; `kind` filters.
+    pub async fn events(&self, kind: Option<&str>, limit: Option<usize>) -> Result<EventsResponse, ClientError> {
+        let mut query = Vec::new();
+        if let Some(kind) = kind {
+            query.push(format!("kind={}", encode(kind)));
+        }
+        if let Some(limit) = limit {
+            query.push(format!("limit={limit}"));
+        }
+        let path = if query.is_empty() {
+            "/v1/events".to_string()
+        } else {
+            format!("/v1/events?{}", query.join("&"))
+        };
+        self.get(&path).await
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<MembersResponse, ClientError> {
