@@ -89,6 +89,8 @@ pub(crate) fn handshake_hint(described: &str) -> Option<&'static str> {
         )
     } else if described.contains("corrupt message") || described.contains("InvalidContentType") {
         Some("the node does not speak TLS: drop --cacert, or start the node with --tls-cert/--tls-key/--tls-ca")
+    } else if described.contains("invalid HTTP version parsed") {
+        Some("the node speaks TLS: pass --cacert with the cluster's ca.pem (and a token)")
     } else {
         None
     }

@@ -30,6 +30,21 @@ pub struct Args {
     /// Overall deadline of one command, retries included
     #[arg(long, global = true, default_value = "10s", value_parser = duration_arg)]
     timeout: Duration,
+    /// API token NAME.SECRET for a region with TLS (prefer --token-file: argv is visible to other users)
+    #[arg(long, global = true, env = "RAMPART_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token, e.g. a node's data-dir/admin.token
+    #[arg(long, global = true, env = "RAMPART_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
+    /// Cluster CA (ca.pem from `rampart certs init`): talk TLS and verify nodes against it
+    #[arg(long, global = true, env = "RAMPART_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate to present (optional; tokens authenticate calls)
+    #[arg(long = "cert", id = "client_cert", global = true, env = "RAMPART_CERT", requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// Key of --cert
+    #[arg(long = "key", id = "client_key", global = true, env = "RAMPART_KEY", requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +73,21 @@ enum Command {
     /// List, add and remove region members
     #[command(subcommand)]
     Members(MembersCommand),
+    /// Create API tokens, list and revoke them (admin role)
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Certificates for TLS: a cluster CA, node and client certificates
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// The region's event log, oldest first: audit trail of operator and admin actions, ...
+    Events {
+        /// Only events of this kind, e.g. audit
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many of the newest
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Start a 3-node region locally, kill its leader under load, and report what happened
     Demo(crate::demo::DemoArgs),
     /// Measure put throughput and latency, failover time, stability and memory on a local region
@@ -147,6 +177,43 @@ enum MembersCommand {
     Add { id: u64, addr: String },
     /// Remove a member
     Remove { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once and stored only hashed
+    Create {
+        name: String,
+        /// read (reads, watches), write (+ KV, leases, elections), operator (+ members,
+        /// switchover, backups) or admin (+ tokens)
+        #[arg(long)]
+        role: String,
+        /// Restrict to keys under this prefix (repeatable)
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+    },
+    /// List tokens (names, roles, prefixes; never secrets)
+    List,
+    /// Revoke a token on every node
+    Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Create a cluster CA (or reuse the one in DIR), node certificates and a client
+    /// certificate; run again with the same DIR to rotate node and client certificates
+    Init {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Nodes to certify: ids, optionally with the host each is reached by, e.g.
+        /// 1,2,3 or 1=10.0.0.5,2=db2.example
+        #[arg(long)]
+        nodes: String,
+        /// Extra names or addresses every node certificate is valid for (loopback and
+        /// localhost always are)
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -239,9 +306,28 @@ fn print<T: Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> Strin
     }
 }
 
+/// The token from --token or --token-file, if any.
+fn token(args: &Args) -> Result<Option<String>, Failure> {
+    match (&args.token, &args.token_file) {
+        (Some(token), _) => Ok(Some(token.trim().to_string())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --token-file {}: {e}", path.display()))),
+        (None, None) => Ok(None),
+    }
+}
+
 pub async fn run(args: Args) -> Result<(), Failure> {
     let output = args.output;
-    let client = || -> Result<Client, Failure> { Ok(Client::new(&args.endpoints)?.with_deadline(args.timeout)) };
+    let tls = args.cacert.clone().map(|ca| rampart_client::TlsOptions {
+        ca,
+        cert: args.client_cert.clone(),
+        key: args.client_key.clone(),
+    });
+    let token = token(&args)?;
+    let client = || -> Result<Client, Failure> {
+        Ok(Client::secured(&args.endpoints, tls.as_ref(), token.as_deref())?.with_deadline(args.timeout))
+    };
     match args.command {
         Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
@@ -265,6 +351,45 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             Ok(())
         }
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
+        Command::Token(command) => run_token(client()?, output, command).await,
+        Command::Certs(CertsCommand::Init { dir, nodes, hosts }) => {
+            let nodes = rampart_node::certs::parse_nodes(&nodes).map_err(|e| Failure::usage(e.into()))?;
+            if nodes.is_empty() {
+                return Err(Failure::usage(anyhow::anyhow!("--nodes lists no node; e.g. --nodes 1,2,3")));
+            }
+            let issued = rampart_node::certs::init(&dir, &nodes, &hosts).map_err(|e| Failure::failed(e.into()))?;
+            let files: Vec<String> = issued.files.iter().map(|f| f.display().to_string()).collect();
+            let answer = serde_json::json!({"dir": issued.dir, "reused_ca": issued.reused_ca, "files": files});
+            print(output, &answer, |_| {
+                let ca = if issued.reused_ca {
+                    "kept the existing CA; issued new certificates"
+                } else {
+                    "created a cluster CA and certificates"
+                };
+                format!(
+                    "{ca} in {}:\n  {}\nkeys are owner-only (0600); keep ca-key.pem off the nodes if you can",
+                    issued.dir.display(),
+                    files.join("\n  ")
+                )
+            });
+            Ok(())
+        }
+        Command::Events { kind, limit } => {
+            let answer = client()?.events(kind.as_deref(), Some(limit)).await?;
+            print(output, &answer, |a| {
+                a.events
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "#{} {} {} {} by {} from {}: {} {}",
+                            e.id, e.at_ms, e.kind, e.action, e.actor, e.source, e.outcome, e.detail
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
         Command::Lease(lease) => run_lease(client()?, output, lease).await,
         Command::Elect(elect) => run_elect(client()?, output, elect).await,
         Command::Members(members) => {
@@ -342,6 +467,43 @@ async fn run_kv(client: Client, output: Output, command: KvCommand) -> Result<()
             Ok(())
         }
     }
+}
+
+async fn run_token(client: Client, output: Output, command: TokenCommand) -> Result<(), Failure> {
+    match command {
+        TokenCommand::Create { name, role, prefixes } => {
+            let role = rampart_core::auth::Role::parse(&role)
+                .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --role: {e}")))?;
+            let request = rampart_core::api::TokenCreateRequest { name, role, prefixes };
+            let answer = client.token_create(&request).await?;
+            // The secret is the point of this command: printed once, to stdout only.
+            print(output, &answer, |a| a.token.clone());
+        }
+        TokenCommand::List => {
+            let answer = client.tokens().await?;
+            print(output, &answer, |a| {
+                a.tokens
+                    .iter()
+                    .map(|t| {
+                        let scope = if t.prefixes.is_empty() {
+                            "all keys".to_string()
+                        } else {
+                            t.prefixes.join(",")
+                        };
+                        format!("{} {} {scope}", t.name, t.role)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        TokenCommand::Revoke { name } => {
+            client.token_revoke(&name).await?;
+            print(output, &serde_json::json!({"revoked": name}), |_| {
+                format!("token {name} revoked")
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn run_lease(client: Client, output: Output, command: LeaseCommand) -> Result<(), Failure> {

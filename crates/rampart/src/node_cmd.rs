@@ -64,11 +64,24 @@ pub struct NodeArgs {
     /// Most watch streams one node serves [default: 1024]
     #[arg(long, env = "RAMPART_WATCHERS_MAX")]
     watchers_max: Option<String>,
+    /// This node's certificate (PEM); with --tls-key and --tls-ca turns on TLS and tokens
+    #[arg(long, env = "RAMPART_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// This node's private key (PEM)
+    #[arg(long, env = "RAMPART_TLS_KEY")]
+    tls_key: Option<String>,
+    /// The cluster CA (PEM): peers and client certificates must chain to it
+    #[arg(long, env = "RAMPART_TLS_CA")]
+    tls_ca: Option<String>,
+    /// Serve plaintext without tokens on a non-loopback --listen (anyone who can connect can
+    /// read, write and join the region); without TLS a node otherwise binds loopback only
+    #[arg(long, env = "RAMPART_INSECURE")]
+    insecure: bool,
 }
 
 impl NodeArgs {
-    fn flags(&self) -> Vec<(&'static str, &Option<String>)> {
-        vec![
+    fn flags(&self) -> Vec<(&'static str, Option<String>)> {
+        let flags = [
             ("id", &self.id),
             ("region", &self.region),
             ("listen", &self.listen),
@@ -85,7 +98,15 @@ impl NodeArgs {
             ("value-bytes-max", &self.value_bytes_max),
             ("request-body-bytes-max", &self.request_body_bytes_max),
             ("watchers-max", &self.watchers_max),
-        ]
+            ("tls-cert", &self.tls_cert),
+            ("tls-key", &self.tls_key),
+            ("tls-ca", &self.tls_ca),
+        ];
+        let mut flags: Vec<_> = flags.into_iter().map(|(name, value)| (name, value.clone())).collect();
+        if self.insecure {
+            flags.push(("insecure", Some("true".to_string())));
+        }
+        flags
     }
 }
 
@@ -129,7 +150,7 @@ pub fn config(args: &NodeArgs) -> Result<NodeConfig, Failure> {
     };
     for (name, value) in args.flags() {
         if let Some(value) = value {
-            settings.insert(name.to_string(), value.clone());
+            settings.insert(name.to_string(), value);
         }
     }
     NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))
