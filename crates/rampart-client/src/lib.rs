@@ -93,9 +93,7 @@ fn normalize(endpoint: &str, tls: bool) -> Result<String, ClientError> {
     } else {
         format!("http://{trimmed}")
     };
-    let host = with_scheme
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
+    let host = with_scheme.trim_start_matches("https://").trim_start_matches("http://");
     if host.is_empty() || !host.contains(':') {
         return Err(ClientError::BadEndpoint(endpoint.to_string()));
     }
@@ -157,9 +155,7 @@ impl Client {
             headers.insert(reqwest::header::AUTHORIZATION, value);
             builder = builder.default_headers(headers);
         }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::Settings(e.to_string()))?;
+        let http = builder.build().map_err(|e| ClientError::Settings(e.to_string()))?;
         Ok(Client {
             endpoints,
             http,

@@ -37,7 +37,10 @@ impl TlsOptions {
                 .map_err(|e| settings(format!("--cacert {}: {e}", self.ca.display())))?;
         }
         if roots.is_empty() {
-            return Err(settings(format!("--cacert {} holds no PEM certificate", self.ca.display())));
+            return Err(settings(format!(
+                "--cacert {} holds no PEM certificate",
+                self.ca.display()
+            )));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)

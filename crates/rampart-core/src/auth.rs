@@ -133,11 +133,8 @@ pub fn role_for(method: &str, path: &str) -> Option<Role> {
 
 /// Token names: short, printable, and free of the `.` that separates name and secret.
 pub fn check_token_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let ok =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
@@ -250,7 +247,10 @@ mod tests {
         assert_eq!(role_for("POST", "/v1/cluster/members"), Some(Role::Operator));
         assert_eq!(role_for("GET", "/v1/tokens"), Some(Role::Admin));
         assert_eq!(role_for("POST", "/v1/services/db/switchover"), Some(Role::Operator));
-        assert_eq!(role_for("POST", "/v1/services/db/instances/a/heartbeat"), Some(Role::Write));
+        assert_eq!(
+            role_for("POST", "/v1/services/db/instances/a/heartbeat"),
+            Some(Role::Write)
+        );
         assert_eq!(role_for("POST", "/v1/some-future-thing"), Some(Role::Operator));
         assert_eq!(role_for("GET", "/anything-else"), Some(Role::Read));
     }

@@ -419,7 +419,10 @@ mod tests {
         assert_eq!(config.security(), Security::Insecure);
         let mut tls = pairs;
         tls.extend([("tls-cert", "c.pem"), ("tls-key", "k.pem"), ("tls-ca", "ca.pem")]);
-        assert_eq!(NodeConfig::from_settings(&settings(&tls)).unwrap().security(), Security::Tls);
+        assert_eq!(
+            NodeConfig::from_settings(&settings(&tls)).unwrap().security(),
+            Security::Tls
+        );
         assert_eq!(
             NodeConfig::from_settings(&settings(&minimal())).unwrap().security(),
             Security::Loopback

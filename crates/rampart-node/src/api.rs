@@ -524,7 +524,7 @@ async fn add_member_to_region(node: &Shared, request: AddMemberRequest) -> ApiRe
         .map_err(|_| ApiError::timeout("the membership change", timeout))?
         .map_err(|e| map_err(e.to_string()))?;
     Ok(Json(MembersResponse {
-        members: member_list(&node),
+        members: member_list(node),
     }))
 }
 
@@ -569,7 +569,7 @@ async fn remove_member_from_region(node: &Shared, id: u64) -> ApiResult<MembersR
             )
         })?;
     Ok(Json(MembersResponse {
-        members: member_list(&node),
+        members: member_list(node),
     }))
 }
 

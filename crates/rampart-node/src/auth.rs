@@ -114,9 +114,10 @@ fn refuse(node: &Shared, reason: &str, error: ApiError) -> Response {
     node.metrics.refused(reason);
     let mut response = error.into_response();
     if response.status() == StatusCode::UNAUTHORIZED {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"rampart\""));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"rampart\""),
+        );
     }
     response
 }

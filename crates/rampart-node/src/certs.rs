@@ -284,6 +284,10 @@ mod tests {
         let ca = fs::read(dir.path().join("ca.pem")).unwrap();
         let again = init(dir.path(), &nodes, &[]).unwrap();
         assert!(again.reused_ca);
-        assert_eq!(fs::read(dir.path().join("ca.pem")).unwrap(), ca, "rotation keeps the CA");
+        assert_eq!(
+            fs::read(dir.path().join("ca.pem")).unwrap(),
+            ca,
+            "rotation keeps the CA"
+        );
     }
 }

@@ -48,7 +48,11 @@ pub async fn run(node: Shared) {
         timer.attempted(now, rand::random());
         let me = node.id;
         let asks = voters.iter().filter(|id| **id != me).filter_map(|id| {
-            let client = PeerClient::new(*id, node.address_of(*id)?, node.tls.as_ref().map(|t| t.peer_connector.clone()));
+            let client = PeerClient::new(
+                *id,
+                node.address_of(*id)?,
+                node.tls.as_ref().map(|t| t.peer_connector.clone()),
+            );
             Some(async move { client.pre_vote(me, last_log, base / 2).await })
         });
         let granted = 1 + join_all(asks).await.into_iter().filter(|granted| *granted).count();

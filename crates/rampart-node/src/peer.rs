@@ -269,13 +269,10 @@ impl PeerClient {
         let mut stream: PeerStream = match &self.tls {
             None => Box::new(tcp),
             Some(connector) => Box::new(
-                tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    connector.connect(crate::tls::node_server_name(), tcp),
-                )
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {} failed: {e}", self.addr)))?,
+                tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(crate::tls::node_server_name(), tcp))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {} failed: {e}", self.addr)))?,
             ),
         };
         stream.write_all(PEER_MAGIC).await?;

@@ -106,7 +106,12 @@ fn approx_bytes(op: &Op) -> usize {
             Op::TokenCreate { name, prefixes, .. } => name.len() + 32 + prefixes.iter().map(String::len).sum::<usize>(),
             Op::TokenRevoke { name } => name.len(),
             Op::Record { event } => {
-                event.kind.len() + event.action.len() + event.actor.len() + event.source.len() + event.outcome.len() + event.detail.len()
+                event.kind.len()
+                    + event.action.len()
+                    + event.actor.len()
+                    + event.source.len()
+                    + event.outcome.len()
+                    + event.detail.len()
             }
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
         }

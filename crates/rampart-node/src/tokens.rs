@@ -15,9 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use rampart_core::api::{
-    Event, EventsResponse, TokenCreateRequest, TokenCreated, TokenInfo, TokensResponse,
-};
+use rampart_core::api::{Event, EventsResponse, TokenCreateRequest, TokenCreated, TokenInfo, TokensResponse};
 use rampart_core::auth::{check_token_name, Role};
 use rampart_core::config::Security;
 use rampart_store::{Op, Outcome};
@@ -108,7 +106,10 @@ pub async fn create(
         Ok(Outcome::TokenExists) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "token_exists",
-            format!("a token named {:?} exists; revoke it first or pick another name", request.name),
+            format!(
+                "a token named {:?} exists; revoke it first or pick another name",
+                request.name
+            ),
         )),
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(e),
@@ -199,12 +200,19 @@ pub async fn run_bootstrap(node: Shared) {
         let (bootstrapped, admin_hash) = {
             let applied = node.applied.read().expect("state lock");
             let state = &applied.state;
-            (state.auth_bootstrapped, state.tokens.get(BOOTSTRAP_NAME).map(|t| t.hash))
+            (
+                state.auth_bootstrapped,
+                state.tokens.get(BOOTSTRAP_NAME).map(|t| t.hash),
+            )
         };
         if bootstrapped {
             // A file left by an attempt that never committed holds a dead token: remove it.
             if let Ok(text) = std::fs::read_to_string(&path) {
-                let secret = text.trim().split_once('.').map(|(_, s)| s.to_string()).unwrap_or_default();
+                let secret = text
+                    .trim()
+                    .split_once('.')
+                    .map(|(_, s)| s.to_string())
+                    .unwrap_or_default();
                 if admin_hash != Some(hash_secret(&secret)) {
                     let _ = std::fs::remove_file(&path);
                 }

@@ -28,6 +28,9 @@ pub struct ClusterOptions {
     pub node_args: Vec<String>,
     /// Where data dirs go; a fresh temp dir when `None`.
     pub base_dir: Option<PathBuf>,
+    /// Run with TLS and tokens: `rampart certs init` in `<base>/certs`, each node on its own
+    /// certificate; clients use the cluster CA and the region's bootstrap admin token.
+    pub tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -37,6 +40,7 @@ impl Default for ClusterOptions {
             relays: false,
             node_args: Vec::new(),
             base_dir: None,
+            tls: false,
         }
     }
 }
@@ -73,6 +77,8 @@ pub struct Cluster {
     /// Relay carrying traffic from the first node to the second.
     relays: BTreeMap<(u64, u64), Relay>,
     options: ClusterOptions,
+    /// The bootstrap admin token, once a node has written it.
+    admin_token: std::sync::OnceLock<String>,
 }
 
 /// Where node ports come from: below the kernel's ephemeral range, so no `bind(0)` (relays,
@@ -141,7 +147,12 @@ impl Cluster {
             nodes: BTreeMap::new(),
             relays: BTreeMap::new(),
             options: options.clone(),
+            admin_token: std::sync::OnceLock::new(),
         };
+        if options.tls {
+            let ids: Vec<String> = addrs.keys().map(u64::to_string).collect();
+            cluster.issue_certificates(&ids.join(","))?;
+        }
         if options.relays {
             for from in addrs.keys() {
                 for (to, to_addr) in &addrs {
@@ -186,6 +197,17 @@ impl Cluster {
             data_dir.display().to_string(),
         ];
         args.extend(extra);
+        if self.options.tls {
+            let certs = self.certs_dir();
+            for (flag, file) in [
+                ("--tls-cert", format!("node-{id}.pem")),
+                ("--tls-key", format!("node-{id}-key.pem")),
+                ("--tls-ca", "ca.pem".to_string()),
+            ] {
+                args.push(flag.to_string());
+                args.push(certs.join(file).display().to_string());
+            }
+        }
         args.extend(self.options.node_args.iter().cloned());
         let mut node = NodeProcess {
             id,
@@ -222,14 +244,64 @@ impl Cluster {
         self.nodes.values().map(NodeProcess::endpoint).collect()
     }
 
-    /// A client over every node.
-    pub fn client(&self) -> Client {
-        Client::new(&self.endpoints()).expect("loopback endpoints are valid")
+    /// Where `certs init` wrote the region's certificates (TLS clusters).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.base_dir.join("certs")
     }
 
-    /// A client that only talks to node `id`.
+    /// Runs `rampart certs init` for these node ids: creates the CA on the first call, and
+    /// reissues node and client certificates from the same CA on later ones (rotation; a
+    /// node picks up its new certificate when restarted).
+    pub fn issue_certificates(&self, ids: &str) -> std::io::Result<()> {
+        let out = Command::new(&self.binary)
+            .args(["certs", "init", "--dir"])
+            .arg(self.certs_dir())
+            .args(["--nodes", ids])
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "certs init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The client's TLS settings on a TLS cluster.
+    pub fn tls_options(&self) -> Option<rampart_client::TlsOptions> {
+        self.options.tls.then(|| rampart_client::TlsOptions {
+            ca: self.certs_dir().join("ca.pem"),
+            cert: None,
+            key: None,
+        })
+    }
+
+    /// The region's bootstrap admin token, if a node has written it yet.
+    pub fn admin_token(&self) -> Option<String> {
+        if let Some(token) = self.admin_token.get() {
+            return Some(token.clone());
+        }
+        let token = self.nodes.values().find_map(|n| {
+            let text = std::fs::read_to_string(n.data_dir.join("admin.token")).ok()?;
+            let text = text.trim();
+            text.contains('.').then(|| text.to_string())
+        })?;
+        Some(self.admin_token.get_or_init(|| token).clone())
+    }
+
+    /// A client over `endpoints` with this region's TLS settings and `token`.
+    pub fn client_with_token(&self, endpoints: &[String], token: Option<&str>) -> Client {
+        Client::secured(endpoints, self.tls_options().as_ref(), token).expect("loopback endpoints are valid")
+    }
+
+    /// A client over every node (as the admin on a TLS cluster).
+    pub fn client(&self) -> Client {
+        self.client_with_token(&self.endpoints(), self.admin_token().as_deref())
+    }
+
+    /// A client that only talks to node `id` (as the admin on a TLS cluster).
     pub fn client_of(&self, id: u64) -> Client {
-        Client::new(&[self.nodes[&id].endpoint()]).expect("loopback endpoint is valid")
+        self.client_with_token(&[self.nodes[&id].endpoint()], self.admin_token().as_deref())
     }
 
     /// Panics, with the tail of its log, if a node that should be running has exited: a
@@ -363,6 +435,82 @@ impl Cluster {
         }
     }
 
+    /// Starts a node that is *not* one of the region's: it claims membership of the region
+    /// (every real member plus itself) and presents `tls` = (cert, key, CA) files. Used to
+    /// show that a process without a node certificate of the cluster CA cannot get in.
+    pub fn start_outsider(&self, id: u64, tls: [&Path; 3]) -> std::io::Result<Outsider> {
+        let addr = free_port()?;
+        let dir = self.base_dir.join(format!("outsider-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut members: Vec<String> = self.nodes.values().map(|n| format!("{}={}", n.id, n.addr)).collect();
+        members.push(format!("{id}={addr}"));
+        let log = File::options().create(true).append(true).open(dir.join("node.log"))?;
+        let child = Command::new(&self.binary)
+            .args(["node", "--id", &id.to_string(), "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--initial-cluster", &members.join(",")])
+            .arg("--tls-cert")
+            .arg(tls[0])
+            .arg("--tls-key")
+            .arg(tls[1])
+            .arg("--tls-ca")
+            .arg(tls[2])
+            .env_remove("RAMPART_ENDPOINTS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Outsider {
+            child,
+            addr,
+            log: dir.join("node.log"),
+        })
+    }
+
+    /// Panics if a secret shows up in any node's log or in the region's event log: the
+    /// given token secrets, the bootstrap admin token, or any line of a private key in the
+    /// certificates directory.
+    pub async fn assert_no_secrets_leaked(&self, token_secrets: &[String]) {
+        let mut secrets: Vec<String> = token_secrets.to_vec();
+        if let Some(admin) = self.admin_token() {
+            secrets.push(admin.split_once('.').map_or(admin.clone(), |(_, s)| s.to_string()));
+        }
+        if let Ok(dir) = std::fs::read_dir(self.certs_dir()) {
+            for entry in dir.flatten() {
+                if entry.file_name().to_string_lossy().ends_with("-key.pem") {
+                    let pem = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    secrets.extend(
+                        pem.lines()
+                            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                            .map(str::to_string),
+                    );
+                }
+            }
+        }
+        let mut haystacks: Vec<(String, String)> = self
+            .nodes
+            .values()
+            .map(|n| {
+                let path = n.data_dir.join("node.log");
+                (
+                    path.display().to_string(),
+                    std::fs::read_to_string(&path).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let events = self.client().events(None, None).await.expect("read the event log");
+        haystacks.push((
+            "the event log".to_string(),
+            serde_json::to_string(&events).expect("events encode"),
+        ));
+        for secret in secrets.iter().filter(|s| s.len() >= 16) {
+            for (place, text) in &haystacks {
+                assert!(!text.contains(secret.as_str()), "secret material found in {place}");
+            }
+        }
+    }
+
     /// Path of a node's log file, for failure messages.
     pub fn log_path(&self, id: u64) -> PathBuf {
         self.nodes[&id].data_dir.join("node.log")
@@ -381,5 +529,19 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// A node process outside the region, SIGKILLed on drop.
+pub struct Outsider {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Drop for Outsider {
+    fn drop(&mut self) {
+        send_signal(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
     }
 }

@@ -40,10 +40,22 @@ pub struct Args {
     #[arg(long, global = true, env = "RAMPART_CACERT")]
     cacert: Option<std::path::PathBuf>,
     /// Client certificate to present (optional; tokens authenticate calls)
-    #[arg(long = "cert", id = "client_cert", global = true, env = "RAMPART_CERT", requires = "client_key")]
+    #[arg(
+        long = "cert",
+        id = "client_cert",
+        global = true,
+        env = "RAMPART_CERT",
+        requires = "client_key"
+    )]
     client_cert: Option<std::path::PathBuf>,
     /// Key of --cert
-    #[arg(long = "key", id = "client_key", global = true, env = "RAMPART_KEY", requires = "client_cert")]
+    #[arg(
+        long = "key",
+        id = "client_key",
+        global = true,
+        env = "RAMPART_KEY",
+        requires = "client_cert"
+    )]
     client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -355,7 +367,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Certs(CertsCommand::Init { dir, nodes, hosts }) => {
             let nodes = rampart_node::certs::parse_nodes(&nodes).map_err(|e| Failure::usage(e.into()))?;
             if nodes.is_empty() {
-                return Err(Failure::usage(anyhow::anyhow!("--nodes lists no node; e.g. --nodes 1,2,3")));
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "--nodes lists no node; e.g. --nodes 1,2,3"
+                )));
             }
             let issued = rampart_node::certs::init(&dir, &nodes, &hosts).map_err(|e| Failure::failed(e.into()))?;
             let files: Vec<String> = issued.files.iter().map(|f| f.display().to_string()).collect();
