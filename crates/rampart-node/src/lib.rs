@@ -161,7 +161,13 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
 /// Runs a node until Ctrl-C or SIGTERM.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| NodeError::DataDir {
+    // Owner-only: the log, snapshots and the bootstrap token file live here.
+    let owner_only = || -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&data_dir)?;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+    };
+    owner_only().map_err(|source| NodeError::DataDir {
         path: data_dir.display().to_string(),
         source,
     })?;

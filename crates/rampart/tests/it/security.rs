@@ -85,6 +85,17 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         .await
         .expect("admin writes");
 
+    // Owner-only files: every data dir, and the bootstrap token.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).expect("exists").permissions().mode() & 0o777;
+    for node in cluster.nodes.values() {
+        assert_eq!(mode(&node.data_dir), 0o700, "{}", node.data_dir.display());
+        let token_file = node.data_dir.join("admin.token");
+        if token_file.exists() {
+            assert_eq!(mode(&token_file), 0o600);
+        }
+    }
+
     // No token: 401, on a follower as on the leader.
     for (id, node) in &cluster.nodes {
         let anonymous = cluster.client_with_token(&[node.endpoint()], None);
