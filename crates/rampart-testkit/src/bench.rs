@@ -374,3 +374,99 @@ pub fn report_markdown(report: &SuiteReport) -> String {
     ));
     out
 }
+
+/// One client count of the security benchmark: the same put load on a plaintext region and
+/// on a TLS region with tokens, medians over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecurityCost {
+    pub clients: usize,
+    pub plaintext: PutStats,
+    pub tls: PutStats,
+    /// TLS throughput over plaintext throughput (1.0 = free).
+    pub throughput_ratio: f64,
+    /// TLS p99 over plaintext p99 (1.0 = free).
+    pub p99_ratio: f64,
+}
+
+/// Measures what TLS and tokens cost: a plaintext region and a TLS region run side by side
+/// (idle but for their heartbeats when not measured), and each round puts to one, then the
+/// other, alternating, so drift in the machine's disk speed hits both alike. Each load
+/// client has its own connection, kept for the round, as a real client keeps its pool.
+pub async fn security_cost(
+    binary: &std::path::Path,
+    clients: &[usize],
+    duration: Duration,
+    rounds: usize,
+    node_args: &[String],
+) -> std::io::Result<Vec<SecurityCost>> {
+    use crate::cluster::{Cluster, ClusterOptions};
+    let start = |tls| {
+        Cluster::start(
+            binary,
+            ClusterOptions {
+                nodes: 3,
+                tls,
+                node_args: node_args.to_vec(),
+                ..ClusterOptions::default()
+            },
+        )
+    };
+    let plain = start(false).await?;
+    let secure = start(true).await?;
+    let mut regions = Vec::new();
+    for cluster in [&plain, &secure] {
+        let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+        let token = match cluster.tls_options() {
+            Some(_) => Some(crate::eventually(Duration::from_secs(30), "the bootstrap token", || async { cluster.admin_token() }).await),
+            None => None,
+        };
+        regions.push((cluster, cluster.nodes[&leader].endpoint(), token));
+    }
+    let mut costs = Vec::new();
+    for &count in clients {
+        let mut runs: [Vec<PutStats>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds.max(1) {
+            for (which, (cluster, leader, token)) in regions.iter().enumerate() {
+                let drivers = (0..count)
+                    .map(|_| RampartDriver {
+                        client: Arc::new(cluster.client_with_token(std::slice::from_ref(leader), token.as_deref())),
+                    })
+                    .collect();
+                let tag = format!("sec{which}-c{count}-r{round}");
+                runs[which].push(put_load(drivers, duration, 100, &tag).await);
+            }
+        }
+        let [plaintext, tls] = runs.map(|mut stats| {
+            stats.sort_by(|a, b| a.puts_per_second.total_cmp(&b.puts_per_second));
+            stats[stats.len() / 2].clone()
+        });
+        costs.push(SecurityCost {
+            clients: count,
+            throughput_ratio: tls.puts_per_second / plaintext.puts_per_second.max(f64::MIN_POSITIVE),
+            p99_ratio: tls.p99_ms / plaintext.p99_ms.max(f64::MIN_POSITIVE),
+            plaintext,
+            tls,
+        });
+    }
+    Ok(costs)
+}
+
+/// A Markdown table of the security benchmark.
+pub fn security_markdown(costs: &[SecurityCost]) -> String {
+    let mut out = String::from(
+        "| clients | plaintext puts/s | TLS+tokens puts/s | throughput ratio | plaintext p99 ms | TLS+tokens p99 ms | p99 ratio |\n|---|---|---|---|---|---|---|\n",
+    );
+    for c in costs {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            c.clients,
+            c.plaintext.puts_per_second,
+            c.tls.puts_per_second,
+            c.throughput_ratio,
+            c.plaintext.p99_ms,
+            c.tls.p99_ms,
+            c.p99_ratio
+        ));
+    }
+    out
+}

@@ -248,6 +248,13 @@ pub struct BenchArgs {
     /// Extra flags for every node, e.g. "--heartbeat-interval=100ms --election-timeout=1s"
     #[arg(long, allow_hyphen_values = true)]
     node_args: Option<String>,
+    /// Instead of the suite: what TLS and tokens cost, a plaintext and a TLS region measured
+    /// alternately in the same run (with --clients, --duration and --rounds)
+    #[arg(long)]
+    security: bool,
+    /// Rounds of the --security comparison; the median round is reported
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
@@ -258,16 +265,27 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
             "invalid --clients: expected whole numbers from 1, e.g. 1,16,64"
         )));
     }
+    let node_args: Vec<String> = args
+        .node_args
+        .as_deref()
+        .map(|a| a.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    if args.security {
+        use rampart_testkit::bench::{security_cost, security_markdown};
+        eprintln!("benchmarking plaintext against TLS with tokens on two local 3-node regions...");
+        let costs = security_cost(&binary, &args.clients, args.duration, args.rounds, &node_args)
+            .await
+            .map_err(|e| Failure::failed(e.into()))?;
+        print(output, &costs, |c| security_markdown(c));
+        return Ok(());
+    }
     let options = SuiteOptions {
         clients: args.clients,
         duration: args.duration,
         failover_rounds: args.failover_rounds,
         stability: args.stability,
         memory_keys: args.memory_keys,
-        node_args: args
-            .node_args
-            .map(|a| a.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default(),
+        node_args,
         ..SuiteOptions::default()
     };
     eprintln!("benchmarking a local 3-node region (fsync on); this takes a few minutes...");
