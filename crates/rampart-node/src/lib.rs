@@ -164,7 +164,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     // Owner-only: the log, snapshots and the bootstrap token file live here.
     let owner_only = || -> std::io::Result<()> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&data_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)?;
         std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
     };
     owner_only().map_err(|source| NodeError::DataDir {

@@ -45,15 +45,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn read_pem(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        setting,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 /// Reads every certificate of a PEM file.
 pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
-        setting,
-        path: shown.clone(),
-        source,
-    })?;
+    let bytes = read_pem(setting, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Rustls(format!("{setting} {shown}: {e}")))?;
@@ -70,15 +74,9 @@ pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateD
 /// Reads a private key; errors name the file, never its contents.
 pub fn read_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    PrivateKeyDer::from_pem_slice(&read_pem(setting, path)?).map_err(|_| TlsError::Empty {
         setting,
-        path: shown.clone(),
-        source,
-    })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::Empty {
-        setting,
-        path: shown,
+        path: path.display().to_string(),
         what: "private key",
     })
 }

@@ -418,7 +418,12 @@ pub async fn security_cost(
     for cluster in [&plain, &secure] {
         let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
         let token = match cluster.tls_options() {
-            Some(_) => Some(crate::eventually(Duration::from_secs(30), "the bootstrap token", || async { cluster.admin_token() }).await),
+            Some(_) => Some(
+                crate::eventually(Duration::from_secs(30), "the bootstrap token", || async {
+                    cluster.admin_token()
+                })
+                .await,
+            ),
             None => None,
         };
         regions.push((cluster, cluster.nodes[&leader].endpoint(), token));
