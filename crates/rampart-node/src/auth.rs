@@ -49,9 +49,19 @@ pub struct Caller {
     pub prefixes: Vec<String>,
     /// The client's address, as `IP:PORT`.
     pub source: String,
+    /// The hash of the presented token (`None` on a node without tokens).
+    pub token_hash: Option<[u8; 32]>,
 }
 
 impl Caller {
+    /// False once the caller's token is revoked (or replaced under the same name): long
+    /// calls such as watches end then instead of serving a revoked token.
+    pub fn still_valid(&self, node: &Shared) -> bool {
+        let Some(hash) = self.token_hash else { return true };
+        let applied = node.applied.read().expect("state lock");
+        applied.state.tokens.get(&self.name).is_some_and(|t| t.hash == hash)
+    }
+
     /// Refuses with 403 when this caller may not touch `scope` with `role`.
     pub fn check(&self, role: Role, scope: Scope<'_>) -> Result<(), ApiError> {
         authorize(
@@ -135,6 +145,7 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
             role: Role::Admin,
             prefixes: Vec::new(),
             source,
+            token_hash: None,
         });
         return next.run(request).await;
     }
@@ -196,6 +207,7 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
         role: token.role,
         prefixes: token.prefixes,
         source,
+        token_hash: Some(token.hash),
     };
     if let Err(error) = caller.check(role, Scope::Unkeyed) {
         return refuse(&node, "forbidden", error);

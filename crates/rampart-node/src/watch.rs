@@ -99,6 +99,7 @@ pub async fn watch(
     .map(|e| Ok::<_, Infallible>(sse_event(&e)));
     let live = stream::unfold((feed, slot, false), move |(mut feed, slot, done)| {
         let prefix = prefix.clone();
+        let caller = caller.clone();
         async move {
             if done {
                 return None;
@@ -106,6 +107,12 @@ pub async fn watch(
             loop {
                 match feed.recv().await {
                     Ok(event) if event.revision >= live_floor && event.key.starts_with(&prefix) => {
+                        if !caller.still_valid(&slot.0) {
+                            let event = Event::default()
+                                .event("error")
+                                .data(r#"{"code":"unauthenticated","message":"this watch's token was revoked"}"#);
+                            return Some((Ok(event), (feed, slot, true)));
+                        }
                         return Some((Ok::<_, Infallible>(sse_event(&event)), (feed, slot, false)));
                     }
                     Ok(_) => continue,

@@ -142,6 +142,9 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
     // Revoked: refused by every node, each answering from its own state.
     cluster.restart(leader).expect("restart");
     cluster.wait_converged(DEADLINE).await;
+    let mut watch = cluster
+        .client_with_token(&cluster.endpoints(), Some(&writer))
+        .watch("app/", None);
     cluster.client().token_revoke("writer").await.expect("revoke");
     for (id, node) in &cluster.nodes {
         let only_this = cluster.client_with_token(&[node.endpoint()], Some(&writer));
@@ -150,6 +153,20 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
             matches!(answer, Err(ref e) if status_of(e) == Some(401)).then_some(())
         })
         .await;
+    }
+
+    // A watch opened before the revoke ends instead of delivering new changes.
+    cluster
+        .client()
+        .put("app/c", "after the revoke", PutOptions::default())
+        .await
+        .expect("admin writes");
+    let ended = tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("the watch ends");
+    match ended {
+        Some(Err(e)) => assert_eq!(status_of(&e), Some(401), "{e}"),
+        other => panic!("a revoked token's watch delivered {other:?}"),
     }
 
     // The audit trail names who did what, from where.
