@@ -189,6 +189,29 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         .filter(|e| e.action == "token.create")
         .all(|e| e.source.starts_with("127.0.0.1:")));
 
+    // Break glass: a node certificate without a token acts as admin; a client certificate
+    // does not.
+    let with_cert = |stem: &str| TlsOptions {
+        ca: cluster.certs_dir().join("ca.pem"),
+        cert: Some(cluster.certs_dir().join(format!("{stem}.pem"))),
+        key: Some(cluster.certs_dir().join(format!("{stem}-key.pem"))),
+    };
+    let as_node = rampart_client::Client::secured(&endpoints, Some(&with_cert("node-1")), None).expect("client");
+    let rescue = as_node
+        .token_create(&TokenCreateRequest {
+            name: "rescue".into(),
+            role: Role::Admin,
+            prefixes: vec![],
+        })
+        .await
+        .expect("a node certificate may mint an admin token");
+    let as_client = rampart_client::Client::secured(&endpoints, Some(&with_cert("client")), None).expect("client");
+    let error = as_client
+        .tokens()
+        .await
+        .expect_err("a client certificate is not a token");
+    assert_eq!(status_of(&error), Some(401));
+
     let mut refusals = 0;
     for id in cluster.nodes.keys().copied() {
         let metrics = metrics_of(&cluster, id).await;
@@ -199,7 +222,7 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         "refusals are counted in rampart_auth_failures: {refusals}"
     );
     cluster
-        .assert_no_secrets_leaked(&[secret_of(&reader), secret_of(&writer)])
+        .assert_no_secrets_leaked(&[secret_of(&reader), secret_of(&writer), secret_of(&rescue.token)])
         .await;
 }
 
