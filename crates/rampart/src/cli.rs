@@ -366,12 +366,13 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             let status = client()?.cluster().await?;
             print(output, &status, |s| {
                 let mut text = format!(
-                    "region {}  leader {}  term {}  revision {}  checksum {}\n",
+                    "region {}  leader {}  term {}  revision {}  checksum {}  security {}\n",
                     s.region,
                     s.leader.map_or("none".to_string(), |l| l.to_string()),
                     s.term,
                     s.revision,
-                    s.checksum
+                    s.checksum,
+                    s.security
                 );
                 for m in &s.members {
                     text.push_str(&format!("  node {} {} {}\n", m.id, m.addr, m.role));
