@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     /// `missing_token`, `invalid_token`, `forbidden`, `rate_limited`, `tls_handshake`,
-    /// `peer_without_node_certificate`.
+    /// `peer_without_node_certificate`, `connection_limit`.
     pub reason: String,
 }
 
@@ -59,7 +59,7 @@ impl Metrics {
         let auth_failures = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "auth_failures",
-            "API calls and connections refused for want of a valid token, role or certificate, by reason",
+            "API calls and connections refused, by reason: a missing or invalid token, a weak role, a bad certificate, the connection limit",
             auth_failures.clone(),
         );
         registry.register(

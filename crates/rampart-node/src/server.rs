@@ -20,9 +20,14 @@ use crate::Shared;
 
 /// How long a new connection may take to send its first bytes or finish its handshake.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections a node serves at once (API clients, watches and peer links). Beyond
+/// it a new connection is closed at once: a flood of connections, or of TLS handshakes,
+/// cannot take the node's memory and CPU from the region.
+pub const CONNECTIONS_MAX: usize = 4096;
 
 pub async fn serve(listener: TcpListener, node: Shared) {
     let router = crate::api::router(node.clone());
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, source) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -33,10 +38,16 @@ pub async fn serve(listener: TcpListener, node: Shared) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            node.metrics.refused("connection_limit");
+            tracing::debug!(%source, "refused a connection: {CONNECTIONS_MAX} already open");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let node = node.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if node.tls.is_some() {
                 serve_tls(stream, source, node, router).await;
             } else {
