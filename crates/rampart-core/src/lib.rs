@@ -8,6 +8,8 @@ pub mod auth;
 pub mod config;
 pub mod duration;
 pub mod election;
+pub mod failover;
+pub mod health;
 pub mod lease;
 pub mod limits;
 

@@ -1,0 +1,295 @@
+//! Which instance becomes primary when the primary is confirmed down, and — the question
+//! operators of Patroni, CloudNativePG and pg_auto_failover ask most — why every other one
+//! did not. [`eligibility`] answers both from plain facts about each instance: it refuses
+//! every instance that breaks a hard rule, with every reason, and ranks the rest by
+//! priority, then the primary region, then the least replication lag.
+
+use std::cmp::Reverse;
+
+use serde::{Deserialize, Serialize};
+
+use crate::health::Health;
+
+/// What the policy knows of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: String,
+    /// The region's confirmed verdict.
+    pub health: Health,
+    /// Higher is preferred; 0 means never promote automatically (as Redis's
+    /// `replica-priority 0`).
+    pub priority: u32,
+    pub in_primary_region: bool,
+    /// Revisions behind the primary, as last reported; `None` if it never reports lag (a
+    /// stateless instance: nothing to lose).
+    pub lag: Option<u64>,
+    /// The synchronous standby (receives every write before it is acknowledged).
+    pub synchronous: bool,
+    /// Currently fenced: its last primary term ended without a confirmed demotion.
+    pub fenced: bool,
+    /// Lost the primary role too often lately (see [`damped`]).
+    pub damped: bool,
+    pub is_primary: bool,
+}
+
+/// The service policy's rules for automatic promotion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Never promote an instance further behind than this (`max_lag_on_failover`).
+    pub max_lag: u64,
+    /// Only the synchronous standby may be promoted.
+    pub synchronous_only: bool,
+}
+
+/// Why an instance would not be promoted now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Refusal {
+    /// It is the primary.
+    IsPrimary,
+    /// Its confirmed health is not up.
+    Unhealthy {
+        health: Health,
+    },
+    Lagging {
+        lag: u64,
+        max_lag: u64,
+    },
+    /// The policy is synchronous and this is not the synchronous standby.
+    NotSynchronous,
+    /// Priority 0: never promoted automatically.
+    NeverPromote,
+    Fenced,
+    Damped,
+    /// Promotable, but another instance comes first.
+    Outranked {
+        by: String,
+        because: String,
+    },
+}
+
+/// One instance's answer: `rank` 1 is the one that would be promoted now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Eligibility {
+    pub id: String,
+    /// Place among the promotable instances (1 = first), `None` if it may not be promoted.
+    pub rank: Option<usize>,
+    pub reasons: Vec<Refusal>,
+}
+
+impl Eligibility {
+    pub fn promotable(&self) -> bool {
+        self.rank.is_some()
+    }
+}
+
+fn hard_refusals(c: &Candidate, rules: Rules) -> Vec<Refusal> {
+    let mut reasons = Vec::new();
+    if c.is_primary {
+        reasons.push(Refusal::IsPrimary);
+    }
+    if c.health != Health::Up {
+        reasons.push(Refusal::Unhealthy { health: c.health });
+    }
+    let lag = c.lag.unwrap_or(0);
+    if lag > rules.max_lag {
+        reasons.push(Refusal::Lagging {
+            lag,
+            max_lag: rules.max_lag,
+        });
+    }
+    if rules.synchronous_only && !c.synchronous {
+        reasons.push(Refusal::NotSynchronous);
+    }
+    if c.priority == 0 {
+        reasons.push(Refusal::NeverPromote);
+    }
+    if c.fenced {
+        reasons.push(Refusal::Fenced);
+    }
+    if c.damped {
+        reasons.push(Refusal::Damped);
+    }
+    reasons
+}
+
+/// The order of promotable instances: priority, then the primary region, then least lag;
+/// the id breaks ties so every node ranks alike.
+fn rank_key(c: &Candidate) -> (Reverse<u32>, Reverse<bool>, u64, &str) {
+    (
+        Reverse(c.priority),
+        Reverse(c.in_primary_region),
+        c.lag.unwrap_or(0),
+        c.id.as_str(),
+    )
+}
+
+fn why_outranked(loser: &Candidate, winner: &Candidate) -> String {
+    if loser.priority != winner.priority {
+        format!("priority {} < {}", loser.priority, winner.priority)
+    } else if loser.in_primary_region != winner.in_primary_region {
+        "outside the primary region".to_string()
+    } else if loser.lag.unwrap_or(0) != winner.lag.unwrap_or(0) {
+        format!("lag {} > {}", loser.lag.unwrap_or(0), winner.lag.unwrap_or(0))
+    } else {
+        "equal in every respect; ties go by id".to_string()
+    }
+}
+
+/// Every instance's eligibility, in rank order (promotable first), then the refused ones.
+pub fn eligibility(candidates: &[Candidate], rules: Rules) -> Vec<Eligibility> {
+    let mut promotable: Vec<&Candidate> = Vec::new();
+    let mut refused = Vec::new();
+    for c in candidates {
+        let reasons = hard_refusals(c, rules);
+        if reasons.is_empty() {
+            promotable.push(c);
+        } else {
+            refused.push(Eligibility {
+                id: c.id.clone(),
+                rank: None,
+                reasons,
+            });
+        }
+    }
+    promotable.sort_by(|a, b| rank_key(a).cmp(&rank_key(b)));
+    let first = promotable.first().copied();
+    let mut answer: Vec<Eligibility> = promotable
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Eligibility {
+            id: c.id.clone(),
+            rank: Some(i + 1),
+            reasons: match first {
+                Some(best) if i > 0 => vec![Refusal::Outranked {
+                    by: best.id.clone(),
+                    because: why_outranked(c, best),
+                }],
+                _ => Vec::new(),
+            },
+        })
+        .collect();
+    answer.extend(refused);
+    answer
+}
+
+/// Flap damping: how many times an instance may lose the primary role within a window and
+/// still be promoted automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Damping {
+    pub losses_max: u32,
+    pub window_ms: u64,
+}
+
+/// True when `losses_ms` (when it lost the primary role) holds `losses_max` or more within
+/// the window ending now.
+pub fn damped(losses_ms: &[u64], now_ms: u64, damping: Damping) -> bool {
+    let since = now_ms.saturating_sub(damping.window_ms);
+    let recent = losses_ms.iter().filter(|at| **at >= since && **at <= now_ms).count();
+    damping.losses_max > 0 && recent >= damping.losses_max as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(id: &str, priority: u32, lag: u64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            health: Health::Up,
+            priority,
+            in_primary_region: true,
+            lag: Some(lag),
+            synchronous: false,
+            fenced: false,
+            damped: false,
+            is_primary: false,
+        }
+    }
+
+    const LOOSE: Rules = Rules {
+        max_lag: 100,
+        synchronous_only: false,
+    };
+
+    #[test]
+    fn the_highest_priority_then_least_lag_wins() {
+        let answer = eligibility(
+            &[replica("a", 100, 5), replica("b", 100, 1), replica("c", 50, 0)],
+            LOOSE,
+        );
+        let order: Vec<&str> = answer.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(order, ["b", "a", "c"]);
+        assert!(answer[0].reasons.is_empty() && answer[0].rank == Some(1));
+        assert_eq!(
+            answer[1].reasons,
+            vec![Refusal::Outranked {
+                by: "b".into(),
+                because: "lag 5 > 1".into()
+            }]
+        );
+        assert!(matches!(&answer[2].reasons[0], Refusal::Outranked { because, .. } if because == "priority 50 < 100"));
+    }
+
+    #[test]
+    fn every_reason_is_listed_for_a_refused_instance() {
+        let mut bad = replica("bad", 0, 500);
+        bad.health = Health::Down;
+        bad.fenced = true;
+        bad.damped = true;
+        let strict = Rules {
+            max_lag: 0,
+            synchronous_only: true,
+        };
+        let answer = eligibility(&[bad], strict);
+        assert_eq!(answer[0].rank, None);
+        assert_eq!(
+            answer[0].reasons,
+            vec![
+                Refusal::Unhealthy { health: Health::Down },
+                Refusal::Lagging { lag: 500, max_lag: 0 },
+                Refusal::NotSynchronous,
+                Refusal::NeverPromote,
+                Refusal::Fenced,
+                Refusal::Damped,
+            ]
+        );
+    }
+
+    #[test]
+    fn synchronous_mode_promotes_only_the_synchronous_standby() {
+        let mut sync = replica("sync", 10, 0);
+        sync.synchronous = true;
+        let rules = Rules {
+            max_lag: 0,
+            synchronous_only: true,
+        };
+        let answer = eligibility(&[replica("fast", 100, 0), sync], rules);
+        assert_eq!(answer[0].id, "sync");
+        assert_eq!(answer[0].rank, Some(1));
+        assert_eq!(answer[1].reasons, vec![Refusal::NotSynchronous]);
+    }
+
+    #[test]
+    fn the_primary_region_comes_before_lag() {
+        let mut far = replica("far", 100, 0);
+        far.in_primary_region = false;
+        let answer = eligibility(&[far, replica("near", 100, 3)], LOOSE);
+        assert_eq!(answer[0].id, "near");
+        assert!(matches!(&answer[1].reasons[0], Refusal::Outranked { because, .. } if because.contains("region")));
+    }
+
+    #[test]
+    fn an_instance_that_keeps_losing_the_role_is_damped_for_a_window() {
+        let damping = Damping {
+            losses_max: 3,
+            window_ms: 60_000,
+        };
+        assert!(!damped(&[1_000, 2_000], 3_000, damping));
+        assert!(damped(&[1_000, 2_000, 3_000], 3_000, damping));
+        assert!(
+            !damped(&[1_000, 2_000, 3_000], 62_000, damping),
+            "the oldest left the window"
+        );
+    }
+}
