@@ -175,7 +175,7 @@ pub fn eligibility(candidates: &[Candidate], rules: Rules) -> Vec<Eligibility> {
 
 /// Flap damping: how many times an instance may lose the primary role within a window and
 /// still be promoted automatically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Damping {
     pub losses_max: u32,
     pub window_ms: u64,

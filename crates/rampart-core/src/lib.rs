@@ -12,5 +12,6 @@ pub mod failover;
 pub mod health;
 pub mod lease;
 pub mod limits;
+pub mod service;
 
 pub use duration::{format_duration, parse_duration};
