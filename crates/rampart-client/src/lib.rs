@@ -436,6 +436,41 @@ impl Client {
         self.get(&path).await
     }
 
+    /// Creates a service or replaces its policy.
+    pub async fn service_put(
+        &self,
+        name: &str,
+        policy: &rampart_core::service::PolicySpec,
+    ) -> Result<Stored, ClientError> {
+        let path = format!("/v1/services/{}", encode(name));
+        // Putting the same policy twice leaves the same state.
+        self.call(Method::PUT, &path, Some(policy), Retry::Idempotent).await
+    }
+
+    /// Registers an instance of a service or replaces its registration.
+    pub async fn instance_put(
+        &self,
+        service: &str,
+        id: &str,
+        instance: &rampart_core::service::InstanceSpec,
+    ) -> Result<Stored, ClientError> {
+        let path = format!("/v1/services/{}/instances/{}", encode(service), encode(id));
+        self.call(Method::PUT, &path, Some(instance), Retry::Idempotent).await
+    }
+
+    pub async fn services(&self) -> Result<ServicesResponse, ClientError> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceView, ClientError> {
+        self.get(&format!("/v1/services/{}", encode(name))).await
+    }
+
+    /// For every instance: whether it could be promoted now and, if not, every reason.
+    pub async fn eligibility(&self, name: &str) -> Result<EligibilityResponse, ClientError> {
+        self.get(&format!("/v1/services/{}/eligibility", encode(name))).await
+    }
+
     pub async fn remove_member(&self, id: u64) -> Result<MembersResponse, ClientError> {
         self.call::<(), _>(
             Method::DELETE,

@@ -233,3 +233,57 @@ pub struct Event {
 pub struct EventsResponse {
     pub events: Vec<Event>,
 }
+
+/// A service as `GET /v1/services/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub primary: Option<String>,
+    /// Fencing token of the current primary's term (0 before the first promotion).
+    pub token: u64,
+    pub instances: Vec<InstanceView>,
+    pub policy: crate::service::Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub endpoint: String,
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub priority: u32,
+    pub role: crate::service::InstanceRole,
+    pub health: crate::health::Health,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub primary: Option<String>,
+    pub instances: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicesResponse {
+    pub services: Vec<ServiceSummary>,
+}
+
+/// The answer to a registration: whether it created the service or instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub created: bool,
+}
+
+/// `GET /v1/services/{name}/eligibility`: for every instance, whether it could be promoted
+/// now (its rank) and, if not, every reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EligibilityResponse {
+    pub service: String,
+    pub primary: Option<String>,
+    pub instances: Vec<crate::failover::Eligibility>,
+}

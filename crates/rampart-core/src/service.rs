@@ -154,8 +154,10 @@ impl Purpose {
     }
 }
 
+/// Externally tagged (`{"http": {...}}`): the Raft log's postcard encoding cannot carry
+/// internally tagged enums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Probe {
     Http {
         target: Option<String>,
@@ -428,6 +430,16 @@ impl PolicySpec {
             damping,
         })
     }
+}
+
+/// An instance's role in its service (DESIGN: at most one primary per service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceRole {
+    Primary,
+    Replica,
+    /// In another region: promoted only by a region failover.
+    Standby,
 }
 
 /// One instance as registered.

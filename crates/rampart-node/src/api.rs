@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tokens::audit;
-use crate::{auth, forward, now_ms, tokens, watch, Shared};
+use crate::{auth, forward, now_ms, services, tokens, watch, Shared};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -54,6 +54,18 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(tokens::events))
+        .route("/v1/services", get(services::list))
+        .route(
+            "/v1/services/{name}",
+            get(services::show)
+                .put(services::put_service)
+                .delete(services::delete_service),
+        )
+        .route(
+            "/v1/services/{name}/instances/{id}",
+            put(services::put_instance).delete(services::delete_instance),
+        )
+        .route("/v1/services/{name}/eligibility", get(services::explain))
         .route(
             "/health/live",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),

@@ -14,6 +14,7 @@ mod metrics;
 mod peer;
 mod proposer;
 mod server;
+mod services;
 pub mod tls;
 mod tokens;
 mod watch;

@@ -113,6 +113,9 @@ fn approx_bytes(op: &Op) -> usize {
                     + event.outcome.len()
                     + event.detail.len()
             }
+            // Policies and registrations are small; a generous flat size bounds them.
+            Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
+            Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => service.len() + id.len() + 4096,
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
         }
 }

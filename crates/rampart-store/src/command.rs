@@ -2,6 +2,7 @@
 
 use rampart_core::api::Event;
 use rampart_core::auth::Role;
+use rampart_core::service::{Instance, Policy};
 use serde::{Deserialize, Serialize};
 
 /// One Raft entry: the client writes a leader gathered while its earlier proposals were in
@@ -65,6 +66,24 @@ pub enum Op {
     Record {
         event: Event,
     },
+    /// Creates a service or replaces its policy (its instances stay).
+    ServicePut {
+        name: String,
+        policy: Policy,
+    },
+    ServiceDelete {
+        name: String,
+    },
+    /// Registers an instance or replaces its registration (its role and health stay).
+    InstancePut {
+        service: String,
+        id: String,
+        instance: Instance,
+    },
+    InstanceDelete {
+        service: String,
+        id: String,
+    },
 }
 
 /// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
@@ -117,5 +136,18 @@ pub enum Outcome {
     },
     Recorded {
         id: u64,
+    },
+    ServiceStored {
+        created: bool,
+    },
+    ServiceDeleted {
+        found: bool,
+    },
+    ServiceNotFound,
+    InstanceStored {
+        created: bool,
+    },
+    InstanceDeleted {
+        found: bool,
     },
 }

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rampart_core::api::{Event, KeyValue, WatchEvent};
 use rampart_core::auth::Role;
+use rampart_core::health::Health;
+use rampart_core::service::{Instance, InstanceRole, Policy};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Op, Outcome};
@@ -44,6 +46,32 @@ pub struct Token {
     pub created_ms: u64,
 }
 
+/// A service the region keeps available: its policy, its instances and its primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub policy: Policy,
+    pub instances: BTreeMap<String, InstanceRecord>,
+    pub primary: Option<String>,
+    /// Fencing token of the current primary's term (the revision-like counter of
+    /// promotions); 0 before the first.
+    pub token: u64,
+}
+
+/// One registered instance and what the region has decided about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub instance: Instance,
+    pub role: InstanceRole,
+    /// The committed verdict (every node agrees on it).
+    pub health: Health,
+    /// When it lost the primary role, newest last, at most [`LOSSES_KEPT`].
+    pub losses_ms: Vec<u64>,
+    pub fenced: bool,
+}
+
+/// Primary-role losses remembered per instance, for flap damping.
+pub const LOSSES_KEPT: usize = 16;
+
 /// Events kept in the replicated log of events; older ones drop off.
 pub const EVENTS_MAX: usize = 1000;
 
@@ -62,6 +90,7 @@ pub struct State {
     /// The newest [`EVENTS_MAX`] events, oldest first.
     pub events: VecDeque<Event>,
     pub next_event_id: u64,
+    pub services: BTreeMap<String, Service>,
 }
 
 impl State {
@@ -221,6 +250,59 @@ impl State {
             }
             Op::TokenRevoke { name } => Outcome::TokenRevoked {
                 found: self.tokens.remove(name).is_some(),
+            },
+            Op::ServicePut { name, policy } => match self.services.get_mut(name) {
+                Some(service) => {
+                    service.policy = policy.clone();
+                    Outcome::ServiceStored { created: false }
+                }
+                None => {
+                    self.services.insert(
+                        name.clone(),
+                        Service {
+                            policy: policy.clone(),
+                            instances: BTreeMap::new(),
+                            primary: None,
+                            token: 0,
+                        },
+                    );
+                    Outcome::ServiceStored { created: true }
+                }
+            },
+            Op::ServiceDelete { name } => Outcome::ServiceDeleted {
+                found: self.services.remove(name).is_some(),
+            },
+            Op::InstancePut { service, id, instance } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(service) => match service.instances.get_mut(id) {
+                    Some(record) => {
+                        record.instance = instance.clone();
+                        Outcome::InstanceStored { created: false }
+                    }
+                    None => {
+                        service.instances.insert(
+                            id.clone(),
+                            InstanceRecord {
+                                instance: instance.clone(),
+                                role: InstanceRole::Replica,
+                                health: Health::Unknown,
+                                losses_ms: Vec::new(),
+                                fenced: false,
+                            },
+                        );
+                        Outcome::InstanceStored { created: true }
+                    }
+                },
+            },
+            Op::InstanceDelete { service, id } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(service) => {
+                    let found = service.instances.remove(id).is_some();
+                    if service.primary.as_deref() == Some(id.as_str()) {
+                        service.primary = None;
+                    }
+                    Outcome::InstanceDeleted { found }
+                }
             },
             Op::Record { event } => {
                 self.next_event_id += 1;
@@ -495,6 +577,43 @@ mod tests {
         assert_eq!(s.events.front().unwrap().id, 6);
         assert_eq!(s.events.back().unwrap().id, EVENTS_MAX as u64 + 5);
         assert_eq!(s.events.back().unwrap().at_ms, 1000);
+    }
+
+    #[test]
+    fn service_commands_survive_the_log_encoding() {
+        let spec: rampart_core::service::PolicySpec = serde_json::from_str(
+            r#"{"mode": "active-active", "confirm": "any",
+                "checks": [{"kind": "http", "target": "http://127.0.0.1:1/h", "body_contains": "ok"},
+                           {"kind": "tcp"}, {"kind": "exec", "command": "true"},
+                           {"kind": "heartbeat", "ttl": "3s", "purpose": "liveness"}],
+                "recovery": {"action": "restart"}, "hooks": {"on_promote": "p"},
+                "flap_damping": {"max_losses": 2, "window": "10m"}}"#,
+        )
+        .unwrap();
+        let instance: rampart_core::service::InstanceSpec =
+            serde_json::from_str(r#"{"endpoint": "127.0.0.1:1", "tags": {"a": "b"}, "node": 1, "command": "run"}"#)
+                .unwrap();
+        let batch = crate::Batch {
+            commands: vec![
+                cmd(Op::ServicePut {
+                    name: "s".into(),
+                    policy: spec.validate().unwrap(),
+                }),
+                cmd(Op::InstancePut {
+                    service: "s".into(),
+                    id: "i".into(),
+                    instance: instance.validate("r").unwrap(),
+                }),
+            ],
+        };
+        let bytes = postcard::to_allocvec(&batch).unwrap();
+        assert_eq!(postcard::from_bytes::<crate::Batch>(&bytes).unwrap(), batch);
+        let mut s = State::default();
+        for c in &batch.commands {
+            s.apply(c);
+        }
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(postcard::from_bytes::<State>(&bytes).unwrap(), s, "snapshots too");
     }
 
     #[test]

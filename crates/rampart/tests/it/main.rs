@@ -10,6 +10,7 @@ mod leases;
 mod membership;
 mod partition;
 mod security;
+mod services;
 mod snapshot;
 mod watch;
 

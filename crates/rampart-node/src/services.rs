@@ -1,0 +1,218 @@
+//! The service registry (`/v1/services`): policies and instances as the region stores
+//! them, and the eligibility report that says, for every instance, whether it could be
+//! promoted now and every reason it could not.
+//!
+//! Validation is `rampart_core::service`'s; a refusal names the field by its path.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use rampart_core::api::{EligibilityResponse, InstanceView, ServiceSummary, ServiceView, ServicesResponse, Stored};
+use rampart_core::failover::{damped, eligibility, Candidate};
+use rampart_core::service::{check_name, FieldError, InstanceRole, InstanceSpec, PolicySpec};
+use rampart_store::state::Service;
+use rampart_store::{Op, Outcome};
+
+use crate::api::{parse_body, unexpected};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::tokens::audit;
+use crate::{now_ms, Shared};
+
+fn invalid(code: &'static str, error: FieldError) -> ApiError {
+    let field = error.field.clone();
+    ApiError::bad_request(code, error.to_string()).with_current(serde_json::json!({ "field": field }))
+}
+
+fn service_not_found(name: &str) -> ApiError {
+    ApiError::not_found("service_not_found", format!("no service named {name:?}"))
+}
+
+pub async fn put_service(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Stored>, ApiError> {
+    check_name("name", &name).map_err(|e| invalid("bad_name", e))?;
+    let spec: PolicySpec = parse_body(body)?;
+    let policy = spec.validate().map_err(|e| invalid("bad_policy", e))?;
+    let result = match node
+        .propose(Op::ServicePut {
+            name: name.clone(),
+            policy,
+        })
+        .await
+    {
+        Ok(Outcome::ServiceStored { created }) => Ok(Stored { created }),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    audit(&node, &caller, "service.put", format!("name={name}"), &result).await;
+    result.map(Json)
+}
+
+pub async fn delete_service(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let result = match node.propose(Op::ServiceDelete { name: name.clone() }).await {
+        Ok(Outcome::ServiceDeleted { found: true }) => Ok(serde_json::json!({ "deleted": name })),
+        Ok(Outcome::ServiceDeleted { found: false }) => Err(service_not_found(&name)),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    audit(&node, &caller, "service.delete", format!("name={name}"), &result).await;
+    result.map(Json)
+}
+
+pub async fn put_instance(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Stored>, ApiError> {
+    check_name("instance", &id).map_err(|e| invalid("bad_name", e))?;
+    let spec: InstanceSpec = parse_body(body)?;
+    let instance = spec
+        .validate(&node.config.region)
+        .map_err(|e| invalid("bad_instance", e))?;
+    let detail = format!("service={name} instance={id} endpoint={}", instance.endpoint);
+    let op = Op::InstancePut {
+        service: name.clone(),
+        id,
+        instance,
+    };
+    let result = match node.propose(op).await {
+        Ok(Outcome::InstanceStored { created }) => Ok(Stored { created }),
+        Ok(Outcome::ServiceNotFound) => Err(service_not_found(&name)),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    audit(&node, &caller, "instance.put", detail, &result).await;
+    result.map(Json)
+}
+
+pub async fn delete_instance(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let op = Op::InstanceDelete {
+        service: name.clone(),
+        id: id.clone(),
+    };
+    let result = match node.propose(op).await {
+        Ok(Outcome::InstanceDeleted { found: true }) => Ok(serde_json::json!({ "deleted": id })),
+        Ok(Outcome::InstanceDeleted { found: false }) => Err(ApiError::not_found(
+            "instance_not_found",
+            format!("service {name:?} has no instance {id:?}"),
+        )),
+        Ok(Outcome::ServiceNotFound) => Err(service_not_found(&name)),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    audit(
+        &node,
+        &caller,
+        "instance.delete",
+        format!("service={name} instance={id}"),
+        &result,
+    )
+    .await;
+    result.map(Json)
+}
+
+pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
+    let applied = node.applied.read().expect("state lock");
+    Json(ServicesResponse {
+        services: applied
+            .state
+            .services
+            .iter()
+            .map(|(name, s)| ServiceSummary {
+                name: name.clone(),
+                primary: s.primary.clone(),
+                instances: s.instances.len(),
+            })
+            .collect(),
+    })
+}
+
+fn view(name: &str, service: &Service) -> ServiceView {
+    ServiceView {
+        name: name.to_string(),
+        primary: service.primary.clone(),
+        token: service.token,
+        instances: service
+            .instances
+            .iter()
+            .map(|(id, r)| InstanceView {
+                id: id.clone(),
+                endpoint: r.instance.endpoint.clone(),
+                region: r.instance.region.clone(),
+                zone: r.instance.zone.clone(),
+                priority: r.instance.priority,
+                role: r.role,
+                health: r.health,
+                node: r.instance.node,
+                tags: r.instance.tags.clone(),
+            })
+            .collect(),
+        policy: service.policy.clone(),
+    }
+}
+
+fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> Result<T, ApiError> {
+    let applied = node.applied.read().expect("state lock");
+    applied
+        .state
+        .services
+        .get(name)
+        .map(f)
+        .ok_or_else(|| service_not_found(name))
+}
+
+pub async fn show(State(node): State<Shared>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
+    with_service(&node, &name, |s| view(&name, s)).map(Json)
+}
+
+/// Every instance's eligibility for promotion right now, from the committed verdicts.
+pub async fn explain(
+    State(node): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<EligibilityResponse>, ApiError> {
+    let now = now_ms();
+    with_service(&node, &name, |service| {
+        let primary_region = service
+            .primary
+            .as_ref()
+            .and_then(|p| service.instances.get(p))
+            .map_or(node.config.region.as_str(), |r| r.instance.region.as_str());
+        let candidates: Vec<Candidate> = service
+            .instances
+            .iter()
+            .filter(|(_, r)| r.role != InstanceRole::Standby)
+            .map(|(id, r)| Candidate {
+                id: id.clone(),
+                health: r.health,
+                priority: r.instance.priority,
+                in_primary_region: r.instance.region == primary_region,
+                // Reported lag arrives with heartbeats (leader-local soft state).
+                lag: None,
+                synchronous: r.instance.synchronous,
+                fenced: r.fenced,
+                damped: damped(&r.losses_ms, now, service.policy.damping),
+                is_primary: service.primary.as_deref() == Some(id.as_str()),
+            })
+            .collect();
+        EligibilityResponse {
+            service: name.clone(),
+            primary: service.primary.clone(),
+            instances: eligibility(&candidates, service.policy.rules()),
+        }
+    })
+    .map(Json)
+}

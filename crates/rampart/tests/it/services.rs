@@ -1,0 +1,122 @@
+//! The service registry: policies and instances through the API, validation that names
+//! the field, and the eligibility report.
+
+use rampart_client::ClientError;
+use rampart_core::failover::Refusal;
+use rampart_core::health::Health;
+use rampart_core::service::{InstanceSpec, PolicySpec};
+
+use crate::{cluster, DEADLINE};
+
+fn policy(json: &str) -> PolicySpec {
+    serde_json::from_str(json).expect("policy shape")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_register_on_every_node_and_explain_their_eligibility() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let orders = policy(
+        r#"{"checks": [{"kind": "tcp", "interval": "1s", "rise": 2, "fall": 3}],
+            "max_lag_on_failover": 0, "hooks": {"on_promote": "promote.sh"}}"#,
+    );
+    assert!(
+        client
+            .service_put("orders-db", &orders)
+            .await
+            .expect("register")
+            .created
+    );
+    assert!(!client.service_put("orders-db", &orders).await.expect("again").created);
+
+    // Bad input: 400 naming the field, nothing stored.
+    let bad = policy(r#"{"checks": [{"kind": "http", "interval": "soon"}]}"#);
+    match client.service_put("broken", &bad).await {
+        Err(ClientError::Api {
+            status: 400,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!(code, "bad_policy");
+            assert!(message.contains("checks[0].interval"), "{message}");
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let missing = InstanceSpec {
+        endpoint: "127.0.0.1:5432".into(),
+        ..InstanceSpec::default()
+    };
+    match client.instance_put("no-such-service", "pg-1", &missing).await {
+        Err(e) => assert_eq!(e.code(), Some("service_not_found")),
+        Ok(_) => panic!("an instance of a missing service was stored"),
+    }
+    match client
+        .instance_put(
+            "orders-db",
+            "pg-1",
+            &InstanceSpec {
+                endpoint: "nowhere".into(),
+                ..InstanceSpec::default()
+            },
+        )
+        .await
+    {
+        Err(ClientError::Api {
+            status: 400, message, ..
+        }) => assert!(message.contains("endpoint"), "{message}"),
+        other => panic!("expected 400, got {other:?}"),
+    }
+
+    for (id, priority) in [("pg-1", 100), ("pg-2", 50), ("pg-3", 0)] {
+        let spec = InstanceSpec {
+            endpoint: format!("127.0.0.1:{}", 15_000 + priority),
+            priority: Some(priority),
+            ..InstanceSpec::default()
+        };
+        assert!(
+            client
+                .instance_put("orders-db", id, &spec)
+                .await
+                .expect("instance")
+                .created
+        );
+    }
+    // Every node serves the same registry.
+    for id in cluster.nodes.keys().copied() {
+        let node = cluster.client_of(id);
+        rampart_testkit::eventually(DEADLINE, &format!("node {id} to list 3 instances"), || async {
+            let view = node.service("orders-db").await.ok()?;
+            (view.instances.len() == 3).then_some(())
+        })
+        .await;
+    }
+    let view = client.service("orders-db").await.expect("show");
+    assert_eq!(view.primary, None);
+    assert!(view.instances.iter().all(|i| i.health == Health::Unknown));
+
+    // Nothing has been checked yet: nobody is promotable, and each says why.
+    let report = client.eligibility("orders-db").await.expect("eligibility");
+    assert_eq!(report.instances.len(), 3);
+    for entry in &report.instances {
+        assert_eq!(entry.rank, None, "{entry:?}");
+        assert!(entry.reasons.contains(&Refusal::Unhealthy {
+            health: Health::Unknown
+        }));
+    }
+    let pg3 = report.instances.iter().find(|e| e.id == "pg-3").expect("pg-3");
+    assert!(pg3.reasons.contains(&Refusal::NeverPromote), "priority 0 says so");
+
+    let services = client.services().await.expect("list");
+    assert_eq!(services.services.len(), 1, "the bad policy stored nothing");
+    let events = client.events(Some("audit"), None).await.expect("events");
+    assert!(events
+        .events
+        .iter()
+        .any(|e| e.action == "service.put" && e.outcome == "ok"));
+    assert!(events
+        .events
+        .iter()
+        .any(|e| e.action == "instance.put" && e.outcome == "ok"));
+}
