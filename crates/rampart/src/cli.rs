@@ -85,6 +85,9 @@ enum Command {
     /// List, add and remove region members
     #[command(subcommand)]
     Members(MembersCommand),
+    /// Services Rampart keeps available: register, list, show, explain eligibility
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Create API tokens, list and revoke them (admin role)
     #[command(subcommand)]
     Token(TokenCommand),
@@ -189,6 +192,44 @@ enum MembersCommand {
     Add { id: u64, addr: String },
     /// Remove a member
     Remove { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCommand {
+    /// List services with their primary
+    List,
+    /// Show a service: policy, primary, fencing token, instances with role and health
+    Show { name: String },
+    /// Register a service (--policy FILE, TOML or JSON) and/or one of its instances
+    /// (--instance ID --endpoint HOST:PORT ...)
+    Register {
+        name: String,
+        /// The service policy, as in DESIGN.md's `[services.NAME]` table (TOML or JSON)
+        #[arg(long)]
+        policy: Option<std::path::PathBuf>,
+        /// Register (or update) this instance
+        #[arg(long, requires = "endpoint")]
+        instance: Option<String>,
+        /// Where the instance serves, HOST:PORT
+        #[arg(long, requires = "instance")]
+        endpoint: Option<String>,
+        /// Higher is preferred for promotion; 0 = never automatically [default: 100]
+        #[arg(long)]
+        priority: Option<u32>,
+        /// The node that runs the instance's hooks
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// Region of the instance [default: the answering node's]
+        #[arg(long)]
+        region: Option<String>,
+        /// This instance is the synchronous standby
+        #[arg(long)]
+        synchronous: bool,
+    },
+    /// For every instance: could it be promoted now, and if not, every reason
+    Eligibility { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -383,6 +424,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
         Command::Token(command) => run_token(client()?, output, command).await,
+        Command::Service(command) => run_service(client()?, output, command).await,
         Command::Certs(CertsCommand::Init { dir, nodes, hosts }) => {
             let nodes = rampart_node::certs::parse_nodes(&nodes).map_err(|e| Failure::usage(e.into()))?;
             if nodes.is_empty() {
@@ -500,6 +542,130 @@ async fn run_kv(client: Client, output: Output, command: KvCommand) -> Result<()
             Ok(())
         }
     }
+}
+
+/// A value's name as the API spells it (`primary`, `up`).
+fn label<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        other => format!("{other:?}"),
+    }
+}
+
+/// Reads a service policy file: TOML (the `[services.NAME]` table's body) or JSON.
+fn read_policy(path: &std::path::Path) -> Result<rampart_core::service::PolicySpec, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --policy {}: {e}", path.display())))?;
+    let parsed = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        toml::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| Failure::usage(anyhow::anyhow!("invalid --policy {}: {e}", path.display())))
+}
+
+async fn run_service(client: Client, output: Output, command: ServiceCommand) -> Result<(), Failure> {
+    match command {
+        ServiceCommand::List => {
+            let answer = client.services().await?;
+            print(output, &answer, |a| {
+                a.services
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} primary {} ({} instances)",
+                            s.name,
+                            s.primary.as_deref().unwrap_or("none"),
+                            s.instances
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        ServiceCommand::Show { name } => {
+            let answer = client.service(&name).await?;
+            print(output, &answer, |s| {
+                let mut text = format!(
+                    "{} primary {} token {}\n",
+                    s.name,
+                    s.primary.as_deref().unwrap_or("none"),
+                    s.token
+                );
+                for i in &s.instances {
+                    text.push_str(&format!(
+                        "  {} {} {} {} priority {} region {}\n",
+                        i.id,
+                        i.endpoint,
+                        label(&i.role),
+                        label(&i.health),
+                        i.priority,
+                        i.region
+                    ));
+                }
+                text.trim_end().to_string()
+            });
+        }
+        ServiceCommand::Register {
+            name,
+            policy,
+            instance,
+            endpoint,
+            priority,
+            node,
+            zone,
+            region,
+            synchronous,
+        } => {
+            if policy.is_none() && instance.is_none() {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "give --policy FILE to register the service, --instance ID --endpoint HOST:PORT to register an instance, or both"
+                )));
+            }
+            let mut answer = serde_json::Map::new();
+            if let Some(path) = policy {
+                let stored = client.service_put(&name, &read_policy(&path)?).await?;
+                answer.insert("service_created".into(), stored.created.into());
+            }
+            if let (Some(id), Some(endpoint)) = (instance, endpoint) {
+                let spec = rampart_core::service::InstanceSpec {
+                    endpoint,
+                    region,
+                    zone,
+                    priority,
+                    node,
+                    synchronous: synchronous.then_some(true),
+                    ..Default::default()
+                };
+                let stored = client.instance_put(&name, &id, &spec).await?;
+                answer.insert("instance_created".into(), stored.created.into());
+            }
+            print(output, &answer, |_| format!("{name} registered"));
+        }
+        ServiceCommand::Eligibility { name } => {
+            let answer = client.eligibility(&name).await?;
+            print(output, &answer, |a| {
+                a.instances
+                    .iter()
+                    .map(|e| {
+                        let verdict = match e.rank {
+                            Some(1) => "would be promoted".to_string(),
+                            Some(rank) => format!("promotable, rank {rank}"),
+                            None => "not promotable".to_string(),
+                        };
+                        let reasons: Vec<String> = e
+                            .reasons
+                            .iter()
+                            .map(|r| serde_json::to_string(r).unwrap_or_default())
+                            .collect();
+                        format!("{} {verdict} {}", e.id, reasons.join(" "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn run_token(client: Client, output: Output, command: TokenCommand) -> Result<(), Failure> {
