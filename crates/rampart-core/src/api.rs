@@ -259,6 +259,9 @@ pub struct InstanceView {
     pub node: Option<u64>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// On the leader: each node's latest view of this instance (the inputs of `health`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reports: std::collections::BTreeMap<u64, crate::health::Health>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,4 +289,20 @@ pub struct EligibilityResponse {
     pub service: String,
     pub primary: Option<String>,
     pub instances: Vec<crate::failover::Eligibility>,
+}
+
+/// One node's current view of one instance (worst of its checks), sent to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    pub service: String,
+    pub instance: String,
+    pub health: crate::health::Health,
+}
+
+/// `POST /v1/observations` (node to leader): a batch of one node's observations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationsRequest {
+    pub node: u64,
+    pub observations: Vec<Observation>,
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tokens::audit;
-use crate::{auth, forward, now_ms, services, tokens, watch, Shared};
+use crate::{auth, forward, now_ms, services, tokens, verdicts, watch, Shared};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -55,6 +55,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(tokens::events))
         .route("/v1/services", get(services::list))
+        .route("/v1/observations", post(verdicts::handle))
         .route(
             "/v1/services/{name}",
             get(services::show)

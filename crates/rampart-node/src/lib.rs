@@ -12,11 +12,13 @@ mod forward;
 mod leases;
 mod metrics;
 mod peer;
+mod prober;
 mod proposer;
 mod server;
 mod services;
 pub mod tls;
 mod tokens;
+mod verdicts;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -67,6 +69,10 @@ pub(crate) struct Node {
     /// `Some` when the node runs with TLS (and tokens).
     pub tls: Option<tls::NodeTls>,
     pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
+    /// Runs this node's health probes of instances (HTTP checks).
+    pub probe_http: reqwest::Client,
+    /// Leader-only soft state: every node's latest view of every instance.
+    pub observations: Mutex<verdicts::Reports>,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -252,6 +258,15 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         proposer,
         config,
         tls,
+        probe_http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Like HAProxy's `check-ssl verify none`: a health check asks "does it answer",
+            // not "is its certificate valid".
+            .danger_accept_invalid_certs(true)
+            .pool_max_idle_per_host(2)
+            .build()
+            .map_err(|e| NodeError::Raft(e.to_string()))?,
+        observations: Mutex::new(verdicts::Reports::default()),
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,
             auth::FAILURES_DRAIN_MS,
@@ -265,6 +280,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(elector::run(node.clone())),
         tokio::spawn(api::track_raft_metrics(node.clone())),
         tokio::spawn(tokens::run_bootstrap(node.clone())),
+        tokio::spawn(prober::run(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];
     shutdown_signal().await;

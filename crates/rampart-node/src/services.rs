@@ -141,7 +141,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(name: &str, service: &Service) -> ServiceView {
+fn view(name: &str, service: &Service, reports: &crate::verdicts::Reports) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),
@@ -159,6 +159,10 @@ fn view(name: &str, service: &Service) -> ServiceView {
                 health: r.health,
                 node: r.instance.node,
                 tags: r.instance.tags.clone(),
+                reports: reports
+                    .get(&(name.to_string(), id.clone()))
+                    .map(|seen| seen.iter().map(|(node, (health, _))| (*node, *health)).collect())
+                    .unwrap_or_default(),
             })
             .collect(),
         policy: service.policy.clone(),
@@ -176,7 +180,8 @@ fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> 
 }
 
 pub async fn show(State(node): State<Shared>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
-    with_service(&node, &name, |s| view(&name, s)).map(Json)
+    let reports = node.observations.lock().expect("observations lock").clone();
+    with_service(&node, &name, |s| view(&name, s, &reports)).map(Json)
 }
 
 /// Every instance's eligibility for promotion right now, from the committed verdicts.

@@ -54,7 +54,7 @@ fn audit_event(action: &str, actor: &str, source: &str, outcome: String, detail:
     }
 }
 
-async fn record(node: &Shared, event: Event) {
+pub(crate) async fn record(node: &Shared, event: Event) {
     let action = event.action.clone();
     if let Err(e) = node.propose(Op::Record { event }).await {
         tracing::warn!(action, "could not commit the audit event: {}", e.message);

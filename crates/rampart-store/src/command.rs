@@ -84,6 +84,13 @@ pub enum Op {
         service: String,
         id: String,
     },
+    /// The region's confirmed verdict on an instance changed (decided by the leader from
+    /// every node's probes).
+    InstanceHealth {
+        service: String,
+        id: String,
+        health: rampart_core::health::Health,
+    },
 }
 
 /// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
@@ -150,4 +157,6 @@ pub enum Outcome {
     InstanceDeleted {
         found: bool,
     },
+    InstanceNotFound,
+    HealthRecorded,
 }

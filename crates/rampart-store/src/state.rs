@@ -304,6 +304,15 @@ impl State {
                     Outcome::InstanceDeleted { found }
                 }
             },
+            Op::InstanceHealth { service, id, health } => {
+                match self.services.get_mut(service).and_then(|s| s.instances.get_mut(id)) {
+                    None => Outcome::InstanceNotFound,
+                    Some(record) => {
+                        record.health = *health;
+                        Outcome::HealthRecorded
+                    }
+                }
+            }
             Op::Record { event } => {
                 self.next_event_id += 1;
                 let id = self.next_event_id;

@@ -120,3 +120,89 @@ async fn services_register_on_every_node_and_explain_their_eligibility() {
         .iter()
         .any(|e| e.action == "instance.put" && e.outcome == "ok"));
 }
+
+/// Waits until `service`'s instance `id` has this committed health on every node.
+async fn wait_health(cluster: &rampart_testkit::Cluster, service: &str, id: &str, health: Health) {
+    for node in cluster.nodes.keys().copied() {
+        let client = cluster.client_of(node);
+        rampart_testkit::eventually(
+            DEADLINE,
+            &format!("{service}/{id} {health:?} on node {node}"),
+            || async {
+                let view = client.service(service).await.ok()?;
+                let instance = view.instances.iter().find(|i| i.id == id)?;
+                (instance.health == health).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
+    let cluster = cluster(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    // The check fails on a node when a marker file for that node exists: a stand-in for
+    // one node losing its route to the instance.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let check = format!(
+        r#"test ! -e {dir}/down-$RAMPART_NODE_ID && test ! -e {dir}/down-all"#,
+        dir = dir.path().display()
+    );
+    for (name, rule) in [("by-majority", "majority"), ("by-any", "any")] {
+        let spec = serde_json::json!({
+            "confirm": rule,
+            "checks": [{"kind": "exec", "command": check, "interval": "100ms", "rise": 1, "fall": 2}],
+        });
+        let spec: PolicySpec = serde_json::from_value(spec).expect("policy");
+        client.service_put(name, &spec).await.expect("service");
+        let instance = InstanceSpec {
+            endpoint: "127.0.0.1:1".into(),
+            ..InstanceSpec::default()
+        };
+        client.instance_put(name, "i-1", &instance).await.expect("instance");
+    }
+    for name in ["by-majority", "by-any"] {
+        wait_health(&cluster, name, "i-1", Health::Up).await;
+    }
+
+    // One node (not the leader, which would see its own report at once) sees it down.
+    let lonely = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    std::fs::write(dir.path().join(format!("down-{lonely}")), b"").expect("marker");
+    wait_health(&cluster, "by-any", "i-1", Health::Down).await;
+    let on_leader = cluster.client_of(leader);
+    rampart_testkit::eventually(DEADLINE, "the leader to hear the lonely node's report", || async {
+        let view = on_leader.service("by-majority").await.ok()?;
+        let reports = &view.instances.first()?.reports;
+        (reports.get(&lonely) == Some(&Health::Down)).then_some(())
+    })
+    .await;
+    let view = on_leader.service("by-majority").await.expect("view");
+    assert_eq!(
+        view.instances[0].health,
+        Health::Up,
+        "one node's view failed an instance under confirm = majority: {:?}",
+        view.instances[0].reports
+    );
+
+    // Every node sees it down: now the majority agrees.
+    std::fs::write(dir.path().join("down-all"), b"").expect("marker");
+    wait_health(&cluster, "by-majority", "i-1", Health::Down).await;
+    let events = client.events(Some("health"), None).await.expect("events");
+    assert!(events
+        .events
+        .iter()
+        .any(|e| e.action == "instance.down" && e.detail.contains("service=by-majority")));
+
+    // And back.
+    std::fs::remove_file(dir.path().join("down-all")).expect("marker");
+    std::fs::remove_file(dir.path().join(format!("down-{lonely}"))).expect("marker");
+    wait_health(&cluster, "by-majority", "i-1", Health::Up).await;
+    wait_health(&cluster, "by-any", "i-1", Health::Up).await;
+}
