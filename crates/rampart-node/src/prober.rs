@@ -74,9 +74,14 @@ pub async fn run(node: Shared) {
             keep
         });
         for (key, spec) in desired {
-            if !tasks.contains_key(&key) {
-                let task = tokio::spawn(probe_loop(node.clone(), views.clone(), key.clone(), spec.clone()));
-                tasks.insert(key, (spec, task));
+            if let std::collections::hash_map::Entry::Vacant(slot) = tasks.entry(key) {
+                let task = tokio::spawn(probe_loop(
+                    node.clone(),
+                    views.clone(),
+                    slot.key().clone(),
+                    spec.clone(),
+                ));
+                slot.insert((spec, task));
             }
         }
         let full = last_full.elapsed() >= FULL_REPORT_EVERY;
