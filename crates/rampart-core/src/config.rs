@@ -115,6 +115,8 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     /// Plaintext on a non-loopback address was asked for explicitly.
     pub insecure: bool,
+    /// Services declared in the config file (`[services.NAME]`), registered by the leader.
+    pub services: BTreeMap<String, crate::service::Policy>,
 }
 
 impl NodeConfig {
@@ -283,6 +285,7 @@ impl NodeConfig {
             limits,
             tls,
             insecure,
+            services: BTreeMap::new(),
         })
     }
 

@@ -281,6 +281,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(api::track_raft_metrics(node.clone())),
         tokio::spawn(tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
+        tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];
     shutdown_signal().await;

@@ -221,3 +221,59 @@ pub async fn explain(
     })
     .map(Json)
 }
+
+/// Leader-only: registers the services of this node's config file (`[services.NAME]`)
+/// that the region lacks or holds with another policy, then stops. Every node carries the
+/// same tables in practice; if they differ, the last leader's config wins.
+pub async fn register_configured(node: Shared) {
+    if node.config.services.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if node.known_leader() != Some(node.id) {
+            continue;
+        }
+        let pending: Vec<(String, rampart_core::service::Policy)> = {
+            let applied = node.applied.read().expect("state lock");
+            node.config
+                .services
+                .iter()
+                .filter(|(name, policy)| applied.state.services.get(*name).map(|s| &s.policy) != Some(*policy))
+                .map(|(name, policy)| (name.clone(), policy.clone()))
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        for (name, policy) in pending {
+            let result = match node
+                .propose(Op::ServicePut {
+                    name: name.clone(),
+                    policy,
+                })
+                .await
+            {
+                Ok(Outcome::ServiceStored { created }) => Ok(created),
+                Ok(other) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            };
+            let caller = Caller {
+                name: "config".to_string(),
+                role: rampart_core::auth::Role::Admin,
+                prefixes: Vec::new(),
+                source: format!("node {}", node.id),
+                token_hash: None,
+            };
+            audit(
+                &node,
+                &caller,
+                "service.put",
+                format!("name={name} from=config"),
+                &result,
+            )
+            .await;
+        }
+    }
+}

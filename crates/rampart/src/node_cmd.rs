@@ -110,15 +110,47 @@ impl NodeArgs {
     }
 }
 
-/// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`).
-fn file_settings(path: &PathBuf) -> Result<BTreeMap<String, String>, Failure> {
+/// Services declared in the config file (`[services.NAME]` tables), validated.
+type ConfiguredServices = BTreeMap<String, rampart_core::service::Policy>;
+
+/// Reads `[services.NAME]` tables; a bad one is refused naming `services.NAME.FIELD`.
+fn file_services(path: &std::path::Path, value: toml::Value) -> Result<ConfiguredServices, Failure> {
+    let bad = |message: String| Failure::usage(anyhow::anyhow!("invalid --config {}: {message}", path.display()));
+    let toml::Value::Table(table) = value else {
+        return Err(bad("services must be tables: [services.NAME]".into()));
+    };
+    let mut services = BTreeMap::new();
+    for (name, body) in table {
+        rampart_core::service::check_name(&format!("services.{name}"), &name).map_err(|e| bad(e.to_string()))?;
+        let spec: rampart_core::service::PolicySpec =
+            body.try_into().map_err(|e| bad(format!("[services.{name}]: {e}")))?;
+        let policy = spec.validate().map_err(|e| {
+            bad(rampart_core::service::FieldError {
+                field: format!("services.{name}.{}", e.field),
+                ..e
+            }
+            .to_string())
+        })?;
+        services.insert(name, policy);
+    }
+    Ok(services)
+}
+
+/// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`)
+/// and its `[services.NAME]` tables.
+fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, ConfiguredServices), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --config {}: {e}", path.display())))?;
     let table: toml::Table = text
         .parse()
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
     let mut settings = BTreeMap::new();
+    let mut services = BTreeMap::new();
     for (key, value) in table {
+        if key == "services" {
+            services = file_services(path, value)?;
+            continue;
+        }
         let name = key.replace('_', "-");
         if !NODE_SETTINGS.contains(&name.as_str()) {
             return Err(Failure::usage(anyhow::anyhow!(
@@ -140,20 +172,22 @@ fn file_settings(path: &PathBuf) -> Result<BTreeMap<String, String>, Failure> {
         };
         settings.insert(name, text);
     }
-    Ok(settings)
+    Ok((settings, services))
 }
 
 pub fn config(args: &NodeArgs) -> Result<NodeConfig, Failure> {
-    let mut settings = match &args.config {
+    let (mut settings, services) = match &args.config {
         Some(path) => file_settings(path)?,
-        None => BTreeMap::new(),
+        None => (BTreeMap::new(), BTreeMap::new()),
     };
     for (name, value) in args.flags() {
         if let Some(value) = value {
             settings.insert(name.to_string(), value);
         }
     }
-    NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))
+    let mut config = NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))?;
+    config.services = services;
+    Ok(config)
 }
 
 pub async fn run(args: NodeArgs) -> Result<(), Failure> {

@@ -206,3 +206,56 @@ async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
     wait_health(&cluster, "by-majority", "i-1", Health::Up).await;
     wait_health(&cluster, "by-any", "i-1", Health::Up).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_from_node_config_are_registered_and_bad_ones_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("rampart.toml");
+    std::fs::write(
+        &config,
+        r#"
+[services.orders-db]
+mode = "active-passive"
+checks = [{ kind = "tcp", target = "127.0.0.1:1", interval = "1s", timeout = "500ms", rise = 2, fall = 3 }]
+confirm = "majority"
+max_lag_on_failover = 0
+hooks = { on_promote = "echo promote", on_demote = "echo demote" }
+"#,
+    )
+    .expect("config");
+    let cluster = rampart_testkit::Cluster::start(
+        crate::binary(),
+        rampart_testkit::ClusterOptions {
+            nodes: 3,
+            node_args: vec!["--config".into(), config.display().to_string()],
+            ..rampart_testkit::ClusterOptions::default()
+        },
+    )
+    .await
+    .expect("cluster");
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let view = rampart_testkit::eventually(DEADLINE, "the configured service", || async {
+        client.service("orders-db").await.ok()
+    })
+    .await;
+    assert_eq!(view.policy.checks[0].interval_ms, 1000);
+    assert_eq!(view.policy.hooks.on_promote.as_deref(), Some("echo promote"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[services.broken]\nchecks = [{ kind = \"http\", interval = \"often\" }]\n",
+    )
+    .expect("bad config");
+    let out = std::process::Command::new(crate::binary())
+        .args(["node", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir"])
+        .arg(dir.path().join("unused"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .expect("run node");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("services.broken.checks[0].interval"), "{stderr}");
+}
