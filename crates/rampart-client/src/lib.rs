@@ -471,6 +471,14 @@ impl Client {
         self.get(&format!("/v1/services/{}/eligibility", encode(name))).await
     }
 
+    /// An instance's heartbeat (for `heartbeat` checks), with its replication lag if it
+    /// has one; answers its role and its service's primary and fencing token.
+    pub async fn heartbeat(&self, service: &str, id: &str, lag: Option<u64>) -> Result<HeartbeatResponse, ClientError> {
+        let path = format!("/v1/services/{}/instances/{}/heartbeat", encode(service), encode(id));
+        self.call(Method::POST, &path, Some(&HeartbeatRequest { lag }), Retry::Idempotent)
+            .await
+    }
+
     pub async fn remove_member(&self, id: u64) -> Result<MembersResponse, ClientError> {
         self.call::<(), _>(
             Method::DELETE,

@@ -306,3 +306,20 @@ pub struct ObservationsRequest {
     pub node: u64,
     pub observations: Vec<Observation>,
 }
+
+/// `POST /v1/services/{name}/instances/{id}/heartbeat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// Revisions this instance is behind its primary (replicas); used for promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// What a heartbeat answers: the instance's role and its service's primary and token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub role: crate::service::InstanceRole,
+    pub primary: Option<String>,
+    pub token: u64,
+}

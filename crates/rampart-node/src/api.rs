@@ -68,6 +68,10 @@ pub fn router(node: Shared) -> Router {
         )
         .route("/v1/services/{name}/eligibility", get(services::explain))
         .route(
+            "/v1/services/{name}/instances/{id}/heartbeat",
+            post(verdicts::heartbeat),
+        )
+        .route(
             "/health/live",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )

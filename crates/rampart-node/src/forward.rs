@@ -27,7 +27,8 @@ fn needs_leader(request: &Request) -> bool {
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=stale"));
-    (path.starts_with("/v1/kv") || path.starts_with("/v1/elections")) && !stale
+    // Eligibility needs the replicas' reported lag, which only the leader holds.
+    (path.starts_with("/v1/kv") || path.starts_with("/v1/elections") || path.ends_with("/eligibility")) && !stale
 }
 
 pub async fn to_leader(State(node): State<Shared>, request: Request, next: Next) -> Response {

@@ -71,8 +71,8 @@ pub(crate) struct Node {
     pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
     /// Runs this node's health probes of instances (HTTP checks).
     pub probe_http: reqwest::Client,
-    /// Leader-only soft state: every node's latest view of every instance.
-    pub observations: Mutex<verdicts::Reports>,
+    /// Leader-only soft state: node views, heartbeats and lags of instances.
+    pub soft: Mutex<verdicts::Soft>,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -266,7 +266,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .pool_max_idle_per_host(2)
             .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?,
-        observations: Mutex::new(verdicts::Reports::default()),
+        soft: Mutex::new(verdicts::Soft::default()),
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,
             auth::FAILURES_DRAIN_MS,
@@ -281,6 +281,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(api::track_raft_metrics(node.clone())),
         tokio::spawn(tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
+        tokio::spawn(verdicts::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

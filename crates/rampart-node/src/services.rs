@@ -141,7 +141,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(name: &str, service: &Service, reports: &crate::verdicts::Reports) -> ServiceView {
+fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),
@@ -159,7 +159,8 @@ fn view(name: &str, service: &Service, reports: &crate::verdicts::Reports) -> Se
                 health: r.health,
                 node: r.instance.node,
                 tags: r.instance.tags.clone(),
-                reports: reports
+                reports: soft
+                    .reports
                     .get(&(name.to_string(), id.clone()))
                     .map(|seen| seen.iter().map(|(node, (health, _))| (*node, *health)).collect())
                     .unwrap_or_default(),
@@ -180,8 +181,11 @@ fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> 
 }
 
 pub async fn show(State(node): State<Shared>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
-    let reports = node.observations.lock().expect("observations lock").clone();
-    with_service(&node, &name, |s| view(&name, s, &reports)).map(Json)
+    // Lock order everywhere: the applied state, then the soft state.
+    with_service(&node, &name, |s| {
+        view(&name, s, &node.soft.lock().expect("soft state lock"))
+    })
+    .map(Json)
 }
 
 /// Every instance's eligibility for promotion right now, from the committed verdicts.
@@ -191,6 +195,7 @@ pub async fn explain(
 ) -> Result<Json<EligibilityResponse>, ApiError> {
     let now = now_ms();
     with_service(&node, &name, |service| {
+        let soft = node.soft.lock().expect("soft state lock");
         let primary_region = service
             .primary
             .as_ref()
@@ -205,8 +210,9 @@ pub async fn explain(
                 health: r.health,
                 priority: r.instance.priority,
                 in_primary_region: r.instance.region == primary_region,
-                // Reported lag arrives with heartbeats (leader-local soft state).
-                lag: None,
+                // Reported with heartbeats: leader-local soft state (this call is
+                // answered by the leader).
+                lag: soft.lag(&name, id),
                 synchronous: r.instance.synchronous,
                 fenced: r.fenced,
                 damped: damped(&r.losses_ms, now, service.policy.damping),

@@ -1,25 +1,50 @@
-//! Leader-only: turns every node's observations into the region's verdict on each
-//! instance (`rampart_core::health::confirm`, majority or any, per the service's policy)
-//! and commits each change, so every node agrees on an instance's health. Observations
-//! are leader-local soft state: a new leader starts empty and hears from every node again
-//! within a few seconds; until then the committed verdicts stand.
+//! Leader-only: turns what the region knows of each instance into its committed verdict,
+//! so every node agrees on an instance's health.
+//!
+//! Two inputs, both leader-local soft state (DESIGN rule 8): every node's probe views
+//! (confirmed with `rampart_core::health::confirm`, majority or any, per the policy), and
+//! the instance's own heartbeats for `heartbeat` checks (down once a heartbeat is older
+//! than the check's TTL). The verdict is the worse of the two. A new leader starts with
+//! no reports, keeps the committed verdicts until nodes report again (within seconds), and
+//! restarts every heartbeat deadline from its own now, as etcd does with lease deadlines.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::Json;
-use rampart_core::api::{Event, ObservationsRequest};
-use rampart_core::health::{confirm, Health};
-use rampart_core::service::Policy;
+use rampart_core::api::{Event, HeartbeatRequest, HeartbeatResponse, ObservationsRequest};
+use rampart_core::health::{confirm, worst, Health};
+use rampart_core::service::{Policy, Probe};
 use rampart_store::Op;
 
 use crate::api::parse_body;
 use crate::error::ApiError;
 use crate::Shared;
 
-/// The latest report of each node about each instance.
-pub type Reports = HashMap<(String, String), BTreeMap<u64, (Health, Instant)>>;
+type InstanceKey = (String, String);
+
+/// What the leader has heard, per instance. Lock order: the applied state first, then this.
+#[derive(Debug, Default)]
+pub struct Soft {
+    /// Each node's latest view, and when it arrived.
+    pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
+    /// The confirmed verdict of the probes alone.
+    probe_verdicts: HashMap<InstanceKey, Health>,
+    /// The last heartbeat and the lag it reported.
+    pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
+    /// When this node last became leader: heartbeat deadlines count from no earlier.
+    leader_since: Option<Instant>,
+}
+
+impl Soft {
+    /// The lag an instance last reported with its heartbeat, if any.
+    pub fn lag(&self, service: &str, instance: &str) -> Option<u64> {
+        self.heartbeats
+            .get(&(service.to_string(), instance.to_string()))
+            .and_then(|(_, lag)| *lag)
+    }
+}
 
 /// How long a node's report counts: a node that stopped reporting (dead, cut off) is not a
 /// vote either way after this.
@@ -28,6 +53,17 @@ fn fresh_for(policy: &Policy) -> Duration {
     Duration::from_millis(slowest_ms * 2) + Duration::from_secs(10)
 }
 
+fn voters(node: &Shared) -> usize {
+    node.raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .count()
+}
+
+/// `POST /v1/observations` (node to leader).
 pub async fn handle(
     State(node): State<Shared>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
@@ -40,54 +76,172 @@ pub async fn handle(
     Ok(Json(serde_json::json!({})))
 }
 
-/// Records a batch and commits every verdict it changes.
+/// Records a batch of one node's views and commits every verdict that changes.
 pub async fn receive(node: &Shared, request: ObservationsRequest) {
     let now = Instant::now();
-    let voters = node
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .count();
+    let keys: Vec<InstanceKey> = {
+        let mut soft = node.soft.lock().expect("soft state lock");
+        request
+            .observations
+            .into_iter()
+            .map(|o| {
+                let key = (o.service, o.instance);
+                soft.reports
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(request.node, (o.health, now));
+                key
+            })
+            .collect()
+    };
+    evaluate(node, &keys).await;
+}
+
+/// `POST /v1/services/{name}/instances/{id}/heartbeat` (forwarded to the leader): the
+/// instance is alive, optionally `{"lag": N}` revisions behind its primary. Answers the
+/// instance's current role and the primary's fencing token.
+pub async fn heartbeat(
+    State(node): State<Shared>,
+    Path((service, id)): Path<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let request: HeartbeatRequest = parse_body(body)?;
+    let answer = {
+        let applied = node.applied.read().expect("state lock");
+        let service_state = applied
+            .state
+            .services
+            .get(&service)
+            .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service named {service:?}")))?;
+        let record = service_state.instances.get(&id).ok_or_else(|| {
+            ApiError::not_found(
+                "instance_not_found",
+                format!("service {service:?} has no instance {id:?}"),
+            )
+        })?;
+        HeartbeatResponse {
+            role: record.role,
+            primary: service_state.primary.clone(),
+            token: service_state.token,
+        }
+    };
+    node.soft
+        .lock()
+        .expect("soft state lock")
+        .heartbeats
+        .insert((service.clone(), id.clone()), (Instant::now(), request.lag));
+    evaluate(&node, &[(service, id)]).await;
+    Ok(Json(answer))
+}
+
+/// Leader loop: re-judges heartbeat deadlines and stale reports, and resets soft state on
+/// gaining leadership.
+pub async fn run(node: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut was_leader = false;
+    loop {
+        tick.tick().await;
+        let leader = node.known_leader() == Some(node.id);
+        if leader && !was_leader {
+            let mut soft = node.soft.lock().expect("soft state lock");
+            *soft = Soft {
+                leader_since: Some(Instant::now()),
+                ..Soft::default()
+            };
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        let keys: Vec<InstanceKey> = {
+            let applied = node.applied.read().expect("state lock");
+            applied
+                .state
+                .services
+                .iter()
+                .flat_map(|(name, s)| s.instances.keys().map(move |id| (name.clone(), id.clone())))
+                .collect()
+        };
+        evaluate(&node, &keys).await;
+    }
+}
+
+/// Computes the verdict of each instance in `keys` and commits the ones that changed.
+async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
+    if node.known_leader() != Some(node.id) {
+        return;
+    }
+    let now = Instant::now();
+    let voters = voters(node);
     let mut changes = Vec::new();
     {
         let applied = node.applied.read().expect("state lock");
-        let mut reports = node.observations.lock().expect("observations lock");
-        for observation in request.observations {
-            let Some(service) = applied.state.services.get(&observation.service) else {
+        let mut soft = node.soft.lock().expect("soft state lock");
+        let leader_since = *soft.leader_since.get_or_insert(now);
+        for key in keys {
+            let Some(service) = applied.state.services.get(&key.0) else {
                 continue;
             };
-            let Some(record) = service.instances.get(&observation.instance) else {
+            let Some(record) = service.instances.get(&key.1) else {
                 continue;
             };
-            let key = (observation.service.clone(), observation.instance.clone());
-            let seen = reports.entry(key).or_default();
-            seen.insert(request.node, (observation.health, now));
-            let fresh_for = fresh_for(&service.policy);
-            seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
-            let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
-            let verdict = confirm(&fresh, voters, service.policy.confirm, record.health);
+            let probed = service
+                .policy
+                .checks
+                .iter()
+                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }));
+            let probe_verdict = if probed {
+                let fresh_for = fresh_for(&service.policy);
+                let seen = soft.reports.entry(key.clone()).or_default();
+                seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
+                let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
+                let current = *soft.probe_verdicts.get(key).unwrap_or(&record.health);
+                let verdict = confirm(&fresh, voters, service.policy.confirm, current);
+                soft.probe_verdicts.insert(key.clone(), verdict);
+                verdict
+            } else {
+                Health::Up
+            };
+            let last_beat = soft
+                .heartbeats
+                .get(key)
+                .map_or(leader_since, |(at, _)| (*at).max(leader_since));
+            let beat_verdicts = service.policy.checks.iter().filter_map(|c| match c.probe {
+                Probe::Heartbeat { ttl_ms } => Some(if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) {
+                    Health::Up
+                } else {
+                    Health::Down
+                }),
+                _ => None,
+            });
+            let verdict = worst(std::iter::once(probe_verdict).chain(beat_verdicts));
             if verdict != record.health {
-                let detail = seen
-                    .iter()
-                    .map(|(node, (h, _))| format!("node {node}: {h:?}").to_lowercase())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                changes.push((observation.service, observation.instance, verdict, detail));
+                let reports = soft
+                    .reports
+                    .get(key)
+                    .map(|seen| {
+                        seen.iter()
+                            .map(|(node, (h, _))| format!("node {node}: {}", label(*h)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                changes.push((key.clone(), verdict, reports));
             }
         }
-        // Instances that left the registry take their reports with them.
-        reports.retain(|(s, i), _| {
+        // Instances that left the registry take their soft state with them.
+        let known = |(s, i): &InstanceKey| {
             applied
                 .state
                 .services
                 .get(s)
                 .is_some_and(|svc| svc.instances.contains_key(i))
-        });
+        };
+        soft.reports.retain(|k, _| known(k));
+        soft.probe_verdicts.retain(|k, _| known(k));
+        soft.heartbeats.retain(|k, _| known(k));
     }
-    for (service, id, health, detail) in changes {
+    for ((service, id), health, reports) in changes {
         let op = Op::InstanceHealth {
             service: service.clone(),
             id: id.clone(),
@@ -98,21 +252,24 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
             continue;
         }
         tracing::info!(%service, instance = %id, ?health, "verdict committed");
-        let action = match health {
-            Health::Up => "instance.up",
-            Health::Down => "instance.down",
-            Health::Unknown => "instance.unknown",
-        };
         let event = Event {
             id: 0,
             at_ms: 0,
             kind: "health".to_string(),
-            action: action.to_string(),
+            action: format!("instance.{}", label(health)),
             actor: "-".to_string(),
             source: format!("node {}", node.id),
             outcome: "ok".to_string(),
-            detail: format!("service={service} instance={id} reports=[{detail}]"),
+            detail: format!("service={service} instance={id} reports=[{reports}]"),
         };
         crate::tokens::record(node, event).await;
+    }
+}
+
+fn label(health: Health) -> &'static str {
+    match health {
+        Health::Up => "up",
+        Health::Down => "down",
+        Health::Unknown => "unknown",
     }
 }

@@ -259,3 +259,57 @@ hooks = { on_promote = "echo promote", on_demote = "echo demote" }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("services.broken.checks[0].interval"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "heartbeat", "ttl": "2s"}],
+        "max_lag_on_failover": 2,
+    }))
+    .expect("policy");
+    client.service_put("beats", &spec).await.expect("service");
+    for id in ["a", "b"] {
+        let instance = InstanceSpec {
+            endpoint: "127.0.0.1:1".into(),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("beats", id, &instance).await.expect("instance");
+    }
+    // Both beat; "b" reports a lag over the policy's maximum. Beats go through any node.
+    let beat = |lag_b: u64| {
+        let client = cluster.client();
+        async move {
+            let answer = client.heartbeat("beats", "a", Some(0)).await.expect("beat");
+            assert_eq!(answer.role, rampart_core::service::InstanceRole::Replica);
+            client.heartbeat("beats", "b", Some(lag_b)).await.expect("beat");
+        }
+    };
+    rampart_testkit::eventually(DEADLINE, "both up while they beat", || async {
+        beat(7).await;
+        let view = client.service("beats").await.ok()?;
+        view.instances.iter().all(|i| i.health == Health::Up).then_some(())
+    })
+    .await;
+    let report = client.eligibility("beats").await.expect("eligibility");
+    let b = report.instances.iter().find(|e| e.id == "b").expect("b");
+    assert_eq!(b.reasons, vec![Refusal::Lagging { lag: 7, max_lag: 2 }]);
+    let a = report.instances.iter().find(|e| e.id == "a").expect("a");
+    assert_eq!(a.rank, Some(1));
+
+    // "a" falls silent: down after its TTL, while "b" keeps beating.
+    rampart_testkit::eventually(DEADLINE, "a down once it stops beating", || async {
+        client.heartbeat("beats", "b", Some(0)).await.ok()?;
+        let view = client.service("beats").await.ok()?;
+        let health = |id: &str| view.instances.iter().find(|i| i.id == id).map(|i| i.health);
+        (health("a") == Some(Health::Down) && health("b") == Some(Health::Up)).then_some(())
+    })
+    .await;
+    let events = client.events(Some("health"), None).await.expect("events");
+    assert!(events
+        .events
+        .iter()
+        .any(|e| e.action == "instance.down" && e.detail.contains("instance=a")));
+}
