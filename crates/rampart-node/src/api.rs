@@ -620,6 +620,7 @@ async fn metrics(State(node): State<Shared>) -> Response {
             .apply_index
             .set(applied.last_applied.map_or(0, |l| l.index) as i64);
         node.metrics.revision.set(applied.state.revision as i64);
+        node.metrics.set_instances(&applied.state.services);
     }
     ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }

@@ -16,8 +16,19 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+/// One instance of one service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub service: String,
+    pub instance: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Committed verdict per instance: 1 up, 0 down, -1 unknown.
+    pub instance_health: Family<InstanceLabels, Gauge>,
+    /// 1 for the instance that is its service's primary, else 0.
+    pub instance_primary: Family<InstanceLabels, Gauge>,
     pub auth_failures: Family<RefusalLabels, Counter>,
     pub term: Gauge,
     pub is_leader: Gauge,
@@ -57,6 +68,18 @@ impl Metrics {
         let pre_votes_won = Counter::default();
         let pre_votes_lost = Counter::default();
         let auth_failures = Family::<RefusalLabels, Counter>::default();
+        let instance_health = Family::<InstanceLabels, Gauge>::default();
+        let instance_primary = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "service_instance_health",
+            "The region's committed verdict per instance: 1 up, 0 down, -1 unknown",
+            instance_health.clone(),
+        );
+        registry.register(
+            "service_instance_primary",
+            "1 for the instance that is its service's primary",
+            instance_primary.clone(),
+        );
         registry.register(
             "auth_failures",
             "API calls and connections refused, by reason: a missing or invalid token, a weak role, a bad certificate, the connection limit",
@@ -123,6 +146,8 @@ impl Metrics {
         );
         Metrics {
             registry,
+            instance_health,
+            instance_primary,
             auth_failures,
             term,
             is_leader,
@@ -139,6 +164,29 @@ impl Metrics {
             forwarded_requests,
             pre_votes_won,
             pre_votes_lost,
+        }
+    }
+
+    /// Sets the per-instance gauges from the applied registry (at scrape time), dropping
+    /// instances that left it.
+    pub fn set_instances(&self, services: &std::collections::BTreeMap<String, rampart_store::state::Service>) {
+        self.instance_health.clear();
+        self.instance_primary.clear();
+        for (name, service) in services {
+            for (id, record) in &service.instances {
+                let labels = InstanceLabels {
+                    service: name.clone(),
+                    instance: id.clone(),
+                };
+                let health = match record.health {
+                    rampart_core::health::Health::Up => 1,
+                    rampart_core::health::Health::Down => 0,
+                    rampart_core::health::Health::Unknown => -1,
+                };
+                self.instance_health.get_or_create(&labels).set(health);
+                let primary = service.primary.as_deref() == Some(id.as_str());
+                self.instance_primary.get_or_create(&labels).set(i64::from(primary));
+            }
         }
     }
 

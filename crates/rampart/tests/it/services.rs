@@ -312,4 +312,12 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
         .events
         .iter()
         .any(|e| e.action == "instance.down" && e.detail.contains("instance=a")));
+    let url = format!("http://{}/metrics", cluster.endpoints()[0]);
+    rampart_testkit::eventually(DEADLINE, "the health gauge to show a down", || async {
+        let metrics = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        metrics
+            .contains(r#"rampart_service_instance_health{service="beats",instance="a"} 0"#)
+            .then_some(())
+    })
+    .await;
 }
