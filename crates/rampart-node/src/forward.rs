@@ -27,8 +27,10 @@ fn needs_leader(request: &Request) -> bool {
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=stale"));
-    // Eligibility needs the replicas' reported lag, which only the leader holds.
-    (path.starts_with("/v1/kv") || path.starts_with("/v1/elections") || path.ends_with("/eligibility")) && !stale
+    // Eligibility needs the replicas' reported lag, which only the leader holds; events and
+    // tokens are read where every acknowledged change is already applied.
+    let leader_reads = ["/v1/kv", "/v1/elections", "/v1/events", "/v1/tokens"];
+    (leader_reads.iter().any(|p| path.starts_with(p)) || path.ends_with("/eligibility")) && !stale
 }
 
 pub async fn to_leader(State(node): State<Shared>, request: Request, next: Next) -> Response {

@@ -163,6 +163,9 @@ pub async fn revoke(
 pub struct EventsQuery {
     kind: Option<String>,
     limit: Option<usize>,
+    /// `stale` answers from this node (forwarding reads it); otherwise from the leader.
+    #[allow(dead_code)]
+    consistency: Option<String>,
 }
 
 /// The newest events, oldest first (as DESIGN says: newest last).

@@ -194,11 +194,15 @@ async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
     // Every node sees it down: now the majority agrees.
     std::fs::write(dir.path().join("down-all"), b"").expect("marker");
     wait_health(&cluster, "by-majority", "i-1", Health::Down).await;
-    let events = client.events(Some("health"), None).await.expect("events");
-    assert!(events
-        .events
-        .iter()
-        .any(|e| e.action == "instance.down" && e.detail.contains("service=by-majority")));
+    rampart_testkit::eventually(DEADLINE, "a health event for by-majority", || async {
+        let events = client.events(Some("health"), None).await.ok()?;
+        events
+            .events
+            .iter()
+            .any(|e| e.action == "instance.down" && e.detail.contains("service=by-majority"))
+            .then_some(())
+    })
+    .await;
 
     // And back.
     std::fs::remove_file(dir.path().join("down-all")).expect("marker");
@@ -307,11 +311,16 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
         (health("a") == Some(Health::Down) && health("b") == Some(Health::Up)).then_some(())
     })
     .await;
-    let events = client.events(Some("health"), None).await.expect("events");
-    assert!(events
-        .events
-        .iter()
-        .any(|e| e.action == "instance.down" && e.detail.contains("instance=a")));
+    // The event is committed right after the verdict.
+    rampart_testkit::eventually(DEADLINE, "a health event for a", || async {
+        let events = client.events(Some("health"), None).await.ok()?;
+        events
+            .events
+            .iter()
+            .any(|e| e.action == "instance.down" && e.detail.contains("instance=a"))
+            .then_some(())
+    })
+    .await;
     let url = format!("http://{}/metrics", cluster.endpoints()[0]);
     rampart_testkit::eventually(DEADLINE, "the health gauge to show a down", || async {
         let metrics = reqwest::get(&url).await.ok()?.text().await.ok()?;
