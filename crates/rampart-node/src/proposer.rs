@@ -116,7 +116,10 @@ fn approx_bytes(op: &Op) -> usize {
             // Policies and registrations are small; a generous flat size bounds them.
             Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
             Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => service.len() + id.len() + 4096,
-            Op::InstanceHealth { service, id, .. } => service.len() + id.len(),
+            Op::InstanceHealth { service, id, .. }
+            | Op::Demote { service, id }
+            | Op::Release { service, id }
+            | Op::Promote { service, id } => service.len() + id.len(),
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
         }
 }

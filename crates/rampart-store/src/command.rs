@@ -91,6 +91,23 @@ pub enum Op {
         id: String,
         health: rampart_core::health::Health,
     },
+    /// Asks the current primary to step down: its node runs `on_demote` and answers with
+    /// [`Op::Release`]. Meanwhile the primary is `demoting`.
+    Demote {
+        service: String,
+        id: String,
+    },
+    /// The primary no longer serves as primary (its demotion hook ran).
+    Release {
+        service: String,
+        id: String,
+    },
+    /// Makes `id` the primary with a new fencing token; refused while another instance is
+    /// primary or the instance is not up.
+    Promote {
+        service: String,
+        id: String,
+    },
 }
 
 /// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
@@ -159,4 +176,22 @@ pub enum Outcome {
     },
     InstanceNotFound,
     HealthRecorded,
+    /// Demotion requested (or already under way).
+    Demoting,
+    Released,
+    /// `id` is not the primary (release or demote of someone else).
+    NotPrimary {
+        primary: Option<String>,
+    },
+    Promoted {
+        token: u64,
+    },
+    /// Another instance still holds the primary role.
+    PrimaryHeld {
+        primary: String,
+    },
+    /// The instance may not be promoted: its committed health is not up.
+    NotPromotable {
+        health: rampart_core::health::Health,
+    },
 }

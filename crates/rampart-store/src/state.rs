@@ -52,6 +52,8 @@ pub struct Service {
     pub policy: Policy,
     pub instances: BTreeMap<String, InstanceRecord>,
     pub primary: Option<String>,
+    /// The primary was asked to step down and its node has not confirmed yet.
+    pub demoting: bool,
     /// Fencing token of the current primary's term (the revision-like counter of
     /// promotions); 0 before the first.
     pub token: u64,
@@ -263,6 +265,7 @@ impl State {
                             policy: policy.clone(),
                             instances: BTreeMap::new(),
                             primary: None,
+                            demoting: false,
                             token: 0,
                         },
                     );
@@ -310,6 +313,58 @@ impl State {
                     Some(record) => {
                         record.health = *health;
                         Outcome::HealthRecorded
+                    }
+                }
+            }
+            Op::Demote { service, id } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
+                    primary: s.primary.clone(),
+                },
+                Some(s) => {
+                    s.demoting = true;
+                    Outcome::Demoting
+                }
+            },
+            Op::Release { service, id } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
+                    primary: s.primary.clone(),
+                },
+                Some(s) => {
+                    s.primary = None;
+                    s.demoting = false;
+                    if let Some(record) = s.instances.get_mut(id) {
+                        record.role = InstanceRole::Replica;
+                        record.losses_ms.push(command.at_ms);
+                        let excess = record.losses_ms.len().saturating_sub(LOSSES_KEPT);
+                        record.losses_ms.drain(..excess);
+                    }
+                    Outcome::Released
+                }
+            },
+            Op::Promote { service, id } => {
+                let Some(s) = self.services.get(service) else {
+                    return (Outcome::ServiceNotFound, events);
+                };
+                let Some(record) = s.instances.get(id) else {
+                    return (Outcome::InstanceNotFound, events);
+                };
+                match &s.primary {
+                    Some(primary) if primary == id => Outcome::Promoted { token: s.token },
+                    Some(primary) => Outcome::PrimaryHeld {
+                        primary: primary.clone(),
+                    },
+                    None if record.health != Health::Up => Outcome::NotPromotable { health: record.health },
+                    None => {
+                        // Like an election's token: the revision of the winning write, so
+                        // tokens of every service and election strictly increase together.
+                        let token = self.bump();
+                        let s = self.services.get_mut(service).expect("checked above");
+                        s.primary = Some(id.clone());
+                        s.token = token;
+                        s.instances.get_mut(id).expect("checked above").role = InstanceRole::Primary;
+                        Outcome::Promoted { token }
                     }
                 }
             }
@@ -586,6 +641,81 @@ mod tests {
         assert_eq!(s.events.front().unwrap().id, 6);
         assert_eq!(s.events.back().unwrap().id, EVENTS_MAX as u64 + 5);
         assert_eq!(s.events.back().unwrap().at_ms, 1000);
+    }
+
+    fn service_with(ids: &[&str]) -> State {
+        let mut s = State::default();
+        let policy = rampart_core::service::PolicySpec::default().validate().unwrap();
+        s.apply(&cmd(Op::ServicePut {
+            name: "db".into(),
+            policy,
+        }));
+        for id in ids {
+            let instance: rampart_core::service::InstanceSpec =
+                serde_json::from_str(r#"{"endpoint": "127.0.0.1:1"}"#).unwrap();
+            s.apply(&cmd(Op::InstancePut {
+                service: "db".into(),
+                id: id.to_string(),
+                instance: instance.validate("r").unwrap(),
+            }));
+            s.apply(&cmd(Op::InstanceHealth {
+                service: "db".into(),
+                id: id.to_string(),
+                health: Health::Up,
+            }));
+        }
+        s
+    }
+
+    fn promote(s: &mut State, id: &str) -> Outcome {
+        s.apply(&cmd(Op::Promote {
+            service: "db".into(),
+            id: id.into(),
+        }))
+        .0
+    }
+
+    #[test]
+    fn one_primary_at_a_time_and_its_token_increases() {
+        let mut s = service_with(&["a", "b"]);
+        let Outcome::Promoted { token: first } = promote(&mut s, "a") else {
+            panic!()
+        };
+        assert_eq!(promote(&mut s, "a"), Outcome::Promoted { token: first }, "idempotent");
+        assert_eq!(
+            promote(&mut s, "b"),
+            Outcome::PrimaryHeld { primary: "a".into() },
+            "no second primary before the first is released"
+        );
+        let release = |s: &mut State, id: &str| {
+            s.apply(&cmd(Op::Release {
+                service: "db".into(),
+                id: id.into(),
+            }))
+            .0
+        };
+        assert!(matches!(release(&mut s, "b"), Outcome::NotPrimary { .. }));
+        assert_eq!(release(&mut s, "a"), Outcome::Released);
+        let Outcome::Promoted { token: second } = promote(&mut s, "b") else {
+            panic!()
+        };
+        assert!(second > first);
+        let service = &s.services["db"];
+        assert_eq!(service.instances["a"].role, InstanceRole::Replica);
+        assert_eq!(service.instances["a"].losses_ms, vec![1000]);
+        assert_eq!(service.instances["b"].role, InstanceRole::Primary);
+    }
+
+    #[test]
+    fn an_instance_that_is_not_up_is_not_promoted() {
+        let mut s = service_with(&["a"]);
+        s.apply(&cmd(Op::InstanceHealth {
+            service: "db".into(),
+            id: "a".into(),
+            health: Health::Down,
+        }));
+        assert_eq!(promote(&mut s, "a"), Outcome::NotPromotable { health: Health::Down });
+        assert_eq!(s.services["db"].primary, None);
     }
 
     #[test]
