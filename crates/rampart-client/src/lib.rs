@@ -479,6 +479,16 @@ impl Client {
             .await
     }
 
+    /// Planned switchover to `to`: the old primary steps down (its `on_demote` hook), the
+    /// target catches up, then it is promoted. Not retried once sent: a repeat after an
+    /// unknown outcome could move the role twice.
+    pub async fn switchover(&self, service: &str, to: &str) -> Result<SwitchoverResponse, ClientError> {
+        let path = format!("/v1/services/{}/switchover", encode(service));
+        let body = SwitchoverRequest { to: to.to_string() };
+        self.call(Method::POST, &path, Some(&body), Retry::OnlyIfNotApplied)
+            .await
+    }
+
     pub async fn remove_member(&self, id: u64) -> Result<MembersResponse, ClientError> {
         self.call::<(), _>(
             Method::DELETE,

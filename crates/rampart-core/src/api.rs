@@ -323,3 +323,37 @@ pub struct HeartbeatResponse {
     pub primary: Option<String>,
     pub token: u64,
 }
+
+/// A hook run, reported by the node that ran it to the leader
+/// (`POST /v1/services/{name}/instances/{id}/hooks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookReport {
+    pub node: u64,
+    /// `on_promote`, `on_demote` or `on_role_change`.
+    pub hook: String,
+    /// The fencing token the hook ran for.
+    pub token: u64,
+    /// `ok`, or `failed: <reason>`.
+    pub outcome: String,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    /// Captured stdout and stderr, bounded.
+    pub output: String,
+}
+
+/// `POST /v1/services/{name}/switchover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    pub to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverResponse {
+    pub primary: String,
+    pub token: u64,
+    /// The primary before, if any.
+    pub previous: Option<String>,
+    pub duration_ms: u64,
+}

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tokens::audit;
-use crate::{auth, forward, now_ms, services, tokens, verdicts, watch, Shared};
+use crate::{auth, forward, now_ms, services, switchover, tokens, verdicts, watch, Shared};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -71,6 +71,11 @@ pub fn router(node: Shared) -> Router {
             "/v1/services/{name}/instances/{id}/heartbeat",
             post(verdicts::heartbeat),
         )
+        .route(
+            "/v1/services/{name}/instances/{id}/hooks",
+            post(switchover::hook_report),
+        )
+        .route("/v1/services/{name}/switchover", post(switchover::switchover))
         .route(
             "/health/live",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),

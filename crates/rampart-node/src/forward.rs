@@ -12,6 +12,9 @@ use crate::auth::{Caller, FORWARDED_FOR_HEADER};
 use crate::error::ApiError;
 use crate::Shared;
 
+/// How long a forwarded switchover may take (hook timeouts and catch-up included).
+const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Marks a request a node forwarded, so it is never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-rampart-forwarded-by";
 
@@ -66,6 +69,10 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
         .http
         .request(parts.method.clone(), format!("{scheme}://{addr}{path}"))
         .body(body);
+    if parts.uri.path().ends_with("/switchover") {
+        // A switchover waits for hooks and for the target to catch up.
+        outgoing = outgoing.timeout(SWITCHOVER_TIMEOUT);
+    }
     // The leader checks the caller's token again (it may have been revoked meanwhile) and
     // records the caller's own address, which it trusts from a node certificate only.
     for name in ["content-type", "authorization"] {

@@ -9,6 +9,7 @@ pub mod certs;
 mod elector;
 mod error;
 mod forward;
+mod hooks;
 mod leases;
 mod metrics;
 mod peer;
@@ -16,6 +17,7 @@ mod prober;
 mod proposer;
 mod server;
 mod services;
+mod switchover;
 pub mod tls;
 mod tokens;
 mod verdicts;
@@ -282,6 +284,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),
+        tokio::spawn(hooks::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

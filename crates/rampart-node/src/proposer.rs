@@ -118,6 +118,7 @@ fn approx_bytes(op: &Op) -> usize {
             Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => service.len() + id.len() + 4096,
             Op::InstanceHealth { service, id, .. }
             | Op::Demote { service, id }
+            | Op::CancelDemote { service, id }
             | Op::Release { service, id }
             | Op::Promote { service, id } => service.len() + id.len(),
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,

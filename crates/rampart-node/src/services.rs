@@ -193,8 +193,28 @@ pub async fn explain(
     State(node): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Json<EligibilityResponse>, ApiError> {
+    report(&node, &name).map(Json)
+}
+
+/// One instance's eligibility (for switchover).
+pub fn eligibility_of(node: &Shared, service: &str, id: &str) -> Result<rampart_core::failover::Eligibility, ApiError> {
+    report(node, service)?
+        .instances
+        .into_iter()
+        .find(|e| e.id == id)
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "target_not_eligible",
+                format!("{id:?} is a standby in another region: region failover promotes it"),
+            )
+        })
+}
+
+fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
+    let name = name.to_string();
     let now = now_ms();
-    with_service(&node, &name, |service| {
+    with_service(node, &name, |service| {
         let soft = node.soft.lock().expect("soft state lock");
         let primary_region = service
             .primary
@@ -225,7 +245,6 @@ pub async fn explain(
             instances: eligibility(&candidates, service.policy.rules()),
         }
     })
-    .map(Json)
 }
 
 /// Leader-only: registers the services of this node's config file (`[services.NAME]`)

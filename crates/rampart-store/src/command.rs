@@ -97,6 +97,11 @@ pub enum Op {
         service: String,
         id: String,
     },
+    /// Calls off a demotion whose hook failed: the primary stays primary.
+    CancelDemote {
+        service: String,
+        id: String,
+    },
     /// The primary no longer serves as primary (its demotion hook ran).
     Release {
         service: String,

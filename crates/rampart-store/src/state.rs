@@ -326,6 +326,16 @@ impl State {
                     Outcome::Demoting
                 }
             },
+            Op::CancelDemote { service, id } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
+                    primary: s.primary.clone(),
+                },
+                Some(s) => {
+                    s.demoting = false;
+                    Outcome::Demoting
+                }
+            },
             Op::Release { service, id } => match self.services.get_mut(service) {
                 None => Outcome::ServiceNotFound,
                 Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {

@@ -88,6 +88,13 @@ enum Command {
     /// Services Rampart keeps available: register, list, show, explain eligibility
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Planned, zero-loss role change: the primary steps down, the target catches up and is promoted
+    Switchover {
+        service: String,
+        /// The instance to promote
+        #[arg(long)]
+        to: String,
+    },
     /// Create API tokens, list and revoke them (admin role)
     #[command(subcommand)]
     Token(TokenCommand),
@@ -425,6 +432,23 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
         Command::Token(command) => run_token(client()?, output, command).await,
         Command::Service(command) => run_service(client()?, output, command).await,
+        Command::Switchover { service, to } => {
+            // A switchover waits for hooks and catch-up: give it room beyond the default.
+            let answer = client()?
+                .with_deadline(args.timeout.max(Duration::from_secs(120)))
+                .switchover(&service, &to)
+                .await?;
+            print(output, &answer, |a| {
+                format!(
+                    "{} is primary of {service} with token {} (was {}), in {}ms",
+                    a.primary,
+                    a.token,
+                    a.previous.as_deref().unwrap_or("none"),
+                    a.duration_ms
+                )
+            });
+            Ok(())
+        }
         Command::Certs(CertsCommand::Init { dir, nodes, hosts }) => {
             let nodes = rampart_node::certs::parse_nodes(&nodes).map_err(|e| Failure::usage(e.into()))?;
             if nodes.is_empty() {

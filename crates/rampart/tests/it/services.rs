@@ -330,3 +330,110 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
     })
     .await;
 }
+
+/// Lines `hook instance role token` appended by every hook run, in order.
+fn hook_log(path: &std::path::Path) -> Vec<(String, String, String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let hook = parts.next()?.to_string();
+            let instance = parts.next()?.to_string();
+            let role = parts.next()?.to_string();
+            let token = parts.next()?.parse().ok()?;
+            Some((hook, instance, role, token))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switchover_demotes_before_it_promotes_and_refuses_an_unfit_target() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
+            log.display()
+        )
+    };
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "exec", "command": format!("test ! -e {}/down-$RAMPART_INSTANCE", dir.path().display()),
+                    "interval": "100ms", "rise": 1, "fall": 1}],
+        "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote"), "on_role_change": hook("role_change")},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    for (id, node) in [("pg-1", 1), ("pg-2", 2), ("pg-3", 3)] {
+        let instance = InstanceSpec {
+            endpoint: format!("127.0.0.1:{}", 5430 + node),
+            node: Some(node),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+    }
+    std::fs::write(dir.path().join("down-pg-3"), b"").expect("marker");
+    for id in ["pg-1", "pg-2"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    wait_health(&cluster, "db", "pg-3", Health::Down).await;
+
+    // The first primary.
+    let first = client.switchover("db", "pg-1").await.expect("first switchover");
+    assert_eq!((first.primary.as_str(), first.previous.as_deref()), ("pg-1", None));
+    rampart_testkit::eventually(DEADLINE, "pg-1's promote hook", || async {
+        hook_log(&log)
+            .iter()
+            .any(|(hook, instance, role, token)| {
+                hook == "promote" && instance == "pg-1" && role == "primary" && *token == first.token
+            })
+            .then_some(())
+    })
+    .await;
+    // Then a planned move; through another node, which forwards it to the leader.
+    let second = cluster.client_of(3).switchover("db", "pg-2").await.expect("switchover");
+    assert_eq!(second.previous.as_deref(), Some("pg-1"));
+    assert!(second.token > first.token, "fencing tokens increase");
+    let view = client.service("db").await.expect("view");
+    assert_eq!(view.primary.as_deref(), Some("pg-2"));
+
+    rampart_testkit::eventually(DEADLINE, "pg-1's role change hook", || async {
+        let log = hook_log(&log);
+        log.iter()
+            .any(|(hook, instance, _, token)| hook == "role_change" && instance == "pg-1" && *token == second.token)
+            .then_some(log)
+    })
+    .await;
+    let log = hook_log(&log);
+    let position = |hook: &str, instance: &str, token: u64| {
+        log.iter()
+            .position(|(h, i, _, t)| h == hook && i == instance && *t == token)
+            .unwrap_or_else(|| panic!("{hook} of {instance} for token {token} missing from {log:?}"))
+    };
+    assert!(position("promote", "pg-1", first.token) < position("demote", "pg-1", first.token));
+    assert!(
+        position("demote", "pg-1", first.token) < position("promote", "pg-2", second.token),
+        "the old primary let go before the new one took over: {log:?}"
+    );
+
+    // An unhealthy target is refused with the reason, and nothing moves.
+    match client.switchover("db", "pg-3").await {
+        Err(ClientError::Api {
+            status: 409,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!(code, "target_not_eligible");
+            assert!(message.contains("unhealthy"), "{message}");
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    assert_eq!(
+        client.service("db").await.expect("view").primary.as_deref(),
+        Some("pg-2")
+    );
+}

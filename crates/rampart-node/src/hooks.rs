@@ -1,0 +1,215 @@
+//! Role hooks, run by the node that hosts an instance (`node = N` in its registration),
+//! never by another node on its behalf. A node learns what to run from the applied state:
+//!
+//! - its instance was asked to step down (`demoting`): run `on_demote`, and on success
+//!   tell the leader, which releases the primary role;
+//! - its instance became primary with a new fencing token: run `on_promote`;
+//! - the service's primary changed and its instance is not it: run `on_role_change`.
+//!
+//! Hooks run with `RAMPART_SERVICE`, `RAMPART_INSTANCE`, `RAMPART_ROLE`,
+//! `RAMPART_FENCING_TOKEN` and `RAMPART_PRIMARY_ENDPOINT`, the policy's timeout, and
+//! bounded captured output; each run is reported to the leader, which records an event.
+//! A node restarted mid-way runs the hooks for the current state again: hooks are at least
+//! once, and must be idempotent for a given fencing token.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rampart_core::api::HookReport;
+use rampart_core::service::InstanceRole;
+use tokio::io::AsyncReadExt;
+
+use crate::Shared;
+
+/// Output kept from one hook run (the rest is read and dropped).
+pub const HOOK_OUTPUT_BYTES_MAX: usize = 64 * 1024;
+const TICK: Duration = Duration::from_millis(100);
+
+/// What this node last acted on, per hosted instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
+    role: Option<InstanceRole>,
+    token: u64,
+    demoted_for: Option<u64>,
+}
+
+/// One hook to run.
+#[derive(Debug, Clone)]
+struct Due {
+    service: String,
+    instance: String,
+    hook: &'static str,
+    command: Option<String>,
+    role: InstanceRole,
+    token: u64,
+    primary_endpoint: String,
+    timeout: Duration,
+}
+
+pub async fn run(node: Shared) {
+    let mut seen: HashMap<(String, String), Seen> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        for due in due_hooks(&node, &mut seen) {
+            let report = run_hook(&node, &due).await;
+            deliver(&node, &due, report).await;
+        }
+    }
+}
+
+/// The hooks the applied state asks of this node, noted as handled in `seen`.
+fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), Seen>) -> Vec<Due> {
+    let applied = node.applied.read().expect("state lock");
+    let mut due = Vec::new();
+    for (service_name, service) in &applied.state.services {
+        let primary_endpoint = service
+            .primary
+            .as_ref()
+            .and_then(|p| service.instances.get(p))
+            .map(|r| r.instance.endpoint.clone())
+            .unwrap_or_default();
+        for (id, record) in &service.instances {
+            if record.instance.node != Some(node.id) {
+                continue;
+            }
+            let hooks = &service.policy.hooks;
+            let make = |hook: &'static str, command: &Option<String>| Due {
+                service: service_name.clone(),
+                instance: id.clone(),
+                hook,
+                command: command.clone(),
+                role: record.role,
+                token: service.token,
+                primary_endpoint: primary_endpoint.clone(),
+                timeout: Duration::from_millis(hooks.timeout_ms),
+            };
+            let key = (service_name.clone(), id.clone());
+            let last = seen.entry(key).or_default();
+            let is_primary = service.primary.as_deref() == Some(id.as_str());
+            if !service.demoting {
+                // A demotion that failed was called off: a later one runs the hook again.
+                last.demoted_for = None;
+            }
+            if is_primary && service.demoting && last.demoted_for != Some(service.token) {
+                last.demoted_for = Some(service.token);
+                due.push(make("on_demote", &hooks.on_demote));
+                continue;
+            }
+            if last.role == Some(record.role) && last.token == service.token {
+                continue;
+            }
+            if is_primary {
+                due.push(make("on_promote", &hooks.on_promote));
+            } else if service.primary.is_some() || last.role == Some(InstanceRole::Primary) {
+                due.push(make("on_role_change", &hooks.on_role_change));
+            }
+            last.role = Some(record.role);
+            last.token = service.token;
+        }
+    }
+    due
+}
+
+/// Runs one hook (or, without a command, reports success at once).
+async fn run_hook(node: &Shared, due: &Due) -> HookReport {
+    let started = Instant::now();
+    let report = |exit_code: Option<i32>, outcome: String, output: String| HookReport {
+        node: node.id,
+        hook: due.hook.to_string(),
+        token: due.token,
+        outcome,
+        exit_code,
+        duration_ms: started.elapsed().as_millis() as u64,
+        output,
+    };
+    let Some(command) = &due.command else {
+        return report(Some(0), "ok".into(), String::new());
+    };
+    let role = match due.role {
+        InstanceRole::Primary => "primary",
+        InstanceRole::Replica => "replica",
+        InstanceRole::Standby => "standby",
+    };
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("RAMPART_SERVICE", &due.service)
+        .env("RAMPART_INSTANCE", &due.instance)
+        .env("RAMPART_ROLE", role)
+        .env("RAMPART_FENCING_TOKEN", due.token.to_string())
+        .env("RAMPART_PRIMARY_ENDPOINT", &due.primary_endpoint)
+        .env("RAMPART_NODE_ID", node.id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => return report(None, format!("failed: cannot start sh: {e}"), String::new()),
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let collect = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let (a, b) = tokio::join!(read_bounded(&mut stdout, &mut out), read_bounded(&mut stderr, &mut err));
+        let _ = (a, b);
+        out.extend_from_slice(&err);
+        out.truncate(HOOK_OUTPUT_BYTES_MAX);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    match tokio::time::timeout(due.timeout, async { tokio::join!(child.wait(), collect) }).await {
+        Err(_) => report(
+            None,
+            format!("failed: timed out after {}ms", due.timeout.as_millis()),
+            String::new(),
+        ),
+        Ok((Ok(status), output)) if status.success() => report(status.code(), "ok".into(), output),
+        Ok((Ok(status), output)) => report(
+            status.code(),
+            format!(
+                "failed: exit status {}",
+                status.code().map_or("signal".to_string(), |c| c.to_string())
+            ),
+            output,
+        ),
+        Ok((Err(e), output)) => report(None, format!("failed: {e}"), output),
+    }
+}
+
+async fn read_bounded(pipe: &mut (impl AsyncReadExt + Unpin), into: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if into.len() < HOOK_OUTPUT_BYTES_MAX {
+            into.extend_from_slice(&buf[..n.min(HOOK_OUTPUT_BYTES_MAX - into.len())]);
+        }
+    }
+}
+
+/// Sends a hook's result to the leader, retrying within a bound: the leader records it and,
+/// for a successful `on_demote`, releases the primary role.
+async fn deliver(node: &Shared, due: &Due, report: HookReport) {
+    tracing::info!(
+        service = %due.service,
+        instance = %due.instance,
+        hook = due.hook,
+        token = due.token,
+        outcome = %report.outcome,
+        "hook ran"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if crate::switchover::hook_reported(node, &due.service, &due.instance, &report).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(service = %due.service, instance = %due.instance, hook = due.hook, "hook result not delivered");
+}

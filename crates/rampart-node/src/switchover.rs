@@ -1,0 +1,312 @@
+//! Planned switchover (`POST /v1/services/{name}/switchover`, `rampart switchover`), run
+//! by the leader: refuse with the reasons when the target may not be promoted; ask the old
+//! primary to step down and wait for its node's `on_demote` to succeed (only then is the
+//! role released); wait for the target's reported lag to reach 0; promote it with a new
+//! fencing token. At no point are there two primaries: the role moves only after the old
+//! holder's hook confirmed it let go. An old primary without a hosting node (an external
+//! instance, nothing to run its hook) is released at once: the operator asked for it.
+//!
+//! Also the leader's side of hook reports: it records each run as an event, releases the
+//! role after a successful `on_demote`, and calls a demotion off when the hook failed.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use rampart_core::api::{Event, HookReport, SwitchoverRequest, SwitchoverResponse};
+use rampart_core::failover::Refusal;
+use rampart_core::service::Mode;
+use rampart_store::{Op, Outcome};
+
+use crate::api::{parse_body, unexpected};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::tokens::{audit, record};
+use crate::Shared;
+
+/// How long a switchover waits for the target to catch up once the old primary let go.
+const CATCH_UP_MS_MAX: u64 = 30_000;
+const POLL: Duration = Duration::from_millis(50);
+
+fn conflict(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, message)
+}
+
+/// Sends a hook report to the leader (or handles it here on the leader); true if taken.
+pub async fn hook_reported(node: &Shared, service: &str, instance: &str, report: &HookReport) -> bool {
+    let Some(leader) = node.known_leader() else {
+        return false;
+    };
+    if leader == node.id {
+        return take_report(node, service, instance, report.clone()).await.is_ok();
+    }
+    let Some(addr) = node.address_of(leader) else {
+        return false;
+    };
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}/v1/services/{service}/instances/{instance}/hooks");
+    node.http
+        .post(url)
+        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
+        .json(report)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// `POST /v1/services/{name}/instances/{id}/hooks` (node to leader).
+pub async fn hook_report(
+    State(node): State<Shared>,
+    Path((service, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let report: HookReport = parse_body(body)?;
+    take_report(&node, &service, &id, report).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport) -> Result<(), ApiError> {
+    if node.known_leader() != Some(node.id) {
+        return Err(ApiError::not_leader());
+    }
+    let ok = report.outcome == "ok";
+    let event = Event {
+        id: 0,
+        at_ms: 0,
+        kind: "hook".to_string(),
+        action: report.hook.clone(),
+        actor: "-".to_string(),
+        source: format!("node {}", report.node),
+        outcome: report.outcome.clone(),
+        detail: format!(
+            "service={service} instance={id} token={} exit={} duration_ms={} output={:?}",
+            report.token,
+            report.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            report.duration_ms,
+            report.output.chars().take(512).collect::<String>()
+        ),
+    };
+    record(node, event).await;
+    if report.hook == "on_demote" {
+        let still_primary = {
+            let applied = node.applied.read().expect("state lock");
+            applied
+                .state
+                .services
+                .get(service)
+                .is_some_and(|s| s.primary.as_deref() == Some(id) && s.demoting && s.token == report.token)
+        };
+        if still_primary {
+            let op = if ok {
+                Op::Release {
+                    service: service.to_string(),
+                    id: id.to_string(),
+                }
+            } else {
+                Op::CancelDemote {
+                    service: service.to_string(),
+                    id: id.to_string(),
+                }
+            };
+            node.propose(op).await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn switchover(
+    State(node): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(service): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SwitchoverResponse>, ApiError> {
+    let request: SwitchoverRequest = parse_body(body)?;
+    let started = Instant::now();
+    let result = run(&node, &service, &request.to, started).await;
+    let detail = format!("service={service} to={}", request.to);
+    audit(&node, &caller, "service.switchover", detail.clone(), &result).await;
+    if let Ok(answer) = &result {
+        let event = Event {
+            id: 0,
+            at_ms: 0,
+            kind: "switchover".to_string(),
+            action: "primary.switchover".to_string(),
+            actor: caller.name.clone(),
+            source: caller.source.clone(),
+            outcome: "ok".to_string(),
+            detail: format!(
+                "{detail} previous={} token={} duration_ms={}",
+                answer.previous.as_deref().unwrap_or("-"),
+                answer.token,
+                answer.duration_ms
+            ),
+        };
+        record(&node, event).await;
+    }
+    result.map(Json)
+}
+
+/// The target's refusals that a switchover cannot ignore (being outranked does not count:
+/// the operator chose it).
+fn blocking(reasons: &[Refusal]) -> Vec<&Refusal> {
+    reasons
+        .iter()
+        .filter(|r| !matches!(r, Refusal::Outranked { .. } | Refusal::IsPrimary | Refusal::Damped))
+        .collect()
+}
+
+async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result<SwitchoverResponse, ApiError> {
+    if node.known_leader() != Some(node.id) {
+        return Err(ApiError::not_leader());
+    }
+    let (previous, hooks_timeout_ms, previous_hosted) = {
+        let applied = node.applied.read().expect("state lock");
+        let s = applied
+            .state
+            .services
+            .get(service)
+            .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service named {service:?}")))?;
+        if s.policy.mode != Mode::ActivePassive {
+            return Err(conflict(
+                "not_active_passive",
+                format!("service {service:?} is active-active: every healthy instance serves, there is no primary"),
+            ));
+        }
+        if !s.instances.contains_key(to) {
+            return Err(ApiError::not_found(
+                "instance_not_found",
+                format!("service {service:?} has no instance {to:?}"),
+            ));
+        }
+        if s.demoting {
+            return Err(conflict(
+                "switchover_in_progress",
+                "the primary is already stepping down; retry when it is done".into(),
+            ));
+        }
+        let hosted = s
+            .primary
+            .as_ref()
+            .and_then(|p| s.instances.get(p))
+            .is_some_and(|r| r.instance.node.is_some());
+        (s.primary.clone(), s.policy.hooks.timeout_ms, hosted)
+    };
+    if previous.as_deref() == Some(to) {
+        let token = node.applied.read().expect("state lock").state.services[service].token;
+        return Ok(SwitchoverResponse {
+            primary: to.to_string(),
+            token,
+            previous,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    let target = crate::services::eligibility_of(node, service, to)?;
+    let refusals = blocking(&target.reasons);
+    // Lag is waited for below; everything else refuses now, with every reason.
+    let hard: Vec<&&Refusal> = refusals
+        .iter()
+        .filter(|r| !matches!(r, Refusal::Lagging { .. }))
+        .collect();
+    if !hard.is_empty() {
+        let reasons = serde_json::to_value(&hard).unwrap_or_default();
+        return Err(conflict(
+            "target_not_eligible",
+            format!("{to:?} cannot be promoted now: {reasons}"),
+        )
+        .with_current(serde_json::json!({ "reasons": reasons })));
+    }
+
+    // 1. The old primary lets go: its node runs on_demote, then the leader releases it.
+    if let Some(old) = &previous {
+        let op = if previous_hosted {
+            Op::Demote {
+                service: service.to_string(),
+                id: old.clone(),
+            }
+        } else {
+            Op::Release {
+                service: service.to_string(),
+                id: old.clone(),
+            }
+        };
+        match node.propose(op).await? {
+            Outcome::Demoting | Outcome::Released => {}
+            other => return Err(unexpected(other)),
+        }
+        let deadline = Instant::now() + Duration::from_millis(hooks_timeout_ms) + Duration::from_secs(5);
+        loop {
+            let (primary, demoting) = {
+                let applied = node.applied.read().expect("state lock");
+                let s = &applied.state.services[service];
+                (s.primary.clone(), s.demoting)
+            };
+            if primary.is_none() {
+                break;
+            }
+            if !demoting {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "demotion_failed",
+                    format!("{old:?}'s on_demote hook failed; it stays primary (see rampart events --kind hook)"),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "demotion_unconfirmed",
+                    format!(
+                        "{old:?}'s node did not confirm on_demote within {}ms; it stays primary and nothing was promoted",
+                        hooks_timeout_ms + 5000
+                    ),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    // 2. The target catches up (its reported lag reaches 0).
+    let deadline = Instant::now() + Duration::from_millis(CATCH_UP_MS_MAX);
+    loop {
+        let lag = node.soft.lock().expect("soft state lock").lag(service, to).unwrap_or(0);
+        if lag == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "target_lagging",
+                format!(
+                    "{to:?} still reports {lag} revisions of lag after {CATCH_UP_MS_MAX}ms; the old primary stepped down, \
+                     nobody is primary: retry the switchover or pick another target"
+                ),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+
+    // 3. Promote.
+    let op = Op::Promote {
+        service: service.to_string(),
+        id: to.to_string(),
+    };
+    match node.propose(op).await? {
+        Outcome::Promoted { token } => Ok(SwitchoverResponse {
+            primary: to.to_string(),
+            token,
+            previous,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }),
+        Outcome::NotPromotable { health } => Err(conflict(
+            "target_not_eligible",
+            format!("{to:?} is no longer up ({health:?}); nobody is primary now"),
+        )),
+        Outcome::PrimaryHeld { primary } => Err(conflict(
+            "primary_held",
+            format!("{primary:?} became primary meanwhile"),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
