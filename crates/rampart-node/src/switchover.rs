@@ -254,6 +254,15 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
                 ));
             }
             if Instant::now() >= deadline {
+                // Call the demotion off, so the service is not left half-way and a later
+                // switchover can ask again.
+                let cancel = Op::CancelDemote {
+                    service: service.to_string(),
+                    id: old.clone(),
+                };
+                if let Err(e) = node.propose(cancel).await {
+                    tracing::warn!(%service, "could not call off an unconfirmed demotion: {}", e.message);
+                }
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "demotion_unconfirmed",
