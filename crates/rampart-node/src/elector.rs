@@ -52,6 +52,7 @@ pub async fn run(node: Shared) {
                 *id,
                 node.address_of(*id)?,
                 node.tls.as_ref().map(|t| t.peer_connector.clone()),
+                node.links.clone(),
             );
             Some(async move { client.pre_vote(me, last_log, base / 2).await })
         });

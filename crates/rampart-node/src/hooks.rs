@@ -49,14 +49,71 @@ struct Due {
 
 pub async fn run(node: Shared) {
     let mut seen: HashMap<(String, String), Seen> = HashMap::new();
+    let mut fenced: HashMap<(String, String), u64> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    // A restarted node counts its start as contact: a primary whose node merely restarted
+    // is fenced only if the node cannot reach the majority soon after.
+    let started = Instant::now();
     loop {
         tick.tick().await;
-        for due in due_hooks(&node, &mut seen) {
+        // Safety rule 4: a node cut off from the majority fences the primaries it hosts
+        // before their hold can run out at the leader.
+        let contact_age = crate::primaries::majority_contact_age(&node)
+            .await
+            .min(started.elapsed());
+        let mut due = if contact_age > crate::primaries::self_fence_after(&node) {
+            self_fence(&node, &mut fenced, &mut seen)
+        } else {
+            Vec::new()
+        };
+        due.extend(due_hooks(&node, &mut seen));
+        for due in due {
             let report = run_hook(&node, &due).await;
             deliver(&node, &due, report).await;
         }
     }
+}
+
+/// `on_demote` for every primary this node hosts and has not fenced yet for its token.
+fn self_fence(
+    node: &Shared,
+    fenced: &mut HashMap<(String, String), u64>,
+    seen: &mut HashMap<(String, String), Seen>,
+) -> Vec<Due> {
+    let applied = node.applied.read().expect("state lock");
+    let mut due = Vec::new();
+    for (service_name, service) in &applied.state.services {
+        let Some(primary) = &service.primary else { continue };
+        let Some(record) = service.instances.get(primary) else {
+            continue;
+        };
+        if record.instance.node != Some(node.id) {
+            continue;
+        }
+        let key = (service_name.clone(), primary.clone());
+        if fenced.get(&key) == Some(&service.token) {
+            continue;
+        }
+        tracing::warn!(
+            service = %service_name,
+            instance = %primary,
+            token = service.token,
+            "cut off from the region's majority: fencing the primary (on_demote)"
+        );
+        fenced.insert(key.clone(), service.token);
+        seen.entry(key).or_default().demoted_for = Some(service.token);
+        due.push(Due {
+            service: service_name.clone(),
+            instance: primary.clone(),
+            hook: "on_demote",
+            command: service.policy.hooks.on_demote.clone(),
+            role: InstanceRole::Replica,
+            token: service.token,
+            primary_endpoint: String::new(),
+            timeout: Duration::from_millis(service.policy.hooks.timeout_ms),
+        });
+    }
+    due
 }
 
 /// The hooks the applied state asks of this node, noted as handled in `seen`.

@@ -13,6 +13,7 @@ mod hooks;
 mod leases;
 mod metrics;
 mod peer;
+mod primaries;
 mod prober;
 mod proposer;
 mod server;
@@ -219,7 +220,9 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             source,
         })?;
 
+    let links = Arc::new(peer::PeerLinks::default());
     let network = peer::PeerNetwork {
+        links: links.clone(),
         peer_via: Arc::new(config.peer_via.clone()),
         tls: tls.as_ref().map(|t| t.peer_connector.clone()),
     };
@@ -256,7 +259,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         http: forwarding_client(&config, tls.as_ref())?,
         metrics,
         watchers: AtomicUsize::new(0),
-        links: Arc::new(peer::PeerLinks::default()),
+        links,
         proposer,
         config,
         tls,
@@ -285,6 +288,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),
         tokio::spawn(hooks::run(node.clone())),
+        tokio::spawn(primaries::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

@@ -94,14 +94,30 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut (impl AsyncRead + Unpin)) 
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// When each peer's connections to this node last closed: a leader whose links all
-/// closed and that has been silent since has most likely crashed.
+/// When each peer's connections to this node last closed (a leader whose links all closed
+/// and that has been silent since has most likely crashed), and when each peer last
+/// answered a call of this node (until when a primary's node was surely in touch).
 #[derive(Debug, Default)]
 pub struct PeerLinks {
     closed_at: Mutex<BTreeMap<NodeId, Instant>>,
+    answered_at: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl PeerLinks {
+    fn answered(&self, peer: NodeId) {
+        self.answered_at
+            .lock()
+            .expect("links lock")
+            .insert(peer, Instant::now());
+    }
+
+    /// When an answer from `peer` last arrived here. Later than anything the peer heard
+    /// from this node before answering, so a hold the peer measures from its last contact
+    /// ends no later than the same hold measured from here.
+    pub fn answered_at(&self, peer: NodeId) -> Option<Instant> {
+        self.answered_at.lock().expect("links lock").get(&peer).copied()
+    }
+
     fn closed(&self, peer: NodeId) {
         self.closed_at.lock().expect("links lock").insert(peer, Instant::now());
     }
@@ -211,6 +227,7 @@ pub struct PeerNetwork {
     pub peer_via: Arc<BTreeMap<NodeId, SocketAddr>>,
     /// `Some` on a TLS node: every link is mutual TLS.
     pub tls: Option<TlsConnector>,
+    pub links: Arc<PeerLinks>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -221,7 +238,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             Some(via) => via.to_string(),
             None => node.addr.clone(),
         };
-        PeerClient::new(target, addr, self.tls.clone())
+        PeerClient::new(target, addr, self.tls.clone(), self.links.clone())
     }
 }
 
@@ -229,6 +246,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     tls: Option<TlsConnector>,
+    links: Arc<PeerLinks>,
     pool: Arc<Mutex<Vec<PeerStream>>>,
 }
 
@@ -239,11 +257,12 @@ enum CallError {
 }
 
 impl PeerClient {
-    pub fn new(target: NodeId, addr: String, tls: Option<TlsConnector>) -> PeerClient {
+    pub fn new(target: NodeId, addr: String, tls: Option<TlsConnector>, links: Arc<PeerLinks>) -> PeerClient {
         PeerClient {
             target,
             addr,
             tls,
+            links,
             pool: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -289,6 +308,7 @@ impl PeerClient {
             .await
             .map_err(|_| CallError::Io(io::Error::new(io::ErrorKind::TimedOut, "peer call timed out")))?
             .map_err(CallError::Io)?;
+        self.links.answered(self.target);
         let mut pool = self.pool.lock().expect("pool lock");
         if pool.len() < POOL_MAX {
             pool.push(stream);

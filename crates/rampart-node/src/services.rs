@@ -211,7 +211,7 @@ pub fn eligibility_of(node: &Shared, service: &str, id: &str) -> Result<rampart_
         })
 }
 
-fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
+pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
     let name = name.to_string();
     let now = now_ms();
     with_service(node, &name, |service| {

@@ -91,26 +91,27 @@ async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport)
     };
     record(node, event).await;
     if report.hook == "on_demote" {
-        let still_primary = {
+        // Any successful on_demote for the current token means the primary let go (asked
+        // to, or fencing itself after losing the majority): release the role. A failed one
+        // calls off the demotion that asked for it.
+        let (still_primary, demoting) = {
             let applied = node.applied.read().expect("state lock");
-            applied
-                .state
-                .services
-                .get(service)
-                .is_some_and(|s| s.primary.as_deref() == Some(id) && s.demoting && s.token == report.token)
+            applied.state.services.get(service).map_or((false, false), |s| {
+                (s.primary.as_deref() == Some(id) && s.token == report.token, s.demoting)
+            })
         };
-        if still_primary {
-            let op = if ok {
-                Op::Release {
-                    service: service.to_string(),
-                    id: id.to_string(),
-                }
-            } else {
-                Op::CancelDemote {
-                    service: service.to_string(),
-                    id: id.to_string(),
-                }
-            };
+        let op = match (still_primary, ok, demoting) {
+            (true, true, _) => Some(Op::Release {
+                service: service.to_string(),
+                id: id.to_string(),
+            }),
+            (true, false, true) => Some(Op::CancelDemote {
+                service: service.to_string(),
+                id: id.to_string(),
+            }),
+            _ => None,
+        };
+        if let Some(op) = op {
             node.propose(op).await?;
         }
     }

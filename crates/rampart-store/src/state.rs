@@ -66,6 +66,9 @@ pub struct InstanceRecord {
     pub role: InstanceRole,
     /// The committed verdict (every node agrees on it).
     pub health: Health,
+    /// When the verdict last changed (the proposing leader's clock): a failover's
+    /// detection time.
+    pub health_since_ms: u64,
     /// When it lost the primary role, newest last, at most [`LOSSES_KEPT`].
     pub losses_ms: Vec<u64>,
     pub fenced: bool,
@@ -289,6 +292,7 @@ impl State {
                                 instance: instance.clone(),
                                 role: InstanceRole::Replica,
                                 health: Health::Unknown,
+                                health_since_ms: command.at_ms,
                                 losses_ms: Vec::new(),
                                 fenced: false,
                             },
@@ -311,6 +315,9 @@ impl State {
                 match self.services.get_mut(service).and_then(|s| s.instances.get_mut(id)) {
                     None => Outcome::InstanceNotFound,
                     Some(record) => {
+                        if record.health != *health {
+                            record.health_since_ms = command.at_ms;
+                        }
                         record.health = *health;
                         Outcome::HealthRecorded
                     }

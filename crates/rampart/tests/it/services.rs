@@ -437,3 +437,115 @@ async fn switchover_demotes_before_it_promotes_and_refuses_an_unfit_target() {
         Some("pg-2")
     );
 }
+
+/// A TCP endpoint a test can take down: a listener accepting until dropped.
+struct FakeInstance {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeInstance {
+    async fn start() -> FakeInstance {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        FakeInstance { addr, task }
+    }
+
+    /// Like SIGKILL of the instance: the port stops answering.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
+            log.display()
+        )
+    };
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote"), "on_role_change": hook("role_change")},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = std::collections::BTreeMap::new();
+    for (id, node, priority) in [("pg-1", 1, 100), ("pg-2", 2, 100), ("pg-3", 3, 50)] {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            node: Some(node),
+            priority: Some(priority),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+        instances.insert(id, fake);
+    }
+    for id in ["pg-1", "pg-2", "pg-3"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    let first = client.switchover("db", "pg-1").await.expect("first primary");
+
+    instances.remove("pg-1").expect("pg-1").kill();
+    let view = rampart_testkit::eventually(DEADLINE, "a new primary", || async {
+        let view = client.service("db").await.ok()?;
+        (view.primary.as_deref().is_some_and(|p| p != "pg-1")).then_some(view)
+    })
+    .await;
+    assert_eq!(
+        view.primary.as_deref(),
+        Some("pg-2"),
+        "the highest priority, then the id"
+    );
+    assert!(view.token > first.token, "a new fencing token");
+    let pg1 = view.instances.iter().find(|i| i.id == "pg-1").expect("pg-1");
+    assert_eq!(pg1.role, rampart_core::service::InstanceRole::Replica);
+
+    rampart_testkit::eventually(DEADLINE, "pg-2's promote hook", || async {
+        hook_log(&log)
+            .iter()
+            .any(|(hook, instance, _, token)| hook == "promote" && instance == "pg-2" && *token == view.token)
+            .then_some(())
+    })
+    .await;
+    let log = hook_log(&log);
+    let demoted = log
+        .iter()
+        .position(|(h, i, _, t)| h == "demote" && i == "pg-1" && *t == first.token)
+        .unwrap_or_else(|| panic!("pg-1 never ran on_demote: {log:?}"));
+    let promoted = log
+        .iter()
+        .position(|(h, i, _, t)| h == "promote" && i == "pg-2" && *t == view.token)
+        .expect("promote");
+    assert!(
+        demoted < promoted,
+        "the dead primary let go before the new one took over: {log:?}"
+    );
+    let promotions: Vec<_> = log
+        .iter()
+        .filter(|(h, _, _, t)| h == "promote" && *t == view.token)
+        .collect();
+    assert_eq!(promotions.len(), 1, "exactly one new primary: {log:?}");
+
+    rampart_testkit::eventually(DEADLINE, "a failover event", || async {
+        let events = client.events(Some("failover"), None).await.ok()?;
+        events
+            .events
+            .iter()
+            .find(|e| e.action == "failover.promote" && e.detail.contains("to=pg-2"))
+            .map(|e| assert!(e.detail.contains("from=pg-1") && e.detail.contains("detection_to_promotion_ms=")))
+    })
+    .await;
+}

@@ -1,0 +1,237 @@
+//! Automatic failover (leader only) and the primary's hold (every node).
+//!
+//! A primary may act as primary only while its **hold** lasts: for an instance hosted by
+//! a node, while that node is in touch with the region's majority. A node cut off for
+//! `hold - 2 heartbeats` runs the instance's `on_demote` by itself (`hooks.rs`), and the
+//! leader never releases the role of an unreachable primary before `hold` has passed since
+//! that node last answered it (or since the leader took office, if it never did). Since the
+//! node's own clock starts earlier than the leader's, the old primary has let go before a
+//! new one is promoted: safety rule 4, with clocks that only need to run at the same rate.
+//!
+//! The controller, each tick, for every active-passive service:
+//! - primary confirmed down: if its node answers, ask it to step down (`Demote`: the node
+//!   runs `on_demote`, the leader then releases the role); if not, release the role once
+//!   the hold has run out; an instance no node hosts is released a hold after its verdict;
+//! - no primary, but it had one: promote eligibility's first instance, and record a
+//!   `failover` event with the detection, decision and promotion times; if nobody is
+//!   eligible, record why, once.
+//!
+//! A service that never had a primary gets its first one from an operator's switchover.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use rampart_core::api::Event;
+use rampart_core::health::Health;
+use rampart_core::service::Mode;
+use rampart_store::{Op, Outcome};
+
+use crate::tokens::record;
+use crate::{now_ms, Shared};
+
+const TICK: Duration = Duration::from_millis(100);
+/// How soon a demotion whose hook failed is asked for again.
+const DEMOTE_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a primary's hold lasts past its node's last contact with the majority: well
+/// above a leader change, so an election alone never costs a primary its role.
+pub fn hold(node: &Shared) -> Duration {
+    node.config.election_timeout * 4
+}
+
+/// When a cut-off node fences its primaries: two heartbeats before the hold ends.
+pub fn self_fence_after(node: &Shared) -> Duration {
+    hold(node).saturating_sub(node.config.heartbeat_interval * 2)
+}
+
+/// How long ago this node was last surely in touch with the region's majority.
+pub async fn majority_contact_age(node: &Shared) -> Duration {
+    let metrics = node.raft.metrics().borrow().clone();
+    if metrics.state == ServerState::Leader {
+        if metrics.membership_config.membership().voter_ids().count() <= 1 {
+            return Duration::ZERO;
+        }
+        return metrics
+            .millis_since_quorum_ack
+            .map_or(Duration::MAX, Duration::from_millis);
+    }
+    // A follower's vote is refreshed by every append and heartbeat of its leader.
+    node.raft
+        .with_raft_state(|s| s.vote_last_modified().map(|i| i.into_std()))
+        .await
+        .ok()
+        .flatten()
+        .map_or(Duration::MAX, |at| at.elapsed())
+}
+
+/// The controller's memory of one episode: a primary that went down.
+#[derive(Debug, Default)]
+struct Episode {
+    demote_asked: Option<Instant>,
+    released_ms: Option<u64>,
+    detected_ms: u64,
+    previous: Option<String>,
+    how: &'static str,
+    no_candidate_reported: bool,
+}
+
+pub async fn run(node: Shared) {
+    let mut tick = tokio::time::interval(TICK);
+    let mut leader_since: Option<Instant> = None;
+    let mut episodes: HashMap<String, Episode> = HashMap::new();
+    loop {
+        tick.tick().await;
+        if node.known_leader() != Some(node.id) {
+            leader_since = None;
+            episodes.clear();
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        let names: Vec<String> = node
+            .applied
+            .read()
+            .expect("state lock")
+            .state
+            .services
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            let episode = episodes.entry(name.clone()).or_default();
+            if let Err(e) = step(&node, &name, since, episode).await {
+                tracing::warn!(service = %name, "failover step failed: {}", e.message);
+            }
+        }
+    }
+}
+
+/// One look at one service.
+async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Episode) -> Result<(), crate::ApiError> {
+    let hold = hold(node);
+    let (mode, primary, token, demoting) = {
+        let applied = node.applied.read().expect("state lock");
+        let Some(s) = applied.state.services.get(name) else {
+            return Ok(());
+        };
+        let primary = s.primary.as_ref().and_then(|p| {
+            s.instances
+                .get(p)
+                .map(|r| (p.clone(), r.health, r.health_since_ms, r.instance.node))
+        });
+        (s.policy.mode, primary, s.token, s.demoting)
+    };
+    if mode != Mode::ActivePassive {
+        return Ok(());
+    }
+    match primary {
+        Some((id, Health::Down, down_since_ms, hosted_by)) => {
+            episode.detected_ms = down_since_ms;
+            episode.previous = Some(id.clone());
+            let release = match hosted_by {
+                None => {
+                    episode.how = "hold_lapsed";
+                    now_ms().saturating_sub(down_since_ms) >= hold.as_millis() as u64
+                }
+                Some(host) => {
+                    let last = if host == node.id {
+                        Some(Instant::now())
+                    } else {
+                        node.links.answered_at(host)
+                    };
+                    let last = last.map_or(leader_since, |at| at.max(leader_since));
+                    if last.elapsed() < hold {
+                        // Its node answers: it runs on_demote, and the hook's report releases.
+                        episode.how = "demoted";
+                        let due = episode.demote_asked.is_none_or(|at| at.elapsed() >= DEMOTE_RETRY);
+                        if !demoting && due {
+                            episode.demote_asked = Some(Instant::now());
+                            node.propose(Op::Demote {
+                                service: name.to_string(),
+                                id: id.clone(),
+                            })
+                            .await?;
+                        }
+                        false
+                    } else {
+                        episode.how = "hold_lapsed";
+                        true
+                    }
+                }
+            };
+            if release {
+                match node
+                    .propose(Op::Release {
+                        service: name.to_string(),
+                        id: id.clone(),
+                    })
+                    .await?
+                {
+                    Outcome::Released => episode.released_ms = Some(now_ms()),
+                    Outcome::NotPrimary { .. } => {}
+                    other => return Err(crate::api::unexpected(other)),
+                }
+            }
+        }
+        Some(_) => {
+            // A healthy primary: nothing to do; forget any finished episode.
+            *episode = Episode::default();
+        }
+        None if token > 0 => promote_best(node, name, episode).await?,
+        None => {}
+    }
+    Ok(())
+}
+
+async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Result<(), crate::ApiError> {
+    let report = crate::services::report(node, name)?;
+    let Some(best) = report.instances.iter().find(|e| e.rank == Some(1)) else {
+        if !episode.no_candidate_reported {
+            episode.no_candidate_reported = true;
+            let reasons = serde_json::to_string(&report.instances).unwrap_or_default();
+            tracing::warn!(service = %name, "no instance can be promoted: {reasons}");
+            record(
+                node,
+                failover_event(name, "failover.blocked", "failed: no eligible instance", reasons),
+            )
+            .await;
+        }
+        return Ok(());
+    };
+    let decided_ms = now_ms();
+    let outcome = node
+        .propose(Op::Promote {
+            service: name.to_string(),
+            id: best.id.clone(),
+        })
+        .await?;
+    if let Outcome::Promoted { token } = outcome {
+        let promoted_ms = now_ms();
+        let detail = format!(
+            "service={name} from={} to={} token={token} how={} detected_ms={} released_ms={} decided_ms={decided_ms} promoted_ms={promoted_ms} detection_to_promotion_ms={}",
+            episode.previous.as_deref().unwrap_or("-"),
+            best.id,
+            if episode.how.is_empty() { "-" } else { episode.how },
+            episode.detected_ms,
+            episode.released_ms.unwrap_or(0),
+            promoted_ms.saturating_sub(episode.detected_ms),
+        );
+        tracing::info!(service = %name, to = %best.id, token, "failover: promoted");
+        record(node, failover_event(name, "failover.promote", "ok", detail)).await;
+        *episode = Episode::default();
+    }
+    Ok(())
+}
+
+fn failover_event(name: &str, action: &str, outcome: &str, detail: String) -> Event {
+    Event {
+        id: 0,
+        at_ms: 0,
+        kind: "failover".to_string(),
+        action: action.to_string(),
+        actor: "-".to_string(),
+        source: format!("service {name}"),
+        outcome: outcome.to_string(),
+        detail,
+    }
+}
