@@ -549,3 +549,80 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
+    let cluster = crate::cluster_with_relays(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
+            log.display()
+        )
+    };
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote")},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = std::collections::BTreeMap::new();
+    for (id, node) in [("pg-1", 1), ("pg-2", 2), ("pg-3", 3)] {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            node: Some(node),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+        instances.insert(id, fake);
+    }
+    for id in ["pg-1", "pg-2", "pg-3"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    let first = client.switchover("db", "pg-1").await.expect("first primary");
+    rampart_testkit::eventually(DEADLINE, "pg-1 promoted", || async {
+        hook_log(&log)
+            .iter()
+            .any(|(h, i, _, t)| h == "promote" && i == "pg-1" && *t == first.token)
+            .then_some(())
+    })
+    .await;
+
+    // Node 1, which hosts the primary, is cut off from the others, and the instance dies.
+    cluster.isolate(1, rampart_testkit::RelayMode::Drop);
+    instances.remove("pg-1").expect("pg-1").kill();
+    let majority: Vec<String> = [2u64, 3].iter().map(|id| cluster.nodes[id].endpoint()).collect();
+    let on_majority = cluster.client_with_token(&majority, None);
+    let view = rampart_testkit::eventually(DEADLINE, "a new primary on the majority side", || async {
+        let view = on_majority.service("db").await.ok()?;
+        view.primary.as_deref().is_some_and(|p| p != "pg-1").then_some(view)
+    })
+    .await;
+    assert!(view.token > first.token);
+    let new_primary = view.primary.clone().expect("primary");
+    rampart_testkit::eventually(DEADLINE, "the new primary's promote hook", || async {
+        hook_log(&log)
+            .iter()
+            .any(|(h, i, _, t)| h == "promote" && *i == new_primary && *t == view.token)
+            .then_some(())
+    })
+    .await;
+    let log = hook_log(&log);
+    let fenced = log
+        .iter()
+        .position(|(h, i, _, t)| h == "demote" && i == "pg-1" && *t == first.token)
+        .unwrap_or_else(|| panic!("the cut-off node never fenced pg-1: {log:?}"));
+    let promoted = log
+        .iter()
+        .position(|(h, i, _, t)| h == "promote" && *i == new_primary && *t == view.token)
+        .expect("promote");
+    assert!(
+        fenced < promoted,
+        "the cut-off primary was still primary when another was promoted: {log:?}"
+    );
+    cluster.heal();
+}
