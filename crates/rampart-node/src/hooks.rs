@@ -25,6 +25,9 @@ use crate::Shared;
 /// Output kept from one hook run (the rest is read and dropped).
 pub const HOOK_OUTPUT_BYTES_MAX: usize = 64 * 1024;
 const TICK: Duration = Duration::from_millis(100);
+/// How often a node checks whether it is cut off: well inside the two heartbeats between
+/// its fencing deadline and the end of the hold.
+const FENCE_TICK: Duration = Duration::from_millis(20);
 
 /// What this node last acted on, per hosted instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,38 +51,49 @@ struct Due {
 }
 
 pub async fn run(node: Shared) {
+    // Fencing has its own loop: no slow hook or unreachable leader may delay it.
+    tokio::spawn(fence(node.clone()));
     let mut seen: HashMap<(String, String), Seen> = HashMap::new();
-    let mut fenced: HashMap<(String, String), u64> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        for due in due_hooks(&node, &mut seen) {
+            let report = run_hook(&node, &due).await;
+            // Delivered in the background: a leader out of reach must not stall hooks.
+            let node = node.clone();
+            tokio::spawn(async move { deliver(&node, &due, report).await });
+        }
+    }
+}
+
+/// Safety rule 4: a node cut off from the region's majority fences the primaries it hosts
+/// (`on_demote`) before their hold can run out at the leader.
+async fn fence(node: Shared) {
+    let mut fenced: HashMap<(String, String), u64> = HashMap::new();
+    let mut tick = tokio::time::interval(FENCE_TICK);
     // A restarted node counts its start as contact: a primary whose node merely restarted
     // is fenced only if the node cannot reach the majority soon after.
     let started = Instant::now();
     loop {
         tick.tick().await;
-        // Safety rule 4: a node cut off from the majority fences the primaries it hosts
-        // before their hold can run out at the leader.
         let contact_age = crate::primaries::majority_contact_age(&node)
             .await
             .min(started.elapsed());
-        let mut due = if contact_age > crate::primaries::self_fence_after(&node) {
-            self_fence(&node, &mut fenced, &mut seen)
-        } else {
-            Vec::new()
-        };
-        due.extend(due_hooks(&node, &mut seen));
-        for due in due {
-            let report = run_hook(&node, &due).await;
-            deliver(&node, &due, report).await;
+        if contact_age <= crate::primaries::self_fence_after(&node) {
+            continue;
+        }
+        for due in self_fence(&node, &mut fenced) {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let report = run_hook(&node, &due).await;
+                deliver(&node, &due, report).await;
+            });
         }
     }
 }
 
 /// `on_demote` for every primary this node hosts and has not fenced yet for its token.
-fn self_fence(
-    node: &Shared,
-    fenced: &mut HashMap<(String, String), u64>,
-    seen: &mut HashMap<(String, String), Seen>,
-) -> Vec<Due> {
+fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec<Due> {
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
     for (service_name, service) in &applied.state.services {
@@ -100,8 +114,7 @@ fn self_fence(
             token = service.token,
             "cut off from the region's majority: fencing the primary (on_demote)"
         );
-        fenced.insert(key.clone(), service.token);
-        seen.entry(key).or_default().demoted_for = Some(service.token);
+        fenced.insert(key, service.token);
         due.push(Due {
             service: service_name.clone(),
             instance: primary.clone(),

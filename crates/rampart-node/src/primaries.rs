@@ -2,7 +2,7 @@
 //!
 //! A primary may act as primary only while its **hold** lasts: for an instance hosted by
 //! a node, while that node is in touch with the region's majority. A node cut off for
-//! `hold - 2 heartbeats` runs the instance's `on_demote` by itself (`hooks.rs`), and the
+//! three quarters of the hold runs the instance's `on_demote` by itself (`hooks.rs`), and the
 //! leader never releases the role of an unreachable primary before `hold` has passed since
 //! that node last answered it (or since the leader took office, if it never did). Since the
 //! node's own clock starts earlier than the leader's, the old primary has let go before a
@@ -40,9 +40,11 @@ pub fn hold(node: &Shared) -> Duration {
     node.config.election_timeout * 4
 }
 
-/// When a cut-off node fences its primaries: two heartbeats before the hold ends.
+/// When a cut-off node fences its primaries: a quarter of the hold (at least two
+/// heartbeats) before it ends, so the demotion hook has run before the leader can promote.
 pub fn self_fence_after(node: &Shared) -> Duration {
-    hold(node).saturating_sub(node.config.heartbeat_interval * 2)
+    let margin = (hold(node) / 4).max(node.config.heartbeat_interval * 2);
+    hold(node).saturating_sub(margin)
 }
 
 /// How long ago this node was last surely in touch with the region's majority.
