@@ -400,11 +400,15 @@ async fn switchover_demotes_before_it_promotes_and_refuses_an_unfit_target() {
     let view = client.service("db").await.expect("view");
     assert_eq!(view.primary.as_deref(), Some("pg-2"));
 
-    rampart_testkit::eventually(DEADLINE, "pg-1's role change hook", || async {
+    rampart_testkit::eventually(DEADLINE, "pg-2's promote and pg-1's role change hooks", || async {
         let log = hook_log(&log);
-        log.iter()
-            .any(|(hook, instance, _, token)| hook == "role_change" && instance == "pg-1" && *token == second.token)
-            .then_some(log)
+        let changed = log
+            .iter()
+            .any(|(hook, instance, _, token)| hook == "role_change" && instance == "pg-1" && *token == second.token);
+        let promoted = log
+            .iter()
+            .any(|(hook, instance, _, token)| hook == "promote" && instance == "pg-2" && *token == second.token);
+        (changed && promoted).then_some(log)
     })
     .await;
     let log = hook_log(&log);
