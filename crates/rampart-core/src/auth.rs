@@ -152,9 +152,10 @@ pub fn split_token(token: &str) -> Option<(&str, &str)> {
 
 /// Limits failed authentication attempts per source address, as a leaky bucket: each
 /// failure adds one, the level drains by one every `drain_ms`, and a source whose level has
-/// reached `burst` is refused before its token is even looked at. Guessing a 256-bit
-/// secret is hopeless anyway; this keeps a misconfigured client or a scanner from burning
-/// CPU and flooding the logs.
+/// reached `burst` has its further failures answered "too many" (429, with when to retry)
+/// instead of "unauthenticated". Guessing a 256-bit secret is hopeless anyway; this tells a
+/// misconfigured client or a scanner to back off, without locking out a valid token that
+/// shares its address.
 #[derive(Debug)]
 pub struct FailureLimiter {
     burst: u32,

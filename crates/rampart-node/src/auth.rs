@@ -5,8 +5,8 @@
 //! checked by the handlers, which know the exact key. A node without TLS serves everyone as
 //! the anonymous local admin `-`: it is bound to loopback, or `--insecure` said so.
 //!
-//! Failed attempts are counted per reason in `rampart_auth_failures` and limited per
-//! source address; secrets never reach a log line, an event or an error message.
+//! Failed attempts are counted per reason in `rampart_auth_failures`, and a source that
+//! keeps failing gets 429 for its failures; secrets never reach a log line, an event or an error message.
 
 use std::net::SocketAddr;
 
@@ -157,7 +157,17 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
         .map(|a| a.ip())
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let now = now_ms();
-    if let Some(wait_ms) = node.auth_failures.lock().expect("limiter lock").blocked(ip, now) {
+    // A source that keeps failing gets 429 instead of 401 for its failures; a valid token
+    // is still served, so clients sharing an address (NAT, a proxy) are not locked out by
+    // one misconfigured neighbour. Guessing a 256-bit secret is hopeless either way.
+    let refuse_failure = |reason: &str, error: ApiError| -> Response {
+        let mut limiter = node.auth_failures.lock().expect("limiter lock");
+        let blocked = limiter.blocked(ip, now);
+        limiter.record_failure(ip, now);
+        drop(limiter);
+        let Some(wait_ms) = blocked else {
+            return refuse(&node, reason, error);
+        };
         let mut response = refuse(
             &node,
             "rate_limited",
@@ -171,8 +181,8 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
         if let Ok(value) = HeaderValue::from_str(&seconds) {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
-        return response;
-    }
+        response
+    };
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -194,9 +204,7 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
         return next.run(request).await;
     }
     let Some(presented) = presented else {
-        node.auth_failures.lock().expect("limiter lock").record_failure(ip, now);
-        return refuse(
-            &node,
+        return refuse_failure(
             "missing_token",
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -207,10 +215,8 @@ pub async fn authenticate(State(node): State<Shared>, mut request: Request, next
         );
     };
     let Some((name, token)) = verify(&node, presented) else {
-        node.auth_failures.lock().expect("limiter lock").record_failure(ip, now);
         tracing::debug!(%source, "refused an invalid token");
-        return refuse(
-            &node,
+        return refuse_failure(
             "invalid_token",
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
