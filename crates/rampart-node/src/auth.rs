@@ -6,7 +6,8 @@
 //! the anonymous local admin `-`: it is bound to loopback, or `--insecure` said so.
 //!
 //! Failed attempts are counted per reason in `rampart_auth_failures`, and a source that
-//! keeps failing gets 429 for its failures; secrets never reach a log line, an event or an error message.
+//! keeps failing gets 429 for its failures; secrets never reach a log line, an event or
+//! an error message.
 
 use std::net::SocketAddr;
 
