@@ -82,7 +82,13 @@ pub(crate) fn start(client: &Client, prefix: &str, from_revision: Option<u64>) -
                     let status = response.status();
                     let bytes = response.bytes().await.unwrap_or_default();
                     let error = crate::decode_error(status, &bytes);
-                    if error.code() == Some("compacted") || status.is_client_error() && status.as_u16() != 429 {
+                    // Terminal: compacted history, bad input, and authentication refusals
+                    // (429 too_many_auth_failures too); a 429 for load is retried.
+                    let auth_refused = error.code() == Some("too_many_auth_failures");
+                    if error.code() == Some("compacted")
+                        || auth_refused
+                        || status.is_client_error() && status.as_u16() != 429
+                    {
                         let _ = tx.send(Err(error)).await;
                         return;
                     }

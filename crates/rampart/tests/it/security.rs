@@ -48,6 +48,12 @@ fn secret_of(token: &str) -> String {
     token.split_once('.').expect("NAME.SECRET").1.to_string()
 }
 
+/// Refused for want of a valid token: 401, or 429 once this source (every test runs on
+/// 127.0.0.1) has failed too often.
+fn unauthenticated(error: &ClientError) -> bool {
+    matches!(status_of(error), Some(401)) || error.code() == Some("too_many_auth_failures")
+}
+
 fn status_of(error: &ClientError) -> Option<u16> {
     match error {
         ClientError::Api { status, .. } => Some(*status),
@@ -150,7 +156,7 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         let only_this = cluster.client_with_token(&[node.endpoint()], Some(&writer));
         eventually(DEADLINE, &format!("node {id} to refuse the revoked token"), || async {
             let answer = only_this.get_key("app/b", true).await;
-            matches!(answer, Err(ref e) if status_of(e) == Some(401)).then_some(())
+            matches!(answer, Err(ref e) if unauthenticated(e)).then_some(())
         })
         .await;
     }
@@ -165,7 +171,7 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         .await
         .expect("the watch ends");
     match ended {
-        Some(Err(e)) => assert_eq!(status_of(&e), Some(401), "{e}"),
+        Some(Err(e)) => assert!(unauthenticated(&e), "{e}"),
         other => panic!("a revoked token's watch delivered {other:?}"),
     }
 
@@ -210,7 +216,7 @@ async fn tokens_need_the_right_role_and_a_revoke_reaches_every_node() {
         .tokens()
         .await
         .expect_err("a client certificate is not a token");
-    assert_eq!(status_of(&error), Some(401));
+    assert!(unauthenticated(&error), "{error}");
 
     // Refusals are counted, by reason, on the node that refused (counters restart with the
     // process, so measure around one refusal).
