@@ -81,6 +81,7 @@ pub fn router(node: Shared) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/health/ready", get(ready))
+        .route("/health/ha", get(services::health_ha))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no_route", "no such API path; see docs/api/openapi.yaml") })
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::to_leader))

@@ -16,6 +16,12 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+/// One service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
 /// One instance of one service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
@@ -29,6 +35,10 @@ pub struct Metrics {
     pub instance_health: Family<InstanceLabels, Gauge>,
     /// 1 for the instance that is its service's primary, else 0.
     pub instance_primary: Family<InstanceLabels, Gauge>,
+    /// Promotions per service, from the replicated state (so every node shows the same).
+    pub primary_changes: Family<ServiceLabels, Gauge>,
+    /// Leader-observed: from a primary's down verdict to its replacement's promotion.
+    pub failover_seconds: Histogram,
     pub auth_failures: Family<RefusalLabels, Counter>,
     pub term: Gauge,
     pub is_leader: Gauge,
@@ -70,6 +80,19 @@ impl Metrics {
         let auth_failures = Family::<RefusalLabels, Counter>::default();
         let instance_health = Family::<InstanceLabels, Gauge>::default();
         let instance_primary = Family::<InstanceLabels, Gauge>::default();
+        let primary_changes = Family::<ServiceLabels, Gauge>::default();
+        // 100 ms to ~100 s.
+        let failover_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 11));
+        registry.register(
+            "service_primary_changes",
+            "Promotions of each service's primary so far, planned and automatic (a counter kept in the replicated state)",
+            primary_changes.clone(),
+        );
+        registry.register(
+            "service_failover_duration_seconds",
+            "From a primary's down verdict to its replacement's promotion, as the leader saw it",
+            failover_seconds.clone(),
+        );
         registry.register(
             "service_instance_health",
             "The region's committed verdict per instance: 1 up, 0 down, -1 unknown",
@@ -148,6 +171,8 @@ impl Metrics {
             registry,
             instance_health,
             instance_primary,
+            primary_changes,
+            failover_seconds,
             auth_failures,
             term,
             is_leader,
@@ -172,7 +197,11 @@ impl Metrics {
     pub fn set_instances(&self, services: &std::collections::BTreeMap<String, rampart_store::state::Service>) {
         self.instance_health.clear();
         self.instance_primary.clear();
+        self.primary_changes.clear();
         for (name, service) in services {
+            self.primary_changes
+                .get_or_create(&ServiceLabels { service: name.clone() })
+                .set(service.promotions as i64);
             for (id, record) in &service.instances {
                 let labels = InstanceLabels {
                     service: name.clone(),

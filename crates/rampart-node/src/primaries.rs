@@ -219,6 +219,11 @@ async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Resul
             promoted_ms.saturating_sub(episode.detected_ms),
         );
         tracing::info!(service = %name, to = %best.id, token, "failover: promoted");
+        if episode.detected_ms > 0 {
+            node.metrics
+                .failover_seconds
+                .observe(promoted_ms.saturating_sub(episode.detected_ms) as f64 / 1000.0);
+        }
         record(node, failover_event(name, "failover.promote", "ok", detail)).await;
         *episode = Episode::default();
     }

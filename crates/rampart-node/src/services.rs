@@ -302,3 +302,41 @@ pub async fn register_configured(node: Shared) {
         }
     }
 }
+
+/// `/health/ha`: 200 when every active-passive service has a primary that is up, else 503
+/// with each problem; for load balancers and monitoring (like Patroni's `/health`).
+pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let problems: Vec<String> = {
+        let applied = node.applied.read().expect("state lock");
+        applied
+            .state
+            .services
+            .iter()
+            .filter(|(_, s)| s.policy.mode == rampart_core::service::Mode::ActivePassive)
+            .filter_map(|(name, s)| {
+                let primary = s
+                    .primary
+                    .as_ref()
+                    .and_then(|p| s.instances.get(p).map(|r| (p, r.health)));
+                match primary {
+                    None => Some(format!("{name}: no primary")),
+                    Some((p, health)) if health != rampart_core::health::Health::Up => {
+                        Some(format!("{name}: primary {p} is {health:?}").to_lowercase())
+                    }
+                    Some(_) if s.demoting => Some(format!("{name}: primary is stepping down")),
+                    Some(_) => None,
+                }
+            })
+            .collect()
+    };
+    if problems.is_empty() {
+        Json(serde_json::json!({ "status": "ok" })).into_response()
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "degraded", "problems": problems })),
+        )
+            .into_response()
+    }
+}

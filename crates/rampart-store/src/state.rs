@@ -54,6 +54,8 @@ pub struct Service {
     pub primary: Option<String>,
     /// The primary was asked to step down and its node has not confirmed yet.
     pub demoting: bool,
+    /// Promotions so far (planned and automatic): `rampart_service_primary_changes_total`.
+    pub promotions: u64,
     /// Fencing token of the current primary's term (the revision-like counter of
     /// promotions); 0 before the first.
     pub token: u64,
@@ -269,6 +271,7 @@ impl State {
                             instances: BTreeMap::new(),
                             primary: None,
                             demoting: false,
+                            promotions: 0,
                             token: 0,
                         },
                     );
@@ -380,6 +383,7 @@ impl State {
                         let s = self.services.get_mut(service).expect("checked above");
                         s.primary = Some(id.clone());
                         s.token = token;
+                        s.promotions += 1;
                         s.instances.get_mut(id).expect("checked above").role = InstanceRole::Primary;
                         Outcome::Promoted { token }
                     }

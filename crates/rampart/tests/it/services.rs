@@ -500,6 +500,10 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
     for id in ["pg-1", "pg-2", "pg-3"] {
         wait_health(&cluster, "db", id, Health::Up).await;
     }
+    let health_ha = format!("http://{}/health/ha", cluster.endpoints()[1]);
+    let before = reqwest::get(&health_ha).await.expect("health/ha");
+    assert_eq!(before.status(), 503, "no primary yet");
+    assert!(before.text().await.expect("body").contains("db: no primary"));
     let first = client.switchover("db", "pg-1").await.expect("first primary");
 
     instances.remove("pg-1").expect("pg-1").kill();
@@ -543,6 +547,19 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
         .collect();
     assert_eq!(promotions.len(), 1, "exactly one new primary: {log:?}");
 
+    rampart_testkit::eventually(DEADLINE, "/health/ha ok again", || async {
+        let status = reqwest::get(&health_ha).await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
+    let metrics_url = format!("http://{}/metrics", cluster.endpoints()[0]);
+    rampart_testkit::eventually(DEADLINE, "two promotions counted", || async {
+        let metrics = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
+        metrics
+            .contains(r#"rampart_service_primary_changes{service="db"} 2"#)
+            .then_some(())
+    })
+    .await;
     rampart_testkit::eventually(DEADLINE, "a failover event", || async {
         let events = client.events(Some("failover"), None).await.ok()?;
         events
