@@ -54,6 +54,8 @@ pub const NODE_SETTINGS: &[&str] = &[
     "tls-key",
     "tls-ca",
     "insecure",
+    "alert-webhooks",
+    "alert-slack-webhooks",
 ];
 
 /// The PEM files that turn on TLS for the API and peer links (see `rampart certs init`).
@@ -117,6 +119,10 @@ pub struct NodeConfig {
     pub insecure: bool,
     /// Services declared in the config file (`[services.NAME]`), registered by the leader.
     pub services: BTreeMap<String, crate::service::Policy>,
+    /// URLs that receive alerts as JSON (the event), from the leader.
+    pub alert_webhooks: Vec<String>,
+    /// Slack incoming-webhook URLs that receive alerts as `{"text": ...}`.
+    pub alert_slack_webhooks: Vec<String>,
 }
 
 impl NodeConfig {
@@ -286,6 +292,8 @@ impl NodeConfig {
             tls,
             insecure,
             services: BTreeMap::new(),
+            alert_webhooks: parse_urls("alert-webhooks", get("alert-webhooks"))?,
+            alert_slack_webhooks: parse_urls("alert-slack-webhooks", get("alert-slack-webhooks"))?,
         })
     }
 
@@ -296,6 +304,26 @@ impl NodeConfig {
             (None, false) => Security::Loopback,
         }
     }
+}
+
+/// A comma-separated list of http(s) URLs.
+fn parse_urls(setting: &str, text: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    let Some(text) = text else { return Ok(Vec::new()) };
+    text.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|url| {
+            if (url.starts_with("http://") || url.starts_with("https://")) && url.len() <= 2048 {
+                Ok(url.to_string())
+            } else {
+                Err(ConfigError::new(
+                    setting,
+                    url,
+                    "comma-separated http:// or https:// URLs",
+                ))
+            }
+        })
+        .collect()
 }
 
 fn parse_node_id(setting: &str, text: &str) -> Result<u64, ConfigError> {

@@ -3,6 +3,7 @@
 //! forwarding, the leader-only lease-expiry controller, and metrics. Decisions live in
 //! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
 
+mod alerts;
 mod api;
 mod auth;
 pub mod certs;
@@ -74,6 +75,8 @@ pub(crate) struct Node {
     pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
     /// Runs this node's health probes of instances (HTTP checks).
     pub probe_http: reqwest::Client,
+    /// Alerts waiting for the webhook sender (bounded).
+    pub alerts: tokio::sync::mpsc::Sender<rampart_core::api::Event>,
     /// Leader-only soft state: node views, heartbeats and lags of instances.
     pub soft: Mutex<verdicts::Soft>,
 }
@@ -249,6 +252,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         }
     }
 
+    let (alerts, alert_queue) = tokio::sync::mpsc::channel(alerts::QUEUE_MAX);
     let proposer = Proposer::start(raft.clone(), metrics.clone(), config.request_timeout);
     let node = Arc::new(Node {
         id: config.id,
@@ -272,6 +276,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?,
         soft: Mutex::new(verdicts::Soft::default()),
+        alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,
             auth::FAILURES_DRAIN_MS,
@@ -289,6 +294,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(verdicts::run(node.clone())),
         tokio::spawn(hooks::run(node.clone())),
         tokio::spawn(primaries::run(node.clone())),
+        tokio::spawn(alerts::run(node.clone(), alert_queue)),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub primary_changes: Family<ServiceLabels, Gauge>,
     /// Leader-observed: from a primary's down verdict to its replacement's promotion.
     pub failover_seconds: Histogram,
+    pub alerts_sent: Counter,
+    pub alerts_failed: Counter,
+    pub alerts_dropped: Counter,
     pub auth_failures: Family<RefusalLabels, Counter>,
     pub term: Gauge,
     pub is_leader: Gauge,
@@ -87,6 +90,20 @@ impl Metrics {
             "service_primary_changes",
             "Promotions of each service's primary so far, planned and automatic (a counter kept in the replicated state)",
             primary_changes.clone(),
+        );
+        let alerts_sent = Counter::default();
+        let alerts_failed = Counter::default();
+        let alerts_dropped = Counter::default();
+        registry.register("alerts_sent", "Alerts a webhook accepted", alerts_sent.clone());
+        registry.register(
+            "alerts_failed",
+            "Alerts given up after every retry",
+            alerts_failed.clone(),
+        );
+        registry.register(
+            "alerts_dropped",
+            "Alerts dropped because the queue was full",
+            alerts_dropped.clone(),
         );
         registry.register(
             "service_failover_duration_seconds",
@@ -173,6 +190,9 @@ impl Metrics {
             instance_primary,
             primary_changes,
             failover_seconds,
+            alerts_sent,
+            alerts_failed,
+            alerts_dropped,
             auth_failures,
             term,
             is_leader,

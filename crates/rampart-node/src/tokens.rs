@@ -56,8 +56,10 @@ fn audit_event(action: &str, actor: &str, source: &str, outcome: String, detail:
 
 pub(crate) async fn record(node: &Shared, event: Event) {
     let action = event.action.clone();
-    if let Err(e) = node.propose(Op::Record { event }).await {
-        tracing::warn!(action, "could not commit the audit event: {}", e.message);
+    match node.propose(Op::Record { event: event.clone() }).await {
+        // Committed events that call for an alert get one, from the leader that made them.
+        Ok(_) => crate::alerts::raise(node, &event),
+        Err(e) => tracing::warn!(action, "could not commit the event: {}", e.message),
     }
 }
 

@@ -77,6 +77,12 @@ pub struct NodeArgs {
     /// read, write and join the region); without TLS a node otherwise binds loopback only
     #[arg(long, env = "RAMPART_INSECURE")]
     insecure: bool,
+    /// Send alerts (primary changes, instances down, failed hooks) as JSON to these URLs
+    #[arg(long, env = "RAMPART_ALERT_WEBHOOKS")]
+    alert_webhooks: Option<String>,
+    /// Send alerts to these Slack incoming-webhook URLs
+    #[arg(long, env = "RAMPART_ALERT_SLACK_WEBHOOKS")]
+    alert_slack_webhooks: Option<String>,
 }
 
 impl NodeArgs {
@@ -101,6 +107,8 @@ impl NodeArgs {
             ("tls-cert", &self.tls_cert),
             ("tls-key", &self.tls_key),
             ("tls-ca", &self.tls_ca),
+            ("alert-webhooks", &self.alert_webhooks),
+            ("alert-slack-webhooks", &self.alert_slack_webhooks),
         ];
         let mut flags: Vec<_> = flags.into_iter().map(|(name, value)| (name, value.clone())).collect();
         if self.insecure {

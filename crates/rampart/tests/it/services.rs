@@ -647,3 +647,105 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
     );
     cluster.heal();
 }
+
+/// A webhook receiver: answers 500 to its first `failures` requests, then 200, and keeps
+/// every body it was sent.
+async fn webhook_receiver(failures: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/alerts", listener.local_addr().expect("addr"));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        let mut served = 0usize;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as many body bytes as Content-Length says.
+            let body = loop {
+                let Ok(n) = stream.read(&mut buf).await else { break None };
+                if n == 0 {
+                    break None;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                let Some(end) = text.find("\r\n\r\n") else { continue };
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break Some(String::from_utf8_lossy(&request[end + 4..end + 4 + length]).to_string());
+                }
+            };
+            let Some(body) = body else { continue };
+            served += 1;
+            let status = if served <= failures {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            if served > failures {
+                seen.lock().expect("bodies").push(body);
+            }
+            let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    (url, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
+    let (url, bodies) = webhook_receiver(3).await;
+    let cluster = rampart_testkit::Cluster::start(
+        crate::binary(),
+        rampart_testkit::ClusterOptions {
+            nodes: 3,
+            node_args: vec!["--alert-webhooks".into(), url],
+            ..rampart_testkit::ClusterOptions::default()
+        },
+    )
+    .await
+    .expect("cluster");
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = std::collections::BTreeMap::new();
+    for (id, node) in [("a", 1), ("b", 2)] {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            node: Some(node),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+        instances.insert(id, fake);
+    }
+    for id in ["a", "b"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    client.switchover("db", "a").await.expect("first primary");
+    instances.remove("a").expect("a").kill();
+    // The receiver fails its first three requests: failover does not wait for it.
+    rampart_testkit::eventually(DEADLINE, "b promoted", || async {
+        let view = client.service("db").await.ok()?;
+        (view.primary.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    rampart_testkit::eventually(DEADLINE, "the alerts, after retries", || async {
+        let bodies = bodies.lock().expect("bodies").clone();
+        let has = |needle: &str| bodies.iter().any(|b| b.contains(needle));
+        (has(r#""action":"instance.down""#) && has(r#""action":"failover.promote""#)).then_some(())
+    })
+    .await;
+}
