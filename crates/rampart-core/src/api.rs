@@ -242,6 +242,9 @@ pub struct ServiceView {
     /// Fencing token of the current primary's term (0 before the first promotion).
     pub token: u64,
     pub instances: Vec<InstanceView>,
+    /// Instances that should get traffic now: every healthy one (active-active), or the
+    /// primary and the healthy replicas (active-passive; the primary first).
+    pub serving: Vec<String>,
     pub policy: crate::service::Policy,
 }
 

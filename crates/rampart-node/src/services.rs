@@ -166,8 +166,29 @@ fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceV
                     .unwrap_or_default(),
             })
             .collect(),
+        serving: serving(service),
         policy: service.policy.clone(),
     }
+}
+
+/// The instances that should get traffic now: every healthy one; in active-passive mode the
+/// primary first, and a primary that is not up is left out like any other.
+fn serving(service: &Service) -> Vec<String> {
+    let up = |id: &String| {
+        service
+            .instances
+            .get(id)
+            .is_some_and(|r| r.health == rampart_core::health::Health::Up && r.role != InstanceRole::Standby)
+    };
+    let mut ids: Vec<String> = service.primary.iter().filter(|p| up(p)).cloned().collect();
+    ids.extend(
+        service
+            .instances
+            .keys()
+            .filter(|id| up(id) && service.primary.as_ref() != Some(*id))
+            .cloned(),
+    );
+    ids
 }
 
 fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> Result<T, ApiError> {

@@ -749,3 +749,44 @@ async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_active_serves_every_healthy_instance() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "mode": "active-active",
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    client.service_put("api", &spec).await.expect("service");
+    let mut instances = std::collections::BTreeMap::new();
+    for id in ["a", "b"] {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("api", id, &instance).await.expect("instance");
+        instances.insert(id, fake);
+    }
+    let serving = |want: Vec<&'static str>| {
+        let client = cluster.client();
+        async move {
+            rampart_testkit::eventually(DEADLINE, &format!("serving {want:?}"), || async {
+                let view = client.service("api").await.ok()?;
+                (view.serving == want).then_some(view)
+            })
+            .await
+        }
+    };
+    let view = serving(vec!["a", "b"]).await;
+    assert_eq!(view.primary, None, "active-active has no primary");
+    instances.remove("a").expect("a").kill();
+    serving(vec!["b"]).await;
+    match client.switchover("api", "b").await {
+        Err(e) => assert_eq!(e.code(), Some("not_active_passive")),
+        Ok(_) => panic!("an active-active service got a primary"),
+    }
+}
