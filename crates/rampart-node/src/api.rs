@@ -53,7 +53,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
-        .route("/v1/events", get(tokens::events))
+        .route("/v1/events", get(tokens::events).post(switchover::post_event))
         .route("/v1/services", get(services::list))
         .route("/v1/observations", post(verdicts::handle))
         .route(

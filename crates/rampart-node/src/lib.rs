@@ -19,6 +19,7 @@ mod prober;
 mod proposer;
 mod server;
 mod services;
+mod supervisor;
 mod switchover;
 pub mod tls;
 mod tokens;
@@ -295,6 +296,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(hooks::run(node.clone())),
         tokio::spawn(primaries::run(node.clone())),
         tokio::spawn(alerts::run(node.clone(), alert_queue)),
+        tokio::spawn(supervisor::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];

@@ -320,3 +320,42 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         other => Err(unexpected(other)),
     }
 }
+
+/// Commits an event raised on a follower (supervision) through the leader, best effort.
+pub async fn forward_event(node: &Shared, event: Event) {
+    let Some(addr) = node.known_leader().and_then(|leader| node.address_of(leader)) else {
+        tracing::warn!(action = %event.action, "no leader: event not recorded");
+        return;
+    };
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let sent = node
+        .http
+        .post(format!("{scheme}://{addr}/v1/events"))
+        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
+        .json(&event)
+        .send()
+        .await;
+    if !sent.is_ok_and(|r| r.status().is_success()) {
+        tracing::warn!(action = %event.action, "event not recorded: the leader did not take it");
+    }
+}
+
+/// `POST /v1/events` (internal, node to leader; operator role): commits an event a node
+/// raised, such as a supervised instance's restart.
+pub async fn post_event(
+    State(node): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let event: Event = parse_body(body)?;
+    if node.known_leader() != Some(node.id) {
+        return Err(ApiError::not_leader());
+    }
+    if event.kind.len() > 64 || event.action.len() > 128 || event.detail.len() > 4096 || event.outcome.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "bad_event",
+            "event fields are over their size limits",
+        ));
+    }
+    record(&node, event).await;
+    Ok(Json(serde_json::json!({})))
+}

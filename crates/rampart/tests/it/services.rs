@@ -790,3 +790,89 @@ async fn active_active_serves_every_healthy_instance() {
         Ok(_) => panic!("an active-active service got a primary"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_supervised_instance_is_restarted_within_its_budget_then_left_down() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pids = dir.path().join("pids");
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "exec", "command": format!("kill -0 $(tail -n1 {})", pids.display()),
+                    "interval": "100ms", "rise": 1, "fall": 3}],
+        "recovery": {"action": "restart", "max_retries": 2, "window": "1m"},
+    }))
+    .expect("policy");
+    client.service_put("worker", &spec).await.expect("service");
+    let instance = InstanceSpec {
+        endpoint: "127.0.0.1:1".into(),
+        node: Some(1),
+        command: Some(format!("echo $$ >> {}; exec sleep 600", pids.display())),
+        ..InstanceSpec::default()
+    };
+    client.instance_put("worker", "w-1", &instance).await.expect("instance");
+    let read_pids = || -> Vec<i32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+    wait_health(&cluster, "worker", "w-1", Health::Up).await;
+
+    // Two crashes are repaired; the third exhausts the budget of 2.
+    for crash in 1..=3usize {
+        let pid = *read_pids().last().expect("a started instance");
+        // SAFETY: the instance's own process, started for this test by its node.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        if crash <= 2 {
+            rampart_testkit::eventually(DEADLINE, &format!("restart {crash}"), || async {
+                let pids = read_pids();
+                (pids.len() == crash + 1 && alive(*pids.last()?)).then_some(())
+            })
+            .await;
+        }
+    }
+    wait_health(&cluster, "worker", "w-1", Health::Down).await;
+    assert_eq!(read_pids().len(), 3, "no start beyond the budget");
+    rampart_testkit::eventually(DEADLINE, "supervision events", || async {
+        let events = client.events(Some("supervision"), None).await.ok()?;
+        let count = |action: &str| events.events.iter().filter(|e| e.action == action).count();
+        (count("instance.restart") == 2 && count("instance.gave_up") == 1).then_some(())
+    })
+    .await;
+
+    // Registered again with another command, it starts afresh; deregistered, it is stopped.
+    let fresh = InstanceSpec {
+        command: Some(format!("echo $$ >> {}; exec sleep 601", pids.display())),
+        ..instance
+    };
+    client.instance_put("worker", "w-1", &fresh).await.expect("instance");
+    rampart_testkit::eventually(DEADLINE, "a fresh start", || async {
+        let pids = read_pids();
+        (pids.len() == 4 && alive(*pids.last()?)).then_some(())
+    })
+    .await;
+    let last = *read_pids().last().expect("pid");
+    let deleted: serde_json::Value = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/v1/services/worker/instances/w-1",
+            cluster.nodes[&1].endpoint()
+        ))
+        .send()
+        .await
+        .expect("delete")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(deleted["deleted"], "w-1");
+    rampart_testkit::eventually(DEADLINE, "the deregistered instance stopped", || async {
+        (!alive(last)).then_some(())
+    })
+    .await;
+}
