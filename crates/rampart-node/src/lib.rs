@@ -17,6 +17,7 @@ mod peer;
 mod primaries;
 mod prober;
 mod proposer;
+pub mod sample;
 mod server;
 mod services;
 mod supervisor;

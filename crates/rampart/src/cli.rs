@@ -95,6 +95,22 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// A small replicated key-value service for trying failover: writes only on the
+    /// primary, replicas pull its log and report their lag in heartbeats
+    SampleService {
+        /// Address to serve on, e.g. 127.0.0.1:8081
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The service it belongs to (registered with a heartbeat check)
+        #[arg(long)]
+        service: String,
+        /// Its instance id in that service
+        #[arg(long)]
+        instance: String,
+        /// How often it heartbeats (writes stop 3 missed heartbeats after losing Rampart)
+        #[arg(long, default_value = "200ms", value_parser = duration_arg)]
+        heartbeat: Duration,
+    },
     /// Create API tokens, list and revoke them (admin role)
     #[command(subcommand)]
     Token(TokenCommand),
@@ -432,6 +448,25 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
         Command::Token(command) => run_token(client()?, output, command).await,
         Command::Service(command) => run_service(client()?, output, command).await,
+        Command::SampleService {
+            listen,
+            service,
+            instance,
+            heartbeat,
+        } => {
+            let endpoints = client()?.endpoints().to_vec();
+            let options = rampart_node::sample::SampleOptions {
+                listen,
+                service,
+                instance,
+                endpoints,
+                token: token.clone(),
+                heartbeat,
+            };
+            rampart_node::sample::run(options)
+                .await
+                .map_err(|e| Failure::failed(anyhow::anyhow!("sample service: {e}")))
+        }
         Command::Switchover { service, to } => {
             // A switchover waits for hooks and catch-up: give it room beyond the default.
             let answer = client()?

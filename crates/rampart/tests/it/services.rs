@@ -876,3 +876,141 @@ async fn a_supervised_instance_is_restarted_within_its_budget_then_left_down() {
     })
     .await;
 }
+
+/// GET on a sample service, as JSON.
+async fn sample_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sample_service_switchover_and_failover_keep_acknowledged_writes() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "heartbeat", "ttl": "1s"}],
+        "max_lag_on_failover": 0,
+    }))
+    .expect("policy");
+    client.service_put("kv", &spec).await.expect("service");
+    let endpoints = cluster.endpoints().join(",");
+    let mut addrs = std::collections::BTreeMap::new();
+    for node in 1..=3u64 {
+        let id = format!("s-{node}");
+        let addr = rampart_testkit::cluster::free_port().expect("port").to_string();
+        let command = format!(
+            "exec {} --endpoints {endpoints} sample-service --listen {addr} --service kv --instance {id} --heartbeat 100ms",
+            crate::binary()
+        );
+        let instance = InstanceSpec {
+            endpoint: addr.clone(),
+            node: Some(node),
+            command: Some(command),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("kv", &id, &instance).await.expect("instance");
+        addrs.insert(id, addr);
+    }
+    for id in addrs.keys() {
+        wait_health(&cluster, "kv", id, Health::Up).await;
+    }
+    let writable = |id: &str| {
+        let addr = addrs[id].clone();
+        async move {
+            rampart_testkit::eventually(DEADLINE, "a writable primary", || async {
+                let health = sample_json(&addr, "/health").await?;
+                (health["writable"] == true).then_some(health)
+            })
+            .await
+        }
+    };
+    let write = |id: &str, key: String| {
+        let addr = addrs[id].clone();
+        async move {
+            let response = reqwest::Client::new()
+                .put(format!("http://{addr}/kv/{key}"))
+                .body(format!("value of {key}"))
+                .send()
+                .await
+                .expect("write");
+            response.status().is_success()
+        }
+    };
+    let caught_up = |ids: Vec<&'static str>, seq: u64| {
+        let addrs = addrs.clone();
+        async move {
+            for id in ids {
+                let addr = addrs[id].clone();
+                rampart_testkit::eventually(DEADLINE, &format!("{id} at seq {seq}"), || async {
+                    let health = sample_json(&addr, "/health").await?;
+                    (health["seq"].as_u64()? >= seq).then_some(())
+                })
+                .await;
+            }
+        }
+    };
+
+    client.switchover("kv", "s-1").await.expect("first primary");
+    writable("s-1").await;
+    let mut acknowledged = Vec::new();
+    for i in 0..50 {
+        let key = format!("k{i}");
+        assert!(write("s-1", key.clone()).await, "the primary takes writes");
+        acknowledged.push(key);
+    }
+    assert!(!write("s-2", "nope".into()).await, "a replica refuses writes");
+    caught_up(vec!["s-2", "s-3"], 50).await;
+
+    // Planned: every acknowledged write is on the new primary.
+    client.switchover("kv", "s-2").await.expect("switchover");
+    writable("s-2").await;
+    for key in &acknowledged {
+        let value = reqwest::get(format!("http://{}/kv/{key}", addrs["s-2"]))
+            .await
+            .expect("read")
+            .text()
+            .await
+            .expect("text");
+        assert_eq!(value, format!("value of {key}"), "{key} lost in the switchover");
+    }
+    for i in 50..80 {
+        let key = format!("k{i}");
+        assert!(write("s-2", key.clone()).await);
+        acknowledged.push(key);
+    }
+    caught_up(vec!["s-1", "s-3"], 80).await;
+
+    // Unplanned: the primary's process dies; a caught-up replica takes over.
+    let pid = sample_json(&addrs["s-2"], "/health").await.expect("health")["pid"]
+        .as_i64()
+        .expect("pid") as i32;
+    // SAFETY: the sample service process this test registered, started by its node.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let view = rampart_testkit::eventually(DEADLINE, "a new primary", || async {
+        let view = client.service("kv").await.ok()?;
+        view.primary.as_deref().is_some_and(|p| p != "s-2").then_some(view)
+    })
+    .await;
+    let new_primary = view.primary.expect("primary");
+    writable(&new_primary).await;
+    for key in &acknowledged {
+        let value = reqwest::get(format!("http://{}/kv/{key}", addrs[&new_primary]))
+            .await
+            .expect("read")
+            .text()
+            .await
+            .expect("text");
+        assert_eq!(value, format!("value of {key}"), "{key} lost in the failover");
+    }
+    assert!(
+        write(&new_primary, "after".into()).await,
+        "the new primary takes writes"
+    );
+}
