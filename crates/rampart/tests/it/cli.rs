@@ -140,4 +140,6 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("new leader: node"), "{out}");
     assert!(out.contains("lost: 0"), "{out}");
     assert!(out.contains("all 3 nodes caught up"), "{out}");
+    assert!(out.contains("new primary: s-"), "{out}");
+    assert!(out.contains("service RTO"), "{out}");
 }
