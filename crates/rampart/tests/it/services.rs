@@ -1014,3 +1014,121 @@ async fn sample_service_switchover_and_failover_keep_acknowledged_writes() {
         "the new primary takes writes"
     );
 }
+
+impl FakeInstance {
+    /// Brings an instance back on the same address.
+    async fn restart_at(addr: std::net::SocketAddr) -> FakeInstance {
+        let listener = rampart_testkit::eventually(DEADLINE, "the port to be free again", || async {
+            tokio::net::TcpListener::bind(addr).await.ok()
+        })
+        .await;
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        FakeInstance { addr, task }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_primary_kills_never_leave_two_primaries_at_once() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_FENCING_TOKEN $(date +%s%N)" >> {}"#,
+            log.display()
+        )
+    };
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote")},
+        // Ten kills among three instances: damping would (rightly) stop the experiment.
+        "flap_damping": {"max_losses": 0, "window": "1m"},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = std::collections::BTreeMap::new();
+    for (id, node) in [("pg-1", 1), ("pg-2", 2), ("pg-3", 3)] {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            node: Some(node),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+        instances.insert(id.to_string(), fake);
+    }
+    for id in ["pg-1", "pg-2", "pg-3"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    let mut token = client.switchover("db", "pg-1").await.expect("first primary").token;
+    let mut primary = "pg-1".to_string();
+    for round in 1..=10 {
+        let fake = instances.remove(&primary).expect("the primary's instance");
+        let addr = fake.addr;
+        fake.kill();
+        let view = rampart_testkit::eventually(DEADLINE, &format!("round {round}: a new primary"), || async {
+            let view = client.service("db").await.ok()?;
+            view.primary.as_ref().is_some_and(|p| *p != primary).then_some(view)
+        })
+        .await;
+        assert!(
+            view.token > token,
+            "round {round}: the token went from {token} to {}",
+            view.token
+        );
+        token = view.token;
+        let old = std::mem::replace(&mut primary, view.primary.expect("primary"));
+        instances.insert(old.clone(), FakeInstance::restart_at(addr).await);
+        wait_health(&cluster, "db", &old, Health::Up).await;
+    }
+
+    // The history: each token's primary term runs from its on_promote to its on_demote.
+    let final_token = token;
+    rampart_testkit::eventually(DEADLINE, "the last promote hook", || async {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains(&format!(" {final_token} "))
+            .then_some(())
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).expect("hook log");
+    let mut terms: std::collections::BTreeMap<u64, (Option<u128>, Option<u128>)> = Default::default();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [hook, _instance, token, at] = parts[..] else {
+            continue;
+        };
+        let (Ok(token), Ok(at)) = (token.parse::<u64>(), at.parse::<u128>()) else {
+            continue;
+        };
+        let term = terms.entry(token).or_default();
+        match hook {
+            "promote" => term.0 = Some(at),
+            "demote" => term.1 = Some(term.1.map_or(at, |t: u128| t.min(at))),
+            _ => {}
+        }
+    }
+    assert_eq!(terms.len(), 11, "eleven primary terms: {text}");
+    let ordered: Vec<(u64, u128, Option<u128>)> = terms
+        .iter()
+        .map(|(token, (start, end))| {
+            (
+                *token,
+                start.unwrap_or_else(|| panic!("no promote for {token}: {text}")),
+                *end,
+            )
+        })
+        .collect();
+    for pair in ordered.windows(2) {
+        let (token, _, end) = pair[0];
+        let (next, next_start, _) = pair[1];
+        let end = end.unwrap_or_else(|| panic!("term {token} never ended before {next}: {text}"));
+        assert!(end <= next_start, "terms {token} and {next} overlap: {text}");
+    }
+}
