@@ -77,6 +77,9 @@ pub(crate) struct Node {
     pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
     /// Runs this node's health probes of instances (HTTP checks).
     pub probe_http: reqwest::Client,
+    /// Services with a switchover running on this (leader) node: the failover controller
+    /// leaves them alone while the role is between holders.
+    pub switchovers: Mutex<std::collections::BTreeSet<String>>,
     /// Alerts waiting for the webhook sender (bounded).
     pub alerts: tokio::sync::mpsc::Sender<rampart_core::api::Event>,
     /// Leader-only soft state: node views, heartbeats and lags of instances.
@@ -278,6 +281,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?,
         soft: Mutex::new(verdicts::Soft::default()),
+        switchovers: Mutex::new(std::collections::BTreeSet::new()),
         alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,

@@ -100,6 +100,10 @@ pub async fn run(node: Shared) {
             .cloned()
             .collect();
         for name in names {
+            if node.switchovers.lock().expect("switchovers lock").contains(&name) {
+                // A planned switchover moves the role; it is not a failure.
+                continue;
+            }
             let episode = episodes.entry(name.clone()).or_default();
             if let Err(e) = step(&node, &name, since, episode).await {
                 tracing::warn!(service = %name, "failover step failed: {}", e.message);

@@ -126,7 +126,13 @@ pub async fn switchover(
 ) -> Result<Json<SwitchoverResponse>, ApiError> {
     let request: SwitchoverRequest = parse_body(body)?;
     let started = Instant::now();
-    let result = run(&node, &service, &request.to, started).await;
+    let result = match InProgress::start(&node, &service) {
+        Some(_guard) => run(&node, &service, &request.to, started).await,
+        None => Err(conflict(
+            "switchover_in_progress",
+            format!("a switchover of {service:?} is already running; retry when it is done"),
+        )),
+    };
     let detail = format!("service={service} to={}", request.to);
     audit(&node, &caller, "service.switchover", detail.clone(), &result).await;
     if let Ok(answer) = &result {
@@ -148,6 +154,37 @@ pub async fn switchover(
         record(&node, event).await;
     }
     result.map(Json)
+}
+
+/// Marks a service as being switched over for as long as it lives: the failover controller
+/// must not promote anyone while the role is between its old and new holder.
+struct InProgress {
+    node: Shared,
+    service: String,
+}
+
+impl InProgress {
+    fn start(node: &Shared, service: &str) -> Option<InProgress> {
+        let fresh = node
+            .switchovers
+            .lock()
+            .expect("switchovers lock")
+            .insert(service.to_string());
+        fresh.then(|| InProgress {
+            node: node.clone(),
+            service: service.to_string(),
+        })
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.node
+            .switchovers
+            .lock()
+            .expect("switchovers lock")
+            .remove(&self.service);
+    }
 }
 
 /// The target's refusals that a switchover cannot ignore (being outranked does not count:
