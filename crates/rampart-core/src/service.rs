@@ -84,6 +84,8 @@ pub struct CheckSpec {
     pub kind: String,
     /// URL (`http`) or `HOST:PORT` (`tcp`); empty means the instance's endpoint.
     pub target: Option<String>,
+    /// `http` without a target: the path asked of each instance's endpoint (default `/`).
+    pub path: Option<String>,
     /// Shell command (`exec`); exit status 0 is healthy.
     pub command: Option<String>,
     pub interval: Option<String>,
@@ -161,6 +163,8 @@ impl Purpose {
 pub enum Probe {
     Http {
         target: Option<String>,
+        /// Used with the instance's endpoint when there is no target.
+        path: String,
         status_min: u16,
         status_max: u16,
         body_contains: Option<String>,
@@ -315,8 +319,13 @@ impl CheckSpec {
                         return Err(field_error(f("target"), target, "an http:// or https:// URL"));
                     }
                 }
+                let path = self.path.clone().unwrap_or_else(|| "/".to_string());
+                if !path.starts_with('/') {
+                    return Err(field_error(f("path"), &path, "a path starting with /, e.g. /health"));
+                }
                 Probe::Http {
                     target: self.target.clone(),
+                    path,
                     status_min,
                     status_max,
                     body_contains: self.body_contains.clone(),

@@ -174,13 +174,14 @@ async fn probe(node: &Shared, instance: &InstanceKey, spec: &ProbeSpec) -> bool 
     match &spec.check.probe {
         Probe::Http {
             target,
+            path,
             status_min,
             status_max,
             body_contains,
         } => {
             let url = target.clone().unwrap_or_else(|| match spec.endpoint.contains("://") {
-                true => spec.endpoint.clone(),
-                false => format!("http://{}/", spec.endpoint),
+                true => format!("{}{path}", spec.endpoint.trim_end_matches('/')),
+                false => format!("http://{}{path}", spec.endpoint),
             });
             let Ok(response) = node.probe_http.get(&url).send().await else {
                 return false;

@@ -319,6 +319,10 @@ pub struct BenchArgs {
     /// Rounds of the --security comparison; the median round is reported
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead of the suite: SIGKILL a sample service's primary process and time until
+    /// another instance takes a write, at default and tuned check settings (--rounds each)
+    #[arg(long)]
+    service_failover: bool,
 }
 
 async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
@@ -334,6 +338,15 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
         .as_deref()
         .map(|a| a.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
+    if args.service_failover {
+        eprintln!("benchmarking service failover with supervised sample services...");
+        let mut results = Vec::new();
+        for (interval, timeout, fall) in [("1s", "500ms", 3), ("200ms", "100ms", 2)] {
+            results.push(crate::bench_service::measure(&binary, interval, timeout, fall, args.rounds).await?);
+        }
+        print(output, &results, |r| crate::bench_service::markdown(r));
+        return Ok(());
+    }
     if args.security {
         use rampart_testkit::bench::{security_cost, security_markdown};
         eprintln!("benchmarking plaintext against TLS with tokens on two local 3-node regions...");

@@ -1,0 +1,150 @@
+//! `rampart bench --service-failover`: how long a service is without a writable primary
+//! when its primary's process is SIGKILLed. Three sample-service instances supervised by a
+//! local 3-node region, an `http` check on `/health`; each round kills the primary's
+//! process and times until a write is accepted by another instance. Run at the checks'
+//! defaults (1 s interval, fall 3) and tuned (200 ms, fall 2), as the issue asks.
+
+use std::time::{Duration, Instant};
+
+use rampart_client::Client;
+use rampart_core::service::{InstanceSpec, PolicySpec};
+use rampart_testkit::{eventually, Cluster, ClusterOptions};
+use serde::Serialize;
+
+use crate::cli::Failure;
+
+/// One check configuration's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceFailover {
+    pub checks: String,
+    pub rounds_ms: Vec<u64>,
+    pub median_ms: u64,
+}
+
+fn failed(message: impl std::fmt::Display) -> Failure {
+    Failure::failed(anyhow::anyhow!("{message}"))
+}
+
+async fn json(http: &reqwest::Client, addr: &str, path: &str) -> Option<serde_json::Value> {
+    http.get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+async fn writable(http: &reqwest::Client, addr: &str) -> bool {
+    http.put(format!("http://{addr}/kv/bench"))
+        .body("x")
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// Measures `rounds` kills of the primary with checks every `interval`, `fall` failures.
+pub async fn measure(
+    binary: &std::path::Path,
+    interval: &str,
+    timeout: &str,
+    fall: u32,
+    rounds: usize,
+) -> Result<ServiceFailover, Failure> {
+    let cluster = Cluster::start(binary, ClusterOptions::default())
+        .await
+        .map_err(failed)?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let client: Client = cluster.client();
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "http", "path": "/health", "interval": interval, "timeout": timeout, "rise": 1, "fall": fall}],
+        "flap_damping": {"max_losses": 0, "window": "1m"},
+    }))
+    .map_err(failed)?;
+    client.service_put("kv", &policy).await.map_err(failed)?;
+    let endpoints = cluster.endpoints().join(",");
+    let mut addrs = Vec::new();
+    let register = |id: String, node: u64, addr: String, generation: usize| {
+        let command = format!(
+            "exec {} --endpoints {endpoints} sample-service --listen {addr} --service kv --instance {id} --heartbeat 100ms # {generation}",
+            binary.display()
+        );
+        let spec = InstanceSpec {
+            endpoint: addr,
+            node: Some(node),
+            command: Some(command),
+            ..InstanceSpec::default()
+        };
+        let client = &client;
+        async move { client.instance_put("kv", &id, &spec).await.map_err(failed) }
+    };
+    for node in 1..=3u64 {
+        let addr = rampart_testkit::cluster::free_port().map_err(failed)?.to_string();
+        register(format!("s-{node}"), node, addr.clone(), 0).await?;
+        addrs.push(addr);
+    }
+    let all_up = || async {
+        eventually(Duration::from_secs(60), "every instance up", || async {
+            let view = client.service("kv").await.ok()?;
+            view.instances
+                .iter()
+                .all(|i| i.health == rampart_core::health::Health::Up)
+                .then_some(())
+        })
+        .await
+    };
+    all_up().await;
+    client.switchover("kv", "s-1").await.map_err(failed)?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .map_err(failed)?;
+    let mut rounds_ms = Vec::new();
+    for round in 1..=rounds {
+        let view = client.service("kv").await.map_err(failed)?;
+        let primary = view.primary.ok_or_else(|| failed("no primary"))?;
+        let index: usize = primary.trim_start_matches("s-").parse::<usize>().map_err(failed)? - 1;
+        eventually(Duration::from_secs(30), "a writable primary", || async {
+            writable(&http, &addrs[index]).await.then_some(())
+        })
+        .await;
+        let pid = json(&http, &addrs[index], "/health")
+            .await
+            .and_then(|h| h["pid"].as_i64())
+            .ok_or_else(|| failed("cannot read the primary's pid"))? as i32;
+        let killed = Instant::now();
+        // SAFETY: the sample-service process this benchmark registered, run by its node.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        eventually(Duration::from_secs(60), "a write on a new primary", || async {
+            for (i, addr) in addrs.iter().enumerate() {
+                if i != index && writable(&http, addr).await {
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await;
+        rounds_ms.push(killed.elapsed().as_millis() as u64);
+        // Bring the killed instance back (a changed command restarts it) for the next round.
+        register(primary.clone(), index as u64 + 1, addrs[index].clone(), round).await?;
+        all_up().await;
+    }
+    let mut sorted = rounds_ms.clone();
+    sorted.sort_unstable();
+    Ok(ServiceFailover {
+        checks: format!("http every {interval}, timeout {timeout}, fall {fall}"),
+        median_ms: sorted[sorted.len() / 2],
+        rounds_ms,
+    })
+}
+
+pub fn markdown(results: &[ServiceFailover]) -> String {
+    let mut out =
+        String::from("| checks | median ms (kill -> first write on the new primary) | rounds ms |\n|---|---|---|\n");
+    for r in results {
+        out.push_str(&format!("| {} | {} | {:?} |\n", r.checks, r.median_ms, r.rounds_ms));
+    }
+    out
+}
