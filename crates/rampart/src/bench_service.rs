@@ -148,3 +148,87 @@ pub fn markdown(results: &[ServiceFailover]) -> String {
     }
     out
 }
+
+/// CPU of each node while checking `instances` instances.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckCost {
+    pub instances: usize,
+    pub seconds: u64,
+    /// Per node, percent of one core, with the checks running.
+    pub cpu_percent: Vec<f64>,
+    /// Per node, percent of one core, idle region before any service was registered.
+    pub idle_cpu_percent: Vec<f64>,
+}
+
+/// Clock ticks a process has used (user + system).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+async fn cpu_over(cluster: &Cluster, seconds: u64) -> Vec<f64> {
+    let pids: Vec<u32> = cluster.nodes.values().filter_map(|n| n.pid()).collect();
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p).unwrap_or(0)).collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| (cpu_ticks(*p).unwrap_or(b) - b) as f64 / hz / seconds as f64 * 100.0)
+        .collect()
+}
+
+/// Every node probes `instances` instances with 1 s HTTP checks; measures each node's CPU.
+pub async fn check_cost(binary: &std::path::Path, instances: usize, seconds: u64) -> Result<CheckCost, Failure> {
+    let cluster = Cluster::start(binary, ClusterOptions::default())
+        .await
+        .map_err(failed)?;
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let idle_cpu_percent = cpu_over(&cluster, seconds).await;
+    // One HTTP target for every instance: its own CPU is not what is measured.
+    let addr = rampart_testkit::cluster::free_port().map_err(failed)?.to_string();
+    let mut target = std::process::Command::new(binary)
+        .args(["--endpoints", "127.0.0.1:1", "sample-service", "--listen", &addr])
+        .args(["--service", "target", "--instance", "t"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(failed)?;
+    let client: Client = cluster.client();
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "http", "path": "/health", "interval": "1s", "timeout": "500ms"}],
+    }))
+    .map_err(failed)?;
+    client.service_put("fleet", &policy).await.map_err(failed)?;
+    for i in 0..instances {
+        let spec = InstanceSpec {
+            endpoint: addr.clone(),
+            ..InstanceSpec::default()
+        };
+        client
+            .instance_put("fleet", &format!("i-{i}"), &spec)
+            .await
+            .map_err(failed)?;
+    }
+    eventually(Duration::from_secs(120), "every instance up", || async {
+        let view = client.service("fleet").await.ok()?;
+        (view.instances.len() == instances
+            && view
+                .instances
+                .iter()
+                .all(|i| i.health == rampart_core::health::Health::Up))
+        .then_some(())
+    })
+    .await;
+    let cpu_percent = cpu_over(&cluster, seconds).await;
+    let _ = target.kill();
+    let _ = target.wait();
+    Ok(CheckCost {
+        instances,
+        seconds,
+        cpu_percent,
+        idle_cpu_percent,
+    })
+}

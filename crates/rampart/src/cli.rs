@@ -323,6 +323,10 @@ pub struct BenchArgs {
     /// another instance takes a write, at default and tuned check settings (--rounds each)
     #[arg(long)]
     service_failover: bool,
+    /// Instead of the suite: each node's CPU while the region checks this many instances
+    /// with 1 s HTTP checks (and while idle, for comparison)
+    #[arg(long)]
+    check_cost: Option<usize>,
 }
 
 async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
@@ -338,6 +342,20 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
         .as_deref()
         .map(|a| a.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
+    if let Some(instances) = args.check_cost {
+        eprintln!("measuring the CPU cost of checking {instances} instances...");
+        let cost = crate::bench_service::check_cost(&binary, instances, args.duration.as_secs().max(5)).await?;
+        print(output, &cost, |c| {
+            format!(
+                "{} instances, 1 s HTTP checks, {} s per sample\nCPU % of one core per node: {:?} (idle region: {:?})",
+                c.instances,
+                c.seconds,
+                c.cpu_percent.iter().map(|p| format!("{p:.2}")).collect::<Vec<_>>(),
+                c.idle_cpu_percent.iter().map(|p| format!("{p:.2}")).collect::<Vec<_>>()
+            )
+        });
+        return Ok(());
+    }
     if args.service_failover {
         eprintln!("benchmarking service failover with supervised sample services...");
         let mut results = Vec::new();
