@@ -331,6 +331,35 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
     .await;
 }
 
+/// A hook command appending `NAME instance role token` to `log`.
+fn hook_command(log: &std::path::Path, name: &str) -> String {
+    format!(
+        r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
+        log.display()
+    )
+}
+
+/// Registers one [`FakeInstance`] per `(id, hosting node, priority)` in `service`.
+async fn fake_fleet(
+    client: &rampart_client::Client,
+    service: &str,
+    members: &[(&str, Option<u64>, Option<u32>)],
+) -> std::collections::BTreeMap<String, FakeInstance> {
+    let mut instances = std::collections::BTreeMap::new();
+    for (id, node, priority) in members {
+        let fake = FakeInstance::start().await;
+        let instance = InstanceSpec {
+            endpoint: fake.addr.to_string(),
+            node: *node,
+            priority: *priority,
+            ..InstanceSpec::default()
+        };
+        client.instance_put(service, id, &instance).await.expect("instance");
+        instances.insert(id.to_string(), fake);
+    }
+    instances
+}
+
 /// Lines `hook instance role token` appended by every hook run, in order.
 fn hook_log(path: &std::path::Path) -> Vec<(String, String, String, u64)> {
     std::fs::read_to_string(path)
@@ -354,12 +383,7 @@ async fn switchover_demotes_before_it_promotes_and_refuses_an_unfit_target() {
     let client = cluster.client();
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("hooks.log");
-    let hook = |name: &str| {
-        format!(
-            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
-            log.display()
-        )
-    };
+    let hook = |name: &str| hook_command(&log, name);
     let spec: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "exec", "command": format!("test ! -e {}/down-$RAMPART_INSTANCE", dir.path().display()),
                     "interval": "100ms", "rise": 1, "fall": 1}],
@@ -473,30 +497,23 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
     let client = cluster.client();
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("hooks.log");
-    let hook = |name: &str| {
-        format!(
-            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
-            log.display()
-        )
-    };
+    let hook = |name: &str| hook_command(&log, name);
     let spec: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
         "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote"), "on_role_change": hook("role_change")},
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let mut instances = std::collections::BTreeMap::new();
-    for (id, node, priority) in [("pg-1", 1, 100), ("pg-2", 2, 100), ("pg-3", 3, 50)] {
-        let fake = FakeInstance::start().await;
-        let instance = InstanceSpec {
-            endpoint: fake.addr.to_string(),
-            node: Some(node),
-            priority: Some(priority),
-            ..InstanceSpec::default()
-        };
-        client.instance_put("db", id, &instance).await.expect("instance");
-        instances.insert(id, fake);
-    }
+    let mut instances = fake_fleet(
+        &client,
+        "db",
+        &[
+            ("pg-1", Some(1), Some(100)),
+            ("pg-2", Some(2), Some(100)),
+            ("pg-3", Some(3), Some(50)),
+        ],
+    )
+    .await;
     for id in ["pg-1", "pg-2", "pg-3"] {
         wait_health(&cluster, "db", id, Health::Up).await;
     }
@@ -578,29 +595,23 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
     let client = cluster.client();
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("hooks.log");
-    let hook = |name: &str| {
-        format!(
-            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_ROLE $RAMPART_FENCING_TOKEN" >> {}"#,
-            log.display()
-        )
-    };
+    let hook = |name: &str| hook_command(&log, name);
     let spec: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
         "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote")},
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let mut instances = std::collections::BTreeMap::new();
-    for (id, node) in [("pg-1", 1), ("pg-2", 2), ("pg-3", 3)] {
-        let fake = FakeInstance::start().await;
-        let instance = InstanceSpec {
-            endpoint: fake.addr.to_string(),
-            node: Some(node),
-            ..InstanceSpec::default()
-        };
-        client.instance_put("db", id, &instance).await.expect("instance");
-        instances.insert(id, fake);
-    }
+    let mut instances = fake_fleet(
+        &client,
+        "db",
+        &[
+            ("pg-1", Some(1), None),
+            ("pg-2", Some(2), None),
+            ("pg-3", Some(3), None),
+        ],
+    )
+    .await;
     for id in ["pg-1", "pg-2", "pg-3"] {
         wait_health(&cluster, "db", id, Health::Up).await;
     }
@@ -720,17 +731,7 @@ async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let mut instances = std::collections::BTreeMap::new();
-    for (id, node) in [("a", 1), ("b", 2)] {
-        let fake = FakeInstance::start().await;
-        let instance = InstanceSpec {
-            endpoint: fake.addr.to_string(),
-            node: Some(node),
-            ..InstanceSpec::default()
-        };
-        client.instance_put("db", id, &instance).await.expect("instance");
-        instances.insert(id, fake);
-    }
+    let mut instances = fake_fleet(&client, "db", &[("a", Some(1), None), ("b", Some(2), None)]).await;
     for id in ["a", "b"] {
         wait_health(&cluster, "db", id, Health::Up).await;
     }
@@ -1052,17 +1053,16 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let mut instances = std::collections::BTreeMap::new();
-    for (id, node) in [("pg-1", 1), ("pg-2", 2), ("pg-3", 3)] {
-        let fake = FakeInstance::start().await;
-        let instance = InstanceSpec {
-            endpoint: fake.addr.to_string(),
-            node: Some(node),
-            ..InstanceSpec::default()
-        };
-        client.instance_put("db", id, &instance).await.expect("instance");
-        instances.insert(id.to_string(), fake);
-    }
+    let mut instances = fake_fleet(
+        &client,
+        "db",
+        &[
+            ("pg-1", Some(1), None),
+            ("pg-2", Some(2), None),
+            ("pg-3", Some(3), None),
+        ],
+    )
+    .await;
     for id in ["pg-1", "pg-2", "pg-3"] {
         wait_health(&cluster, "db", id, Health::Up).await;
     }
