@@ -120,7 +120,8 @@ fn approx_bytes(op: &Op) -> usize {
             | Op::Demote { service, id }
             | Op::CancelDemote { service, id }
             | Op::Release { service, id }
-            | Op::Promote { service, id } => service.len() + id.len(),
+            | Op::Promote { service, id }
+            | Op::PromotionFailed { service, id, .. } => service.len() + id.len(),
             Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
         }
 }

@@ -115,6 +115,15 @@ async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport)
             node.propose(op).await?;
         }
     }
+    if report.hook == "on_promote" && !ok {
+        // The next candidate gets its chance: this one gives the role back, fenced.
+        node.propose(Op::PromotionFailed {
+            service: service.to_string(),
+            id: id.to_string(),
+            token: report.token,
+        })
+        .await?;
+    }
     Ok(())
 }
 

@@ -107,6 +107,14 @@ pub enum Op {
         service: String,
         id: String,
     },
+    /// `id`'s `on_promote` hook failed (or timed out) for `token`: it gives the role back and
+    /// is fenced (not promoted again automatically) until its health recovers or it is
+    /// registered anew, so the next candidate is tried.
+    PromotionFailed {
+        service: String,
+        id: String,
+        token: u64,
+    },
     /// Makes `id` the primary with a new fencing token; refused while another instance is
     /// primary or the instance is not up.
     Promote {

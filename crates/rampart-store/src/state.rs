@@ -286,6 +286,7 @@ impl State {
                 Some(service) => match service.instances.get_mut(id) {
                     Some(record) => {
                         record.instance = instance.clone();
+                        record.fenced = false;
                         Outcome::InstanceStored { created: false }
                     }
                     None => {
@@ -320,6 +321,10 @@ impl State {
                     Some(record) => {
                         if record.health != *health {
                             record.health_since_ms = command.at_ms;
+                            // Back up after being down: a failed promotion is forgiven.
+                            if *health == Health::Up {
+                                record.fenced = false;
+                            }
                         }
                         record.health = *health;
                         Outcome::HealthRecorded
@@ -359,6 +364,21 @@ impl State {
                         record.losses_ms.push(command.at_ms);
                         let excess = record.losses_ms.len().saturating_sub(LOSSES_KEPT);
                         record.losses_ms.drain(..excess);
+                    }
+                    Outcome::Released
+                }
+            },
+            Op::PromotionFailed { service, id, token } => match self.services.get_mut(service) {
+                None => Outcome::ServiceNotFound,
+                Some(s) if s.primary.as_deref() != Some(id.as_str()) || s.token != *token => Outcome::NotPrimary {
+                    primary: s.primary.clone(),
+                },
+                Some(s) => {
+                    s.primary = None;
+                    s.demoting = false;
+                    if let Some(record) = s.instances.get_mut(id) {
+                        record.role = InstanceRole::Replica;
+                        record.fenced = true;
                     }
                     Outcome::Released
                 }

@@ -1132,3 +1132,49 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
         assert!(end <= next_start, "terms {token} and {next} overlap: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    // pg-2 comes first by priority, but its on_promote hangs past the hook timeout.
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "hooks": {"on_promote": r#"if [ "$RAMPART_INSTANCE" = pg-2 ]; then sleep 5; fi"#, "timeout": "300ms"},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = fake_fleet(
+        &client,
+        "db",
+        &[
+            ("pg-1", Some(1), Some(100)),
+            ("pg-2", Some(2), Some(90)),
+            ("pg-3", Some(3), Some(80)),
+        ],
+    )
+    .await;
+    for id in ["pg-1", "pg-2", "pg-3"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    client.switchover("db", "pg-1").await.expect("first primary");
+    instances.remove("pg-1").expect("pg-1").kill();
+    rampart_testkit::eventually(DEADLINE, "pg-3 primary after pg-2's hook timed out", || async {
+        let view = client.service("db").await.ok()?;
+        (view.primary.as_deref() == Some("pg-3")).then_some(())
+    })
+    .await;
+    rampart_testkit::eventually(DEADLINE, "the failed hook event", || async {
+        let events = client.events(Some("hook"), None).await.ok()?;
+        events
+            .events
+            .iter()
+            .any(|e| e.action == "on_promote" && e.outcome.contains("timed out") && e.detail.contains("instance=pg-2"))
+            .then_some(())
+    })
+    .await;
+    let report = client.eligibility("db").await.expect("eligibility");
+    let pg2 = report.instances.iter().find(|e| e.id == "pg-2").expect("pg-2");
+    assert!(pg2.reasons.contains(&Refusal::Fenced), "{pg2:?}");
+}
