@@ -1178,3 +1178,53 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
     let pg2 = report.instances.iter().find(|e| e.id == "pg-2").expect("pg-2");
     assert!(pg2.reasons.contains(&Refusal::Fenced), "{pg2:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "flap_damping": {"max_losses": 1, "window": "10m"},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let mut instances = fake_fleet(
+        &client,
+        "db",
+        &[
+            ("pg-1", Some(1), Some(100)),
+            ("pg-2", Some(2), Some(90)),
+            ("pg-3", Some(3), Some(80)),
+        ],
+    )
+    .await;
+    for id in ["pg-1", "pg-2", "pg-3"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    client.switchover("db", "pg-1").await.expect("first primary");
+    let primary_is = |want: &'static str| {
+        let client = cluster.client();
+        async move {
+            rampart_testkit::eventually(DEADLINE, &format!("{want} primary"), || async {
+                let view = client.service("db").await.ok()?;
+                (view.primary.as_deref() == Some(want)).then_some(())
+            })
+            .await
+        }
+    };
+    // pg-1 dies and comes back: it lost the role once, its whole allowance in the window.
+    let fake = instances.remove("pg-1").expect("pg-1");
+    let addr = fake.addr;
+    fake.kill();
+    primary_is("pg-2").await;
+    instances.insert("pg-1".into(), FakeInstance::restart_at(addr).await);
+    wait_health(&cluster, "db", "pg-1", Health::Up).await;
+    // pg-2 dies: pg-1 has the highest priority but is damped, so pg-3 takes over.
+    instances.remove("pg-2").expect("pg-2").kill();
+    primary_is("pg-3").await;
+    let report = client.eligibility("db").await.expect("eligibility");
+    let pg1 = report.instances.iter().find(|e| e.id == "pg-1").expect("pg-1");
+    assert!(pg1.reasons.contains(&Refusal::Damped), "{pg1:?}");
+}
