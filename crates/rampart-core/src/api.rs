@@ -257,7 +257,10 @@ pub struct InstanceView {
     pub zone: Option<String>,
     pub priority: u32,
     pub role: crate::service::InstanceRole,
+    /// Liveness verdict: a primary that is down is failed over.
     pub health: crate::health::Health,
+    /// Readiness verdict: an instance that is not ready leaves the serving set.
+    pub ready: crate::health::Health,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -299,7 +302,10 @@ pub struct EligibilityResponse {
 pub struct Observation {
     pub service: String,
     pub instance: String,
+    /// Worst of the liveness checks (`purpose` liveness or both).
     pub health: crate::health::Health,
+    /// Worst of the readiness checks (`purpose` readiness or both).
+    pub ready: crate::health::Health,
 }
 
 /// `POST /v1/observations` (node to leader): a batch of one node's observations.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rampart_core::api::{Observation, ObservationsRequest};
 use rampart_core::health::{worst, CheckState, Health};
-use rampart_core::service::{Check, Probe};
+use rampart_core::service::{Check, Probe, Purpose};
 use tokio::task::JoinHandle;
 
 use crate::{now_ms, Shared};
@@ -28,15 +28,24 @@ type InstanceKey = (String, String);
 /// This node's latest health per instance and check, and what has not been reported yet.
 #[derive(Default)]
 struct Views {
-    checks: HashMap<InstanceKey, BTreeMap<usize, Health>>,
-    dirty: HashMap<InstanceKey, Health>,
+    checks: HashMap<InstanceKey, BTreeMap<usize, (Health, Purpose)>>,
+    dirty: HashMap<InstanceKey, (Health, Health)>,
+}
+
+/// An instance's (liveness, readiness) from its checks: each the worst of its checks.
+fn summary(checks: &BTreeMap<usize, (Health, Purpose)>) -> (Health, Health) {
+    let of = |wanted: fn(Purpose) -> bool| worst(checks.values().filter(|(_, p)| wanted(*p)).map(|(h, _)| *h));
+    (of(Purpose::liveness), of(Purpose::readiness))
 }
 
 impl Views {
-    fn set(&mut self, key: &InstanceKey, index: usize, health: Health) {
-        let before = self.checks.get(key).map(|c| worst(c.values().copied()));
-        self.checks.entry(key.clone()).or_default().insert(index, health);
-        let after = worst(self.checks[key].values().copied());
+    fn set(&mut self, key: &InstanceKey, index: usize, health: Health, purpose: Purpose) {
+        let before = self.checks.get(key).map(summary);
+        self.checks
+            .entry(key.clone())
+            .or_default()
+            .insert(index, (health, purpose));
+        let after = summary(&self.checks[key]);
         if before != Some(after) {
             self.dirty.insert(key.clone(), after);
         }
@@ -87,22 +96,19 @@ pub async fn run(node: Shared) {
         let full = last_full.elapsed() >= FULL_REPORT_EVERY;
         let batch: Vec<Observation> = {
             let mut views = views.lock().expect("views lock");
-            let chosen: Vec<(InstanceKey, Health)> = if full {
-                views
-                    .checks
-                    .iter()
-                    .map(|(k, c)| (k.clone(), worst(c.values().copied())))
-                    .collect()
+            let chosen: Vec<(InstanceKey, (Health, Health))> = if full {
+                views.checks.iter().map(|(k, c)| (k.clone(), summary(c))).collect()
             } else {
                 views.dirty.iter().map(|(k, h)| (k.clone(), *h)).collect()
             };
             views.dirty.clear();
             chosen
                 .into_iter()
-                .map(|((service, instance), health)| Observation {
+                .map(|((service, instance), (health, ready))| Observation {
                     service,
                     instance,
                     health,
+                    ready,
                 })
                 .collect()
         };
@@ -149,7 +155,7 @@ async fn probe_loop(node: Shared, views: Arc<Mutex<Views>>, key: (InstanceKey, u
     views
         .lock()
         .expect("views lock")
-        .set(&instance_key, index, Health::Unknown);
+        .set(&instance_key, index, Health::Unknown, spec.check.purpose);
     loop {
         tick.tick().await;
         let timeout = Duration::from_millis(spec.check.timeout_ms);
@@ -164,7 +170,10 @@ async fn probe_loop(node: Shared, views: Arc<Mutex<Views>>, key: (InstanceKey, u
                 ?health,
                 "check changed"
             );
-            views.lock().expect("views lock").set(&instance_key, index, health);
+            views
+                .lock()
+                .expect("views lock")
+                .set(&instance_key, index, health, spec.check.purpose);
         }
     }
 }

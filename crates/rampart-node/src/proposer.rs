@@ -117,6 +117,7 @@ fn approx_bytes(op: &Op) -> usize {
             Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
             Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => service.len() + id.len() + 4096,
             Op::InstanceHealth { service, id, .. }
+            | Op::InstanceReadiness { service, id, .. }
             | Op::Demote { service, id }
             | Op::CancelDemote { service, id }
             | Op::Release { service, id }

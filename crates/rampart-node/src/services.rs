@@ -157,6 +157,7 @@ fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceV
                 priority: r.instance.priority,
                 role: r.role,
                 health: r.health,
+                ready: r.ready,
                 node: r.instance.node,
                 tags: r.instance.tags.clone(),
                 reports: soft
@@ -171,14 +172,16 @@ fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceV
     }
 }
 
-/// The instances that should get traffic now: every healthy one; in active-passive mode the
-/// primary first, and a primary that is not up is left out like any other.
+/// The instances that should get traffic now: every one that is both live and ready; in
+/// active-passive mode the primary first, and a primary that is not is left out like any
+/// other (readiness alone never fails a primary over).
 fn serving(service: &Service) -> Vec<String> {
     let up = |id: &String| {
-        service
-            .instances
-            .get(id)
-            .is_some_and(|r| r.health == rampart_core::health::Health::Up && r.role != InstanceRole::Standby)
+        service.instances.get(id).is_some_and(|r| {
+            r.health == rampart_core::health::Health::Up
+                && r.ready == rampart_core::health::Health::Up
+                && r.role != InstanceRole::Standby
+        })
     };
     let mut ids: Vec<String> = service.primary.iter().filter(|p| up(p)).cloned().collect();
     ids.extend(

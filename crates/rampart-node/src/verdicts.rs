@@ -31,6 +31,9 @@ pub struct Soft {
     pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
     /// The confirmed verdict of the probes alone.
     probe_verdicts: HashMap<InstanceKey, Health>,
+    /// The same for readiness checks.
+    pub ready_reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
+    ready_verdicts: HashMap<InstanceKey, Health>,
     /// The last heartbeat and the lag it reported.
     pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
     /// When this node last became leader: heartbeat deadlines count from no earlier.
@@ -90,6 +93,10 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
                     .entry(key.clone())
                     .or_default()
                     .insert(request.node, (o.health, now));
+                soft.ready_reports
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(request.node, (o.ready, now));
                 key
             })
             .collect()
@@ -174,6 +181,7 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
     let now = Instant::now();
     let voters = voters(node);
     let mut changes = Vec::new();
+    let mut ready_changes = Vec::new();
     {
         let applied = node.applied.read().expect("state lock");
         let mut soft = node.soft.lock().expect("soft state lock");
@@ -189,7 +197,12 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                 .policy
                 .checks
                 .iter()
-                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }));
+                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }) && c.purpose.liveness());
+            let probed_ready = service
+                .policy
+                .checks
+                .iter()
+                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }) && c.purpose.readiness());
             let probe_verdict = if probed {
                 let fresh_for = fresh_for(&service.policy);
                 let seen = soft.reports.entry(key.clone()).or_default();
@@ -206,15 +219,40 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                 .heartbeats
                 .get(key)
                 .map_or(leader_since, |(at, _)| (*at).max(leader_since));
-            let beat_verdicts = service.policy.checks.iter().filter_map(|c| match c.probe {
-                Probe::Heartbeat { ttl_ms } => Some(if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) {
-                    Health::Up
-                } else {
-                    Health::Down
-                }),
-                _ => None,
-            });
-            let verdict = worst(std::iter::once(probe_verdict).chain(beat_verdicts));
+            let beats = |wanted: fn(rampart_core::service::Purpose) -> bool| {
+                service
+                    .policy
+                    .checks
+                    .iter()
+                    .filter(move |c| wanted(c.purpose))
+                    .filter_map(move |c| match c.probe {
+                        Probe::Heartbeat { ttl_ms } => {
+                            Some(if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) {
+                                Health::Up
+                            } else {
+                                Health::Down
+                            })
+                        }
+                        _ => None,
+                    })
+            };
+            let verdict = worst(std::iter::once(probe_verdict).chain(beats(rampart_core::service::Purpose::liveness)));
+            let ready_probe = if probed_ready {
+                let fresh_for = fresh_for(&service.policy);
+                let seen = soft.ready_reports.entry(key.clone()).or_default();
+                seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
+                let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
+                let current = *soft.ready_verdicts.get(key).unwrap_or(&record.ready);
+                let ready = confirm(&fresh, voters, service.policy.confirm, current);
+                soft.ready_verdicts.insert(key.clone(), ready);
+                ready
+            } else {
+                Health::Up
+            };
+            let ready = worst(std::iter::once(ready_probe).chain(beats(rampart_core::service::Purpose::readiness)));
+            if ready != record.ready {
+                ready_changes.push((key.clone(), ready));
+            }
             if verdict != record.health {
                 let reports = soft
                     .reports
@@ -239,7 +277,19 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
         };
         soft.reports.retain(|k, _| known(k));
         soft.probe_verdicts.retain(|k, _| known(k));
+        soft.ready_reports.retain(|k, _| known(k));
+        soft.ready_verdicts.retain(|k, _| known(k));
         soft.heartbeats.retain(|k, _| known(k));
+    }
+    for ((service, id), ready) in ready_changes {
+        let op = Op::InstanceReadiness {
+            service: service.clone(),
+            id: id.clone(),
+            ready,
+        };
+        if let Err(e) = node.propose(op).await {
+            tracing::warn!(%service, instance = %id, "could not commit a readiness verdict: {}", e.message);
+        }
     }
     for ((service, id), health, reports) in changes {
         let op = Op::InstanceHealth {

@@ -91,6 +91,13 @@ pub enum Op {
         id: String,
         health: rampart_core::health::Health,
     },
+    /// The region's readiness verdict on an instance changed (it joins or leaves the
+    /// serving set; no failover).
+    InstanceReadiness {
+        service: String,
+        id: String,
+        ready: rampart_core::health::Health,
+    },
     /// Asks the current primary to step down: its node runs `on_demote` and answers with
     /// [`Op::Release`]. Meanwhile the primary is `demoting`.
     Demote {

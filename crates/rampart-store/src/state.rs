@@ -71,6 +71,8 @@ pub struct InstanceRecord {
     /// When the verdict last changed (the proposing leader's clock): a failover's
     /// detection time.
     pub health_since_ms: u64,
+    /// The readiness verdict: whether it should get traffic.
+    pub ready: Health,
     /// When it lost the primary role, newest last, at most [`LOSSES_KEPT`].
     pub losses_ms: Vec<u64>,
     pub fenced: bool,
@@ -297,6 +299,7 @@ impl State {
                                 role: InstanceRole::Replica,
                                 health: Health::Unknown,
                                 health_since_ms: command.at_ms,
+                                ready: Health::Unknown,
                                 losses_ms: Vec::new(),
                                 fenced: false,
                             },
@@ -327,6 +330,15 @@ impl State {
                             }
                         }
                         record.health = *health;
+                        Outcome::HealthRecorded
+                    }
+                }
+            }
+            Op::InstanceReadiness { service, id, ready } => {
+                match self.services.get_mut(service).and_then(|s| s.instances.get_mut(id)) {
+                    None => Outcome::InstanceNotFound,
+                    Some(record) => {
+                        record.ready = *ready;
                         Outcome::HealthRecorded
                     }
                 }

@@ -1228,3 +1228,47 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
     let pg1 = report.instances.iter().find(|e| e.id == "pg-1").expect("pg-1");
     assert!(pg1.reasons.contains(&Refusal::Damped), "{pg1:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_that_is_not_ready_leaves_traffic_but_keeps_its_role() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [
+            {"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2, "purpose": "liveness"},
+            {"kind": "exec", "command": format!("test ! -e {}/unready-$RAMPART_INSTANCE", dir.path().display()),
+             "interval": "100ms", "rise": 1, "fall": 2, "purpose": "readiness"},
+        ],
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    let _instances = fake_fleet(&client, "db", &[("pg-1", Some(1), None), ("pg-2", Some(2), None)]).await;
+    for id in ["pg-1", "pg-2"] {
+        wait_health(&cluster, "db", id, Health::Up).await;
+    }
+    client.switchover("db", "pg-1").await.expect("first primary");
+    let serving = |want: Vec<&'static str>| {
+        let client = cluster.client();
+        async move {
+            rampart_testkit::eventually(DEADLINE, &format!("serving {want:?}"), || async {
+                let view = client.service("db").await.ok()?;
+                (view.serving == want).then_some(view)
+            })
+            .await
+        }
+    };
+    serving(vec!["pg-1", "pg-2"]).await;
+    std::fs::write(dir.path().join("unready-pg-1"), b"").expect("marker");
+    let view = serving(vec!["pg-2"]).await;
+    assert_eq!(
+        view.primary.as_deref(),
+        Some("pg-1"),
+        "readiness alone never fails a primary over"
+    );
+    let pg1 = view.instances.iter().find(|i| i.id == "pg-1").expect("pg-1");
+    assert_eq!((pg1.health, pg1.ready), (Health::Up, Health::Down));
+    std::fs::remove_file(dir.path().join("unready-pg-1")).expect("marker");
+    serving(vec!["pg-1", "pg-2"]).await;
+}
