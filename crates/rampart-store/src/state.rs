@@ -61,6 +61,17 @@ pub struct Service {
     pub token: u64,
 }
 
+impl Service {
+    /// Ends the primary's term: nobody is primary, `id` is a replica again.
+    fn step_down(&mut self, id: &str) -> Option<&mut InstanceRecord> {
+        self.primary = None;
+        self.demoting = false;
+        let record = self.instances.get_mut(id)?;
+        record.role = InstanceRole::Replica;
+        Some(record)
+    }
+}
+
 /// One registered instance and what the region has decided about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
@@ -343,36 +354,24 @@ impl State {
                     }
                 }
             }
-            Op::Demote { service, id } => match self.services.get_mut(service) {
-                None => Outcome::ServiceNotFound,
-                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
-                    primary: s.primary.clone(),
-                },
-                Some(s) => {
+            Op::Demote { service, id } => match self.primary_mut(service, id, None) {
+                Err(refused) => refused,
+                Ok(s) => {
                     s.demoting = true;
                     Outcome::Demoting
                 }
             },
-            Op::CancelDemote { service, id } => match self.services.get_mut(service) {
-                None => Outcome::ServiceNotFound,
-                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
-                    primary: s.primary.clone(),
-                },
-                Some(s) => {
+            Op::CancelDemote { service, id } => match self.primary_mut(service, id, None) {
+                Err(refused) => refused,
+                Ok(s) => {
                     s.demoting = false;
                     Outcome::Demoting
                 }
             },
-            Op::Release { service, id } => match self.services.get_mut(service) {
-                None => Outcome::ServiceNotFound,
-                Some(s) if s.primary.as_deref() != Some(id.as_str()) => Outcome::NotPrimary {
-                    primary: s.primary.clone(),
-                },
-                Some(s) => {
-                    s.primary = None;
-                    s.demoting = false;
-                    if let Some(record) = s.instances.get_mut(id) {
-                        record.role = InstanceRole::Replica;
+            Op::Release { service, id } => match self.primary_mut(service, id, None) {
+                Err(refused) => refused,
+                Ok(s) => {
+                    if let Some(record) = s.step_down(id) {
                         record.losses_ms.push(command.at_ms);
                         let excess = record.losses_ms.len().saturating_sub(LOSSES_KEPT);
                         record.losses_ms.drain(..excess);
@@ -380,16 +379,10 @@ impl State {
                     Outcome::Released
                 }
             },
-            Op::PromotionFailed { service, id, token } => match self.services.get_mut(service) {
-                None => Outcome::ServiceNotFound,
-                Some(s) if s.primary.as_deref() != Some(id.as_str()) || s.token != *token => Outcome::NotPrimary {
-                    primary: s.primary.clone(),
-                },
-                Some(s) => {
-                    s.primary = None;
-                    s.demoting = false;
-                    if let Some(record) = s.instances.get_mut(id) {
-                        record.role = InstanceRole::Replica;
+            Op::PromotionFailed { service, id, token } => match self.primary_mut(service, id, Some(*token)) {
+                Err(refused) => refused,
+                Ok(s) => {
+                    if let Some(record) = s.step_down(id) {
                         record.fenced = true;
                     }
                     Outcome::Released
@@ -436,6 +429,18 @@ impl State {
             }
         };
         (outcome, events)
+    }
+
+    /// The service whose primary is `id` (with fencing token `token`, if given), or the
+    /// outcome that refuses a command about a primary that is not (or no longer) it.
+    fn primary_mut(&mut self, service: &str, id: &str, token: Option<u64>) -> Result<&mut Service, Outcome> {
+        let s = self.services.get_mut(service).ok_or(Outcome::ServiceNotFound)?;
+        if s.primary.as_deref() != Some(id) || token.is_some_and(|t| t != s.token) {
+            return Err(Outcome::NotPrimary {
+                primary: s.primary.clone(),
+            });
+        }
+        Ok(s)
     }
 
     fn bump(&mut self) -> u64 {
