@@ -161,6 +161,7 @@ fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceV
                 node: r.instance.node,
                 tags: r.instance.tags.clone(),
                 reports: soft
+                    .live
                     .reports
                     .get(&(name.to_string(), id.clone()))
                     .map(|seen| seen.iter().map(|(node, (health, _))| (*node, *health)).collect())

@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use rampart_core::api::{Event, HeartbeatRequest, HeartbeatResponse, ObservationsRequest};
 use rampart_core::health::{confirm, worst, Health};
-use rampart_core::service::{Policy, Probe};
+use rampart_core::service::{Policy, Probe, Purpose};
 use rampart_store::Op;
 
 use crate::api::parse_body;
@@ -27,17 +27,54 @@ type InstanceKey = (String, String);
 /// What the leader has heard, per instance. Lock order: the applied state first, then this.
 #[derive(Debug, Default)]
 pub struct Soft {
-    /// Each node's latest view, and when it arrived.
-    pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
-    /// The confirmed verdict of the probes alone.
-    probe_verdicts: HashMap<InstanceKey, Health>,
-    /// The same for readiness checks.
-    pub ready_reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
-    ready_verdicts: HashMap<InstanceKey, Health>,
+    /// Liveness probes: a primary confirmed down is failed over.
+    pub live: Confirmation,
+    /// Readiness probes: an instance confirmed not ready leaves the serving set.
+    pub ready: Confirmation,
     /// The last heartbeat and the lag it reported.
     pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
     /// When this node last became leader: heartbeat deadlines count from no earlier.
     leader_since: Option<Instant>,
+}
+
+/// Every node's latest probe view of each instance for one purpose, and the confirmed
+/// verdict of the probes alone.
+#[derive(Debug, Default)]
+pub struct Confirmation {
+    /// Each node's latest view, and when it arrived.
+    pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
+    verdicts: HashMap<InstanceKey, Health>,
+}
+
+impl Confirmation {
+    fn record(&mut self, key: &InstanceKey, node: u64, health: Health, now: Instant) {
+        self.reports.entry(key.clone()).or_default().insert(node, (health, now));
+    }
+
+    /// The probes' verdict from the reports still fresh, by the policy's rule; without a
+    /// decision it stays what it was (at first, the committed verdict).
+    fn verdict(
+        &mut self,
+        key: &InstanceKey,
+        now: Instant,
+        policy: &Policy,
+        voters: usize,
+        committed: Health,
+    ) -> Health {
+        let fresh_for = fresh_for(policy);
+        let seen = self.reports.entry(key.clone()).or_default();
+        seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
+        let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
+        let current = *self.verdicts.get(key).unwrap_or(&committed);
+        let verdict = confirm(&fresh, voters, policy.confirm, current);
+        self.verdicts.insert(key.clone(), verdict);
+        verdict
+    }
+
+    fn retain(&mut self, known: impl Fn(&InstanceKey) -> bool) {
+        self.reports.retain(|k, _| known(k));
+        self.verdicts.retain(|k, _| known(k));
+    }
 }
 
 impl Soft {
@@ -89,14 +126,8 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
             .into_iter()
             .map(|o| {
                 let key = (o.service, o.instance);
-                soft.reports
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(request.node, (o.health, now));
-                soft.ready_reports
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(request.node, (o.ready, now));
+                soft.live.record(&key, request.node, o.health, now);
+                soft.ready.record(&key, request.node, o.ready, now);
                 key
             })
             .collect()
@@ -193,68 +224,37 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
             let Some(record) = service.instances.get(&key.1) else {
                 continue;
             };
-            let probed = service
-                .policy
-                .checks
-                .iter()
-                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }) && c.purpose.liveness());
-            let probed_ready = service
-                .policy
-                .checks
-                .iter()
-                .any(|c| !matches!(c.probe, Probe::Heartbeat { .. }) && c.purpose.readiness());
-            let probe_verdict = if probed {
-                let fresh_for = fresh_for(&service.policy);
-                let seen = soft.reports.entry(key.clone()).or_default();
-                seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
-                let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
-                let current = *soft.probe_verdicts.get(key).unwrap_or(&record.health);
-                let verdict = confirm(&fresh, voters, service.policy.confirm, current);
-                soft.probe_verdicts.insert(key.clone(), verdict);
-                verdict
-            } else {
-                Health::Up
-            };
             let last_beat = soft
                 .heartbeats
                 .get(key)
                 .map_or(leader_since, |(at, _)| (*at).max(leader_since));
-            let beats = |wanted: fn(rampart_core::service::Purpose) -> bool| {
-                service
-                    .policy
-                    .checks
-                    .iter()
-                    .filter(move |c| wanted(c.purpose))
-                    .filter_map(move |c| match c.probe {
-                        Probe::Heartbeat { ttl_ms } => {
-                            Some(if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) {
-                                Health::Up
-                            } else {
-                                Health::Down
-                            })
-                        }
-                        _ => None,
-                    })
+            // For one purpose: the probes' confirmed verdict (up if no probe has that
+            // purpose), made worse by any heartbeat check of that purpose that is overdue.
+            let judge = |confirmation: &mut Confirmation, wanted: fn(Purpose) -> bool, committed: Health| {
+                let checks = service.policy.checks.iter().filter(|c| wanted(c.purpose));
+                let probed = checks.clone().any(|c| !matches!(c.probe, Probe::Heartbeat { .. }));
+                let probes = if probed {
+                    confirmation.verdict(key, now, &service.policy, voters, committed)
+                } else {
+                    Health::Up
+                };
+                let beats = checks.filter_map(|c| match c.probe {
+                    Probe::Heartbeat { ttl_ms } if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) => {
+                        Some(Health::Up)
+                    }
+                    Probe::Heartbeat { .. } => Some(Health::Down),
+                    _ => None,
+                });
+                worst(std::iter::once(probes).chain(beats))
             };
-            let verdict = worst(std::iter::once(probe_verdict).chain(beats(rampart_core::service::Purpose::liveness)));
-            let ready_probe = if probed_ready {
-                let fresh_for = fresh_for(&service.policy);
-                let seen = soft.ready_reports.entry(key.clone()).or_default();
-                seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
-                let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
-                let current = *soft.ready_verdicts.get(key).unwrap_or(&record.ready);
-                let ready = confirm(&fresh, voters, service.policy.confirm, current);
-                soft.ready_verdicts.insert(key.clone(), ready);
-                ready
-            } else {
-                Health::Up
-            };
-            let ready = worst(std::iter::once(ready_probe).chain(beats(rampart_core::service::Purpose::readiness)));
+            let verdict = judge(&mut soft.live, Purpose::liveness, record.health);
+            let ready = judge(&mut soft.ready, Purpose::readiness, record.ready);
             if ready != record.ready {
                 ready_changes.push((key.clone(), ready));
             }
             if verdict != record.health {
                 let reports = soft
+                    .live
                     .reports
                     .get(key)
                     .map(|seen| {
@@ -275,10 +275,8 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                 .get(s)
                 .is_some_and(|svc| svc.instances.contains_key(i))
         };
-        soft.reports.retain(|k, _| known(k));
-        soft.probe_verdicts.retain(|k, _| known(k));
-        soft.ready_reports.retain(|k, _| known(k));
-        soft.ready_verdicts.retain(|k, _| known(k));
+        soft.live.retain(known);
+        soft.ready.retain(known);
         soft.heartbeats.retain(|k, _| known(k));
     }
     for ((service, id), ready) in ready_changes {
