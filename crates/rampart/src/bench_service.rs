@@ -21,19 +21,7 @@ pub struct ServiceFailover {
     pub median_ms: u64,
 }
 
-fn failed(message: impl std::fmt::Display) -> Failure {
-    Failure::failed(anyhow::anyhow!("{message}"))
-}
-
-async fn json(http: &reqwest::Client, addr: &str, path: &str) -> Option<serde_json::Value> {
-    http.get(format!("http://{addr}{path}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
-}
+use crate::sample_fleet::{self, json};
 
 async fn writable(http: &reqwest::Client, addr: &str) -> bool {
     http.put(format!("http://{addr}/kv/bench"))
@@ -53,57 +41,39 @@ pub async fn measure(
 ) -> Result<ServiceFailover, Failure> {
     let cluster = Cluster::start(binary, ClusterOptions::default())
         .await
-        .map_err(failed)?;
+        .map_err(Failure::message)?;
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let client: Client = cluster.client();
     let policy: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "http", "path": "/health", "interval": interval, "timeout": timeout, "rise": 1, "fall": fall}],
         "flap_damping": {"max_losses": 0, "window": "1m"},
     }))
-    .map_err(failed)?;
-    client.service_put("kv", &policy).await.map_err(failed)?;
+    .map_err(Failure::message)?;
+    client.service_put("kv", &policy).await.map_err(Failure::message)?;
     let endpoints = cluster.endpoints().join(",");
     let mut addrs = Vec::new();
-    let register = |id: String, node: u64, addr: String, generation: usize| {
-        let command = format!(
-            "exec {} --endpoints {endpoints} sample-service --listen {addr} --service kv --instance {id} --heartbeat 100ms # {generation}",
-            binary.display()
-        );
-        let spec = InstanceSpec {
-            endpoint: addr,
-            node: Some(node),
-            command: Some(command),
-            ..InstanceSpec::default()
-        };
-        let client = &client;
-        async move { client.instance_put("kv", &id, &spec).await.map_err(failed) }
-    };
     for node in 1..=3u64 {
-        let addr = rampart_testkit::cluster::free_port().map_err(failed)?.to_string();
-        register(format!("s-{node}"), node, addr.clone(), 0).await?;
+        let addr = rampart_testkit::cluster::free_port()
+            .map_err(Failure::message)?
+            .to_string();
+        sample_fleet::register(&client, binary, &endpoints, "kv", &format!("s-{node}"), node, &addr, 0).await?;
         addrs.push(addr);
     }
-    let all_up = || async {
-        eventually(Duration::from_secs(60), "every instance up", || async {
-            let view = client.service("kv").await.ok()?;
-            view.instances
-                .iter()
-                .all(|i| i.health == rampart_core::health::Health::Up)
-                .then_some(())
-        })
-        .await
-    };
-    all_up().await;
-    client.switchover("kv", "s-1").await.map_err(failed)?;
+    sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
+    client.switchover("kv", "s-1").await.map_err(Failure::message)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()
-        .map_err(failed)?;
+        .map_err(Failure::message)?;
     let mut rounds_ms = Vec::new();
     for round in 1..=rounds {
-        let view = client.service("kv").await.map_err(failed)?;
-        let primary = view.primary.ok_or_else(|| failed("no primary"))?;
-        let index: usize = primary.trim_start_matches("s-").parse::<usize>().map_err(failed)? - 1;
+        let view = client.service("kv").await.map_err(Failure::message)?;
+        let primary = view.primary.ok_or_else(|| Failure::message("no primary"))?;
+        let index: usize = primary
+            .trim_start_matches("s-")
+            .parse::<usize>()
+            .map_err(Failure::message)?
+            - 1;
         eventually(Duration::from_secs(30), "a writable primary", || async {
             writable(&http, &addrs[index]).await.then_some(())
         })
@@ -111,7 +81,7 @@ pub async fn measure(
         let pid = json(&http, &addrs[index], "/health")
             .await
             .and_then(|h| h["pid"].as_i64())
-            .ok_or_else(|| failed("cannot read the primary's pid"))? as i32;
+            .ok_or_else(|| Failure::message("cannot read the primary's pid"))? as i32;
         let killed = Instant::now();
         // SAFETY: the sample-service process this benchmark registered, run by its node.
         unsafe {
@@ -128,8 +98,18 @@ pub async fn measure(
         .await;
         rounds_ms.push(killed.elapsed().as_millis() as u64);
         // Bring the killed instance back (a changed command restarts it) for the next round.
-        register(primary.clone(), index as u64 + 1, addrs[index].clone(), round).await?;
-        all_up().await;
+        sample_fleet::register(
+            &client,
+            binary,
+            &endpoints,
+            "kv",
+            &primary,
+            index as u64 + 1,
+            &addrs[index],
+            round,
+        )
+        .await?;
+        sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
     }
     let mut sorted = rounds_ms.clone();
     sorted.sort_unstable();
@@ -184,24 +164,26 @@ async fn cpu_over(cluster: &Cluster, seconds: u64) -> Vec<f64> {
 pub async fn check_cost(binary: &std::path::Path, instances: usize, seconds: u64) -> Result<CheckCost, Failure> {
     let cluster = Cluster::start(binary, ClusterOptions::default())
         .await
-        .map_err(failed)?;
+        .map_err(Failure::message)?;
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let idle_cpu_percent = cpu_over(&cluster, seconds).await;
     // One HTTP target for every instance: its own CPU is not what is measured.
-    let addr = rampart_testkit::cluster::free_port().map_err(failed)?.to_string();
+    let addr = rampart_testkit::cluster::free_port()
+        .map_err(Failure::message)?
+        .to_string();
     let mut target = std::process::Command::new(binary)
         .args(["--endpoints", "127.0.0.1:1", "sample-service", "--listen", &addr])
         .args(["--service", "target", "--instance", "t"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(failed)?;
+        .map_err(Failure::message)?;
     let client: Client = cluster.client();
     let policy: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "http", "path": "/health", "interval": "1s", "timeout": "500ms"}],
     }))
-    .map_err(failed)?;
-    client.service_put("fleet", &policy).await.map_err(failed)?;
+    .map_err(Failure::message)?;
+    client.service_put("fleet", &policy).await.map_err(Failure::message)?;
     for i in 0..instances {
         let spec = InstanceSpec {
             endpoint: addr.clone(),
@@ -210,7 +192,7 @@ pub async fn check_cost(binary: &std::path::Path, instances: usize, seconds: u64
         client
             .instance_put("fleet", &format!("i-{i}"), &spec)
             .await
-            .map_err(failed)?;
+            .map_err(Failure::message)?;
     }
     eventually(Duration::from_secs(120), "every instance up", || async {
         let view = client.service("fleet").await.ok()?;

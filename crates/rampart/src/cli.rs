@@ -408,6 +408,10 @@ impl Failure {
     pub fn failed(error: anyhow::Error) -> Failure {
         Failure { code: 1, error }
     }
+    /// A failure (exit 1) that says `message`.
+    pub fn message(message: impl std::fmt::Display) -> Failure {
+        Failure::failed(anyhow::anyhow!("{message}"))
+    }
 }
 
 impl From<rampart_client::ClientError> for Failure {

@@ -26,10 +26,6 @@ pub struct DemoArgs {
     exit_after_report: bool,
 }
 
-fn failed(message: impl std::fmt::Display) -> Failure {
-    Failure::failed(anyhow::anyhow!("{message}"))
-}
-
 /// (sent, acknowledged) times of the workload's writes, to measure the gap around the kill.
 #[derive(Default)]
 struct AckTimes {
@@ -64,11 +60,12 @@ async fn write_loop(
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), Failure> {
-    let binary = std::env::current_exe().map_err(|e| failed(format!("cannot find the rampart binary: {e}")))?;
+    let binary =
+        std::env::current_exe().map_err(|e| Failure::message(format!("cannot find the rampart binary: {e}")))?;
     println!("== Rampart demo: one region of 3 nodes on this machine ==");
     let mut cluster = Cluster::start(&binary, ClusterOptions::default())
         .await
-        .map_err(|e| failed(format!("cannot start nodes: {e}")))?;
+        .map_err(|e| Failure::message(format!("cannot start nodes: {e}")))?;
     println!("data under {}", cluster.base_dir().display());
     for node in cluster.nodes.values() {
         println!(
@@ -137,7 +134,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
 
     cluster
         .restart(leader)
-        .map_err(|e| failed(format!("cannot restart node {leader}: {e}")))?;
+        .map_err(|e| Failure::message(format!("cannot restart node {leader}: {e}")))?;
     println!("restarted node {leader} on its data dir");
     let (revision, checksum) = cluster.wait_converged(Duration::from_secs(30)).await;
     println!("all 3 nodes caught up: revision {revision}, checksum {checksum}");
@@ -145,7 +142,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let range = client
         .range("demo/", false)
         .await
-        .map_err(|e| failed(format!("final read failed: {e}")))?;
+        .map_err(|e| Failure::message(format!("final read failed: {e}")))?;
     let state: BTreeMap<String, String> = range.items.into_iter().map(|kv| (kv.key, kv.value)).collect();
     let lost = history.lost_acknowledged_writes(&state);
     let writes = history.writes();
@@ -157,7 +154,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     );
     println!("RTO (write gap) {} ms, RPO 0 acknowledged writes lost", gap.as_millis());
     if !lost.is_empty() {
-        return Err(failed(format!(
+        return Err(Failure::message(format!(
             "{} acknowledged writes were lost: {:?}",
             lost.len(),
             &lost[..lost.len().min(5)]
@@ -179,65 +176,39 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// GET on a sample service, as JSON.
-async fn sample_json(http: &reqwest::Client, addr: &str, path: &str) -> Option<serde_json::Value> {
-    http.get(format!("http://{addr}{path}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
-}
-
 /// The service part: supervised sample services, a primary killed under writes.
 async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Client) -> Result<(), Failure> {
-    use rampart_core::service::{InstanceSpec, PolicySpec};
+    use rampart_core::service::PolicySpec;
     println!("\n== A service kept available: 3 sample-service instances, one per node ==");
     let policy: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "heartbeat", "ttl": "1s"}],
         "max_lag_on_failover": 0,
     }))
-    .map_err(failed)?;
-    client.service_put("kv", &policy).await.map_err(failed)?;
+    .map_err(Failure::message)?;
+    client.service_put("kv", &policy).await.map_err(Failure::message)?;
     let endpoints = cluster.endpoints().join(",");
     let mut addrs = BTreeMap::new();
     for node in 1..=3u64 {
         let id = format!("s-{node}");
-        let addr = rampart_testkit::cluster::free_port().map_err(failed)?.to_string();
-        let command = format!(
-            "exec {} --endpoints {endpoints} sample-service --listen {addr} --service kv --instance {id} --heartbeat 100ms",
-            binary.display()
-        );
-        let instance = InstanceSpec {
-            endpoint: addr.clone(),
-            node: Some(node),
-            command: Some(command),
-            ..InstanceSpec::default()
-        };
-        client.instance_put("kv", &id, &instance).await.map_err(failed)?;
+        let addr = rampart_testkit::cluster::free_port()
+            .map_err(Failure::message)?
+            .to_string();
+        crate::sample_fleet::register(client, binary, &endpoints, "kv", &id, node, &addr, 0).await?;
         println!("  instance {id} on node {node}, serving {addr}");
         addrs.insert(id, addr);
     }
-    rampart_testkit::eventually(Duration::from_secs(30), "every instance up", || async {
-        let view = client.service("kv").await.ok()?;
-        view.instances
-            .iter()
-            .all(|i| i.health == rampart_core::health::Health::Up)
-            .then_some(())
-    })
-    .await;
-    client.switchover("kv", "s-1").await.map_err(failed)?;
+    crate::sample_fleet::wait_all_up(client, "kv", Duration::from_secs(30)).await;
+    client.switchover("kv", "s-1").await.map_err(Failure::message)?;
     println!("switchover: s-1 is the primary");
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
-        .map_err(failed)?;
+        .map_err(Failure::message)?;
     let primary_addr = |id: &str| addrs[id].clone();
     // Wait until s-1 takes writes, then write for a second.
     rampart_testkit::eventually(Duration::from_secs(10), "s-1 writable", || async {
-        let health = sample_json(&http, &primary_addr("s-1"), "/health").await?;
+        let health = crate::sample_fleet::json(&http, &primary_addr("s-1"), "/health").await?;
         (health["writable"] == true).then_some(())
     })
     .await;
@@ -257,10 +228,10 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
             acknowledged.push(key);
         }
     }
-    let pid = sample_json(&http, &primary_addr("s-1"), "/health")
+    let pid = crate::sample_fleet::json(&http, &primary_addr("s-1"), "/health")
         .await
         .and_then(|h| h["pid"].as_i64())
-        .ok_or_else(|| failed("cannot read the primary's pid"))? as i32;
+        .ok_or_else(|| Failure::message("cannot read the primary's pid"))? as i32;
     let killed_at = Instant::now();
     // SAFETY: the sample-service process the demo registered, started by its own node.
     unsafe {
@@ -287,7 +258,10 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
             None
         })
         .await;
-    let events = client.events(Some("failover"), Some(1)).await.map_err(failed)?;
+    let events = client
+        .events(Some("failover"), Some(1))
+        .await
+        .map_err(Failure::message)?;
     let detail = events.events.last().map(|e| e.detail.clone()).unwrap_or_default();
     let field = |name: &str| {
         detail

@@ -5,6 +5,7 @@ mod bench_service;
 mod cli;
 mod demo;
 mod node_cmd;
+mod sample_fleet;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,63 @@
+//! Sample-service instances run by a local region's nodes: shared by `rampart demo` and
+//! `rampart bench --service-failover`.
+
+use std::time::Duration;
+
+use rampart_client::Client;
+use rampart_core::service::InstanceSpec;
+
+use crate::cli::Failure;
+
+/// Registers instance `id` of `service`, run by node `node` (supervised) and serving on
+/// `addr`. A different `generation` changes the command, so registering again restarts
+/// an instance that was killed.
+#[allow(clippy::too_many_arguments)]
+pub async fn register(
+    client: &Client,
+    binary: &std::path::Path,
+    endpoints: &str,
+    service: &str,
+    id: &str,
+    node: u64,
+    addr: &str,
+    generation: usize,
+) -> Result<(), Failure> {
+    let command = format!(
+        "exec {} --endpoints {endpoints} sample-service --listen {addr} --service {service} --instance {id} --heartbeat 100ms # {generation}",
+        binary.display()
+    );
+    let spec = InstanceSpec {
+        endpoint: addr.to_string(),
+        node: Some(node),
+        command: Some(command),
+        ..InstanceSpec::default()
+    };
+    client
+        .instance_put(service, id, &spec)
+        .await
+        .map_err(Failure::message)?;
+    Ok(())
+}
+
+/// Waits until every instance of `service` is up.
+pub async fn wait_all_up(client: &Client, service: &str, timeout: Duration) {
+    rampart_testkit::eventually(timeout, "every instance up", || async {
+        let view = client.service(service).await.ok()?;
+        view.instances
+            .iter()
+            .all(|i| i.health == rampart_core::health::Health::Up)
+            .then_some(())
+    })
+    .await
+}
+
+/// GET on a sample service, as JSON.
+pub async fn json(http: &reqwest::Client, addr: &str, path: &str) -> Option<serde_json::Value> {
+    http.get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
