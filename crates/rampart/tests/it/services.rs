@@ -331,6 +331,19 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
     .await;
 }
 
+/// Waits until `service` has a primary that `wanted` accepts; returns the view.
+async fn wait_primary(
+    client: &rampart_client::Client,
+    service: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> rampart_core::api::ServiceView {
+    rampart_testkit::eventually(DEADLINE, &format!("a wanted primary of {service}"), || async {
+        let view = client.service(service).await.ok()?;
+        view.primary.as_deref().is_some_and(&wanted).then_some(view)
+    })
+    .await
+}
+
 /// A hook command appending `NAME instance role token` to `log`.
 fn hook_command(log: &std::path::Path, name: &str) -> String {
     format!(
@@ -524,11 +537,7 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
     let first = client.switchover("db", "pg-1").await.expect("first primary");
 
     instances.remove("pg-1").expect("pg-1").kill();
-    let view = rampart_testkit::eventually(DEADLINE, "a new primary", || async {
-        let view = client.service("db").await.ok()?;
-        (view.primary.as_deref().is_some_and(|p| p != "pg-1")).then_some(view)
-    })
-    .await;
+    let view = wait_primary(&client, "db", |p| p != "pg-1").await;
     assert_eq!(
         view.primary.as_deref(),
         Some("pg-2"),
@@ -629,11 +638,7 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
     instances.remove("pg-1").expect("pg-1").kill();
     let majority: Vec<String> = [2u64, 3].iter().map(|id| cluster.nodes[id].endpoint()).collect();
     let on_majority = cluster.client_with_token(&majority, None);
-    let view = rampart_testkit::eventually(DEADLINE, "a new primary on the majority side", || async {
-        let view = on_majority.service("db").await.ok()?;
-        view.primary.as_deref().is_some_and(|p| p != "pg-1").then_some(view)
-    })
-    .await;
+    let view = wait_primary(&on_majority, "db", |p| p != "pg-1").await;
     assert!(view.token > first.token);
     let new_primary = view.primary.clone().expect("primary");
     rampart_testkit::eventually(DEADLINE, "the new primary's promote hook", || async {
@@ -738,11 +743,7 @@ async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
     client.switchover("db", "a").await.expect("first primary");
     instances.remove("a").expect("a").kill();
     // The receiver fails its first three requests: failover does not wait for it.
-    rampart_testkit::eventually(DEADLINE, "b promoted", || async {
-        let view = client.service("db").await.ok()?;
-        (view.primary.as_deref() == Some("b")).then_some(())
-    })
-    .await;
+    wait_primary(&client, "db", |p| p == "b").await;
     rampart_testkit::eventually(DEADLINE, "the alerts, after retries", || async {
         let bodies = bodies.lock().expect("bodies").clone();
         let has = |needle: &str| bodies.iter().any(|b| b.contains(needle));
@@ -994,11 +995,7 @@ async fn sample_service_switchover_and_failover_keep_acknowledged_writes() {
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
-    let view = rampart_testkit::eventually(DEADLINE, "a new primary", || async {
-        let view = client.service("kv").await.ok()?;
-        view.primary.as_deref().is_some_and(|p| p != "s-2").then_some(view)
-    })
-    .await;
+    let view = wait_primary(&client, "kv", |p| p != "s-2").await;
     let new_primary = view.primary.expect("primary");
     writable(&new_primary).await;
     for key in &acknowledged {
@@ -1072,11 +1069,7 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
         let fake = instances.remove(&primary).expect("the primary's instance");
         let addr = fake.addr;
         fake.kill();
-        let view = rampart_testkit::eventually(DEADLINE, &format!("round {round}: a new primary"), || async {
-            let view = client.service("db").await.ok()?;
-            view.primary.as_ref().is_some_and(|p| *p != primary).then_some(view)
-        })
-        .await;
+        let view = wait_primary(&client, "db", |p| p != primary).await;
         assert!(
             view.token > token,
             "round {round}: the token went from {token} to {}",
@@ -1160,11 +1153,8 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
     }
     client.switchover("db", "pg-1").await.expect("first primary");
     instances.remove("pg-1").expect("pg-1").kill();
-    rampart_testkit::eventually(DEADLINE, "pg-3 primary after pg-2's hook timed out", || async {
-        let view = client.service("db").await.ok()?;
-        (view.primary.as_deref() == Some("pg-3")).then_some(())
-    })
-    .await;
+    // pg-2's hook timed out: pg-3 is next.
+    wait_primary(&client, "db", |p| p == "pg-3").await;
     rampart_testkit::eventually(DEADLINE, "the failed hook event", || async {
         let events = client.events(Some("hook"), None).await.ok()?;
         events
@@ -1204,16 +1194,8 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
         wait_health(&cluster, "db", id, Health::Up).await;
     }
     client.switchover("db", "pg-1").await.expect("first primary");
-    let primary_is = |want: &'static str| {
-        let client = cluster.client();
-        async move {
-            rampart_testkit::eventually(DEADLINE, &format!("{want} primary"), || async {
-                let view = client.service("db").await.ok()?;
-                (view.primary.as_deref() == Some(want)).then_some(())
-            })
-            .await
-        }
-    };
+    let client_ref = &client;
+    let primary_is = |want: &'static str| wait_primary(client_ref, "db", move |p| p == want);
     // pg-1 dies and comes back: it lost the role once, its whole allowance in the window.
     let fake = instances.remove("pg-1").expect("pg-1");
     let addr = fake.addr;
