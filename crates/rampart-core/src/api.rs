@@ -314,6 +314,20 @@ pub struct Observation {
 pub struct ObservationsRequest {
     pub node: u64,
     pub observations: Vec<Observation>,
+    /// Instances this node's supervisor has just restarted, or given up on.
+    #[serde(default)]
+    pub restarts: Vec<RestartReport>,
+}
+
+/// A supervised instance exited and its node restarted it (`gave_up`: the restart budget
+/// is spent and it stays down). A primary being restarted keeps its role for the
+/// policy's `recovery.start_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartReport {
+    pub service: String,
+    pub instance: String,
+    pub gave_up: bool,
 }
 
 /// `POST /v1/services/{name}/instances/{id}/heartbeat`.

@@ -111,6 +111,9 @@ pub struct RecoverySpec {
     pub action: String,
     pub max_retries: Option<u32>,
     pub window: Option<String>,
+    /// How long a restarted primary has to come back up before it is failed over
+    /// (default 30s; `0s` fails over at once, as Patroni's `primary_start_timeout`).
+    pub start_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +209,9 @@ pub struct Recovery {
     pub restart: bool,
     pub max_retries: u32,
     pub window_ms: u64,
+    /// While its node restarts it within the budget, a primary that is down keeps its role
+    /// this long after each restart.
+    pub start_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +392,7 @@ impl PolicySpec {
                 restart: false,
                 max_retries: 0,
                 window_ms: 60_000,
+                start_timeout_ms: 0,
             },
             Some(spec) => Recovery {
                 restart: match spec.action.as_str() {
@@ -398,6 +405,13 @@ impl PolicySpec {
                     n => return Err(field_error("recovery.max_retries", n.to_string(), "0 to 100")),
                 },
                 window_ms: duration_ms("recovery.window", spec.window.as_deref(), 60_000, 1000, 86_400_000)?,
+                start_timeout_ms: duration_ms(
+                    "recovery.start_timeout",
+                    spec.start_timeout.as_deref(),
+                    30_000,
+                    0,
+                    3_600_000,
+                )?,
             },
         };
         let hooks = match &self.hooks {
@@ -565,6 +579,7 @@ mod tests {
         ));
         assert_eq!(p.confirm, Confirm::Majority);
         assert!(p.recovery.restart && p.recovery.window_ms == 60_000);
+        assert_eq!(p.recovery.start_timeout_ms, 30_000);
         assert_eq!(p.hooks.timeout_ms, HOOK_TIMEOUT_MS_DEFAULT);
         assert_eq!(
             policy("{}").unwrap().mode,
@@ -592,6 +607,10 @@ mod tests {
             (r#"{"checks": [{"kind": "http", "status": "700"}]}"#, "checks[0].status"),
             (r#"{"confirm": "most"}"#, "confirm"),
             (r#"{"recovery": {"action": "reboot"}}"#, "recovery.action"),
+            (
+                r#"{"recovery": {"action": "restart", "start_timeout": "2h"}}"#,
+                "recovery.start_timeout",
+            ),
             (r#"{"hooks": {"timeout": "0ms"}}"#, "hooks.timeout"),
         ];
         for (json, field) in cases {

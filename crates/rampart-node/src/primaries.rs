@@ -9,7 +9,10 @@
 //! new one is promoted: safety rule 4, with clocks that only need to run at the same rate.
 //!
 //! The controller, each tick, for every active-passive service:
-//! - primary confirmed down: if its node answers, ask it to step down (`Demote`: the node
+//! - primary confirmed down while its node restarts it (supervision, within the restart
+//!   budget and `recovery.start_timeout` of the last restart): wait, once saying so in a
+//!   `failover.deferred` event;
+//! - primary confirmed down otherwise: if its node answers, ask it to step down (`Demote`: the node
 //!   runs `on_demote`, the leader then releases the role); if not, release the role once
 //!   the hold has run out; an instance no node hosts is released a hold after its verdict;
 //! - no primary, but it had one: promote eligibility's first instance, and record a
@@ -76,6 +79,7 @@ struct Episode {
     previous: Option<String>,
     how: &'static str,
     no_candidate_reported: bool,
+    deferral_reported: bool,
 }
 
 pub async fn run(node: Shared) {
@@ -115,7 +119,7 @@ pub async fn run(node: Shared) {
 /// One look at one service.
 async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Episode) -> Result<(), crate::ApiError> {
     let hold = hold(node);
-    let (mode, primary, token, demoting) = {
+    let (mode, primary, token, demoting, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
         let Some(s) = applied.state.services.get(name) else {
             return Ok(());
@@ -125,7 +129,8 @@ async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Ep
                 .get(p)
                 .map(|r| (p.clone(), r.health, r.health_since_ms, r.instance.node))
         });
-        (s.policy.mode, primary, s.token, s.demoting)
+        let start_timeout = Duration::from_millis(s.policy.recovery.start_timeout_ms);
+        (s.policy.mode, primary, s.token, s.demoting, start_timeout)
     };
     if mode != Mode::ActivePassive {
         return Ok(());
@@ -134,6 +139,24 @@ async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Ep
         Some((id, Health::Down, down_since_ms, hosted_by)) => {
             episode.detected_ms = down_since_ms;
             episode.previous = Some(id.clone());
+            let key = (name.to_string(), id.clone());
+            if node
+                .soft
+                .lock()
+                .expect("soft state lock")
+                .restarting(&key, start_timeout)
+            {
+                // Its node is restarting it within the budget: give it `start_timeout`.
+                if !episode.deferral_reported {
+                    episode.deferral_reported = true;
+                    let detail = format!(
+                        "service={name} primary={id} reason=restarting start_timeout_ms={}",
+                        start_timeout.as_millis()
+                    );
+                    record(node, failover_event(name, "failover.deferred", "ok", detail)).await;
+                }
+                return Ok(());
+            }
             let release = match hosted_by {
                 None => {
                     episode.how = "hold_lapsed";

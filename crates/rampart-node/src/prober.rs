@@ -14,6 +14,7 @@ use rampart_core::health::{worst, CheckState, Health};
 use rampart_core::service::{Check, Probe, Purpose};
 use tokio::task::JoinHandle;
 
+use crate::verdicts::InstanceKey;
 use crate::{now_ms, Shared};
 
 /// How often the set of probes is reconciled with the registry, and reports are sent.
@@ -22,8 +23,6 @@ const TICK: Duration = Duration::from_millis(250);
 const FULL_REPORT_EVERY: Duration = Duration::from_secs(3);
 /// Output an `exec` check may produce that is read (the rest is discarded).
 const EXEC_OUTPUT_BYTES_MAX: usize = 4096;
-
-type InstanceKey = (String, String);
 
 /// This node's latest health per instance and check, and what has not been reported yet.
 #[derive(Default)]
@@ -237,14 +236,21 @@ async fn probe(node: &Shared, instance: &InstanceKey, spec: &ProbeSpec) -> bool 
     }
 }
 
-/// Sends a batch to the leader; false when it did not arrive.
+/// Sends a batch of observations to the leader; false when it did not arrive.
 async fn report(node: &Shared, batch: &[Observation]) -> bool {
-    let Some(leader) = node.known_leader() else {
-        return false;
-    };
     let body = ObservationsRequest {
         node: node.id,
         observations: batch.to_vec(),
+        restarts: Vec::new(),
+    };
+    send(node, body).await
+}
+
+/// Delivers a node-to-leader report (the leader takes its own directly); false when it
+/// did not arrive.
+pub async fn send(node: &Shared, body: ObservationsRequest) -> bool {
+    let Some(leader) = node.known_leader() else {
+        return false;
     };
     if leader == node.id {
         crate::verdicts::receive(node, body).await;

@@ -1,9 +1,10 @@
 //! Sidecar mode: a node runs the instances it hosts that have a `command` as child
 //! processes (`sh -c`, with the registration's `env` and `workdir`, output appended to
 //! `<data-dir>/instances/SERVICE.INSTANCE.log`). When one exits, the node restarts it per
-//! the policy's `recovery = { action = "restart", max_retries, window }`, quickly enough to
-//! come back before its checks fail (so a crash is repaired before it is failed over);
-//! past the budget it leaves it down and the checks take over. A deregistered instance,
+//! the policy's `recovery = { action = "restart", max_retries, window }` and tells the
+//! leader at once, which keeps a restarted primary in its role for `recovery.start_timeout`
+//! (a crash is repaired before it is failed over); past the budget it leaves the instance
+//! down, tells the leader so, and failover takes over. A deregistered instance,
 //! or one whose command changed, is stopped cleanly: SIGTERM, then SIGKILL after
 //! [`STOP_GRACE`]. If the node itself dies, its instances get SIGTERM from the kernel.
 
@@ -11,9 +12,10 @@ use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use rampart_core::api::Event;
+use rampart_core::api::{Event, ObservationsRequest, RestartReport};
 use tokio::process::{Child, Command};
 
+use crate::verdicts::InstanceKey;
 use crate::Shared;
 
 const TICK: Duration = Duration::from_millis(100);
@@ -26,7 +28,7 @@ const LOG_BYTES_MAX: u64 = 10 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Spec {
     command: String,
-    env: Vec<(String, String)>,
+    env: Vec<InstanceKey>,
     workdir: Option<String>,
     restart: bool,
     max_retries: u32,
@@ -44,13 +46,13 @@ struct Supervised {
 }
 
 pub async fn run(node: Shared) {
-    let mut children: HashMap<(String, String), Supervised> = HashMap::new();
+    let mut children: HashMap<InstanceKey, Supervised> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     loop {
         tick.tick().await;
         let desired = desired(&node);
         // Stop what is no longer ours or changed.
-        let stale: Vec<(String, String)> = children
+        let stale: Vec<InstanceKey> = children
             .iter()
             .filter(|(key, s)| desired.get(*key) != Some(&s.spec))
             .map(|(key, _)| key.clone())
@@ -90,10 +92,12 @@ pub async fn run(node: Shared) {
                 }
                 if !spec.restart || supervised.restarts.len() >= spec.max_retries as usize {
                     supervised.gave_up = true;
+                    tell_leader(&node, &key, true);
                     event(&node, &key, "instance.gave_up", "failed: exited; restart budget spent").await;
                     continue;
                 }
                 supervised.restarts.push_back(now);
+                tell_leader(&node, &key, false);
             }
             supervised.started = true;
             match start(&node, &key, &spec) {
@@ -112,7 +116,7 @@ pub async fn run(node: Shared) {
 }
 
 /// The instances this node should be running.
-fn desired(node: &Shared) -> HashMap<(String, String), Spec> {
+fn desired(node: &Shared) -> HashMap<InstanceKey, Spec> {
     let applied = node.applied.read().expect("state lock");
     let mut desired = HashMap::new();
     for (name, service) in &applied.state.services {
@@ -145,7 +149,7 @@ fn desired(node: &Shared) -> HashMap<(String, String), Spec> {
     desired
 }
 
-fn start(node: &Shared, key: &(String, String), spec: &Spec) -> std::io::Result<Child> {
+fn start(node: &Shared, key: &InstanceKey, spec: &Spec) -> std::io::Result<Child> {
     let dir = node.config.data_dir.join("instances");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{}.{}.log", key.0, key.1));
@@ -196,7 +200,33 @@ async fn stop(mut child: Child) {
     }
 }
 
-async fn event(node: &Shared, key: &(String, String), action: &str, outcome: &str) {
+/// Tells the leader at once that the instance is being restarted (or given up on), so a
+/// primary keeps its role while it comes back (`recovery.start_timeout`).
+fn tell_leader(node: &Shared, key: &InstanceKey, gave_up: bool) {
+    let body = ObservationsRequest {
+        node: node.id,
+        observations: Vec::new(),
+        restarts: vec![RestartReport {
+            service: key.0.clone(),
+            instance: key.1.clone(),
+            gave_up,
+        }],
+    };
+    let node = node.clone();
+    let key = key.clone();
+    tokio::spawn(async move {
+        // A few tries: without it the leader fails the primary over instead of waiting.
+        for _ in 0..3 {
+            if crate::prober::send(&node, body.clone()).await {
+                return;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        tracing::warn!(service = %key.0, instance = %key.1, "the leader did not hear of the restart");
+    });
+}
+
+async fn event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str) {
     tracing::info!(service = %key.0, instance = %key.1, action, outcome, "supervision");
     let event = Event {
         id: 0,

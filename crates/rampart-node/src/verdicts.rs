@@ -22,7 +22,8 @@ use crate::api::parse_body;
 use crate::error::ApiError;
 use crate::Shared;
 
-type InstanceKey = (String, String);
+/// (service, instance).
+pub type InstanceKey = (String, String);
 
 /// What the leader has heard, per instance. Lock order: the applied state first, then this.
 #[derive(Debug, Default)]
@@ -33,6 +34,9 @@ pub struct Soft {
     pub ready: Confirmation,
     /// The last heartbeat and the lag it reported.
     pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
+    /// Supervised instances their node last restarted (when this leader heard it), or gave
+    /// up on (`true`): a primary being restarted is not failed over yet.
+    pub restarts: HashMap<InstanceKey, (Instant, bool)>,
     /// When this node last became leader: heartbeat deadlines count from no earlier.
     leader_since: Option<Instant>,
 }
@@ -84,6 +88,14 @@ impl Soft {
             .get(&(service.to_string(), instance.to_string()))
             .and_then(|(_, lag)| *lag)
     }
+
+    /// Whether the instance's node restarted it less than `start_timeout` ago and has not
+    /// given up on it since.
+    pub fn restarting(&self, key: &InstanceKey, start_timeout: Duration) -> bool {
+        self.restarts
+            .get(key)
+            .is_some_and(|(at, gave_up)| !gave_up && at.elapsed() < start_timeout)
+    }
 }
 
 /// How long a node's report counts: a node that stopped reporting (dead, cut off) is not a
@@ -121,6 +133,10 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
     let now = Instant::now();
     let keys: Vec<InstanceKey> = {
         let mut soft = node.soft.lock().expect("soft state lock");
+        for restart in request.restarts {
+            soft.restarts
+                .insert((restart.service, restart.instance), (now, restart.gave_up));
+        }
         request
             .observations
             .into_iter()
@@ -278,6 +294,7 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
         soft.live.retain(known);
         soft.ready.retain(known);
         soft.heartbeats.retain(|k, _| known(k));
+        soft.restarts.retain(|k, _| known(k));
     }
     for ((service, id), ready) in ready_changes {
         let op = Op::InstanceReadiness {

@@ -879,6 +879,82 @@ async fn a_supervised_instance_is_restarted_within_its_budget_then_left_down() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_primary_is_restarted_in_place_before_it_is_failed_over() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Each instance writes its pid only once it is "up", 1.5 s after a start: far longer
+    // than its checks take to call it down (2 failures 200 ms apart).
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "exec",
+                    "command": format!("kill -0 $(tail -n1 {}/$RAMPART_INSTANCE)", dir.path().display()),
+                    "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 2}],
+        "recovery": {"action": "restart", "max_retries": 1, "window": "1m", "start_timeout": "20s"},
+    }))
+    .expect("policy");
+    client.service_put("db", &spec).await.expect("service");
+    for (id, node) in [("w-1", 1), ("w-2", 2)] {
+        let instance = InstanceSpec {
+            endpoint: "127.0.0.1:1".into(),
+            node: Some(node),
+            command: Some(format!(
+                "sleep 1.5; echo $$ >> {}/{id}; exec sleep 600",
+                dir.path().display()
+            )),
+            ..InstanceSpec::default()
+        };
+        client.instance_put("db", id, &instance).await.expect("instance");
+    }
+    let pids = |id: &str| -> Vec<i32> {
+        std::fs::read_to_string(dir.path().join(id))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let crash = |id: &str| {
+        let pid = *pids(id).last().expect("a started instance");
+        // SAFETY: the instance's own process, started for this test by its node.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    };
+    wait_health(&cluster, "db", "w-1", Health::Up).await;
+    wait_health(&cluster, "db", "w-2", Health::Up).await;
+    client.switchover("db", "w-1").await.expect("first primary");
+    let token = wait_primary(&client, "db", |p| p == "w-1").await.token;
+    let failover_events = |action: &'static str| {
+        let client = &client;
+        async move {
+            let events = client.events(Some("failover"), None).await.expect("events");
+            events.events.iter().filter(|e| e.action == action).count()
+        }
+    };
+
+    // Within the budget: called down, restarted in place, back up, still the primary.
+    crash("w-1");
+    wait_health(&cluster, "db", "w-1", Health::Down).await;
+    rampart_testkit::eventually(DEADLINE, "the restarted w-1 up again", || async {
+        (pids("w-1").len() == 2).then_some(())
+    })
+    .await;
+    wait_health(&cluster, "db", "w-1", Health::Up).await;
+    let view = client.service("db").await.expect("view");
+    assert_eq!(view.primary.as_deref(), Some("w-1"), "restarted, not failed over");
+    assert_eq!(view.token, token, "the same term");
+    assert_eq!(failover_events("failover.promote").await, 0);
+    assert_eq!(failover_events("failover.deferred").await, 1, "the wait is explained");
+
+    // Past the budget: the node gives up and says so; failover follows.
+    crash("w-1");
+    let view = wait_primary(&client, "db", |p| p == "w-2").await;
+    assert!(view.token > token, "a new term");
+    assert_eq!(pids("w-1").len(), 2, "no restart beyond the budget");
+    assert_eq!(failover_events("failover.promote").await, 1);
+}
+
 /// GET on a sample service, as JSON.
 async fn sample_json(addr: &str, path: &str) -> Option<serde_json::Value> {
     reqwest::get(format!("http://{addr}{path}"))
