@@ -55,8 +55,15 @@ pub async fn run(node: Shared) {
     tokio::spawn(fence(node.clone()));
     let mut seen: HashMap<(String, String), Seen> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut seen_version = None;
     loop {
         tick.tick().await;
+        // Hooks follow roles and tokens, which change only with the registry.
+        let version = node.services_version();
+        if seen_version == Some(version) {
+            continue;
+        }
+        seen_version = Some(version);
         for due in due_hooks(&node, &mut seen) {
             let report = run_hook(&node, &due).await;
             // Delivered in the background: a leader out of reach must not stall hooks.

@@ -11,6 +11,7 @@ mod elector;
 mod error;
 mod forward;
 mod hooks;
+mod http_probe;
 mod leases;
 mod metrics;
 mod peer;
@@ -96,11 +97,18 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Node {
+    /// The service registry's local change counter: work derived from the registry is
+    /// rebuilt only when it moves (`Applied::services_version`).
+    pub fn services_version(&self) -> u64 {
+        self.applied.read().expect("state lock").services_version
+    }
+
     /// The leader this node currently knows, if any. A leader that has not heard from a
     /// majority for longer than the election timeout does not count itself: it is likely
     /// cut off, and answering `no_leader` at once beats letting the client time out.
     pub fn known_leader(&self) -> Option<NodeId> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let receiver = self.raft.metrics();
+        let metrics = receiver.borrow();
         let leader = metrics.current_leader?;
         if leader == self.id && metrics.state == ServerState::Leader {
             let quorum_ms = metrics.millis_since_quorum_ack.unwrap_or(u64::MAX);

@@ -48,9 +48,16 @@ struct Supervised {
 pub async fn run(node: Shared) {
     let mut children: HashMap<InstanceKey, Supervised> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut desired_now = HashMap::new();
+    let mut seen_version = None;
     loop {
         tick.tick().await;
-        let desired = desired(&node);
+        let version = node.services_version();
+        if seen_version != Some(version) {
+            seen_version = Some(version);
+            desired_now = desired(&node);
+        }
+        let desired = &desired_now;
         // Stop what is no longer ours or changed.
         let stale: Vec<InstanceKey> = children
             .iter()
@@ -92,20 +99,20 @@ pub async fn run(node: Shared) {
                 }
                 if !spec.restart || supervised.restarts.len() >= spec.max_retries as usize {
                     supervised.gave_up = true;
-                    tell_leader(&node, &key, true);
-                    event(&node, &key, "instance.gave_up", "failed: exited; restart budget spent").await;
+                    tell_leader(&node, key, true);
+                    event(&node, key, "instance.gave_up", "failed: exited; restart budget spent").await;
                     continue;
                 }
                 supervised.restarts.push_back(now);
-                tell_leader(&node, &key, false);
+                tell_leader(&node, key, false);
             }
             supervised.started = true;
-            match start(&node, &key, &spec) {
+            match start(&node, key, spec) {
                 Ok(child) => {
                     supervised.child = Some(child);
                     if restart {
                         let detail = format!("restart {} of {}", supervised.restarts.len(), spec.max_retries);
-                        event(&node, &key, "instance.restart", &format!("ok: {detail}")).await;
+                        event(&node, key, "instance.restart", &format!("ok: {detail}")).await;
                     }
                 }
                 // The next tick counts it as a restart.

@@ -188,11 +188,18 @@ pub async fn heartbeat(
     Ok(Json(answer))
 }
 
+/// How often the leader re-judges heartbeat deadlines.
+const TICK: Duration = Duration::from_millis(200);
+/// Every this many ticks it also re-judges every other instance (reports going stale, which
+/// takes seconds) and forgets instances that left the registry.
+const SWEEP_EVERY: u64 = 5;
+
 /// Leader loop: re-judges heartbeat deadlines and stale reports, and resets soft state on
 /// gaining leadership.
 pub async fn run(node: Shared) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(TICK);
     let mut was_leader = false;
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
         let leader = node.known_leader() == Some(node.id);
@@ -207,17 +214,38 @@ pub async fn run(node: Shared) {
         if !leader {
             continue;
         }
+        ticks += 1;
+        let sweep = ticks.is_multiple_of(SWEEP_EVERY);
         let keys: Vec<InstanceKey> = {
             let applied = node.applied.read().expect("state lock");
+            if sweep {
+                forget_unknown(&applied.state, &mut node.soft.lock().expect("soft state lock"));
+            }
             applied
                 .state
                 .services
                 .iter()
+                .filter(|(_, s)| {
+                    sweep
+                        || s.policy
+                            .checks
+                            .iter()
+                            .any(|c| matches!(c.probe, Probe::Heartbeat { .. }))
+                })
                 .flat_map(|(name, s)| s.instances.keys().map(move |id| (name.clone(), id.clone())))
                 .collect()
         };
         evaluate(&node, &keys).await;
     }
+}
+
+/// Instances that left the registry take their soft state with them.
+fn forget_unknown(state: &rampart_store::State, soft: &mut Soft) {
+    let known = |(s, i): &InstanceKey| state.services.get(s).is_some_and(|svc| svc.instances.contains_key(i));
+    soft.live.retain(known);
+    soft.ready.retain(known);
+    soft.heartbeats.retain(|k, _| known(k));
+    soft.restarts.retain(|k, _| known(k));
 }
 
 /// Computes the verdict of each instance in `keys` and commits the ones that changed.
@@ -283,18 +311,6 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                 changes.push((key.clone(), verdict, reports));
             }
         }
-        // Instances that left the registry take their soft state with them.
-        let known = |(s, i): &InstanceKey| {
-            applied
-                .state
-                .services
-                .get(s)
-                .is_some_and(|svc| svc.instances.contains_key(i))
-        };
-        soft.live.retain(known);
-        soft.ready.retain(known);
-        soft.heartbeats.retain(|k, _| known(k));
-        soft.restarts.retain(|k, _| known(k));
     }
     for ((service, id), ready) in ready_changes {
         let op = Op::InstanceReadiness {

@@ -130,6 +130,35 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Whether applying it may change the service registry (definitions, roles, verdicts).
+    pub fn touches_services(&self) -> bool {
+        // Exhaustive, so a new command must say which it is.
+        match self {
+            Op::Put { .. }
+            | Op::Delete { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseRevoke { .. }
+            | Op::Campaign { .. }
+            | Op::Resign { .. }
+            | Op::TokenCreate { .. }
+            | Op::TokenRevoke { .. }
+            | Op::Record { .. } => false,
+            Op::ServicePut { .. }
+            | Op::ServiceDelete { .. }
+            | Op::InstancePut { .. }
+            | Op::InstanceDelete { .. }
+            | Op::InstanceHealth { .. }
+            | Op::InstanceReadiness { .. }
+            | Op::Demote { .. }
+            | Op::CancelDemote { .. }
+            | Op::Release { .. }
+            | Op::PromotionFailed { .. }
+            | Op::Promote { .. } => true,
+        }
+    }
+}
+
 /// The answers to one applied entry, one per command of its [`Batch`] (none for blank and
 /// membership entries).
 pub type Outcomes = Vec<Outcome>;

@@ -46,6 +46,10 @@ pub struct Applied {
     pub history: VecDeque<WatchEvent>,
     /// Changes at or below this revision are no longer in `history`.
     pub compacted_revision: u64,
+    /// Bumped whenever the service registry may have changed (a service command applied, a
+    /// snapshot installed): loops that derive work from the registry rebuild only then.
+    /// Local to this node, not replicated.
+    pub services_version: u64,
     history_max: usize,
 }
 
@@ -123,6 +127,7 @@ impl StateMachineStore {
         applied.last_applied = snapshot.meta.last_log_id;
         applied.membership = snapshot.meta.last_membership;
         applied.history.clear();
+        applied.services_version += 1;
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
@@ -222,6 +227,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
                 EntryPayload::Normal(batch) => {
                     for command in &batch.commands {
+                        if command.op.touches_services() {
+                            applied.services_version += 1;
+                        }
                         let (outcome, events) = applied.state.apply(command);
                         for event in events {
                             // No receiver is fine: nobody is watching.
