@@ -31,6 +31,16 @@ async fn writable(http: &reqwest::Client, addr: &str) -> bool {
         .is_ok_and(|r| r.status().is_success())
 }
 
+/// What each round kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kill {
+    /// The primary instance's process.
+    Instance,
+    /// The node hosting the primary (with it, the instance it supervises), as Patroni's
+    /// figure is measured: SIGKILL of the primary's node.
+    Node,
+}
+
 /// Measures `rounds` kills of the primary with checks every `interval`, `fall` failures.
 pub async fn measure(
     binary: &std::path::Path,
@@ -38,8 +48,9 @@ pub async fn measure(
     timeout: &str,
     fall: u32,
     rounds: usize,
+    kill: Kill,
 ) -> Result<ServiceFailover, Failure> {
-    let cluster = Cluster::start(binary, ClusterOptions::default())
+    let mut cluster = Cluster::start(binary, ClusterOptions::default())
         .await
         .map_err(Failure::message)?;
     cluster.wait_for_leader(Duration::from_secs(30)).await;
@@ -83,9 +94,13 @@ pub async fn measure(
             .and_then(|h| h["pid"].as_i64())
             .ok_or_else(|| Failure::message("cannot read the primary's pid"))? as i32;
         let killed = Instant::now();
-        // SAFETY: the sample-service process this benchmark registered, run by its node.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
+        match kill {
+            // SAFETY: the sample-service process this benchmark registered, run by its node.
+            Kill::Instance => unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            },
+            // Its instance gets SIGTERM from the kernel as the node dies.
+            Kill::Node => cluster.kill(index as u64 + 1),
         }
         eventually(Duration::from_secs(60), "a write on a new primary", || async {
             for (i, addr) in addrs.iter().enumerate() {
@@ -97,6 +112,12 @@ pub async fn measure(
         })
         .await;
         rounds_ms.push(killed.elapsed().as_millis() as u64);
+        if kill == Kill::Node {
+            // Back on its data dir, the node starts its instance again.
+            cluster.restart(index as u64 + 1).map_err(Failure::message)?;
+            sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
+            continue;
+        }
         // Bring the killed instance back (a changed command restarts it) for the next round.
         sample_fleet::register(
             &client,
@@ -114,7 +135,13 @@ pub async fn measure(
     let mut sorted = rounds_ms.clone();
     sorted.sort_unstable();
     Ok(ServiceFailover {
-        checks: format!("http every {interval}, timeout {timeout}, fall {fall}"),
+        checks: format!(
+            "http every {interval}, timeout {timeout}, fall {fall}; kill the {}",
+            match kill {
+                Kill::Instance => "instance",
+                Kill::Node => "node",
+            }
+        ),
         median_ms: sorted[sorted.len() / 2],
         rounds_ms,
     })

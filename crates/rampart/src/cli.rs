@@ -323,6 +323,10 @@ pub struct BenchArgs {
     /// another instance takes a write, at default and tuned check settings (--rounds each)
     #[arg(long)]
     service_failover: bool,
+    /// With --service-failover: kill the primary `instance`, or the `node` hosting it (and
+    /// so its instance, as Patroni's failover is usually measured)
+    #[arg(long, value_enum, default_value = "instance")]
+    kill: crate::bench_service::Kill,
     /// Instead of the suite: each node's CPU while the region checks this many instances
     /// with 1 s HTTP checks (and while idle, for comparison)
     #[arg(long)]
@@ -360,7 +364,7 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
         eprintln!("benchmarking service failover with supervised sample services...");
         let mut results = Vec::new();
         for (interval, timeout, fall) in [("1s", "500ms", 3), ("200ms", "100ms", 2)] {
-            results.push(crate::bench_service::measure(&binary, interval, timeout, fall, args.rounds).await?);
+            results.push(crate::bench_service::measure(&binary, interval, timeout, fall, args.rounds, args.kill).await?);
         }
         print(output, &results, |r| crate::bench_service::markdown(r));
         return Ok(());
