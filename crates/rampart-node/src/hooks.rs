@@ -81,8 +81,18 @@ async fn fence(node: Shared) {
     // A restarted node counts its start as contact: a primary whose node merely restarted
     // is fenced only if the node cannot reach the majority soon after.
     let started = Instant::now();
+    let mut hosts_primary = (None, false);
     loop {
         tick.tick().await;
+        // Only a node hosting a primary has anything to fence; the check costs a round trip
+        // to Raft's core, so it is skipped on the others.
+        let version = node.services_version();
+        if hosts_primary.0 != Some(version) {
+            hosts_primary = (Some(version), hosts_a_primary(&node));
+        }
+        if !hosts_primary.1 {
+            continue;
+        }
         let contact_age = crate::primaries::majority_contact_age(&node)
             .await
             .min(started.elapsed());
@@ -97,6 +107,17 @@ async fn fence(node: Shared) {
             });
         }
     }
+}
+
+fn hosts_a_primary(node: &Shared) -> bool {
+    let applied = node.applied.read().expect("state lock");
+    applied.state.services.values().any(|service| {
+        service
+            .primary
+            .as_ref()
+            .and_then(|p| service.instances.get(p))
+            .is_some_and(|record| record.instance.node == Some(node.id))
+    })
 }
 
 /// `on_demote` for every primary this node hosts and has not fenced yet for its token.
