@@ -364,7 +364,8 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
         eprintln!("benchmarking service failover with supervised sample services...");
         let mut results = Vec::new();
         for (interval, timeout, fall) in [("1s", "500ms", 3), ("200ms", "100ms", 2)] {
-            results.push(crate::bench_service::measure(&binary, interval, timeout, fall, args.rounds, args.kill).await?);
+            results
+                .push(crate::bench_service::measure(&binary, interval, timeout, fall, args.rounds, args.kill).await?);
         }
         print(output, &results, |r| crate::bench_service::markdown(r));
         return Ok(());
