@@ -793,6 +793,15 @@ async fn active_active_serves_every_healthy_instance() {
     }
 }
 
+/// The pids a test instance appended to `path`, one per start.
+fn pids_in(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_supervised_instance_is_restarted_within_its_budget_then_left_down() {
     let cluster = cluster(3).await;
@@ -814,13 +823,7 @@ async fn a_supervised_instance_is_restarted_within_its_budget_then_left_down() {
         ..InstanceSpec::default()
     };
     client.instance_put("worker", "w-1", &instance).await.expect("instance");
-    let read_pids = || -> Vec<i32> {
-        std::fs::read_to_string(&pids)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
+    let read_pids = || pids_in(&pids);
     // SAFETY: signal 0 only checks that the process exists.
     let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
     wait_health(&cluster, "worker", "w-1", Health::Up).await;
@@ -907,13 +910,7 @@ async fn a_crashed_primary_is_restarted_in_place_before_it_is_failed_over() {
         };
         client.instance_put("db", id, &instance).await.expect("instance");
     }
-    let pids = |id: &str| -> Vec<i32> {
-        std::fs::read_to_string(dir.path().join(id))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
+    let pids = |id: &str| pids_in(&dir.path().join(id));
     let crash = |id: &str| {
         let pid = *pids(id).last().expect("a started instance");
         // SAFETY: the instance's own process, started for this test by its node.
@@ -952,7 +949,11 @@ async fn a_crashed_primary_is_restarted_in_place_before_it_is_failed_over() {
     let view = wait_primary(&client, "db", |p| p == "w-2").await;
     assert!(view.token > token, "a new term");
     assert_eq!(pids("w-1").len(), 2, "no restart beyond the budget");
-    assert_eq!(failover_events("failover.promote").await, 1);
+    // The event follows the promotion's commit.
+    rampart_testkit::eventually(DEADLINE, "the failover event", || async {
+        (failover_events("failover.promote").await == 1).then_some(())
+    })
+    .await;
 }
 
 /// GET on a sample service, as JSON.
