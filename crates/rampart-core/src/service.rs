@@ -36,6 +36,7 @@ fn field_error(field: impl Into<String>, value: impl Into<String>, allowed: impl
 const INTERVAL_MS_MIN: u64 = 50;
 const INTERVAL_MS_MAX: u64 = 3_600_000;
 const THRESHOLD_MAX: u32 = 100;
+const PROBERS_MAX: usize = 100;
 const HOOK_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 const HOOK_TIMEOUT_MS_MAX: u64 = 3_600_000;
 const NAME_BYTES_MAX: usize = 128;
@@ -68,6 +69,9 @@ pub struct PolicySpec {
     pub checks: Vec<CheckSpec>,
     /// `majority` (default) or `any`.
     pub confirm: Option<String>,
+    /// The nodes (ids) that probe this service's instances, and among which `confirm`
+    /// counts; every member by default.
+    pub probers: Option<Vec<u64>>,
     /// Never promote an instance further behind than this many revisions (default 0).
     pub max_lag_on_failover: Option<u64>,
     /// Only the synchronous standby may be promoted (default false).
@@ -228,6 +232,8 @@ pub struct Policy {
     pub mode: Mode,
     pub checks: Vec<Check>,
     pub confirm: Confirm,
+    /// Node ids that probe; empty: every voter of the region.
+    pub probers: Vec<u64>,
     pub max_lag_on_failover: u64,
     pub synchronous: bool,
     pub recovery: Recovery,
@@ -387,6 +393,21 @@ impl PolicySpec {
             Some("any") => Confirm::Any,
             Some(other) => return Err(field_error("confirm", other, "majority or any")),
         };
+        let probers = self.probers.clone().unwrap_or_default();
+        let mut unique = probers.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if self.probers.as_ref().is_some_and(|p| p.is_empty())
+            || unique.len() != probers.len()
+            || probers.contains(&0)
+            || probers.len() > PROBERS_MAX
+        {
+            return Err(field_error(
+                "probers",
+                format!("{probers:?}"),
+                format!("1 to {PROBERS_MAX} distinct node ids (leave it out for every node)"),
+            ));
+        }
         let recovery = match &self.recovery {
             None => Recovery {
                 restart: false,
@@ -446,6 +467,7 @@ impl PolicySpec {
             mode,
             checks,
             confirm,
+            probers,
             max_lag_on_failover: self.max_lag_on_failover.unwrap_or(0),
             synchronous: self.synchronous.unwrap_or(false),
             recovery,
@@ -606,6 +628,9 @@ mod tests {
             (r#"{"checks": [{"kind": "tcp", "fall": 0}]}"#, "checks[0].fall"),
             (r#"{"checks": [{"kind": "http", "status": "700"}]}"#, "checks[0].status"),
             (r#"{"confirm": "most"}"#, "confirm"),
+            (r#"{"probers": []}"#, "probers"),
+            (r#"{"probers": [1, 1]}"#, "probers"),
+            (r#"{"probers": [0]}"#, "probers"),
             (r#"{"recovery": {"action": "reboot"}}"#, "recovery.action"),
             (
                 r#"{"recovery": {"action": "restart", "start_timeout": "2h"}}"#,

@@ -171,6 +171,10 @@ fn desired_probes(node: &Shared) -> HashMap<(InstanceKey, usize), ProbeSpec> {
     let applied = node.applied.read().expect("state lock");
     let mut desired = HashMap::new();
     for (service_name, service) in &applied.state.services {
+        let probers = &service.policy.probers;
+        if !probers.is_empty() && !probers.contains(&node.id) {
+            continue;
+        }
         for (id, record) in &service.instances {
             for (index, check) in service.policy.checks.iter().enumerate() {
                 // Heartbeat checks are judged by the leader from the instance's own calls.

@@ -67,10 +67,18 @@ impl Confirmation {
     ) -> Health {
         let fresh_for = fresh_for(policy);
         let seen = self.reports.entry(key.clone()).or_default();
-        seen.retain(|_, (_, at)| now.duration_since(*at) < fresh_for);
+        // Only the policy's probers count (all voters without a list); a node that stopped
+        // being one is forgotten.
+        let counts = |node: &u64| policy.probers.is_empty() || policy.probers.contains(node);
+        seen.retain(|node, (_, at)| counts(node) && now.duration_since(*at) < fresh_for);
         let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
+        let observers = if policy.probers.is_empty() {
+            voters
+        } else {
+            policy.probers.len()
+        };
         let current = *self.verdicts.get(key).unwrap_or(&committed);
-        let verdict = confirm(&fresh, voters, policy.confirm, current);
+        let verdict = confirm(&fresh, observers, policy.confirm, current);
         self.verdicts.insert(key.clone(), verdict);
         verdict
     }

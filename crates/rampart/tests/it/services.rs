@@ -139,7 +139,7 @@ async fn wait_health(cluster: &rampart_testkit::Cluster, service: &str, id: &str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
+async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any_or_as_its_only_prober() {
     let cluster = cluster(3).await;
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client();
@@ -150,9 +150,22 @@ async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
         r#"test ! -e {dir}/down-$RAMPART_NODE_ID && test ! -e {dir}/down-all"#,
         dir = dir.path().display()
     );
-    for (name, rule) in [("by-majority", "majority"), ("by-any", "any")] {
+    // One node (not the leader, which would see its own report at once) will see it down.
+    let lonely = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    // "by-one" is probed by the lonely node alone: its view is the majority of its probers.
+    for (name, rule, probers) in [
+        ("by-majority", "majority", None),
+        ("by-any", "any", None),
+        ("by-one", "majority", Some(vec![lonely])),
+    ] {
         let spec = serde_json::json!({
             "confirm": rule,
+            "probers": probers,
             "checks": [{"kind": "exec", "command": check, "interval": "100ms", "rise": 1, "fall": 2}],
         });
         let spec: PolicySpec = serde_json::from_value(spec).expect("policy");
@@ -163,20 +176,20 @@ async fn one_node_seeing_an_instance_down_fails_it_only_under_confirm_any() {
         };
         client.instance_put(name, "i-1", &instance).await.expect("instance");
     }
-    for name in ["by-majority", "by-any"] {
+    for name in ["by-majority", "by-any", "by-one"] {
         wait_health(&cluster, name, "i-1", Health::Up).await;
     }
+    let on_leader = cluster.client_of(leader);
+    let by_one = on_leader.service("by-one").await.expect("view");
+    assert_eq!(
+        by_one.instances[0].reports.keys().copied().collect::<Vec<_>>(),
+        vec![lonely],
+        "only the listed prober checks"
+    );
 
-    // One node (not the leader, which would see its own report at once) sees it down.
-    let lonely = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|id| *id != leader)
-        .expect("a follower");
     std::fs::write(dir.path().join(format!("down-{lonely}")), b"").expect("marker");
     wait_health(&cluster, "by-any", "i-1", Health::Down).await;
-    let on_leader = cluster.client_of(leader);
+    wait_health(&cluster, "by-one", "i-1", Health::Down).await;
     rampart_testkit::eventually(DEADLINE, "the leader to hear the lonely node's report", || async {
         let view = on_leader.service("by-majority").await.ok()?;
         let reports = &view.instances.first()?.reports;
