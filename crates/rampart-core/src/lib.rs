@@ -12,6 +12,7 @@ pub mod failover;
 pub mod health;
 pub mod lease;
 pub mod limits;
+pub mod proxy;
 pub mod service;
 
 pub use duration::{format_duration, parse_duration};

@@ -1,0 +1,547 @@
+//! The proxy's configuration schema and its load-balancing policy.
+//!
+//! `[[proxy.listeners]]` tables (in `rampart proxy --config FILE`, or a node's config)
+//! validate into [`Listener`]s; a bad field is reported by its path, its value and what is
+//! allowed. [`Balancer`] picks an upstream for each new connection or request from the
+//! healthy candidates; it is a plain state machine fed with the randomness it needs, so
+//! every choice can be tested.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::parse_duration;
+use crate::service::FieldError;
+
+const LISTENERS_MAX: usize = 256;
+const UPSTREAMS_MAX: usize = 1024;
+const WEIGHT_MAX: u32 = 1000;
+const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1000;
+
+/// A proxy config file: its `[proxy]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    #[serde(default)]
+    pub proxy: ProxySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySpec {
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+}
+
+/// One `[[proxy.listeners]]` table as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub name: Option<String>,
+    /// `HOST:PORT` to listen on.
+    pub bind: Option<String>,
+    /// `tcp` (default) or `http`.
+    pub mode: Option<String>,
+    /// Static upstreams: `"HOST:PORT"` or `{ address = "HOST:PORT", weight = N }`.
+    pub upstreams: Option<Vec<UpstreamSpec>>,
+    /// A service of the registry instead of static upstreams.
+    pub service: Option<String>,
+    /// With `service`: `primary` (default), `replicas` or `any`.
+    pub route: Option<String>,
+    /// `round-robin` (default), `weighted`, `least-connections`, `ip-hash` or `p2c`.
+    pub algorithm: Option<String>,
+    /// How long a connection to an upstream may take before the next one is tried.
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamSpec {
+    Address(String),
+    Weighted { address: String, weight: Option<u32> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Route {
+    Primary,
+    Replicas,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    RoundRobin,
+    Weighted,
+    LeastConnections,
+    /// A consistent hash of the client's address (rendezvous hashing): removing one of N
+    /// upstreams moves only the clients that were on it, about 1/N of them.
+    IpHash,
+    /// Power of two choices: the less busy of two upstreams drawn at random.
+    P2c,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub address: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Upstreams {
+    Static(Vec<Upstream>),
+    Service { name: String, route: Route },
+}
+
+/// A validated listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: Mode,
+    pub upstreams: Upstreams,
+    pub algorithm: Algorithm,
+    pub connect_timeout_ms: u64,
+}
+
+fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        value: value.into(),
+        allowed: allowed.into(),
+    }
+}
+
+impl ProxySpec {
+    /// Every listener, validated; names and bind addresses must be unique.
+    pub fn validate(&self) -> Result<Vec<Listener>, FieldError> {
+        if self.listeners.is_empty() || self.listeners.len() > LISTENERS_MAX {
+            return Err(field_error(
+                "proxy.listeners".into(),
+                format!("{} listeners", self.listeners.len()),
+                format!("1 to {LISTENERS_MAX} [[proxy.listeners]] tables"),
+            ));
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for (i, spec) in self.listeners.iter().enumerate() {
+            let path = format!("proxy.listeners[{i}]");
+            let listener = spec.validate(&path)?;
+            if listeners.iter().any(|l| l.name == listener.name) {
+                return Err(field_error(
+                    format!("{path}.name"),
+                    &listener.name,
+                    "a name no other listener has",
+                ));
+            }
+            if listeners.iter().any(|l| l.bind == listener.bind) {
+                return Err(field_error(
+                    format!("{path}.bind"),
+                    listener.bind.to_string(),
+                    "an address no other listener binds",
+                ));
+            }
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+}
+
+impl ListenerSpec {
+    pub fn validate(&self, path: &str) -> Result<Listener, FieldError> {
+        let field = |name: &str| format!("{path}.{name}");
+        let name = match self.name.as_deref() {
+            Some(n)
+                if !n.is_empty()
+                    && n.len() <= 128
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                n.to_string()
+            }
+            other => {
+                return Err(field_error(
+                    field("name"),
+                    other.unwrap_or(""),
+                    "1 to 128 letters, digits, '-', '_' or '.'",
+                ))
+            }
+        };
+        let bind_text = self.bind.as_deref().unwrap_or("");
+        let bind: SocketAddr = bind_text
+            .parse()
+            .map_err(|_| field_error(field("bind"), bind_text, "an address with a port, like 127.0.0.1:15432"))?;
+        let mode = match self.mode.as_deref() {
+            None | Some("tcp") => Mode::Tcp,
+            Some("http") => Mode::Http,
+            Some(other) => return Err(field_error(field("mode"), other, "tcp or http")),
+        };
+        let upstreams = match (&self.upstreams, &self.service) {
+            (Some(list), None) => Upstreams::Static(upstream_list(list, &field("upstreams"))?),
+            (None, Some(service)) if !service.is_empty() => Upstreams::Service {
+                name: service.clone(),
+                route: match self.route.as_deref() {
+                    None | Some("primary") => Route::Primary,
+                    Some("replicas") => Route::Replicas,
+                    Some("any") => Route::Any,
+                    Some(other) => return Err(field_error(field("route"), other, "primary, replicas or any")),
+                },
+            },
+            (Some(_), Some(service)) => {
+                return Err(field_error(
+                    field("service"),
+                    service,
+                    "either upstreams or service, not both",
+                ))
+            }
+            _ => {
+                return Err(field_error(
+                    field("upstreams"),
+                    "",
+                    "a list of HOST:PORT, or service = NAME",
+                ))
+            }
+        };
+        if self.route.is_some() && matches!(upstreams, Upstreams::Static(_)) {
+            return Err(field_error(
+                field("route"),
+                self.route.clone().unwrap_or_default(),
+                "route goes with service, not with static upstreams",
+            ));
+        }
+        let algorithm = match self.algorithm.as_deref() {
+            None | Some("round-robin") => Algorithm::RoundRobin,
+            Some("weighted") => Algorithm::Weighted,
+            Some("least-connections") => Algorithm::LeastConnections,
+            Some("ip-hash") => Algorithm::IpHash,
+            Some("p2c") => Algorithm::P2c,
+            Some(other) => {
+                return Err(field_error(
+                    field("algorithm"),
+                    other,
+                    "round-robin, weighted, least-connections, ip-hash or p2c",
+                ))
+            }
+        };
+        let connect_timeout_ms = match self.connect_timeout.as_deref() {
+            None => CONNECT_TIMEOUT_MS_DEFAULT,
+            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
+                Ok(ms @ 10..=60_000) => ms,
+                _ => {
+                    return Err(field_error(
+                        field("connect_timeout"),
+                        text,
+                        "a duration from 10ms to 60s, like 500ms",
+                    ))
+                }
+            },
+        };
+        Ok(Listener {
+            name,
+            bind,
+            mode,
+            upstreams,
+            algorithm,
+            connect_timeout_ms,
+        })
+    }
+}
+
+fn upstream_list(list: &[UpstreamSpec], path: &str) -> Result<Vec<Upstream>, FieldError> {
+    if list.is_empty() || list.len() > UPSTREAMS_MAX {
+        return Err(field_error(
+            path.to_string(),
+            format!("{} upstreams", list.len()),
+            format!("1 to {UPSTREAMS_MAX} upstreams"),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let (address, weight) = match spec {
+                UpstreamSpec::Address(a) => (a, None),
+                UpstreamSpec::Weighted { address, weight } => (address, *weight),
+            };
+            let valid = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !valid {
+                return Err(field_error(
+                    format!("{path}[{i}]"),
+                    address,
+                    "HOST:PORT, like 127.0.0.1:8081",
+                ));
+            }
+            let weight = match weight.unwrap_or(1) {
+                w @ 1..=WEIGHT_MAX => w,
+                w => {
+                    return Err(field_error(
+                        format!("{path}[{i}].weight"),
+                        w.to_string(),
+                        format!("1 to {WEIGHT_MAX}"),
+                    ))
+                }
+            };
+            Ok(Upstream {
+                address: address.clone(),
+                weight,
+            })
+        })
+        .collect()
+}
+
+/// What the balancer knows of one candidate upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub address: &'a str,
+    pub weight: u32,
+    /// Connections or requests in flight to it.
+    pub active: u32,
+}
+
+/// Picks upstreams by one [`Algorithm`]. Keeps the little state round-robin needs.
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    next: u64,
+    /// Smooth weighted round-robin's running scores, by candidate position.
+    scores: Vec<i64>,
+}
+
+impl Balancer {
+    pub fn new(algorithm: Algorithm) -> Balancer {
+        Balancer {
+            algorithm,
+            next: 0,
+            scores: Vec::new(),
+        }
+    }
+
+    /// The index in `candidates` to use, `None` if there is none. `client` is a hash of
+    /// the client's address (ip-hash); `random` is fresh randomness (p2c).
+    pub fn pick(&mut self, candidates: &[Candidate<'_>], client: u64, random: u64) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        let pick = match self.algorithm {
+            Algorithm::RoundRobin => self.round_robin(n),
+            Algorithm::Weighted => self.smooth_weighted(candidates),
+            Algorithm::LeastConnections => {
+                // Ties go round-robin, so equal upstreams share the load.
+                let start = self.round_robin(n);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .min_by_key(|i| candidates[*i].active)
+                    .unwrap_or(start)
+            }
+            Algorithm::IpHash => (0..n)
+                .max_by_key(|i| rendezvous(client, candidates[*i].address))
+                .unwrap_or(0),
+            Algorithm::P2c => {
+                let a = (random % n as u64) as usize;
+                let b = ((random >> 32) % n as u64) as usize;
+                if candidates[b].active < candidates[a].active {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        Some(pick)
+    }
+
+    fn round_robin(&mut self, n: usize) -> usize {
+        let pick = (self.next % n as u64) as usize;
+        self.next = self.next.wrapping_add(1);
+        pick
+    }
+
+    /// Nginx's smooth weighted round-robin: each pick raises every score by its weight and
+    /// lowers the chosen one by the total, so weights 5:1:1 give a a b a c a a, not a
+    /// burst of five.
+    fn smooth_weighted(&mut self, candidates: &[Candidate<'_>]) -> usize {
+        if self.scores.len() != candidates.len() {
+            self.scores = vec![0; candidates.len()];
+        }
+        let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+        for (score, c) in self.scores.iter_mut().zip(candidates) {
+            *score += i64::from(c.weight);
+        }
+        let best = (0..candidates.len())
+            .max_by_key(|i| (self.scores[*i], std::cmp::Reverse(*i)))
+            .unwrap_or(0);
+        self.scores[best] -= total;
+        best
+    }
+}
+
+/// Rendezvous (highest random weight) score of a client on an upstream.
+fn rendezvous(client: u64, address: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    client.hash(&mut hasher);
+    address.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The hash of a client address that `ip-hash` uses.
+pub fn client_hash(ip: std::net::IpAddr) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    ip.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(toml_like: serde_json::Value) -> Result<Listener, FieldError> {
+        serde_json::from_value::<ListenerSpec>(toml_like)
+            .expect("shape")
+            .validate("proxy.listeners[0]")
+    }
+
+    #[test]
+    fn listeners_validate_with_defaults() {
+        let l = listener(serde_json::json!({
+            "name": "web", "bind": "127.0.0.1:18080",
+            "upstreams": ["127.0.0.1:8081", {"address": "127.0.0.1:8082", "weight": 3}],
+        }))
+        .unwrap();
+        assert_eq!(
+            (l.mode, l.algorithm, l.connect_timeout_ms),
+            (Mode::Tcp, Algorithm::RoundRobin, 1000)
+        );
+        assert_eq!(
+            l.upstreams,
+            Upstreams::Static(vec![
+                Upstream {
+                    address: "127.0.0.1:8081".into(),
+                    weight: 1
+                },
+                Upstream {
+                    address: "127.0.0.1:8082".into(),
+                    weight: 3
+                },
+            ])
+        );
+        let l = listener(serde_json::json!({"name": "db", "bind": "127.0.0.1:15432", "service": "orders-db"})).unwrap();
+        assert_eq!(
+            l.upstreams,
+            Upstreams::Service {
+                name: "orders-db".into(),
+                route: Route::Primary
+            }
+        );
+    }
+
+    #[test]
+    fn bad_fields_name_the_field_the_value_and_what_is_allowed() {
+        let base = serde_json::json!({"name": "web", "bind": "127.0.0.1:18080", "upstreams": ["127.0.0.1:8081"]});
+        let with = |key: &str, value: serde_json::Value| {
+            let mut v = base.clone();
+            v[key] = value;
+            listener(v).unwrap_err()
+        };
+        let e = with("mode", "udp".into());
+        assert_eq!((e.field.as_str(), e.value.as_str()), ("proxy.listeners[0].mode", "udp"));
+        assert!(e.allowed.contains("tcp or http"));
+        assert_eq!(with("bind", "localhost".into()).field, "proxy.listeners[0].bind");
+        assert_eq!(with("algorithm", "random".into()).field, "proxy.listeners[0].algorithm");
+        assert_eq!(
+            with("upstreams", serde_json::json!(["nowhere"])).field,
+            "proxy.listeners[0].upstreams[0]"
+        );
+        assert_eq!(
+            with(
+                "upstreams",
+                serde_json::json!([{"address": "127.0.0.1:1", "weight": 0}])
+            )
+            .field,
+            "proxy.listeners[0].upstreams[0].weight"
+        );
+        assert_eq!(with("service", "db".into()).field, "proxy.listeners[0].service");
+        assert_eq!(with("route", "primary".into()).field, "proxy.listeners[0].route");
+        assert_eq!(
+            with("connect_timeout", "1h".into()).field,
+            "proxy.listeners[0].connect_timeout"
+        );
+        assert_eq!(with("name", "no spaces".into()).field, "proxy.listeners[0].name");
+        let twice = ProxySpec {
+            listeners: vec![
+                serde_json::from_value(base.clone()).unwrap(),
+                serde_json::from_value(base.clone()).unwrap(),
+            ],
+        };
+        assert_eq!(twice.validate().unwrap_err().field, "proxy.listeners[1].name");
+        assert_eq!(ProxySpec::default().validate().unwrap_err().field, "proxy.listeners");
+    }
+
+    fn candidates<'a>(addresses: &'a [String], weights: &[u32], active: &[u32]) -> Vec<Candidate<'a>> {
+        addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Candidate {
+                address: a,
+                weight: weights[i],
+                active: active[i],
+            })
+            .collect()
+    }
+
+    fn addresses(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{i}:80")).collect()
+    }
+
+    #[test]
+    fn round_robin_and_weighted_share_by_weight() {
+        let a = addresses(3);
+        let c = candidates(&a, &[1, 1, 1], &[0, 0, 0]);
+        let mut rr = Balancer::new(Algorithm::RoundRobin);
+        let picks: Vec<usize> = (0..6).map(|_| rr.pick(&c, 0, 0).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let c = candidates(&a, &[5, 1, 1], &[0, 0, 0]);
+        let mut w = Balancer::new(Algorithm::Weighted);
+        let picks: Vec<usize> = (0..7).map(|_| w.pick(&c, 0, 0).unwrap()).collect();
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0], "smooth, not five in a row");
+        assert_eq!(Balancer::new(Algorithm::RoundRobin).pick(&[], 0, 0), None);
+    }
+
+    #[test]
+    fn least_connections_and_p2c_prefer_the_idle() {
+        let a = addresses(3);
+        let c = candidates(&a, &[1, 1, 1], &[5, 0, 2]);
+        let mut lc = Balancer::new(Algorithm::LeastConnections);
+        assert!((0..5).all(|_| lc.pick(&c, 0, 0) == Some(1)));
+        let mut p2c = Balancer::new(Algorithm::P2c);
+        // Draws 0 and 1: the idler of the two.
+        assert_eq!(p2c.pick(&c, 0, 1u64 << 32), Some(1));
+        // Draws 0 and 2.
+        assert_eq!(p2c.pick(&c, 0, 2u64 << 32), Some(2));
+    }
+
+    #[test]
+    fn ip_hash_moves_about_one_in_n_clients_when_an_upstream_goes() {
+        let a = addresses(5);
+        let all = candidates(&a, &[1; 5], &[0; 5]);
+        let fewer: Vec<Candidate<'_>> = all.iter().copied().filter(|c| c.address != a[2]).collect();
+        let mut b = Balancer::new(Algorithm::IpHash);
+        let clients = 10_000u64;
+        let mut moved = 0;
+        for client in 0..clients {
+            let key = client_hash(std::net::IpAddr::from([10, 1, (client >> 8) as u8, client as u8]));
+            let before = all[b.pick(&all, key, 0).unwrap()].address;
+            let after = fewer[b.pick(&fewer, key, 0).unwrap()].address;
+            if before != after {
+                assert_eq!(before, a[2], "only clients of the removed upstream move");
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / clients as f64;
+        assert!((0.15..0.25).contains(&share), "moved {share}");
+    }
+}
