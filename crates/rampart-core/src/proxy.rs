@@ -380,6 +380,58 @@ impl Balancer {
     }
 }
 
+/// Passive outlier ejection of one upstream: after `failures_max` failures in a row (a
+/// refused or timed-out connect counts at once) it leaves rotation for a time that doubles
+/// with each ejection in a row, from `base_ms` up to `max_ms`; a success resets both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    pub failures_max: u32,
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Ejection {
+            failures_max: 1,
+            base_ms: 1_000,
+            max_ms: 30_000,
+        }
+    }
+}
+
+/// An upstream's standing with [`Ejection`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outlier {
+    failures: u32,
+    ejections: u32,
+    ejected_until_ms: u64,
+}
+
+impl Outlier {
+    /// Records a failure; true if it ejects the upstream now.
+    pub fn failure(&mut self, now_ms: u64, policy: Ejection) -> bool {
+        self.failures += 1;
+        if self.failures < policy.failures_max || self.ejected(now_ms) {
+            return false;
+        }
+        let factor = 1u64 << self.ejections.min(16);
+        self.ejected_until_ms = now_ms + policy.base_ms.saturating_mul(factor).min(policy.max_ms);
+        self.ejections += 1;
+        self.failures = 0;
+        true
+    }
+
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.ejections = 0;
+    }
+
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        now_ms < self.ejected_until_ms
+    }
+}
+
 /// Rendezvous (highest random weight) score of a client on an upstream.
 fn rendezvous(client: u64, address: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -522,6 +574,25 @@ mod tests {
         assert_eq!(p2c.pick(&c, 0, 1u64 << 32), Some(1));
         // Draws 0 and 2.
         assert_eq!(p2c.pick(&c, 0, 2u64 << 32), Some(2));
+    }
+
+    #[test]
+    fn ejection_grows_and_a_success_forgives() {
+        let policy = Ejection::default();
+        let mut o = Outlier::default();
+        assert!(o.failure(0, policy), "the first failed connect ejects");
+        assert!(o.ejected(999) && !o.ejected(1_000));
+        assert!(!o.failure(500, policy), "already out");
+        assert!(o.failure(1_000, policy));
+        assert!(o.ejected(2_999) && !o.ejected(3_000), "twice as long");
+        o.success();
+        assert!(o.failure(10_000, policy));
+        assert!(!o.ejected(11_000), "back to the base time");
+        let mut o = Outlier::default();
+        for i in 0..20 {
+            o.failure(i * 100_000, policy);
+        }
+        assert!(!o.ejected(1_900_000 + 30_000), "capped at max");
     }
 
     #[test]

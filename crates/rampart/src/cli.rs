@@ -95,6 +95,13 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Run the proxy: the [[proxy.listeners]] of a TOML file (TCP listeners over static
+    /// upstreams so far; see docs/guide.md, "Proxy")
+    Proxy {
+        /// TOML file with [[proxy.listeners]] tables
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// A small replicated key-value service for trying failover: writes only on the
     /// primary, replicas pull its log and report their lag in heartbeats
     SampleService {
@@ -406,6 +413,18 @@ pub struct Failure {
     pub error: anyhow::Error,
 }
 
+/// Reads and validates a proxy config file; any fault is a usage error (exit 2) naming the
+/// field, its value and what is allowed.
+fn proxy_listeners(path: &std::path::Path) -> Result<Vec<rampart_core::proxy::Listener>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --config {}: {e}", path.display())))?;
+    let file: rampart_core::proxy::ProxyFile = toml::from_str(&text)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
+    file.proxy
+        .validate()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{e} (in {})", path.display())))
+}
+
 impl Failure {
     pub fn usage(error: anyhow::Error) -> Failure {
         Failure { code: 2, error }
@@ -488,6 +507,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
         Command::Token(command) => run_token(client()?, output, command).await,
         Command::Service(command) => run_service(client()?, output, command).await,
+        Command::Proxy { config } => {
+            let listeners = proxy_listeners(&config)?;
+            rampart_proxy::run(listeners)
+                .await
+                .map_err(|e| Failure::failed(anyhow::anyhow!("proxy: {e}")))
+        }
         Command::SampleService {
             listen,
             service,

@@ -9,6 +9,7 @@ mod input;
 mod leases;
 mod membership;
 mod partition;
+mod proxy;
 mod security;
 mod services;
 mod snapshot;

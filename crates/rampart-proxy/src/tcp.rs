@@ -1,0 +1,69 @@
+//! L4: each client connection is joined to one upstream connection and bytes are copied
+//! both ways until either side closes. A connect that fails or times out moves on to the
+//! next upstream at once (each tried at most once), so a dead backend costs the client a
+//! connect attempt, not an error.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rampart_core::proxy::{client_hash, Listener};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pool::{Lease, Pool};
+
+pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::Result<()> {
+    let pool = Arc::new(pool);
+    let listener = Arc::new(listener);
+    loop {
+        let (client, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!(listener = %listener.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let pool = pool.clone();
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            let key = client_hash(peer.ip());
+            let Some((lease, upstream)) = connect(&pool, key, &listener).await else {
+                tracing::warn!(listener = %listener.name, client = %peer, "no upstream could be reached");
+                return;
+            };
+            let mut client = client;
+            let mut upstream = upstream;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            drop(lease);
+        });
+    }
+}
+
+/// Connects to the first upstream that answers, in the balancer's order.
+async fn connect<'a>(pool: &'a Pool, key: u64, listener: &Listener) -> Option<(Lease<'a>, TcpStream)> {
+    let timeout = Duration::from_millis(listener.connect_timeout_ms);
+    let mut tried = Vec::new();
+    while tried.len() < pool.len() {
+        let lease = pool.pick(key, &tried)?;
+        tried.push(Pool::index_of(&lease));
+        match tokio::time::timeout(timeout, TcpStream::connect(lease.address())).await {
+            Ok(Ok(stream)) => {
+                lease.succeeded();
+                let _ = stream.set_nodelay(true);
+                return Some((lease, stream));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
+                lease.failed();
+            }
+            Err(_) => {
+                tracing::debug!(upstream = %lease.address(), "connect timed out");
+                lease.failed();
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,140 @@
+//! The proxy as a user runs it: `rampart proxy --config FILE` in front of real backends
+//! started by the test, with real connections through it.
+
+use std::process::{Child, Command, Stdio};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::DEADLINE;
+
+/// A `rampart proxy` process, stopped when dropped.
+struct ProxyProcess(Child);
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).expect("config");
+    let child = Command::new(crate::binary())
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start proxy");
+    (ProxyProcess(child), dir)
+}
+
+/// A TCP backend that answers every connection with its name, then echoes.
+fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(format!("{name}\n").as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Connects through the proxy, reads the backend's name, checks an echo.
+async fn ask(proxy: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') {
+        let n = stream.read(&mut buf[got..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got += n;
+    }
+    let name = String::from_utf8_lossy(&buf[..got]).trim().to_string();
+    stream.write_all(b"ping").await.ok()?;
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.ok()?;
+    (&echo == b"ping").then_some(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tcp_round_robin_skips_a_dead_backend_without_a_failed_connection() {
+    let (a, _a_task) = backend("a");
+    let (b, b_task) = backend("b");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "echo"
+bind = "{port}"
+mode = "tcp"
+upstreams = ["{a}", "{b}"]
+"#
+    ));
+    let proxy = port.to_string();
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { ask(&proxy).await }).await;
+    let mut names = Vec::new();
+    for _ in 0..10 {
+        names.push(ask(&proxy).await.expect("an answer through the proxy"));
+    }
+    assert_eq!(names.iter().filter(|n| *n == "a").count(), 5, "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "b").count(), 5, "{names:?}");
+
+    // Backend b dies: every connection still succeeds, all on a.
+    b_task.abort();
+    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
+        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        let name = ask(&proxy)
+            .await
+            .unwrap_or_else(|| panic!("connection {i} failed after b died"));
+        assert_eq!(name, "a");
+    }
+}
+
+#[test]
+fn a_bad_proxy_config_names_the_field_the_value_and_what_is_allowed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[proxy.listeners]]
+name = "db"
+bind = "127.0.0.1:15432"
+algorithm = "fastest"
+upstreams = ["127.0.0.1:5432"]
+"#,
+    )
+    .expect("config");
+    let out = Command::new(crate::binary())
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("proxy.listeners[0].algorithm")
+            && stderr.contains("fastest")
+            && stderr.contains("round-robin, weighted, least-connections, ip-hash or p2c"),
+        "{stderr}"
+    );
+}
