@@ -1,10 +1,11 @@
 //! `rampart-proxy` is Rampart's traffic plane: listeners that take client connections and
 //! pass them to healthy upstreams picked by `rampart_core::proxy::Balancer`. Every decision
 //! (which upstream, whether one is out of rotation) is a policy of `rampart-core`; this
-//! crate does the I/O. Built so far: TCP listeners over static upstreams, with a failed
-//! connect moving on to the next upstream at once and taking the failed one out of
-//! rotation for a while.
+//! crate does the I/O. Built so far: TCP and HTTP/1.1 listeners over static upstreams,
+//! with a failed connect moving on to the next upstream at once and taking the failed one
+//! out of rotation for a while.
 
+mod http;
 mod pool;
 mod tcp;
 
@@ -25,12 +26,6 @@ pub async fn run(listeners: Vec<Listener>) -> io::Result<()> {
                 listener.name
             )));
         };
-        if listener.mode == Mode::Http {
-            return Err(io::Error::other(format!(
-                "listener {}: mode = \"http\" is not built yet; use mode = \"tcp\"",
-                listener.name
-            )));
-        }
         let socket = tokio::net::TcpListener::bind(listener.bind).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -43,7 +38,10 @@ pub async fn run(listeners: Vec<Listener>) -> io::Result<()> {
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (listener, socket, pool) in bound {
-        tasks.spawn(tcp::serve(listener, socket, pool));
+        match listener.mode {
+            Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, pool)),
+            Mode::Http => tasks.spawn(http::serve(listener, socket, pool)),
+        };
     }
     while let Some(done) = tasks.join_next().await {
         done.map_err(io::Error::other)??;

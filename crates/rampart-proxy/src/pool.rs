@@ -2,7 +2,7 @@
 //! flight and passive ejection (`rampart_core::proxy::Outlier`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rampart_core::proxy::{Algorithm, Balancer, Candidate, Ejection, Outlier, Upstream};
@@ -20,12 +20,12 @@ struct Member {
 }
 
 /// A connection or request counted against an upstream while it lives.
-pub struct Lease<'a> {
-    pool: &'a Pool,
+pub struct Lease {
+    pool: Arc<Pool>,
     index: usize,
 }
 
-impl Lease<'_> {
+impl Lease {
     pub fn address(&self) -> &str {
         &self.pool.upstreams[self.index].upstream.address
     }
@@ -53,7 +53,7 @@ impl Lease<'_> {
     }
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.upstreams[self.index].active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -77,7 +77,7 @@ impl Pool {
 
     /// Picks an upstream not in `tried`, among those in rotation (or among all, when every
     /// one is ejected: better to try than to refuse outright).
-    pub fn pick(&self, client: u64, tried: &[usize]) -> Option<Lease<'_>> {
+    pub fn pick(self: &Arc<Self>, client: u64, tried: &[usize]) -> Option<Lease> {
         let now = now_ms();
         let untried = |i: &usize| !tried.contains(i);
         let mut indices: Vec<usize> = (0..self.upstreams.len())
@@ -105,11 +105,14 @@ impl Pool {
             .pick(&candidates, client, rand::random())?;
         let index = indices[chosen];
         self.upstreams[index].active.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { pool: self, index })
+        Some(Lease {
+            pool: self.clone(),
+            index,
+        })
     }
 
     /// Lets `pick` leave a lease's upstream out on the next try.
-    pub fn index_of(lease: &Lease<'_>) -> usize {
+    pub fn index_of(lease: &Lease) -> usize {
         lease.index
     }
 

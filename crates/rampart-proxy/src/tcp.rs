@@ -43,7 +43,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
 }
 
 /// Connects to the first upstream that answers, in the balancer's order.
-async fn connect<'a>(pool: &'a Pool, key: u64, listener: &Listener) -> Option<(Lease<'a>, TcpStream)> {
+async fn connect(pool: &Arc<Pool>, key: u64, listener: &Listener) -> Option<(Lease, TcpStream)> {
     let timeout = Duration::from_millis(listener.connect_timeout_ms);
     let mut tried = Vec::new();
     while tried.len() < pool.len() {

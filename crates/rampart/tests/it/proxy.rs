@@ -138,3 +138,88 @@ upstreams = ["127.0.0.1:5432"]
         "{stderr}"
     );
 }
+
+/// An HTTP/1.1 backend answering every request with its name (keep-alive).
+fn http_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            // Held by this task: aborting the backend closes its kept connections too.
+            connections.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}", name.len());
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
+    let (a, a_task) = http_backend("a");
+    let (b, b_task) = http_backend("b");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{a}", "{b}"]
+"#
+    ));
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            let response = http.get(format!("http://{port}{path}")).send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get("/").await }).await;
+    let mut names = Vec::new();
+    for _ in 0..10 {
+        let (status, name) = get("/item").await.expect("an answer");
+        assert_eq!(status, 200);
+        names.push(name);
+    }
+    assert_eq!(names.iter().filter(|n| *n == "a").count(), 5, "{names:?}");
+
+    b_task.abort();
+    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
+        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        let answer = get("/item").await;
+        assert_eq!(answer, Some((200, "a".to_string())), "request {i} after b died");
+    }
+
+    a_task.abort();
+    rampart_testkit::eventually(DEADLINE, "a's port closed", || async {
+        tokio::net::TcpStream::connect(a).await.is_err().then_some(())
+    })
+    .await;
+    let (status, body) = get("/item").await.expect("an answer from the proxy itself");
+    assert_eq!(status, 502);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["error"], "no_upstream");
+}

@@ -1,0 +1,197 @@
+//! L7: an HTTP/1.1 reverse proxy. Each request goes to an upstream picked by the balancer,
+//! over a pool of kept connections per upstream (hyper's pooled client). A request whose
+//! connect fails is sent to the next upstream at once, whatever its method, since it never
+//! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. The response streams
+//! back. When no upstream can be reached the client gets 502 with a JSON reason.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rampart_core::proxy::{client_hash, Listener};
+use tokio::net::TcpListener;
+
+use crate::pool::Pool;
+
+/// The largest request body the proxy buffers to be able to send it again.
+pub const BODY_BYTES_MAX: usize = 8 << 20;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that concern one hop only (RFC 9110 7.6.1), never passed on.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+struct Shared {
+    listener: Listener,
+    pool: Arc<Pool>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::Result<()> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    let shared = Arc::new(Shared {
+        listener,
+        pool: Arc::new(pool),
+        client,
+    });
+    loop {
+        let (stream, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(listener = %shared.listener.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(forward(&shared, request, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let body = match Limited::new(body, BODY_BYTES_MAX).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("request bodies are limited to {BODY_BYTES_MAX} bytes"),
+            )
+        }
+    };
+    let original_host = parts.headers.get(HOST).cloned();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let key = client_hash(peer.ip());
+    let mut tried = Vec::new();
+    while tried.len() < shared.pool.len() {
+        let Some(lease) = shared.pool.pick(key, &tried) else {
+            break;
+        };
+        tried.push(Pool::index_of(&lease));
+        let Ok(uri) = format!("http://{}{path}", lease.address()).parse::<Uri>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the request path is not a valid URI path",
+            );
+        };
+        let mut outgoing = Request::from_parts(parts.clone(), Full::new(body.clone()));
+        *outgoing.uri_mut() = uri;
+        if let Some(host) = &original_host {
+            outgoing.headers_mut().insert(HOST, host.clone());
+        }
+        match shared.client.request(outgoing).await {
+            Ok(response) => {
+                lease.succeeded();
+                let (mut parts, body) = response.into_parts();
+                for name in HOP_BY_HOP {
+                    parts.headers.remove(*name);
+                }
+                // The lease lives as long as the response body streams.
+                let body = LeasedBody { body, _lease: lease };
+                return Response::from_parts(parts, body.boxed());
+            }
+            Err(e) if e.is_connect() => {
+                tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
+                lease.failed();
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %lease.address(), "upstream failed: {e}");
+                lease.failed();
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    &format!("upstream {}: {e}", lease.address()),
+                );
+            }
+        }
+    }
+    error(
+        StatusCode::BAD_GATEWAY,
+        "no_upstream",
+        &format!("no upstream of listener {} could be reached", shared.listener.name),
+    )
+}
+
+/// A response body that keeps its upstream's lease (connections in flight) until done.
+struct LeasedBody {
+    body: Incoming,
+    _lease: crate::pool::Lease,
+}
+
+impl hyper::body::Body for LeasedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
