@@ -18,6 +18,7 @@ const LISTENERS_MAX: usize = 256;
 const UPSTREAMS_MAX: usize = 1024;
 const WEIGHT_MAX: u32 = 1000;
 const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1000;
+const TRY_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
 /// A proxy config file: its `[proxy]` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +54,11 @@ pub struct ListenerSpec {
     pub algorithm: Option<String>,
     /// How long a connection to an upstream may take before the next one is tried.
     pub connect_timeout: Option<String>,
+    /// `http`: how long one try of a request may take to get its response head.
+    pub try_timeout: Option<String>,
+    /// `http`: further tries of an idempotent request whose upstream failed or timed out
+    /// (default 2), within the retry budget.
+    pub retries: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +114,8 @@ pub struct Listener {
     pub upstreams: Upstreams,
     pub algorithm: Algorithm,
     pub connect_timeout_ms: u64,
+    pub try_timeout_ms: u64,
+    pub retries: u32,
 }
 
 fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
@@ -240,6 +248,23 @@ impl ListenerSpec {
                 }
             },
         };
+        let try_timeout_ms = match self.try_timeout.as_deref() {
+            None => TRY_TIMEOUT_MS_DEFAULT,
+            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
+                Ok(ms @ 10..=3_600_000) => ms,
+                _ => {
+                    return Err(field_error(
+                        field("try_timeout"),
+                        text,
+                        "a duration from 10ms to 1h, like 5s",
+                    ))
+                }
+            },
+        };
+        let retries = match self.retries.unwrap_or(2) {
+            n @ 0..=10 => n,
+            n => return Err(field_error(field("retries"), n.to_string(), "0 to 10")),
+        };
         Ok(Listener {
             name,
             bind,
@@ -247,6 +272,8 @@ impl ListenerSpec {
             upstreams,
             algorithm,
             connect_timeout_ms,
+            try_timeout_ms,
+            retries,
         })
     }
 }
@@ -432,6 +459,62 @@ impl Outlier {
     }
 }
 
+/// Bounds retries to a share of the traffic, so that retrying cannot multiply the load on
+/// upstreams that are failing for being overloaded: each request earns a share of a retry,
+/// and a floor of retries a second is always allowed (so a quiet listener can still
+/// retry). Earnings are capped at a thousand requests' worth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// Thousandths of a retry each request earns.
+    ratio_milli: u64,
+    floor_per_s: u64,
+    /// Earned retries, in thousandths.
+    tokens_milli: u64,
+    /// The floor's retries, in thousandths.
+    floor_milli: u64,
+    last_ms: u64,
+}
+
+impl RetryBudget {
+    /// `percent` of requests may be retried, plus `floor_per_s` retries a second.
+    pub fn new(percent: u64, floor_per_s: u64) -> RetryBudget {
+        RetryBudget {
+            ratio_milli: percent * 10,
+            floor_per_s,
+            tokens_milli: 0,
+            floor_milli: floor_per_s * 1000,
+            last_ms: 0,
+        }
+    }
+
+    /// A request arrived.
+    pub fn deposit(&mut self) {
+        self.tokens_milli = (self.tokens_milli + self.ratio_milli).min(self.ratio_milli * 1000 + 1000);
+    }
+
+    /// Whether one retry may go now; takes it from the budget if so.
+    pub fn withdraw(&mut self, now_ms: u64) -> bool {
+        let elapsed_ms = now_ms.saturating_sub(self.last_ms);
+        self.last_ms = self.last_ms.max(now_ms);
+        self.floor_milli = (self.floor_milli + elapsed_ms * self.floor_per_s).min(self.floor_per_s * 1000);
+        if self.tokens_milli >= 1000 {
+            self.tokens_milli -= 1000;
+            true
+        } else if self.floor_milli >= 1000 {
+            self.floor_milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether a request with this method may be sent again after a failure that may have
+/// reached the upstream (RFC 9110's idempotent methods).
+pub fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
+}
+
 /// Rendezvous (highest random weight) score of a client on an upstream.
 fn rendezvous(client: u64, address: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -523,6 +606,11 @@ mod tests {
             "proxy.listeners[0].connect_timeout"
         );
         assert_eq!(with("name", "no spaces".into()).field, "proxy.listeners[0].name");
+        assert_eq!(with("retries", 11.into()).field, "proxy.listeners[0].retries");
+        assert_eq!(
+            with("try_timeout", "0ms".into()).field,
+            "proxy.listeners[0].try_timeout"
+        );
         let twice = ProxySpec {
             listeners: vec![
                 serde_json::from_value(base.clone()).unwrap(),
@@ -593,6 +681,22 @@ mod tests {
             o.failure(i * 100_000, policy);
         }
         assert!(!o.ejected(1_900_000 + 30_000), "capped at max");
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_requests_with_a_floor() {
+        let mut budget = RetryBudget::new(20, 2);
+        // The floor: two retries a second with no traffic at all.
+        assert!(budget.withdraw(1_000) && budget.withdraw(1_000));
+        assert!(!budget.withdraw(1_000));
+        // 100 requests earn 20 retries.
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let granted = (0..50).filter(|_| budget.withdraw(1_000)).count();
+        assert_eq!(granted, 20);
+        assert!(budget.withdraw(2_000), "the floor refills");
+        assert!(idempotent("GET") && idempotent("PUT") && !idempotent("POST") && !idempotent("PATCH"));
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! L7: an HTTP/1.1 reverse proxy. Each request goes to an upstream picked by the balancer,
 //! over a pool of kept connections per upstream (hyper's pooled client). A request whose
 //! connect fails is sent to the next upstream at once, whatever its method, since it never
-//! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. The response streams
-//! back. When no upstream can be reached the client gets 502 with a JSON reason.
+//! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. An idempotent
+//! request whose upstream failed or did not answer within the listener's `try_timeout` is
+//! tried on another upstream, up to `retries` times and within a retry budget (20% of
+//! requests plus 10 a second). The response streams back. When no upstream can be reached
+//! the client gets 502 (504 after a timeout) with a JSON reason.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,10 +22,14 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rampart_core::proxy::{client_hash, Listener};
+use rampart_core::proxy::{client_hash, idempotent, Listener, RetryBudget};
 use tokio::net::TcpListener;
 
 use crate::pool::Pool;
+
+/// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
+const RETRY_PERCENT: u64 = 20;
+const RETRY_FLOOR_PER_S: u64 = 10;
 
 /// The largest request body the proxy buffers to be able to send it again.
 pub const BODY_BYTES_MAX: usize = 8 << 20;
@@ -45,6 +52,7 @@ const HOP_BY_HOP: &[&str] = &[
 struct Shared {
     listener: Listener,
     pool: Arc<Pool>,
+    budget: Mutex<RetryBudget>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -58,6 +66,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
     let shared = Arc::new(Shared {
         listener,
         pool: Arc::new(pool),
+        budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
         client,
     });
     loop {
@@ -108,6 +117,9 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let key = client_hash(peer.ip());
+    let idempotent = idempotent(parts.method.as_str());
+    let mut retries_left = shared.listener.retries;
+    shared.budget.lock().expect("budget lock").deposit();
     let mut tried = Vec::new();
     while tried.len() < shared.pool.len() {
         let Some(lease) = shared.pool.pick(key, &tried) else {
@@ -126,8 +138,9 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         if let Some(host) = &original_host {
             outgoing.headers_mut().insert(HOST, host.clone());
         }
-        match shared.client.request(outgoing).await {
-            Ok(response) => {
+        let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
+        let failure = match tokio::time::timeout(try_timeout, shared.client.request(outgoing)).await {
+            Ok(Ok(response)) => {
                 lease.succeeded();
                 let (mut parts, body) = response.into_parts();
                 for name in HOP_BY_HOP {
@@ -137,20 +150,32 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
                 let body = LeasedBody { body, _lease: lease };
                 return Response::from_parts(parts, body.boxed());
             }
-            Err(e) if e.is_connect() => {
+            Ok(Err(e)) if e.is_connect() => {
+                // The request never left: the next upstream, whatever the method.
                 tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
                 lease.failed();
+                continue;
             }
-            Err(e) => {
-                tracing::debug!(upstream = %lease.address(), "upstream failed: {e}");
-                lease.failed();
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_failed",
-                    &format!("upstream {}: {e}", lease.address()),
-                );
-            }
+            Ok(Err(e)) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                format!("upstream {}: {e}", lease.address()),
+            ),
+            Err(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!("upstream {} gave no answer within {try_timeout:?}", lease.address()),
+            ),
+        };
+        // It may have reached the upstream: only an idempotent request goes again, to
+        // another upstream, within the listener's retries and the retry budget.
+        lease.failed();
+        tracing::debug!(upstream = %lease.address(), "{}", failure.2);
+        let retry = idempotent && retries_left > 0 && shared.budget.lock().expect("budget lock").withdraw(now_ms());
+        if !retry {
+            return error(failure.0, failure.1, &failure.2);
         }
+        retries_left -= 1;
     }
     error(
         StatusCode::BAD_GATEWAY,
@@ -183,6 +208,12 @@ impl hyper::body::Body for LeasedBody {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {

@@ -223,3 +223,94 @@ upstreams = ["{a}", "{b}"]
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["error"], "no_upstream");
 }
+
+/// A backend that reads each request and drops the connection without an answer, as a
+/// process killed mid-request does; counts the requests it swallowed.
+fn dropping_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("addr");
+    let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = swallowed.clone();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, swallowed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotent_requests_are_retried_elsewhere_and_others_are_not() {
+    let (good, _good_task) = http_backend("good");
+    let (bad, swallowed) = dropping_backend();
+    let mixed = rampart_testkit::cluster::free_port().expect("port");
+    let lonely = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "mixed"
+bind = "{mixed}"
+mode = "http"
+upstreams = ["{bad}", "{good}"]
+
+[[proxy.listeners]]
+name = "lonely"
+bind = "{lonely}"
+mode = "http"
+upstreams = ["{bad}"]
+"#
+    ));
+    let http = reqwest::Client::new();
+    let send = |method: reqwest::Method, port: std::net::SocketAddr| {
+        let http = http.clone();
+        async move {
+            let response = http
+                .request(method, format!("http://{port}/item"))
+                .body("x")
+                .send()
+                .await
+                .ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        send(reqwest::Method::GET, mixed).await
+    })
+    .await;
+    for i in 0..20 {
+        let (status, body) = send(reqwest::Method::GET, mixed).await.expect("an answer");
+        assert_eq!((status, body.as_str()), (200, "good"), "GET {i}");
+    }
+    assert!(
+        swallowed.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the bad upstream was tried"
+    );
+
+    // A POST that may have reached its upstream is not sent again.
+    let before = swallowed.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = send(reqwest::Method::POST, lonely).await.expect("an answer");
+    assert_eq!(status, 502, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["error"], "upstream_failed");
+    assert_eq!(
+        swallowed.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1,
+        "tried once"
+    );
+}
