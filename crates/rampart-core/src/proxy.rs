@@ -407,9 +407,10 @@ impl Balancer {
     }
 }
 
-/// Passive outlier ejection of one upstream: after `failures_max` failures in a row (a
-/// refused or timed-out connect counts at once) it leaves rotation for a time that doubles
-/// with each ejection in a row, from `base_ms` up to `max_ms`; a success resets both.
+/// Passive outlier ejection of one upstream: after `failures_max` failures in a row (5xx
+/// answers, broken exchanges) it leaves rotation for a time that doubles with each ejection
+/// in a row, from `base_ms` up to `max_ms`; a refused or timed-out connect ejects at once;
+/// a success resets both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ejection {
     pub failures_max: u32,
@@ -420,11 +421,20 @@ pub struct Ejection {
 impl Default for Ejection {
     fn default() -> Self {
         Ejection {
-            failures_max: 1,
+            failures_max: 5,
             base_ms: 1_000,
             max_ms: 30_000,
         }
     }
+}
+
+/// What went wrong with an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// It could not be reached at all: out of rotation at once.
+    Connect,
+    /// It answered 5xx, or broke off or timed out mid-exchange.
+    Error,
 }
 
 /// An upstream's standing with [`Ejection`].
@@ -437,9 +447,10 @@ pub struct Outlier {
 
 impl Outlier {
     /// Records a failure; true if it ejects the upstream now.
-    pub fn failure(&mut self, now_ms: u64, policy: Ejection) -> bool {
+    pub fn failure(&mut self, now_ms: u64, kind: Failure, policy: Ejection) -> bool {
         self.failures += 1;
-        if self.failures < policy.failures_max || self.ejected(now_ms) {
+        let enough = kind == Failure::Connect || self.failures >= policy.failures_max;
+        if !enough || self.ejected(now_ms) {
             return false;
         }
         let factor = 1u64 << self.ejections.min(16);
@@ -456,6 +467,155 @@ impl Outlier {
 
     pub fn ejected(&self, now_ms: u64) -> bool {
         now_ms < self.ejected_until_ms
+    }
+}
+
+/// When a circuit breaker opens and how it tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// The failure rate is measured over this window.
+    pub window_ms: u64,
+    /// Fewer outcomes than this in the window never open the breaker.
+    pub min_requests: u32,
+    /// Opens when at least this share of the window's outcomes failed, in percent.
+    pub failure_percent: u32,
+    /// Stays open this long, then lets probes through (half-open).
+    pub open_ms: u64,
+    /// Probes let through at once while half-open; this many successes in a row close it.
+    pub probes: u32,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            window_ms: 10_000,
+            min_requests: 20,
+            failure_percent: 50,
+            open_ms: 5_000,
+            probes: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+const BREAKER_BUCKETS: u64 = 10;
+
+/// A circuit breaker for one upstream: closed (everything passes, outcomes counted in
+/// [`BREAKER_BUCKETS`] buckets over the window), open (nothing passes for `open_ms`),
+/// half-open (up to `probes` requests at once; that many successes close it, one failure
+/// opens it again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breaker {
+    state: BreakerState,
+    /// (bucket start, successes, failures), oldest first.
+    buckets: std::collections::VecDeque<(u64, u32, u32)>,
+    opened_ms: u64,
+    probes_in_flight: u32,
+    probe_successes: u32,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            state: BreakerState::Closed,
+            buckets: std::collections::VecDeque::new(),
+            opened_ms: 0,
+            probes_in_flight: 0,
+            probe_successes: 0,
+        }
+    }
+}
+
+impl Breaker {
+    pub fn state(&mut self, now_ms: u64, policy: BreakerPolicy) -> BreakerState {
+        if self.state == BreakerState::Open && now_ms >= self.opened_ms + policy.open_ms {
+            self.state = BreakerState::HalfOpen;
+            self.probes_in_flight = 0;
+            self.probe_successes = 0;
+        }
+        self.state
+    }
+
+    /// Whether a request may go to this upstream now (a half-open breaker counts it as a
+    /// probe: report its outcome with [`Breaker::record`]).
+    pub fn allow(&mut self, now_ms: u64, policy: BreakerPolicy) -> bool {
+        match self.state(now_ms, policy) {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen if self.probes_in_flight < policy.probes => {
+                self.probes_in_flight += 1;
+                true
+            }
+            BreakerState::HalfOpen => false,
+        }
+    }
+
+    /// The outcome of a request that [`Breaker::allow`] let through.
+    pub fn record(&mut self, now_ms: u64, success: bool, policy: BreakerPolicy) {
+        match self.state(now_ms, policy) {
+            BreakerState::HalfOpen => {
+                self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+                if !success {
+                    self.open(now_ms);
+                } else {
+                    self.probe_successes += 1;
+                    if self.probe_successes >= policy.probes {
+                        self.state = BreakerState::Closed;
+                        self.buckets.clear();
+                    }
+                }
+            }
+            BreakerState::Open => {}
+            BreakerState::Closed => {
+                let width = (policy.window_ms / BREAKER_BUCKETS).max(1);
+                let start = now_ms - now_ms % width;
+                while self
+                    .buckets
+                    .front()
+                    .is_some_and(|(at, _, _)| *at + policy.window_ms <= now_ms)
+                {
+                    self.buckets.pop_front();
+                }
+                match self.buckets.back_mut() {
+                    Some((at, ok, failed)) if *at == start => {
+                        if success {
+                            *ok += 1
+                        } else {
+                            *failed += 1
+                        }
+                    }
+                    _ => self.buckets.push_back((start, u32::from(success), u32::from(!success))),
+                }
+                let (ok, failed) = self
+                    .buckets
+                    .iter()
+                    .fold((0u32, 0u32), |(o, f), (_, ok, failed)| (o + ok, f + failed));
+                let total = ok + failed;
+                if total >= policy.min_requests && failed * 100 >= policy.failure_percent * total {
+                    self.open(now_ms);
+                }
+            }
+        }
+    }
+
+    /// A request let through ended without an outcome (its client went away): while
+    /// half-open, its probe slot is free again.
+    pub fn release(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        }
+    }
+
+    fn open(&mut self, now_ms: u64) {
+        self.state = BreakerState::Open;
+        self.opened_ms = now_ms;
+        self.buckets.clear();
     }
 }
 
@@ -667,20 +827,60 @@ mod tests {
     #[test]
     fn ejection_grows_and_a_success_forgives() {
         let policy = Ejection::default();
+        let connect = Failure::Connect;
         let mut o = Outlier::default();
-        assert!(o.failure(0, policy), "the first failed connect ejects");
+        assert!(o.failure(0, connect, policy), "the first failed connect ejects");
         assert!(o.ejected(999) && !o.ejected(1_000));
-        assert!(!o.failure(500, policy), "already out");
-        assert!(o.failure(1_000, policy));
+        assert!(!o.failure(500, connect, policy), "already out");
+        assert!(o.failure(1_000, connect, policy));
         assert!(o.ejected(2_999) && !o.ejected(3_000), "twice as long");
         o.success();
-        assert!(o.failure(10_000, policy));
+        assert!(o.failure(10_000, connect, policy));
         assert!(!o.ejected(11_000), "back to the base time");
         let mut o = Outlier::default();
         for i in 0..20 {
-            o.failure(i * 100_000, policy);
+            o.failure(i * 100_000, connect, policy);
         }
         assert!(!o.ejected(1_900_000 + 30_000), "capped at max");
+        let mut o = Outlier::default();
+        let errors: Vec<bool> = (0..5).map(|i| o.failure(i, Failure::Error, policy)).collect();
+        assert_eq!(errors, [false, false, false, false, true], "five 5xx in a row");
+    }
+
+    #[test]
+    fn a_breaker_opens_on_the_failure_rate_and_closes_after_probes() {
+        let policy = BreakerPolicy::default();
+        let mut b = Breaker::default();
+        // 19 failures: below min_requests, still closed.
+        for i in 0..19 {
+            assert!(b.allow(i, policy));
+            b.record(i, false, policy);
+        }
+        assert_eq!(b.state(100, policy), BreakerState::Closed);
+        // Old outcomes leave the window: 19 more successes now, then 1 failure: 1 of 20.
+        for i in 0..19 {
+            b.record(20_000 + i, true, policy);
+        }
+        b.record(20_100, false, policy);
+        assert_eq!(b.state(20_100, policy), BreakerState::Closed, "5% is not 50%");
+        for i in 0..20 {
+            b.record(20_200 + i, false, policy);
+        }
+        assert_eq!(b.state(20_300, policy), BreakerState::Open, "21 of 40 failed");
+        assert!(!b.allow(25_000, policy));
+        // Half-open after open_ms: three probes at once, no more.
+        let t = 20_219 + policy.open_ms;
+        assert!(b.allow(t, policy) && b.allow(t, policy) && b.allow(t, policy));
+        assert!(!b.allow(t, policy));
+        b.record(t, true, policy);
+        b.record(t, false, policy);
+        assert_eq!(b.state(t, policy), BreakerState::Open, "a failed probe opens it again");
+        let t = t + policy.open_ms;
+        for _ in 0..3 {
+            assert!(b.allow(t, policy));
+            b.record(t, true, policy);
+        }
+        assert_eq!(b.state(t, policy), BreakerState::Closed);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rampart_core::proxy::{client_hash, idempotent, Listener, RetryBudget};
+use rampart_core::proxy::{client_hash, idempotent, Failure, Listener, RetryBudget};
 use tokio::net::TcpListener;
 
 use crate::pool::Pool;
@@ -141,7 +141,11 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
         let failure = match tokio::time::timeout(try_timeout, shared.client.request(outgoing)).await {
             Ok(Ok(response)) => {
-                lease.succeeded();
+                if response.status().is_server_error() {
+                    lease.failed(Failure::Error);
+                } else {
+                    lease.succeeded();
+                }
                 let (mut parts, body) = response.into_parts();
                 for name in HOP_BY_HOP {
                     parts.headers.remove(*name);
@@ -153,7 +157,7 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
             Ok(Err(e)) if e.is_connect() => {
                 // The request never left: the next upstream, whatever the method.
                 tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
-                lease.failed();
+                lease.failed(Failure::Connect);
                 continue;
             }
             Ok(Err(e)) => (
@@ -169,7 +173,7 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         };
         // It may have reached the upstream: only an idempotent request goes again, to
         // another upstream, within the listener's retries and the retry budget.
-        lease.failed();
+        lease.failed(Failure::Error);
         tracing::debug!(upstream = %lease.address(), "{}", failure.2);
         let retry = idempotent && retries_left > 0 && shared.budget.lock().expect("budget lock").withdraw(now_ms());
         if !retry {

@@ -2,8 +2,8 @@
 //! pass them to healthy upstreams picked by `rampart_core::proxy::Balancer`. Every decision
 //! (which upstream, whether one is out of rotation) is a policy of `rampart-core`; this
 //! crate does the I/O. Built so far: TCP and HTTP/1.1 listeners over static upstreams,
-//! with a failed connect moving on to the next upstream at once and taking the failed one
-//! out of rotation for a while.
+//! with a failed connect moving on to the next upstream at once, passive ejection and a
+//! circuit breaker per upstream, and retries of idempotent HTTP requests under a budget.
 
 mod http;
 mod pool;

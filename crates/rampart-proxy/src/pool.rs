@@ -1,28 +1,36 @@
 //! A listener's upstreams with what the balancer needs to know of each: connections in
-//! flight and passive ejection (`rampart_core::proxy::Outlier`).
+//! flight, passive ejection (`rampart_core::proxy::Outlier`) and a circuit breaker
+//! (`rampart_core::proxy::Breaker`). An upstream is in rotation when it is not ejected and
+//! its breaker lets a request through.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rampart_core::proxy::{Algorithm, Balancer, Candidate, Ejection, Outlier, Upstream};
+use rampart_core::proxy::{
+    Algorithm, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Outlier, Upstream,
+};
 
 pub struct Pool {
     upstreams: Vec<Member>,
     balancer: Mutex<Balancer>,
     ejection: Ejection,
+    breaker: BreakerPolicy,
 }
 
 struct Member {
     upstream: Upstream,
     active: AtomicU32,
     outlier: Mutex<Outlier>,
+    breaker: Mutex<Breaker>,
 }
 
 /// A connection or request counted against an upstream while it lives.
 pub struct Lease {
     pool: Arc<Pool>,
     index: usize,
+    /// Whether its outcome was recorded (else dropping it frees a half-open probe slot).
+    recorded: std::sync::atomic::AtomicBool,
 }
 
 impl Lease {
@@ -30,32 +38,46 @@ impl Lease {
         &self.pool.upstreams[self.index].upstream.address
     }
 
-    /// The upstream answered: it is forgiven its failures.
+    /// The upstream answered well: it is forgiven its failures.
     pub fn succeeded(&self) {
-        self.pool.upstreams[self.index]
-            .outlier
+        self.recorded.store(true, Ordering::Relaxed);
+        let member = &self.pool.upstreams[self.index];
+        member.outlier.lock().expect("outlier lock").success();
+        member
+            .breaker
             .lock()
-            .expect("outlier lock")
-            .success();
+            .expect("breaker lock")
+            .record(now_ms(), true, self.pool.breaker);
     }
 
-    /// The upstream failed (refused, timed out): it may leave rotation.
-    pub fn failed(&self) {
+    /// The upstream failed: it may leave rotation, and its breaker may open.
+    pub fn failed(&self, kind: Failure) {
+        self.recorded.store(true, Ordering::Relaxed);
         let member = &self.pool.upstreams[self.index];
+        let now = now_ms();
         if member
             .outlier
             .lock()
             .expect("outlier lock")
-            .failure(now_ms(), self.pool.ejection)
+            .failure(now, kind, self.pool.ejection)
         {
-            tracing::warn!(upstream = %member.upstream.address, "upstream ejected");
+            tracing::warn!(upstream = %member.upstream.address, ?kind, "upstream ejected");
+        }
+        let mut breaker = member.breaker.lock().expect("breaker lock");
+        breaker.record(now, false, self.pool.breaker);
+        if breaker.state(now, self.pool.breaker) == BreakerState::Open {
+            tracing::warn!(upstream = %member.upstream.address, "circuit breaker open");
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.upstreams[self.index].active.fetch_sub(1, Ordering::Relaxed);
+        let member = &self.pool.upstreams[self.index];
+        if !self.recorded.load(Ordering::Relaxed) {
+            member.breaker.lock().expect("breaker lock").release();
+        }
+        member.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -68,47 +90,70 @@ impl Pool {
                     upstream: u.clone(),
                     active: AtomicU32::new(0),
                     outlier: Mutex::new(Outlier::default()),
+                    breaker: Mutex::new(Breaker::default()),
                 })
                 .collect(),
             balancer: Mutex::new(Balancer::new(algorithm)),
             ejection: Ejection::default(),
+            breaker: BreakerPolicy::default(),
         }
     }
 
-    /// Picks an upstream not in `tried`, among those in rotation (or among all, when every
-    /// one is ejected: better to try than to refuse outright).
+    /// Picks an upstream not in `tried`, among those in rotation (or among all that are not
+    /// tried, when none is in rotation: better to try than to refuse outright).
     pub fn pick(self: &Arc<Self>, client: u64, tried: &[usize]) -> Option<Lease> {
         let now = now_ms();
-        let untried = |i: &usize| !tried.contains(i);
-        let mut indices: Vec<usize> = (0..self.upstreams.len())
-            .filter(untried)
-            .filter(|i| !self.upstreams[*i].outlier.lock().expect("outlier lock").ejected(now))
-            .collect();
-        if indices.is_empty() && tried.is_empty() {
-            indices = (0..self.upstreams.len()).collect();
+        let mut passed = tried.to_vec();
+        loop {
+            let open = |i: &usize| {
+                let member = &self.upstreams[*i];
+                !member.outlier.lock().expect("outlier lock").ejected(now)
+                    && member.breaker.lock().expect("breaker lock").state(now, self.breaker) != BreakerState::Open
+            };
+            let untried: Vec<usize> = (0..self.upstreams.len()).filter(|i| !passed.contains(i)).collect();
+            if untried.is_empty() {
+                return None;
+            }
+            let mut indices: Vec<usize> = untried.iter().copied().filter(open).collect();
+            let panic_mode = indices.is_empty();
+            if panic_mode {
+                indices = untried;
+            }
+            let candidates: Vec<Candidate<'_>> = indices
+                .iter()
+                .map(|i| {
+                    let m = &self.upstreams[*i];
+                    Candidate {
+                        address: &m.upstream.address,
+                        weight: m.upstream.weight,
+                        active: m.active.load(Ordering::Relaxed),
+                    }
+                })
+                .collect();
+            let chosen = self
+                .balancer
+                .lock()
+                .expect("balancer lock")
+                .pick(&candidates, client, rand::random())?;
+            let index = indices[chosen];
+            // A half-open breaker lets only a few probes through at once.
+            if !panic_mode
+                && !self.upstreams[index]
+                    .breaker
+                    .lock()
+                    .expect("breaker lock")
+                    .allow(now, self.breaker)
+            {
+                passed.push(index);
+                continue;
+            }
+            self.upstreams[index].active.fetch_add(1, Ordering::Relaxed);
+            return Some(Lease {
+                pool: self.clone(),
+                index,
+                recorded: std::sync::atomic::AtomicBool::new(false),
+            });
         }
-        let candidates: Vec<Candidate<'_>> = indices
-            .iter()
-            .map(|i| {
-                let m = &self.upstreams[*i];
-                Candidate {
-                    address: &m.upstream.address,
-                    weight: m.upstream.weight,
-                    active: m.active.load(Ordering::Relaxed),
-                }
-            })
-            .collect();
-        let chosen = self
-            .balancer
-            .lock()
-            .expect("balancer lock")
-            .pick(&candidates, client, rand::random())?;
-        let index = indices[chosen];
-        self.upstreams[index].active.fetch_add(1, Ordering::Relaxed);
-        Some(Lease {
-            pool: self.clone(),
-            index,
-        })
     }
 
     /// Lets `pick` leave a lease's upstream out on the next try.

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rampart_core::proxy::{client_hash, Listener};
+use rampart_core::proxy::{client_hash, Failure, Listener};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::pool::{Lease, Pool};
@@ -57,11 +57,11 @@ async fn connect(pool: &Arc<Pool>, key: u64, listener: &Listener) -> Option<(Lea
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
-                lease.failed();
+                lease.failed(Failure::Connect);
             }
             Err(_) => {
                 tracing::debug!(upstream = %lease.address(), "connect timed out");
-                lease.failed();
+                lease.failed(Failure::Connect);
             }
         }
     }

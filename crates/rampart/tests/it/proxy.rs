@@ -141,6 +141,16 @@ upstreams = ["127.0.0.1:5432"]
 
 /// An HTTP/1.1 backend answering every request with its name (keep-alive).
 fn http_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    scripted_backend(name, |_| 200)
+}
+
+/// An HTTP/1.1 backend answering its `n`th request (from 0) with status `status(n)` and
+/// its name as the body.
+fn scripted_backend(
+    name: &'static str,
+    status: fn(usize) -> u16,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     std_listener.set_nonblocking(true).expect("nonblocking");
     let addr = std_listener.local_addr().expect("addr");
@@ -148,6 +158,7 @@ fn http_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinH
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
+            let served = served.clone();
             // Held by this task: aborting the backend closes its kept connections too.
             connections.spawn(async move {
                 let mut buf = Vec::new();
@@ -160,7 +171,8 @@ fn http_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinH
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
-                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}", name.len());
+                        let code = status(served.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+                        let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{name}", name.len());
                         if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;
                         }
@@ -313,4 +325,39 @@ upstreams = ["{bad}"]
         before + 1,
         "tried once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_upstream_trips_its_breaker_and_gets_no_traffic_while_open() {
+    // Every other answer a 500: never five in a row (no ejection), but half fail.
+    let (flaky, _flaky_task) = scripted_backend("flaky", |n| if n % 2 == 0 { 500 } else { 200 });
+    let (good, _good_task) = http_backend("good");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{flaky}", "{good}"]
+"#
+    ));
+    let http = reqwest::Client::new();
+    let get = || {
+        let http = http.clone();
+        async move {
+            let response = http.get(format!("http://{port}/")).send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get().await }).await;
+    let mut bodies = Vec::new();
+    for _ in 0..60 {
+        let (_, body) = get().await.expect("an answer");
+        bodies.push(body);
+    }
+    // It opens at 20 outcomes with half failed; nothing reaches it for the next 5 s.
+    let flaky_answers = bodies.iter().filter(|b| *b == "flaky").count();
+    assert!((19..=20).contains(&flaky_answers), "{bodies:?}");
+    assert!(bodies[40..].iter().all(|b| b == "good"), "{bodies:?}");
 }
