@@ -59,6 +59,9 @@ pub struct ListenerSpec {
     /// `http`: further tries of an idempotent request whose upstream failed or timed out
     /// (default 2), within the retry budget.
     pub retries: Option<u32>,
+    /// `http`: at most this many requests in flight; under that load `X-Priority: low`
+    /// requests are shed first, then normal ones (default: no limit).
+    pub max_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +119,7 @@ pub struct Listener {
     pub connect_timeout_ms: u64,
     pub try_timeout_ms: u64,
     pub retries: u32,
+    pub max_requests: Option<u32>,
 }
 
 fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
@@ -265,6 +269,18 @@ impl ListenerSpec {
             n @ 0..=10 => n,
             n => return Err(field_error(field("retries"), n.to_string(), "0 to 10")),
         };
+        let max_requests = match self.max_requests {
+            None => None,
+            Some(n @ 1..=1_000_000) => Some(n),
+            Some(n) => return Err(field_error(field("max_requests"), n.to_string(), "1 to 1000000")),
+        };
+        if max_requests.is_some() && mode != Mode::Http {
+            return Err(field_error(
+                field("max_requests"),
+                max_requests.unwrap_or_default().to_string(),
+                "only with mode = \"http\"",
+            ));
+        }
         Ok(Listener {
             name,
             bind,
@@ -274,6 +290,7 @@ impl ListenerSpec {
             connect_timeout_ms,
             try_timeout_ms,
             retries,
+            max_requests,
         })
     }
 }
@@ -619,6 +636,37 @@ impl Breaker {
     }
 }
 
+/// A request's priority for load shedding (`X-Priority: high|normal|low`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Priority {
+    Low,
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// From the header's value; anything else is normal.
+    pub fn from_header(value: Option<&str>) -> Priority {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            Some("low") => Priority::Low,
+            Some("high") => Priority::High,
+            _ => Priority::Normal,
+        }
+    }
+}
+
+/// Whether a listener with `in_flight` requests of at most `max` admits one more of this
+/// priority: low ones only below half the limit, normal ones below nine tenths, high ones
+/// up to the limit. So as load rises, low is shed first, then normal, and high last.
+pub fn admit(priority: Priority, in_flight: u32, max: u32) -> bool {
+    let ceiling = match priority {
+        Priority::Low => max / 2,
+        Priority::Normal => max - max / 10,
+        Priority::High => max,
+    };
+    in_flight < ceiling.max(1)
+}
+
 /// Bounds retries to a share of the traffic, so that retrying cannot multiply the load on
 /// upstreams that are failing for being overloaded: each request earns a share of a retry,
 /// and a floor of retries a second is always allowed (so a quiet listener can still
@@ -767,6 +815,7 @@ mod tests {
         );
         assert_eq!(with("name", "no spaces".into()).field, "proxy.listeners[0].name");
         assert_eq!(with("retries", 11.into()).field, "proxy.listeners[0].retries");
+        assert_eq!(with("max_requests", 0.into()).field, "proxy.listeners[0].max_requests");
         assert_eq!(
             with("try_timeout", "0ms".into()).field,
             "proxy.listeners[0].try_timeout"
@@ -881,6 +930,24 @@ mod tests {
             b.record(t, true, policy);
         }
         assert_eq!(b.state(t, policy), BreakerState::Closed);
+    }
+
+    #[test]
+    fn shedding_drops_low_first_then_normal_then_high() {
+        let max = 100;
+        let admitted = |p: Priority| (0..=max).take_while(|in_flight| admit(p, *in_flight, max)).count();
+        assert_eq!(
+            (
+                admitted(Priority::Low),
+                admitted(Priority::Normal),
+                admitted(Priority::High)
+            ),
+            (50, 90, 100)
+        );
+        assert!(admit(Priority::Low, 0, 1), "a limit of 1 still admits one");
+        assert_eq!(Priority::from_header(Some(" LOW ")), Priority::Low);
+        assert_eq!(Priority::from_header(Some("urgent")), Priority::Normal);
+        assert_eq!(Priority::from_header(None), Priority::Normal);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rampart_core::proxy::{client_hash, idempotent, Failure, Listener, RetryBudget};
+use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, RetryBudget};
 use tokio::net::TcpListener;
 
 use crate::pool::Pool;
@@ -53,6 +54,8 @@ struct Shared {
     listener: Listener,
     pool: Arc<Pool>,
     budget: Mutex<RetryBudget>,
+    /// Requests being forwarded (until their response head), for shedding.
+    in_flight: AtomicU32,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -67,6 +70,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
         listener,
         pool: Arc::new(pool),
         budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
+        in_flight: AtomicU32::new(0),
         client,
     });
     loop {
@@ -83,12 +87,51 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(forward(&shared, request, peer).await) }
+                async move { Ok::<_, Infallible>(admit_and_forward(&shared, request, peer).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Admits the request by its priority under the listener's `max_requests`, then forwards it.
+async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let Some(max) = shared.listener.max_requests else {
+        return forward(shared, request, peer).await;
+    };
+    let priority = Priority::from_header(request.headers().get("x-priority").and_then(|v| v.to_str().ok()));
+    let admitted = shared
+        .in_flight
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            admit(priority, n, max).then_some(n + 1)
+        })
+        .is_ok();
+    if !admitted {
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &format!(
+                "listener {} is at its limit of {max} requests in flight; {priority:?} priority requests are shed",
+                shared.listener.name
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    // Counted down when done, or when the client goes away and the future is dropped.
+    let _in_flight = InFlight(&shared.in_flight);
+    forward(shared, request, peer).await
+}
+
+struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -361,3 +361,104 @@ upstreams = ["{flaky}", "{good}"]
     assert!((19..=20).contains(&flaky_answers), "{bodies:?}");
     assert!(bodies[40..].iter().all(|b| b == "good"), "{bodies:?}");
 }
+
+/// An HTTP/1.1 backend that holds every request until `release` turns true; counts the
+/// requests it holds.
+fn holding_backend(
+    release: tokio::sync::watch::Receiver<bool>,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let addr = std_listener.local_addr().expect("addr");
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = held.clone();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            let mut release = release.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = release.wait_for(|go| *go).await;
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_overload_low_priority_is_shed_first_then_normal() {
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let (backend, held) = holding_backend(release);
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+max_requests = 10
+"#
+    ));
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        tokio::net::TcpStream::connect(port).await.ok()
+    })
+    .await;
+    let send = |priority: &'static str| {
+        tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .get(format!("http://{port}/"))
+                .header("x-priority", priority)
+                .send()
+                .await
+                .expect("an answer");
+            let retry_after = response.headers().get("retry-after").is_some();
+            (response.status().as_u16(), retry_after)
+        })
+    };
+    let wait_held = |n: usize| {
+        let held = held.clone();
+        async move {
+            rampart_testkit::eventually(DEADLINE, &format!("{n} requests held"), || async {
+                (held.load(std::sync::atomic::Ordering::SeqCst) == n).then_some(())
+            })
+            .await
+        }
+    };
+    // Five in flight: low is shed (its ceiling is half of 10), normal is not.
+    let mut admitted: Vec<_> = (0..5).map(|_| send("normal")).collect();
+    wait_held(5).await;
+    assert_eq!(send("low").await.expect("task"), (503, true));
+    admitted.extend((0..4).map(|_| send("normal")));
+    wait_held(9).await;
+    // Nine in flight: normal is shed too (ceiling 9), high still gets in.
+    assert_eq!(send("normal").await.expect("task"), (503, true));
+    admitted.push(send("high"));
+    wait_held(10).await;
+    assert_eq!(send("high").await.expect("task"), (503, true), "the hard limit holds");
+    release_tx.send(true).expect("release");
+    for request in admitted {
+        assert_eq!(request.await.expect("task"), (200, false));
+    }
+    assert_eq!(send("low").await.expect("task"), (200, false), "room again");
+}
