@@ -62,6 +62,81 @@ pub struct ListenerSpec {
     /// `http`: at most this many requests in flight; under that load `X-Priority: low`
     /// requests are shed first, then normal ones (default: no limit).
     pub max_requests: Option<u32>,
+    /// `http`: fault injection for drills (off unless set).
+    pub fault: Option<FaultSpec>,
+}
+
+/// `fault = { delay = "200ms", delay_percent = 10, abort_status = 503, abort_percent = 5 }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    pub delay: Option<String>,
+    pub delay_percent: Option<u32>,
+    pub abort_status: Option<u16>,
+    pub abort_percent: Option<u32>,
+}
+
+/// Validated fault injection, as Envoy's fault filter: a share of requests is delayed, a
+/// share answered at once with an error status instead of being forwarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub delay_ms: u64,
+    pub delay_percent: u32,
+    pub abort_status: u16,
+    pub abort_percent: u32,
+}
+
+/// What fault injection does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Injected {
+    pub delay_ms: u64,
+    pub abort_status: Option<u16>,
+}
+
+impl Fault {
+    /// `delay_roll` and `abort_roll` are uniform in 0..100, drawn per request.
+    pub fn decide(&self, delay_roll: u32, abort_roll: u32) -> Injected {
+        Injected {
+            delay_ms: if delay_roll < self.delay_percent {
+                self.delay_ms
+            } else {
+                0
+            },
+            abort_status: (abort_roll < self.abort_percent).then_some(self.abort_status),
+        }
+    }
+}
+
+impl FaultSpec {
+    fn validate(&self, path: &str) -> Result<Fault, FieldError> {
+        let percent = |name: &str, value: Option<u32>| match value.unwrap_or(0) {
+            p @ 0..=100 => Ok(p),
+            p => Err(field_error(format!("{path}.{name}"), p.to_string(), "0 to 100")),
+        };
+        let delay_ms = match self.delay.as_deref() {
+            None => 0,
+            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
+                Ok(ms @ 0..=600_000) => ms,
+                _ => {
+                    return Err(field_error(
+                        format!("{path}.delay"),
+                        text,
+                        "a duration up to 10m, like 200ms",
+                    ))
+                }
+            },
+        };
+        let abort_status = match self.abort_status.unwrap_or(503) {
+            s @ 400..=599 => s,
+            s => return Err(field_error(format!("{path}.abort_status"), s.to_string(), "400 to 599")),
+        };
+        Ok(Fault {
+            delay_ms,
+            delay_percent: percent("delay_percent", self.delay_percent)?,
+            abort_status,
+            abort_percent: percent("abort_percent", self.abort_percent)?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +195,7 @@ pub struct Listener {
     pub try_timeout_ms: u64,
     pub retries: u32,
     pub max_requests: Option<u32>,
+    pub fault: Option<Fault>,
 }
 
 fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
@@ -281,6 +357,13 @@ impl ListenerSpec {
                 "only with mode = \"http\"",
             ));
         }
+        let fault = match &self.fault {
+            None => None,
+            Some(_) if mode != Mode::Http => {
+                return Err(field_error(field("fault"), "set", "only with mode = \"http\""));
+            }
+            Some(spec) => Some(spec.validate(&field("fault"))?),
+        };
         Ok(Listener {
             name,
             bind,
@@ -291,6 +374,7 @@ impl ListenerSpec {
             try_timeout_ms,
             retries,
             max_requests,
+            fault,
         })
     }
 }
@@ -948,6 +1032,23 @@ mod tests {
         assert_eq!(Priority::from_header(Some(" LOW ")), Priority::Low);
         assert_eq!(Priority::from_header(Some("urgent")), Priority::Normal);
         assert_eq!(Priority::from_header(None), Priority::Normal);
+    }
+
+    #[test]
+    fn faults_hit_their_share_of_requests() {
+        let spec: FaultSpec =
+            serde_json::from_value(serde_json::json!({"delay": "200ms", "delay_percent": 10, "abort_percent": 5}))
+                .unwrap();
+        let fault = spec.validate("f").unwrap();
+        let delayed = (0..100).filter(|roll| fault.decide(*roll, 99).delay_ms == 200).count();
+        let aborted = (0..100)
+            .filter(|roll| fault.decide(99, *roll).abort_status == Some(503))
+            .count();
+        assert_eq!((delayed, aborted), (10, 5));
+        let bad: FaultSpec = serde_json::from_value(serde_json::json!({"abort_percent": 101})).unwrap();
+        assert_eq!(bad.validate("f").unwrap_err().field, "f.abort_percent");
+        let bad: FaultSpec = serde_json::from_value(serde_json::json!({"abort_status": 200})).unwrap();
+        assert_eq!(bad.validate("f").unwrap_err().field, "f.abort_status");
     }
 
     #[test]

@@ -96,8 +96,25 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
     }
 }
 
-/// Admits the request by its priority under the listener's `max_requests`, then forwards it.
+/// Admits the request by its priority under the listener's `max_requests`, applies fault
+/// injection if the listener has it, then forwards it.
 async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if let Some(fault) = shared.listener.fault {
+        let injected = fault.decide(rand::random::<u32>() % 100, rand::random::<u32>() % 100);
+        if injected.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(injected.delay_ms)).await;
+        }
+        if let Some(status) = injected.abort_status {
+            return error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "fault_injected",
+                &format!(
+                    "listener {} aborted this request by fault injection",
+                    shared.listener.name
+                ),
+            );
+        }
+    }
     let Some(max) = shared.listener.max_requests else {
         return forward(shared, request, peer).await;
     };

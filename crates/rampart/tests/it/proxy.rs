@@ -462,3 +462,34 @@ max_requests = 10
     }
     assert_eq!(send("low").await.expect("task"), (200, false), "room again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_injection_aborts_its_share_without_reaching_the_upstream() {
+    let (backend, reached) = dropping_backend();
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "drill"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+fault = {{ abort_percent = 100, abort_status = 503 }}
+"#
+    ));
+    let http = reqwest::Client::new();
+    let get = || {
+        let http = http.clone();
+        async move {
+            let response = http.get(format!("http://{port}/")).send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get().await }).await;
+    for _ in 0..5 {
+        let (status, body) = get().await.expect("an answer");
+        assert_eq!(status, 503);
+        assert!(body.contains("fault_injected"), "{body}");
+    }
+    assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
