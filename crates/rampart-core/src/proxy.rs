@@ -31,6 +31,8 @@ pub struct ProxyFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxySpec {
+    /// `HOST:PORT` serving `GET /metrics` (optional).
+    pub admin: Option<String>,
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
 }
@@ -207,6 +209,22 @@ fn field_error(field: String, value: impl Into<String>, allowed: impl Into<Strin
 }
 
 impl ProxySpec {
+    /// The admin address, if one is set.
+    pub fn admin(&self) -> Result<Option<SocketAddr>, FieldError> {
+        self.admin
+            .as_deref()
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    field_error(
+                        "proxy.admin".into(),
+                        text,
+                        "an address with a port, like 127.0.0.1:9901",
+                    )
+                })
+            })
+            .transpose()
+    }
+
     /// Every listener, validated; names and bind addresses must be unique.
     pub fn validate(&self) -> Result<Vec<Listener>, FieldError> {
         if self.listeners.is_empty() || self.listeners.len() > LISTENERS_MAX {
@@ -905,6 +923,7 @@ mod tests {
             "proxy.listeners[0].try_timeout"
         );
         let twice = ProxySpec {
+            admin: None,
             listeners: vec![
                 serde_json::from_value(base.clone()).unwrap(),
                 serde_json::from_value(base.clone()).unwrap(),
@@ -912,6 +931,11 @@ mod tests {
         };
         assert_eq!(twice.validate().unwrap_err().field, "proxy.listeners[1].name");
         assert_eq!(ProxySpec::default().validate().unwrap_err().field, "proxy.listeners");
+        let admin = ProxySpec {
+            admin: Some("nowhere".into()),
+            ..ProxySpec::default()
+        };
+        assert_eq!(admin.admin().unwrap_err().field, "proxy.admin");
     }
 
     fn candidates<'a>(addresses: &'a [String], weights: &[u32], active: &[u32]) -> Vec<Candidate<'a>> {

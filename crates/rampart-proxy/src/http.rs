@@ -26,7 +26,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, RetryBudget};
 use tokio::net::TcpListener;
 
+use crate::metrics::{ListenerLabels, Metrics, ShedLabels, StatusLabels};
 use crate::pool::Pool;
+use crate::tcp::Decrement;
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
@@ -57,9 +59,11 @@ struct Shared {
     /// Requests being forwarded (until their response head), for shedding.
     in_flight: AtomicU32,
     client: Client<HttpConnector, Full<Bytes>>,
+    metrics: Arc<Metrics>,
+    labels: ListenerLabels,
 }
 
-pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::Result<()> {
+pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics: Arc<Metrics>) -> io::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
     connector.set_nodelay(true);
@@ -67,6 +71,8 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
     let shared = Arc::new(Shared {
+        labels: Metrics::listener(&listener.name),
+        metrics,
         listener,
         pool: Arc::new(pool),
         budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
@@ -87,13 +93,27 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(admit_and_forward(&shared, request, peer).await) }
+                async move { Ok::<_, Infallible>(handle(&shared, request, peer).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+/// One request, counted in the metrics.
+async fn handle(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let active = shared.metrics.active.get_or_create(&shared.labels).clone();
+    active.inc();
+    let _done = Decrement(active);
+    let response = admit_and_forward(shared, request, peer).await;
+    let labels = StatusLabels {
+        listener: shared.listener.name.clone(),
+        code: response.status().as_u16().to_string(),
+    };
+    shared.metrics.requests.get_or_create(&labels).inc();
+    response
 }
 
 /// Admits the request by its priority under the listener's `max_requests`, applies fault
@@ -105,6 +125,7 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
             tokio::time::sleep(Duration::from_millis(injected.delay_ms)).await;
         }
         if let Some(status) = injected.abort_status {
+            shared.metrics.faults.get_or_create(&shared.labels).inc();
             return error(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "fault_injected",
@@ -126,6 +147,11 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
         })
         .is_ok();
     if !admitted {
+        let labels = ShedLabels {
+            listener: shared.listener.name.clone(),
+            priority: format!("{priority:?}").to_lowercase(),
+        };
+        shared.metrics.shed.get_or_create(&labels).inc();
         let mut response = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -199,8 +225,14 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
             outgoing.headers_mut().insert(HOST, host.clone());
         }
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
+        let sent = std::time::Instant::now();
         let failure = match tokio::time::timeout(try_timeout, shared.client.request(outgoing)).await {
             Ok(Ok(response)) => {
+                shared
+                    .metrics
+                    .upstream_seconds
+                    .get_or_create(&shared.labels)
+                    .observe(sent.elapsed().as_secs_f64());
                 if response.status().is_server_error() {
                     lease.failed(Failure::Error);
                 } else {
@@ -240,6 +272,7 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
             return error(failure.0, failure.1, &failure.2);
         }
         retries_left -= 1;
+        shared.metrics.retries.get_or_create(&shared.labels).inc();
     }
     error(
         StatusCode::BAD_GATEWAY,
@@ -271,6 +304,40 @@ impl hyper::body::Body for LeasedBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// The admin listener: `GET /metrics` (Prometheus text), 404 for anything else.
+pub async fn serve_admin(socket: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
+    loop {
+        let Ok((stream, _)) = socket.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let response = if request.uri().path() == "/metrics" {
+                        let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+                        response.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        response
+                    } else {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                        *response.status_mut() = StatusCode::NOT_FOUND;
+                        response
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

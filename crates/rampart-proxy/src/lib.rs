@@ -6,18 +6,24 @@
 //! circuit breaker per upstream, and retries of idempotent HTTP requests under a budget.
 
 mod http;
+mod metrics;
 mod pool;
 mod tcp;
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use rampart_core::proxy::{Listener, Mode, Upstreams};
 
+pub use metrics::Metrics;
 pub use pool::Pool;
 
-/// Binds every listener, then serves them until the task is dropped. Fails at once, naming
-/// the listener, if an address cannot be bound or a listener asks for what is not built.
-pub async fn run(listeners: Vec<Listener>) -> io::Result<()> {
+/// Binds every listener (and the admin address serving `/metrics`), then serves them
+/// until the task is dropped. Fails at once, naming the listener, if an address cannot be
+/// bound or a listener asks for what is not built.
+pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> io::Result<()> {
+    let metrics = Arc::new(Metrics::new());
     let mut bound = Vec::new();
     for listener in listeners {
         let Upstreams::Static(upstreams) = &listener.upstreams else {
@@ -33,14 +39,20 @@ pub async fn run(listeners: Vec<Listener>) -> io::Result<()> {
             )
         })?;
         tracing::info!(listener = %listener.name, bind = %listener.bind, upstreams = upstreams.len(), "listening");
-        let pool = Pool::new(upstreams, listener.algorithm);
+        let pool = Pool::new(upstreams, listener.algorithm, &listener.name, metrics.clone());
         bound.push((listener, socket, pool));
     }
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(admin) = admin {
+        let socket = tokio::net::TcpListener::bind(admin)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("proxy.admin: cannot bind {admin}: {e}")))?;
+        tasks.spawn(http::serve_admin(socket, metrics.clone()));
+    }
     for (listener, socket, pool) in bound {
         match listener.mode {
-            Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, pool)),
-            Mode::Http => tasks.spawn(http::serve(listener, socket, pool)),
+            Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, pool, metrics.clone())),
+            Mode::Http => tasks.spawn(http::serve(listener, socket, pool, metrics.clone())),
         };
     }
     while let Some(done) = tasks.join_next().await {

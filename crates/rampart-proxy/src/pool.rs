@@ -7,11 +7,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::metrics::{Metrics, UpstreamLabels};
+
 use rampart_core::proxy::{
     Algorithm, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Outlier, Upstream,
 };
 
 pub struct Pool {
+    listener: String,
+    metrics: Arc<Metrics>,
     upstreams: Vec<Member>,
     balancer: Mutex<Balancer>,
     ejection: Ejection,
@@ -43,11 +47,11 @@ impl Lease {
         self.recorded.store(true, Ordering::Relaxed);
         let member = &self.pool.upstreams[self.index];
         member.outlier.lock().expect("outlier lock").success();
-        member
-            .breaker
-            .lock()
-            .expect("breaker lock")
-            .record(now_ms(), true, self.pool.breaker);
+        let now = now_ms();
+        let mut breaker = member.breaker.lock().expect("breaker lock");
+        breaker.record(now, true, self.pool.breaker);
+        self.pool
+            .show_breaker(self.index, breaker.state(now, self.pool.breaker));
     }
 
     /// The upstream failed: it may leave rotation, and its breaker may open.
@@ -55,19 +59,26 @@ impl Lease {
         self.recorded.store(true, Ordering::Relaxed);
         let member = &self.pool.upstreams[self.index];
         let now = now_ms();
-        if member
+        let ejected = member
             .outlier
             .lock()
             .expect("outlier lock")
-            .failure(now, kind, self.pool.ejection)
-        {
+            .failure(now, kind, self.pool.ejection);
+        if ejected {
             tracing::warn!(upstream = %member.upstream.address, ?kind, "upstream ejected");
+            self.pool
+                .metrics
+                .ejections
+                .get_or_create(&self.pool.labels(self.index))
+                .inc();
         }
         let mut breaker = member.breaker.lock().expect("breaker lock");
         breaker.record(now, false, self.pool.breaker);
-        if breaker.state(now, self.pool.breaker) == BreakerState::Open {
+        let state = breaker.state(now, self.pool.breaker);
+        if state == BreakerState::Open {
             tracing::warn!(upstream = %member.upstream.address, "circuit breaker open");
         }
+        self.pool.show_breaker(self.index, state);
     }
 }
 
@@ -82,8 +93,10 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(upstreams: &[Upstream], algorithm: Algorithm) -> Pool {
+    pub fn new(upstreams: &[Upstream], algorithm: Algorithm, listener: &str, metrics: Arc<Metrics>) -> Pool {
         Pool {
+            listener: listener.to_string(),
+            metrics,
             upstreams: upstreams
                 .iter()
                 .map(|u| Member {
@@ -159,6 +172,22 @@ impl Pool {
     /// Lets `pick` leave a lease's upstream out on the next try.
     pub fn index_of(lease: &Lease) -> usize {
         lease.index
+    }
+
+    fn labels(&self, index: usize) -> UpstreamLabels {
+        UpstreamLabels {
+            listener: self.listener.clone(),
+            upstream: self.upstreams[index].upstream.address.clone(),
+        }
+    }
+
+    fn show_breaker(&self, index: usize, state: BreakerState) {
+        let value = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.metrics.breaker_state.get_or_create(&self.labels(index)).set(value);
     }
 
     pub fn len(&self) -> usize {

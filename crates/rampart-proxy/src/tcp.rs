@@ -10,9 +10,20 @@ use std::time::Duration;
 use rampart_core::proxy::{client_hash, Failure, Listener};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 
-pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::Result<()> {
+/// Counts a gauge down when dropped.
+pub struct Decrement(pub prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics: Arc<Metrics>) -> io::Result<()> {
+    let labels = Metrics::listener(&listener.name);
     let pool = Arc::new(pool);
     let listener = Arc::new(listener);
     loop {
@@ -27,7 +38,11 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool) -> io::R
         };
         let pool = pool.clone();
         let listener = listener.clone();
+        metrics.connections.get_or_create(&labels).inc();
+        let active = metrics.active.get_or_create(&labels).clone();
         tokio::spawn(async move {
+            active.inc();
+            let _done = Decrement(active);
             let _ = client.set_nodelay(true);
             let key = client_hash(peer.ip());
             let Some((lease, upstream)) = connect(&pool, key, &listener).await else {

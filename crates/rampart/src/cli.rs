@@ -415,14 +415,16 @@ pub struct Failure {
 
 /// Reads and validates a proxy config file; any fault is a usage error (exit 2) naming the
 /// field, its value and what is allowed.
-fn proxy_listeners(path: &std::path::Path) -> Result<Vec<rampart_core::proxy::Listener>, Failure> {
+#[allow(clippy::type_complexity)]
+fn proxy_listeners(
+    path: &std::path::Path,
+) -> Result<(Vec<rampart_core::proxy::Listener>, Option<std::net::SocketAddr>), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --config {}: {e}", path.display())))?;
     let file: rampart_core::proxy::ProxyFile = toml::from_str(&text)
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
-    file.proxy
-        .validate()
-        .map_err(|e| Failure::usage(anyhow::anyhow!("{e} (in {})", path.display())))
+    let bad = |e: rampart_core::service::FieldError| Failure::usage(anyhow::anyhow!("{e} (in {})", path.display()));
+    Ok((file.proxy.validate().map_err(bad)?, file.proxy.admin().map_err(bad)?))
 }
 
 impl Failure {
@@ -508,8 +510,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Token(command) => run_token(client()?, output, command).await,
         Command::Service(command) => run_service(client()?, output, command).await,
         Command::Proxy { config } => {
-            let listeners = proxy_listeners(&config)?;
-            rampart_proxy::run(listeners)
+            let (listeners, admin) = proxy_listeners(&config)?;
+            rampart_proxy::run(listeners, admin)
                 .await
                 .map_err(|e| Failure::failed(anyhow::anyhow!("proxy: {e}")))
         }

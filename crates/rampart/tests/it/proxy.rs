@@ -189,8 +189,12 @@ async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
     let (a, a_task) = http_backend("a");
     let (b, b_task) = http_backend("b");
     let port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
+[proxy]
+admin = "{admin}"
+
 [[proxy.listeners]]
 name = "web"
 bind = "{port}"
@@ -234,6 +238,28 @@ upstreams = ["{a}", "{b}"]
     assert_eq!(status, 502);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["error"], "no_upstream");
+
+    // Every answer is counted by status; b's ejection too.
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"rampart_proxy_requests_total{listener="web",code="200"} 31"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"rampart_proxy_requests_total{listener="web",code="502"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            r#"rampart_proxy_ejections_total{{listener="web",upstream="{b}"}}"#
+        )),
+        "{metrics}"
+    );
 }
 
 /// A backend that reads each request and drops the connection without an answer, as a
