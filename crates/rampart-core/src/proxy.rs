@@ -33,6 +33,12 @@ pub struct ProxyFile {
 pub struct ProxySpec {
     /// `HOST:PORT` serving `GET /metrics` (optional).
     pub admin: Option<String>,
+    /// Quota tiers by name: `[proxy.quota_tiers.free] rate = 5, burst = 10, daily = 1000`.
+    #[serde(default)]
+    pub quota_tiers: std::collections::BTreeMap<String, TierSpec>,
+    /// Client keys (an API key, or an IP address) and their tier.
+    #[serde(default)]
+    pub quota_clients: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
 }
@@ -66,6 +72,134 @@ pub struct ListenerSpec {
     pub max_requests: Option<u32>,
     /// `http`: fault injection for drills (off unless set).
     pub fault: Option<FaultSpec>,
+    /// `http`: quotas per client key (off unless set).
+    pub quota: Option<QuotaSpec>,
+}
+
+/// `quota = { key = "header:X-Api-Key", default_tier = "free" }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    /// `ip` (default) or `header:NAME`.
+    pub key: Option<String>,
+    /// The tier of clients not in `quota_clients` (default `default`).
+    pub default_tier: Option<String>,
+    /// `local` (default): each proxy counts on its own.
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Requests a second, sustained.
+    pub rate: Option<u32>,
+    /// Requests allowed at once above the rate (default: the rate).
+    pub burst: Option<u32>,
+    /// Requests a UTC day.
+    pub daily: Option<u64>,
+}
+
+/// A validated tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub rate: Option<u32>,
+    pub burst: u32,
+    pub daily: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaKey {
+    Ip,
+    /// Lower-case header name.
+    Header(String),
+}
+
+/// A listener's validated quota, with the tiers and clients it refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub key: QuotaKey,
+    pub default_tier: String,
+    pub tiers: std::collections::BTreeMap<String, Tier>,
+    pub clients: std::collections::BTreeMap<String, String>,
+}
+
+impl Quota {
+    /// The tier a client key belongs to, and its name.
+    pub fn tier_of(&self, client: &str) -> (&str, Tier) {
+        let name = self
+            .clients
+            .get(client)
+            .map_or(self.default_tier.as_str(), String::as_str);
+        (
+            name,
+            self.tiers.get(name).copied().unwrap_or(Tier {
+                rate: None,
+                burst: 0,
+                daily: None,
+            }),
+        )
+    }
+}
+
+/// Why a request is over its quota, and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverQuota {
+    /// `rate` or `daily`.
+    pub limit: &'static str,
+    pub retry_after_ms: u64,
+}
+
+/// One client's standing: a token bucket for the rate and a count for the UTC day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allowance {
+    /// Thousandths of a request.
+    tokens_milli: u64,
+    last_ms: u64,
+    started: bool,
+    day: u64,
+    used_today: u64,
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+impl Allowance {
+    /// Takes one request's worth, or says which limit refuses it and for how long.
+    pub fn take(&mut self, now_ms: u64, tier: Tier) -> Result<(), OverQuota> {
+        let day = now_ms / DAY_MS;
+        if day != self.day {
+            self.day = day;
+            self.used_today = 0;
+        }
+        if let Some(daily) = tier.daily {
+            if self.used_today >= daily {
+                return Err(OverQuota {
+                    limit: "daily",
+                    retry_after_ms: (day + 1) * DAY_MS - now_ms,
+                });
+            }
+        }
+        if let Some(rate) = tier.rate {
+            let capacity = u64::from(tier.burst.max(1)) * 1000;
+            if !self.started {
+                self.started = true;
+                self.tokens_milli = capacity;
+            } else {
+                let earned = now_ms.saturating_sub(self.last_ms) * u64::from(rate);
+                self.tokens_milli = (self.tokens_milli + earned).min(capacity);
+            }
+            self.last_ms = self.last_ms.max(now_ms);
+            if self.tokens_milli < 1000 {
+                let missing = 1000 - self.tokens_milli;
+                return Err(OverQuota {
+                    limit: "rate",
+                    retry_after_ms: missing.div_ceil(u64::from(rate.max(1))),
+                });
+            }
+            self.tokens_milli -= 1000;
+        }
+        self.used_today += 1;
+        Ok(())
+    }
 }
 
 /// `fault = { delay = "200ms", delay_percent = 10, abort_status = 503, abort_percent = 5 }`.
@@ -106,6 +240,94 @@ impl Fault {
             },
             abort_status: (abort_roll < self.abort_percent).then_some(self.abort_status),
         }
+    }
+}
+
+impl QuotaSpec {
+    fn validate(
+        &self,
+        path: &str,
+        tiers: &std::collections::BTreeMap<String, TierSpec>,
+        clients: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Quota, FieldError> {
+        let key = match self.key.as_deref() {
+            None | Some("ip") => QuotaKey::Ip,
+            Some(k) if k.starts_with("header:") && k.len() > "header:".len() => {
+                QuotaKey::Header(k["header:".len()..].trim().to_ascii_lowercase())
+            }
+            Some(other) => return Err(field_error(format!("{path}.key"), other, "ip or header:NAME")),
+        };
+        match self.scope.as_deref() {
+            None | Some("local") => {}
+            Some("cluster") => {
+                return Err(field_error(
+                    format!("{path}.scope"),
+                    "cluster",
+                    "local (cluster-wide quotas through the control plane are not built yet)",
+                ))
+            }
+            Some(other) => return Err(field_error(format!("{path}.scope"), other, "local")),
+        }
+        let mut validated = std::collections::BTreeMap::new();
+        for (name, spec) in tiers {
+            let tier_path = format!("proxy.quota_tiers.{name}");
+            let rate = match spec.rate {
+                None => None,
+                Some(r @ 1..=1_000_000) => Some(r),
+                Some(r) => {
+                    return Err(field_error(
+                        format!("{tier_path}.rate"),
+                        r.to_string(),
+                        "1 to 1000000 a second",
+                    ))
+                }
+            };
+            let burst = match spec.burst.or(rate) {
+                None => 0,
+                Some(b @ 1..=1_000_000) => b,
+                Some(b) => return Err(field_error(format!("{tier_path}.burst"), b.to_string(), "1 to 1000000")),
+            };
+            if rate.is_none() && spec.daily.is_none() {
+                return Err(field_error(tier_path, "no limit", "rate, daily or both"));
+            }
+            validated.insert(
+                name.clone(),
+                Tier {
+                    rate,
+                    burst,
+                    daily: spec.daily,
+                },
+            );
+        }
+        let default_tier = self.default_tier.clone().unwrap_or_else(|| "default".to_string());
+        if !validated.contains_key(&default_tier) {
+            return Err(field_error(
+                format!("{path}.default_tier"),
+                default_tier,
+                format!(
+                    "one of the [proxy.quota_tiers]: {:?}",
+                    validated.keys().collect::<Vec<_>>()
+                ),
+            ));
+        }
+        for (client, tier) in clients {
+            if !validated.contains_key(tier) {
+                return Err(field_error(
+                    format!("proxy.quota_clients.{client}"),
+                    tier,
+                    format!(
+                        "one of the [proxy.quota_tiers]: {:?}",
+                        validated.keys().collect::<Vec<_>>()
+                    ),
+                ));
+            }
+        }
+        Ok(Quota {
+            key,
+            default_tier,
+            tiers: validated,
+            clients: clients.clone(),
+        })
     }
 }
 
@@ -198,6 +420,7 @@ pub struct Listener {
     pub retries: u32,
     pub max_requests: Option<u32>,
     pub fault: Option<Fault>,
+    pub quota: Option<Quota>,
 }
 
 fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
@@ -237,7 +460,7 @@ impl ProxySpec {
         let mut listeners: Vec<Listener> = Vec::new();
         for (i, spec) in self.listeners.iter().enumerate() {
             let path = format!("proxy.listeners[{i}]");
-            let listener = spec.validate(&path)?;
+            let listener = spec.validate_with(&path, &self.quota_tiers, &self.quota_clients)?;
             if listeners.iter().any(|l| l.name == listener.name) {
                 return Err(field_error(
                     format!("{path}.name"),
@@ -259,7 +482,17 @@ impl ProxySpec {
 }
 
 impl ListenerSpec {
+    /// Validates a listener that uses no quota tiers.
     pub fn validate(&self, path: &str) -> Result<Listener, FieldError> {
+        self.validate_with(path, &Default::default(), &Default::default())
+    }
+
+    pub fn validate_with(
+        &self,
+        path: &str,
+        tiers: &std::collections::BTreeMap<String, TierSpec>,
+        clients: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Listener, FieldError> {
         let field = |name: &str| format!("{path}.{name}");
         let name = match self.name.as_deref() {
             Some(n)
@@ -382,6 +615,13 @@ impl ListenerSpec {
             }
             Some(spec) => Some(spec.validate(&field("fault"))?),
         };
+        let quota = match &self.quota {
+            None => None,
+            Some(_) if mode != Mode::Http => {
+                return Err(field_error(field("quota"), "set", "only with mode = \"http\""));
+            }
+            Some(spec) => Some(spec.validate(&field("quota"), tiers, clients)?),
+        };
         Ok(Listener {
             name,
             bind,
@@ -393,6 +633,7 @@ impl ListenerSpec {
             retries,
             max_requests,
             fault,
+            quota,
         })
     }
 }
@@ -923,11 +1164,11 @@ mod tests {
             "proxy.listeners[0].try_timeout"
         );
         let twice = ProxySpec {
-            admin: None,
             listeners: vec![
                 serde_json::from_value(base.clone()).unwrap(),
                 serde_json::from_value(base.clone()).unwrap(),
             ],
+            ..ProxySpec::default()
         };
         assert_eq!(twice.validate().unwrap_err().field, "proxy.listeners[1].name");
         assert_eq!(ProxySpec::default().validate().unwrap_err().field, "proxy.listeners");
@@ -1073,6 +1314,63 @@ mod tests {
         assert_eq!(bad.validate("f").unwrap_err().field, "f.abort_percent");
         let bad: FaultSpec = serde_json::from_value(serde_json::json!({"abort_status": 200})).unwrap();
         assert_eq!(bad.validate("f").unwrap_err().field, "f.abort_status");
+    }
+
+    #[test]
+    fn allowances_hold_the_rate_with_its_burst_and_the_day() {
+        let tier = Tier {
+            rate: Some(2),
+            burst: 3,
+            daily: Some(5),
+        };
+        let mut a = Allowance::default();
+        let t = 10 * DAY_MS + 1_000;
+        // The burst at once, then the rate.
+        assert!((0..3).all(|_| a.take(t, tier).is_ok()));
+        let over = a.take(t, tier).unwrap_err();
+        assert_eq!((over.limit, over.retry_after_ms), ("rate", 500));
+        assert!(a.take(t + 499, tier).is_err());
+        assert!(a.take(t + 500 + 499, tier).is_ok(), "one earned in 500 ms");
+        assert!(a.take(t + 10_000, tier).is_ok());
+        // Five today in all: the daily limit.
+        let over = a.take(t + 20_000, tier).unwrap_err();
+        assert_eq!(over.limit, "daily");
+        assert_eq!(over.retry_after_ms, 11 * DAY_MS - (t + 20_000));
+        assert!(a.take(11 * DAY_MS, tier).is_ok(), "a new day");
+    }
+
+    #[test]
+    fn quotas_validate_against_their_tiers() {
+        let tiers: std::collections::BTreeMap<String, TierSpec> = serde_json::from_value(serde_json::json!({
+            "free": {"rate": 5, "daily": 1000}, "pro": {"rate": 100, "burst": 200}
+        }))
+        .unwrap();
+        let clients: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(serde_json::json!({"key-1": "pro"})).unwrap();
+        let spec: QuotaSpec =
+            serde_json::from_value(serde_json::json!({"key": "header:X-Api-Key", "default_tier": "free"})).unwrap();
+        let quota = spec.validate("q", &tiers, &clients).unwrap();
+        assert_eq!(quota.key, QuotaKey::Header("x-api-key".into()));
+        assert_eq!(quota.tier_of("key-1").0, "pro");
+        assert_eq!(
+            quota.tier_of("anyone").1,
+            Tier {
+                rate: Some(5),
+                burst: 5,
+                daily: Some(1000)
+            }
+        );
+        let bad: QuotaSpec = serde_json::from_value(serde_json::json!({"default_tier": "gold"})).unwrap();
+        assert_eq!(bad.validate("q", &tiers, &clients).unwrap_err().field, "q.default_tier");
+        let cluster: QuotaSpec =
+            serde_json::from_value(serde_json::json!({"default_tier": "free", "scope": "cluster"})).unwrap();
+        assert_eq!(cluster.validate("q", &tiers, &clients).unwrap_err().field, "q.scope");
+        let orphan: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(serde_json::json!({"key-2": "gold"})).unwrap();
+        assert_eq!(
+            spec.validate("q", &tiers, &orphan).unwrap_err().field,
+            "proxy.quota_clients.key-2"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! requests plus 10 a second). The response streams back. When no upstream can be reached
 //! the client gets 502 (504 after a timeout) with a JSON reason.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -23,16 +24,21 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, RetryBudget};
+use rampart_core::proxy::{
+    admit, client_hash, idempotent, Allowance, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget,
+};
 use tokio::net::TcpListener;
 
-use crate::metrics::{ListenerLabels, Metrics, ShedLabels, StatusLabels};
+use crate::metrics::{ListenerLabels, Metrics, QuotaLabels, ShedLabels, StatusLabels};
 use crate::pool::Pool;
 use crate::tcp::Decrement;
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
 const RETRY_FLOOR_PER_S: u64 = 10;
+
+/// Clients whose quota standing is kept (idle ones are forgotten beyond this).
+const CLIENTS_MAX: usize = 100_000;
 
 /// The largest request body the proxy buffers to be able to send it again.
 pub const BODY_BYTES_MAX: usize = 8 << 20;
@@ -58,6 +64,8 @@ struct Shared {
     budget: Mutex<RetryBudget>,
     /// Requests being forwarded (until their response head), for shedding.
     in_flight: AtomicU32,
+    /// Each client's quota standing and when it was last seen.
+    allowances: Mutex<HashMap<String, (Allowance, u64)>>,
     client: Client<HttpConnector, Full<Bytes>>,
     metrics: Arc<Metrics>,
     labels: ListenerLabels,
@@ -77,6 +85,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
         pool: Arc::new(pool),
         budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
         in_flight: AtomicU32::new(0),
+        allowances: Mutex::new(HashMap::new()),
         client,
     });
     loop {
@@ -136,6 +145,11 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
             );
         }
     }
+    if let Some(quota) = &shared.listener.quota {
+        if let Some(refusal) = charge(shared, quota, &request, peer) {
+            return refusal;
+        }
+    }
     let Some(max) = shared.listener.max_requests else {
         return forward(shared, request, peer).await;
     };
@@ -168,6 +182,60 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
     // Counted down when done, or when the client goes away and the future is dropped.
     let _in_flight = InFlight(&shared.in_flight);
     forward(shared, request, peer).await
+}
+
+/// Charges the request to its client's allowance; the 429 to send if it is over.
+fn charge(shared: &Shared, quota: &Quota, request: &Request<Incoming>, peer: SocketAddr) -> Option<Response<Body>> {
+    let client = match &quota.key {
+        QuotaKey::Ip => peer.ip().to_string(),
+        QuotaKey::Header(name) => match request.headers().get(name.as_str()).and_then(|v| v.to_str().ok()) {
+            Some(value) => value.to_string(),
+            // Without its key a client is counted, in the default tier, by its address.
+            None => format!("ip:{}", peer.ip()),
+        },
+    };
+    let (tier_name, tier) = quota.tier_of(&client);
+    let now = now_ms();
+    let outcome = {
+        let mut allowances = shared.allowances.lock().expect("allowances lock");
+        if allowances.len() >= CLIENTS_MAX && !allowances.contains_key(&client) {
+            // Bounded memory: forget clients idle for ten minutes.
+            allowances.retain(|_, (_, seen)| now.saturating_sub(*seen) < 600_000);
+        }
+        let (allowance, seen) = allowances.entry(client).or_default();
+        *seen = now;
+        allowance.take(now, tier)
+    };
+    let Err(over) = outcome else { return None };
+    let labels = QuotaLabels {
+        listener: shared.listener.name.clone(),
+        tier: tier_name.to_string(),
+        limit: over.limit.to_string(),
+    };
+    shared.metrics.quota_rejections.get_or_create(&labels).inc();
+    let retry_after_s = over.retry_after_ms.div_ceil(1000).max(1);
+    let body = serde_json::json!({
+        "error": "quota_exceeded",
+        "message": format!("over the {} limit of tier {tier_name}", over.limit),
+        "tier": tier_name,
+        "limit": over.limit,
+        "retry_after_s": retry_after_s,
+    });
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string()) {
+        headers.insert(hyper::header::RETRY_AFTER, value);
+    }
+    Some(response)
 }
 
 struct InFlight<'a>(&'a AtomicU32);

@@ -28,6 +28,14 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub listener: String,
+    pub tier: String,
+    /// `rate` or `daily`.
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
     pub listener: String,
     pub priority: String,
@@ -49,6 +57,7 @@ pub struct Metrics {
     pub retries: Family<ListenerLabels, Counter>,
     pub shed: Family<ShedLabels, Counter>,
     pub faults: Family<ListenerLabels, Counter>,
+    pub quota_rejections: Family<QuotaLabels, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +95,12 @@ impl Metrics {
         registry.register("shed", "Requests shed under overload, by priority", shed.clone());
         let faults = Family::<ListenerLabels, Counter>::default();
         registry.register("faults", "Requests aborted by fault injection", faults.clone());
+        let quota_rejections = Family::<QuotaLabels, Counter>::default();
+        registry.register(
+            "quota_rejections",
+            "Requests refused for being over a client's quota",
+            quota_rejections.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -97,6 +112,7 @@ impl Metrics {
             retries,
             shed,
             faults,
+            quota_rejections,
         }
     }
 

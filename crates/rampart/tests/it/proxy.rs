@@ -519,3 +519,87 @@ fault = {{ abort_percent = 100, abort_status = 503 }}
     }
     assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quotas_are_exact_per_client_key_and_per_tier() {
+    let (backend, _task) = http_backend("ok");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[proxy.quota_tiers]
+free = {{ daily = 3 }}
+pro = {{ daily = 5 }}
+burst = {{ rate = 1, burst = 2 }}
+
+[proxy.quota_clients]
+key-pro = "pro"
+key-burst = "burst"
+
+[[proxy.listeners]]
+name = "api"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+quota = {{ key = "header:X-Api-Key", default_tier = "free" }}
+"#
+    ));
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        tokio::net::TcpStream::connect(port).await.ok()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let get = |key: &'static str| {
+        let http = http.clone();
+        async move {
+            let response = http
+                .get(format!("http://{port}/"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .expect("an answer");
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, retry_after, body)
+        }
+    };
+    let admitted = |key: &'static str, tries: usize| {
+        let get = &get;
+        async move {
+            let mut ok = 0;
+            let mut last = None;
+            for _ in 0..tries {
+                let (status, retry_after, body) = get(key).await;
+                if status == 200 {
+                    ok += 1;
+                } else {
+                    assert_eq!(status, 429);
+                    assert!(retry_after.is_some_and(|s| s >= 1), "Retry-After");
+                    last = Some(body);
+                }
+            }
+            (ok, last)
+        }
+    };
+    let (ok, refusal) = admitted("key-free-1", 5).await;
+    assert_eq!(ok, 3, "free: 3 a day");
+    let refusal = refusal.expect("refused");
+    assert_eq!(
+        (
+            refusal["error"].as_str(),
+            refusal["tier"].as_str(),
+            refusal["limit"].as_str()
+        ),
+        (Some("quota_exceeded"), Some("free"), Some("daily"))
+    );
+    assert_eq!(admitted("key-free-2", 5).await.0, 3, "each key has its own");
+    assert_eq!(admitted("key-pro", 8).await.0, 5, "pro: 5 a day");
+    // A burst of 2 at 1 a second: ten quick requests cannot all pass (no timing assumed
+    // beyond ten requests taking less than eight seconds).
+    let (ok, refusal) = admitted("key-burst", 10).await;
+    assert!((2..10).contains(&ok), "{ok} passed");
+    assert_eq!(refusal.expect("refused")["limit"], "rate");
+}
