@@ -139,18 +139,38 @@ upstreams = ["127.0.0.1:5432"]
     );
 }
 
-/// An HTTP/1.1 backend answering every request with its name (keep-alive).
-fn http_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    scripted_backend(name, |_| 200)
+/// How a test backend answers a request.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    /// This status, with the backend's name as the body.
+    Status(u16),
+    /// Close the connection without an answer, as a process killed mid-request does.
+    Drop,
 }
 
-/// An HTTP/1.1 backend answering its `n`th request (from 0) with status `status(n)` and
-/// its name as the body.
+/// An HTTP/1.1 test backend (keep-alive), started by the test.
+struct Backend {
+    addr: std::net::SocketAddr,
+    /// Aborting it closes the port and every connection.
+    task: tokio::task::JoinHandle<()>,
+    /// Requests received (counted before any wait or answer).
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A backend answering every request with 200 and its name.
+fn http_backend(name: &'static str) -> Backend {
+    scripted_backend(name, |_| Reply::Status(200), None)
+}
+
+/// A backend answering its `n`th request (from 0) as `reply(n)` says, each only once
+/// `release` (if given) turns true.
 fn scripted_backend(
     name: &'static str,
-    status: fn(usize) -> u16,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    reply: fn(usize) -> Reply,
+    release: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Backend {
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     std_listener.set_nonblocking(true).expect("nonblocking");
     let addr = std_listener.local_addr().expect("addr");
@@ -158,7 +178,8 @@ fn scripted_backend(
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
-            let served = served.clone();
+            let counter = counter.clone();
+            let mut release = release.clone();
             // Held by this task: aborting the backend closes its kept connections too.
             connections.spawn(async move {
                 let mut buf = Vec::new();
@@ -171,7 +192,11 @@ fn scripted_backend(
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
-                        let code = status(served.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+                        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(release) = &mut release {
+                            let _ = release.wait_for(|go| *go).await;
+                        }
+                        let Reply::Status(code) = reply(n) else { return };
                         let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{name}", name.len());
                         if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;
@@ -181,13 +206,17 @@ fn scripted_backend(
             });
         }
     });
-    (addr, task)
+    Backend { addr, task, requests }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
-    let (a, a_task) = http_backend("a");
-    let (b, b_task) = http_backend("b");
+    let Backend {
+        addr: a, task: a_task, ..
+    } = http_backend("a");
+    let Backend {
+        addr: b, task: b_task, ..
+    } = http_backend("b");
     let port = rampart_testkit::cluster::free_port().expect("port");
     let admin = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
@@ -262,41 +291,14 @@ upstreams = ["{a}", "{b}"]
     );
 }
 
-/// A backend that reads each request and drops the connection without an answer, as a
-/// process killed mid-request does; counts the requests it swallowed.
-fn dropping_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let addr = std_listener.local_addr().expect("addr");
-    let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = swallowed.clone();
-    tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut chunk).await {
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, swallowed)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idempotent_requests_are_retried_elsewhere_and_others_are_not() {
-    let (good, _good_task) = http_backend("good");
-    let (bad, swallowed) = dropping_backend();
+    let good = http_backend("good").addr;
+    let Backend {
+        addr: bad,
+        requests: swallowed,
+        ..
+    } = scripted_backend("bad", |_| Reply::Drop, None);
     let mixed = rampart_testkit::cluster::free_port().expect("port");
     let lonely = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
@@ -356,8 +358,8 @@ upstreams = ["{bad}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_upstream_trips_its_breaker_and_gets_no_traffic_while_open() {
     // Every other answer a 500: never five in a row (no ejection), but half fail.
-    let (flaky, _flaky_task) = scripted_backend("flaky", |n| if n % 2 == 0 { 500 } else { 200 });
-    let (good, _good_task) = http_backend("good");
+    let flaky = scripted_backend("flaky", |n| Reply::Status(if n % 2 == 0 { 500 } else { 200 }), None).addr;
+    let good = http_backend("good").addr;
     let port = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
@@ -388,53 +390,14 @@ upstreams = ["{flaky}", "{good}"]
     assert!(bodies[40..].iter().all(|b| b == "good"), "{bodies:?}");
 }
 
-/// An HTTP/1.1 backend that holds every request until `release` turns true; counts the
-/// requests it holds.
-fn holding_backend(
-    release: tokio::sync::watch::Receiver<bool>,
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let addr = std_listener.local_addr().expect("addr");
-    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = held.clone();
-    tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let count = count.clone();
-            let mut release = release.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let _ = release.wait_for(|go| *go).await;
-                        if stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, held)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_overload_low_priority_is_shed_first_then_normal() {
     let (release_tx, release) = tokio::sync::watch::channel(false);
-    let (backend, held) = holding_backend(release);
+    let Backend {
+        addr: backend,
+        requests: held,
+        ..
+    } = scripted_backend("ok", |_| Reply::Status(200), Some(release));
     let port = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
@@ -491,7 +454,11 @@ max_requests = 10
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_injection_aborts_its_share_without_reaching_the_upstream() {
-    let (backend, reached) = dropping_backend();
+    let Backend {
+        addr: backend,
+        requests: reached,
+        ..
+    } = scripted_backend("bad", |_| Reply::Drop, None);
     let port = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
@@ -522,7 +489,7 @@ fault = {{ abort_percent = 100, abort_status = 503 }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quotas_are_exact_per_client_key_and_per_tier() {
-    let (backend, _task) = http_backend("ok");
+    let backend = http_backend("ok").addr;
     let port = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
