@@ -221,17 +221,8 @@ fn charge(shared: &Shared, quota: &Quota, request: &Request<Incoming>, peer: Soc
         "limit": over.limit,
         "retry_after_s": retry_after_s,
     });
-    let mut response = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let mut response = json(StatusCode::TOO_MANY_REQUESTS, &body);
     let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     if let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string()) {
         headers.insert(hyper::header::RETRY_AFTER, value);
     }
@@ -416,8 +407,13 @@ fn now_ms() -> u64 {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    json(status, &serde_json::json!({ "error": code, "message": message }))
+}
+
+/// A JSON answer of the proxy's own.
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let body = Full::new(Bytes::from(body.to_string())).map_err(|never| match never {});
+    let mut response = Response::new(body.boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
