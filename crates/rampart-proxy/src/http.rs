@@ -1,4 +1,4 @@
-//! L7: an HTTP/1.1 reverse proxy. Each request goes to an upstream picked by the balancer,
+//! L7: an HTTP/1.1 and HTTP/2 (h2c) reverse proxy. Each request goes to an upstream picked by the balancer,
 //! over a pool of kept connections per upstream (hyper's pooled client). A request whose
 //! connect fails is sent to the next upstream at once, whatever its method, since it never
 //! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. An idempotent
@@ -104,7 +104,9 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, request, peer).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c, prior
+            // knowledge); upstreams are spoken to in HTTP/1.1 either way.
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -249,7 +251,13 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
             )
         }
     };
-    let original_host = parts.headers.get(HOST).cloned();
+    // HTTP/2 carries the host in the URI (:authority), HTTP/1.1 in the Host header.
+    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     for name in HOP_BY_HOP {
         parts.headers.remove(*name);
     }
@@ -280,6 +288,7 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         };
         let mut outgoing = Request::from_parts(parts.clone(), Full::new(body.clone()));
         *outgoing.uri_mut() = uri;
+        *outgoing.version_mut() = hyper::Version::HTTP_11;
         if let Some(host) = &original_host {
             outgoing.headers_mut().insert(HOST, host.clone());
         }

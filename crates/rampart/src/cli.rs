@@ -95,8 +95,8 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Run the proxy: the [[proxy.listeners]] of a TOML file (TCP and HTTP/1.1 listeners
-    /// over static upstreams so far; see docs/guide.md, "Proxy")
+    /// Run the proxy: the [[proxy.listeners]] of a TOML file (TCP and HTTP listeners over
+    /// static upstreams so far; see docs/guide.md, "Proxy")
     Proxy {
         /// TOML file with [[proxy.listeners]] tables
         #[arg(long)]

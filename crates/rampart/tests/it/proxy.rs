@@ -570,3 +570,41 @@ quota = {{ key = "header:X-Api-Key", default_tier = "free" }}
     assert!((2..10).contains(&ok), "{ok} passed");
     assert_eq!(refusal.expect("refused")["limit"], "rate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_clients_are_served_over_http1_upstreams() {
+    use http_body_util::BodyExt;
+    let backend = http_backend("h1-upstream").addr;
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+"#
+    ));
+    let stream = rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        tokio::net::TcpStream::connect(port).await.ok()
+    })
+    .await;
+    // HTTP/2 with prior knowledge (h2c), several requests on one connection.
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    for i in 0..3 {
+        let request = hyper::Request::get(format!("http://{port}/item/{i}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("h2 response");
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"h1-upstream");
+    }
+}
