@@ -67,6 +67,9 @@ pub struct ListenerSpec {
     /// `http`: further tries of an idempotent request whose upstream failed or timed out
     /// (default 2), within the retry budget.
     pub retries: Option<u32>,
+    /// The largest share of upstreams passive ejection may take out at once, in percent
+    /// (default 50; 0 never ejects).
+    pub max_ejected_percent: Option<u32>,
     /// `http`: at most this many requests in flight; under that load `X-Priority: low`
     /// requests are shed first, then normal ones (default: no limit).
     pub max_requests: Option<u32>,
@@ -418,6 +421,7 @@ pub struct Listener {
     pub connect_timeout_ms: u64,
     pub try_timeout_ms: u64,
     pub retries: u32,
+    pub max_ejected_percent: u32,
     pub max_requests: Option<u32>,
     pub fault: Option<Fault>,
     pub quota: Option<Quota>,
@@ -596,6 +600,10 @@ impl ListenerSpec {
             n @ 0..=10 => n,
             n => return Err(field_error(field("retries"), n.to_string(), "0 to 10")),
         };
+        let max_ejected_percent = match self.max_ejected_percent.unwrap_or(50) {
+            p @ 0..=100 => p,
+            p => return Err(field_error(field("max_ejected_percent"), p.to_string(), "0 to 100")),
+        };
         let max_requests = match self.max_requests {
             None => None,
             Some(n @ 1..=1_000_000) => Some(n),
@@ -631,6 +639,7 @@ impl ListenerSpec {
             connect_timeout_ms,
             try_timeout_ms,
             retries,
+            max_ejected_percent,
             max_requests,
             fault,
             quota,
@@ -797,6 +806,12 @@ pub enum Failure {
     Error,
 }
 
+/// Whether one more of `total` upstreams may be ejected while `ejected` already are,
+/// under a maximum ejected share of `max_percent` (0: never eject; 100: all may go).
+pub fn may_eject(ejected: usize, total: usize, max_percent: u32) -> bool {
+    (ejected + 1) * 100 <= total * max_percent as usize
+}
+
 /// An upstream's standing with [`Ejection`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Outlier {
@@ -807,10 +822,12 @@ pub struct Outlier {
 
 impl Outlier {
     /// Records a failure; true if it ejects the upstream now.
-    pub fn failure(&mut self, now_ms: u64, kind: Failure, policy: Ejection) -> bool {
+    /// `room`: whether the pool may eject one more upstream now ([`may_eject`]); if not,
+    /// the failure is counted and the upstream stays in rotation.
+    pub fn failure(&mut self, now_ms: u64, kind: Failure, policy: Ejection, room: bool) -> bool {
         self.failures += 1;
         let enough = kind == Failure::Connect || self.failures >= policy.failures_max;
-        if !enough || self.ejected(now_ms) {
+        if !enough || !room || self.ejected(now_ms) {
             return false;
         }
         let factor = 1u64 << self.ejections.min(16);
@@ -1160,6 +1177,10 @@ mod tests {
         assert_eq!(with("retries", 11.into()).field, "proxy.listeners[0].retries");
         assert_eq!(with("max_requests", 0.into()).field, "proxy.listeners[0].max_requests");
         assert_eq!(
+            with("max_ejected_percent", 101.into()).field,
+            "proxy.listeners[0].max_ejected_percent"
+        );
+        assert_eq!(
             with("try_timeout", "0ms".into()).field,
             "proxy.listeners[0].try_timeout"
         );
@@ -1222,26 +1243,43 @@ mod tests {
         assert_eq!(p2c.pick(&c, 0, 2u64 << 32), Some(2));
     }
 
+    impl Outlier {
+        fn failure_t(&mut self, now_ms: u64, kind: Failure, policy: Ejection) -> bool {
+            self.failure(now_ms, kind, policy, true)
+        }
+    }
+
+    #[test]
+    fn the_ejected_share_is_capped() {
+        assert!(may_eject(0, 2, 50) && !may_eject(1, 2, 50));
+        assert!(!may_eject(0, 10, 0), "0 never ejects");
+        assert!(may_eject(9, 10, 100));
+        assert!(!may_eject(0, 1, 50), "the only upstream stays");
+        let mut o = Outlier::default();
+        assert!(!o.failure(0, Failure::Connect, Ejection::default(), false));
+        assert!(!o.ejected(1));
+    }
+
     #[test]
     fn ejection_grows_and_a_success_forgives() {
         let policy = Ejection::default();
         let connect = Failure::Connect;
         let mut o = Outlier::default();
-        assert!(o.failure(0, connect, policy), "the first failed connect ejects");
+        assert!(o.failure_t(0, connect, policy), "the first failed connect ejects");
         assert!(o.ejected(999) && !o.ejected(1_000));
-        assert!(!o.failure(500, connect, policy), "already out");
-        assert!(o.failure(1_000, connect, policy));
+        assert!(!o.failure_t(500, connect, policy), "already out");
+        assert!(o.failure_t(1_000, connect, policy));
         assert!(o.ejected(2_999) && !o.ejected(3_000), "twice as long");
         o.success();
-        assert!(o.failure(10_000, connect, policy));
+        assert!(o.failure_t(10_000, connect, policy));
         assert!(!o.ejected(11_000), "back to the base time");
         let mut o = Outlier::default();
         for i in 0..20 {
-            o.failure(i * 100_000, connect, policy);
+            o.failure_t(i * 100_000, connect, policy);
         }
         assert!(!o.ejected(1_900_000 + 30_000), "capped at max");
         let mut o = Outlier::default();
-        let errors: Vec<bool> = (0..5).map(|i| o.failure(i, Failure::Error, policy)).collect();
+        let errors: Vec<bool> = (0..5).map(|i| o.failure_t(i, Failure::Error, policy)).collect();
         assert_eq!(errors, [false, false, false, false, true], "five 5xx in a row");
     }
 

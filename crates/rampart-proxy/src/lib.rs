@@ -39,7 +39,7 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> io::Res
             )
         })?;
         tracing::info!(listener = %listener.name, bind = %listener.bind, upstreams = upstreams.len(), "listening");
-        let pool = Pool::new(upstreams, listener.algorithm, &listener.name, metrics.clone());
+        let pool = Pool::new(&listener, upstreams, metrics.clone());
         bound.push((listener, socket, pool));
     }
     let mut tasks = tokio::task::JoinSet::new();

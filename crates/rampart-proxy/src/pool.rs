@@ -10,11 +10,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::metrics::{Metrics, UpstreamLabels};
 
 use rampart_core::proxy::{
-    Algorithm, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Outlier, Upstream,
+    may_eject, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Listener, Outlier,
+    Upstream,
 };
 
 pub struct Pool {
     listener: String,
+    max_ejected_percent: u32,
     metrics: Arc<Metrics>,
     upstreams: Vec<Member>,
     balancer: Mutex<Balancer>,
@@ -59,11 +61,12 @@ impl Lease {
         self.recorded.store(true, Ordering::Relaxed);
         let member = &self.pool.upstreams[self.index];
         let now = now_ms();
+        let room = may_eject(self.pool.ejected(now), self.pool.len(), self.pool.max_ejected_percent);
         let ejected = member
             .outlier
             .lock()
             .expect("outlier lock")
-            .failure(now, kind, self.pool.ejection);
+            .failure(now, kind, self.pool.ejection, room);
         if ejected {
             tracing::warn!(upstream = %member.upstream.address, ?kind, "upstream ejected");
             self.pool
@@ -93,9 +96,11 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(upstreams: &[Upstream], algorithm: Algorithm, listener: &str, metrics: Arc<Metrics>) -> Pool {
+    pub fn new(listener: &Listener, upstreams: &[Upstream], metrics: Arc<Metrics>) -> Pool {
+        let algorithm = listener.algorithm;
         Pool {
-            listener: listener.to_string(),
+            listener: listener.name.clone(),
+            max_ejected_percent: listener.max_ejected_percent,
             metrics,
             upstreams: upstreams
                 .iter()
@@ -188,6 +193,14 @@ impl Pool {
             BreakerState::HalfOpen => 2,
         };
         self.metrics.breaker_state.get_or_create(&self.labels(index)).set(value);
+    }
+
+    /// Upstreams out of rotation by ejection now.
+    fn ejected(&self, now: u64) -> usize {
+        self.upstreams
+            .iter()
+            .filter(|m| m.outlier.lock().expect("outlier lock").ejected(now))
+            .count()
     }
 
     pub fn len(&self) -> usize {

@@ -608,3 +608,47 @@ upstreams = ["{backend}"]
         assert_eq!(&body[..], b"h1-upstream");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zero_ejected_share_keeps_every_upstream_in_rotation() {
+    let a = http_backend("a").addr;
+    let Backend {
+        addr: b, task: b_task, ..
+    } = http_backend("b");
+    b_task.abort();
+    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
+        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
+    })
+    .await;
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[proxy]
+admin = "{admin}"
+
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{a}", "{b}"]
+max_ejected_percent = 0
+"#
+    ));
+    let http = reqwest::Client::new();
+    let get = || {
+        let http = http.clone();
+        async move { http.get(format!("http://{port}/")).send().await.ok()?.text().await.ok() }
+    };
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get().await }).await;
+    for i in 0..10 {
+        assert_eq!(get().await.as_deref(), Some("a"), "request {i}");
+    }
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(!metrics.contains("rampart_proxy_ejections_total{"), "{metrics}");
+}
