@@ -365,8 +365,10 @@ fn hook_command(log: &std::path::Path, name: &str) -> String {
     )
 }
 
-/// Registers one [`FakeInstance`] per `(id, hosting node, priority)` in `service`.
+/// Registers one [`FakeInstance`] per `(id, hosting node, priority)` in `service`, and
+/// waits until every node sees each one up.
 async fn fake_fleet(
+    cluster: &rampart_testkit::Cluster,
     client: &rampart_client::Client,
     service: &str,
     members: &[(&str, Option<u64>, Option<u32>)],
@@ -382,6 +384,9 @@ async fn fake_fleet(
         };
         client.instance_put(service, id, &instance).await.expect("instance");
         instances.insert(id.to_string(), fake);
+    }
+    for (id, _, _) in members {
+        wait_health(cluster, service, id, Health::Up).await;
     }
     instances
 }
@@ -531,6 +536,7 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
     let mut instances = fake_fleet(
+        &cluster,
         &client,
         "db",
         &[
@@ -540,9 +546,6 @@ async fn a_dead_primary_is_replaced_by_the_best_replica_after_it_let_go() {
         ],
     )
     .await;
-    for id in ["pg-1", "pg-2", "pg-3"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
     let health_ha = format!("http://{}/health/ha", cluster.endpoints()[1]);
     let before = reqwest::get(&health_ha).await.expect("health/ha");
     assert_eq!(before.status(), 503, "no primary yet");
@@ -625,6 +628,7 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
     let mut instances = fake_fleet(
+        &cluster,
         &client,
         "db",
         &[
@@ -634,9 +638,6 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
         ],
     )
     .await;
-    for id in ["pg-1", "pg-2", "pg-3"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
     let first = client.switchover("db", "pg-1").await.expect("first primary");
     rampart_testkit::eventually(DEADLINE, "pg-1 promoted", || async {
         hook_log(&log)
@@ -749,10 +750,7 @@ async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(&client, "db", &[("a", Some(1), None), ("b", Some(2), None)]).await;
-    for id in ["a", "b"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
+    let mut instances = fake_fleet(&cluster, &client, "db", &[("a", Some(1), None), ("b", Some(2), None)]).await;
     client.switchover("db", "a").await.expect("first primary");
     instances.remove("a").expect("a").kill();
     // The receiver fails its first three requests: failover does not wait for it.
@@ -1141,6 +1139,7 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
     let mut instances = fake_fleet(
+        &cluster,
         &client,
         "db",
         &[
@@ -1150,9 +1149,6 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
         ],
     )
     .await;
-    for id in ["pg-1", "pg-2", "pg-3"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
     let mut token = client.switchover("db", "pg-1").await.expect("first primary").token;
     let mut primary = "pg-1".to_string();
     for round in 1..=10 {
@@ -1229,6 +1225,7 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
     let mut instances = fake_fleet(
+        &cluster,
         &client,
         "db",
         &[
@@ -1238,9 +1235,6 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
         ],
     )
     .await;
-    for id in ["pg-1", "pg-2", "pg-3"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
     client.switchover("db", "pg-1").await.expect("first primary");
     instances.remove("pg-1").expect("pg-1").kill();
     // pg-2's hook timed out: pg-3 is next.
@@ -1271,6 +1265,7 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
     let mut instances = fake_fleet(
+        &cluster,
         &client,
         "db",
         &[
@@ -1280,9 +1275,6 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
         ],
     )
     .await;
-    for id in ["pg-1", "pg-2", "pg-3"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
     client.switchover("db", "pg-1").await.expect("first primary");
     let client_ref = &client;
     let primary_is = |want: &'static str| wait_primary(client_ref, "db", move |p| p == want);
@@ -1316,10 +1308,13 @@ async fn a_primary_that_is_not_ready_leaves_traffic_but_keeps_its_role() {
     }))
     .expect("policy");
     client.service_put("db", &spec).await.expect("service");
-    let _instances = fake_fleet(&client, "db", &[("pg-1", Some(1), None), ("pg-2", Some(2), None)]).await;
-    for id in ["pg-1", "pg-2"] {
-        wait_health(&cluster, "db", id, Health::Up).await;
-    }
+    let _instances = fake_fleet(
+        &cluster,
+        &client,
+        "db",
+        &[("pg-1", Some(1), None), ("pg-2", Some(2), None)],
+    )
+    .await;
     client.switchover("db", "pg-1").await.expect("first primary");
     let serving = |want: Vec<&'static str>| {
         let client = cluster.client();
