@@ -11,8 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::duration::parse_duration;
-use crate::service::FieldError;
+use crate::service::{duration_ms, field_error, FieldError};
 
 const LISTENERS_MAX: usize = 256;
 const UPSTREAMS_MAX: usize = 1024;
@@ -340,19 +339,7 @@ impl FaultSpec {
             p @ 0..=100 => Ok(p),
             p => Err(field_error(format!("{path}.{name}"), p.to_string(), "0 to 100")),
         };
-        let delay_ms = match self.delay.as_deref() {
-            None => 0,
-            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
-                Ok(ms @ 0..=600_000) => ms,
-                _ => {
-                    return Err(field_error(
-                        format!("{path}.delay"),
-                        text,
-                        "a duration up to 10m, like 200ms",
-                    ))
-                }
-            },
-        };
+        let delay_ms = duration_ms(&format!("{path}.delay"), self.delay.as_deref(), 0, 0, 600_000)?;
         let abort_status = match self.abort_status.unwrap_or(503) {
             s @ 400..=599 => s,
             s => return Err(field_error(format!("{path}.abort_status"), s.to_string(), "400 to 599")),
@@ -427,27 +414,14 @@ pub struct Listener {
     pub quota: Option<Quota>,
 }
 
-fn field_error(field: String, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
-    FieldError {
-        field,
-        value: value.into(),
-        allowed: allowed.into(),
-    }
-}
-
 impl ProxySpec {
     /// The admin address, if one is set.
     pub fn admin(&self) -> Result<Option<SocketAddr>, FieldError> {
         self.admin
             .as_deref()
             .map(|text| {
-                text.parse().map_err(|_| {
-                    field_error(
-                        "proxy.admin".into(),
-                        text,
-                        "an address with a port, like 127.0.0.1:9901",
-                    )
-                })
+                text.parse()
+                    .map_err(|_| field_error("proxy.admin", text, "an address with a port, like 127.0.0.1:9901"))
             })
             .transpose()
     }
@@ -456,7 +430,7 @@ impl ProxySpec {
     pub fn validate(&self) -> Result<Vec<Listener>, FieldError> {
         if self.listeners.is_empty() || self.listeners.len() > LISTENERS_MAX {
             return Err(field_error(
-                "proxy.listeners".into(),
+                "proxy.listeners",
                 format!("{} listeners", self.listeners.len()),
                 format!("1 to {LISTENERS_MAX} [[proxy.listeners]] tables"),
             ));
@@ -570,32 +544,20 @@ impl ListenerSpec {
                 ))
             }
         };
-        let connect_timeout_ms = match self.connect_timeout.as_deref() {
-            None => CONNECT_TIMEOUT_MS_DEFAULT,
-            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
-                Ok(ms @ 10..=60_000) => ms,
-                _ => {
-                    return Err(field_error(
-                        field("connect_timeout"),
-                        text,
-                        "a duration from 10ms to 60s, like 500ms",
-                    ))
-                }
-            },
-        };
-        let try_timeout_ms = match self.try_timeout.as_deref() {
-            None => TRY_TIMEOUT_MS_DEFAULT,
-            Some(text) => match parse_duration(text).map(|d| d.as_millis() as u64) {
-                Ok(ms @ 10..=3_600_000) => ms,
-                _ => {
-                    return Err(field_error(
-                        field("try_timeout"),
-                        text,
-                        "a duration from 10ms to 1h, like 5s",
-                    ))
-                }
-            },
-        };
+        let connect_timeout_ms = duration_ms(
+            &field("connect_timeout"),
+            self.connect_timeout.as_deref(),
+            CONNECT_TIMEOUT_MS_DEFAULT,
+            10,
+            60_000,
+        )?;
+        let try_timeout_ms = duration_ms(
+            &field("try_timeout"),
+            self.try_timeout.as_deref(),
+            TRY_TIMEOUT_MS_DEFAULT,
+            10,
+            3_600_000,
+        )?;
         let retries = match self.retries.unwrap_or(2) {
             n @ 0..=10 => n,
             n => return Err(field_error(field("retries"), n.to_string(), "0 to 10")),

@@ -24,7 +24,11 @@ pub struct FieldError {
     pub allowed: String,
 }
 
-fn field_error(field: impl Into<String>, value: impl Into<String>, allowed: impl Into<String>) -> FieldError {
+pub(crate) fn field_error(
+    field: impl Into<String>,
+    value: impl Into<String>,
+    allowed: impl Into<String>,
+) -> FieldError {
     FieldError {
         field: field.into(),
         value: value.into(),
@@ -250,7 +254,14 @@ impl Policy {
     }
 }
 
-fn duration_ms(field: &str, text: Option<&str>, default_ms: u64, min_ms: u64, max_ms: u64) -> Result<u64, FieldError> {
+/// A duration setting in ms: `default_ms` when absent, else within `min_ms..=max_ms`.
+pub(crate) fn duration_ms(
+    field: &str,
+    text: Option<&str>,
+    default_ms: u64,
+    min_ms: u64,
+    max_ms: u64,
+) -> Result<u64, FieldError> {
     let Some(text) = text else { return Ok(default_ms) };
     let allowed = || format!("a duration from {min_ms}ms to {max_ms}ms, written like 500ms, 5s or 1m");
     let ms = parse_duration(text)
