@@ -31,6 +31,25 @@ fn start_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
     (ProxyProcess(child), dir)
 }
 
+/// Stops a backend started by the test, like a SIGKILL: returns once its port refuses.
+async fn stop(addr: std::net::SocketAddr, task: tokio::task::JoinHandle<()>) {
+    task.abort();
+    rampart_testkit::eventually(DEADLINE, &format!("{addr} closed"), || async {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+}
+
+/// The proxy's `/metrics` text, from its admin address.
+async fn metrics(admin: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// A TCP backend that answers every connection with its name, then echoes.
 fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -96,11 +115,7 @@ upstreams = ["{a}", "{b}"]
     assert_eq!(names.iter().filter(|n| *n == "b").count(), 5, "{names:?}");
 
     // Backend b dies: every connection still succeeds, all on a.
-    b_task.abort();
-    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
-        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
-    })
-    .await;
+    stop(b, b_task).await;
     for i in 0..20 {
         let name = ask(&proxy)
             .await
@@ -248,33 +263,20 @@ upstreams = ["{a}", "{b}"]
     }
     assert_eq!(names.iter().filter(|n| *n == "a").count(), 5, "{names:?}");
 
-    b_task.abort();
-    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
-        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
-    })
-    .await;
+    stop(b, b_task).await;
     for i in 0..20 {
         let answer = get("/item").await;
         assert_eq!(answer, Some((200, "a".to_string())), "request {i} after b died");
     }
 
-    a_task.abort();
-    rampart_testkit::eventually(DEADLINE, "a's port closed", || async {
-        tokio::net::TcpStream::connect(a).await.is_err().then_some(())
-    })
-    .await;
+    stop(a, a_task).await;
     let (status, body) = get("/item").await.expect("an answer from the proxy itself");
     assert_eq!(status, 502);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["error"], "no_upstream");
 
     // Every answer is counted by status; b's ejection too.
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(admin).await;
     assert!(
         metrics.contains(r#"rampart_proxy_requests_total{listener="web",code="200"} 31"#),
         "{metrics}"
@@ -615,11 +617,7 @@ async fn a_zero_ejected_share_keeps_every_upstream_in_rotation() {
     let Backend {
         addr: b, task: b_task, ..
     } = http_backend("b");
-    b_task.abort();
-    rampart_testkit::eventually(DEADLINE, "b's port closed", || async {
-        tokio::net::TcpStream::connect(b).await.is_err().then_some(())
-    })
-    .await;
+    stop(b, b_task).await;
     let port = rampart_testkit::cluster::free_port().expect("port");
     let admin = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
@@ -644,11 +642,6 @@ max_ejected_percent = 0
     for i in 0..10 {
         assert_eq!(get().await.as_deref(), Some("a"), "request {i}");
     }
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(admin).await;
     assert!(!metrics.contains("rampart_proxy_ejections_total{"), "{metrics}");
 }
