@@ -89,15 +89,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
         client,
     });
     loop {
-        let (stream, peer) = match socket.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(listener = %shared.listener.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = crate::accept(&socket, &shared.listener.name).await;
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
@@ -378,10 +370,7 @@ impl hyper::body::Body for LeasedBody {
 /// The admin listener: `GET /metrics` (Prometheus text), 404 for anything else.
 pub async fn serve_admin(socket: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
     loop {
-        let Ok((stream, _)) = socket.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (stream, _) = crate::accept(&socket, "admin").await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {

@@ -60,3 +60,20 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> io::Res
     }
     Ok(())
 }
+
+/// The next connection on `socket`. An accept error (out of descriptors and the like) is
+/// logged and retried after a short wait rather than spun on.
+async fn accept(socket: &tokio::net::TcpListener, name: &str) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match socket.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -27,15 +27,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
     let pool = Arc::new(pool);
     let listener = Arc::new(listener);
     loop {
-        let (client, peer) = match socket.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors and the like: wait a little rather than spin.
-                tracing::warn!(listener = %listener.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (mut client, peer) = crate::accept(&socket, &listener.name).await;
         let pool = pool.clone();
         let listener = listener.clone();
         metrics.connections.get_or_create(&labels).inc();
@@ -43,16 +35,13 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
         tokio::spawn(async move {
             active.inc();
             let _done = Decrement(active);
-            let _ = client.set_nodelay(true);
             let key = client_hash(peer.ip());
-            let Some((lease, upstream)) = connect(&pool, key, &listener).await else {
+            // The lease counts the connection against its upstream until both sides close.
+            let Some((_lease, mut upstream)) = connect(&pool, key, &listener).await else {
                 tracing::warn!(listener = %listener.name, client = %peer, "no upstream could be reached");
                 return;
             };
-            let mut client = client;
-            let mut upstream = upstream;
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            drop(lease);
         });
     }
 }
