@@ -247,15 +247,16 @@ async fn probe_loop(node: Shared, views: Arc<Mutex<Views>>, key: (InstanceKey, u
 enum Client {
     /// Plain HTTP: its own kept connection.
     Plain(http_probe::Target, http_probe::HttpProbe),
-    /// HTTPS (the node's general client), or not an HTTP check.
-    General,
+    /// HTTPS, through the node's general client, to this URL (empty: not an HTTP check).
+    General(String),
 }
 
 impl Client {
     fn for_spec(spec: &ProbeSpec) -> Client {
-        match http_probe::Target::parse(&http_url(spec)) {
+        let url = http_url(spec);
+        match http_probe::Target::parse(&url) {
             Some(target) => Client::Plain(target, http_probe::HttpProbe::default()),
-            None => Client::General,
+            None => Client::General(url),
         }
     }
 }
@@ -280,15 +281,18 @@ async fn probe(node: &Shared, instance: &InstanceKey, spec: &ProbeSpec, client: 
             body_contains,
             ..
         } => {
-            if let Client::Plain(target, http) = client {
-                let expect = http_probe::Expect {
-                    status_min: *status_min,
-                    status_max: *status_max,
-                    body_contains: body_contains.as_deref(),
-                };
-                return http.check(target, expect).await;
-            }
-            let Ok(response) = node.probe_http.get(http_url(spec)).send().await else {
+            let url = match client {
+                Client::Plain(target, http) => {
+                    let expect = http_probe::Expect {
+                        status_min: *status_min,
+                        status_max: *status_max,
+                        body_contains: body_contains.as_deref(),
+                    };
+                    return http.check(target, expect).await;
+                }
+                Client::General(url) => url.as_str(),
+            };
+            let Ok(response) = node.probe_http.get(url).send().await else {
                 return false;
             };
             let status = response.status().as_u16();
