@@ -113,10 +113,8 @@ fn hosts_a_primary(node: &Shared) -> bool {
     let applied = node.applied.read().expect("state lock");
     applied.state.services.values().any(|service| {
         service
-            .primary
-            .as_ref()
-            .and_then(|p| service.instances.get(p))
-            .is_some_and(|record| record.instance.node == Some(node.id))
+            .primary_record()
+            .is_some_and(|(_, record)| record.instance.node == Some(node.id))
     })
 }
 
@@ -125,14 +123,13 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
     for (service_name, service) in &applied.state.services {
-        let Some(primary) = &service.primary else { continue };
-        let Some(record) = service.instances.get(primary) else {
+        let Some((primary, record)) = service.primary_record() else {
             continue;
         };
         if record.instance.node != Some(node.id) {
             continue;
         }
-        let key = (service_name.clone(), primary.clone());
+        let key = (service_name.clone(), primary.to_string());
         if fenced.get(&key) == Some(&service.token) {
             continue;
         }
@@ -145,7 +142,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
         fenced.insert(key, service.token);
         due.push(Due {
             service: service_name.clone(),
-            instance: primary.clone(),
+            instance: primary.to_string(),
             hook: "on_demote",
             command: service.policy.hooks.on_demote.clone(),
             role: InstanceRole::Replica,
@@ -163,10 +160,8 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), Seen>) -> Vec<D
     let mut due = Vec::new();
     for (service_name, service) in &applied.state.services {
         let primary_endpoint = service
-            .primary
-            .as_ref()
-            .and_then(|p| service.instances.get(p))
-            .map(|r| r.instance.endpoint.clone())
+            .primary_record()
+            .map(|(_, r)| r.instance.endpoint.clone())
             .unwrap_or_default();
         for (id, record) in &service.instances {
             if record.instance.node != Some(node.id) {

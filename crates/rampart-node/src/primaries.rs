@@ -124,11 +124,9 @@ async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Ep
         let Some(s) = applied.state.services.get(name) else {
             return Ok(());
         };
-        let primary = s.primary.as_ref().and_then(|p| {
-            s.instances
-                .get(p)
-                .map(|r| (p.clone(), r.health, r.health_since_ms, r.instance.node))
-        });
+        let primary = s
+            .primary_record()
+            .map(|(p, r)| (p.to_string(), r.health, r.health_since_ms, r.instance.node));
         let start_timeout = Duration::from_millis(s.policy.recovery.start_timeout_ms);
         (s.policy.mode, primary, s.token, s.demoting, start_timeout)
     };

@@ -242,10 +242,8 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
     with_service(node, &name, |service| {
         let soft = node.soft.lock().expect("soft state lock");
         let primary_region = service
-            .primary
-            .as_ref()
-            .and_then(|p| service.instances.get(p))
-            .map_or(node.config.region.as_str(), |r| r.instance.region.as_str());
+            .primary_record()
+            .map_or(node.config.region.as_str(), |(_, r)| r.instance.region.as_str());
         let candidates: Vec<Candidate> = service
             .instances
             .iter()
@@ -340,10 +338,7 @@ pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
             .iter()
             .filter(|(_, s)| s.policy.mode == rampart_core::service::Mode::ActivePassive)
             .filter_map(|(name, s)| {
-                let primary = s
-                    .primary
-                    .as_ref()
-                    .and_then(|p| s.instances.get(p).map(|r| (p, r.health)));
+                let primary = s.primary_record().map(|(p, r)| (p, r.health));
                 match primary {
                     None => Some(format!("{name}: no primary")),
                     Some((p, health)) if health != rampart_core::health::Health::Up => {

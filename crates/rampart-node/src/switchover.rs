@@ -234,11 +234,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
                 "the primary is already stepping down; retry when it is done".into(),
             ));
         }
-        let hosted = s
-            .primary
-            .as_ref()
-            .and_then(|p| s.instances.get(p))
-            .is_some_and(|r| r.instance.node.is_some());
+        let hosted = s.primary_record().is_some_and(|(_, r)| r.instance.node.is_some());
         (s.primary.clone(), s.policy.hooks.timeout_ms, hosted)
     };
     if previous.as_deref() == Some(to) {

@@ -62,6 +62,12 @@ pub struct Service {
 }
 
 impl Service {
+    /// The primary's id and record, if the service has a primary.
+    pub fn primary_record(&self) -> Option<(&str, &InstanceRecord)> {
+        let id = self.primary.as_deref()?;
+        Some((id, self.instances.get(id)?))
+    }
+
     /// Ends the primary's term: nobody is primary, `id` is a replica again.
     fn step_down(&mut self, id: &str) -> Option<&mut InstanceRecord> {
         self.primary = None;
