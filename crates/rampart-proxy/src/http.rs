@@ -30,6 +30,7 @@ use rampart_core::proxy::{
 use tokio::net::TcpListener;
 
 use crate::metrics::{ListenerLabels, Metrics, QuotaLabels, ShedLabels, StatusLabels};
+use crate::now_ms;
 use crate::pool::Pool;
 use crate::tcp::Decrement;
 
@@ -396,12 +397,6 @@ pub async fn serve_admin(socket: TcpListener, metrics: Arc<Metrics>) -> io::Resu
                 .await;
         });
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {

@@ -77,3 +77,10 @@ async fn accept(socket: &tokio::net::TcpListener, name: &str) -> (tokio::net::Tc
         }
     }
 }
+
+/// Wall-clock milliseconds, the `now` the policies of `rampart_core::proxy` take.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

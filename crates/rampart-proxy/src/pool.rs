@@ -5,9 +5,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::metrics::{Metrics, UpstreamLabels};
+use crate::now_ms;
 
 use rampart_core::proxy::{
     may_eject, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Listener, Outlier,
@@ -210,10 +210,4 @@ impl Pool {
     pub fn is_empty(&self) -> bool {
         self.upstreams.is_empty()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
