@@ -185,6 +185,17 @@ impl Client {
         body: Option<&B>,
         retry: Retry,
     ) -> Result<T, ClientError> {
+        self.call_within(self.deadline, method, path, body, retry).await
+    }
+
+    async fn call_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        deadline: Duration,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        retry: Retry,
+    ) -> Result<T, ClientError> {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(5);
         let mut last_error = String::from("not tried");
@@ -192,10 +203,13 @@ impl Client {
         loop {
             let index = (self.preferred.load(Ordering::Relaxed) + attempt) % self.endpoints.len();
             attempt += 1;
-            let remaining = self.deadline.saturating_sub(started.elapsed());
+            let remaining = deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
+                // The next call starts with the endpoint this one would have tried next: a
+                // hung node must not hold every call until its deadline.
+                self.preferred.store(index, Ordering::Relaxed);
                 return Err(ClientError::Unavailable {
-                    deadline_ms: self.deadline.as_millis() as u64,
+                    deadline_ms: deadline.as_millis() as u64,
                     last_error,
                 });
             }
@@ -243,7 +257,7 @@ impl Client {
             }
             // After a full round of endpoints, pause before the next.
             if attempt.is_multiple_of(self.endpoints.len()) {
-                tokio::time::sleep(backoff.min(self.deadline.saturating_sub(started.elapsed()))).await;
+                tokio::time::sleep(backoff.min(deadline.saturating_sub(started.elapsed()))).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
         }
@@ -464,6 +478,21 @@ impl Client {
 
     pub async fn service(&self, name: &str) -> Result<ServiceView, ClientError> {
         self.get(&format!("/v1/services/{}", encode(name))).await
+    }
+
+    /// A blocking read of a service: answers once its view is no longer the one at `index`
+    /// (a `ServiceView::index` from an earlier answer of the same node), or after `wait`
+    /// unchanged. A node that does not know `index` (the call moved to another node)
+    /// answers at once. How a proxy follows the registry.
+    pub async fn service_watch(&self, name: &str, index: u64, wait: Duration) -> Result<ServiceView, ClientError> {
+        let path = format!(
+            "/v1/services/{}?index={index}&wait={}ms",
+            encode(name),
+            wait.as_millis()
+        );
+        let deadline = wait + self.deadline;
+        self.call_within::<(), _>(deadline, Method::GET, &path, None, Retry::Idempotent)
+            .await
     }
 
     /// For every instance: whether it could be promoted now and, if not, every reason.

@@ -246,6 +246,11 @@ pub struct ServiceView {
     /// primary and the healthy replicas (active-passive; the primary first).
     pub serving: Vec<String>,
     pub policy: crate::service::Policy,
+    /// This node's registry change index when the view was read: pass it back as
+    /// `?index=` to wait until the view changes (a blocking read, as Consul's). Local to
+    /// the node that answered; another node's index is unrelated (a mismatch answers at once).
+    #[serde(default)]
+    pub index: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

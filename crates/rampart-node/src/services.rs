@@ -170,6 +170,7 @@ fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceV
             .collect(),
         serving: serving(service),
         policy: service.policy.clone(),
+        index: 0,
     }
 }
 
@@ -205,12 +206,76 @@ fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> 
         .ok_or_else(|| service_not_found(name))
 }
 
-pub async fn show(State(node): State<Shared>, Path(name): Path<String>) -> Result<Json<ServiceView>, ApiError> {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowQuery {
+    /// Answer once the view differs from the one read at this index.
+    index: Option<u64>,
+    /// How long to wait for a change (default 60s, at most 10m).
+    wait: Option<String>,
+}
+
+/// Longest a blocking read of a service waits before answering an unchanged view.
+const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The service as this node sees it, and the change index it was read at.
+fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
     // Lock order everywhere: the applied state, then the soft state.
-    with_service(&node, &name, |s| {
-        view(&name, s, &node.soft.lock().expect("soft state lock"))
-    })
-    .map(Json)
+    let applied = node.applied.read().expect("state lock");
+    let service = applied.state.services.get(name).ok_or_else(|| service_not_found(name))?;
+    let mut view = view(name, service, &node.soft.lock().expect("soft state lock"));
+    view.index = applied.services_version;
+    Ok(view)
+}
+
+/// `GET /v1/services/{name}`; with `?index=N`, a blocking read: it answers when the view
+/// is no longer the one at index N (at once if this node is past N or behind it, as after
+/// the caller moved to another node), or after `wait` with the view unchanged. Registry
+/// changes to other services wake it but do not answer it.
+pub async fn show(
+    State(node): State<Shared>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ServiceView>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let wait = match query.wait.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(text) => rampart_core::duration::parse_duration(text)
+            .map_err(|e| ApiError::bad_request("bad_query", format!("wait={text:?}: {e}")))?
+            .min(WAIT_MAX),
+    };
+    let mut changes = node.sm.services_changes();
+    let first = current(&node, &name)?;
+    let Some(index) = query.index else {
+        return Ok(Json(first));
+    };
+    if first.index != index {
+        return Ok(Json(first));
+    }
+    // A node cut off from its leader would hold a watcher on a view nobody updates: it
+    // answers no_leader instead (checked each second), and the caller moves to another node.
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if node.known_leader().is_none() {
+            return Err(ApiError::no_leader());
+        }
+        let tick = deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        match tokio::time::timeout_at(tick, changes.changed()).await {
+            Ok(Ok(())) => {
+                let now = current(&node, &name)?;
+                let changed = ServiceView {
+                    index: first.index,
+                    ..now.clone()
+                } != first;
+                if changed {
+                    return Ok(Json(now));
+                }
+            }
+            Err(_) if tokio::time::Instant::now() < deadline => {}
+            // Timed out, or the state machine is gone (shutting down): the view as it is.
+            Ok(Err(_)) | Err(_) => return current(&node, &name).map(Json),
+        }
+    }
 }
 
 /// Every instance's eligibility for promotion right now, from the committed verdicts.

@@ -23,7 +23,7 @@ use openraft::{
 };
 use rampart_core::api::WatchEvent;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::command::Outcomes;
 use crate::state::State;
@@ -89,6 +89,8 @@ pub struct StateMachineStore {
     snapshot_path: Arc<PathBuf>,
     applied: Arc<RwLock<Applied>>,
     feed: broadcast::Sender<WatchEvent>,
+    /// `Applied::services_version`, published after each change, for waiters.
+    services: Arc<watch::Sender<u64>>,
 }
 
 impl StateMachineStore {
@@ -102,6 +104,7 @@ impl StateMachineStore {
                 ..Applied::default()
             })),
             feed,
+            services: Arc::new(watch::channel(0).0),
         };
         if let Some(snapshot) = store.load_snapshot()? {
             store.replace(snapshot);
@@ -120,6 +123,16 @@ impl StateMachineStore {
         self.feed.subscribe()
     }
 
+    /// Wakes on every change of `Applied::services_version` (the value is that version):
+    /// for blocking reads of the registry, such as a proxy's watch of a service.
+    pub fn services_changes(&self) -> watch::Receiver<u64> {
+        self.services.subscribe()
+    }
+
+    fn publish_services(&self, version: u64) {
+        self.services.send_if_modified(|seen| std::mem::replace(seen, version) != version);
+    }
+
     fn replace(&self, snapshot: StoredSnapshot) {
         let mut applied = self.applied.write().expect("state lock poisoned");
         applied.compacted_revision = snapshot.state.revision;
@@ -128,6 +141,7 @@ impl StateMachineStore {
         applied.membership = snapshot.meta.last_membership;
         applied.history.clear();
         applied.services_version += 1;
+        self.publish_services(applied.services_version);
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
@@ -242,6 +256,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             outcomes.push(answers);
         }
+        self.publish_services(applied.services_version);
         Ok(outcomes)
     }
 
