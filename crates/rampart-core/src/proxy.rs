@@ -18,6 +18,7 @@ const UPSTREAMS_MAX: usize = 1024;
 const WEIGHT_MAX: u32 = 1000;
 const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1000;
 const TRY_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
 /// A proxy config file: its `[proxy]` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,13 @@ pub struct ListenerSpec {
     pub fault: Option<FaultSpec>,
     /// `http`: quotas per client key (off unless set).
     pub quota: Option<QuotaSpec>,
+    /// With `service`: how long connections to an upstream that left the listener's set
+    /// may go on before they are closed (default 30s). Connections to a primary that lost
+    /// its role are closed at once, whatever this says.
+    pub drain_timeout: Option<String>,
+    /// `http` with `route = "primary"`: the methods that still go through, to replicas,
+    /// while the service has no primary (default GET, HEAD, OPTIONS); others get 503.
+    pub read_methods: Option<Vec<String>>,
 }
 
 /// `quota = { key = "header:X-Api-Key", default_tier = "free" }`.
@@ -412,6 +420,9 @@ pub struct Listener {
     pub max_requests: Option<u32>,
     pub fault: Option<Fault>,
     pub quota: Option<Quota>,
+    pub drain_timeout_ms: u64,
+    /// Upper-case methods served by replicas in read-only mode.
+    pub read_methods: Vec<String>,
 }
 
 impl ProxySpec {
@@ -592,6 +603,35 @@ impl ListenerSpec {
             }
             Some(spec) => Some(spec.validate(&field("quota"), tiers, clients)?),
         };
+        let drain_timeout_ms = duration_ms(
+            &field("drain_timeout"),
+            self.drain_timeout.as_deref(),
+            DRAIN_TIMEOUT_MS_DEFAULT,
+            0,
+            3_600_000,
+        )?;
+        let read_methods = match &self.read_methods {
+            None => ["GET", "HEAD", "OPTIONS"].map(String::from).to_vec(),
+            Some(_) if mode != Mode::Http => {
+                return Err(field_error(field("read_methods"), "set", "only with mode = \"http\""));
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let valid = !m.is_empty() && m.len() <= 32 && m.chars().all(|c| c.is_ascii_alphabetic());
+                    if valid {
+                        Ok(m.to_ascii_uppercase())
+                    } else {
+                        Err(field_error(
+                            format!("{}[{i}]", field("read_methods")),
+                            m,
+                            "an HTTP method, like GET",
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Listener {
             name,
             bind,
@@ -605,6 +645,8 @@ impl ListenerSpec {
             max_requests,
             fault,
             quota,
+            drain_timeout_ms,
+            read_methods,
         })
     }
 }
@@ -1060,6 +1102,69 @@ pub fn client_hash(ip: std::net::IpAddr) -> u64 {
     hasher.finish()
 }
 
+/// A service listener's upstreams as the registry says now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// Where the listener's connections and requests go.
+    pub upstreams: Vec<Upstream>,
+    /// `route = primary` with no primary serving: the replicas that take reads meanwhile
+    /// (read-only mode). Empty otherwise.
+    pub read_only: Vec<Upstream>,
+    /// The serving primary's id, if any.
+    pub primary: Option<String>,
+}
+
+/// `HOST:PORT` of an instance endpoint written as a URL (`http://h:p/path`) or as `h:p`.
+pub fn endpoint_address(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let valid = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    valid.then(|| authority.to_string())
+}
+
+/// Which instances of `view` a listener with `route` sends traffic to: only those the
+/// registry calls serving (live, ready, not a standby). `primary` is the serving primary
+/// (every serving instance for an active-active service, which has none); `replicas` the
+/// serving instances but the primary; `any` all serving ones.
+pub fn route(view: &crate::api::ServiceView, route: Route) -> Routing {
+    let active_active = view.policy.mode == crate::service::Mode::ActiveActive;
+    let primary = view
+        .primary
+        .clone()
+        .filter(|p| !active_active && view.serving.contains(p));
+    let upstream = |id: &String| {
+        let instance = view.instances.iter().find(|i| &i.id == id)?;
+        Some(Upstream {
+            address: endpoint_address(&instance.endpoint)?,
+            weight: 1,
+        })
+    };
+    let replicas: Vec<Upstream> = view
+        .serving
+        .iter()
+        .filter(|id| view.primary.as_ref() != Some(*id))
+        .filter_map(upstream)
+        .collect();
+    let all: Vec<Upstream> = view.serving.iter().filter_map(upstream).collect();
+    let (upstreams, read_only) = match route {
+        Route::Any => (all, Vec::new()),
+        Route::Primary if active_active => (all, Vec::new()),
+        Route::Primary => match primary.as_ref().and_then(upstream) {
+            Some(p) => (vec![p], Vec::new()),
+            None => (Vec::new(), replicas),
+        },
+        Route::Replicas => (replicas, Vec::new()),
+    };
+    Routing {
+        upstreams,
+        read_only,
+        primary,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1408,5 +1513,81 @@ mod tests {
         }
         let share = moved as f64 / clients as f64;
         assert!((0.15..0.25).contains(&share), "moved {share}");
+    }
+
+    fn view(mode: &str, primary: Option<&str>, serving: &[&str]) -> crate::api::ServiceView {
+        let spec = crate::service::PolicySpec {
+            mode: Some(mode.to_string()),
+            ..Default::default()
+        };
+        crate::api::ServiceView {
+            name: "db".into(),
+            primary: primary.map(String::from),
+            token: 1,
+            instances: ["a", "b", "c"]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| crate::api::InstanceView {
+                    id: id.to_string(),
+                    endpoint: format!("http://127.0.0.1:{}/x", 9000 + i),
+                    region: "r".into(),
+                    zone: None,
+                    priority: 0,
+                    role: crate::service::InstanceRole::Replica,
+                    health: crate::health::Health::Up,
+                    ready: crate::health::Health::Up,
+                    node: None,
+                    tags: Default::default(),
+                    reports: Default::default(),
+                })
+                .collect(),
+            serving: serving.iter().map(|s| s.to_string()).collect(),
+            policy: spec.validate().unwrap(),
+            index: 0,
+        }
+    }
+
+    fn addresses_of(list: &[Upstream]) -> Vec<&str> {
+        list.iter().map(|u| u.address.as_str()).collect()
+    }
+
+    #[test]
+    fn routes_follow_the_serving_primary_and_fall_back_to_replicas_for_reads() {
+        let up = view("active-passive", Some("a"), &["a", "b", "c"]);
+        let primary = route(&up, Route::Primary);
+        assert_eq!(addresses_of(&primary.upstreams), ["127.0.0.1:9000"]);
+        assert!(primary.read_only.is_empty());
+        assert_eq!(primary.primary.as_deref(), Some("a"));
+        assert_eq!(
+            addresses_of(&route(&up, Route::Replicas).upstreams),
+            ["127.0.0.1:9001", "127.0.0.1:9002"]
+        );
+        assert_eq!(route(&up, Route::Any).upstreams.len(), 3);
+
+        // The primary is down (not serving): nothing to write to, replicas for reads.
+        let down = view("active-passive", Some("a"), &["b", "c"]);
+        let primary = route(&down, Route::Primary);
+        assert!(primary.upstreams.is_empty());
+        assert_eq!(addresses_of(&primary.read_only), ["127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert_eq!(primary.primary, None);
+
+        // Active-active has no primary: every serving instance takes primary traffic.
+        let aa = view("active-active", None, &["a", "c"]);
+        assert_eq!(
+            addresses_of(&route(&aa, Route::Primary).upstreams),
+            ["127.0.0.1:9000", "127.0.0.1:9002"]
+        );
+    }
+
+    #[test]
+    fn endpoint_addresses_come_from_urls_or_host_port() {
+        assert_eq!(
+            endpoint_address("http://10.0.0.1:8080/health").as_deref(),
+            Some("10.0.0.1:8080")
+        );
+        assert_eq!(endpoint_address("10.0.0.1:5432").as_deref(), Some("10.0.0.1:5432"));
+        assert_eq!(endpoint_address("postgres://u:p@db:5432/x").as_deref(), Some("db:5432"));
+        assert_eq!(endpoint_address("http://nohost/"), None);
+        assert_eq!(endpoint_address(":80"), None);
     }
 }

@@ -222,7 +222,11 @@ const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
     // Lock order everywhere: the applied state, then the soft state.
     let applied = node.applied.read().expect("state lock");
-    let service = applied.state.services.get(name).ok_or_else(|| service_not_found(name))?;
+    let service = applied
+        .state
+        .services
+        .get(name)
+        .ok_or_else(|| service_not_found(name))?;
     let mut view = view(name, service, &node.soft.lock().expect("soft state lock"));
     view.index = applied.services_version;
     Ok(view)

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use crate::metrics::{ListenerLabels, Metrics, QuotaLabels, ShedLabels, StatusLabels};
 use crate::now_ms;
 use crate::pool::Pool;
+use crate::target::Target;
 use crate::tcp::Decrement;
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
@@ -44,7 +45,7 @@ const CLIENTS_MAX: usize = 100_000;
 /// The largest request body the proxy buffers to be able to send it again.
 pub const BODY_BYTES_MAX: usize = 8 << 20;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that concern one hop only (RFC 9110 7.6.1), never passed on.
 const HOP_BY_HOP: &[&str] = &[
@@ -61,7 +62,7 @@ const HOP_BY_HOP: &[&str] = &[
 
 struct Shared {
     listener: Listener,
-    pool: Arc<Pool>,
+    target: Arc<Target>,
     budget: Mutex<RetryBudget>,
     /// Requests being forwarded (until their response head), for shedding.
     in_flight: AtomicU32,
@@ -72,7 +73,12 @@ struct Shared {
     labels: ListenerLabels,
 }
 
-pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics: Arc<Metrics>) -> io::Result<()> {
+pub async fn serve(
+    listener: Listener,
+    socket: TcpListener,
+    target: Arc<Target>,
+    metrics: Arc<Metrics>,
+) -> io::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
     connector.set_nodelay(true);
@@ -83,7 +89,7 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
         labels: Metrics::listener(&listener.name),
         metrics,
         listener,
-        pool: Arc::new(pool),
+        target,
         budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
         in_flight: AtomicU32::new(0),
         allowances: Mutex::new(HashMap::new()),
@@ -161,18 +167,13 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
             priority: format!("{priority:?}").to_lowercase(),
         };
         shared.metrics.shed.get_or_create(&labels).inc();
-        let mut response = error(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return unavailable(
             "overloaded",
             &format!(
                 "listener {} is at its limit of {max} requests in flight; {priority:?} priority requests are shed",
                 shared.listener.name
             ),
         );
-        response
-            .headers_mut()
-            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
     }
     // Counted down when done, or when the client goes away and the future is dropped.
     let _in_flight = InFlight(&shared.in_flight);
@@ -210,8 +211,10 @@ fn charge(shared: &Shared, quota: &Quota, request: &Request<Incoming>, peer: Soc
     shared.metrics.quota_rejections.get_or_create(&labels).inc();
     let retry_after_s = over.retry_after_ms.div_ceil(1000).max(1);
     let body = serde_json::json!({
-        "error": "quota_exceeded",
-        "message": format!("over the {} limit of tier {tier_name}", over.limit),
+        "error": {
+            "code": "quota_exceeded",
+            "message": format!("over the {} limit of tier {tier_name}", over.limit),
+        },
         "tier": tier_name,
         "limit": over.limit,
         "retry_after_s": retry_after_s,
@@ -264,14 +267,18 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let key = client_hash(peer.ip());
     let idempotent = idempotent(parts.method.as_str());
+    let pool = match choose_pool(shared, parts.method.as_str()) {
+        Ok(pool) => pool,
+        Err((code, message)) => return unavailable(code, &message),
+    };
     let mut retries_left = shared.listener.retries;
     shared.budget.lock().expect("budget lock").deposit();
     let mut tried = Vec::new();
-    while tried.len() < shared.pool.len() {
-        let Some(lease) = shared.pool.pick(key, &tried) else {
+    while tried.len() < pool.len() {
+        let Some(lease) = pool.pick(key, &tried) else {
             break;
         };
-        tried.push(Pool::index_of(&lease));
+        tried.push(lease.address().to_string());
         let Ok(uri) = format!("http://{}{path}", lease.address()).parse::<Uri>() else {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -342,6 +349,46 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
     )
 }
 
+/// The pool a request goes to: the listener's, or in read-only mode (a `route = primary`
+/// service with no primary) the replicas for a read; a write then gets 503 `read_only`.
+/// A refusal is a 503's code and message.
+fn choose_pool<'a>(shared: &'a Shared, method: &str) -> Result<&'a Arc<Pool>, (&'static str, String)> {
+    let target = &shared.target;
+    let Some((service, _)) = &target.service else {
+        return Ok(&target.pool);
+    };
+    if target.view().is_none() {
+        return Err((
+            "no_view",
+            format!(
+                "listener {} has not yet read service {service} from the control plane",
+                shared.listener.name
+            ),
+        ));
+    }
+    if !target.read_only() {
+        return Ok(&target.pool);
+    }
+    if !shared.listener.read_methods.iter().any(|m| m == method) {
+        return Err((
+            "read_only",
+            format!(
+                "service {service} has no primary: {method} is refused until one is promoted; reads go to replicas"
+            ),
+        ));
+    }
+    Ok(&target.readers)
+}
+
+/// 503 with `Retry-After: 1`.
+pub(crate) fn unavailable(code: &str, message: &str) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    response
+        .headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// A response body that keeps its upstream's lease (connections in flight) until done.
 struct LeasedBody {
     body: Incoming,
@@ -368,43 +415,16 @@ impl hyper::body::Body for LeasedBody {
     }
 }
 
-/// The admin listener: `GET /metrics` (Prometheus text), 404 for anything else.
-pub async fn serve_admin(socket: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    loop {
-        let (stream, _) = crate::accept(&socket, "admin").await;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let response = if request.uri().path() == "/metrics" {
-                        let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
-                        response.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        response
-                    } else {
-                        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-                        *response.status_mut() = StatusCode::NOT_FOUND;
-                        response
-                    };
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": code, "message": message }))
+/// The proxy's own error, shaped like the API's: `{"error": {"code", "message"}}`.
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message } }),
+    )
 }
 
 /// A JSON answer of the proxy's own.
-fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let body = Full::new(Bytes::from(body.to_string())).map_err(|never| match never {});
     let mut response = Response::new(body.boxed());
     *response.status_mut() = status;

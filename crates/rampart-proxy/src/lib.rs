@@ -1,58 +1,73 @@
 //! `rampart-proxy` is Rampart's traffic plane: listeners that take client connections and
 //! pass them to healthy upstreams picked by `rampart_core::proxy::Balancer`. Every decision
 //! (which upstream, whether one is out of rotation) is a policy of `rampart-core`; this
-//! crate does the I/O. Built so far: TCP and HTTP/1.1 listeners over static upstreams,
-//! with a failed connect moving on to the next upstream at once, passive ejection and a
-//! circuit breaker per upstream, and retries of idempotent HTTP requests under a budget.
+//! crate does the I/O: TCP and HTTP listeners over static upstreams or a registry service
+//! (followed by blocking reads; `target`), with a failed connect moving on to the next
+//! upstream at once, passive ejection and a circuit breaker per upstream, retries of
+//! idempotent HTTP requests under a budget, quotas, shedding, read-only mode and fault
+//! injection.
 
+mod admin;
 mod http;
 mod metrics;
 mod pool;
+mod target;
 mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use rampart_client::Client;
 use rampart_core::proxy::{Listener, Mode, Upstreams};
 
 pub use metrics::Metrics;
 pub use pool::Pool;
+pub use target::Target;
 
-/// Binds every listener (and the admin address serving `/metrics`), then serves them
-/// until the task is dropped. Fails at once, naming the listener, if an address cannot be
-/// bound or a listener asks for what is not built.
-pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>) -> io::Result<()> {
+/// Binds every listener (and the admin address serving `/metrics` and the health
+/// endpoints), then serves them until the task is dropped. Listeners of a registry
+/// service follow it through `client`. Fails at once, naming the listener, if an address
+/// cannot be bound or a service listener has no control plane to ask.
+pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Option<Arc<Client>>) -> io::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let mut bound = Vec::new();
     for listener in listeners {
-        let Upstreams::Static(upstreams) = &listener.upstreams else {
+        if let (Upstreams::Service { name, .. }, None) = (&listener.upstreams, &client) {
             return Err(io::Error::other(format!(
-                "listener {}: upstreams from the service registry are not built yet; list static upstreams",
+                "listener {}: service {name} needs the control plane's --endpoints",
                 listener.name
             )));
-        };
+        }
         let socket = tokio::net::TcpListener::bind(listener.bind).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("listener {}: cannot bind {}: {e}", listener.name, listener.bind),
             )
         })?;
-        tracing::info!(listener = %listener.name, bind = %listener.bind, upstreams = upstreams.len(), "listening");
-        let pool = Pool::new(&listener, upstreams, metrics.clone());
-        bound.push((listener, socket, pool));
+        tracing::info!(listener = %listener.name, bind = %listener.bind, upstreams = ?listener.upstreams, "listening");
+        let target = Arc::new(Target::new(&listener, metrics.clone()));
+        bound.push((listener, socket, target));
     }
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(client) = client {
+        let targets = bound.iter().map(|(_, _, t)| t.clone()).collect();
+        tasks.spawn(async move {
+            target::follow_all(client, targets).await;
+            Ok(())
+        });
+    }
     if let Some(admin) = admin {
         let socket = tokio::net::TcpListener::bind(admin)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("proxy.admin: cannot bind {admin}: {e}")))?;
-        tasks.spawn(http::serve_admin(socket, metrics.clone()));
+        let targets = bound.iter().map(|(l, _, t)| (l.name.clone(), t.clone())).collect();
+        tasks.spawn(admin::serve_admin(socket, metrics.clone(), targets));
     }
-    for (listener, socket, pool) in bound {
+    for (listener, socket, target) in bound {
         match listener.mode {
-            Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, pool, metrics.clone())),
-            Mode::Http => tasks.spawn(http::serve(listener, socket, pool, metrics.clone())),
+            Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, target, metrics.clone())),
+            Mode::Http => tasks.spawn(http::serve(listener, socket, target, metrics.clone())),
         };
     }
     while let Some(done) = tasks.join_next().await {

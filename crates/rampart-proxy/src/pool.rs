@@ -2,9 +2,18 @@
 //! flight, passive ejection (`rampart_core::proxy::Outlier`) and a circuit breaker
 //! (`rampart_core::proxy::Breaker`). An upstream is in rotation when it is not ejected and
 //! its breaker lets a request through.
+//!
+//! The set can be replaced while connections run (a service listener follows the
+//! registry): upstreams that stay keep their state, and connections to one that left are
+//! told when to end — at once for a primary that lost its role, after the listener's
+//! drain timeout otherwise (`Lease::closed`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::now_ms;
@@ -18,7 +27,7 @@ pub struct Pool {
     listener: String,
     max_ejected_percent: u32,
     metrics: Arc<Metrics>,
-    upstreams: Vec<Member>,
+    members: RwLock<Arc<Vec<Arc<Member>>>>,
     balancer: Mutex<Balancer>,
     ejection: Ejection,
     breaker: BreakerPolicy,
@@ -29,39 +38,76 @@ struct Member {
     active: AtomicU32,
     outlier: Mutex<Outlier>,
     breaker: Mutex<Breaker>,
+    /// When connections to it must end; `None` while it belongs to the pool.
+    close_at: watch::Sender<Option<Instant>>,
+}
+
+impl Member {
+    fn new(upstream: &Upstream) -> Arc<Member> {
+        Arc::new(Member {
+            upstream: upstream.clone(),
+            active: AtomicU32::new(0),
+            outlier: Mutex::new(Outlier::default()),
+            breaker: Mutex::new(Breaker::default()),
+            close_at: watch::channel(None).0,
+        })
+    }
+}
+
+/// One upstream's standing, for the health endpoints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Standing {
+    pub address: String,
+    pub active: u32,
+    pub ejected: bool,
+    pub breaker: &'static str,
 }
 
 /// A connection or request counted against an upstream while it lives.
 pub struct Lease {
     pool: Arc<Pool>,
-    index: usize,
+    member: Arc<Member>,
     /// Whether its outcome was recorded (else dropping it frees a half-open probe slot).
-    recorded: std::sync::atomic::AtomicBool,
+    recorded: AtomicBool,
 }
 
 impl Lease {
     pub fn address(&self) -> &str {
-        &self.pool.upstreams[self.index].upstream.address
+        &self.member.upstream.address
+    }
+
+    /// Resolves when the connection must end because its upstream left the pool: at once
+    /// or at the end of its drain. Never, while the upstream stays.
+    pub async fn closed(&self) {
+        let mut close_at = self.member.close_at.subscribe();
+        let at: Option<Instant> = close_at.wait_for(Option::is_some).await.ok().and_then(|at| *at);
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The upstream answered well: it is forgiven its failures.
     pub fn succeeded(&self) {
         self.recorded.store(true, Ordering::Relaxed);
-        let member = &self.pool.upstreams[self.index];
-        member.outlier.lock().expect("outlier lock").success();
+        self.member.outlier.lock().expect("outlier lock").success();
         let now = now_ms();
-        let mut breaker = member.breaker.lock().expect("breaker lock");
+        let mut breaker = self.member.breaker.lock().expect("breaker lock");
         breaker.record(now, true, self.pool.breaker);
         self.pool
-            .show_breaker(self.index, breaker.state(now, self.pool.breaker));
+            .show_breaker(&self.member, breaker.state(now, self.pool.breaker));
     }
 
     /// The upstream failed: it may leave rotation, and its breaker may open.
     pub fn failed(&self, kind: Failure) {
         self.recorded.store(true, Ordering::Relaxed);
-        let member = &self.pool.upstreams[self.index];
+        let member = &self.member;
         let now = now_ms();
-        let room = may_eject(self.pool.ejected(now), self.pool.len(), self.pool.max_ejected_percent);
+        let members = self.pool.members();
+        let ejected_now = members
+            .iter()
+            .filter(|m| m.outlier.lock().expect("outlier lock").ejected(now));
+        let room = may_eject(ejected_now.count(), members.len(), self.pool.max_ejected_percent);
         let ejected = member
             .outlier
             .lock()
@@ -72,7 +118,7 @@ impl Lease {
             self.pool
                 .metrics
                 .ejections
-                .get_or_create(&self.pool.labels(self.index))
+                .get_or_create(&self.pool.labels(member))
                 .inc();
         }
         let mut breaker = member.breaker.lock().expect("breaker lock");
@@ -81,71 +127,95 @@ impl Lease {
         if state == BreakerState::Open {
             tracing::warn!(upstream = %member.upstream.address, "circuit breaker open");
         }
-        self.pool.show_breaker(self.index, state);
+        self.pool.show_breaker(member, state);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let member = &self.pool.upstreams[self.index];
         if !self.recorded.load(Ordering::Relaxed) {
-            member.breaker.lock().expect("breaker lock").release();
+            self.member.breaker.lock().expect("breaker lock").release();
         }
-        member.active.fetch_sub(1, Ordering::Relaxed);
+        self.member.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Pool {
     pub fn new(listener: &Listener, upstreams: &[Upstream], metrics: Arc<Metrics>) -> Pool {
-        let algorithm = listener.algorithm;
         Pool {
             listener: listener.name.clone(),
             max_ejected_percent: listener.max_ejected_percent,
             metrics,
-            upstreams: upstreams
-                .iter()
-                .map(|u| Member {
-                    upstream: u.clone(),
-                    active: AtomicU32::new(0),
-                    outlier: Mutex::new(Outlier::default()),
-                    breaker: Mutex::new(Breaker::default()),
-                })
-                .collect(),
-            balancer: Mutex::new(Balancer::new(algorithm)),
+            members: RwLock::new(Arc::new(upstreams.iter().map(Member::new).collect())),
+            balancer: Mutex::new(Balancer::new(listener.algorithm)),
             ejection: Ejection::default(),
             breaker: BreakerPolicy::default(),
         }
     }
 
-    /// Picks an upstream not in `tried`, among those in rotation (or among all that are not
-    /// tried, when none is in rotation: better to try than to refuse outright).
-    pub fn pick(self: &Arc<Self>, client: u64, tried: &[usize]) -> Option<Lease> {
+    fn members(&self) -> Arc<Vec<Arc<Member>>> {
+        self.members.read().expect("members lock").clone()
+    }
+
+    /// Makes `upstreams` the pool. Those already in it keep their ejection, breaker and
+    /// connections; connections to those that left end after `drain` (zero: at once).
+    pub fn replace(&self, upstreams: &[Upstream], drain: Duration) {
+        let mut members = self.members.write().expect("members lock");
+        let next: Vec<Arc<Member>> = upstreams
+            .iter()
+            .map(|u| {
+                members
+                    .iter()
+                    .find(|m| m.upstream == *u)
+                    .cloned()
+                    .unwrap_or_else(|| Member::new(u))
+            })
+            .collect();
+        for gone in members.iter().filter(|m| !next.iter().any(|n| Arc::ptr_eq(n, m))) {
+            tracing::info!(
+                listener = %self.listener,
+                upstream = %gone.upstream.address,
+                connections = gone.active.load(Ordering::Relaxed),
+                "upstream left; its connections end in {drain:?}"
+            );
+            gone.close_at.send_replace(Some(Instant::now() + drain));
+        }
+        for new in next.iter().filter(|n| !members.iter().any(|m| Arc::ptr_eq(n, m))) {
+            tracing::info!(listener = %self.listener, upstream = %new.upstream.address, "upstream joined");
+        }
+        *members = Arc::new(next);
+    }
+
+    /// Picks an upstream whose address is not in `tried`, among those in rotation (or
+    /// among all that are not tried, when none is in rotation: better to try than to refuse
+    /// outright).
+    pub fn pick(self: &Arc<Self>, client: u64, tried: &[String]) -> Option<Lease> {
         let now = now_ms();
-        let mut passed = tried.to_vec();
+        let members = self.members();
+        let mut passed: Vec<&str> = tried.iter().map(String::as_str).collect();
         loop {
-            let open = |i: &usize| {
-                let member = &self.upstreams[*i];
-                !member.outlier.lock().expect("outlier lock").ejected(now)
-                    && member.breaker.lock().expect("breaker lock").state(now, self.breaker) != BreakerState::Open
+            let open = |m: &&Arc<Member>| {
+                !m.outlier.lock().expect("outlier lock").ejected(now)
+                    && m.breaker.lock().expect("breaker lock").state(now, self.breaker) != BreakerState::Open
             };
-            let untried: Vec<usize> = (0..self.upstreams.len()).filter(|i| !passed.contains(i)).collect();
+            let untried: Vec<&Arc<Member>> = members
+                .iter()
+                .filter(|m| !passed.contains(&m.upstream.address.as_str()))
+                .collect();
             if untried.is_empty() {
                 return None;
             }
-            let mut indices: Vec<usize> = untried.iter().copied().filter(open).collect();
-            let panic_mode = indices.is_empty();
+            let mut chosen_from: Vec<&Arc<Member>> = untried.iter().copied().filter(open).collect();
+            let panic_mode = chosen_from.is_empty();
             if panic_mode {
-                indices = untried;
+                chosen_from = untried;
             }
-            let candidates: Vec<Candidate<'_>> = indices
+            let candidates: Vec<Candidate<'_>> = chosen_from
                 .iter()
-                .map(|i| {
-                    let m = &self.upstreams[*i];
-                    Candidate {
-                        address: &m.upstream.address,
-                        weight: m.upstream.weight,
-                        active: m.active.load(Ordering::Relaxed),
-                    }
+                .map(|m| Candidate {
+                    address: &m.upstream.address,
+                    weight: m.upstream.weight,
+                    active: m.active.load(Ordering::Relaxed),
                 })
                 .collect();
             let chosen = self
@@ -153,61 +223,63 @@ impl Pool {
                 .lock()
                 .expect("balancer lock")
                 .pick(&candidates, client, rand::random())?;
-            let index = indices[chosen];
+            let member = chosen_from[chosen];
             // A half-open breaker lets only a few probes through at once.
-            if !panic_mode
-                && !self.upstreams[index]
-                    .breaker
-                    .lock()
-                    .expect("breaker lock")
-                    .allow(now, self.breaker)
-            {
-                passed.push(index);
+            if !panic_mode && !member.breaker.lock().expect("breaker lock").allow(now, self.breaker) {
+                passed.push(&member.upstream.address);
                 continue;
             }
-            self.upstreams[index].active.fetch_add(1, Ordering::Relaxed);
+            member.active.fetch_add(1, Ordering::Relaxed);
             return Some(Lease {
                 pool: self.clone(),
-                index,
-                recorded: std::sync::atomic::AtomicBool::new(false),
+                member: member.clone(),
+                recorded: AtomicBool::new(false),
             });
         }
     }
 
-    /// Lets `pick` leave a lease's upstream out on the next try.
-    pub fn index_of(lease: &Lease) -> usize {
-        lease.index
+    /// Every upstream's standing now.
+    pub fn standings(&self) -> Vec<Standing> {
+        let now = now_ms();
+        self.members()
+            .iter()
+            .map(|m| Standing {
+                address: m.upstream.address.clone(),
+                active: m.active.load(Ordering::Relaxed),
+                ejected: m.outlier.lock().expect("outlier lock").ejected(now),
+                breaker: match m.breaker.lock().expect("breaker lock").state(now, self.breaker) {
+                    BreakerState::Closed => "closed",
+                    BreakerState::Open => "open",
+                    BreakerState::HalfOpen => "half-open",
+                },
+            })
+            .collect()
     }
 
-    fn labels(&self, index: usize) -> UpstreamLabels {
+    fn labels(&self, member: &Member) -> UpstreamLabels {
         UpstreamLabels {
             listener: self.listener.clone(),
-            upstream: self.upstreams[index].upstream.address.clone(),
+            upstream: member.upstream.address.clone(),
         }
     }
 
-    fn show_breaker(&self, index: usize, state: BreakerState) {
+    fn show_breaker(&self, member: &Member, state: BreakerState) {
         let value = match state {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
         };
-        self.metrics.breaker_state.get_or_create(&self.labels(index)).set(value);
-    }
-
-    /// Upstreams out of rotation by ejection now.
-    fn ejected(&self, now: u64) -> usize {
-        self.upstreams
-            .iter()
-            .filter(|m| m.outlier.lock().expect("outlier lock").ejected(now))
-            .count()
+        self.metrics
+            .breaker_state
+            .get_or_create(&self.labels(member))
+            .set(value);
     }
 
     pub fn len(&self) -> usize {
-        self.upstreams.len()
+        self.members().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.upstreams.is_empty()
+        self.len() == 0
     }
 }

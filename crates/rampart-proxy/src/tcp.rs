@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
+use crate::target::Target;
 
 /// Counts a gauge down when dropped.
 pub struct Decrement(pub prometheus_client::metrics::gauge::Gauge);
@@ -22,9 +23,14 @@ impl Drop for Decrement {
     }
 }
 
-pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics: Arc<Metrics>) -> io::Result<()> {
+pub async fn serve(
+    listener: Listener,
+    socket: TcpListener,
+    target: Arc<Target>,
+    metrics: Arc<Metrics>,
+) -> io::Result<()> {
     let labels = Metrics::listener(&listener.name);
-    let pool = Arc::new(pool);
+    let pool = target.pool.clone();
     let listener = Arc::new(listener);
     loop {
         let (mut client, peer) = crate::accept(&socket, &listener.name).await;
@@ -37,11 +43,20 @@ pub async fn serve(listener: Listener, socket: TcpListener, pool: Pool, metrics:
             let _done = Decrement(active);
             let key = client_hash(peer.ip());
             // The lease counts the connection against its upstream until both sides close.
-            let Some((_lease, mut upstream)) = connect(&pool, key, &listener).await else {
+            // With no upstream (none reachable, or no primary) the client is refused at
+            // once, not left hanging.
+            let Some((lease, mut upstream)) = connect(&pool, key, &listener).await else {
                 tracing::warn!(listener = %listener.name, client = %peer, "no upstream could be reached");
                 return;
             };
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                // The upstream left the listener's set: a demoted primary at once, any
+                // other after draining. Dropping both sockets closes them.
+                _ = lease.closed() => {
+                    tracing::info!(listener = %listener.name, client = %peer, upstream = %lease.address(), "connection closed: its upstream left");
+                }
+            }
         });
     }
 }
@@ -52,7 +67,7 @@ async fn connect(pool: &Arc<Pool>, key: u64, listener: &Listener) -> Option<(Lea
     let mut tried = Vec::new();
     while tried.len() < pool.len() {
         let lease = pool.pick(key, &tried)?;
-        tried.push(Pool::index_of(&lease));
+        tried.push(lease.address().to_string());
         match tokio::time::timeout(timeout, TcpStream::connect(lease.address())).await {
             Ok(Ok(stream)) => {
                 lease.succeeded();

@@ -130,7 +130,8 @@ impl StateMachineStore {
     }
 
     fn publish_services(&self, version: u64) {
-        self.services.send_if_modified(|seen| std::mem::replace(seen, version) != version);
+        self.services
+            .send_if_modified(|seen| std::mem::replace(seen, version) != version);
     }
 
     fn replace(&self, snapshot: StoredSnapshot) {

@@ -95,8 +95,8 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Run the proxy: the [[proxy.listeners]] of a TOML file (TCP and HTTP listeners over
-    /// static upstreams so far; see docs/guide.md, "Proxy")
+    /// Run the proxy: the [[proxy.listeners]] of a TOML file, TCP or HTTP, over static
+    /// upstreams or a service of the registry (asked of --endpoints); see docs/guide.md, "Proxy"
     Proxy {
         /// TOML file with [[proxy.listeners]] tables
         #[arg(long)]
@@ -511,7 +511,16 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Service(command) => run_service(client()?, output, command).await,
         Command::Proxy { config } => {
             let (listeners, admin) = proxy_listeners(&config)?;
-            rampart_proxy::run(listeners, admin)
+            let follows_registry = listeners
+                .iter()
+                .any(|l| matches!(l.upstreams, rampart_core::proxy::Upstreams::Service { .. }));
+            // A watch of the registry waits up to 10 s for a change; a node that does not
+            // answer within 2 s more is left for the next endpoint.
+            let registry = match follows_registry {
+                true => Some(std::sync::Arc::new(client()?.with_deadline(Duration::from_secs(2)))),
+                false => None,
+            };
+            rampart_proxy::run(listeners, admin, registry)
                 .await
                 .map_err(|e| Failure::failed(anyhow::anyhow!("proxy: {e}")))
         }

@@ -10,6 +10,7 @@ mod leases;
 mod membership;
 mod partition;
 mod proxy;
+mod proxy_registry;
 mod security;
 mod services;
 mod snapshot;

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::DEADLINE;
 
 /// A `rampart proxy` process, stopped when dropped.
-struct ProxyProcess(Child);
+pub(crate) struct ProxyProcess(Child);
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
@@ -18,12 +18,18 @@ impl Drop for ProxyProcess {
 }
 
 fn start_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
+    start_proxy_with(config, &[])
+}
+
+/// A proxy with extra arguments (such as `--endpoints` for registry listeners).
+pub(crate) fn start_proxy_with(config: &str, args: &[String]) -> (ProxyProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).expect("config");
     let child = Command::new(crate::binary())
         .args(["proxy", "--config"])
         .arg(&path)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -32,7 +38,7 @@ fn start_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
 }
 
 /// Stops a backend started by the test, like a SIGKILL: returns once its port refuses.
-async fn stop(addr: std::net::SocketAddr, task: tokio::task::JoinHandle<()>) {
+pub(crate) async fn stop(addr: std::net::SocketAddr, task: tokio::task::JoinHandle<()>) {
     task.abort();
     rampart_testkit::eventually(DEADLINE, &format!("{addr} closed"), || async {
         tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
@@ -51,7 +57,7 @@ async fn metrics(admin: std::net::SocketAddr) -> String {
 }
 
 /// A TCP backend that answers every connection with its name, then echoes.
-fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+pub(crate) fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     std_listener.set_nonblocking(true).expect("nonblocking");
     let addr = std_listener.local_addr().expect("addr");
@@ -73,7 +79,7 @@ fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle
 }
 
 /// Connects through the proxy, reads the backend's name, checks an echo.
-async fn ask(proxy: &str) -> Option<String> {
+pub(crate) async fn ask(proxy: &str) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
     let mut buf = [0u8; 64];
     let mut got = 0;
@@ -164,16 +170,16 @@ enum Reply {
 }
 
 /// An HTTP/1.1 test backend (keep-alive), started by the test.
-struct Backend {
-    addr: std::net::SocketAddr,
+pub(crate) struct Backend {
+    pub(crate) addr: std::net::SocketAddr,
     /// Aborting it closes the port and every connection.
-    task: tokio::task::JoinHandle<()>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
     /// Requests received (counted before any wait or answer).
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A backend answering every request with 200 and its name.
-fn http_backend(name: &'static str) -> Backend {
+pub(crate) fn http_backend(name: &'static str) -> Backend {
     scripted_backend(name, |_| Reply::Status(200), None)
 }
 
@@ -273,7 +279,7 @@ upstreams = ["{a}", "{b}"]
     let (status, body) = get("/item").await.expect("an answer from the proxy itself");
     assert_eq!(status, 502);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(body["error"], "no_upstream");
+    assert_eq!(body["error"]["code"], "no_upstream");
 
     // Every answer is counted by status; b's ejection too.
     let metrics = metrics(admin).await;
@@ -349,7 +355,7 @@ upstreams = ["{bad}"]
     let (status, body) = send(reqwest::Method::POST, lonely).await.expect("an answer");
     assert_eq!(status, 502, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(body["error"], "upstream_failed");
+    assert_eq!(body["error"]["code"], "upstream_failed");
     assert_eq!(
         swallowed.load(std::sync::atomic::Ordering::SeqCst),
         before + 1,
@@ -558,7 +564,7 @@ quota = {{ key = "header:X-Api-Key", default_tier = "free" }}
     let refusal = refusal.expect("refused");
     assert_eq!(
         (
-            refusal["error"].as_str(),
+            refusal["error"]["code"].as_str(),
             refusal["tier"].as_str(),
             refusal["limit"].as_str()
         ),

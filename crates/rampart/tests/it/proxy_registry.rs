@@ -1,0 +1,220 @@
+//! The proxy in front of a registry service: a real region, real backends registered as
+//! instances, and `rampart proxy` following the registry through `--endpoints`.
+
+use rampart_core::service::{InstanceSpec, PolicySpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::proxy::{ask, backend, http_backend, start_proxy_with, stop, Backend};
+use crate::{cluster, DEADLINE};
+
+/// Registers `service` with fast TCP checks and one instance per `(id, address, priority)`,
+/// then waits until every instance is up.
+async fn register(client: &rampart_client::Client, service: &str, instances: &[(&str, std::net::SocketAddr, u32)]) {
+    let spec: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 1}],
+    }))
+    .expect("policy");
+    client.service_put(service, &spec).await.expect("service");
+    for (id, addr, priority) in instances {
+        let instance = InstanceSpec {
+            endpoint: addr.to_string(),
+            priority: Some(*priority),
+            ..InstanceSpec::default()
+        };
+        client.instance_put(service, id, &instance).await.expect("instance");
+    }
+    rampart_testkit::eventually(DEADLINE, "every instance up", || async {
+        let view = client.service(service).await.ok()?;
+        (view.serving.len() == instances.len()).then_some(())
+    })
+    .await;
+}
+
+/// A connection through the proxy that has read its backend's name.
+async fn connect(proxy: &str) -> Option<(String, tokio::net::TcpStream)> {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') {
+        let n = stream.read(&mut buf[got..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got += n;
+    }
+    Some((String::from_utf8_lossy(&buf[..got]).trim().to_string(), stream))
+}
+
+/// Whether an echo still goes through `stream`.
+async fn echoes(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut echo = [0u8; 4];
+    stream.write_all(b"ping").await.is_ok() && stream.read_exact(&mut echo).await.is_ok() && &echo == b"ping"
+}
+
+/// Waits until the proxy ends `stream` (end of file or reset), without sending on it.
+async fn wait_closed(stream: &mut tokio::net::TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "{what}: expected the proxy to close the connection, got {read:?}"
+    );
+}
+
+async fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::get(url).await.expect("answer");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tcp_listeners_follow_a_switchover_closing_the_old_primary_and_draining_the_rest() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let (a, _a_task) = backend("a");
+    let (b, _b_task) = backend("b");
+    register(&client, "db", &[("a", a, 100), ("b", b, 50)]).await;
+    client.switchover("db", "a").await.expect("first primary");
+
+    let primary_port = rampart_testkit::cluster::free_port().expect("port");
+    let replicas_port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy_with(
+        &format!(
+            r#"
+[proxy]
+admin = "{admin}"
+
+[[proxy.listeners]]
+name = "db"
+bind = "{primary_port}"
+service = "db"
+route = "primary"
+
+[[proxy.listeners]]
+name = "db-replicas"
+bind = "{replicas_port}"
+service = "db"
+route = "replicas"
+drain_timeout = "5s"
+"#
+        ),
+        &["--endpoints".to_string(), cluster.endpoints().join(",")],
+    );
+    let (primary, replicas) = (primary_port.to_string(), replicas_port.to_string());
+    rampart_testkit::eventually(DEADLINE, "the primary through the proxy", || async {
+        (ask(&primary).await? == "a").then_some(())
+    })
+    .await;
+    assert_eq!(ask(&replicas).await.as_deref(), Some("b"));
+    let (name, mut to_old_primary) = connect(&primary).await.expect("a connection to the primary");
+    assert_eq!(name, "a");
+    let (name, mut to_replica) = connect(&replicas).await.expect("a connection to a replica");
+    assert_eq!(name, "b");
+
+    client.switchover("db", "b").await.expect("switchover to b");
+
+    // The demoted primary's connection is closed at once; new ones reach b.
+    wait_closed(&mut to_old_primary, "the connection to the demoted primary").await;
+    rampart_testkit::eventually(DEADLINE, "the new primary through the proxy", || async {
+        (ask(&primary).await? == "b").then_some(())
+    })
+    .await;
+
+    // b left the replicas: its connection goes on while it drains, then is closed.
+    let health = format!("http://{admin}/listeners/db-replicas/health");
+    rampart_testkit::eventually(DEADLINE, "the replicas listener to hold only a", || async {
+        let (_, body) = get_json(&health).await;
+        let upstreams = body["upstreams"].as_array()?.clone();
+        (upstreams.len() == 1 && upstreams[0]["address"] == a.to_string()).then_some(())
+    })
+    .await;
+    assert!(echoes(&mut to_replica).await, "a draining connection keeps working");
+    assert_eq!(
+        ask(&replicas).await.as_deref(),
+        Some("a"),
+        "new connections go to the replicas now"
+    );
+    wait_closed(&mut to_replica, "the drained connection").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_primary_reads_go_to_replicas_writes_get_503_and_the_oracle_says_so() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let Backend {
+        addr: a, task: a_task, ..
+    } = http_backend("a");
+    let Backend { addr: b, .. } = http_backend("b");
+    // b has priority 0: it is never promoted, so losing a leaves the service without one.
+    register(&client, "web", &[("a", a, 100), ("b", b, 0)]).await;
+    client.switchover("web", "a").await.expect("first primary");
+
+    let http_port = rampart_testkit::cluster::free_port().expect("port");
+    let tcp_port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy_with(
+        &format!(
+            r#"
+[proxy]
+admin = "{admin}"
+
+[[proxy.listeners]]
+name = "web"
+bind = "{http_port}"
+mode = "http"
+service = "web"
+
+[[proxy.listeners]]
+name = "web-tcp"
+bind = "{tcp_port}"
+service = "web"
+"#
+        ),
+        &["--endpoints".to_string(), cluster.endpoints().join(",")],
+    );
+    let http = reqwest::Client::new();
+    let url = format!("http://{http_port}/orders");
+    let send = |method: reqwest::Method| {
+        let request = http.request(method, &url);
+        async move {
+            let response = request.send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    let oracle = |check: &str| format!("http://{admin}/listeners/web/{check}");
+    rampart_testkit::eventually(DEADLINE, "writes to reach the primary", || async {
+        (send(reqwest::Method::POST).await? == (200, "a".to_string())).then_some(())
+    })
+    .await;
+    assert_eq!(get_json(&oracle("primary")).await.0, 200);
+    assert_eq!(get_json(&oracle("primary?instance=a")).await.0, 200);
+    assert_eq!(get_json(&oracle("primary?instance=b")).await.0, 503);
+    assert_eq!(get_json(&oracle("replica?instance=b")).await.0, 200);
+    assert_eq!(get_json(&oracle("health")).await.0, 200);
+    assert_eq!(get_json(&format!("http://{admin}/listeners/nope/health")).await.0, 404);
+
+    stop(a, a_task).await;
+    rampart_testkit::eventually(DEADLINE, "the oracle to see no primary", || async {
+        let (status, body) = get_json(&oracle("primary")).await;
+        (status == 503 && body["primary"].is_null()).then_some(())
+    })
+    .await;
+
+    // Read-only mode: reads are served by the replica, writes refused with a reason.
+    assert_eq!(send(reqwest::Method::GET).await, Some((200, "b".to_string())));
+    let (status, body) = send(reqwest::Method::DELETE).await.expect("an answer");
+    assert_eq!(status, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["error"]["code"], "read_only");
+    let (status, body) = get_json(&oracle("health")).await;
+    assert_eq!((status, &body["read_only"]), (200, &serde_json::json!(true)));
+
+    // The TCP listener routed to the primary refuses at once instead of hanging.
+    let mut refused = tokio::net::TcpStream::connect(tcp_port)
+        .await
+        .expect("the listener accepts");
+    wait_closed(&mut refused, "a connection with no primary to go to").await;
+}
