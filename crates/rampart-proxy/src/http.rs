@@ -71,6 +71,11 @@ struct Shared {
     client: Client<HttpConnector, Full<Bytes>>,
     metrics: Arc<Metrics>,
     labels: ListenerLabels,
+    /// This listener's series, looked up once instead of per request.
+    active: prometheus_client::metrics::gauge::Gauge,
+    upstream_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// `requests_total` by status code, each made on first use.
+    answered: Box<[std::sync::OnceLock<prometheus_client::metrics::counter::Counter>]>,
 }
 
 pub async fn serve(
@@ -85,8 +90,14 @@ pub async fn serve(
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
+    let labels = Metrics::listener(&listener.name);
+    let active = metrics.active.get_or_create(&labels).clone();
+    let upstream_seconds = metrics.upstream_seconds.get_or_create(&labels).clone();
     let shared = Arc::new(Shared {
-        labels: Metrics::listener(&listener.name),
+        active,
+        upstream_seconds,
+        answered: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
+        labels,
         metrics,
         listener,
         target,
@@ -99,9 +110,12 @@ pub async fn serve(
         let (stream, peer) = crate::accept(&socket, &shared.listener.name).await;
         let shared = shared.clone();
         tokio::spawn(async move {
+            // The client's address as X-Forwarded-For gets it, once per connection.
+            let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value");
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, request, peer).await) }
+                let peer_ip = peer_ip.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, request, peer, peer_ip).await) }
             });
             // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c, prior
             // knowledge); upstreams are spoken to in HTTP/1.1 either way.
@@ -113,22 +127,30 @@ pub async fn serve(
 }
 
 /// One request, counted in the metrics.
-async fn handle(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let active = shared.metrics.active.get_or_create(&shared.labels).clone();
-    active.inc();
-    let _done = Decrement(active);
-    let response = admit_and_forward(shared, request, peer).await;
-    let labels = StatusLabels {
-        listener: shared.listener.name.clone(),
-        code: response.status().as_u16().to_string(),
-    };
-    shared.metrics.requests.get_or_create(&labels).inc();
+async fn handle(shared: &Shared, request: Request<Incoming>, peer: SocketAddr, peer_ip: HeaderValue) -> Response<Body> {
+    shared.active.inc();
+    let _done = Decrement(shared.active.clone());
+    let response = admit_and_forward(shared, request, peer, peer_ip).await;
+    let code = response.status().as_u16();
+    let counter = shared.answered[usize::from(code) % shared.answered.len()].get_or_init(|| {
+        let labels = StatusLabels {
+            listener: shared.listener.name.clone(),
+            code: code.to_string(),
+        };
+        shared.metrics.requests.get_or_create(&labels).clone()
+    });
+    counter.inc();
     response
 }
 
 /// Admits the request by its priority under the listener's `max_requests`, applies fault
 /// injection if the listener has it, then forwards it.
-async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn admit_and_forward(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    peer_ip: HeaderValue,
+) -> Response<Body> {
     if let Some(fault) = shared.listener.fault {
         let injected = fault.decide(rand::random::<u32>() % 100, rand::random::<u32>() % 100);
         if injected.delay_ms > 0 {
@@ -152,7 +174,7 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
         }
     }
     let Some(max) = shared.listener.max_requests else {
-        return forward(shared, request, peer).await;
+        return forward(shared, request, peer, peer_ip).await;
     };
     let priority = Priority::from_header(request.headers().get("x-priority").and_then(|v| v.to_str().ok()));
     let admitted = shared
@@ -177,7 +199,7 @@ async fn admit_and_forward(shared: &Shared, request: Request<Incoming>, peer: So
     }
     // Counted down when done, or when the client goes away and the future is dropped.
     let _in_flight = InFlight(&shared.in_flight);
-    forward(shared, request, peer).await
+    forward(shared, request, peer, peer_ip).await
 }
 
 /// Charges the request to its client's allowance; the 429 to send if it is over.
@@ -235,7 +257,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn forward(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    peer_ip: HeaderValue,
+) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let body = match Limited::new(body, BODY_BYTES_MAX).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -258,13 +285,17 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         parts.headers.remove(*name);
     }
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(before) => format!("{before}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(before) => HeaderValue::from_str(&format!("{before}, {}", peer.ip())).ok(),
+        None => Some(peer_ip),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         parts.headers.insert(HeaderName::from_static("x-forwarded-for"), value);
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let key = client_hash(peer.ip());
     let idempotent = idempotent(parts.method.as_str());
     let pool = match choose_pool(shared, parts.method.as_str()) {
@@ -279,7 +310,12 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
             break;
         };
         tried.push(lease.address().to_string());
-        let Ok(uri) = format!("http://{}{path}", lease.address()).parse::<Uri>() else {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(lease.authority())
+            .path_and_query(path.clone())
+            .build();
+        let Ok(uri) = uri else {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_path",
@@ -296,11 +332,7 @@ async fn forward(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) 
         let sent = std::time::Instant::now();
         let failure = match tokio::time::timeout(try_timeout, shared.client.request(outgoing)).await {
             Ok(Ok(response)) => {
-                shared
-                    .metrics
-                    .upstream_seconds
-                    .get_or_create(&shared.labels)
-                    .observe(sent.elapsed().as_secs_f64());
+                shared.upstream_seconds.observe(sent.elapsed().as_secs_f64());
                 if response.status().is_server_error() {
                     lease.failed(Failure::Error);
                 } else {

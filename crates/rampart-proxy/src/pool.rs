@@ -35,6 +35,8 @@ pub struct Pool {
 
 struct Member {
     upstream: Upstream,
+    /// The address as a URI authority, for HTTP requests.
+    authority: hyper::http::uri::Authority,
     active: AtomicU32,
     outlier: Mutex<Outlier>,
     breaker: Mutex<Breaker>,
@@ -46,6 +48,11 @@ impl Member {
     fn new(upstream: &Upstream) -> Arc<Member> {
         Arc::new(Member {
             upstream: upstream.clone(),
+            // Validated as HOST:PORT when the config or the registry was read.
+            authority: upstream
+                .address
+                .parse()
+                .unwrap_or_else(|_| hyper::http::uri::Authority::from_static("invalid.upstream:1")),
             active: AtomicU32::new(0),
             outlier: Mutex::new(Outlier::default()),
             breaker: Mutex::new(Breaker::default()),
@@ -74,6 +81,10 @@ pub struct Lease {
 impl Lease {
     pub fn address(&self) -> &str {
         &self.member.upstream.address
+    }
+
+    pub fn authority(&self) -> hyper::http::uri::Authority {
+        self.member.authority.clone()
     }
 
     /// Resolves when the connection must end because its upstream left the pool: at once
