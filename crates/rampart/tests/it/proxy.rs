@@ -80,7 +80,18 @@ pub(crate) fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task:
 
 /// Connects through the proxy, reads the backend's name, checks an echo.
 pub(crate) async fn ask(proxy: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    let stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    ask_on(stream).await
+}
+
+/// `ask` from a given loopback source address (the client ip-hash sees).
+async fn ask_from(proxy: std::net::SocketAddr, source: std::net::Ipv4Addr) -> Option<String> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind((source, 0).into()).ok()?;
+    ask_on(socket.connect(proxy).await.ok()?).await
+}
+
+async fn ask_on(mut stream: tokio::net::TcpStream) -> Option<String> {
     let mut buf = [0u8; 64];
     let mut got = 0;
     while !buf[..got].contains(&b'\n') {
@@ -190,13 +201,24 @@ fn scripted_backend(
     reply: fn(usize) -> Reply,
     release: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Backend {
+    scripted_backend_at("127.0.0.1:0".parse().expect("address"), name, reply, release)
+}
+
+/// `scripted_backend` on a given address (to bring a stopped backend back on its port).
+fn scripted_backend_at(
+    at: std::net::SocketAddr,
+    name: &'static str,
+    reply: fn(usize) -> Reply,
+    release: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Backend {
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = requests.clone();
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let addr = std_listener.local_addr().expect("addr");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket.bind(at).expect("bind");
+    let listener = socket.listen(1024).expect("listen");
+    let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
             let counter = counter.clone();
@@ -650,4 +672,158 @@ max_ejected_percent = 0
     }
     let metrics = metrics(admin).await;
     assert!(!metrics.contains("rampart_proxy_ejections_total{"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_killed_under_load_costs_reads_nothing_and_returns_to_rotation() {
+    let Backend { addr: a, .. } = http_backend("a");
+    let Backend {
+        addr: b, task: b_task, ..
+    } = http_backend("b");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[proxy]
+admin = "{admin}"
+
+[[proxy.listeners]]
+name = "web"
+bind = "{port}"
+mode = "http"
+upstreams = ["{a}", "{b}"]
+"#
+    ));
+    let url = format!("http://{port}/item");
+    let http = reqwest::Client::new();
+    rampart_testkit::eventually(DEADLINE, "the proxy to answer", || async {
+        http.get(&url).send().await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+
+    // Four readers and one writer send requests back to back until told to stop; each
+    // records its outcomes (the backend's name, or the status or error).
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..5 {
+        let (http, url, stop_load) = (http.clone(), url.clone(), stop_load.clone());
+        load.spawn(async move {
+            let method = if worker == 0 {
+                reqwest::Method::POST
+            } else {
+                reqwest::Method::GET
+            };
+            let mut outcomes = Vec::new();
+            while !stop_load.load(std::sync::atomic::Ordering::SeqCst) {
+                let outcome = match http.request(method.clone(), &url).send().await {
+                    Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+                    Ok(r) => r.status().to_string(),
+                    Err(e) => e.to_string(),
+                };
+                outcomes.push(outcome);
+            }
+            (method, outcomes)
+        });
+    }
+    let served = |body: &str| metrics_count(body, "rampart_proxy_requests_total", "code=\"200\"");
+    rampart_testkit::eventually(DEADLINE, "load before the kill", || async {
+        (served(&metrics(admin).await) >= 200.0).then_some(())
+    })
+    .await;
+    stop(b, b_task).await;
+    let before = served(&metrics(admin).await);
+    rampart_testkit::eventually(DEADLINE, "load after the kill", || async {
+        (served(&metrics(admin).await) >= before + 300.0).then_some(())
+    })
+    .await;
+    let ejections = metrics(admin).await;
+    assert!(
+        ejections.contains(&format!(
+            "rampart_proxy_ejections_total{{listener=\"web\",upstream=\"{b}\"}}"
+        )),
+        "b ejected: {ejections}"
+    );
+
+    // b comes back on its port: it is in rotation again once its ejection ends.
+    let Backend { task: _b_again, .. } = scripted_backend_at(b, "b", |_| Reply::Status(200), None);
+    rampart_testkit::eventually(DEADLINE, "b back in rotation", || async {
+        let body = http.get(&url).send().await.ok()?.text().await.ok()?;
+        (body == "b").then_some(())
+    })
+    .await;
+    stop_load.store(true, std::sync::atomic::Ordering::SeqCst);
+    while let Some(done) = load.join_next().await {
+        let (method, outcomes) = done.expect("load task");
+        let failed: Vec<&String> = outcomes.iter().filter(|o| *o != "a" && *o != "b").collect();
+        if method == reqwest::Method::GET {
+            assert!(failed.is_empty(), "GET failures: {failed:?}");
+        } else {
+            // A POST in flight when b died may have reached it: not retried, at most one.
+            assert!(failed.len() <= 1, "POST failures: {failed:?}");
+        }
+        assert!(outcomes.len() > 10, "{method} sent {}", outcomes.len());
+    }
+}
+
+/// The value of one series of `name` whose labels contain `label`, 0 if absent.
+fn metrics_count(body: &str, name: &str, label: &str) -> f64 {
+    body.lines()
+        .filter(|line| line.starts_with(name) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ip_hash_moves_only_the_clients_of_a_dead_upstream() {
+    let backends: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(backend).collect();
+    let list = backends
+        .iter()
+        .map(|(addr, _)| format!("\"{addr}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy(&format!(
+        r#"
+[[proxy.listeners]]
+name = "sticky"
+bind = "{port}"
+algorithm = "ip-hash"
+upstreams = [{list}]
+"#
+    ));
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        ask(&port.to_string()).await
+    })
+    .await;
+    // 200 clients, each from its own loopback address.
+    let clients: Vec<std::net::Ipv4Addr> = (0..200u32)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 2 + (i % 250) as u8))
+        .collect();
+    let mut first = Vec::new();
+    for client in &clients {
+        first.push(ask_from(port, *client).await.expect("an answer"));
+    }
+    for client in clients.iter().take(20) {
+        let again = ask_from(port, *client).await.expect("an answer");
+        assert_eq!(
+            Some(&again),
+            first.get(clients.iter().position(|c| c == client).unwrap_or(0)),
+            "sticky"
+        );
+    }
+    let mut backends = backends;
+    let (c_addr, c_task) = backends.remove(2);
+    stop(c_addr, c_task).await;
+    let mut moved = 0;
+    for (client, before) in clients.iter().zip(&first) {
+        let now = ask_from(port, *client).await.expect("an answer after c died");
+        if before == "c" {
+            assert_ne!(now, "c");
+            moved += 1;
+        } else {
+            assert_eq!(&now, before, "a client of a live upstream must stay on it");
+        }
+    }
+    // About 1/5 of the clients were on c.
+    assert!((20..=70).contains(&moved), "moved {moved} of 200");
 }
