@@ -144,19 +144,46 @@ fn file_services(path: &std::path::Path, value: toml::Value) -> Result<Configure
     Ok(services)
 }
 
-/// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`)
-/// and its `[services.NAME]` tables.
-fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, ConfiguredServices), Failure> {
+/// Proxy listeners run inside the node (`[[proxy.listeners]]`), with their admin address.
+pub struct NodeProxy {
+    pub listeners: Vec<rampart_core::proxy::Listener>,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Reads `[proxy]` as `rampart proxy --config` does; a bad one is refused naming the field.
+fn file_proxy(path: &std::path::Path, value: toml::Value) -> Result<NodeProxy, Failure> {
+    let bad = |message: String| Failure::usage(anyhow::anyhow!("invalid --config {}: {message}", path.display()));
+    let spec: rampart_core::proxy::ProxySpec = value.try_into().map_err(|e| bad(format!("[proxy]: {e}")))?;
+    Ok(NodeProxy {
+        listeners: spec.validate().map_err(|e| bad(e.to_string()))?,
+        admin: spec.admin().map_err(|e| bad(e.to_string()))?,
+    })
+}
+
+/// What a node's config file holds besides its settings.
+#[derive(Default)]
+struct FileTables {
+    services: ConfiguredServices,
+    proxy: Option<NodeProxy>,
+}
+
+/// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`),
+/// its `[services.NAME]` tables and its `[proxy]` table.
+fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, FileTables), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read --config {}: {e}", path.display())))?;
     let table: toml::Table = text
         .parse()
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
     let mut settings = BTreeMap::new();
-    let mut services = BTreeMap::new();
+    let mut tables = FileTables::default();
     for (key, value) in table {
         if key == "services" {
-            services = file_services(path, value)?;
+            tables.services = file_services(path, value)?;
+            continue;
+        }
+        if key == "proxy" {
+            tables.proxy = Some(file_proxy(path, value)?);
             continue;
         }
         let name = key.replace('_', "-");
@@ -180,13 +207,13 @@ fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, Configured
         };
         settings.insert(name, text);
     }
-    Ok((settings, services))
+    Ok((settings, tables))
 }
 
-pub fn config(args: &NodeArgs) -> Result<NodeConfig, Failure> {
-    let (mut settings, services) = match &args.config {
+pub fn config(args: &NodeArgs) -> Result<(NodeConfig, Option<NodeProxy>), Failure> {
+    let (mut settings, tables) = match &args.config {
         Some(path) => file_settings(path)?,
-        None => (BTreeMap::new(), BTreeMap::new()),
+        None => (BTreeMap::new(), FileTables::default()),
     };
     for (name, value) in args.flags() {
         if let Some(value) = value {
@@ -194,11 +221,48 @@ pub fn config(args: &NodeArgs) -> Result<NodeConfig, Failure> {
         }
     }
     let mut config = NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))?;
-    config.services = services;
-    Ok(config)
+    config.services = tables.services;
+    Ok((config, tables.proxy))
 }
 
 pub async fn run(args: NodeArgs) -> Result<(), Failure> {
-    let config = config(&args)?;
-    rampart_node::run(config).await.map_err(|e| Failure::failed(e.into()))
+    let (config, proxy) = config(&args)?;
+    let Some(proxy) = proxy else {
+        return rampart_node::run(config).await.map_err(|e| Failure::failed(e.into()));
+    };
+    // The listeners follow the registry through this node itself.
+    let registry = std::sync::Arc::new(own_client(&config)?);
+    tokio::select! {
+        done = rampart_node::run(config) => done.map_err(|e| Failure::failed(e.into())),
+        done = rampart_proxy::run(proxy.listeners, proxy.admin, Some(registry)) => {
+            done.map_err(|e| Failure::failed(anyhow::anyhow!("proxy: {e}")))
+        }
+    }
+}
+
+/// A client of the node's own API for its proxy listeners. With TLS it trusts the cluster
+/// CA and sends the token of `RAMPART_TOKEN_FILE`, else of the data dir's `admin.token`.
+fn own_client(config: &NodeConfig) -> Result<rampart_client::Client, Failure> {
+    let endpoint = [config.advertise.to_string()];
+    let client = match &config.tls {
+        None => rampart_client::Client::new(&endpoint)?,
+        Some(files) => {
+            let token_file = std::env::var_os("RAMPART_TOKEN_FILE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| config.data_dir.join("admin.token"));
+            let token = std::fs::read_to_string(&token_file).map_err(|e| {
+                Failure::usage(anyhow::anyhow!(
+                    "[[proxy.listeners]] in a TLS node need a token to read the registry: cannot read {} ({e}); set RAMPART_TOKEN_FILE",
+                    token_file.display()
+                ))
+            })?;
+            let tls = rampart_client::TlsOptions {
+                ca: files.ca.clone(),
+                cert: None,
+                key: None,
+            };
+            rampart_client::Client::secured(&endpoint, Some(&tls), Some(token.trim()))?
+        }
+    };
+    Ok(client.with_deadline(std::time::Duration::from_secs(2)))
 }

@@ -218,3 +218,47 @@ service = "web"
         .expect("the listener accepts");
     wait_closed(&mut refused, "a connection with no primary to go to").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_runs_the_proxy_listeners_of_its_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[proxy]
+admin = "{admin}"
+
+[[proxy.listeners]]
+name = "db"
+bind = "{port}"
+service = "db"
+"#
+        ),
+    )
+    .expect("config");
+    let cluster = rampart_testkit::Cluster::start(
+        crate::binary(),
+        rampart_testkit::ClusterOptions {
+            nodes: 1,
+            node_args: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("start the node");
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let (a, _a_task) = backend("a");
+    register(&client, "db", &[("a", a, 100)]).await;
+    client.switchover("db", "a").await.expect("first primary");
+    rampart_testkit::eventually(DEADLINE, "the primary through the node's listener", || async {
+        (ask(&port.to_string()).await? == "a").then_some(())
+    })
+    .await;
+    let (status, body) = get_json(&format!("http://{admin}/listeners/db/primary")).await;
+    assert_eq!((status, &body["primary"]), (200, &serde_json::json!("a")));
+}
