@@ -91,7 +91,8 @@ async fn ask_from(proxy: std::net::SocketAddr, source: std::net::Ipv4Addr) -> Op
     ask_on(socket.connect(proxy).await.ok()?).await
 }
 
-async fn ask_on(mut stream: tokio::net::TcpStream) -> Option<String> {
+/// The name a `backend` greets each connection with.
+pub(crate) async fn read_name(stream: &mut tokio::net::TcpStream) -> Option<String> {
     let mut buf = [0u8; 64];
     let mut got = 0;
     while !buf[..got].contains(&b'\n') {
@@ -101,7 +102,11 @@ async fn ask_on(mut stream: tokio::net::TcpStream) -> Option<String> {
         }
         got += n;
     }
-    let name = String::from_utf8_lossy(&buf[..got]).trim().to_string();
+    Some(String::from_utf8_lossy(&buf[..got]).trim().to_string())
+}
+
+async fn ask_on(mut stream: tokio::net::TcpStream) -> Option<String> {
+    let name = read_name(&mut stream).await?;
     stream.write_all(b"ping").await.ok()?;
     let mut echo = [0u8; 4];
     stream.read_exact(&mut echo).await.ok()?;
@@ -252,17 +257,24 @@ fn scripted_backend_at(
     Backend { addr, task, requests }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
-    let Backend {
-        addr: a, task: a_task, ..
-    } = http_backend("a");
-    let Backend {
-        addr: b, task: b_task, ..
-    } = http_backend("b");
+/// A proxy with one `http` listener named web over `upstreams`, and an admin address:
+/// (process, its dir, the listener's address, the admin address).
+fn http_proxy(
+    upstreams: &[std::net::SocketAddr],
+) -> (
+    ProxyProcess,
+    tempfile::TempDir,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
     let port = rampart_testkit::cluster::free_port().expect("port");
     let admin = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
+    let list = upstreams
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (proxy, dir) = start_proxy(&format!(
         r#"
 [proxy]
 admin = "{admin}"
@@ -271,9 +283,21 @@ admin = "{admin}"
 name = "web"
 bind = "{port}"
 mode = "http"
-upstreams = ["{a}", "{b}"]
+upstreams = [{list}]
 "#
     ));
+    (proxy, dir, port, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
+    let Backend {
+        addr: a, task: a_task, ..
+    } = http_backend("a");
+    let Backend {
+        addr: b, task: b_task, ..
+    } = http_backend("b");
+    let (_proxy, _dir, port, admin) = http_proxy(&[a, b]);
     let http = reqwest::Client::new();
     let get = |path: &'static str| {
         let http = http.clone();
@@ -680,20 +704,7 @@ async fn a_backend_killed_under_load_costs_reads_nothing_and_returns_to_rotation
     let Backend {
         addr: b, task: b_task, ..
     } = http_backend("b");
-    let port = rampart_testkit::cluster::free_port().expect("port");
-    let admin = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
-        r#"
-[proxy]
-admin = "{admin}"
-
-[[proxy.listeners]]
-name = "web"
-bind = "{port}"
-mode = "http"
-upstreams = ["{a}", "{b}"]
-"#
-    ));
+    let (_proxy, _dir, port, admin) = http_proxy(&[a, b]);
     let url = format!("http://{port}/item");
     let http = reqwest::Client::new();
     rampart_testkit::eventually(DEADLINE, "the proxy to answer", || async {

@@ -4,7 +4,7 @@
 use rampart_core::service::{InstanceSpec, PolicySpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::proxy::{ask, backend, http_backend, start_proxy_with, stop, Backend};
+use crate::proxy::{ask, backend, http_backend, read_name, start_proxy_with, stop, Backend};
 use crate::{cluster, DEADLINE};
 
 /// Registers `service` with fast TCP checks and one instance per `(id, address, priority)`,
@@ -33,16 +33,7 @@ async fn register(client: &rampart_client::Client, service: &str, instances: &[(
 /// A connection through the proxy that has read its backend's name.
 async fn connect(proxy: &str) -> Option<(String, tokio::net::TcpStream)> {
     let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
-    let mut buf = [0u8; 64];
-    let mut got = 0;
-    while !buf[..got].contains(&b'\n') {
-        let n = stream.read(&mut buf[got..]).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        got += n;
-    }
-    Some((String::from_utf8_lossy(&buf[..got]).trim().to_string(), stream))
+    Some((read_name(&mut stream).await?, stream))
 }
 
 /// Whether an echo still goes through `stream`.
