@@ -81,6 +81,11 @@ pub struct ListenerSpec {
     /// may go on before they are closed (default 30s). Connections to a primary that lost
     /// its role are closed at once, whatever this says.
     pub drain_timeout: Option<String>,
+    /// Passive ejection: `{ consecutive_errors = 5, base = "1s", max = "30s" }`.
+    pub ejection: Option<EjectionSpec>,
+    /// Circuit breaker per upstream:
+    /// `{ window = "10s", min_requests = 20, failure_percent = 50, open = "5s", probes = 3 }`.
+    pub breaker: Option<BreakerSpec>,
     /// `http` with `route = "primary"`: the methods that still go through, to replicas,
     /// while the service has no primary (default GET, HEAD, OPTIONS); others get 503.
     pub read_methods: Option<Vec<String>>,
@@ -361,6 +366,119 @@ impl FaultSpec {
     }
 }
 
+/// `ejection = { consecutive_errors = 5, base = "1s", max = "30s" }` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EjectionSpec {
+    pub consecutive_errors: Option<u32>,
+    pub base: Option<String>,
+    pub max: Option<String>,
+}
+
+impl EjectionSpec {
+    fn validate(&self, path: &str) -> Result<Ejection, FieldError> {
+        let default = Ejection::default();
+        let failures_max = match self.consecutive_errors.unwrap_or(default.failures_max) {
+            n @ 1..=1000 => n,
+            n => {
+                return Err(field_error(
+                    format!("{path}.consecutive_errors"),
+                    n.to_string(),
+                    "1 to 1000",
+                ))
+            }
+        };
+        let base_ms = duration_ms(
+            &format!("{path}.base"),
+            self.base.as_deref(),
+            default.base_ms,
+            10,
+            3_600_000,
+        )?;
+        let max_ms = duration_ms(
+            &format!("{path}.max"),
+            self.max.as_deref(),
+            default.max_ms.max(base_ms),
+            10,
+            86_400_000,
+        )?;
+        if max_ms < base_ms {
+            return Err(field_error(
+                format!("{path}.max"),
+                format!("{max_ms}ms"),
+                "at least base",
+            ));
+        }
+        Ok(Ejection {
+            failures_max,
+            base_ms,
+            max_ms,
+        })
+    }
+}
+
+/// `breaker = { window, min_requests, failure_percent, open, probes }` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    pub window: Option<String>,
+    pub min_requests: Option<u32>,
+    pub failure_percent: Option<u32>,
+    pub open: Option<String>,
+    pub probes: Option<u32>,
+}
+
+impl BreakerSpec {
+    fn validate(&self, path: &str) -> Result<BreakerPolicy, FieldError> {
+        let default = BreakerPolicy::default();
+        let window_ms = duration_ms(
+            &format!("{path}.window"),
+            self.window.as_deref(),
+            default.window_ms,
+            100,
+            3_600_000,
+        )?;
+        let min_requests = match self.min_requests.unwrap_or(default.min_requests) {
+            n @ 1..=1_000_000 => n,
+            n => {
+                return Err(field_error(
+                    format!("{path}.min_requests"),
+                    n.to_string(),
+                    "1 to 1000000",
+                ))
+            }
+        };
+        let failure_percent = match self.failure_percent.unwrap_or(default.failure_percent) {
+            p @ 1..=100 => p,
+            p => {
+                return Err(field_error(
+                    format!("{path}.failure_percent"),
+                    p.to_string(),
+                    "1 to 100",
+                ))
+            }
+        };
+        let open_ms = duration_ms(
+            &format!("{path}.open"),
+            self.open.as_deref(),
+            default.open_ms,
+            10,
+            3_600_000,
+        )?;
+        let probes = match self.probes.unwrap_or(default.probes) {
+            n @ 1..=100 => n,
+            n => return Err(field_error(format!("{path}.probes"), n.to_string(), "1 to 100")),
+        };
+        Ok(BreakerPolicy {
+            window_ms,
+            min_requests,
+            failure_percent,
+            open_ms,
+            probes,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum UpstreamSpec {
@@ -421,6 +539,8 @@ pub struct Listener {
     pub fault: Option<Fault>,
     pub quota: Option<Quota>,
     pub drain_timeout_ms: u64,
+    pub ejection: Ejection,
+    pub breaker: BreakerPolicy,
     /// Upper-case methods served by replicas in read-only mode.
     pub read_methods: Vec<String>,
 }
@@ -646,6 +766,8 @@ impl ListenerSpec {
             fault,
             quota,
             drain_timeout_ms,
+            ejection: self.ejection.clone().unwrap_or_default().validate(&field("ejection"))?,
+            breaker: self.breaker.clone().unwrap_or_default().validate(&field("breaker"))?,
             read_methods,
         })
     }
@@ -784,7 +906,7 @@ impl Balancer {
 /// answers, broken exchanges) it leaves rotation for a time that doubles with each ejection
 /// in a row, from `base_ms` up to `max_ms`; a refused or timed-out connect ejects at once;
 /// a success resets both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ejection {
     pub failures_max: u32,
     pub base_ms: u64,
@@ -852,7 +974,7 @@ impl Outlier {
 }
 
 /// When a circuit breaker opens and how it tries again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakerPolicy {
     /// The failure rate is measured over this window.
     pub window_ms: u64,
@@ -1589,5 +1711,47 @@ mod tests {
         assert_eq!(endpoint_address("postgres://u:p@db:5432/x").as_deref(), Some("db:5432"));
         assert_eq!(endpoint_address("http://nohost/"), None);
         assert_eq!(endpoint_address(":80"), None);
+    }
+
+    #[test]
+    fn ejection_and_breaker_times_are_settable_and_checked() {
+        let l = listener(serde_json::json!({
+            "name": "x", "bind": "127.0.0.1:1", "upstreams": ["127.0.0.1:2"],
+            "ejection": {"consecutive_errors": 2, "base": "200ms", "max": "2s"},
+            "breaker": {"window": "2s", "min_requests": 4, "failure_percent": 25, "open": "1s", "probes": 1},
+        }))
+        .unwrap();
+        assert_eq!(
+            (l.ejection.failures_max, l.ejection.base_ms, l.ejection.max_ms),
+            (2, 200, 2000)
+        );
+        assert_eq!(
+            (
+                l.breaker.window_ms,
+                l.breaker.min_requests,
+                l.breaker.failure_percent,
+                l.breaker.open_ms,
+                l.breaker.probes
+            ),
+            (2000, 4, 25, 1000, 1)
+        );
+        let defaults =
+            listener(serde_json::json!({"name": "x", "bind": "127.0.0.1:1", "upstreams": ["127.0.0.1:2"]})).unwrap();
+        assert_eq!(
+            (defaults.ejection, defaults.breaker),
+            (Ejection::default(), BreakerPolicy::default())
+        );
+        let bad = listener(serde_json::json!({
+            "name": "x", "bind": "127.0.0.1:1", "upstreams": ["127.0.0.1:2"],
+            "ejection": {"base": "5s", "max": "1s"},
+        }))
+        .unwrap_err();
+        assert_eq!(bad.field, "proxy.listeners[0].ejection.max");
+        let bad = listener(serde_json::json!({
+            "name": "x", "bind": "127.0.0.1:1", "upstreams": ["127.0.0.1:2"],
+            "breaker": {"failure_percent": 0},
+        }))
+        .unwrap_err();
+        assert_eq!(bad.field, "proxy.listeners[0].breaker.failure_percent");
     }
 }

@@ -159,8 +159,8 @@ impl Pool {
             metrics,
             members: RwLock::new(Arc::new(upstreams.iter().map(Member::new).collect())),
             balancer: Mutex::new(Balancer::new(listener.algorithm)),
-            ejection: Ejection::default(),
-            breaker: BreakerPolicy::default(),
+            ejection: listener.ejection,
+            breaker: listener.breaker,
         }
     }
 
