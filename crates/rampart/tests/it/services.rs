@@ -391,6 +391,23 @@ async fn fake_fleet(
     instances
 }
 
+/// Service `db` with `spec`, a fake fleet of `members` (all up on every node), and the
+/// first member made primary by a switchover, whose answer (with the token) is returned.
+async fn db_with_primary(
+    cluster: &rampart_testkit::Cluster,
+    client: &rampart_client::Client,
+    spec: &PolicySpec,
+    members: &[(&str, Option<u64>, Option<u32>)],
+) -> (
+    std::collections::BTreeMap<String, FakeInstance>,
+    rampart_core::api::SwitchoverResponse,
+) {
+    client.service_put("db", spec).await.expect("service");
+    let instances = fake_fleet(cluster, client, "db", members).await;
+    let first = client.switchover("db", members[0].0).await.expect("first primary");
+    (instances, first)
+}
+
 /// Lines `hook instance role token` appended by every hook run, in order.
 fn hook_log(path: &std::path::Path) -> Vec<(String, String, String, u64)> {
     std::fs::read_to_string(path)
@@ -626,11 +643,10 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
         "hooks": {"on_promote": hook("promote"), "on_demote": hook("demote")},
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(
+    let (mut instances, first) = db_with_primary(
         &cluster,
         &client,
-        "db",
+        &spec,
         &[
             ("pg-1", Some(1), None),
             ("pg-2", Some(2), None),
@@ -638,7 +654,6 @@ async fn a_cut_off_primary_fences_itself_before_another_is_promoted() {
         ],
     )
     .await;
-    let first = client.switchover("db", "pg-1").await.expect("first primary");
     rampart_testkit::eventually(DEADLINE, "pg-1 promoted", || async {
         hook_log(&log)
             .iter()
@@ -749,9 +764,8 @@ async fn alerts_reach_a_flaky_webhook_without_holding_up_failover() {
         "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(&cluster, &client, "db", &[("a", Some(1), None), ("b", Some(2), None)]).await;
-    client.switchover("db", "a").await.expect("first primary");
+    let (mut instances, _) =
+        db_with_primary(&cluster, &client, &spec, &[("a", Some(1), None), ("b", Some(2), None)]).await;
     instances.remove("a").expect("a").kill();
     // The receiver fails its first three requests: failover does not wait for it.
     wait_primary(&client, "db", |p| p == "b").await;
@@ -1137,11 +1151,10 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
         "flap_damping": {"max_losses": 0, "window": "1m"},
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(
+    let (mut instances, first) = db_with_primary(
         &cluster,
         &client,
-        "db",
+        &spec,
         &[
             ("pg-1", Some(1), None),
             ("pg-2", Some(2), None),
@@ -1149,7 +1162,7 @@ async fn ten_primary_kills_never_leave_two_primaries_at_once() {
         ],
     )
     .await;
-    let mut token = client.switchover("db", "pg-1").await.expect("first primary").token;
+    let mut token = first.token;
     let mut primary = "pg-1".to_string();
     for round in 1..=10 {
         let fake = instances.remove(&primary).expect("the primary's instance");
@@ -1223,11 +1236,10 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
         "hooks": {"on_promote": r#"if [ "$RAMPART_INSTANCE" = pg-2 ]; then sleep 5; fi"#, "timeout": "300ms"},
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(
+    let (mut instances, _) = db_with_primary(
         &cluster,
         &client,
-        "db",
+        &spec,
         &[
             ("pg-1", Some(1), Some(100)),
             ("pg-2", Some(2), Some(90)),
@@ -1235,7 +1247,6 @@ async fn a_promotion_whose_hook_times_out_passes_to_the_next_candidate() {
         ],
     )
     .await;
-    client.switchover("db", "pg-1").await.expect("first primary");
     instances.remove("pg-1").expect("pg-1").kill();
     // pg-2's hook timed out: pg-3 is next.
     wait_primary(&client, "db", |p| p == "pg-3").await;
@@ -1263,11 +1274,10 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
         "flap_damping": {"max_losses": 1, "window": "10m"},
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let mut instances = fake_fleet(
+    let (mut instances, _) = db_with_primary(
         &cluster,
         &client,
-        "db",
+        &spec,
         &[
             ("pg-1", Some(1), Some(100)),
             ("pg-2", Some(2), Some(90)),
@@ -1275,7 +1285,6 @@ async fn an_instance_that_just_lost_the_role_is_not_promoted_again_while_damped(
         ],
     )
     .await;
-    client.switchover("db", "pg-1").await.expect("first primary");
     let client_ref = &client;
     let primary_is = |want: &'static str| wait_primary(client_ref, "db", move |p| p == want);
     // pg-1 dies and comes back: it lost the role once, its whole allowance in the window.
@@ -1307,15 +1316,13 @@ async fn a_primary_that_is_not_ready_leaves_traffic_but_keeps_its_role() {
         ],
     }))
     .expect("policy");
-    client.service_put("db", &spec).await.expect("service");
-    let _instances = fake_fleet(
+    let (_instances, _) = db_with_primary(
         &cluster,
         &client,
-        "db",
+        &spec,
         &[("pg-1", Some(1), None), ("pg-2", Some(2), None)],
     )
     .await;
-    client.switchover("db", "pg-1").await.expect("first primary");
     let serving = |want: Vec<&'static str>| {
         let client = cluster.client();
         async move {
