@@ -257,10 +257,12 @@ fn scripted_backend_at(
     Backend { addr, task, requests }
 }
 
-/// A proxy with one `http` listener named web over `upstreams`, and an admin address:
+/// A proxy with one `http` listener named web over `upstreams` (plus the listener's
+/// `extra` TOML lines), and an admin address:
 /// (process, its dir, the listener's address, the admin address).
 fn http_proxy(
     upstreams: &[std::net::SocketAddr],
+    extra: &str,
 ) -> (
     ProxyProcess,
     tempfile::TempDir,
@@ -284,6 +286,7 @@ name = "web"
 bind = "{port}"
 mode = "http"
 upstreams = [{list}]
+{extra}
 "#
     ));
     (proxy, dir, port, admin)
@@ -297,7 +300,7 @@ async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
     let Backend {
         addr: b, task: b_task, ..
     } = http_backend("b");
-    let (_proxy, _dir, port, admin) = http_proxy(&[a, b]);
+    let (_proxy, _dir, port, admin) = http_proxy(&[a, b], "");
     let http = reqwest::Client::new();
     let get = |path: &'static str| {
         let http = http.clone();
@@ -414,16 +417,7 @@ async fn a_failing_upstream_trips_its_breaker_and_gets_no_traffic_while_open() {
     // Every other answer a 500: never five in a row (no ejection), but half fail.
     let flaky = scripted_backend("flaky", |n| Reply::Status(if n % 2 == 0 { 500 } else { 200 }), None).addr;
     let good = http_backend("good").addr;
-    let port = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
-        r#"
-[[proxy.listeners]]
-name = "web"
-bind = "{port}"
-mode = "http"
-upstreams = ["{flaky}", "{good}"]
-"#
-    ));
+    let (_proxy, _dir, port, _) = http_proxy(&[flaky, good], "");
     let http = reqwest::Client::new();
     let get = || {
         let http = http.clone();
@@ -452,17 +446,7 @@ async fn under_overload_low_priority_is_shed_first_then_normal() {
         requests: held,
         ..
     } = scripted_backend("ok", |_| Reply::Status(200), Some(release));
-    let port = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
-        r#"
-[[proxy.listeners]]
-name = "web"
-bind = "{port}"
-mode = "http"
-upstreams = ["{backend}"]
-max_requests = 10
-"#
-    ));
+    let (_proxy, _dir, port, _) = http_proxy(&[backend], "max_requests = 10");
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
         tokio::net::TcpStream::connect(port).await.ok()
     })
@@ -629,16 +613,7 @@ quota = {{ key = "header:X-Api-Key", default_tier = "free" }}
 async fn http2_clients_are_served_over_http1_upstreams() {
     use http_body_util::BodyExt;
     let backend = http_backend("h1-upstream").addr;
-    let port = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
-        r#"
-[[proxy.listeners]]
-name = "web"
-bind = "{port}"
-mode = "http"
-upstreams = ["{backend}"]
-"#
-    ));
+    let (_proxy, _dir, port, _) = http_proxy(&[backend], "");
     let stream = rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
         tokio::net::TcpStream::connect(port).await.ok()
     })
@@ -670,21 +645,7 @@ async fn a_zero_ejected_share_keeps_every_upstream_in_rotation() {
         addr: b, task: b_task, ..
     } = http_backend("b");
     stop(b, b_task).await;
-    let port = rampart_testkit::cluster::free_port().expect("port");
-    let admin = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy(&format!(
-        r#"
-[proxy]
-admin = "{admin}"
-
-[[proxy.listeners]]
-name = "web"
-bind = "{port}"
-mode = "http"
-upstreams = ["{a}", "{b}"]
-max_ejected_percent = 0
-"#
-    ));
+    let (_proxy, _dir, port, admin) = http_proxy(&[a, b], "max_ejected_percent = 0");
     let http = reqwest::Client::new();
     let get = || {
         let http = http.clone();
@@ -704,7 +665,7 @@ async fn a_backend_killed_under_load_costs_reads_nothing_and_returns_to_rotation
     let Backend {
         addr: b, task: b_task, ..
     } = http_backend("b");
-    let (_proxy, _dir, port, admin) = http_proxy(&[a, b]);
+    let (_proxy, _dir, port, admin) = http_proxy(&[a, b], "");
     let url = format!("http://{port}/item");
     let http = reqwest::Client::new();
     rampart_testkit::eventually(DEADLINE, "the proxy to answer", || async {
