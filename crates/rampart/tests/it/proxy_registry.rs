@@ -8,7 +8,7 @@ use crate::proxy::{ask, backend, http_backend, read_name, start_proxy_with, stop
 use crate::{cluster, DEADLINE};
 
 /// Registers `service` with fast TCP checks and one instance per `(id, address, priority)`,
-/// then waits until every instance is up.
+/// waits until every instance is up, and makes the first one primary.
 async fn register(client: &rampart_client::Client, service: &str, instances: &[(&str, std::net::SocketAddr, u32)]) {
     let spec: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 1}],
@@ -28,6 +28,21 @@ async fn register(client: &rampart_client::Client, service: &str, instances: &[(
         (view.serving.len() == instances.len()).then_some(())
     })
     .await;
+    client.switchover(service, instances[0].0).await.expect("first primary");
+}
+
+/// A proxy with `[proxy] admin` and `listeners` (TOML), following the registry of
+/// `cluster`; the admin address comes back with it.
+fn registry_proxy(
+    cluster: &rampart_testkit::Cluster,
+    listeners: &str,
+) -> (crate::proxy::ProxyProcess, tempfile::TempDir, std::net::SocketAddr) {
+    let admin = rampart_testkit::cluster::free_port().expect("port");
+    let (proxy, dir) = start_proxy_with(
+        &format!("[proxy]\nadmin = \"{admin}\"\n{listeners}"),
+        &["--endpoints".to_string(), cluster.endpoints().join(",")],
+    );
+    (proxy, dir, admin)
 }
 
 /// A connection through the proxy that has read its backend's name.
@@ -66,17 +81,13 @@ async fn tcp_listeners_follow_a_switchover_closing_the_old_primary_and_draining_
     let (a, _a_task) = backend("a");
     let (b, _b_task) = backend("b");
     register(&client, "db", &[("a", a, 100), ("b", b, 50)]).await;
-    client.switchover("db", "a").await.expect("first primary");
 
     let primary_port = rampart_testkit::cluster::free_port().expect("port");
     let replicas_port = rampart_testkit::cluster::free_port().expect("port");
-    let admin = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy_with(
+    let (_proxy, _dir, admin) = registry_proxy(
+        &cluster,
         &format!(
             r#"
-[proxy]
-admin = "{admin}"
-
 [[proxy.listeners]]
 name = "db"
 bind = "{primary_port}"
@@ -91,7 +102,6 @@ route = "replicas"
 drain_timeout = "5s"
 "#
         ),
-        &["--endpoints".to_string(), cluster.endpoints().join(",")],
     );
     let (primary, replicas) = (primary_port.to_string(), replicas_port.to_string());
     rampart_testkit::eventually(DEADLINE, "the primary through the proxy", || async {
@@ -141,17 +151,13 @@ async fn without_a_primary_reads_go_to_replicas_writes_get_503_and_the_oracle_sa
     let Backend { addr: b, .. } = http_backend("b");
     // b has priority 0: it is never promoted, so losing a leaves the service without one.
     register(&client, "web", &[("a", a, 100), ("b", b, 0)]).await;
-    client.switchover("web", "a").await.expect("first primary");
 
     let http_port = rampart_testkit::cluster::free_port().expect("port");
     let tcp_port = rampart_testkit::cluster::free_port().expect("port");
-    let admin = rampart_testkit::cluster::free_port().expect("port");
-    let (_proxy, _dir) = start_proxy_with(
+    let (_proxy, _dir, admin) = registry_proxy(
+        &cluster,
         &format!(
             r#"
-[proxy]
-admin = "{admin}"
-
 [[proxy.listeners]]
 name = "web"
 bind = "{http_port}"
@@ -164,7 +170,6 @@ bind = "{tcp_port}"
 service = "web"
 "#
         ),
-        &["--endpoints".to_string(), cluster.endpoints().join(",")],
     );
     let http = reqwest::Client::new();
     let url = format!("http://{http_port}/orders");
@@ -245,7 +250,6 @@ service = "db"
     let client = cluster.client();
     let (a, _a_task) = backend("a");
     register(&client, "db", &[("a", a, 100)]).await;
-    client.switchover("db", "a").await.expect("first primary");
     rampart_testkit::eventually(DEADLINE, "the primary through the node's listener", || async {
         (ask(&port.to_string()).await? == "a").then_some(())
     })
