@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{duration_ms, field_error, FieldError};
+use crate::service::{duration_ms, field_error, number_in, FieldError};
 
 const LISTENERS_MAX: usize = 256;
 const UPSTREAMS_MAX: usize = 1024;
@@ -299,8 +299,7 @@ impl QuotaSpec {
             };
             let burst = match spec.burst.or(rate) {
                 None => 0,
-                Some(b @ 1..=1_000_000) => b,
-                Some(b) => return Err(field_error(format!("{tier_path}.burst"), b.to_string(), "1 to 1000000")),
+                Some(b) => number_in(&format!("{tier_path}.burst"), b, 1..=1_000_000)?,
             };
             if rate.is_none() && spec.daily.is_none() {
                 return Err(field_error(tier_path, "no limit", "rate, daily or both"));
@@ -348,15 +347,14 @@ impl QuotaSpec {
 
 impl FaultSpec {
     fn validate(&self, path: &str) -> Result<Fault, FieldError> {
-        let percent = |name: &str, value: Option<u32>| match value.unwrap_or(0) {
-            p @ 0..=100 => Ok(p),
-            p => Err(field_error(format!("{path}.{name}"), p.to_string(), "0 to 100")),
-        };
+        let percent =
+            |name: &str, value: Option<u32>| number_in(&format!("{path}.{name}"), value.unwrap_or(0), 0..=100);
         let delay_ms = duration_ms(&format!("{path}.delay"), self.delay.as_deref(), 0, 0, 600_000)?;
-        let abort_status = match self.abort_status.unwrap_or(503) {
-            s @ 400..=599 => s,
-            s => return Err(field_error(format!("{path}.abort_status"), s.to_string(), "400 to 599")),
-        };
+        let abort_status = number_in(
+            &format!("{path}.abort_status"),
+            self.abort_status.unwrap_or(503),
+            400..=599,
+        )?;
         Ok(Fault {
             delay_ms,
             delay_percent: percent("delay_percent", self.delay_percent)?,
@@ -378,16 +376,11 @@ pub struct EjectionSpec {
 impl EjectionSpec {
     fn validate(&self, path: &str) -> Result<Ejection, FieldError> {
         let default = Ejection::default();
-        let failures_max = match self.consecutive_errors.unwrap_or(default.failures_max) {
-            n @ 1..=1000 => n,
-            n => {
-                return Err(field_error(
-                    format!("{path}.consecutive_errors"),
-                    n.to_string(),
-                    "1 to 1000",
-                ))
-            }
-        };
+        let failures_max = number_in(
+            &format!("{path}.consecutive_errors"),
+            self.consecutive_errors.unwrap_or(default.failures_max),
+            1..=1000,
+        )?;
         let base_ms = duration_ms(
             &format!("{path}.base"),
             self.base.as_deref(),
@@ -438,26 +431,16 @@ impl BreakerSpec {
             100,
             3_600_000,
         )?;
-        let min_requests = match self.min_requests.unwrap_or(default.min_requests) {
-            n @ 1..=1_000_000 => n,
-            n => {
-                return Err(field_error(
-                    format!("{path}.min_requests"),
-                    n.to_string(),
-                    "1 to 1000000",
-                ))
-            }
-        };
-        let failure_percent = match self.failure_percent.unwrap_or(default.failure_percent) {
-            p @ 1..=100 => p,
-            p => {
-                return Err(field_error(
-                    format!("{path}.failure_percent"),
-                    p.to_string(),
-                    "1 to 100",
-                ))
-            }
-        };
+        let min_requests = number_in(
+            &format!("{path}.min_requests"),
+            self.min_requests.unwrap_or(default.min_requests),
+            1..=1_000_000,
+        )?;
+        let failure_percent = number_in(
+            &format!("{path}.failure_percent"),
+            self.failure_percent.unwrap_or(default.failure_percent),
+            1..=100,
+        )?;
         let open_ms = duration_ms(
             &format!("{path}.open"),
             self.open.as_deref(),
@@ -465,10 +448,11 @@ impl BreakerSpec {
             10,
             3_600_000,
         )?;
-        let probes = match self.probes.unwrap_or(default.probes) {
-            n @ 1..=100 => n,
-            n => return Err(field_error(format!("{path}.probes"), n.to_string(), "1 to 100")),
-        };
+        let probes = number_in(
+            &format!("{path}.probes"),
+            self.probes.unwrap_or(default.probes),
+            1..=100,
+        )?;
         Ok(BreakerPolicy {
             window_ms,
             min_requests,
@@ -689,19 +673,16 @@ impl ListenerSpec {
             10,
             3_600_000,
         )?;
-        let retries = match self.retries.unwrap_or(2) {
-            n @ 0..=10 => n,
-            n => return Err(field_error(field("retries"), n.to_string(), "0 to 10")),
-        };
-        let max_ejected_percent = match self.max_ejected_percent.unwrap_or(50) {
-            p @ 0..=100 => p,
-            p => return Err(field_error(field("max_ejected_percent"), p.to_string(), "0 to 100")),
-        };
-        let max_requests = match self.max_requests {
-            None => None,
-            Some(n @ 1..=1_000_000) => Some(n),
-            Some(n) => return Err(field_error(field("max_requests"), n.to_string(), "1 to 1000000")),
-        };
+        let retries = number_in(&field("retries"), self.retries.unwrap_or(2), 0..=10)?;
+        let max_ejected_percent = number_in(
+            &field("max_ejected_percent"),
+            self.max_ejected_percent.unwrap_or(50),
+            0..=100,
+        )?;
+        let max_requests = self
+            .max_requests
+            .map(|n| number_in(&field("max_requests"), n, 1..=1_000_000))
+            .transpose()?;
         if max_requests.is_some() && mode != Mode::Http {
             return Err(field_error(
                 field("max_requests"),
@@ -798,16 +779,7 @@ fn upstream_list(list: &[UpstreamSpec], path: &str) -> Result<Vec<Upstream>, Fie
                     "HOST:PORT, like 127.0.0.1:8081",
                 ));
             }
-            let weight = match weight.unwrap_or(1) {
-                w @ 1..=WEIGHT_MAX => w,
-                w => {
-                    return Err(field_error(
-                        format!("{path}[{i}].weight"),
-                        w.to_string(),
-                        format!("1 to {WEIGHT_MAX}"),
-                    ))
-                }
-            };
+            let weight = number_in(&format!("{path}[{i}].weight"), weight.unwrap_or(1), 1..=WEIGHT_MAX)?;
             Ok(Upstream {
                 address: address.clone(),
                 weight,

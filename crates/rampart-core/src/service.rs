@@ -254,6 +254,22 @@ impl Policy {
     }
 }
 
+/// A whole-number setting within `allowed`, refused as "LOW to HIGH".
+pub(crate) fn number_in<T>(field: &str, value: T, allowed: std::ops::RangeInclusive<T>) -> Result<T, FieldError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if allowed.contains(&value) {
+        Ok(value)
+    } else {
+        Err(field_error(
+            field,
+            value.to_string(),
+            format!("{} to {}", allowed.start(), allowed.end()),
+        ))
+    }
+}
+
 /// A duration setting in ms: `default_ms` when absent, else within `min_ms..=max_ms`.
 pub(crate) fn duration_ms(
     field: &str,
@@ -432,10 +448,7 @@ impl PolicySpec {
                     "none" => false,
                     other => return Err(field_error("recovery.action", other, "restart or none")),
                 },
-                max_retries: match spec.max_retries.unwrap_or(3) {
-                    n @ 0..=100 => n,
-                    n => return Err(field_error("recovery.max_retries", n.to_string(), "0 to 100")),
-                },
+                max_retries: number_in("recovery.max_retries", spec.max_retries.unwrap_or(3), 0..=100)?,
                 window_ms: duration_ms("recovery.window", spec.window.as_deref(), 60_000, 1000, 86_400_000)?,
                 start_timeout_ms: duration_ms(
                     "recovery.start_timeout",
