@@ -389,7 +389,7 @@ fn choose_pool<'a>(shared: &'a Shared, method: &str) -> Result<&'a Arc<Pool>, (&
     let Some((service, _)) = &target.service else {
         return Ok(&target.pool);
     };
-    if target.view().is_none() {
+    if !target.has_view() {
         return Err((
             "no_view",
             format!(

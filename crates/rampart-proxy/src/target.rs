@@ -56,9 +56,14 @@ impl Target {
         self.view.lock().expect("view lock").clone()
     }
 
+    /// Whether a view of the service has arrived (without copying it: asked per request).
+    pub fn has_view(&self) -> bool {
+        self.view.lock().expect("view lock").is_some()
+    }
+
     /// Whether the service is known to have no primary now (read-only mode).
     pub fn read_only(&self) -> bool {
-        matches!(self.service, Some((_, Route::Primary))) && self.pool.is_empty() && self.view().is_some()
+        matches!(self.service, Some((_, Route::Primary))) && self.pool.is_empty() && self.has_view()
     }
 
     /// Applies a new view (or `None`: the service no longer exists). Connections to a
