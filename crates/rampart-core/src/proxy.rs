@@ -1219,6 +1219,11 @@ pub fn endpoint_address(endpoint: &str) -> Option<String> {
     valid.then(|| authority.to_string())
 }
 
+/// The serving instances of `view` other than its primary, by id.
+pub fn serving_replicas(view: &crate::api::ServiceView) -> impl Iterator<Item = &String> {
+    view.serving.iter().filter(|id| view.primary.as_ref() != Some(*id))
+}
+
 /// Which instances of `view` a listener with `route` sends traffic to: only those the
 /// registry calls serving (live, ready, not a standby). `primary` is the serving primary
 /// (every serving instance for an active-active service, which has none); `replicas` the
@@ -1236,12 +1241,7 @@ pub fn route(view: &crate::api::ServiceView, route: Route) -> Routing {
             weight: 1,
         })
     };
-    let replicas: Vec<Upstream> = view
-        .serving
-        .iter()
-        .filter(|id| view.primary.as_ref() != Some(*id))
-        .filter_map(upstream)
-        .collect();
+    let replicas: Vec<Upstream> = serving_replicas(view).filter_map(upstream).collect();
     let all: Vec<Upstream> = view.serving.iter().filter_map(upstream).collect();
     let (upstreams, read_only) = match route {
         Route::Any => (all, Vec::new()),

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rampart_core::proxy::{route, Route};
+use rampart_core::proxy::{route, serving_replicas, Route};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -132,18 +132,13 @@ fn oracle(name: &str, target: &Target, primary: bool, instance: Option<&str>) ->
             &format!("listener {name} has not yet read service {service} from the control plane"),
         );
     };
-    let replicas: Vec<String> = view
-        .serving
-        .iter()
-        .filter(|id| view.primary.as_ref() != Some(*id))
-        .cloned()
-        .collect();
+    let replicas: Vec<&String> = serving_replicas(&view).collect();
     let serving_primary = route(&view, Route::Primary).primary;
     let ok = match (primary, instance) {
         (true, None) => serving_primary.is_some(),
         (true, Some(id)) => serving_primary.as_deref() == Some(id),
         (false, None) => !replicas.is_empty(),
-        (false, Some(id)) => replicas.iter().any(|r| r == id),
+        (false, Some(id)) => replicas.iter().any(|r| *r == id),
     };
     json(
         status(ok),
