@@ -129,7 +129,7 @@ fn oracle(name: &str, target: &Target, primary: bool, instance: Option<&str>) ->
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_view",
-            &format!("listener {name} has not yet read service {service} from the control plane"),
+            &Target::no_view(name, service),
         );
     };
     let replicas: Vec<&String> = serving_replicas(&view).collect();

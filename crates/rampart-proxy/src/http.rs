@@ -390,13 +390,7 @@ fn choose_pool<'a>(shared: &'a Shared, method: &str) -> Result<&'a Arc<Pool>, (&
         return Ok(&target.pool);
     };
     if !target.has_view() {
-        return Err((
-            "no_view",
-            format!(
-                "listener {} has not yet read service {service} from the control plane",
-                shared.listener.name
-            ),
-        ));
+        return Err(("no_view", Target::no_view(&shared.listener.name, service)));
     }
     if !target.read_only() {
         return Ok(&target.pool);

@@ -56,6 +56,11 @@ impl Target {
         self.view.lock().expect("view lock").clone()
     }
 
+    /// Why a listener of `service` cannot answer yet: it has had no view of it.
+    pub fn no_view(listener: &str, service: &str) -> String {
+        format!("listener {listener} has not yet read service {service} from the control plane")
+    }
+
     /// Whether a view of the service has arrived (without copying it: asked per request).
     pub fn has_view(&self) -> bool {
         self.view.lock().expect("view lock").is_some()
