@@ -516,9 +516,10 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 .any(|l| matches!(l.upstreams, rampart_core::proxy::Upstreams::Service { .. }));
             // A watch of the registry waits up to 10 s for a change; a node that does not
             // answer within 2 s more is left for the next endpoint.
-            let registry = match follows_registry {
-                true => Some(std::sync::Arc::new(client()?.with_deadline(Duration::from_secs(2)))),
-                false => None,
+            let registry = if follows_registry {
+                Some(std::sync::Arc::new(client()?.with_deadline(Duration::from_secs(2))))
+            } else {
+                None
             };
             rampart_proxy::run(listeners, admin, registry)
                 .await
