@@ -495,6 +495,40 @@ impl Client {
             .await
     }
 
+    /// Takes one request's worth of `client`'s standing in cluster-scope quota `name` under
+    /// `limits`: `Ok(Ok(used_today))`, or `Ok(Err(over))` when over a limit. Answered
+    /// within `deadline`; not repeated once sent (a repeat could count a request twice).
+    pub async fn quota_take(
+        &self,
+        name: &str,
+        client: &str,
+        limits: rampart_core::proxy::Tier,
+        deadline: Duration,
+    ) -> Result<Result<u64, rampart_core::proxy::OverQuota>, ClientError> {
+        let path = format!("/v1/quotas/{}/take", encode(name));
+        let body = QuotaTakeRequest {
+            client: client.to_string(),
+            rate: limits.rate,
+            burst: limits.rate.map(|_| limits.burst),
+            daily: limits.daily,
+        };
+        let answer = self
+            .call_within::<_, QuotaTakeResponse>(deadline, Method::POST, &path, Some(&body), Retry::OnlyIfNotApplied)
+            .await;
+        match answer {
+            Ok(taken) => Ok(Ok(taken.used_today)),
+            Err(ClientError::Api {
+                status: 429,
+                current: Some(current),
+                ..
+            }) => Ok(Err(rampart_core::proxy::OverQuota::named(
+                current["limit"].as_str().unwrap_or("daily"),
+                current["retry_after_ms"].as_u64().unwrap_or(1000),
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// For every instance: whether it could be promoted now and, if not, every reason.
     pub async fn eligibility(&self, name: &str) -> Result<EligibilityResponse, ClientError> {
         self.get(&format!("/v1/services/{}/eligibility", encode(name))).await

@@ -72,6 +72,35 @@ pub struct LeaseGrantRequest {
     pub ttl_ms: u64,
 }
 
+/// `POST /v1/quotas/{name}/take`: one request's worth of `client`'s standing in quota
+/// `name`, shared by every proxy of the region. The limits travel with each request
+/// (every proxy reads them from its own config); 429 `quota_exceeded` when over, with
+/// `current = {"limit": "rate"|"daily", "retry_after_ms": n}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaTakeRequest {
+    pub client: String,
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub daily: Option<u64>,
+}
+
+impl QuotaTakeRequest {
+    pub fn limits(&self) -> crate::proxy::TierSpec {
+        crate::proxy::TierSpec {
+            rate: self.rate,
+            burst: self.burst,
+            daily: self.daily,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaTakeResponse {
+    /// Requests counted for this client today, this one included.
+    pub used_today: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseGrantResponse {
     pub id: u64,

@@ -125,7 +125,7 @@ pub fn role_for(method: &str, path: &str) -> Option<Role> {
     Some(match (area, reading) {
         ("tokens", _) => Role::Admin,
         (_, true) => Role::Read,
-        ("kv" | "leases" | "elections", false) => Role::Write,
+        ("kv" | "leases" | "elections" | "quotas", false) => Role::Write,
         ("services", false) if path.ends_with("/heartbeat") => Role::Write,
         (_, false) => Role::Operator,
     })
@@ -246,6 +246,7 @@ mod tests {
         assert_eq!(role_for("PUT", "/v1/kv/a"), Some(Role::Write));
         assert_eq!(role_for("POST", "/v1/leases/3/keepalive"), Some(Role::Write));
         assert_eq!(role_for("POST", "/v1/cluster/members"), Some(Role::Operator));
+        assert_eq!(role_for("POST", "/v1/quotas/api/take"), Some(Role::Write));
         assert_eq!(role_for("GET", "/v1/tokens"), Some(Role::Admin));
         assert_eq!(role_for("POST", "/v1/services/db/switchover"), Some(Role::Operator));
         assert_eq!(

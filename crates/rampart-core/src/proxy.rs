@@ -99,7 +99,8 @@ pub struct QuotaSpec {
     pub key: Option<String>,
     /// The tier of clients not in `quota_clients` (default `default`).
     pub default_tier: Option<String>,
-    /// `local` (default): each proxy counts on its own.
+    /// `local` (default): each proxy counts on its own; `cluster`: every proxy of the
+    /// region draws on one standing per client, kept by the control plane.
     pub scope: Option<String>,
 }
 
@@ -112,6 +113,37 @@ pub struct TierSpec {
     pub burst: Option<u32>,
     /// Requests a UTC day.
     pub daily: Option<u64>,
+}
+
+impl TierSpec {
+    /// The tier, or the field under `path` (empty: the fields by themselves, as in an
+    /// API request) that is wrong.
+    pub fn validate(&self, path: &str) -> Result<Tier, FieldError> {
+        let field = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            }
+        };
+        let rate = match self.rate {
+            None => None,
+            Some(r @ 1..=1_000_000) => Some(r),
+            Some(r) => return Err(field_error(field("rate"), r.to_string(), "1 to 1000000 a second")),
+        };
+        let burst = match self.burst.or(rate) {
+            None => 0,
+            Some(b) => number_in(&field("burst"), b, 1..=1_000_000)?,
+        };
+        if rate.is_none() && self.daily.is_none() {
+            return Err(field_error(field("rate"), "no limit", "rate, daily or both"));
+        }
+        Ok(Tier {
+            rate,
+            burst,
+            daily: self.daily,
+        })
+    }
 }
 
 /// A validated tier.
@@ -133,6 +165,8 @@ pub enum QuotaKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
     pub key: QuotaKey,
+    /// Counted by the control plane for every proxy of the region (`scope = "cluster"`).
+    pub cluster: bool,
     pub default_tier: String,
     pub tiers: std::collections::BTreeMap<String, Tier>,
     pub clients: std::collections::BTreeMap<String, String>,
@@ -159,13 +193,26 @@ impl Quota {
 /// Why a request is over its quota, and when to try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverQuota {
-    /// `rate` or `daily`.
+    /// `rate` or `daily` (or `clients`, see [`OverQuota::named`]).
     pub limit: &'static str,
     pub retry_after_ms: u64,
 }
 
+impl OverQuota {
+    /// The limit as [`OverQuota::limit`] words it: `rate`, `clients` (the region keeps no
+    /// more client standings) or `daily` (anything else).
+    pub fn named(limit: &str, retry_after_ms: u64) -> OverQuota {
+        let limit = match limit {
+            "rate" => "rate",
+            "clients" => "clients",
+            _ => "daily",
+        };
+        OverQuota { limit, retry_after_ms }
+    }
+}
+
 /// One client's standing: a token bucket for the rate and a count for the UTC day.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allowance {
     /// Thousandths of a request.
     tokens_milli: u64,
@@ -214,6 +261,26 @@ impl Allowance {
         }
         self.used_today += 1;
         Ok(())
+    }
+
+    /// Requests counted today (as of the last one taken).
+    pub fn used_today(&self) -> u64 {
+        self.used_today
+    }
+
+    /// Whether forgetting this standing changes nothing: nothing counted today against a
+    /// daily limit, and the bucket full again by `now_ms`.
+    pub fn forgettable(&self, now_ms: u64, tier: Tier) -> bool {
+        let day_clear = tier.daily.is_none() || self.used_today == 0 || now_ms / DAY_MS != self.day;
+        let bucket_full = match tier.rate {
+            None => true,
+            Some(rate) => {
+                let capacity = u64::from(tier.burst.max(1)) * 1000;
+                let earned = now_ms.saturating_sub(self.last_ms).saturating_mul(u64::from(rate));
+                !self.started || self.tokens_milli.saturating_add(earned) >= capacity
+            }
+        };
+        day_clear && bucket_full
     }
 }
 
@@ -272,46 +339,14 @@ impl QuotaSpec {
             }
             Some(other) => return Err(field_error(format!("{path}.key"), other, "ip or header:NAME")),
         };
-        match self.scope.as_deref() {
-            None | Some("local") => {}
-            Some("cluster") => {
-                return Err(field_error(
-                    format!("{path}.scope"),
-                    "cluster",
-                    "local (cluster-wide quotas through the control plane are not built yet)",
-                ))
-            }
-            Some(other) => return Err(field_error(format!("{path}.scope"), other, "local")),
-        }
+        let cluster = match self.scope.as_deref() {
+            None | Some("local") => false,
+            Some("cluster") => true,
+            Some(other) => return Err(field_error(format!("{path}.scope"), other, "local or cluster")),
+        };
         let mut validated = std::collections::BTreeMap::new();
         for (name, spec) in tiers {
-            let tier_path = format!("proxy.quota_tiers.{name}");
-            let rate = match spec.rate {
-                None => None,
-                Some(r @ 1..=1_000_000) => Some(r),
-                Some(r) => {
-                    return Err(field_error(
-                        format!("{tier_path}.rate"),
-                        r.to_string(),
-                        "1 to 1000000 a second",
-                    ))
-                }
-            };
-            let burst = match spec.burst.or(rate) {
-                None => 0,
-                Some(b) => number_in(&format!("{tier_path}.burst"), b, 1..=1_000_000)?,
-            };
-            if rate.is_none() && spec.daily.is_none() {
-                return Err(field_error(tier_path, "no limit", "rate, daily or both"));
-            }
-            validated.insert(
-                name.clone(),
-                Tier {
-                    rate,
-                    burst,
-                    daily: spec.daily,
-                },
-            );
+            validated.insert(name.clone(), spec.validate(&format!("proxy.quota_tiers.{name}"))?);
         }
         let default_tier = self.default_tier.clone().unwrap_or_else(|| "default".to_string());
         if !validated.contains_key(&default_tier) {
@@ -338,6 +373,7 @@ impl QuotaSpec {
         }
         Ok(Quota {
             key,
+            cluster,
             default_tier,
             tiers: validated,
             clients: clients.clone(),
@@ -1539,6 +1575,28 @@ mod tests {
     }
 
     #[test]
+    fn an_allowance_is_forgettable_once_it_is_as_good_as_new() {
+        let tier = Tier {
+            rate: Some(2),
+            burst: 4,
+            daily: Some(100),
+        };
+        let mut a = Allowance::default();
+        assert!(a.forgettable(0, tier));
+        let t = 3 * DAY_MS;
+        a.take(t, tier).unwrap();
+        a.take(t, tier).unwrap();
+        assert!(!a.forgettable(t + 999, tier), "counted today and the bucket short of 2");
+        assert!(!a.forgettable(t + 1_000, tier), "the bucket is full but today counts 2");
+        assert!(a.forgettable(4 * DAY_MS, tier), "a new day with a full bucket");
+        let rate_only = Tier { daily: None, ..tier };
+        let mut b = Allowance::default();
+        b.take(t, rate_only).unwrap();
+        assert!(!b.forgettable(t + 499, rate_only));
+        assert!(b.forgettable(t + 500, rate_only), "no daily limit to remember");
+    }
+
+    #[test]
     fn quotas_validate_against_their_tiers() {
         let tiers: std::collections::BTreeMap<String, TierSpec> = serde_json::from_value(serde_json::json!({
             "free": {"rate": 5, "daily": 1000}, "pro": {"rate": 100, "burst": 200}
@@ -1563,7 +1621,10 @@ mod tests {
         assert_eq!(bad.validate("q", &tiers, &clients).unwrap_err().field, "q.default_tier");
         let cluster: QuotaSpec =
             serde_json::from_value(serde_json::json!({"default_tier": "free", "scope": "cluster"})).unwrap();
-        assert_eq!(cluster.validate("q", &tiers, &clients).unwrap_err().field, "q.scope");
+        assert!(cluster.validate("q", &tiers, &clients).unwrap().cluster);
+        let elsewhere: QuotaSpec =
+            serde_json::from_value(serde_json::json!({"default_tier": "free", "scope": "global"})).unwrap();
+        assert_eq!(elsewhere.validate("q", &tiers, &clients).unwrap_err().field, "q.scope");
         let orphan: std::collections::BTreeMap<String, String> =
             serde_json::from_value(serde_json::json!({"key-2": "gold"})).unwrap();
         assert_eq!(

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tokens::audit;
-use crate::{auth, forward, now_ms, services, switchover, tokens, verdicts, watch, Shared};
+use crate::{auth, forward, now_ms, quotas, services, switchover, tokens, verdicts, watch, Shared};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -48,6 +48,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/elections/{name}", get(observe))
         .route("/v1/elections/{name}/campaign", post(campaign))
         .route("/v1/elections/{name}/resign", post(resign))
+        .route("/v1/quotas/{name}/take", post(quotas::take))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))

@@ -18,6 +18,7 @@ mod peer;
 mod primaries;
 mod prober;
 mod proposer;
+mod quotas;
 pub mod sample;
 mod server;
 mod services;

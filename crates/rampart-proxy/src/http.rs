@@ -7,7 +7,6 @@
 //! requests plus 10 a second). The response streams back. When no upstream can be reached
 //! the client gets 502 (504 after a timeout) with a JSON reason.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -24,23 +23,19 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rampart_core::proxy::{
-    admit, client_hash, idempotent, Allowance, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget,
-};
+use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget};
 use tokio::net::TcpListener;
 
 use crate::metrics::{ListenerLabels, Metrics, QuotaLabels, ShedLabels, StatusLabels};
 use crate::now_ms;
 use crate::pool::Pool;
+use crate::quota::{Counted, Standings};
 use crate::target::Target;
 use crate::tcp::Decrement;
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
 const RETRY_FLOOR_PER_S: u64 = 10;
-
-/// Clients whose quota standing is kept (idle ones are forgotten beyond this).
-const CLIENTS_MAX: usize = 100_000;
 
 /// The largest request body the proxy buffers to be able to send it again.
 pub const BODY_BYTES_MAX: usize = 8 << 20;
@@ -66,8 +61,7 @@ struct Shared {
     budget: Mutex<RetryBudget>,
     /// Requests being forwarded (until their response head), for shedding.
     in_flight: AtomicU32,
-    /// Each client's quota standing and when it was last seen.
-    allowances: Mutex<HashMap<String, (Allowance, u64)>>,
+    quotas: Standings,
     client: Client<HttpConnector, Full<Bytes>>,
     metrics: Arc<Metrics>,
     labels: ListenerLabels,
@@ -83,6 +77,7 @@ pub async fn serve(
     socket: TcpListener,
     target: Arc<Target>,
     metrics: Arc<Metrics>,
+    control: Option<Arc<rampart_client::Client>>,
 ) -> io::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
@@ -93,7 +88,9 @@ pub async fn serve(
     let labels = Metrics::listener(&listener.name);
     let active = metrics.active.get_or_create(&labels).clone();
     let upstream_seconds = metrics.upstream_seconds.get_or_create(&labels).clone();
+    let quotas = Standings::new(&listener.name, control);
     let shared = Arc::new(Shared {
+        quotas,
         active,
         upstream_seconds,
         answered: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
@@ -103,7 +100,6 @@ pub async fn serve(
         target,
         budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
         in_flight: AtomicU32::new(0),
-        allowances: Mutex::new(HashMap::new()),
         client,
     });
     loop {
@@ -169,7 +165,7 @@ async fn admit_and_forward(
         }
     }
     if let Some(quota) = &shared.listener.quota {
-        if let Some(refusal) = charge(shared, quota, &request, peer) {
+        if let Some(refusal) = charge(shared, quota, &request, peer).await {
             return refusal;
         }
     }
@@ -203,7 +199,12 @@ async fn admit_and_forward(
 }
 
 /// Charges the request to its client's allowance; the 429 to send if it is over.
-fn charge(shared: &Shared, quota: &Quota, request: &Request<Incoming>, peer: SocketAddr) -> Option<Response<Body>> {
+async fn charge(
+    shared: &Shared,
+    quota: &Quota,
+    request: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Option<Response<Body>> {
     let client = match &quota.key {
         QuotaKey::Ip => peer.ip().to_string(),
         QuotaKey::Header(name) => match request.headers().get(name.as_str()).and_then(|v| v.to_str().ok()) {
@@ -213,18 +214,11 @@ fn charge(shared: &Shared, quota: &Quota, request: &Request<Incoming>, peer: Soc
         },
     };
     let (tier_name, tier) = quota.tier_of(&client);
-    let now = now_ms();
-    let outcome = {
-        let mut allowances = shared.allowances.lock().expect("allowances lock");
-        if allowances.len() >= CLIENTS_MAX && !allowances.contains_key(&client) {
-            // Bounded memory: forget clients idle for ten minutes.
-            allowances.retain(|_, (_, seen)| now.saturating_sub(*seen) < 600_000);
-        }
-        let (allowance, seen) = allowances.entry(client).or_default();
-        *seen = now;
-        allowance.take(now, tier)
-    };
-    let Err(over) = outcome else { return None };
+    let counted = shared.quotas.take(&client, tier, quota.cluster).await;
+    if let Counted::Fallback(_) = counted {
+        shared.metrics.quota_fallbacks.get_or_create(&shared.labels).inc();
+    }
+    let Err(over) = counted.outcome() else { return None };
     let labels = QuotaLabels {
         listener: shared.listener.name.clone(),
         tier: tier_name.to_string(),

@@ -11,6 +11,7 @@ mod admin;
 mod http;
 mod metrics;
 mod pool;
+mod quota;
 mod target;
 mod tcp;
 
@@ -39,6 +40,12 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Op
                 listener.name
             )));
         }
+        if listener.quota.as_ref().is_some_and(|q| q.cluster) && client.is_none() {
+            return Err(io::Error::other(format!(
+                "listener {}: quota scope = \"cluster\" needs the control plane's --endpoints",
+                listener.name
+            )));
+        }
         let socket = tokio::net::TcpListener::bind(listener.bind).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -50,7 +57,7 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Op
         bound.push((listener, socket, target));
     }
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(client) = client {
+    if let Some(client) = client.clone() {
         let targets = bound.iter().map(|(_, _, t)| t.clone()).collect();
         tasks.spawn(async move {
             target::follow_all(client, targets).await;
@@ -67,7 +74,7 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Op
     for (listener, socket, target) in bound {
         match listener.mode {
             Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, target, metrics.clone())),
-            Mode::Http => tasks.spawn(http::serve(listener, socket, target, metrics.clone())),
+            Mode::Http => tasks.spawn(http::serve(listener, socket, target, metrics.clone(), client.clone())),
         };
     }
     while let Some(done) = tasks.join_next().await {

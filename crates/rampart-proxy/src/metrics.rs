@@ -31,7 +31,7 @@ pub struct UpstreamLabels {
 pub struct QuotaLabels {
     pub listener: String,
     pub tier: String,
-    /// `rate` or `daily`.
+    /// `rate`, `daily` or `clients`.
     pub limit: String,
 }
 
@@ -58,6 +58,8 @@ pub struct Metrics {
     pub shed: Family<ShedLabels, Counter>,
     pub faults: Family<ListenerLabels, Counter>,
     pub quota_rejections: Family<QuotaLabels, Counter>,
+    /// Requests of a cluster-scope quota counted locally: the control plane did not answer.
+    pub quota_fallbacks: Family<ListenerLabels, Counter>,
 }
 
 impl Metrics {
@@ -101,6 +103,12 @@ impl Metrics {
             "Requests refused for being over a client's quota",
             quota_rejections.clone(),
         );
+        let quota_fallbacks = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "quota_fallbacks",
+            "Requests of a cluster-scope quota counted locally because the control plane did not answer",
+            quota_fallbacks.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -113,6 +121,7 @@ impl Metrics {
             shed,
             faults,
             quota_rejections,
+            quota_fallbacks,
         }
     }
 

@@ -128,6 +128,13 @@ pub enum Op {
         service: String,
         id: String,
     },
+    /// Takes one request's worth of `client`'s standing in quota `name` (cluster-scope
+    /// proxy quotas), at the proposing leader's clock.
+    QuotaTake {
+        name: String,
+        client: String,
+        tier: rampart_core::proxy::Tier,
+    },
 }
 
 impl Op {
@@ -143,7 +150,8 @@ impl Op {
             | Op::Resign { .. }
             | Op::TokenCreate { .. }
             | Op::TokenRevoke { .. }
-            | Op::Record { .. } => false,
+            | Op::Record { .. }
+            | Op::QuotaTake { .. } => false,
             Op::ServicePut { .. }
             | Op::ServiceDelete { .. }
             | Op::InstancePut { .. }
@@ -243,4 +251,15 @@ pub enum Outcome {
     NotPromotable {
         health: rampart_core::health::Health,
     },
+    QuotaTaken {
+        used_today: u64,
+    },
+    /// Over the `rate` or `daily` limit; a request is allowed again after `retry_after_ms`.
+    OverQuota {
+        limit: String,
+        retry_after_ms: u64,
+    },
+    /// The region keeps [`crate::state::QUOTA_CLIENTS_MAX`] standings and none of them can
+    /// be forgotten yet: a new client is refused rather than counted nowhere.
+    QuotaClientsFull,
 }

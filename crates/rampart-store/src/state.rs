@@ -98,6 +98,18 @@ pub struct InstanceRecord {
 /// Primary-role losses remembered per instance, for flap damping.
 pub const LOSSES_KEPT: usize = 16;
 
+/// Client standings kept for cluster-scope quotas. Standings that are as good as new are
+/// forgotten to make room; beyond this a new client is refused.
+pub const QUOTA_CLIENTS_MAX: usize = 100_000;
+
+/// One client's standing in a cluster-scope quota, with the limits it was last taken
+/// under (to know when it may be forgotten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaStanding {
+    pub allowance: rampart_core::proxy::Allowance,
+    pub tier: rampart_core::proxy::Tier,
+}
+
 /// Events kept in the replicated log of events; older ones drop off.
 pub const EVENTS_MAX: usize = 1000;
 
@@ -117,6 +129,8 @@ pub struct State {
     pub events: VecDeque<Event>,
     pub next_event_id: u64,
     pub services: BTreeMap<String, Service>,
+    /// Cluster-scope quota standings by (quota name, client key).
+    pub quotas: BTreeMap<(String, String), QuotaStanding>,
 }
 
 impl State {
@@ -420,6 +434,7 @@ impl State {
                     }
                 }
             }
+            Op::QuotaTake { name, client, tier } => self.quota_take(name, client, *tier, command.at_ms),
             Op::Record { event } => {
                 self.next_event_id += 1;
                 let id = self.next_event_id;
@@ -435,6 +450,31 @@ impl State {
             }
         };
         (outcome, events)
+    }
+
+    fn quota_take(&mut self, name: &str, client: &str, tier: rampart_core::proxy::Tier, now_ms: u64) -> Outcome {
+        let key = (name.to_string(), client.to_string());
+        if self.quotas.len() >= QUOTA_CLIENTS_MAX && !self.quotas.contains_key(&key) {
+            self.quotas
+                .retain(|_, standing| !standing.allowance.forgettable(now_ms, standing.tier));
+            if self.quotas.len() >= QUOTA_CLIENTS_MAX {
+                return Outcome::QuotaClientsFull;
+            }
+        }
+        let standing = self.quotas.entry(key).or_insert(QuotaStanding {
+            allowance: rampart_core::proxy::Allowance::default(),
+            tier,
+        });
+        standing.tier = tier;
+        match standing.allowance.take(now_ms, tier) {
+            Ok(()) => Outcome::QuotaTaken {
+                used_today: standing.allowance.used_today(),
+            },
+            Err(over) => Outcome::OverQuota {
+                limit: over.limit.to_string(),
+                retry_after_ms: over.retry_after_ms,
+            },
+        }
     }
 
     /// The service whose primary is `id` (with fencing token `token`, if given), or the
@@ -817,6 +857,41 @@ mod tests {
         }
         let bytes = postcard::to_allocvec(&s).unwrap();
         assert_eq!(postcard::from_bytes::<State>(&bytes).unwrap(), s, "snapshots too");
+    }
+
+    #[test]
+    fn quota_standings_are_counted_once_for_every_proxy_and_survive_snapshots() {
+        let tier = rampart_core::proxy::Tier {
+            rate: None,
+            burst: 0,
+            daily: Some(3),
+        };
+        let take = |s: &mut State, client: &str, at_ms: u64| {
+            s.apply(&Command {
+                at_ms,
+                op: Op::QuotaTake {
+                    name: "api".into(),
+                    client: client.into(),
+                    tier,
+                },
+            })
+            .0
+        };
+        let mut s = State::default();
+        let outcomes: Vec<Outcome> = (0..4).map(|i| take(&mut s, "k", 1000 + i)).collect();
+        assert_eq!(outcomes[2], Outcome::QuotaTaken { used_today: 3 });
+        assert!(matches!(&outcomes[3], Outcome::OverQuota { limit, .. } if limit == "daily"));
+        assert_eq!(take(&mut s, "other", 1000), Outcome::QuotaTaken { used_today: 1 });
+        assert_eq!(s.revision, 0, "quota takes are not key-value revisions");
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        let mut restored = postcard::from_bytes::<State>(&bytes).unwrap();
+        assert_eq!(restored, s);
+        assert!(matches!(take(&mut restored, "k", 2000), Outcome::OverQuota { .. }));
+        let next_day = 86_400_000 + 5;
+        assert_eq!(
+            take(&mut restored, "k", next_day),
+            Outcome::QuotaTaken { used_today: 1 }
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub(crate) async fn stop(addr: std::net::SocketAddr, task: tokio::task::JoinHand
 }
 
 /// The proxy's `/metrics` text, from its admin address.
-async fn metrics(admin: std::net::SocketAddr) -> String {
+pub(crate) async fn metrics(admin: std::net::SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))
         .await
         .expect("metrics")
@@ -738,7 +738,7 @@ async fn a_backend_killed_under_load_costs_reads_nothing_and_returns_to_rotation
 }
 
 /// The value of one series of `name` whose labels contain `label`, 0 if absent.
-fn metrics_count(body: &str, name: &str, label: &str) -> f64 {
+pub(crate) fn metrics_count(body: &str, name: &str, label: &str) -> f64 {
     body.lines()
         .filter(|line| line.starts_with(name) && line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

@@ -257,3 +257,109 @@ service = "db"
     let (status, body) = get_json(&format!("http://{admin}/listeners/db/primary")).await;
     assert_eq!((status, &body["primary"]), (200, &serde_json::json!("a")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_quotas_hold_exactly_across_two_proxies_and_a_leader_loss() {
+    let mut cluster = cluster(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let backend = http_backend("ok").addr;
+    let listeners = |port: std::net::SocketAddr| {
+        format!(
+            r#"
+[proxy.quota_tiers]
+free = {{ daily = 6 }}
+pro = {{ daily = 9 }}
+
+[proxy.quota_clients]
+key-pro = "pro"
+
+[[proxy.listeners]]
+name = "api"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+quota = {{ key = "header:X-Api-Key", default_tier = "free", scope = "cluster" }}
+"#
+        )
+    };
+    let ports = [
+        rampart_testkit::cluster::free_port().expect("port"),
+        rampart_testkit::cluster::free_port().expect("port"),
+    ];
+    let (_a, _dir_a, admin_a) = registry_proxy(&cluster, &listeners(ports[0]));
+    let (_b, _dir_b, admin_b) = registry_proxy(&cluster, &listeners(ports[1]));
+    for port in ports {
+        rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+            tokio::net::TcpStream::connect(port).await.ok()
+        })
+        .await;
+    }
+    let http = reqwest::Client::new();
+    // `count` requests at once, alternately through each proxy: how many were let through,
+    // and one refusal's body.
+    let burst = |key: &'static str, count: usize| {
+        let http = http.clone();
+        async move {
+            let mut requests = tokio::task::JoinSet::new();
+            for i in 0..count {
+                let request = http.get(format!("http://{}/", ports[i % 2])).header("x-api-key", key);
+                requests.spawn(async move {
+                    let response = request.send().await.expect("an answer");
+                    let status = response.status().as_u16();
+                    (status, response.json::<serde_json::Value>().await.unwrap_or_default())
+                });
+            }
+            let (mut ok, mut refusal) = (0, None);
+            while let Some(done) = requests.join_next().await {
+                match done.expect("request task") {
+                    (200, _) => ok += 1,
+                    (429, body) => refusal = Some(body),
+                    (status, body) => panic!("unexpected {status}: {body}"),
+                }
+            }
+            (ok, refusal)
+        }
+    };
+    assert_eq!(burst("key-free", 4).await.0, 4);
+    assert_eq!(burst("key-pro", 14).await.0, 9, "pro: 9 a day across both proxies");
+    // The standings are replicated: the leader's loss forgets nothing.
+    cluster.kill(leader);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let (ok, refusal) = burst("key-free", 8).await;
+    assert_eq!(
+        ok, 2,
+        "free: 6 a day across both proxies, 4 of them before the leader died"
+    );
+    let refusal = refusal.expect("a refusal");
+    assert_eq!(
+        (
+            refusal["error"]["code"].as_str(),
+            refusal["tier"].as_str(),
+            refusal["limit"].as_str()
+        ),
+        (Some("quota_exceeded"), Some("free"), Some("daily"))
+    );
+    assert_eq!(burst("key-other", 10).await.0, 6, "each key has its own");
+    // Bad limits are refused naming the field, and count nothing.
+    let endpoint = cluster.nodes[&leader].endpoint();
+    let bad = http
+        .post(format!("http://{endpoint}/v1/quotas/api/take"))
+        .json(&serde_json::json!({"client": "key-other", "rate": 0}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: serde_json::Value = bad.json().await.expect("JSON");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| m.contains("rate")),
+        "{body}"
+    );
+    // Every request was counted by the control plane, none locally.
+    for admin in [admin_a, admin_b] {
+        let text = crate::proxy::metrics(admin).await;
+        assert_eq!(
+            crate::proxy::metrics_count(&text, "rampart_proxy_quota_fallbacks_total", "api"),
+            0.0
+        );
+    }
+}
