@@ -610,6 +610,52 @@ quota = {{ key = "header:X-Api-Key", default_tier = "free" }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_quota_without_its_control_plane_is_held_locally_and_serves_on() {
+    let backend = http_backend("ok").addr;
+    let (port, admin) = (
+        rampart_testkit::cluster::free_port().expect("port"),
+        rampart_testkit::cluster::free_port().expect("port"),
+    );
+    // Nothing listens at the control plane's address.
+    let nowhere = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir) = start_proxy_with(
+        &format!(
+            r#"
+[proxy]
+admin = "{admin}"
+
+[proxy.quota_tiers]
+free = {{ daily = 3 }}
+
+[[proxy.listeners]]
+name = "api"
+bind = "{port}"
+mode = "http"
+upstreams = ["{backend}"]
+quota = {{ default_tier = "free", scope = "cluster" }}
+"#
+        ),
+        &["--endpoints".to_string(), nowhere.to_string()],
+    );
+    rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        tokio::net::TcpStream::connect(port).await.ok()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = reqwest::get(format!("http://{port}/")).await.expect("an answer");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429],
+        "the daily 3 held by this proxy alone"
+    );
+    let text = metrics(admin).await;
+    assert!(metrics_count(&text, "rampart_proxy_quota_fallbacks_total", "api") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_clients_are_served_over_http1_upstreams() {
     use http_body_util::BodyExt;
     let backend = http_backend("h1-upstream").addr;
