@@ -1,5 +1,6 @@
 //! L7: an HTTP/1.1 and HTTP/2 (h2c) reverse proxy. Each request goes to an upstream picked by the balancer,
-//! over a pool of kept connections per upstream (hyper's pooled client). A request whose
+//! over a pool of kept connections per upstream (hyper's pooled client, one per worker
+//! thread: a connection and its upstream exchanges stay on one thread). A request whose
 //! connect fails is sent to the next upstream at once, whatever its method, since it never
 //! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. An idempotent
 //! request whose upstream failed or did not answer within the listener's `try_timeout` is
@@ -55,13 +56,17 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// A listener's state as one worker sees it: its own upstream client, everything else
+/// shared by every worker of the listener.
+#[derive(Clone)]
 struct Shared {
     listener: Listener,
     target: Arc<Target>,
-    budget: Mutex<RetryBudget>,
+    budget: Arc<Mutex<RetryBudget>>,
     /// Requests being forwarded (until their response head), for shedding.
-    in_flight: AtomicU32,
-    quotas: Standings,
+    in_flight: Arc<AtomicU32>,
+    quotas: Arc<Standings>,
+    /// This worker's pool of upstream connections.
     client: Client<HttpConnector, Full<Bytes>>,
     metrics: Arc<Metrics>,
     labels: ListenerLabels,
@@ -72,6 +77,21 @@ struct Shared {
     answered: Box<[std::sync::OnceLock<prometheus_client::metrics::counter::Counter>]>,
 }
 
+/// A pooled HTTP/1.1 client for upstreams; its connections live on the runtime that made
+/// them.
+fn upstream_client(listener: &Listener) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// Accepts the listener's connections and hands them, in turn, to worker threads (one per
+/// core), each with a single-threaded runtime that serves its connections and drives
+/// their upstream connections: a request and its upstream exchange stay on one thread,
+/// with no hand-over between threads. The workers stop when this future is dropped.
 pub async fn serve(
     listener: Listener,
     socket: TcpListener,
@@ -79,47 +99,84 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     control: Option<Arc<rampart_client::Client>>,
 ) -> io::Result<()> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
     let labels = Metrics::listener(&listener.name);
     let active = metrics.active.get_or_create(&labels).clone();
     let upstream_seconds = metrics.upstream_seconds.get_or_create(&labels).clone();
-    let quotas = Standings::new(&listener.name, control);
-    let shared = Arc::new(Shared {
+    let quotas = Arc::new(Standings::new(&listener.name, control));
+    let shared = Shared {
         quotas,
         active,
         upstream_seconds,
         answered: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
         labels,
         metrics,
+        client: upstream_client(&listener),
         listener,
         target,
-        budget: Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S)),
-        in_flight: AtomicU32::new(0),
-        client,
-    });
-    loop {
-        let (stream, peer) = crate::accept(&socket, &shared.listener.name).await;
+        budget: Arc::new(Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S))),
+        in_flight: Arc::new(AtomicU32::new(0)),
+    };
+    let count = workers();
+    let mut workers = Vec::new();
+    for i in 0..count {
+        let (hand, mut handed) = tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
         let shared = shared.clone();
-        tokio::spawn(async move {
-            // The client's address as X-Forwarded-For gets it, once per connection.
-            let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value");
-            let service = hyper::service::service_fn(move |request| {
-                let shared = shared.clone();
-                let peer_ip = peer_ip.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, request, peer, peer_ip).await) }
-            });
-            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c, prior
-            // knowledge); upstreams are spoken to in HTTP/1.1 either way.
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new()
+            .name(format!("proxy-{}-{i}", shared.listener.name))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let shared = Arc::new(Shared {
+                        client: upstream_client(&shared.listener),
+                        ..shared
+                    });
+                    while let Some((stream, peer)) = handed.recv().await {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => {
+                                tokio::spawn(serve_connection(shared.clone(), stream, peer));
+                            }
+                            Err(e) => tracing::warn!(listener = %shared.listener.name, "cannot take a connection: {e}"),
+                        }
+                    }
+                });
+            })?;
+        workers.push(hand);
     }
+    for next in (0..count).cycle() {
+        let (stream, peer) = crate::accept(&socket, &shared.listener.name).await;
+        let stream = stream.into_std()?;
+        if workers[next].send((stream, peer)).is_err() {
+            return Err(io::Error::other(format!(
+                "listener {}: a worker stopped",
+                shared.listener.name
+            )));
+        }
+    }
+    unreachable!("the workers cycle forever")
+}
+
+/// Worker threads per HTTP listener: `RAMPART_PROXY_WORKERS`, else one per core.
+fn workers() -> usize {
+    std::env::var("RAMPART_PROXY_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, 256)
+}
+
+/// Serves one client connection: HTTP/1.1, or HTTP/2 when the client opens with its
+/// preface (h2c, prior knowledge); upstreams are spoken to in HTTP/1.1 either way.
+async fn serve_connection(shared: Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    // The client's address as X-Forwarded-For gets it, once per connection.
+    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value");
+    let service = hyper::service::service_fn(move |request| {
+        let shared = shared.clone();
+        let peer_ip = peer_ip.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, request, peer, peer_ip).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// One request, counted in the metrics.
