@@ -35,7 +35,7 @@ def out_of_rotation(kind, url, backend):
     document = json.loads(body)
     for upstream in document.get("upstreams", []):
         if upstream["address"].endswith(backend):
-            return upstream["ejected"] or upstream["breaker"] == "open"
+            return not upstream["in_rotation"]
     return True
 
 

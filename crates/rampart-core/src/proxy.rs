@@ -89,6 +89,8 @@ pub struct ListenerSpec {
     /// `http` with `route = "primary"`: the methods that still go through, to replicas,
     /// while the service has no primary (default GET, HEAD, OPTIONS); others get 503.
     pub read_methods: Option<Vec<String>>,
+    /// Active checks of static upstreams (a service's instances are checked by the region).
+    pub check: Option<ActiveCheckSpec>,
 }
 
 /// `quota = { key = "header:X-Api-Key", default_tier = "free" }`.
@@ -400,6 +402,85 @@ impl FaultSpec {
     }
 }
 
+/// `check = { kind = "http", path = "/health", interval = "2s", timeout = "1s", rise = 2, fall = 3 }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheckSpec {
+    /// `tcp` (a connect; the default) or `http` (a GET of `path` answered 2xx or 3xx).
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+/// How a static upstream is probed: a connect, or an HTTP GET of this path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    Tcp,
+    Http { path: String },
+}
+
+/// A validated active check; its verdicts follow [`crate::health::CheckState`] (an
+/// upstream starts in rotation and leaves it after `fall` failed probes in a row, as
+/// HAProxy's `check inter 2s rise 2 fall 3`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveCheck {
+    pub probe: Probe,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl ActiveCheck {
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        crate::health::Thresholds {
+            rise: self.rise,
+            fall: self.fall,
+            start_period_ms: 0,
+        }
+    }
+}
+
+impl ActiveCheckSpec {
+    fn validate(&self, path: &str) -> Result<ActiveCheck, FieldError> {
+        let field = |name: &str| format!("{path}.{name}");
+        let probe = match (self.kind.as_deref(), &self.path) {
+            (None | Some("tcp"), None) => Probe::Tcp,
+            (None | Some("tcp"), Some(p)) => {
+                return Err(field_error(field("path"), p, "only with kind = \"http\""));
+            }
+            (Some("http"), p) => {
+                let p = p.clone().unwrap_or_else(|| "/".to_string());
+                let valid = p.starts_with('/') && p.len() <= 1024 && p.chars().all(|c| c.is_ascii_graphic());
+                if !valid {
+                    return Err(field_error(field("path"), p, "a path starting with /, like /health"));
+                }
+                Probe::Http { path: p }
+            }
+            (Some(other), _) => return Err(field_error(field("kind"), other, "tcp or http")),
+        };
+        let interval_ms = duration_ms(&field("interval"), self.interval.as_deref(), 2_000, 50, 3_600_000)?;
+        let timeout_ms = duration_ms(&field("timeout"), self.timeout.as_deref(), 1_000, 10, 60_000)?;
+        if timeout_ms > interval_ms {
+            return Err(field_error(
+                field("timeout"),
+                format!("{timeout_ms}ms"),
+                format!("at most the interval ({interval_ms}ms)"),
+            ));
+        }
+        Ok(ActiveCheck {
+            probe,
+            interval_ms,
+            timeout_ms,
+            rise: number_in(&field("rise"), self.rise.unwrap_or(2), 1..=100)?,
+            fall: number_in(&field("fall"), self.fall.unwrap_or(3), 1..=100)?,
+        })
+    }
+}
+
 /// `ejection = { consecutive_errors = 5, base = "1s", max = "30s" }` as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -563,6 +644,8 @@ pub struct Listener {
     pub breaker: BreakerPolicy,
     /// Upper-case methods served by replicas in read-only mode.
     pub read_methods: Vec<String>,
+    /// Active checks of static upstreams.
+    pub check: Option<ActiveCheck>,
 }
 
 impl ProxySpec {
@@ -769,7 +852,19 @@ impl ListenerSpec {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let check = match &self.check {
+            None => None,
+            Some(_) if !matches!(upstreams, Upstreams::Static(_)) => {
+                return Err(field_error(
+                    field("check"),
+                    "set",
+                    "only with static upstreams (a service's instances are checked by the region)",
+                ));
+            }
+            Some(spec) => Some(spec.validate(&field("check"))?),
+        };
         Ok(Listener {
+            check,
             name,
             bind,
             mode,
@@ -1594,6 +1689,47 @@ mod tests {
         b.take(t, rate_only).unwrap();
         assert!(!b.forgettable(t + 499, rate_only));
         assert!(b.forgettable(t + 500, rate_only), "no daily limit to remember");
+    }
+
+    #[test]
+    fn active_checks_validate_by_field() {
+        let listener = |check: serde_json::Value| {
+            let spec: ListenerSpec = serde_json::from_value(serde_json::json!({
+                "name": "web", "bind": "127.0.0.1:1", "mode": "http", "upstreams": ["127.0.0.1:2"], "check": check
+            }))
+            .unwrap();
+            spec.validate("l")
+        };
+        let check = listener(serde_json::json!({"kind": "http", "path": "/health", "interval": "1s"}))
+            .unwrap()
+            .check
+            .unwrap();
+        assert_eq!(check.probe, Probe::Http { path: "/health".into() });
+        assert_eq!(
+            (check.interval_ms, check.timeout_ms, check.rise, check.fall),
+            (1000, 1000, 2, 3)
+        );
+        assert_eq!(
+            listener(serde_json::json!({})).unwrap().check.unwrap().probe,
+            Probe::Tcp
+        );
+        for (bad, field) in [
+            (serde_json::json!({"kind": "udp"}), "l.check.kind"),
+            (serde_json::json!({"path": "/h"}), "l.check.path"),
+            (serde_json::json!({"kind": "http", "path": "health"}), "l.check.path"),
+            (
+                serde_json::json!({"interval": "1s", "timeout": "2s"}),
+                "l.check.timeout",
+            ),
+            (serde_json::json!({"fall": 0}), "l.check.fall"),
+        ] {
+            assert_eq!(listener(bad).unwrap_err().field, field);
+        }
+        let spec: ListenerSpec = serde_json::from_value(serde_json::json!({
+            "name": "db", "bind": "127.0.0.1:1", "service": "db", "check": {}
+        }))
+        .unwrap();
+        assert_eq!(spec.validate("l").unwrap_err().field, "l.check");
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn health(name: &str, target: &Target) -> Response<Body> {
     let read_only = target.read_only();
     let pool = if read_only { &target.readers } else { &target.pool };
     let upstreams = pool.standings();
-    let in_rotation = upstreams.iter().filter(|u| !u.ejected && u.breaker != "open").count();
+    let in_rotation = upstreams.iter().filter(|u| u.in_rotation).count();
     json(
         status(in_rotation > 0),
         &json!({

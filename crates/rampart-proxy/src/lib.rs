@@ -3,11 +3,12 @@
 //! (which upstream, whether one is out of rotation) is a policy of `rampart-core`; this
 //! crate does the I/O: TCP and HTTP listeners over static upstreams or a registry service
 //! (followed by blocking reads; `target`), with a failed connect moving on to the next
-//! upstream at once, passive ejection and a circuit breaker per upstream, retries of
-//! idempotent HTTP requests under a budget, quotas, shedding, read-only mode and fault
-//! injection.
+//! upstream at once, active checks of static upstreams, passive ejection and a circuit
+//! breaker per upstream, retries of idempotent HTTP requests under a budget, quotas,
+//! shedding, read-only mode and fault injection.
 
 mod admin;
+mod checks;
 mod http;
 mod metrics;
 mod pool;
@@ -72,6 +73,13 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Op
         tasks.spawn(admin::serve_admin(socket, metrics.clone(), targets));
     }
     for (listener, socket, target) in bound {
+        if let Some(check) = listener.check.clone() {
+            let pool = target.pool.clone();
+            tasks.spawn(async move {
+                checks::run(pool, check).await;
+                Ok(())
+            });
+        }
         match listener.mode {
             Mode::Tcp => tasks.spawn(tcp::serve(listener, socket, target, metrics.clone())),
             Mode::Http => tasks.spawn(http::serve(listener, socket, target, metrics.clone(), client.clone())),

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub ejections: Family<UpstreamLabels, Counter>,
     /// 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<UpstreamLabels, Gauge>,
+    /// The active check's verdict: 1 up, 0 down (set once a verdict is reached).
+    pub check_up: Family<UpstreamLabels, Gauge>,
     pub retries: Family<ListenerLabels, Counter>,
     pub shed: Family<ShedLabels, Counter>,
     pub faults: Family<ListenerLabels, Counter>,
@@ -91,6 +93,12 @@ impl Metrics {
             "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open",
             breaker_state.clone(),
         );
+        let check_up = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "check_up",
+            "Active check verdict per upstream: 1 up, 0 down",
+            check_up.clone(),
+        );
         let retries = Family::<ListenerLabels, Counter>::default();
         registry.register("retries", "Idempotent requests sent again", retries.clone());
         let shed = Family::<ShedLabels, Counter>::default();
@@ -117,6 +125,7 @@ impl Metrics {
             upstream_seconds,
             ejections,
             breaker_state,
+            check_up,
             retries,
             shed,
             faults,

@@ -1,6 +1,7 @@
 //! A listener's upstreams with what the balancer needs to know of each: connections in
 //! flight, passive ejection (`rampart_core::proxy::Outlier`) and a circuit breaker
-//! (`rampart_core::proxy::Breaker`). An upstream is in rotation when it is not ejected and
+//! (`rampart_core::proxy::Breaker`), and the active check's verdict if the listener has one.
+//! An upstream is in rotation when its check has not found it down, it is not ejected and
 //! its breaker lets a request through.
 //!
 //! The set can be replaced while connections run (a service listener follows the
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::now_ms;
 
+use rampart_core::health::{CheckState, Health, Thresholds};
 use rampart_core::proxy::{
     may_eject, Balancer, Breaker, BreakerPolicy, BreakerState, Candidate, Ejection, Failure, Listener, Outlier,
     Upstream,
@@ -40,6 +42,8 @@ struct Member {
     active: AtomicU32,
     outlier: Mutex<Outlier>,
     breaker: Mutex<Breaker>,
+    /// The active check's verdict (unknown, hence in rotation, without a check).
+    checked: Mutex<CheckState>,
     /// When connections to it must end; `None` while it belongs to the pool.
     close_at: watch::Sender<Option<Instant>>,
 }
@@ -56,6 +60,7 @@ impl Member {
             active: AtomicU32::new(0),
             outlier: Mutex::new(Outlier::default()),
             breaker: Mutex::new(Breaker::default()),
+            checked: Mutex::new(CheckState::new(now_ms())),
             close_at: watch::channel(None).0,
         })
     }
@@ -68,6 +73,10 @@ pub struct Standing {
     pub active: u32,
     pub ejected: bool,
     pub breaker: &'static str,
+    /// The active check's verdict: `up`, `down` or `unknown` (no check, or too few probes).
+    pub check: Health,
+    /// Not found down by its check, not ejected, breaker not open.
+    pub in_rotation: bool,
 }
 
 /// A connection or request counted against an upstream while it lives.
@@ -206,7 +215,8 @@ impl Pool {
         let mut passed: Vec<&str> = tried.iter().map(String::as_str).collect();
         loop {
             let open = |m: &&Arc<Member>| {
-                !m.outlier.lock().expect("outlier lock").ejected(now)
+                m.checked.lock().expect("check lock").health() != Health::Down
+                    && !m.outlier.lock().expect("outlier lock").ejected(now)
                     && m.breaker.lock().expect("breaker lock").state(now, self.breaker) != BreakerState::Open
             };
             let untried: Vec<&Arc<Member>> = members
@@ -254,17 +264,47 @@ impl Pool {
         let now = now_ms();
         self.members()
             .iter()
-            .map(|m| Standing {
-                address: m.upstream.address.clone(),
-                active: m.active.load(Ordering::Relaxed),
-                ejected: m.outlier.lock().expect("outlier lock").ejected(now),
-                breaker: match m.breaker.lock().expect("breaker lock").state(now, self.breaker) {
-                    BreakerState::Closed => "closed",
-                    BreakerState::Open => "open",
-                    BreakerState::HalfOpen => "half-open",
-                },
+            .map(|m| {
+                let ejected = m.outlier.lock().expect("outlier lock").ejected(now);
+                let breaker = m.breaker.lock().expect("breaker lock").state(now, self.breaker);
+                let check = m.checked.lock().expect("check lock").health();
+                Standing {
+                    address: m.upstream.address.clone(),
+                    active: m.active.load(Ordering::Relaxed),
+                    ejected,
+                    breaker: match breaker {
+                        BreakerState::Closed => "closed",
+                        BreakerState::Open => "open",
+                        BreakerState::HalfOpen => "half-open",
+                    },
+                    check,
+                    in_rotation: check != Health::Down && !ejected && breaker != BreakerState::Open,
+                }
             })
             .collect()
+    }
+
+    /// Every upstream's address, for the active checks to probe.
+    pub fn addresses(&self) -> Vec<String> {
+        self.members().iter().map(|m| m.upstream.address.clone()).collect()
+    }
+
+    /// Feeds an active check's probe of `address`: after `fall` failures in a row the
+    /// upstream leaves rotation, after `rise` successes it is back.
+    pub fn observe(&self, address: &str, ok: bool, thresholds: Thresholds) {
+        let Some(member) = self.members().iter().find(|m| m.upstream.address == address).cloned() else {
+            return;
+        };
+        let changed = member
+            .checked
+            .lock()
+            .expect("check lock")
+            .observe(now_ms(), ok, thresholds);
+        if let Some(health) = changed {
+            tracing::warn!(listener = %self.listener, upstream = %address, ?health, "active check verdict");
+            let up = i64::from(health == Health::Up);
+            self.metrics.check_up.get_or_create(&self.labels(&member)).set(up);
+        }
     }
 
     fn labels(&self, member: &Member) -> UpstreamLabels {

@@ -196,14 +196,14 @@ pub(crate) struct Backend {
 
 /// A backend answering every request with 200 and its name.
 pub(crate) fn http_backend(name: &'static str) -> Backend {
-    scripted_backend(name, |_| Reply::Status(200), None)
+    scripted_backend(name, |_, _| Reply::Status(200), None)
 }
 
-/// A backend answering its `n`th request (from 0) as `reply(n)` says, each only once
-/// `release` (if given) turns true.
+/// A backend answering its `n`th request (from 0), whose request line is `line`, as
+/// `reply(n, line)` says, each only once `release` (if given) turns true.
 fn scripted_backend(
     name: &'static str,
-    reply: fn(usize) -> Reply,
+    reply: fn(usize, &str) -> Reply,
     release: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Backend {
     scripted_backend_at("127.0.0.1:0".parse().expect("address"), name, reply, release)
@@ -213,7 +213,7 @@ fn scripted_backend(
 fn scripted_backend_at(
     at: std::net::SocketAddr,
     name: &'static str,
-    reply: fn(usize) -> Reply,
+    reply: fn(usize, &str) -> Reply,
     release: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Backend {
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -239,12 +239,14 @@ fn scripted_backend_at(
                     }
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let head = String::from_utf8_lossy(&head);
+                        let line = head.lines().next().unwrap_or("").to_string();
                         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if let Some(release) = &mut release {
                             let _ = release.wait_for(|go| *go).await;
                         }
-                        let Reply::Status(code) = reply(n) else { return };
+                        let Reply::Status(code) = reply(n, &line) else { return };
                         let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{name}", name.len());
                         if stream.write_all(answer.as_bytes()).await.is_err() {
                             return;
@@ -355,7 +357,7 @@ async fn idempotent_requests_are_retried_elsewhere_and_others_are_not() {
         addr: bad,
         requests: swallowed,
         ..
-    } = scripted_backend("bad", |_| Reply::Drop, None);
+    } = scripted_backend("bad", |_, _| Reply::Drop, None);
     let mixed = rampart_testkit::cluster::free_port().expect("port");
     let lonely = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
@@ -415,7 +417,7 @@ upstreams = ["{bad}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_upstream_trips_its_breaker_and_gets_no_traffic_while_open() {
     // Every other answer a 500: never five in a row (no ejection), but half fail.
-    let flaky = scripted_backend("flaky", |n| Reply::Status(if n % 2 == 0 { 500 } else { 200 }), None).addr;
+    let flaky = scripted_backend("flaky", |n, _| Reply::Status(if n % 2 == 0 { 500 } else { 200 }), None).addr;
     let good = http_backend("good").addr;
     let (_proxy, _dir, port, _) = http_proxy(&[flaky, good], "");
     let http = reqwest::Client::new();
@@ -445,7 +447,7 @@ async fn under_overload_low_priority_is_shed_first_then_normal() {
         addr: backend,
         requests: held,
         ..
-    } = scripted_backend("ok", |_| Reply::Status(200), Some(release));
+    } = scripted_backend("ok", |_, _| Reply::Status(200), Some(release));
     let (_proxy, _dir, port, _) = http_proxy(&[backend], "max_requests = 10");
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
         tokio::net::TcpStream::connect(port).await.ok()
@@ -496,7 +498,7 @@ async fn fault_injection_aborts_its_share_without_reaching_the_upstream() {
         addr: backend,
         requests: reached,
         ..
-    } = scripted_backend("bad", |_| Reply::Drop, None);
+    } = scripted_backend("bad", |_, _| Reply::Drop, None);
     let port = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = start_proxy(&format!(
         r#"
@@ -684,6 +686,77 @@ async fn http2_clients_are_served_over_http1_upstreams() {
     }
 }
 
+/// Whether the backend of `active_checks_...` answers its health check.
+static B_HEALTHY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_checks_take_an_upstream_out_of_rotation_and_bring_it_back() {
+    use std::sync::atomic::Ordering;
+    let a = http_backend("a").addr;
+    // b serves every request well, but its health check fails until told otherwise.
+    let b = scripted_backend(
+        "b",
+        |_, line| {
+            let healthy = !line.contains("/health") || B_HEALTHY.load(Ordering::SeqCst);
+            Reply::Status(if healthy { 200 } else { 503 })
+        },
+        None,
+    )
+    .addr;
+    let (_proxy, _dir, port, admin) = http_proxy(
+        &[a, b],
+        r#"check = { kind = "http", path = "/health", interval = "100ms", timeout = "100ms", rise = 1, fall = 2 }"#,
+    );
+    let standing = || async {
+        let health: serde_json::Value = reqwest::get(format!("http://{admin}/listeners/web/health"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let upstreams = health["upstreams"].as_array()?.clone();
+        let b = upstreams.into_iter().find(|u| u["address"] == b.to_string())?;
+        Some((b["check"].as_str()?.to_string(), b["in_rotation"].as_bool()?))
+    };
+    rampart_testkit::eventually(DEADLINE, "b found down by its check", || async {
+        (standing().await? == ("down".to_string(), false)).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for i in 0..10 {
+        let body = http
+            .get(format!("http://{port}/"))
+            .send()
+            .await
+            .expect("answer")
+            .text()
+            .await;
+        assert_eq!(body.ok().as_deref(), Some("a"), "request {i} while b is down");
+    }
+    let text = metrics(admin).await;
+    let b_series = text
+        .lines()
+        .find(|l| l.starts_with("rampart_proxy_check_up") && l.contains(&b.to_string()));
+    assert!(b_series.is_some_and(|l| l.ends_with(" 0")), "{text}");
+    B_HEALTHY.store(true, Ordering::SeqCst);
+    rampart_testkit::eventually(DEADLINE, "b back in rotation", || async {
+        (standing().await? == ("up".to_string(), true)).then_some(())
+    })
+    .await;
+    let mut answers = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let body = http
+            .get(format!("http://{port}/"))
+            .send()
+            .await
+            .expect("answer")
+            .text()
+            .await;
+        answers.insert(body.expect("body"));
+    }
+    assert_eq!(answers, ["a", "b"].map(String::from).into());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_zero_ejected_share_keeps_every_upstream_in_rotation() {
     let a = http_backend("a").addr;
@@ -763,7 +836,7 @@ async fn a_backend_killed_under_load_costs_reads_nothing_and_returns_to_rotation
     );
 
     // b comes back on its port: it is in rotation again once its ejection ends.
-    let Backend { task: _b_again, .. } = scripted_backend_at(b, "b", |_| Reply::Status(200), None);
+    let Backend { task: _b_again, .. } = scripted_backend_at(b, "b", |_, _| Reply::Status(200), None);
     rampart_testkit::eventually(DEADLINE, "b back in rotation", || async {
         let body = http.get(&url).send().await.ok()?.text().await.ok()?;
         (body == "b").then_some(())
