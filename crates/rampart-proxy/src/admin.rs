@@ -55,7 +55,7 @@ fn answer(request: &Request<Incoming>, metrics: &Metrics, targets: &BTreeMap<Str
     let path = request.uri().path();
     if path == "/metrics" {
         let body = Full::new(Bytes::from(metrics.encode())).map_err(|never| match never {});
-        let mut response = Response::new(body.boxed());
+        let mut response = Response::new(body.boxed_unsync());
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),

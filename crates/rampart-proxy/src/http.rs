@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
@@ -41,7 +41,10 @@ const RETRY_FLOOR_PER_S: u64 = 10;
 /// The largest request body the proxy buffers to be able to send it again.
 pub const BODY_BYTES_MAX: usize = 8 << 20;
 
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
+/// Why a response body broke off: its upstream failed, or left the pool (a demoted primary
+/// at once, others after their drain).
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Headers that concern one hop only (RFC 9110 7.6.1), never passed on.
 const HOP_BY_HOP: &[&str] = &[
@@ -381,7 +384,18 @@ async fn forward(
         }
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
         let sent = std::time::Instant::now();
-        let failure = match tokio::time::timeout(try_timeout, shared.client.request(outgoing)).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(try_timeout, shared.client.request(outgoing)) => answer,
+            () = lease.closed() => {
+                lease.failed(Failure::Error);
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_left",
+                    &format!("upstream {} left the listener before it answered", lease.address()),
+                );
+            }
+        };
+        let failure = match answer {
             Ok(Ok(response)) => {
                 shared.upstream_seconds.observe(sent.elapsed().as_secs_f64());
                 if response.status().is_server_error() {
@@ -394,8 +408,12 @@ async fn forward(
                     parts.headers.remove(*name);
                 }
                 // The lease lives as long as the response body streams.
-                let body = LeasedBody { body, _lease: lease };
-                return Response::from_parts(parts, body.boxed());
+                let body = LeasedBody {
+                    body,
+                    lease,
+                    closing: None,
+                };
+                return Response::from_parts(parts, body.boxed_unsync());
             }
             Ok(Err(e)) if e.is_connect() => {
                 // The request never left: the next upstream, whatever the method.
@@ -466,21 +484,39 @@ pub(crate) fn unavailable(code: &str, message: &str) -> Response<Body> {
     response
 }
 
-/// A response body that keeps its upstream's lease (connections in flight) until done.
+/// A response body that keeps its upstream's lease (connections in flight) until done,
+/// and breaks off when the upstream leaves the pool (the client sees the response cut, not
+/// complete).
 struct LeasedBody {
     body: Incoming,
-    _lease: crate::pool::Lease,
+    lease: crate::pool::Lease,
+    /// Made the first time the body has to wait, so a response that streams at once costs
+    /// nothing more.
+    closing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl hyper::body::Body for LeasedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
+        }
+        let body = &mut *self;
+        let closing = body.closing.get_or_insert_with(|| Box::pin(body.lease.closing()));
+        match closing.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "upstream {} left the listener; its response is cut",
+                body.lease.address()
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -503,7 +539,7 @@ pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<B
 /// A JSON answer of the proxy's own.
 pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let body = Full::new(Bytes::from(body.to_string())).map_err(|never| match never {});
-    let mut response = Response::new(body.boxed());
+    let mut response = Response::new(body.boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -99,11 +99,19 @@ impl Lease {
     /// Resolves when the connection must end because its upstream left the pool: at once
     /// or at the end of its drain. Never, while the upstream stays.
     pub async fn closed(&self) {
+        self.closing().await
+    }
+
+    /// [`Lease::closed`] as a future of its own, for a response body that outlives the
+    /// borrow.
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut close_at = self.member.close_at.subscribe();
-        let at: Option<Instant> = close_at.wait_for(Option::is_some).await.ok().and_then(|at| *at);
-        match at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
+        async move {
+            let at: Option<Instant> = close_at.wait_for(Option::is_some).await.ok().and_then(|at| *at);
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
         }
     }
 

@@ -363,3 +363,73 @@ quota = {{ key = "header:X-Api-Key", default_tier = "free", scope = "cluster" }}
         );
     }
 }
+
+/// An HTTP backend whose every response sends `name` as its first chunk and then streams
+/// on without end (a long download, an event stream).
+fn streaming_backend(name: &'static str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            connections.spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{name}\r\n",
+                    name.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_ok() {
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_response_from_a_demoted_primary_is_cut_and_new_requests_reach_the_new_one() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let (a, _a_task) = streaming_backend("a");
+    let (b, _b_task) = streaming_backend("b");
+    register(&client, "web", &[("a", a, 100), ("b", b, 90)]).await;
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let (_proxy, _dir, _admin) = registry_proxy(
+        &cluster,
+        &format!("[[proxy.listeners]]\nname = \"web\"\nbind = \"{port}\"\nmode = \"http\"\nservice = \"web\"\n"),
+    );
+    // The first chunk names the backend that answers.
+    let first_chunk = || async {
+        let mut response = reqwest::get(format!("http://{port}/stream")).await.ok()?;
+        let chunk = response.chunk().await.ok()??;
+        Some((String::from_utf8_lossy(&chunk).to_string(), response))
+    };
+    let mut streaming = rampart_testkit::eventually(DEADLINE, "a response streaming from a", || async {
+        let (name, response) = first_chunk().await?;
+        (name == "a").then_some(response)
+    })
+    .await;
+    client.switchover("web", "b").await.expect("switchover");
+    let next = tokio::time::timeout(DEADLINE, streaming.chunk())
+        .await
+        .expect("the response from the demoted primary ends within the deadline");
+    assert!(
+        next.is_err(),
+        "expected the response cut off, not ended cleanly: {next:?}"
+    );
+    rampart_testkit::eventually(DEADLINE, "new requests reach b", || async {
+        (first_chunk().await?.0 == "b").then_some(())
+    })
+    .await;
+}
