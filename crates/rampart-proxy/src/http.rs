@@ -1,6 +1,6 @@
 //! L7: an HTTP/1.1 and HTTP/2 (h2c) reverse proxy. Each request goes to an upstream picked by the balancer,
-//! over a pool of kept connections per upstream (hyper's pooled client, one per worker
-//! thread: a connection and its upstream exchanges stay on one thread). A request whose
+//! over kept connections per upstream (`upstream::Conns`, one set per worker thread: a
+//! connection and its upstream exchanges stay on one thread). A request whose
 //! connect fails is sent to the next upstream at once, whatever its method, since it never
 //! left; its body is buffered (up to [`BODY_BYTES_MAX`]) so it can be. An idempotent
 //! request whose upstream failed or did not answer within the listener's `try_timeout` is
@@ -21,8 +21,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget};
 use tokio::net::TcpListener;
@@ -33,6 +31,7 @@ use crate::pool::Pool;
 use crate::quota::{Counted, Standings};
 use crate::target::Target;
 use crate::tcp::Decrement;
+use crate::upstream::{Conns, Failed, Kept};
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
@@ -69,8 +68,8 @@ struct Shared {
     /// Requests being forwarded (until their response head), for shedding.
     in_flight: Arc<AtomicU32>,
     quotas: Arc<Standings>,
-    /// This worker's pool of upstream connections.
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// This worker's kept upstream connections.
+    conns: Arc<Conns>,
     metrics: Arc<Metrics>,
     labels: ListenerLabels,
     /// This listener's series, looked up once instead of per request.
@@ -80,15 +79,9 @@ struct Shared {
     answered: Box<[std::sync::OnceLock<prometheus_client::metrics::counter::Counter>]>,
 }
 
-/// A pooled HTTP/1.1 client for upstreams; its connections live on the runtime that made
-/// them.
-fn upstream_client(listener: &Listener) -> Client<HttpConnector, Full<Bytes>> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_millis(listener.connect_timeout_ms)));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+/// Kept HTTP/1.1 connections to upstreams; they live on the runtime that made them.
+fn upstream_conns(listener: &Listener) -> Arc<Conns> {
+    Arc::new(Conns::new(Duration::from_millis(listener.connect_timeout_ms)))
 }
 
 /// Accepts the listener's connections and hands them, in turn, to worker threads (one per
@@ -113,7 +106,7 @@ pub async fn serve(
         answered: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
         labels,
         metrics,
-        client: upstream_client(&listener),
+        conns: upstream_conns(&listener),
         listener,
         target,
         budget: Arc::new(Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S))),
@@ -130,7 +123,7 @@ pub async fn serve(
             .spawn(move || {
                 runtime.block_on(async move {
                     let shared = Arc::new(Shared {
-                        client: upstream_client(&shared.listener),
+                        conns: upstream_conns(&shared.listener),
                         ..shared
                     });
                     while let Some((stream, peer)) = handed.recv().await {
@@ -364,28 +357,19 @@ async fn forward(
             break;
         };
         tried.push(lease.address().to_string());
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(lease.authority())
-            .path_and_query(path.clone())
-            .build();
-        let Ok(uri) = uri else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "the request path is not a valid URI path",
-            );
-        };
+        let authority = lease.authority();
         let mut outgoing = Request::from_parts(parts.clone(), Full::new(body.clone()));
-        *outgoing.uri_mut() = uri;
+        *outgoing.uri_mut() = Uri::from(path.clone());
         *outgoing.version_mut() = hyper::Version::HTTP_11;
-        if let Some(host) = &original_host {
-            outgoing.headers_mut().insert(HOST, host.clone());
-        }
+        let host = match &original_host {
+            Some(host) => host.clone(),
+            None => HeaderValue::from_str(authority.as_str()).expect("an authority is a header value"),
+        };
+        outgoing.headers_mut().insert(HOST, host);
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
         let sent = std::time::Instant::now();
         let answer = tokio::select! {
-            answer = tokio::time::timeout(try_timeout, shared.client.request(outgoing)) => answer,
+            answer = tokio::time::timeout(try_timeout, shared.conns.send(&authority, outgoing)) => answer,
             () = lease.closed() => {
                 lease.failed(Failure::Error);
                 return error(
@@ -396,7 +380,7 @@ async fn forward(
             }
         };
         let failure = match answer {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, kept))) => {
                 shared.upstream_seconds.observe(sent.elapsed().as_secs_f64());
                 if response.status().is_server_error() {
                     lease.failed(Failure::Error);
@@ -412,16 +396,17 @@ async fn forward(
                     body,
                     lease,
                     closing: None,
+                    kept: Some(kept),
                 };
                 return Response::from_parts(parts, body.boxed_unsync());
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(Failed::Connect(e))) => {
                 // The request never left: the next upstream, whatever the method.
                 tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
                 lease.failed(Failure::Connect);
                 continue;
             }
-            Ok(Err(e)) => (
+            Ok(Err(Failed::Exchange(e))) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_failed",
                 format!("upstream {}: {e}", lease.address()),
@@ -493,6 +478,19 @@ struct LeasedBody {
     /// Made the first time the body has to wait, so a response that streams at once costs
     /// nothing more.
     closing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// The upstream connection, given back once the body has been read to its end.
+    kept: Option<Kept>,
+}
+
+impl Drop for LeasedBody {
+    fn drop(&mut self) {
+        // A body not read to its end leaves its connection mid-response: it is closed.
+        if hyper::body::Body::is_end_stream(&self.body) {
+            if let Some(kept) = self.kept.take() {
+                kept.give_back();
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for LeasedBody {
@@ -505,6 +503,11 @@ impl hyper::body::Body for LeasedBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
         use std::task::Poll;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            if frame.is_none() {
+                if let Some(kept) = self.kept.take() {
+                    kept.give_back();
+                }
+            }
             return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
         }
         let body = &mut *self;

@@ -15,6 +15,7 @@ mod pool;
 mod quota;
 mod target;
 mod tcp;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
