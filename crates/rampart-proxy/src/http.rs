@@ -84,10 +84,8 @@ fn upstream_conns(listener: &Listener) -> Arc<Conns> {
     Arc::new(Conns::new(Duration::from_millis(listener.connect_timeout_ms)))
 }
 
-/// Accepts the listener's connections and hands them, in turn, to worker threads (one per
-/// core), each with a single-threaded runtime that serves its connections and drives
-/// their upstream connections: a request and its upstream exchange stay on one thread,
-/// with no hand-over between threads. The workers stop when this future is dropped.
+/// Serves the listener's connections on worker threads (`workers`), each with its own kept
+/// upstream connections.
 pub async fn serve(
     listener: Listener,
     socket: TcpListener,
@@ -112,52 +110,12 @@ pub async fn serve(
         budget: Arc::new(Mutex::new(RetryBudget::new(RETRY_PERCENT, RETRY_FLOOR_PER_S))),
         in_flight: Arc::new(AtomicU32::new(0)),
     };
-    let count = workers();
-    let mut workers = Vec::new();
-    for i in 0..count {
-        let (hand, mut handed) = tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
-        let shared = shared.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        std::thread::Builder::new()
-            .name(format!("proxy-{}-{i}", shared.listener.name))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let shared = Arc::new(Shared {
-                        conns: upstream_conns(&shared.listener),
-                        ..shared
-                    });
-                    while let Some((stream, peer)) = handed.recv().await {
-                        match tokio::net::TcpStream::from_std(stream) {
-                            Ok(stream) => {
-                                tokio::spawn(serve_connection(shared.clone(), stream, peer));
-                            }
-                            Err(e) => tracing::warn!(listener = %shared.listener.name, "cannot take a connection: {e}"),
-                        }
-                    }
-                });
-            })?;
-        workers.push(hand);
-    }
-    for next in (0..count).cycle() {
-        let (stream, peer) = crate::accept(&socket, &shared.listener.name).await;
-        let stream = stream.into_std()?;
-        if workers[next].send((stream, peer)).is_err() {
-            return Err(io::Error::other(format!(
-                "listener {}: a worker stopped",
-                shared.listener.name
-            )));
-        }
-    }
-    unreachable!("the workers cycle forever")
-}
-
-/// Worker threads per HTTP listener: `RAMPART_PROXY_WORKERS`, else one per core.
-fn workers() -> usize {
-    std::env::var("RAMPART_PROXY_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, 256)
+    let name = shared.listener.name.clone();
+    let state = move || Shared {
+        conns: upstream_conns(&shared.listener),
+        ..shared.clone()
+    };
+    crate::workers::serve_on_workers(&name, socket, state, serve_connection).await
 }
 
 /// Serves one client connection: HTTP/1.1, or HTTP/2 when the client opens with its

@@ -16,6 +16,7 @@ mod quota;
 mod target;
 mod tcp;
 mod upstream;
+mod workers;
 
 use std::io;
 use std::net::SocketAddr;

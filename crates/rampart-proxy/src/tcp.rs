@@ -4,6 +4,7 @@
 //! connect attempt, not an error.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,15 @@ impl Drop for Decrement {
     }
 }
 
+/// What a worker needs to serve a TCP listener's connections.
+struct Shared {
+    listener: Listener,
+    pool: Arc<Pool>,
+    connections: prometheus_client::metrics::counter::Counter,
+    active: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Serves the listener's connections on worker threads (`workers`).
 pub async fn serve(
     listener: Listener,
     socket: TcpListener,
@@ -30,34 +40,39 @@ pub async fn serve(
     metrics: Arc<Metrics>,
 ) -> io::Result<()> {
     let labels = Metrics::listener(&listener.name);
-    let pool = target.pool.clone();
-    let listener = Arc::new(listener);
-    loop {
-        let (mut client, peer) = crate::accept(&socket, &listener.name).await;
-        let pool = pool.clone();
-        let listener = listener.clone();
-        metrics.connections.get_or_create(&labels).inc();
-        let active = metrics.active.get_or_create(&labels).clone();
-        tokio::spawn(async move {
-            active.inc();
-            let _done = Decrement(active);
-            let key = client_hash(peer.ip());
-            // The lease counts the connection against its upstream until both sides close.
-            // With no upstream (none reachable, or no primary) the client is refused at
-            // once, not left hanging.
-            let Some((lease, mut upstream)) = connect(&pool, key, &listener).await else {
-                tracing::warn!(listener = %listener.name, client = %peer, "no upstream could be reached");
-                return;
-            };
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                // The upstream left the listener's set: a demoted primary at once, any
-                // other after draining. Dropping both sockets closes them.
-                _ = lease.closed() => {
-                    tracing::info!(listener = %listener.name, client = %peer, upstream = %lease.address(), "connection closed: its upstream left");
-                }
-            }
-        });
+    let name = listener.name.clone();
+    let connections = metrics.connections.get_or_create(&labels).clone();
+    let active = metrics.active.get_or_create(&labels).clone();
+    let state = move || Shared {
+        listener: listener.clone(),
+        pool: target.pool.clone(),
+        connections: connections.clone(),
+        active: active.clone(),
+    };
+    crate::workers::serve_on_workers(&name, socket, state, serve_connection).await
+}
+
+/// Joins one client connection to an upstream until either side closes or the upstream
+/// leaves the listener.
+async fn serve_connection(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+    shared.connections.inc();
+    shared.active.inc();
+    let _done = Decrement(shared.active.clone());
+    let key = client_hash(peer.ip());
+    // The lease counts the connection against its upstream until both sides close. With
+    // no upstream (none reachable, or no primary) the client is refused at once, not left
+    // hanging.
+    let Some((lease, mut upstream)) = connect(&shared.pool, key, &shared.listener).await else {
+        tracing::warn!(listener = %shared.listener.name, client = %peer, "no upstream could be reached");
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        // The upstream left the listener's set: a demoted primary at once, any other after
+        // draining. Dropping both sockets closes them.
+        _ = lease.closed() => {
+            tracing::info!(listener = %shared.listener.name, client = %peer, upstream = %lease.address(), "connection closed: its upstream left");
+        }
     }
 }
 
