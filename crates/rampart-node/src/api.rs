@@ -29,7 +29,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// healthy client; above the maximum a crashed holder would block an election for too long.
 const LEASE_TTL_MS_MIN: u64 = 100;
 const LEASE_TTL_MS_MAX: u64 = 24 * 3600 * 1000;
-/// Election and candidate names.
+/// Names in requests: elections, candidates, quotas and their clients.
 const NAME_BYTES_MAX: usize = 256;
 /// Longest a campaign may wait for a busy election.
 const CAMPAIGN_WAIT_MS_MAX: u64 = 60_000;
@@ -327,7 +327,9 @@ async fn revoke_lease(State(node): State<Shared>, Path(id): Path<String>) -> Res
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+/// Names given in a request (elections, candidates, quotas, clients): 1 to
+/// [`NAME_BYTES_MAX`] bytes.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
         return Err(ApiError::bad_request(
             "bad_name",

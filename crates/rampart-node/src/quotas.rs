@@ -11,12 +11,9 @@ use axum::Json;
 use rampart_core::api::{QuotaTakeRequest, QuotaTakeResponse};
 use rampart_store::{Op, Outcome};
 
-use crate::api::{parse_body, unexpected};
+use crate::api::{check_name, parse_body, unexpected};
 use crate::error::ApiError;
 use crate::Shared;
-
-/// Quota names and client keys (an API key or an address).
-const NAME_BYTES_MAX: usize = 256;
 
 pub async fn take(
     State(node): State<Shared>,
@@ -24,14 +21,8 @@ pub async fn take(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: QuotaTakeRequest = parse_body(body)?;
-    for (what, text) in [("quota name", &name), ("client", &request.client)] {
-        if text.is_empty() || text.len() > NAME_BYTES_MAX {
-            return Err(ApiError::bad_request(
-                "bad_name",
-                format!("{what} must be 1 to {NAME_BYTES_MAX} bytes, got {}", text.len()),
-            ));
-        }
-    }
+    check_name("quota name", &name)?;
+    check_name("client", &request.client)?;
     let tier = request
         .limits()
         .validate("")
