@@ -79,6 +79,12 @@ pub(crate) fn backend(name: &'static str) -> (std::net::SocketAddr, tokio::task:
 }
 
 /// Connects through the proxy, reads the backend's name, checks an echo.
+/// Sends `request`: its status and body, or `None` if no answer came.
+pub(crate) async fn answer(request: reqwest::RequestBuilder) -> Option<(u16, String)> {
+    let response = request.send().await.ok()?;
+    Some((response.status().as_u16(), response.text().await.ok()?))
+}
+
 pub(crate) async fn ask(proxy: &str) -> Option<String> {
     let stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
     ask_on(stream).await
@@ -304,13 +310,7 @@ async fn http_requests_go_round_the_upstreams_and_around_a_dead_one() {
     } = http_backend("b");
     let (_proxy, _dir, port, admin) = http_proxy(&[a, b], "");
     let http = reqwest::Client::new();
-    let get = |path: &'static str| {
-        let http = http.clone();
-        async move {
-            let response = http.get(format!("http://{port}{path}")).send().await.ok()?;
-            Some((response.status().as_u16(), response.text().await.ok()?))
-        }
-    };
+    let get = |path: &'static str| answer(http.get(format!("http://{port}{path}")));
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get("/").await }).await;
     let mut names = Vec::new();
     for _ in 0..10 {
@@ -377,16 +377,7 @@ upstreams = ["{bad}"]
     ));
     let http = reqwest::Client::new();
     let send = |method: reqwest::Method, port: std::net::SocketAddr| {
-        let http = http.clone();
-        async move {
-            let response = http
-                .request(method, format!("http://{port}/item"))
-                .body("x")
-                .send()
-                .await
-                .ok()?;
-            Some((response.status().as_u16(), response.text().await.ok()?))
-        }
+        answer(http.request(method, format!("http://{port}/item")).body("x"))
     };
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
         send(reqwest::Method::GET, mixed).await
@@ -421,13 +412,7 @@ async fn a_failing_upstream_trips_its_breaker_and_gets_no_traffic_while_open() {
     let good = http_backend("good").addr;
     let (_proxy, _dir, port, _) = http_proxy(&[flaky, good], "");
     let http = reqwest::Client::new();
-    let get = || {
-        let http = http.clone();
-        async move {
-            let response = http.get(format!("http://{port}/")).send().await.ok()?;
-            Some((response.status().as_u16(), response.text().await.ok()?))
-        }
-    };
+    let get = || answer(http.get(format!("http://{port}/")));
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get().await }).await;
     let mut bodies = Vec::new();
     for _ in 0..60 {
@@ -511,13 +496,7 @@ fault = {{ abort_percent = 100, abort_status = 503 }}
 "#
     ));
     let http = reqwest::Client::new();
-    let get = || {
-        let http = http.clone();
-        async move {
-            let response = http.get(format!("http://{port}/")).send().await.ok()?;
-            Some((response.status().as_u16(), response.text().await.ok()?))
-        }
-    };
+    let get = || answer(http.get(format!("http://{port}/")));
     rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async { get().await }).await;
     for _ in 0..5 {
         let (status, body) = get().await.expect("an answer");

@@ -4,7 +4,7 @@
 use rampart_core::service::{InstanceSpec, PolicySpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::proxy::{ask, backend, http_backend, read_name, start_proxy_with, stop, Backend};
+use crate::proxy::{answer, ask, backend, http_backend, read_name, start_proxy_with, stop, Backend};
 use crate::{cluster, DEADLINE};
 
 /// Registers `service` with fast TCP checks and one instance per `(id, address, priority)`,
@@ -173,13 +173,7 @@ service = "web"
     );
     let http = reqwest::Client::new();
     let url = format!("http://{http_port}/orders");
-    let send = |method: reqwest::Method| {
-        let request = http.request(method, &url);
-        async move {
-            let response = request.send().await.ok()?;
-            Some((response.status().as_u16(), response.text().await.ok()?))
-        }
-    };
+    let send = |method: reqwest::Method| answer(http.request(method, &url));
     let oracle = |check: &str| format!("http://{admin}/listeners/web/{check}");
     rampart_testkit::eventually(DEADLINE, "writes to reach the primary", || async {
         (send(reqwest::Method::POST).await? == (200, "a".to_string())).then_some(())
