@@ -66,6 +66,15 @@ impl Member {
     }
 }
 
+impl Member {
+    /// Not found down by its active check, not ejected, and its breaker not open.
+    fn in_rotation(&self, now: u64, breaker: BreakerPolicy) -> bool {
+        self.checked.lock().expect("check lock").health() != Health::Down
+            && !self.outlier.lock().expect("outlier lock").ejected(now)
+            && self.breaker.lock().expect("breaker lock").state(now, breaker) != BreakerState::Open
+    }
+}
+
 /// One upstream's standing, for the health endpoints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Standing {
@@ -222,11 +231,7 @@ impl Pool {
         let members = self.members();
         let mut passed: Vec<&str> = tried.iter().map(String::as_str).collect();
         loop {
-            let open = |m: &&Arc<Member>| {
-                m.checked.lock().expect("check lock").health() != Health::Down
-                    && !m.outlier.lock().expect("outlier lock").ejected(now)
-                    && m.breaker.lock().expect("breaker lock").state(now, self.breaker) != BreakerState::Open
-            };
+            let open = |m: &&Arc<Member>| m.in_rotation(now, self.breaker);
             let untried: Vec<&Arc<Member>> = members
                 .iter()
                 .filter(|m| !passed.contains(&m.upstream.address.as_str()))
@@ -286,7 +291,7 @@ impl Pool {
                         BreakerState::HalfOpen => "half-open",
                     },
                     check,
-                    in_rotation: check != Health::Down && !ejected && breaker != BreakerState::Open,
+                    in_rotation: m.in_rotation(now, self.breaker),
                 }
             })
             .collect()
