@@ -693,6 +693,20 @@ impl ProxySpec {
     }
 }
 
+impl Listener {
+    /// What in this listener needs the control plane (its registry service, or a
+    /// cluster-scope quota), worded for an error; `None` if it can run without one.
+    pub fn needs_control_plane(&self) -> Option<String> {
+        if let Upstreams::Service { name, .. } = &self.upstreams {
+            return Some(format!("service {name}"));
+        }
+        self.quota
+            .as_ref()
+            .filter(|q| q.cluster)
+            .map(|_| "quota scope = \"cluster\"".to_string())
+    }
+}
+
 impl ListenerSpec {
     /// Validates a listener that uses no quota tiers.
     pub fn validate(&self, path: &str) -> Result<Listener, FieldError> {

@@ -58,7 +58,7 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// A listener's state as one worker sees it: its own upstream client, everything else
+/// A listener's state as one worker sees it: its own kept upstream connections, everything else
 /// shared by every worker of the listener.
 #[derive(Clone)]
 struct Shared {

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rampart_client::Client;
-use rampart_core::proxy::{Listener, Mode, Upstreams};
+use rampart_core::proxy::{Listener, Mode};
 
 pub use metrics::Metrics;
 pub use pool::Pool;
@@ -37,15 +37,9 @@ pub async fn run(listeners: Vec<Listener>, admin: Option<SocketAddr>, client: Op
     let metrics = Arc::new(Metrics::new());
     let mut bound = Vec::new();
     for listener in listeners {
-        if let (Upstreams::Service { name, .. }, None) = (&listener.upstreams, &client) {
+        if let (Some(what), None) = (listener.needs_control_plane(), &client) {
             return Err(io::Error::other(format!(
-                "listener {}: service {name} needs the control plane's --endpoints",
-                listener.name
-            )));
-        }
-        if listener.quota.as_ref().is_some_and(|q| q.cluster) && client.is_none() {
-            return Err(io::Error::other(format!(
-                "listener {}: quota scope = \"cluster\" needs the control plane's --endpoints",
+                "listener {}: {what} needs the control plane's --endpoints",
                 listener.name
             )));
         }

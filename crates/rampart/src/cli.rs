@@ -511,10 +511,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Service(command) => run_service(client()?, output, command).await,
         Command::Proxy { config } => {
             let (listeners, admin) = proxy_listeners(&config)?;
-            let needs_control_plane = listeners.iter().any(|l| {
-                matches!(l.upstreams, rampart_core::proxy::Upstreams::Service { .. })
-                    || l.quota.as_ref().is_some_and(|q| q.cluster)
-            });
+            let needs_control_plane = listeners.iter().any(|l| l.needs_control_plane().is_some());
             // A watch of the registry waits up to 10 s for a change; a node that does not
             // answer within 2 s more is left for the next endpoint.
             let registry = if needs_control_plane {
