@@ -1,4 +1,4 @@
-//! Human durations as DESIGN.md writes them: `100ms`, `5s`, `1m`, `2h`.
+//! Human durations as DESIGN.md writes them: `100ms`, `5s`, `1m`, `2h` (and `7d` for retention).
 //!
 //! Config files, flags and environment variables all go through [`parse_duration`], so a
 //! typo is reported the same way wherever it was written.
@@ -7,12 +7,12 @@ use std::time::Duration;
 
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: expected a whole number followed by ms, s, m or h (e.g. 250ms, 5s, 1m)")]
+#[error("invalid duration {input:?}: expected a whole number followed by ms, s, m, h or d (e.g. 250ms, 5s, 1m)")]
 pub struct DurationError {
     pub input: String,
 }
 
-/// Parses `250ms`, `5s`, `1m` or `2h`. A bare number is refused: the unit is never guessed.
+/// Parses `250ms`, `5s`, `1m`, `2h` or `7d`. A bare number is refused: the unit is never guessed.
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let err = || DurationError {
         input: input.to_string(),
@@ -28,6 +28,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(err()),
     };
     let millis = amount.checked_mul(millis_per_unit).ok_or_else(err)?;

@@ -17,8 +17,8 @@ use std::io::Cursor;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use log_store::LogStore;
-pub use state::State;
-pub use state_machine::{Applied, StateMachineStore};
+pub use state::{Checksum, State};
+pub use state_machine::{open_snapshot_state, restored_snapshot_head, Applied, SnapshotState, StateMachineStore};
 
 openraft::declare_raft_types!(
     /// Openraft's type configuration for a Rampart region.
