@@ -26,6 +26,7 @@ mod supervisor;
 mod switchover;
 pub mod tls;
 mod tokens;
+pub mod vault;
 mod verdicts;
 mod watch;
 

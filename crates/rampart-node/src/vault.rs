@@ -1,0 +1,620 @@
+//! A backup destination: chunks and manifests in an object store (`file://` or `s3://`
+//! through object_store), compressed with zstd and sealed with AES-256-GCM. Used by the
+//! node (create, scheduled verification, retention) and by the CLI (list, verify, restore,
+//! which work with the region gone).
+//!
+//! Layout under the destination: `backups/ID/chunks/N` (state), `backups/ID/services/NAME/N`
+//! (service data), then `backups/ID/manifest.json`, written last: a backup without its
+//! manifest never finished and is never listed. `backups/ID/verified.json` records a
+//! verification that restored it. A stored chunk is `nonce (12) | ciphertext | tag (16)`,
+//! its associated data `ID/KIND/N`, so a chunk moved to another place or backup does not
+//! open; the manifest holds each chunk's SHA-256, checked before anything is decrypted.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+use openraft::BasicNode;
+use rampart_core::backup::{Backup, Chunk, KeySource, Manifest, CHUNK_BYTES, FORMAT_VERSION};
+use rampart_store::{Checksum, NodeId, SnapshotState, State};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// zstd level: the CLI's default, the bound `tar | zstd` is measured at.
+const ZSTD_LEVEL: i32 = 3;
+/// Chunks sealed ahead of the upload: bounds memory to a few chunks.
+const CHUNKS_AHEAD: usize = 2;
+/// The largest string or byte value a state holds, for decoding a state as it streams.
+const DECODE_SCRATCH_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("backup key: {0}")]
+    Key(String),
+    #[error("backup destination {destination}: {message}")]
+    Store { destination: String, message: String },
+    #[error("no backup {0} at this destination (an unfinished upload has no manifest and is not a backup)")]
+    NotFound(String),
+    #[error("no backup at this destination yet")]
+    Empty,
+    #[error("backup {id}: chunk {chunk} is corrupted: SHA-256 {found}, the manifest says {expected}")]
+    Corrupt {
+        id: String,
+        chunk: String,
+        expected: String,
+        found: String,
+    },
+    #[error("backup {id} was encrypted with key {expected}, not with the key given ({given})")]
+    WrongKey { id: String, expected: String, given: String },
+    #[error("backup {id} is encrypted: give its key (backup.key_file or key_env, or --key-file)")]
+    KeyNeeded { id: String },
+    #[error("backup {id}: chunk {chunk} does not open with this key (tampered after its hash was taken)")]
+    Unsealable { id: String, chunk: String },
+    #[error("backup {id}: {message}")]
+    Invalid { id: String, message: String },
+    #[error("backup {id}: restored state has checksum {found}, the manifest says {expected}")]
+    Checksum { id: String, expected: String, found: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+fn io_error(context: &str) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |e| BackupError::Io(format!("{context}: {e}"))
+}
+
+/// The AES-256-GCM key and its public name.
+pub struct Key {
+    aead: Arc<LessSafeKey>,
+    id: String,
+}
+
+impl Key {
+    /// Reads the key from its file or variable. The error says where it looked and what
+    /// was wrong, never what it found.
+    pub fn load(source: &KeySource) -> Result<Key, BackupError> {
+        let text = match source {
+            KeySource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| BackupError::Key(format!("cannot read key_file {}: {e}", path.display())))?,
+            KeySource::Env(name) => std::env::var(name)
+                .map_err(|_| BackupError::Key(format!("key_env {name} is not set (or not UTF-8)")))?,
+        };
+        let where_ = match source {
+            KeySource::File(path) => format!("key_file {}", path.display()),
+            KeySource::Env(name) => format!("key_env {name}"),
+        };
+        let bytes = rampart_core::backup::parse_key(&text).map_err(|e| BackupError::Key(format!("{where_}: {e}")))?;
+        Ok(Key::from_bytes(&bytes))
+    }
+
+    pub fn from_bytes(bytes: &[u8; 32]) -> Key {
+        let digest = Sha256::digest(bytes);
+        Key {
+            aead: Arc::new(LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, bytes).expect("32 bytes is an AES-256 key"),
+            )),
+            id: hex(&digest[..8]),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.id)
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One backup as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listed {
+    pub manifest: Manifest,
+    /// When a verification last restored it, ms since the epoch.
+    pub verified_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Verification {
+    verified_ms: u64,
+    checksum: String,
+}
+
+/// A destination with its key.
+pub struct Vault {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    destination: String,
+    key: Option<Key>,
+}
+
+impl Vault {
+    /// Opens the destination of `backup` (creating a `file://` directory) and loads its key.
+    pub fn open(backup: &Backup) -> Result<Vault, BackupError> {
+        let key = backup.key.as_ref().map(Key::load).transpose()?;
+        Vault::with_key(backup, key)
+    }
+
+    pub fn with_key(backup: &Backup, key: Option<Key>) -> Result<Vault, BackupError> {
+        let destination = backup.destination.clone();
+        let store_error = |message: String| BackupError::Store {
+            destination: destination.clone(),
+            message,
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match destination.split_once("://") {
+            Some(("file", dir)) => {
+                std::fs::create_dir_all(dir).map_err(|e| store_error(format!("cannot create {dir}: {e}")))?;
+                let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| store_error(e.to_string()))?;
+                (Arc::new(local), Path::default())
+            }
+            Some(("s3", rest)) => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_allow_http(backup.s3.allow_http)
+                    .with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_connect_timeout(Duration::from_secs(5))
+                            .with_timeout(Duration::from_secs(60))
+                            .with_allow_http(backup.s3.allow_http),
+                    )
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 5,
+                        retry_timeout: Duration::from_secs(120),
+                        ..Default::default()
+                    });
+                if let Some(endpoint) = &backup.s3.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(region) = &backup.s3.region {
+                    builder = builder.with_region(region);
+                }
+                let s3 = builder.build().map_err(|e| store_error(e.to_string()))?;
+                (Arc::new(s3), Path::from(prefix))
+            }
+            _ => return Err(store_error("expected file:///absolute/path or s3://bucket/prefix".into())),
+        };
+        Ok(Vault {
+            store,
+            prefix,
+            destination,
+            key,
+        })
+    }
+
+    fn path(&self, tail: &str) -> Path {
+        let mut path = self.prefix.clone();
+        for part in tail.split('/') {
+            path = path.child(part);
+        }
+        path
+    }
+
+    fn store_error(&self, e: object_store::Error) -> BackupError {
+        BackupError::Store {
+            destination: self.destination.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn put(&self, tail: &str, bytes: Bytes) -> Result<(), BackupError> {
+        self.store
+            .put(&self.path(tail), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store_error(e))
+    }
+
+    async fn get(&self, tail: &str) -> Result<Option<Bytes>, BackupError> {
+        match self.store.get(&self.path(tail)).await {
+            Ok(answer) => answer.bytes().await.map(Some).map_err(|e| self.store_error(e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Writes a backup of the snapshot's state: chunks first (sealed on a blocking thread
+    /// while earlier ones upload), the manifest last.
+    pub async fn create(&self, region: &str, snapshot: SnapshotState, created_ms: u64) -> Result<Manifest, BackupError> {
+        let created = chrono::DateTime::from_timestamp_millis(created_ms as i64)
+            .unwrap_or_default()
+            .format("%Y%m%dT%H%M%S%3fZ")
+            .to_string();
+        let id = rampart_core::backup::backup_id(&created, snapshot.revision);
+        let (revision, log_index, state_bytes) = (snapshot.revision, snapshot.log_index, snapshot.state_bytes);
+        let (chunks, checksum) = self.upload(&id, "chunks", snapshot.file).await?;
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            id: id.clone(),
+            region: region.to_string(),
+            epoch: 1,
+            revision,
+            log_index,
+            created_ms,
+            checksum: format!("{checksum:016x}"),
+            state_bytes,
+            compression: "zstd".into(),
+            encryption: if self.key.is_some() { "aes-256-gcm" } else { "none" }.into(),
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            chunks,
+            services: Vec::new(),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest encodes");
+        self.put(&format!("backups/{id}/manifest.json"), Bytes::from(json)).await?;
+        Ok(manifest)
+    }
+
+    /// Uploads everything `source` yields as chunks under `backups/ID/KIND/`; returns the
+    /// chunks and the checksum of the plain bytes.
+    async fn upload(
+        &self,
+        id: &str,
+        kind: &str,
+        mut source: impl Read + Send + 'static,
+    ) -> Result<(Vec<Chunk>, u64), BackupError> {
+        let (sender, mut sealed) = tokio::sync::mpsc::channel::<Result<(Bytes, Chunk), BackupError>>(CHUNKS_AHEAD);
+        let sealer = Sealer {
+            key: self.key.as_ref().map(|k| k.aead.clone()),
+            place: format!("{id}/{kind}"),
+        };
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut checksum = Checksum::default();
+            let mut buffer = vec![0u8; CHUNK_BYTES];
+            for index in 0.. {
+                let filled = match fill(&mut source, &mut buffer) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = sender.blocking_send(Err(BackupError::Io(format!("reading the state: {e}"))));
+                        break;
+                    }
+                };
+                if filled == 0 {
+                    break;
+                }
+                checksum.update(&buffer[..filled]);
+                let stored = sealer.seal(index, &buffer[..filled]);
+                let chunk = Chunk {
+                    bytes: stored.len() as u64,
+                    sha256: hex(&Sha256::digest(&stored)),
+                };
+                if sender.blocking_send(Ok((Bytes::from(stored), chunk))).is_err() {
+                    break;
+                }
+            }
+            checksum.value()
+        });
+        let mut chunks = Vec::new();
+        while let Some(next) = sealed.recv().await {
+            let (bytes, chunk) = next?;
+            self.put(&format!("backups/{id}/{kind}/{}", chunks.len()), bytes).await?;
+            chunks.push(chunk);
+        }
+        let checksum = producer
+            .await
+            .map_err(|e| BackupError::Io(format!("sealing chunks: {e}")))?;
+        Ok((chunks, checksum))
+    }
+
+    /// Every finished backup, oldest first.
+    pub async fn list(&self) -> Result<Vec<Listed>, BackupError> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.path("backups")))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut listed = Vec::new();
+        for dir in listing.common_prefixes {
+            let Some(id) = dir.filename().map(str::to_string) else { continue };
+            let Some(manifest) = self.get(&format!("backups/{id}/manifest.json")).await? else {
+                continue;
+            };
+            let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| BackupError::Invalid {
+                id: id.clone(),
+                message: format!("unreadable manifest: {e}"),
+            })?;
+            let verified_ms = match self.get(&format!("backups/{id}/verified.json")).await? {
+                Some(bytes) => serde_json::from_slice::<Verification>(&bytes).ok().map(|v| v.verified_ms),
+                None => None,
+            };
+            listed.push(Listed { manifest, verified_ms });
+        }
+        listed.sort_by(|a, b| a.manifest.id.cmp(&b.manifest.id));
+        Ok(listed)
+    }
+
+    /// The manifest of backup `id`, or of the newest backup.
+    pub async fn manifest(&self, id: Option<&str>) -> Result<Manifest, BackupError> {
+        match id {
+            Some(id) => {
+                let bytes = self
+                    .get(&format!("backups/{id}/manifest.json"))
+                    .await?
+                    .ok_or_else(|| BackupError::NotFound(id.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| BackupError::Invalid {
+                    id: id.to_string(),
+                    message: format!("unreadable manifest: {e}"),
+                })
+            }
+            None => self.list().await?.pop().map(|l| l.manifest).ok_or(BackupError::Empty),
+        }
+    }
+
+    fn opener(&self, manifest: &Manifest) -> Result<Sealer, BackupError> {
+        if manifest.format != FORMAT_VERSION {
+            return Err(BackupError::Invalid {
+                id: manifest.id.clone(),
+                message: format!("format {} is not one this build reads ({FORMAT_VERSION})", manifest.format),
+            });
+        }
+        let key = match (&manifest.key_id, &self.key) {
+            (None, _) => None,
+            (Some(_), None) => return Err(BackupError::KeyNeeded { id: manifest.id.clone() }),
+            (Some(expected), Some(key)) if *expected != key.id => {
+                return Err(BackupError::WrongKey {
+                    id: manifest.id.clone(),
+                    expected: expected.clone(),
+                    given: key.id.clone(),
+                })
+            }
+            (Some(_), Some(key)) => Some(key.aead.clone()),
+        };
+        Ok(Sealer {
+            key,
+            place: format!("{}/chunks", manifest.id),
+        })
+    }
+
+    /// Downloads, checks, opens and decompresses the state of `manifest` chunk by chunk into
+    /// `sink`, and checks the checksum of the whole against the manifest.
+    pub async fn read_state(&self, manifest: &Manifest, mut sink: impl Write) -> Result<(), BackupError> {
+        let opener = Arc::new(self.opener(manifest)?);
+        let id = &manifest.id;
+        let mut checksum = Checksum::default();
+        for (index, chunk) in manifest.chunks.iter().enumerate() {
+            let name = format!("{index} (backups/{id}/chunks/{index})");
+            let stored = self
+                .get(&format!("backups/{id}/chunks/{index}"))
+                .await?
+                .ok_or_else(|| BackupError::Invalid {
+                    id: id.clone(),
+                    message: format!("chunk {name} is missing"),
+                })?;
+            let found = hex(&Sha256::digest(&stored));
+            if found != chunk.sha256 {
+                return Err(BackupError::Corrupt {
+                    id: id.clone(),
+                    chunk: name,
+                    expected: chunk.sha256.clone(),
+                    found,
+                });
+            }
+            let opener = opener.clone();
+            let plain = tokio::task::spawn_blocking(move || opener.open(index, stored.to_vec()))
+                .await
+                .map_err(|e| BackupError::Io(e.to_string()))?
+                .map_err(|()| BackupError::Unsealable {
+                    id: id.clone(),
+                    chunk: name,
+                })?;
+            checksum.update(&plain);
+            sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
+        }
+        let found = format!("{:016x}", checksum.value());
+        if found != manifest.checksum {
+            return Err(BackupError::Checksum {
+                id: id.clone(),
+                expected: manifest.checksum.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Restores backup `id` (or the newest) into a temporary directory, decodes the state
+    /// and compares its checksum with the manifest; records the verification beside it.
+    pub async fn verify(&self, id: Option<&str>, now_ms: u64) -> Result<Manifest, BackupError> {
+        let manifest = self.manifest(id).await?;
+        let dir = tempfile::tempdir().map_err(io_error("making a temporary directory"))?;
+        let path = dir.path().join("state");
+        let file = std::fs::File::create(&path).map_err(io_error("creating the temporary state"))?;
+        let mut writer = std::io::BufWriter::new(file);
+        self.read_state(&manifest, &mut writer).await?;
+        writer.flush().map_err(io_error("writing the temporary state"))?;
+        drop(writer);
+        let id = manifest.id.clone();
+        let found = tokio::task::spawn_blocking(move || materialised_checksum(&path))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))?
+            .map_err(|message| BackupError::Invalid { id: id.clone(), message })?;
+        if found != manifest.checksum {
+            return Err(BackupError::Checksum {
+                id,
+                expected: manifest.checksum.clone(),
+                found,
+            });
+        }
+        let record = Verification {
+            verified_ms: now_ms,
+            checksum: found,
+        };
+        let json = serde_json::to_vec(&record).expect("a verification encodes");
+        self.put(&format!("backups/{}/verified.json", manifest.id), Bytes::from(json))
+            .await?;
+        Ok(manifest)
+    }
+
+    /// Writes backup `id` (or the newest) as the snapshot of a new region with `members`
+    /// into each of `data_dirs`, which must be new or empty. Nothing is left behind on
+    /// failure.
+    pub async fn restore(
+        &self,
+        id: Option<&str>,
+        data_dirs: &[PathBuf],
+        members: &BTreeMap<NodeId, BasicNode>,
+    ) -> Result<Manifest, BackupError> {
+        let manifest = self.manifest(id).await?;
+        for dir in data_dirs {
+            let used = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+            if used {
+                return Err(BackupError::Io(format!(
+                    "data dir {} is not empty: a restore bootstraps a new region into new data dirs",
+                    dir.display()
+                )));
+            }
+        }
+        let first = data_dirs
+            .first()
+            .ok_or_else(|| BackupError::Io("no data dir to restore into".into()))?;
+        let snapshot = first.join(rampart_store::state_machine::SNAPSHOT_FILE);
+        let temp = first.join("snapshot.restoring");
+        let written = async {
+            owner_only_dir(first)?;
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?);
+            file.write_all(&rampart_store::restored_snapshot_head(manifest.log_index, members))
+                .map_err(io_error("writing the snapshot"))?;
+            self.read_state(&manifest, &mut file).await?;
+            let file = file.into_inner().map_err(|e| BackupError::Io(format!("writing the snapshot: {e}")))?;
+            file.sync_all().map_err(io_error("syncing the snapshot"))?;
+            std::fs::rename(&temp, &snapshot).map_err(io_error("placing the snapshot"))?;
+            for dir in &data_dirs[1..] {
+                owner_only_dir(dir)?;
+                std::fs::copy(&snapshot, dir.join(rampart_store::state_machine::SNAPSHOT_FILE))
+                    .map_err(io_error("copying the snapshot"))?;
+            }
+            Ok::<(), BackupError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            for dir in data_dirs {
+                let _ = std::fs::remove_file(dir.join(rampart_store::state_machine::SNAPSHOT_FILE));
+            }
+            return Err(e);
+        }
+        Ok(manifest)
+    }
+
+    /// Deletes backups: the manifest first (it is no longer listed), then its objects.
+    pub async fn delete(&self, id: &str) -> Result<(), BackupError> {
+        self.store
+            .delete(&self.path(&format!("backups/{id}/manifest.json")))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut objects = self.store.list(Some(&self.path(&format!("backups/{id}"))));
+        while let Some(object) = objects.next().await {
+            let object = object.map_err(|e| self.store_error(e))?;
+            match self.store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.store_error(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn owner_only_dir(dir: &FsPath) -> Result<(), BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error("creating the data dir"))
+}
+
+/// Reads until `buffer` is full or the source ends; the bytes read.
+fn fill(source: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match source.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Decodes the state in `path` as it streams and returns the checksum of the state decoded
+/// (re-encoded into the hasher, never into memory).
+fn materialised_checksum(path: &FsPath) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+    let (state, _) = postcard::from_io::<State, _>((std::io::BufReader::new(file), &mut scratch))
+        .map_err(|e| format!("the restored bytes are not a state: {e}"))?;
+    let mut checksum = HashingWriter(Checksum::default());
+    postcard::to_io(&state, &mut checksum).map_err(|e| e.to_string())?;
+    Ok(format!("{:016x}", checksum.0.value()))
+}
+
+struct HashingWriter(Checksum);
+
+impl Write for HashingWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Compresses and seals chunks of one place (`ID/KIND`), or opens them.
+struct Sealer {
+    key: Option<Arc<LessSafeKey>>,
+    place: String,
+}
+
+impl Sealer {
+    fn aad(&self, index: usize) -> String {
+        format!("{}/{index}", self.place)
+    }
+
+    fn seal(&self, index: usize, plain: &[u8]) -> Vec<u8> {
+        let mut data = zstd::bulk::compress(plain, ZSTD_LEVEL).expect("compressing into memory");
+        let Some(key) = &self.key else { return data };
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new().fill(&mut nonce).expect("the system's random source");
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(self.aad(index).as_bytes()),
+            &mut data,
+        )
+        .expect("sealing a chunk");
+        let mut stored = nonce.to_vec();
+        stored.extend_from_slice(&data);
+        stored
+    }
+
+    fn open(&self, index: usize, mut stored: Vec<u8>) -> Result<Vec<u8>, ()> {
+        let compressed = match &self.key {
+            None => &stored[..],
+            Some(key) => {
+                if stored.len() < NONCE_LEN {
+                    return Err(());
+                }
+                let (nonce, sealed) = stored.split_at_mut(NONCE_LEN);
+                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ())?;
+                &*key
+                    .open_in_place(nonce, Aad::from(self.aad(index).as_bytes()), sealed)
+                    .map_err(|_| ())?
+            }
+        };
+        zstd::bulk::decompress(compressed, CHUNK_BYTES).map_err(|_| ())
+    }
+}
