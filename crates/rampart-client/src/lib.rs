@@ -495,6 +495,26 @@ impl Client {
             .await
     }
 
+    /// Asks the region's leader to take a backup to its `[backup]` destination; waits up to
+    /// `wait` for it to finish. Not repeated once sent.
+    pub async fn backup_create(&self, wait: Duration) -> Result<rampart_core::backup::Manifest, ClientError> {
+        self.call_within::<(), _>(wait, Method::POST, "/v1/backups", None, Retry::OnlyIfNotApplied)
+            .await
+    }
+
+    /// The backups at the region's destination, oldest first.
+    pub async fn backups(&self) -> Result<rampart_core::backup::BackupsResponse, ClientError> {
+        self.get("/v1/backups").await
+    }
+
+    /// Asks the leader to verify backup `id` (the newest when `None`) by restoring it into
+    /// a temporary directory; waits up to `wait`.
+    pub async fn backup_verify(&self, id: Option<&str>, wait: Duration) -> Result<rampart_core::backup::Manifest, ClientError> {
+        let body = rampart_core::backup::VerifyRequest { id: id.map(str::to_string) };
+        self.call_within(wait, Method::POST, "/v1/backups/verify", Some(&body), Retry::Idempotent)
+            .await
+    }
+
     /// Takes one request's worth of `client`'s standing in cluster-scope quota `name` under
     /// `limits`: `Ok(Ok(used_today))`, or `Ok(Err(over))` when over a limit. Answered
     /// within `deadline`; not repeated once sent (a repeat could count a request twice).

@@ -221,6 +221,30 @@ impl Manifest {
     }
 }
 
+/// One backup as listed: its manifest, and when a verification last restored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    pub manifest: Manifest,
+    /// ms since the epoch; `None`: never verified.
+    pub verified_ms: Option<u64>,
+}
+
+/// `GET /v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupsResponse {
+    pub destination: String,
+    /// Oldest first.
+    pub backups: Vec<Listed>,
+}
+
+/// `POST /v1/backups/verify`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The backup to verify; the newest when absent.
+    pub id: Option<String>,
+}
+
 /// A backup's id: sortable by time, and names the revision, e.g. `20261123T061500123Z-r4711`.
 pub fn backup_id(created: &str, revision: u64) -> String {
     format!("{created}-r{revision}")

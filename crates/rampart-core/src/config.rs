@@ -123,6 +123,8 @@ pub struct NodeConfig {
     pub alert_webhooks: Vec<String>,
     /// Slack incoming-webhook URLs that receive alerts as `{"text": ...}`.
     pub alert_slack_webhooks: Vec<String>,
+    /// `[backup]`: where backups go, their key, schedules and retention.
+    pub backup: Option<crate::backup::Backup>,
 }
 
 impl NodeConfig {
@@ -294,6 +296,7 @@ impl NodeConfig {
             services: BTreeMap::new(),
             alert_webhooks: parse_urls("alert-webhooks", get("alert-webhooks"))?,
             alert_slack_webhooks: parse_urls("alert-slack-webhooks", get("alert-slack-webhooks"))?,
+            backup: None,
         })
     }
 

@@ -1,5 +1,5 @@
 //! Alert webhooks, sent by the leader: primary changes (failover, switchover), instances
-//! confirmed down, failed hooks and blocked failovers. Generic receivers get the event as
+//! confirmed down, failed hooks, blocked failovers, and failed or stale backups. Generic receivers get the event as
 //! JSON; Slack incoming webhooks get `{"text": ...}`. Alerts wait in a bounded queue and
 //! are retried with backoff within a budget; a full queue or a dead receiver costs alerts
 //! (counted), never a failover.
@@ -22,7 +22,7 @@ pub fn alerting(event: &Event) -> bool {
     match event.kind.as_str() {
         "failover" | "switchover" => true,
         "health" => event.action == "instance.down",
-        "hook" => event.outcome != "ok",
+        "hook" | "backup" => event.outcome != "ok",
         _ => false,
     }
 }

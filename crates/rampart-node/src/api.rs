@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::tokens::audit;
-use crate::{auth, forward, now_ms, quotas, services, switchover, tokens, verdicts, watch, Shared};
+use crate::{auth, backups, forward, now_ms, quotas, services, switchover, tokens, verdicts, watch, Shared};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -49,6 +49,8 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/elections/{name}/campaign", post(campaign))
         .route("/v1/elections/{name}/resign", post(resign))
         .route("/v1/quotas/{name}/take", post(quotas::take))
+        .route("/v1/backups", get(backups::list).post(backups::create))
+        .route("/v1/backups/verify", post(backups::verify))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))

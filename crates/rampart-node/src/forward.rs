@@ -15,6 +15,9 @@ use crate::Shared;
 /// How long a forwarded switchover may take (hook timeouts and catch-up included).
 const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How long a forwarded backup or verification may take (a large state streams to the store).
+const BACKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Marks a request a node forwarded, so it is never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-rampart-forwarded-by";
 
@@ -72,6 +75,9 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
     if parts.uri.path().ends_with("/switchover") {
         // A switchover waits for hooks and for the target to catch up.
         outgoing = outgoing.timeout(SWITCHOVER_TIMEOUT);
+    }
+    if parts.uri.path().starts_with("/v1/backups") {
+        outgoing = outgoing.timeout(BACKUP_TIMEOUT);
     }
     // The leader checks the caller's token again (it may have been revoked meanwhile) and
     // records the caller's own address, which it trusts from a node certificate only.

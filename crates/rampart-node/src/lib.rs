@@ -6,6 +6,7 @@
 mod alerts;
 mod api;
 mod auth;
+pub mod backups;
 pub mod certs;
 mod elector;
 mod error;
@@ -60,6 +61,8 @@ pub enum NodeError {
     Raft(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("refusing to start: {0}")]
+    Backup(#[from] vault::BackupError),
 }
 
 /// Everything a request handler or controller of one node needs.
@@ -87,6 +90,8 @@ pub(crate) struct Node {
     pub alerts: tokio::sync::mpsc::Sender<rampart_core::api::Event>,
     /// Leader-only soft state: node views, heartbeats and lags of instances.
     pub soft: Mutex<verdicts::Soft>,
+    /// `Some` with a `[backup]` section: its destination and key.
+    pub backups: Option<backups::Backups>,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -218,6 +223,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     })?;
 
     let tls = config.tls.as_ref().map(tls::NodeTls::load).transpose()?;
+    // A missing or unusable backup key stops the node here, not at the first backup.
+    let backups = config.backup.as_ref().map(backups::Backups::open).transpose()?;
     match config.security() {
         Security::Tls => tracing::info!("TLS on: mutual TLS between peers, API tokens required"),
         Security::Loopback => tracing::warn!(
@@ -293,6 +300,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?,
         soft: Mutex::new(verdicts::Soft::default()),
+        backups,
         switchovers: Mutex::new(std::collections::BTreeSet::new()),
         alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
@@ -315,6 +323,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(alerts::run(node.clone(), alert_queue)),
         tokio::spawn(supervisor::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
+        tokio::spawn(backups::run(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];
     shutdown_signal().await;

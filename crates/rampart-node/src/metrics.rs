@@ -29,8 +29,46 @@ pub struct InstanceLabels {
     pub instance: String,
 }
 
+/// Backups and their verification (`[backup]`).
+#[derive(Default)]
+pub struct BackupMetrics {
+    pub last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub duration: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub size: Gauge,
+    pub failures: Counter,
+    pub verify_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub verify_failures: Counter,
+    pub stale: Gauge,
+}
+
+impl BackupMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("backup");
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When this node last finished a backup (Unix time)",
+            self.last_success.clone(),
+        );
+        registry.register("last_duration_seconds", "How long the last backup took", self.duration.clone());
+        registry.register("last_size_bytes", "Bytes stored by the last backup", self.size.clone());
+        registry.register("failures", "Backups that failed", self.failures.clone());
+        registry.register(
+            "verify_last_success_timestamp_seconds",
+            "When a verification last restored a backup and found its checksum (Unix time)",
+            self.verify_last_success.clone(),
+        );
+        registry.register("verify_failures", "Verifications that failed", self.verify_failures.clone());
+        registry.register(
+            "stale",
+            "1 when no backup succeeded within twice the schedule's period",
+            self.stale.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub backup: BackupMetrics,
     /// Committed verdict per instance: 1 up, 0 down, -1 unknown.
     pub instance_health: Family<InstanceLabels, Gauge>,
     /// 1 for the instance that is its service's primary, else 0.
@@ -184,8 +222,11 @@ impl Metrics {
             "Requests this node forwarded to the leader",
             forwarded_requests.clone(),
         );
+        let backup = BackupMetrics::default();
+        backup.register(&mut registry);
         Metrics {
             registry,
+            backup,
             instance_health,
             instance_primary,
             primary_changes,

@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use openraft::BasicNode;
-use rampart_core::backup::{Backup, Chunk, KeySource, Manifest, CHUNK_BYTES, FORMAT_VERSION};
+use rampart_core::backup::{Backup, Chunk, KeySource, Listed, Manifest, CHUNK_BYTES, FORMAT_VERSION};
 use rampart_store::{Checksum, NodeId, SnapshotState, State};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -117,14 +117,6 @@ impl std::fmt::Debug for Key {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One backup as listed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Listed {
-    pub manifest: Manifest,
-    /// When a verification last restored it, ms since the epoch.
-    pub verified_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -160,11 +160,21 @@ fn file_proxy(path: &std::path::Path, value: toml::Value) -> Result<NodeProxy, F
     })
 }
 
+/// Reads `[backup]`; a bad one is refused naming the field (`backup.keep_last`).
+pub fn file_backup(path: &std::path::Path, value: toml::Value) -> Result<rampart_core::backup::Backup, Failure> {
+    let bad = |message: String| Failure::usage(anyhow::anyhow!("invalid --config {}: {message}", path.display()));
+    let spec: rampart_core::backup::BackupSpec = value.try_into().map_err(|e| bad(format!("[backup]: {e}")))?;
+    let backup = spec.validate().map_err(|e| bad(e.to_string()))?;
+    rampart_node::backups::check_schedules(&backup).map_err(bad)?;
+    Ok(backup)
+}
+
 /// What a node's config file holds besides its settings.
 #[derive(Default)]
 struct FileTables {
     services: ConfiguredServices,
     proxy: Option<NodeProxy>,
+    backup: Option<rampart_core::backup::Backup>,
 }
 
 /// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`),
@@ -184,6 +194,10 @@ fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, FileTables
         }
         if key == "proxy" {
             tables.proxy = Some(file_proxy(path, value)?);
+            continue;
+        }
+        if key == "backup" {
+            tables.backup = Some(file_backup(path, value)?);
             continue;
         }
         let name = key.replace('_', "-");
@@ -222,6 +236,7 @@ pub fn config(args: &NodeArgs) -> Result<(NodeConfig, Option<NodeProxy>), Failur
     }
     let mut config = NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))?;
     config.services = tables.services;
+    config.backup = tables.backup;
     Ok((config, tables.proxy))
 }
 

@@ -1,0 +1,315 @@
+//! The node's part in backups: `POST /v1/backups` takes one on the leader (the API forwards
+//! it there), `GET /v1/backups` lists the destination, `POST /v1/backups/verify` restores
+//! one into a temporary directory and checks it. The leader also runs `schedule` and
+//! `verify_schedule` (cron, UTC), applies retention after each verification, and raises
+//! a `backup.stale` event when no backup succeeded within twice the schedule's period.
+//!
+//! A backup is the state of a fresh snapshot, read from the snapshot file as it streams
+//! (never a second copy of the state in memory). Every run is an event (`kind = backup`)
+//! and shows in the `rampart_backup_*` metrics; failures raise alerts.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use openraft::ServerState;
+use rampart_core::api::Event;
+use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, VerifyRequest};
+
+use crate::error::ApiError;
+use crate::vault::{BackupError, Vault};
+use crate::{now_ms, Shared};
+
+/// How long taking a snapshot for a backup may take.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(300);
+
+/// A node's backup machinery: its destination and key, one run at a time.
+pub struct Backups {
+    pub vault: Vault,
+    pub backup: Backup,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Backups {
+    /// Opens the destination and loads the key: a node whose key is missing or unusable
+    /// does not start.
+    pub fn open(backup: &Backup) -> Result<Backups, BackupError> {
+        Ok(Backups {
+            vault: Vault::open(backup)?,
+            backup: backup.clone(),
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// Checks the cron expressions of `[backup]`; the error names the field.
+pub fn check_schedules(backup: &Backup) -> Result<(), String> {
+    for (field, text) in [("schedule", &backup.schedule), ("verify_schedule", &backup.verify_schedule)] {
+        if let Some(text) = text {
+            parse_cron(text).map_err(|e| format!("invalid backup.{field} {text:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_cron(text: &str) -> Result<Cron, String> {
+    Cron::new(text).with_seconds_optional().parse().map_err(|e| {
+        format!("{e}; expected cron fields minute hour day month weekday, in UTC (e.g. \"0 */6 * * *\"), optionally with seconds first")
+    })
+}
+
+fn configured(node: &Shared) -> Result<&Backups, ApiError> {
+    node.backups.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_not_configured",
+            "this node has no [backup] section in its config: no destination to write to",
+        )
+    })
+}
+
+fn api_error(e: BackupError) -> ApiError {
+    match e {
+        BackupError::NotFound(_) | BackupError::Empty => ApiError::not_found("backup_not_found", e.to_string()),
+        BackupError::Corrupt { .. }
+        | BackupError::Checksum { .. }
+        | BackupError::Unsealable { .. }
+        | BackupError::Invalid { .. }
+        | BackupError::WrongKey { .. }
+        | BackupError::KeyNeeded { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "backup_invalid", e.to_string()),
+        _ => ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", e.to_string()),
+    }
+}
+
+pub(crate) async fn create(State(node): State<Shared>) -> Result<Json<Manifest>, ApiError> {
+    let backups = configured(&node)?;
+    take(&node, backups, "api").await.map(Json)
+}
+
+pub(crate) async fn list(State(node): State<Shared>) -> Result<Json<BackupsResponse>, ApiError> {
+    let backups = configured(&node)?;
+    Ok(Json(BackupsResponse {
+        destination: backups.backup.destination.clone(),
+        backups: backups.vault.list().await.map_err(api_error)?,
+    }))
+}
+
+pub(crate) async fn verify(
+    State(node): State<Shared>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Manifest>, ApiError> {
+    let backups = configured(&node)?;
+    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
+    let request: VerifyRequest = if body.is_empty() {
+        VerifyRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))?
+    };
+    check(&node, backups, request.id.as_deref(), "api").await.map(Json)
+}
+
+/// Takes a backup of a fresh snapshot; records the outcome.
+async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest, ApiError> {
+    let _one = backups.running.try_lock().map_err(|_| {
+        ApiError::new(StatusCode::CONFLICT, "backup_running", "a backup or verification is already running on this node")
+    })?;
+    let started = Instant::now();
+    let taken = async {
+        let snapshot = fresh_snapshot(node).await?;
+        backups
+            .vault
+            .create(&node.config.region, snapshot, now_ms())
+            .await
+            .map_err(api_error)
+    }
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let metrics = &node.metrics.backup;
+    let event = match &taken {
+        Ok(manifest) => {
+            metrics.last_success.set(now_ms() as f64 / 1000.0);
+            metrics.duration.set(seconds);
+            metrics.size.set(manifest.stored_bytes() as i64);
+            backup_event(
+                "backup.create",
+                actor,
+                "ok".into(),
+                format!(
+                    "{} at revision {}: {} chunks, {} bytes stored of {} state bytes, {seconds:.1}s",
+                    manifest.id,
+                    manifest.revision,
+                    manifest.chunks.len(),
+                    manifest.stored_bytes(),
+                    manifest.state_bytes
+                ),
+            )
+        }
+        Err(e) => {
+            metrics.failures.inc();
+            backup_event("backup.create", actor, format!("failed: {}", e.message), String::new())
+        }
+    };
+    crate::tokens::record(node, event).await;
+    taken
+}
+
+/// Verifies a backup (the newest by default), then applies retention; records the outcome.
+async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) -> Result<Manifest, ApiError> {
+    let _one = backups.running.try_lock().map_err(|_| {
+        ApiError::new(StatusCode::CONFLICT, "backup_running", "a backup or verification is already running on this node")
+    })?;
+    let verified = backups.vault.verify(id, now_ms()).await.map_err(api_error);
+    let metrics = &node.metrics.backup;
+    let event = match &verified {
+        Ok(manifest) => {
+            metrics.verify_last_success.set(now_ms() as f64 / 1000.0);
+            backup_event(
+                "backup.verify",
+                actor,
+                "ok".into(),
+                format!("{} restored at revision {}, checksum {}", manifest.id, manifest.revision, manifest.checksum),
+            )
+        }
+        Err(e) => {
+            metrics.verify_failures.inc();
+            backup_event("backup.verify", actor, format!("failed: {}", e.message), id.unwrap_or("newest").to_string())
+        }
+    };
+    crate::tokens::record(node, event).await;
+    if verified.is_ok() {
+        prune(node, backups).await;
+    }
+    verified
+}
+
+/// Deletes what retention lets go (only behind a newer verified backup).
+async fn prune(node: &Shared, backups: &Backups) {
+    let listed = match backups.vault.list().await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!("retention: cannot list backups: {e}");
+            return;
+        }
+    };
+    let kept: Vec<Kept> = listed
+        .iter()
+        .map(|l| Kept {
+            id: l.manifest.id.clone(),
+            created_ms: l.manifest.created_ms,
+            verified: l.verified_ms.is_some(),
+        })
+        .collect();
+    for id in rampart_core::backup::doomed(&kept, backups.backup.retention, now_ms()) {
+        let outcome = match backups.vault.delete(&id).await {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        crate::tokens::record(node, backup_event("backup.delete", "retention", outcome, id)).await;
+    }
+}
+
+/// Triggers a snapshot and waits until it covers everything applied before the call.
+async fn fresh_snapshot(node: &Shared) -> Result<rampart_store::SnapshotState, ApiError> {
+    let applied = node.applied.read().expect("state lock").last_applied.map_or(0, |id| id.index);
+    node.raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot trigger a snapshot: {e}")))?;
+    let mut metrics = node.raft.metrics();
+    let covered = tokio::time::timeout(
+        SNAPSHOT_WAIT,
+        async { metrics.wait_for(|m| m.snapshot.is_some_and(|id| id.index >= applied)).await.map(|_| ()) },
+    )
+    .await;
+    match covered {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(ApiError::internal("the Raft engine stopped while taking a snapshot")),
+        Err(_) => return Err(ApiError::timeout("the snapshot for the backup", SNAPSHOT_WAIT)),
+    }
+    let path = node.sm.snapshot_path().to_path_buf();
+    tokio::task::spawn_blocking(move || rampart_store::open_snapshot_state(&path))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("cannot read the snapshot: {e}")))
+}
+
+fn backup_event(action: &str, actor: &str, outcome: String, detail: String) -> Event {
+    Event {
+        id: 0,
+        at_ms: 0,
+        kind: "backup".to_string(),
+        action: action.to_string(),
+        actor: actor.to_string(),
+        source: "-".to_string(),
+        outcome,
+        detail,
+    }
+}
+
+/// Leader only: runs the backup and verification schedules, and watches for staleness.
+pub(crate) async fn run(node: Shared) {
+    let Some(backups) = node.backups.as_ref() else { return };
+    let backup = parse_schedule(&backups.backup.schedule);
+    let verify = parse_schedule(&backups.backup.verify_schedule);
+    if backup.is_none() && verify.is_none() {
+        return;
+    }
+    let started_ms = now_ms();
+    let mut stale_reported = false;
+    let mut next_backup = backup.as_ref().and_then(|c| next_after(c, Utc::now()));
+    let mut next_verify = verify.as_ref().and_then(|c| next_after(c, Utc::now()));
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = Utc::now();
+        let leader = node.raft.metrics().borrow().state == ServerState::Leader;
+        if let (Some(cron), Some(at)) = (&backup, next_backup) {
+            if now >= at {
+                next_backup = next_after(cron, now);
+                if leader {
+                    let _ = take(&node, backups, "schedule").await;
+                }
+            }
+        }
+        if let (Some(cron), Some(at)) = (&verify, next_verify) {
+            if now >= at {
+                next_verify = next_after(cron, now);
+                if leader {
+                    let _ = check(&node, backups, None, "schedule").await;
+                }
+            }
+        }
+        // Stale: no success within twice the schedule's period (measured between two runs).
+        if let Some(cron) = &backup {
+            let period_ms = period_ms(cron, now);
+            let last = node.metrics.backup.last_success.get();
+            let last_ms = (last > 0.0).then_some((last * 1000.0) as u64);
+            let stale = rampart_core::backup::stale(last_ms, started_ms, period_ms, now_ms());
+            node.metrics.backup.stale.set(i64::from(stale));
+            if stale && !stale_reported && leader {
+                let detail = format!("no backup succeeded in twice the schedule's period ({}s)", period_ms / 1000);
+                crate::tokens::record(&node, backup_event("backup.stale", "schedule", "failed: stale".into(), detail)).await;
+            }
+            stale_reported = stale;
+        }
+    }
+}
+
+fn parse_schedule(text: &Option<String>) -> Option<Cron> {
+    text.as_deref().and_then(|t| parse_cron(t).ok())
+}
+
+fn next_after(cron: &Cron, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    cron.find_next_occurrence(&now, false).ok()
+}
+
+/// The schedule's period around `now`: the time between its next two runs.
+fn period_ms(cron: &Cron, now: DateTime<Utc>) -> u64 {
+    let Some(first) = next_after(cron, now) else { return u64::MAX / 4 };
+    let Some(second) = next_after(cron, first) else { return u64::MAX / 4 };
+    (second - first).num_milliseconds().max(0) as u64
+}
+
