@@ -456,8 +456,12 @@ impl Vault {
         &self,
         id: Option<&str>,
         data_dirs: &[PathBuf],
-        members: &BTreeMap<NodeId, BasicNode>,
+        members: &BTreeMap<NodeId, String>,
     ) -> Result<Manifest, BackupError> {
+        let members: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
         let manifest = self.manifest(id).await?;
         for dir in data_dirs {
             let used = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
@@ -476,7 +480,7 @@ impl Vault {
         let written = async {
             owner_only_dir(first)?;
             let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?);
-            file.write_all(&rampart_store::restored_snapshot_head(manifest.log_index, members))
+            file.write_all(&rampart_store::restored_snapshot_head(manifest.log_index, &members))
                 .map_err(io_error("writing the snapshot"))?;
             self.read_state(&manifest, &mut file).await?;
             let file = file.into_inner().map_err(|e| BackupError::Io(format!("writing the snapshot: {e}")))?;

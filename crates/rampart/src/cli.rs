@@ -62,7 +62,7 @@ pub struct Args {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     Text,
     Json,
 }
@@ -124,6 +124,9 @@ enum Command {
     /// Certificates for TLS: a cluster CA, node and client certificates
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Backups of the region: take one, list, verify by restoring, restore into a new region
+    #[command(subcommand)]
+    Backup(crate::backup_cmd::BackupCommand),
     /// The region's event log, oldest first: audit trail of operator and admin actions, ...
     Events {
         /// Only events of this kind, e.g. audit
@@ -403,7 +406,7 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
     Ok(())
 }
 
-fn duration_arg(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -454,7 +457,7 @@ impl From<rampart_client::ClientError> for Failure {
     }
 }
 
-fn print<T: Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
+pub(crate) fn print<T: Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("answers encode")),
         Output::Text => println!("{}", text(value)),
@@ -508,6 +511,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
         Command::Kv(kv) => run_kv(client()?, output, kv).await,
         Command::Token(command) => run_token(client()?, output, command).await,
+        Command::Backup(command) => crate::backup_cmd::run(client, output, command).await,
         Command::Service(command) => run_service(client()?, output, command).await,
         Command::Proxy { config } => {
             let (listeners, admin) = proxy_listeners(&config)?;

@@ -1,6 +1,7 @@
 //! `rampart`: one binary for the node daemon, the CLI and the demo. Thin: it parses
 //! arguments, calls a library, prints. Exit codes: 0 ok, 1 failed, 2 bad usage.
 
+mod backup_cmd;
 mod bench_service;
 mod cli;
 mod demo;

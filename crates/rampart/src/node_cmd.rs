@@ -243,15 +243,23 @@ pub fn config(args: &NodeArgs) -> Result<(NodeConfig, Option<NodeProxy>), Failur
 pub async fn run(args: NodeArgs) -> Result<(), Failure> {
     let (config, proxy) = config(&args)?;
     let Some(proxy) = proxy else {
-        return rampart_node::run(config).await.map_err(|e| Failure::failed(e.into()));
+        return rampart_node::run(config).await.map_err(node_failure);
     };
     // The listeners follow the registry through this node itself.
     let registry = std::sync::Arc::new(own_client(&config)?);
     tokio::select! {
-        done = rampart_node::run(config) => done.map_err(|e| Failure::failed(e.into())),
+        done = rampart_node::run(config) => done.map_err(node_failure),
         done = rampart_proxy::run(proxy.listeners, proxy.admin, Some(registry)) => {
             done.map_err(|e| Failure::failed(anyhow::anyhow!("proxy: {e}")))
         }
+    }
+}
+
+/// A backup key that cannot be used is a configuration error (exit 2), like a bad setting.
+fn node_failure(e: rampart_node::NodeError) -> Failure {
+    match e {
+        rampart_node::NodeError::Backup(_) => Failure::usage(e.into()),
+        e => Failure::failed(e.into()),
     }
 }
 
