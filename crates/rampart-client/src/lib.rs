@@ -509,8 +509,14 @@ impl Client {
 
     /// Asks the leader to verify backup `id` (the newest when `None`) by restoring it into
     /// a temporary directory; waits up to `wait`.
-    pub async fn backup_verify(&self, id: Option<&str>, wait: Duration) -> Result<rampart_core::backup::Manifest, ClientError> {
-        let body = rampart_core::backup::VerifyRequest { id: id.map(str::to_string) };
+    pub async fn backup_verify(
+        &self,
+        id: Option<&str>,
+        wait: Duration,
+    ) -> Result<rampart_core::backup::Manifest, ClientError> {
+        let body = rampart_core::backup::VerifyRequest {
+            id: id.map(str::to_string),
+        };
         self.call_within(wait, Method::POST, "/v1/backups/verify", Some(&body), Retry::Idempotent)
             .await
     }

@@ -47,7 +47,10 @@ impl Backups {
 
 /// Checks the cron expressions of `[backup]`; the error names the field.
 pub fn check_schedules(backup: &Backup) -> Result<(), String> {
-    for (field, text) in [("schedule", &backup.schedule), ("verify_schedule", &backup.verify_schedule)] {
+    for (field, text) in [
+        ("schedule", &backup.schedule),
+        ("verify_schedule", &backup.verify_schedule),
+    ] {
         if let Some(text) = text {
             parse_cron(text).map_err(|e| format!("invalid backup.{field} {text:?}: {e}"))?;
         }
@@ -79,7 +82,9 @@ fn api_error(e: BackupError) -> ApiError {
         | BackupError::Unsealable { .. }
         | BackupError::Invalid { .. }
         | BackupError::WrongKey { .. }
-        | BackupError::KeyNeeded { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "backup_invalid", e.to_string()),
+        | BackupError::KeyNeeded { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "backup_invalid", e.to_string())
+        }
         _ => ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", e.to_string()),
     }
 }
@@ -114,7 +119,11 @@ pub(crate) async fn verify(
 /// Takes a backup of a fresh snapshot; records the outcome.
 async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest, ApiError> {
     let _one = backups.running.try_lock().map_err(|_| {
-        ApiError::new(StatusCode::CONFLICT, "backup_running", "a backup or verification is already running on this node")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_running",
+            "a backup or verification is already running on this node",
+        )
     })?;
     let started = Instant::now();
     let taken = async {
@@ -159,7 +168,11 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
 /// Verifies a backup (the newest by default), then applies retention; records the outcome.
 async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) -> Result<Manifest, ApiError> {
     let _one = backups.running.try_lock().map_err(|_| {
-        ApiError::new(StatusCode::CONFLICT, "backup_running", "a backup or verification is already running on this node")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_running",
+            "a backup or verification is already running on this node",
+        )
     })?;
     let verified = backups.vault.verify(id, now_ms()).await.map_err(api_error);
     let metrics = &node.metrics.backup;
@@ -170,12 +183,20 @@ async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) 
                 "backup.verify",
                 actor,
                 "ok".into(),
-                format!("{} restored at revision {}, checksum {}", manifest.id, manifest.revision, manifest.checksum),
+                format!(
+                    "{} restored at revision {}, checksum {}",
+                    manifest.id, manifest.revision, manifest.checksum
+                ),
             )
         }
         Err(e) => {
             metrics.verify_failures.inc();
-            backup_event("backup.verify", actor, format!("failed: {}", e.message), id.unwrap_or("newest").to_string())
+            backup_event(
+                "backup.verify",
+                actor,
+                format!("failed: {}", e.message),
+                id.unwrap_or("newest").to_string(),
+            )
         }
     };
     crate::tokens::record(node, event).await;
@@ -213,17 +234,24 @@ async fn prune(node: &Shared, backups: &Backups) {
 
 /// Triggers a snapshot and waits until it covers everything applied before the call.
 async fn fresh_snapshot(node: &Shared) -> Result<rampart_store::SnapshotState, ApiError> {
-    let applied = node.applied.read().expect("state lock").last_applied.map_or(0, |id| id.index);
+    let applied = node
+        .applied
+        .read()
+        .expect("state lock")
+        .last_applied
+        .map_or(0, |id| id.index);
     node.raft
         .trigger()
         .snapshot()
         .await
         .map_err(|e| ApiError::internal(format!("cannot trigger a snapshot: {e}")))?;
     let mut metrics = node.raft.metrics();
-    let covered = tokio::time::timeout(
-        SNAPSHOT_WAIT,
-        async { metrics.wait_for(|m| m.snapshot.is_some_and(|id| id.index >= applied)).await.map(|_| ()) },
-    )
+    let covered = tokio::time::timeout(SNAPSHOT_WAIT, async {
+        metrics
+            .wait_for(|m| m.snapshot.is_some_and(|id| id.index >= applied))
+            .await
+            .map(|_| ())
+    })
     .await;
     match covered {
         Ok(Ok(_)) => {}
@@ -290,8 +318,15 @@ pub(crate) async fn run(node: Shared) {
             let stale = rampart_core::backup::stale(last_ms, started_ms, period_ms, now_ms());
             node.metrics.backup.stale.set(i64::from(stale));
             if stale && !stale_reported && leader {
-                let detail = format!("no backup succeeded in twice the schedule's period ({}s)", period_ms / 1000);
-                crate::tokens::record(&node, backup_event("backup.stale", "schedule", "failed: stale".into(), detail)).await;
+                let detail = format!(
+                    "no backup succeeded in twice the schedule's period ({}s)",
+                    period_ms / 1000
+                );
+                crate::tokens::record(
+                    &node,
+                    backup_event("backup.stale", "schedule", "failed: stale".into(), detail),
+                )
+                .await;
             }
             stale_reported = stale;
         }
@@ -308,8 +343,11 @@ fn next_after(cron: &Cron, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 
 /// The schedule's period around `now`: the time between its next two runs.
 fn period_ms(cron: &Cron, now: DateTime<Utc>) -> u64 {
-    let Some(first) = next_after(cron, now) else { return u64::MAX / 4 };
-    let Some(second) = next_after(cron, first) else { return u64::MAX / 4 };
+    let Some(first) = next_after(cron, now) else {
+        return u64::MAX / 4;
+    };
+    let Some(second) = next_after(cron, first) else {
+        return u64::MAX / 4;
+    };
     (second - first).num_milliseconds().max(0) as u64
 }
-

@@ -193,6 +193,9 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
 
 /// Runs a node until Ctrl-C or SIGTERM.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    // A missing or unusable backup key stops the node before it touches anything, not at
+    // its first backup.
+    let backups = config.backup.as_ref().map(backups::Backups::open).transpose()?;
     let data_dir = config.data_dir.clone();
     // Owner-only: the log, snapshots and the bootstrap token file live here.
     let owner_only = || -> std::io::Result<()> {
@@ -223,8 +226,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     })?;
 
     let tls = config.tls.as_ref().map(tls::NodeTls::load).transpose()?;
-    // A missing or unusable backup key stops the node here, not at the first backup.
-    let backups = config.backup.as_ref().map(backups::Backups::open).transpose()?;
     match config.security() {
         Security::Tls => tracing::info!("TLS on: mutual TLS between peers, API tokens required"),
         Security::Loopback => tracing::warn!(

@@ -49,7 +49,11 @@ impl BackupMetrics {
             "When this node last finished a backup (Unix time)",
             self.last_success.clone(),
         );
-        registry.register("last_duration_seconds", "How long the last backup took", self.duration.clone());
+        registry.register(
+            "last_duration_seconds",
+            "How long the last backup took",
+            self.duration.clone(),
+        );
         registry.register("last_size_bytes", "Bytes stored by the last backup", self.size.clone());
         registry.register("failures", "Backups that failed", self.failures.clone());
         registry.register(
@@ -57,7 +61,11 @@ impl BackupMetrics {
             "When a verification last restored a backup and found its checksum (Unix time)",
             self.verify_last_success.clone(),
         );
-        registry.register("verify_failures", "Verifications that failed", self.verify_failures.clone());
+        registry.register(
+            "verify_failures",
+            "Verifications that failed",
+            self.verify_failures.clone(),
+        );
         registry.register(
             "stale",
             "1 when no backup succeeded within twice the schedule's period",

@@ -53,7 +53,11 @@ pub enum BackupError {
         found: String,
     },
     #[error("backup {id} was encrypted with key {expected}, not with the key given ({given})")]
-    WrongKey { id: String, expected: String, given: String },
+    WrongKey {
+        id: String,
+        expected: String,
+        given: String,
+    },
     #[error("backup {id} is encrypted: give its key (backup.key_file or key_env, or --key-file)")]
     KeyNeeded { id: String },
     #[error("backup {id}: chunk {chunk} does not open with this key (tampered after its hash was taken)")]
@@ -61,7 +65,11 @@ pub enum BackupError {
     #[error("backup {id}: {message}")]
     Invalid { id: String, message: String },
     #[error("backup {id}: restored state has checksum {found}, the manifest says {expected}")]
-    Checksum { id: String, expected: String, found: String },
+    Checksum {
+        id: String,
+        expected: String,
+        found: String,
+    },
     #[error("{0}")]
     Io(String),
 }
@@ -150,7 +158,9 @@ impl Vault {
             Some(("file", dir)) => {
                 std::fs::create_dir_all(dir).map_err(|e| store_error(format!("cannot create {dir}: {e}")))?;
                 let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|e| store_error(e.to_string()))?;
+                    .map_err(|e| store_error(e.to_string()))?
+                    // A deleted backup leaves no empty directories behind.
+                    .with_automatic_cleanup(true);
                 (Arc::new(local), Path::default())
             }
             Some(("s3", rest)) => {
@@ -178,7 +188,11 @@ impl Vault {
                 let s3 = builder.build().map_err(|e| store_error(e.to_string()))?;
                 (Arc::new(s3), Path::from(prefix))
             }
-            _ => return Err(store_error("expected file:///absolute/path or s3://bucket/prefix".into())),
+            _ => {
+                return Err(store_error(
+                    "expected file:///absolute/path or s3://bucket/prefix".into(),
+                ))
+            }
         };
         Ok(Vault {
             store,
@@ -221,7 +235,12 @@ impl Vault {
 
     /// Writes a backup of the snapshot's state: chunks first (sealed on a blocking thread
     /// while earlier ones upload), the manifest last.
-    pub async fn create(&self, region: &str, snapshot: SnapshotState, created_ms: u64) -> Result<Manifest, BackupError> {
+    pub async fn create(
+        &self,
+        region: &str,
+        snapshot: SnapshotState,
+        created_ms: u64,
+    ) -> Result<Manifest, BackupError> {
         let created = chrono::DateTime::from_timestamp_millis(created_ms as i64)
             .unwrap_or_default()
             .format("%Y%m%dT%H%M%S%3fZ")
@@ -246,7 +265,8 @@ impl Vault {
             services: Vec::new(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest encodes");
-        self.put(&format!("backups/{id}/manifest.json"), Bytes::from(json)).await?;
+        self.put(&format!("backups/{id}/manifest.json"), Bytes::from(json))
+            .await?;
         Ok(manifest)
     }
 
@@ -292,7 +312,8 @@ impl Vault {
         let mut chunks = Vec::new();
         while let Some(next) = sealed.recv().await {
             let (bytes, chunk) = next?;
-            self.put(&format!("backups/{id}/{kind}/{}", chunks.len()), bytes).await?;
+            self.put(&format!("backups/{id}/{kind}/{}", chunks.len()), bytes)
+                .await?;
             chunks.push(chunk);
         }
         let checksum = producer
@@ -310,7 +331,9 @@ impl Vault {
             .map_err(|e| self.store_error(e))?;
         let mut listed = Vec::new();
         for dir in listing.common_prefixes {
-            let Some(id) = dir.filename().map(str::to_string) else { continue };
+            let Some(id) = dir.filename().map(str::to_string) else {
+                continue;
+            };
             let Some(manifest) = self.get(&format!("backups/{id}/manifest.json")).await? else {
                 continue;
             };
@@ -319,7 +342,9 @@ impl Vault {
                 message: format!("unreadable manifest: {e}"),
             })?;
             let verified_ms = match self.get(&format!("backups/{id}/verified.json")).await? {
-                Some(bytes) => serde_json::from_slice::<Verification>(&bytes).ok().map(|v| v.verified_ms),
+                Some(bytes) => serde_json::from_slice::<Verification>(&bytes)
+                    .ok()
+                    .map(|v| v.verified_ms),
                 None => None,
             };
             listed.push(Listed { manifest, verified_ms });
@@ -349,12 +374,19 @@ impl Vault {
         if manifest.format != FORMAT_VERSION {
             return Err(BackupError::Invalid {
                 id: manifest.id.clone(),
-                message: format!("format {} is not one this build reads ({FORMAT_VERSION})", manifest.format),
+                message: format!(
+                    "format {} is not one this build reads ({FORMAT_VERSION})",
+                    manifest.format
+                ),
             });
         }
         let key = match (&manifest.key_id, &self.key) {
             (None, _) => None,
-            (Some(_), None) => return Err(BackupError::KeyNeeded { id: manifest.id.clone() }),
+            (Some(_), None) => {
+                return Err(BackupError::KeyNeeded {
+                    id: manifest.id.clone(),
+                })
+            }
             (Some(expected), Some(key)) if *expected != key.id => {
                 return Err(BackupError::WrongKey {
                     id: manifest.id.clone(),
@@ -431,7 +463,10 @@ impl Vault {
         let found = tokio::task::spawn_blocking(move || materialised_checksum(&path))
             .await
             .map_err(|e| BackupError::Io(e.to_string()))?
-            .map_err(|message| BackupError::Invalid { id: id.clone(), message })?;
+            .map_err(|message| BackupError::Invalid {
+                id: id.clone(),
+                message,
+            })?;
         if found != manifest.checksum {
             return Err(BackupError::Checksum {
                 id,
@@ -479,11 +514,14 @@ impl Vault {
         let temp = first.join("snapshot.restoring");
         let written = async {
             owner_only_dir(first)?;
-            let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?);
+            let mut file =
+                std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?);
             file.write_all(&rampart_store::restored_snapshot_head(manifest.log_index, &members))
                 .map_err(io_error("writing the snapshot"))?;
             self.read_state(&manifest, &mut file).await?;
-            let file = file.into_inner().map_err(|e| BackupError::Io(format!("writing the snapshot: {e}")))?;
+            let file = file
+                .into_inner()
+                .map_err(|e| BackupError::Io(format!("writing the snapshot: {e}")))?;
             file.sync_all().map_err(io_error("syncing the snapshot"))?;
             std::fs::rename(&temp, &snapshot).map_err(io_error("placing the snapshot"))?;
             for dir in &data_dirs[1..] {
@@ -585,7 +623,9 @@ impl Sealer {
         let mut data = zstd::bulk::compress(plain, ZSTD_LEVEL).expect("compressing into memory");
         let Some(key) = &self.key else { return data };
         let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new().fill(&mut nonce).expect("the system's random source");
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system's random source");
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(self.aad(index).as_bytes()),

@@ -31,6 +31,9 @@ pub struct ClusterOptions {
     /// Run with TLS and tokens: `rampart certs init` in `<base>/certs`, each node on its own
     /// certificate; clients use the cluster CA and the region's bootstrap admin token.
     pub tls: bool,
+    /// Node addresses, node 1 first; free loopback ports when empty. A region restored
+    /// from a backup must listen where its restore said.
+    pub addresses: Vec<SocketAddr>,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +44,7 @@ impl Default for ClusterOptions {
             node_args: Vec::new(),
             base_dir: None,
             tls: false,
+            addresses: Vec::new(),
         }
     }
 }
@@ -138,7 +142,11 @@ impl Cluster {
         };
         let mut addrs = BTreeMap::new();
         for id in 1..=options.nodes as u64 {
-            addrs.insert(id, free_port()?);
+            let addr = match options.addresses.get(id as usize - 1) {
+                Some(addr) => *addr,
+                None => free_port()?,
+            };
+            addrs.insert(id, addr);
         }
         let mut cluster = Cluster {
             binary: binary.as_ref().to_path_buf(),

@@ -9,7 +9,7 @@ pub mod history;
 pub mod relay;
 pub mod workload;
 
-pub use cluster::{Cluster, ClusterOptions, Outsider};
+pub use cluster::{free_port, Cluster, ClusterOptions, Outsider};
 pub use history::{History, OpOutcome};
 pub use relay::{Relay, RelayMode};
 pub use workload::{final_state, Workload};

@@ -89,9 +89,10 @@ impl DestinationArgs {
             let table: toml::Table = text
                 .parse()
                 .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
-            let value = table.get("backup").cloned().ok_or_else(|| {
-                Failure::usage(anyhow::anyhow!("--config {} has no [backup] table", path.display()))
-            })?;
+            let value = table
+                .get("backup")
+                .cloned()
+                .ok_or_else(|| Failure::usage(anyhow::anyhow!("--config {} has no [backup] table", path.display())))?;
             return crate::node_cmd::file_backup(path, value).map(Some);
         }
         let Some(destination) = &self.destination else {
@@ -109,7 +110,10 @@ impl DestinationArgs {
             ..BackupSpec::default()
         };
         let backup = spec.validate().map_err(|e| {
-            Failure::usage(anyhow::anyhow!("--{}: {e}", e.field.trim_start_matches("backup.").replace('_', "-")))
+            Failure::usage(anyhow::anyhow!(
+                "--{}: {e}",
+                e.field.trim_start_matches("backup.").replace('_', "-")
+            ))
         })?;
         Ok(Some(backup))
     }
@@ -122,7 +126,11 @@ impl DestinationArgs {
     }
 }
 
-pub async fn run(client: impl FnOnce() -> Result<Client, Failure>, output: Output, command: BackupCommand) -> Result<(), Failure> {
+pub async fn run(
+    client: impl FnOnce() -> Result<Client, Failure>,
+    output: Output,
+    command: BackupCommand,
+) -> Result<(), Failure> {
     match command {
         BackupCommand::Create { wait } => {
             let manifest = client()?.backup_create(wait).await?;
@@ -157,15 +165,17 @@ pub async fn run(client: impl FnOnce() -> Result<Client, Failure>, output: Outpu
             initial_cluster,
         } => {
             let vault = destination.vault()?.ok_or_else(|| {
-                Failure::usage(anyhow::anyhow!("restore reads the backup itself: give --config or --destination"))
+                Failure::usage(anyhow::anyhow!(
+                    "restore reads the backup itself: give --config or --destination"
+                ))
             })?;
             let members = rampart_core::config::parse_members("initial-cluster", &initial_cluster)
                 .map_err(|e| Failure::usage(e.into()))?;
-            let members = members
-                .into_iter()
-                .map(|(id, addr)| (id, addr.to_string()))
-                .collect();
-            let manifest = vault.restore(id.as_deref(), &data_dirs, &members).await.map_err(failed)?;
+            let members = members.into_iter().map(|(id, addr)| (id, addr.to_string())).collect();
+            let manifest = vault
+                .restore(id.as_deref(), &data_dirs, &members)
+                .await
+                .map_err(failed)?;
             print(output, &manifest, |m| {
                 format!(
                     "restored {} into {} data dir(s); start each node on its dir with --initial-cluster {initial_cluster}",

@@ -2,6 +2,7 @@
 //! `rampart-testkit` and asserts outcomes a user cares about. One test binary, so the
 //! suite links once.
 
+mod backup;
 mod cli;
 mod elections;
 mod failover;

@@ -1,0 +1,392 @@
+//! Backups through the real CLI and nodes: a backup taken under writes restores a new
+//! region with the manifest's revision and checksum; verification names a corrupted
+//! chunk; a wrong key is refused before anything is written; an interrupted upload is not
+//! listed; retention keeps a verified backup; schedules run and report; a node with an
+//! unusable key does not start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use rampart_client::PutOptions;
+use rampart_testkit::{eventually, free_port, Cluster, ClusterOptions, Workload};
+
+use crate::{binary, DEADLINE};
+
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const OTHER_KEY: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+/// Runs the CLI; (exit code, stdout, stderr).
+fn rampart(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .env_remove("RAMPART_ENDPOINTS")
+        .output()
+        .expect("run rampart");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = rampart(args);
+    assert_eq!(code, 0, "rampart {args:?} failed: {out}{err}");
+    out
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    serde_json::from_str(&ok(&args)).expect("json answer")
+}
+
+/// A backup destination in `dir`, its key, and a node config file with `[backup]` (plus `extra` lines).
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(extra: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("backup.key");
+        std::fs::write(&key, format!("{KEY}\n")).expect("key");
+        let config = dir.path().join("backup.toml");
+        let text = format!(
+            "[backup]\ndestination = \"file://{}\"\nkey_file = \"{}\"\n{extra}",
+            dir.path().join("store").display(),
+            key.display()
+        );
+        std::fs::write(&config, text).expect("config");
+        Setup { dir, config }
+    }
+
+    fn config(&self) -> &str {
+        self.config.to_str().expect("utf-8")
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn destination(&self) -> String {
+        format!("file://{}", self.store().display())
+    }
+
+    async fn cluster(&self, nodes: usize) -> Cluster {
+        let options = ClusterOptions {
+            nodes,
+            node_args: vec!["--config".into(), self.config().into()],
+            ..ClusterOptions::default()
+        };
+        Cluster::start(binary(), options).await.expect("start cluster")
+    }
+}
+
+fn endpoints(cluster: &Cluster) -> String {
+    format!("--endpoints={}", cluster.endpoints().join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_under_writes_restores_a_new_region_with_the_manifests_revision_and_checksum() {
+    let setup = Setup::new("");
+    let mut cluster = setup.cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = Arc::new(cluster.client());
+    let workload = Workload::start(client.clone(), 4, "bk/");
+    workload.wait_progress(50, DEADLINE).await;
+    let endpoints = endpoints(&cluster);
+    let manifest = json(&[&endpoints, "backup", "create"]);
+    workload.wait_progress(50, DEADLINE).await;
+    let history = workload.stop().await;
+    assert!(history.acknowledged() > 100);
+    let revision = manifest["revision"].as_u64().expect("revision");
+    let checksum = manifest["checksum"].as_str().expect("checksum").to_string();
+    let (now, _) = cluster.wait_converged(DEADLINE).await;
+    assert!(
+        revision > 0 && revision < now,
+        "the backup was taken mid-workload: {revision} of {now}"
+    );
+
+    // The region is gone: nodes stopped, data dirs wiped.
+    let base = cluster.base_dir().to_path_buf();
+    cluster.stop_all();
+    drop(cluster);
+    assert!(!base.exists() || std::fs::remove_dir_all(&base).is_ok());
+
+    let restored = tempfile::tempdir().expect("tempdir");
+    let addresses: Vec<_> = (0..3).map(|_| free_port().expect("port")).collect();
+    let initial: Vec<String> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let dirs: Vec<String> = (1..=3)
+        .map(|i| restored.path().join(format!("n{i}")).display().to_string())
+        .collect();
+    let mut args = vec!["backup", "restore", "--config", setup.config(), "--initial-cluster"];
+    let initial = initial.join(",");
+    args.push(&initial);
+    for dir in &dirs {
+        args.extend(["--data-dir", dir]);
+    }
+    ok(&args);
+
+    let options = ClusterOptions {
+        nodes: 3,
+        base_dir: Some(restored.path().to_path_buf()),
+        addresses,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(binary(), options)
+        .await
+        .expect("start the restored region");
+    let converged = cluster.wait_converged(DEADLINE).await;
+    assert_eq!(
+        converged,
+        (revision, checksum),
+        "the restored region is the backup's state"
+    );
+    // And it takes writes.
+    cluster
+        .client()
+        .put("after/restore", "yes", PutOptions::default())
+        .await
+        .expect("a write to the restored region");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_names_a_corrupted_chunk_and_a_wrong_key_writes_nothing() {
+    let setup = Setup::new("");
+    let cluster = setup.cluster(1).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    // Over two chunks of state (8 MiB each).
+    let value = "v".repeat(1 << 20);
+    for i in 0..18 {
+        client
+            .put(&format!("big/{i}"), &value, PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let manifest = json(&[&endpoints(&cluster), "backup", "create"]);
+    let chunks = manifest["chunks"].as_array().expect("chunks").len();
+    assert!(chunks >= 2, "{chunks} chunks");
+    let id = manifest["id"].as_str().expect("id").to_string();
+    let destination = setup.destination();
+    let key_file = setup.dir.path().join("backup.key").display().to_string();
+    let verify = [
+        "backup",
+        "verify",
+        "--destination",
+        &destination,
+        "--key-file",
+        &key_file,
+    ];
+    ok(&verify);
+
+    // A wrong key: a clear error, and no data dir left behind.
+    let other = setup.dir.path().join("other.key");
+    std::fs::write(&other, OTHER_KEY).expect("key");
+    let target = setup.dir.path().join("restored");
+    let target_text = target.display().to_string();
+    let (code, _, err) = rampart(&[
+        "backup",
+        "restore",
+        "--destination",
+        &destination,
+        "--key-file",
+        other.to_str().expect("utf-8"),
+        "--data-dir",
+        &target_text,
+        "--initial-cluster",
+        "1=127.0.0.1:1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("was encrypted with key") && err.contains("not with the key given"),
+        "{err}"
+    );
+    assert!(
+        !target.join("snapshot.bin").exists(),
+        "nothing restored with a wrong key"
+    );
+    // No key at all for an encrypted backup.
+    let (code, _, err) = rampart(&["backup", "verify", "--destination", &destination]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is encrypted: give its key"), "{err}");
+
+    // One flipped byte in chunk 1 is found and named.
+    let chunk = setup.store().join(format!("backups/{id}/chunks/1"));
+    let mut bytes = std::fs::read(&chunk).expect("chunk");
+    bytes[100] ^= 0xff;
+    std::fs::write(&chunk, bytes).expect("corrupt");
+    let (code, _, err) = rampart(&verify);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("backup {id}: chunk 1 ")) && err.contains("is corrupted"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unfinished_uploads_are_not_listed_and_retention_keeps_the_newest_verified() {
+    let setup = Setup::new("keep_last = 1\n");
+    let cluster = setup.cluster(1).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let endpoints = endpoints(&cluster);
+    let client = cluster.client();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        client
+            .put(&format!("k{i}"), "v", PutOptions::default())
+            .await
+            .expect("put");
+        ids.push(
+            json(&[&endpoints, "backup", "create"])["id"]
+                .as_str()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    // An upload cut off before its manifest: chunks only.
+    let partial = setup.store().join("backups/20990101T000000000Z-r9/chunks");
+    std::fs::create_dir_all(&partial).expect("dir");
+    std::fs::write(partial.join("0"), b"partial").expect("chunk");
+
+    let listed = |args: &[&str]| -> Vec<String> {
+        json(args)["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .map(|b| b["manifest"]["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let destination = setup.destination();
+    assert_eq!(
+        listed(&["backup", "list", "--destination", &destination]),
+        ids,
+        "finished backups only"
+    );
+    assert_eq!(listed(&[&endpoints, "backup", "list"]), ids);
+
+    // keep_last = 1, but nothing goes before a newer backup is verified.
+    let verified = json(&[&endpoints, "backup", "verify", &ids[1]]);
+    assert_eq!(verified["id"], ids[1].as_str());
+    assert_eq!(
+        listed(&[&endpoints, "backup", "list"]),
+        vec![ids[1].clone(), ids[2].clone()],
+        "only what is older than the verified backup goes"
+    );
+    json(&[&endpoints, "backup", "verify"]);
+    assert_eq!(listed(&[&endpoints, "backup", "list"]), vec![ids[2].clone()]);
+    assert!(
+        !setup.store().join(format!("backups/{}", ids[0])).exists(),
+        "a deleted backup leaves no objects"
+    );
+    let events = client.events(Some("backup"), None).await.expect("events").events;
+    let deletes = events
+        .iter()
+        .filter(|e| e.action == "backup.delete" && e.outcome == "ok")
+        .count();
+    assert_eq!(deletes, 2, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduled_backups_and_verifications_run_on_the_leader_and_report() {
+    let setup = Setup::new("schedule = \"*/2 * * * * *\"\nverify_schedule = \"*/3 * * * * *\"\n");
+    let cluster = setup.cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    client.put("k", "v", PutOptions::default()).await.expect("put");
+    let events = eventually(DEADLINE, "a scheduled backup and a scheduled verification", || async {
+        let events = client.events(Some("backup"), None).await.ok()?.events;
+        let ran = |action: &str| {
+            events
+                .iter()
+                .any(|e| e.action == action && e.actor == "schedule" && e.outcome == "ok")
+        };
+        (ran("backup.create") && ran("backup.verify")).then_some(events)
+    })
+    .await;
+    assert!(events.iter().all(|e| e.outcome == "ok"), "{events:?}");
+    // Only the leader ran them: one node's metrics count backups, the others none.
+    let mut with_backups = 0;
+    for node in cluster.nodes.values() {
+        let text = reqwest::get(format!("http://{}/metrics", node.addr))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let last = metric(&text, "rampart_backup_last_success_timestamp_seconds");
+        if last > 0.0 {
+            with_backups += 1;
+            assert!(metric(&text, "rampart_backup_verify_last_success_timestamp_seconds") > 0.0);
+            assert_eq!(metric(&text, "rampart_backup_stale"), 0.0);
+        }
+    }
+    assert_eq!(with_backups, 1, "scheduled backups run on the leader only");
+    let listed = json(&["backup", "list", "--config", setup.config()]);
+    assert!(!listed["backups"].as_array().expect("backups").is_empty());
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_node_with_an_unusable_backup_key_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("n.toml");
+    let start = |text: &str| {
+        std::fs::write(&config, text).expect("config");
+        rampart(&[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+        ])
+    };
+    let store = format!("file://{}", dir.path().join("store").display());
+    let missing = dir.path().join("missing.key");
+    let (code, _, err) = start(&format!(
+        "[backup]\ndestination = \"{store}\"\nkey_file = \"{}\"\n",
+        missing.display()
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("refusing to start") && err.contains("missing.key"),
+        "{err}"
+    );
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "abc123").expect("key");
+    let (code, _, err) = start(&format!(
+        "[backup]\ndestination = \"{store}\"\nkey_file = \"{}\"\n",
+        short.display()
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("64 hex digits") && !err.contains("abc123"), "{err}");
+    let (code, _, err) = start("[backup]\ndestination = \"file:///x\"\nkey_env = \"RAMPART_TEST_NO_SUCH_KEY\"\n");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("RAMPART_TEST_NO_SUCH_KEY is not set"), "{err}");
+    let (code, _, err) = start(&format!(
+        "[backup]\ndestination = \"{store}\"\nschedule = \"every hour\"\n"
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("backup.schedule"), "{err}");
+    assert!(
+        !Path::new(&data).join("rampart.redb").exists(),
+        "refused before opening the store"
+    );
+}
