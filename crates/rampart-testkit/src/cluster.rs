@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     /// Node addresses, node 1 first; free loopback ports when empty. A region restored
     /// from a backup must listen where its restore said.
     pub addresses: Vec<SocketAddr>,
+    /// Environment variables for every node, e.g. S3 credentials.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +47,7 @@ impl Default for ClusterOptions {
             base_dir: None,
             tls: false,
             addresses: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -238,6 +241,7 @@ impl Cluster {
         Command::new(&self.binary)
             .args(&node.args)
             .env_remove("RAMPART_ENDPOINTS")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -465,6 +469,7 @@ impl Cluster {
             .arg("--tls-ca")
             .arg(tls[2])
             .env_remove("RAMPART_ENDPOINTS")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

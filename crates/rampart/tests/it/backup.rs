@@ -390,3 +390,125 @@ fn a_node_with_an_unusable_backup_key_does_not_start() {
         "refused before opening the store"
     );
 }
+
+/// moto's S3-compatible server, installed by `scripts/install-test-tools` (which
+/// `scripts/test` runs and names in `RAMPART_TEST_S3_SERVER`), on a loopback port; killed
+/// by its PID when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    async fn start(bucket: &str) -> S3Server {
+        let program = std::env::var("RAMPART_TEST_S3_SERVER").unwrap_or_else(|_| {
+            let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/moto/bin/moto_server");
+            assert!(
+                Path::new(default).exists(),
+                "the S3 tests need moto's server: run scripts/test (or scripts/install-test-tools) first"
+            );
+            default.to_string()
+        });
+        let port = free_port().expect("port").port();
+        let child = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let server = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        let url = format!("{}/{bucket}", server.endpoint);
+        eventually(DEADLINE, "the S3 server to create a bucket", || async {
+            let answer = http.put(&url).send().await.ok()?;
+            answer.status().is_success().then_some(())
+        })
+        .await;
+        server
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "rampart-test"),
+            ("AWS_SECRET_ACCESS_KEY", "rampart-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backups_to_an_s3_compatible_store_verify_and_restore() {
+    let s3 = S3Server::start("rampart-backups").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("backup.key");
+    std::fs::write(&key, KEY).expect("key");
+    let config = dir.path().join("backup.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backup]\ndestination = \"s3://rampart-backups/region-a\"\nkey_file = \"{}\"\n\n[backup.s3]\nendpoint = \"{}\"\nallow_http = true\n",
+            key.display(),
+            s3.endpoint
+        ),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let options = ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--config".into(), config.into()],
+        env: s3.env(),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(binary(), options).await.expect("start cluster");
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let value = "s".repeat(1 << 20);
+    for i in 0..10 {
+        client.put(&format!("s3/{i}"), &value, PutOptions::default()).await.expect("put");
+    }
+    let manifest = json(&[&endpoints(&cluster), "backup", "create"]);
+    let (revision, _) = cluster.wait_converged(DEADLINE).await;
+    assert_eq!(manifest["revision"].as_u64(), Some(revision), "every write is in the backup");
+    let checksum = manifest["checksum"].as_str().expect("checksum").to_string();
+
+    // The CLI reads the bucket itself, with the credentials from the environment.
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(binary());
+        command.args(args).args(["--config", config, "--output", "json"]).envs(s3.env());
+        let out = command.output().expect("run rampart");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")
+    };
+    let listed = cli(&["backup", "list"]);
+    assert_eq!(listed["backups"][0]["manifest"]["id"], manifest["id"]);
+    assert_eq!(cli(&["backup", "verify"])["id"], manifest["id"]);
+    let restored = dir.path().join("restored");
+    let restored_text = restored.display().to_string();
+    let address = free_port().expect("port");
+    let initial = format!("1={address}");
+    cli(&["backup", "restore", "--data-dir", &restored_text, "--initial-cluster", &initial]);
+    let options = ClusterOptions {
+        nodes: 1,
+        base_dir: Some(dir.path().join("region")),
+        addresses: vec![address],
+        ..ClusterOptions::default()
+    };
+    std::fs::create_dir_all(dir.path().join("region")).expect("dir");
+    std::fs::rename(&restored, dir.path().join("region/n1")).expect("move the restored dir");
+    let restored = Cluster::start(binary(), options).await.expect("start the restored region");
+    assert_eq!(restored.wait_converged(DEADLINE).await, (revision, checksum));
+}
