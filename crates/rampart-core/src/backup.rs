@@ -31,6 +31,11 @@ pub struct BackupSpec {
     pub keep_last: Option<u32>,
     /// Backups older than this may go, e.g. `30d`.
     pub max_age: Option<String>,
+    /// Archive committed log entries beside the backups for point-in-time restores
+    /// (default true).
+    pub archive: Option<bool>,
+    /// How often the leader archives new log entries (default 1s).
+    pub archive_interval: Option<String>,
     pub s3: Option<S3Spec>,
 }
 
@@ -63,6 +68,8 @@ pub struct Backup {
     pub schedule: Option<String>,
     pub verify_schedule: Option<String>,
     pub retention: Retention,
+    /// `Some(ms)`: archive the log every this often; `None`: no archiving.
+    pub archive_interval_ms: Option<u64>,
     pub s3: S3Spec,
 }
 
@@ -115,9 +122,20 @@ impl BackupSpec {
                 100 * 365 * 86_400_000,
             )?),
         };
+        let archive_interval_ms = match self.archive {
+            Some(false) => None,
+            _ => Some(duration_ms(
+                "backup.archive_interval",
+                self.archive_interval.as_deref(),
+                1000,
+                100,
+                3_600_000,
+            )?),
+        };
         Ok(Backup {
             destination,
             key,
+            archive_interval_ms,
             schedule: self.schedule.clone(),
             verify_schedule: self.verify_schedule.clone(),
             retention: Retention {
@@ -245,6 +263,27 @@ pub struct VerifyRequest {
     pub id: Option<String>,
 }
 
+/// Where a point-in-time restore stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// The state right after the write that made this revision.
+    Revision(u64),
+    /// The state with every write committed at or before this time (ms since the epoch).
+    Time(u64),
+}
+
+/// An archived log segment's object name: `log/FIRST-LAST`, zero-padded so names sort.
+pub fn segment_name(first: u64, last: u64) -> String {
+    format!("{first:020}-{last:020}")
+}
+
+/// The index range of a segment name, if it is one.
+pub fn segment_range(name: &str) -> Option<(u64, u64)> {
+    let (first, last) = name.split_once('-')?;
+    let (first, last) = (first.parse().ok()?, last.parse().ok()?);
+    (first <= last).then_some((first, last))
+}
+
 /// A backup's id: sortable by time, and names the revision, e.g. `20261123T061500123Z-r4711`.
 pub fn backup_id(created: &str, revision: u64) -> String {
     format!("{created}-r{revision}")
@@ -367,6 +406,14 @@ mod tests {
             s.key_env = Some("K".into());
         });
         assert_eq!(both.unwrap_err().field, "backup.key_env");
+    }
+
+    #[test]
+    fn segment_names_sort_and_parse_back() {
+        assert!(segment_name(9, 10) < segment_name(11, 200));
+        assert_eq!(segment_range(&segment_name(9, 10)), Some((9, 10)));
+        assert_eq!(segment_range("x-1"), None);
+        assert_eq!(segment_range("5-4"), None);
     }
 
     #[test]

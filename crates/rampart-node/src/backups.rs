@@ -20,7 +20,7 @@ use rampart_core::api::Event;
 use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, VerifyRequest};
 
 use crate::error::ApiError;
-use crate::vault::{BackupError, Vault};
+use crate::vault::{Archived, BackupError, Vault};
 use crate::{now_ms, Shared};
 
 /// How long taking a snapshot for a backup may take.
@@ -223,13 +223,113 @@ async fn prune(node: &Shared, backups: &Backups) {
             verified: l.verified_ms.is_some(),
         })
         .collect();
-    for id in rampart_core::backup::doomed(&kept, backups.backup.retention, now_ms()) {
-        let outcome = match backups.vault.delete(&id).await {
+    let doomed = rampart_core::backup::doomed(&kept, backups.backup.retention, now_ms());
+    for id in &doomed {
+        let outcome = match backups.vault.delete(id).await {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("failed: {e}"),
         };
-        crate::tokens::record(node, backup_event("backup.delete", "retention", outcome, id)).await;
+        crate::tokens::record(node, backup_event("backup.delete", "retention", outcome, id.clone())).await;
     }
+    // Archived log older than the oldest backup kept can never be replayed.
+    let oldest = listed.iter().map(|l| &l.manifest).find(|m| !doomed.contains(&m.id));
+    if let Some(oldest) = oldest {
+        if let Err(e) = backups.vault.prune_log(oldest.log_index + 1).await {
+            tracing::warn!("retention: cannot prune the log archive: {e}");
+        }
+    }
+}
+
+/// Leader only: archives committed log entries beside the backups every
+/// `archive_interval`, in segments of up to [`SEGMENT_ENTRIES_MAX`] entries, so a restore can
+/// replay to any revision or time after a backup. A gap (entries compacted away before the
+/// archiver read them) is an event and an alert: point-in-time restores across it need a
+/// backup taken after it.
+pub(crate) async fn archive(node: Shared) {
+    let Some(backups) = node.backups.as_ref() else { return };
+    let Some(interval_ms) = backups.backup.archive_interval_ms else {
+        return;
+    };
+    // The highest archived index, learnt from the destination on becoming leader.
+    let mut archived: Option<u64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        if node.raft.metrics().borrow().state != ServerState::Leader {
+            archived = None;
+            continue;
+        }
+        let from = match archived {
+            Some(index) => index + 1,
+            None => match backups.vault.segments().await {
+                Ok(segments) => segments.last().map_or(1, |(_, last)| last + 1),
+                Err(e) => {
+                    tracing::warn!("log archive: cannot list segments: {e}");
+                    continue;
+                }
+            },
+        };
+        match archive_from(&node, backups, from).await {
+            Ok(last) => {
+                archived = Some(last);
+                node.metrics.backup.archived_index.set(last as i64);
+            }
+            Err(e) => tracing::warn!("log archive: {e}"),
+        }
+    }
+}
+
+/// Most entries in one archived segment.
+const SEGMENT_ENTRIES_MAX: u64 = 10_000;
+
+/// Archives applied entries from `from` on; returns the last index archived.
+async fn archive_from(node: &Shared, backups: &Backups, from: u64) -> Result<u64, String> {
+    use openraft::storage::{RaftLogReader, RaftLogStorage};
+    let applied = node
+        .applied
+        .read()
+        .expect("state lock")
+        .last_applied
+        .map_or(0, |id| id.index);
+    let mut from = from;
+    while from <= applied {
+        let to = applied.min(from + SEGMENT_ENTRIES_MAX - 1);
+        let mut log = node.log.clone();
+        let entries = log.try_get_log_entries(from..=to).await.map_err(|e| e.to_string())?;
+        if entries.first().map(|e| e.log_id.index) != Some(from) {
+            // Compacted before it was archived: go on from what the log still has.
+            let state = log.get_log_state().await.map_err(|e| e.to_string())?;
+            let first_kept = state.last_purged_log_id.map_or(1, |id| id.index + 1);
+            if first_kept <= from {
+                return Err(format!("log entry {from} is neither in the log nor compacted"));
+            }
+            let detail = format!(
+                "log entries {from}..{} were compacted before they were archived; point-in-time restores need a backup taken after index {}",
+                first_kept - 1,
+                first_kept - 1
+            );
+            crate::tokens::record(
+                node,
+                backup_event("backup.archive_gap", "archive", "failed: gap".into(), detail),
+            )
+            .await;
+            from = first_kept;
+            continue;
+        }
+        let archived: Vec<Archived> = entries
+            .into_iter()
+            .map(|entry| Archived {
+                index: entry.log_id.index,
+                commands: match entry.payload {
+                    openraft::EntryPayload::Normal(batch) => batch.commands,
+                    _ => Vec::new(),
+                },
+            })
+            .collect();
+        let last = archived.last().map_or(from, |a| a.index);
+        backups.vault.archive(&archived).await.map_err(|e| e.to_string())?;
+        from = last + 1;
+    }
+    Ok(from - 1)
 }
 
 /// Triggers a snapshot and waits until it covers everything applied before the call.

@@ -92,6 +92,8 @@ pub(crate) struct Node {
     pub soft: Mutex<verdicts::Soft>,
     /// `Some` with a `[backup]` section: its destination and key.
     pub backups: Option<backups::Backups>,
+    /// Reads committed log entries for the log archive.
+    pub log: rampart_store::LogStore,
 }
 
 pub(crate) type Shared = Arc<Node>;
@@ -252,6 +254,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         peer_via: Arc::new(config.peer_via.clone()),
         tls: tls.as_ref().map(|t| t.peer_connector.clone()),
     };
+    let log_reader = log.clone();
     let raft = Raft::new(config.id, Arc::new(raft_config(&config)?), network, log, sm.clone())
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -302,6 +305,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .map_err(|e| NodeError::Raft(e.to_string()))?,
         soft: Mutex::new(verdicts::Soft::default()),
         backups,
+        log: log_reader,
         switchovers: Mutex::new(std::collections::BTreeSet::new()),
         alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
@@ -325,6 +329,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         tokio::spawn(supervisor::run(node.clone())),
         tokio::spawn(services::register_configured(node.clone())),
         tokio::spawn(backups::run(node.clone())),
+        tokio::spawn(backups::archive(node.clone())),
         tokio::spawn(server::serve(listener, node.clone())),
     ];
     shutdown_signal().await;

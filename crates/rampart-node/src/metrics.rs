@@ -39,6 +39,7 @@ pub struct BackupMetrics {
     pub verify_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub verify_failures: Counter,
     pub stale: Gauge,
+    pub archived_index: Gauge,
 }
 
 impl BackupMetrics {
@@ -65,6 +66,11 @@ impl BackupMetrics {
             "verify_failures",
             "Verifications that failed",
             self.verify_failures.clone(),
+        );
+        registry.register(
+            "archived_log_index",
+            "The last log index archived for point-in-time restores",
+            self.archived_index.clone(),
         );
         registry.register(
             "stale",

@@ -21,7 +21,9 @@ use futures_util::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use openraft::BasicNode;
-use rampart_core::backup::{Backup, Chunk, KeySource, Listed, Manifest, CHUNK_BYTES, FORMAT_VERSION};
+use rampart_core::backup::{
+    segment_name, segment_range, Backup, Chunk, KeySource, Listed, Manifest, Point, CHUNK_BYTES, FORMAT_VERSION,
+};
 use rampart_store::{Checksum, NodeId, SnapshotState, State};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -492,34 +494,198 @@ impl Vault {
         id: Option<&str>,
         data_dirs: &[PathBuf],
         members: &BTreeMap<NodeId, String>,
-    ) -> Result<Manifest, BackupError> {
+    ) -> Result<Restored, BackupError> {
+        let manifest = self.manifest(id).await?;
+        let restored = Restored {
+            backup: manifest.id.clone(),
+            revision: manifest.revision,
+            checksum: manifest.checksum.clone(),
+            log_index: manifest.log_index,
+            last_write_ms: None,
+        };
+        self.write_region(data_dirs, members, manifest.log_index, StateSource::Backup(&manifest))
+            .await?;
+        Ok(restored)
+    }
+
+    /// Restores the state at `point`: the newest backup at or before it, then the archived
+    /// log after that backup, applied command by command up to the point.
+    pub async fn restore_to(
+        &self,
+        point: Point,
+        data_dirs: &[PathBuf],
+        members: &BTreeMap<NodeId, String>,
+    ) -> Result<Restored, BackupError> {
+        let listed = self.list().await?;
+        let base = listed
+            .iter()
+            .rev()
+            .map(|l| &l.manifest)
+            .find(|m| match point {
+                Point::Revision(n) => m.revision <= n,
+                Point::Time(ms) => m.created_ms <= ms,
+            })
+            .ok_or_else(|| {
+                BackupError::Io(format!(
+                    "no backup at or before {point:?}: the archive starts at the oldest backup"
+                ))
+            })?
+            .clone();
+        check_empty(data_dirs)?;
+        let mut encoded = Vec::with_capacity(base.state_bytes as usize);
+        self.read_state(&base, &mut encoded).await?;
+        let mut state: State = postcard::from_bytes(&encoded).map_err(|e| BackupError::Invalid {
+            id: base.id.clone(),
+            message: format!("the state does not decode: {e}"),
+        })?;
+        drop(encoded);
+        let mut next = base.log_index + 1;
+        let mut last_write_ms = None;
+        'segments: for (first, last) in self.segments().await? {
+            if last < next {
+                continue;
+            }
+            if first > next {
+                return Err(BackupError::Io(format!(
+                    "the log archive has no entries {next}..{}: it cannot go past revision {} (restore a later backup)",
+                    first - 1,
+                    state.revision
+                )));
+            }
+            for entry in self.read_segment(first, last).await? {
+                if entry.index < next {
+                    continue;
+                }
+                for command in &entry.commands {
+                    let reached = match point {
+                        Point::Revision(n) => state.revision >= n,
+                        Point::Time(ms) => command.at_ms > ms,
+                    };
+                    if reached {
+                        break 'segments;
+                    }
+                    state.apply(command);
+                    last_write_ms = Some(command.at_ms);
+                }
+                next = entry.index + 1;
+            }
+        }
+        if let Point::Revision(n) = point {
+            if state.revision < n {
+                return Err(BackupError::Io(format!(
+                    "the log archive reaches revision {}; revision {n} is beyond it",
+                    state.revision
+                )));
+            }
+        }
+        let encoded = postcard::to_allocvec(&state).expect("a state encodes");
+        let mut checksum = Checksum::default();
+        checksum.update(&encoded);
+        let restored = Restored {
+            backup: base.id.clone(),
+            revision: state.revision,
+            checksum: format!("{:016x}", checksum.value()),
+            log_index: next - 1,
+            last_write_ms,
+        };
+        drop(state);
+        self.write_region(data_dirs, members, next - 1, StateSource::Encoded(encoded))
+            .await?;
+        Ok(restored)
+    }
+
+    /// Archives committed log entries (`entries` in index order, none missing) as one segment.
+    pub async fn archive(&self, entries: &[Archived]) -> Result<(), BackupError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let name = segment_name(first.index, last.index);
+        let sealer = Sealer {
+            key: self.key.as_ref().map(|k| k.aead.clone()),
+            place: format!("log/{name}"),
+        };
+        let encoded = postcard::to_allocvec(entries).expect("log entries encode");
+        let sealed = tokio::task::spawn_blocking(move || sealer.seal(0, &encoded))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))?;
+        self.put(&format!("log/{name}"), Bytes::from(sealed)).await
+    }
+
+    /// The archived segments' index ranges, in order.
+    pub async fn segments(&self) -> Result<Vec<(u64, u64)>, BackupError> {
+        let mut objects = self.store.list(Some(&self.path("log")));
+        let mut ranges = Vec::new();
+        while let Some(object) = objects.next().await {
+            let object = object.map_err(|e| self.store_error(e))?;
+            if let Some(range) = object.location.filename().and_then(segment_range) {
+                ranges.push(range);
+            }
+        }
+        ranges.sort_unstable();
+        Ok(ranges)
+    }
+
+    async fn read_segment(&self, first: u64, last: u64) -> Result<Vec<Archived>, BackupError> {
+        let name = segment_name(first, last);
+        let stored = self
+            .get(&format!("log/{name}"))
+            .await?
+            .ok_or_else(|| BackupError::Io(format!("log segment {name} vanished while being read")))?;
+        let sealer = Sealer {
+            key: self.key.as_ref().map(|k| k.aead.clone()),
+            place: format!("log/{name}"),
+        };
+        let unreadable = || BackupError::Io(format!("log segment {name} does not open with this key, or is damaged"));
+        let plain = tokio::task::spawn_blocking(move || sealer.open(0, stored.to_vec()))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))?
+            .map_err(|()| unreadable())?;
+        postcard::from_bytes(&plain).map_err(|_| unreadable())
+    }
+
+    /// Deletes the archived segments wholly before `index` (older than every kept backup).
+    pub async fn prune_log(&self, index: u64) -> Result<usize, BackupError> {
+        let mut deleted = 0;
+        for (first, last) in self.segments().await? {
+            if last < index {
+                let path = self.path(&format!("log/{}", segment_name(first, last)));
+                self.store.delete(&path).await.map_err(|e| self.store_error(e))?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Writes the snapshot of a new region into the first data dir (head, then the encoded
+    /// state), fsyncs and places it, and copies it to the others. Nothing is left behind on
+    /// failure.
+    async fn write_region(
+        &self,
+        data_dirs: &[PathBuf],
+        members: &BTreeMap<NodeId, String>,
+        log_index: u64,
+        state: StateSource<'_>,
+    ) -> Result<(), BackupError> {
+        check_empty(data_dirs)?;
         let members: BTreeMap<NodeId, BasicNode> = members
             .iter()
             .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
             .collect();
-        let manifest = self.manifest(id).await?;
-        for dir in data_dirs {
-            let used = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-            if used {
-                return Err(BackupError::Io(format!(
-                    "data dir {} is not empty: a restore bootstraps a new region into new data dirs",
-                    dir.display()
-                )));
-            }
-        }
-        let first = data_dirs
-            .first()
-            .ok_or_else(|| BackupError::Io("no data dir to restore into".into()))?;
+        let first = &data_dirs[0];
         let snapshot = first.join(rampart_store::state_machine::SNAPSHOT_FILE);
         let temp = first.join("snapshot.restoring");
         let written = async {
             owner_only_dir(first)?;
-            let mut file =
-                std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?);
-            file.write_all(&rampart_store::restored_snapshot_head(manifest.log_index, &members))
+            let file = std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?;
+            let mut writer = std::io::BufWriter::new(file);
+            writer
+                .write_all(&rampart_store::restored_snapshot_head(log_index, &members))
                 .map_err(io_error("writing the snapshot"))?;
-            self.read_state(&manifest, &mut file).await?;
-            let file = file
+            match state {
+                StateSource::Backup(manifest) => self.read_state(manifest, &mut writer).await?,
+                StateSource::Encoded(bytes) => writer.write_all(&bytes).map_err(io_error("writing the snapshot"))?,
+            }
+            let file = writer
                 .into_inner()
                 .map_err(|e| BackupError::Io(format!("writing the snapshot: {e}")))?;
             file.sync_all().map_err(io_error("syncing the snapshot"))?;
@@ -532,14 +698,13 @@ impl Vault {
             Ok::<(), BackupError>(())
         }
         .await;
-        if let Err(e) = written {
+        if written.is_err() {
             let _ = std::fs::remove_file(&temp);
             for dir in data_dirs {
                 let _ = std::fs::remove_file(dir.join(rampart_store::state_machine::SNAPSHOT_FILE));
             }
-            return Err(e);
         }
-        Ok(manifest)
+        written
     }
 
     /// Deletes backups: the manifest first (it is no longer listed), then its objects.
@@ -558,6 +723,49 @@ impl Vault {
         }
         Ok(())
     }
+}
+
+/// What a restore wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    /// The backup it started from.
+    pub backup: String,
+    pub revision: u64,
+    pub checksum: String,
+    pub log_index: u64,
+    /// The time of the last archived write applied after the backup, if any.
+    pub last_write_ms: Option<u64>,
+}
+
+/// One archived log entry: its index and the writes it carried (none for Raft's own
+/// entries).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Archived {
+    pub index: u64,
+    pub commands: Vec<rampart_store::Command>,
+}
+
+fn check_empty(data_dirs: &[PathBuf]) -> Result<(), BackupError> {
+    if data_dirs.is_empty() {
+        return Err(BackupError::Io("no data dir to restore into".into()));
+    }
+    for dir in data_dirs {
+        if std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(BackupError::Io(format!(
+                "data dir {} is not empty: a restore bootstraps a new region into new data dirs",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where a restored region's state comes from.
+enum StateSource<'a> {
+    /// Streamed from a backup's chunks.
+    Backup(&'a Manifest),
+    /// Already encoded (a point-in-time restore).
+    Encoded(Vec<u8>),
 }
 
 fn owner_only_dir(dir: &FsPath) -> Result<(), BackupError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use rampart_client::Client;
-use rampart_core::backup::{Backup, BackupSpec, BackupsResponse, Listed, Manifest, S3Spec};
+use rampart_core::backup::{Backup, BackupSpec, BackupsResponse, Listed, Manifest, Point, S3Spec};
 use rampart_node::vault::Vault;
 
 use crate::cli::{print, Failure, Output};
@@ -50,6 +50,14 @@ pub enum BackupCommand {
         /// The new region's members ID=HOST:PORT,..., as its nodes' --initial-cluster
         #[arg(long)]
         initial_cluster: String,
+        /// Point-in-time: the state right after the write that made this revision (the
+        /// newest backup at or before it, then the archived log)
+        #[arg(long, conflicts_with_all = ["id", "to_time"])]
+        to_revision: Option<u64>,
+        /// Point-in-time: every write committed at or before this time, RFC 3339
+        /// (2026-11-23T06:00:00Z) or ms since the epoch
+        #[arg(long, conflicts_with = "id", value_parser = time_arg)]
+        to_time: Option<u64>,
     },
 }
 
@@ -163,6 +171,8 @@ pub async fn run(
             destination,
             data_dirs,
             initial_cluster,
+            to_revision,
+            to_time,
         } => {
             let vault = destination.vault()?.ok_or_else(|| {
                 Failure::usage(anyhow::anyhow!(
@@ -172,14 +182,26 @@ pub async fn run(
             let members = rampart_core::config::parse_members("initial-cluster", &initial_cluster)
                 .map_err(|e| Failure::usage(e.into()))?;
             let members = members.into_iter().map(|(id, addr)| (id, addr.to_string())).collect();
-            let manifest = vault
-                .restore(id.as_deref(), &data_dirs, &members)
-                .await
-                .map_err(failed)?;
-            print(output, &manifest, |m| {
+            let point = match (to_revision, to_time) {
+                (Some(revision), _) => Some(Point::Revision(revision)),
+                (None, Some(ms)) => Some(Point::Time(ms)),
+                (None, None) => None,
+            };
+            let restored = match point {
+                Some(point) => vault.restore_to(point, &data_dirs, &members).await,
+                None => vault.restore(id.as_deref(), &data_dirs, &members).await,
+            }
+            .map_err(failed)?;
+            print(output, &restored, |r| {
+                let replayed = match r.last_write_ms {
+                    Some(ms) => format!(" (archived log replayed up to a write at {ms})"),
+                    None => String::new(),
+                };
                 format!(
-                    "restored {} into {} data dir(s); start each node on its dir with --initial-cluster {initial_cluster}",
-                    summary(m),
+                    "restored backup {} at revision {} checksum {}{replayed} into {} data dir(s); start each node on its dir with --initial-cluster {initial_cluster}",
+                    r.backup,
+                    r.revision,
+                    r.checksum,
                     data_dirs.len()
                 )
             });
@@ -220,6 +242,16 @@ fn listed(l: &Listed) -> String {
         None => "not verified".to_string(),
     };
     format!("{}  {verified}", summary(&l.manifest))
+}
+
+/// RFC 3339 or ms since the epoch.
+fn time_arg(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .map_err(|e| format!("{e}: expected RFC 3339 (2026-11-23T06:00:00Z) or ms since the epoch"))
 }
 
 fn now_ms() -> u64 {

@@ -477,20 +477,34 @@ async fn backups_to_an_s3_compatible_store_verify_and_restore() {
     let client = cluster.client();
     let value = "s".repeat(1 << 20);
     for i in 0..10 {
-        client.put(&format!("s3/{i}"), &value, PutOptions::default()).await.expect("put");
+        client
+            .put(&format!("s3/{i}"), &value, PutOptions::default())
+            .await
+            .expect("put");
     }
     let manifest = json(&[&endpoints(&cluster), "backup", "create"]);
     let (revision, _) = cluster.wait_converged(DEADLINE).await;
-    assert_eq!(manifest["revision"].as_u64(), Some(revision), "every write is in the backup");
+    assert_eq!(
+        manifest["revision"].as_u64(),
+        Some(revision),
+        "every write is in the backup"
+    );
     let checksum = manifest["checksum"].as_str().expect("checksum").to_string();
 
     // The CLI reads the bucket itself, with the credentials from the environment.
     let cli = |args: &[&str]| {
         let mut command = Command::new(binary());
-        command.args(args).args(["--config", config, "--output", "json"]).envs(s3.env());
+        command
+            .args(args)
+            .args(["--config", config, "--output", "json"])
+            .envs(s3.env());
         let out = command.output().expect("run rampart");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_str::<serde_json::Value>(&text).expect("json")
     };
     let listed = cli(&["backup", "list"]);
@@ -500,7 +514,14 @@ async fn backups_to_an_s3_compatible_store_verify_and_restore() {
     let restored_text = restored.display().to_string();
     let address = free_port().expect("port");
     let initial = format!("1={address}");
-    cli(&["backup", "restore", "--data-dir", &restored_text, "--initial-cluster", &initial]);
+    cli(&[
+        "backup",
+        "restore",
+        "--data-dir",
+        &restored_text,
+        "--initial-cluster",
+        &initial,
+    ]);
     let options = ClusterOptions {
         nodes: 1,
         base_dir: Some(dir.path().join("region")),
@@ -509,6 +530,144 @@ async fn backups_to_an_s3_compatible_store_verify_and_restore() {
     };
     std::fs::create_dir_all(dir.path().join("region")).expect("dir");
     std::fs::rename(&restored, dir.path().join("region/n1")).expect("move the restored dir");
-    let restored = Cluster::start(binary(), options).await.expect("start the restored region");
+    let restored = Cluster::start(binary(), options)
+        .await
+        .expect("start the restored region");
     assert_eq!(restored.wait_converged(DEADLINE).await, (revision, checksum));
+}
+
+/// Wall-clock ms, for point-in-time restores (the leader stamps writes with its own clock,
+/// on this machine).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// Waits until the wall clock has moved past `ms`, so writes before and after differ in time.
+async fn clock_past(ms: u64) {
+    eventually(DEADLINE, "the clock to move on", || async {
+        (wall_ms() > ms).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn point_in_time_restores_replay_the_archived_log_to_a_revision_and_to_a_time() {
+    let setup = Setup::new("archive_interval = \"100ms\"\n");
+    let cluster = setup.cluster(1).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    let endpoints = endpoints(&cluster);
+    let mut revisions = Vec::new();
+    for i in 1..=10 {
+        revisions.push(
+            client
+                .put(&format!("k{i}"), "v", PutOptions::default())
+                .await
+                .expect("put")
+                .revision,
+        );
+    }
+    let backup = json(&[&endpoints, "backup", "create"]);
+    assert_eq!(backup["revision"].as_u64(), revisions.last().copied());
+    let mut cut = 0;
+    for i in 11..=20 {
+        let before = wall_ms();
+        clock_past(before).await;
+        revisions.push(
+            client
+                .put(&format!("k{i}"), "v", PutOptions::default())
+                .await
+                .expect("put")
+                .revision,
+        );
+        if i == 17 {
+            cut = wall_ms();
+            clock_past(cut).await;
+        }
+    }
+    let applied = cluster.status_of(1).await.expect("status").applied_index;
+    eventually(DEADLINE, "the log archive to catch up", || async {
+        let text = reqwest::get(format!("http://{}/metrics", cluster.nodes[&1].addr))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric(&text, "rampart_backup_archived_log_index") >= applied as f64).then_some(())
+    })
+    .await;
+
+    let restore_and_read = |point: &'static str, value: String| {
+        let config = setup.config().to_string();
+        async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let address = free_port().expect("port");
+            let data = dir.path().join("n1").display().to_string();
+            let initial = format!("1={address}");
+            ok(&[
+                "backup",
+                "restore",
+                "--config",
+                &config,
+                point,
+                &value,
+                "--data-dir",
+                &data,
+                "--initial-cluster",
+                &initial,
+            ]);
+            let options = ClusterOptions {
+                nodes: 1,
+                base_dir: Some(dir.path().to_path_buf()),
+                addresses: vec![address],
+                ..ClusterOptions::default()
+            };
+            let region = Cluster::start(binary(), options)
+                .await
+                .expect("start the restored region");
+            region.wait_for_leader(DEADLINE).await;
+            let (revision, _) = region.wait_converged(DEADLINE).await;
+            let keys = final_keys(&region).await;
+            (revision, keys, dir, region)
+        }
+    };
+    let target = revisions[14]; // the write of k15
+    let (revision, keys, _dir, _region) = restore_and_read("--to-revision", target.to_string()).await;
+    assert_eq!(revision, target);
+    assert!(
+        keys.contains(&"k15".to_string()) && !keys.contains(&"k16".to_string()),
+        "{keys:?}"
+    );
+
+    let (revision, keys, _dir2, _region2) = restore_and_read("--to-time", cut.to_string()).await;
+    assert_eq!(revision, revisions[16], "every write up to k17, none after");
+    assert_eq!(keys.len(), 17, "{keys:?}");
+
+    // Past the archive: a clear error.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("n1").display().to_string();
+    let beyond = (revisions[19] + 100).to_string();
+    let (code, _, err) = rampart(&[
+        "backup",
+        "restore",
+        "--config",
+        setup.config(),
+        "--to-revision",
+        &beyond,
+        "--data-dir",
+        &data,
+        "--initial-cluster",
+        "1=127.0.0.1:1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is beyond it"), "{err}");
+    assert!(!Path::new(&data).join("snapshot.bin").exists());
+}
+
+async fn final_keys(cluster: &Cluster) -> Vec<String> {
+    let items = cluster.client().range("k", false).await.expect("range").items;
+    items.into_iter().map(|kv| kv.key).collect()
 }
