@@ -11,7 +11,7 @@
 //! open; the manifest holds each chunk's SHA-256, checked before anything is decrypted.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use openraft::BasicNode;
 use rampart_core::backup::{
     segment_name, segment_range, Backup, Chunk, KeySource, Listed, Manifest, Point, CHUNK_BYTES, FORMAT_VERSION,
 };
-use rampart_store::{Checksum, NodeId, SnapshotState, State};
+use rampart_store::{Checksum, NodeId, State};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,10 @@ use sha2::{Digest, Sha256};
 
 /// zstd level: the CLI's default, the bound `tar | zstd` is measured at.
 const ZSTD_LEVEL: i32 = 3;
-/// Chunks sealed ahead of the upload: bounds memory to a few chunks.
+/// Chunks read ahead of the sealers: with them, bounds memory to a few chunks.
 const CHUNKS_AHEAD: usize = 2;
+/// Chunks sealed (or opened) at once, on blocking threads: the machine's cores at work.
+const SEALERS: usize = 2;
 /// The largest string or byte value a state holds, for decoding a state as it streams.
 const DECODE_SCRATCH_BYTES: usize = 16 << 20;
 
@@ -235,21 +237,25 @@ impl Vault {
         }
     }
 
-    /// Writes a backup of the snapshot's state: chunks first (sealed on a blocking thread
-    /// while earlier ones upload), the manifest last.
+    /// Writes a backup of `state` (a copy of the applied state at `log_index`): chunks
+    /// first (encoded as they stream, sealed on blocking threads while earlier ones
+    /// upload), the manifest last.
     pub async fn create(
         &self,
         region: &str,
-        snapshot: SnapshotState,
+        state: State,
+        log_index: u64,
         created_ms: u64,
     ) -> Result<Manifest, BackupError> {
         let created = chrono::DateTime::from_timestamp_millis(created_ms as i64)
             .unwrap_or_default()
             .format("%Y%m%dT%H%M%S%3fZ")
             .to_string();
-        let id = rampart_core::backup::backup_id(&created, snapshot.revision);
-        let (revision, log_index, state_bytes) = (snapshot.revision, snapshot.log_index, snapshot.state_bytes);
-        let (chunks, checksum) = self.upload(&id, "chunks", snapshot.file).await?;
+        let revision = state.revision;
+        let id = rampart_core::backup::backup_id(&created, revision);
+        let encode =
+            move |out: &mut ChunkWriter| postcard::to_io(&state, out).map(|_| ()).map_err(std::io::Error::other);
+        let (chunks, checksum, state_bytes) = self.upload(&id, "chunks", encode).await?;
         let manifest = Manifest {
             format: FORMAT_VERSION,
             id: id.clone(),
@@ -272,56 +278,61 @@ impl Vault {
         Ok(manifest)
     }
 
-    /// Uploads everything `source` yields as chunks under `backups/ID/KIND/`; returns the
-    /// chunks and the checksum of the plain bytes.
+    /// Stores everything `produce` writes as chunks under `backups/ID/KIND/`: it runs on a
+    /// blocking thread that cuts and hashes the plain bytes in order; chunks are sealed on up
+    /// to [`SEALERS`] blocking threads at once and stored in order. Returns the chunks, the
+    /// checksum of the plain bytes and their count.
     async fn upload(
         &self,
         id: &str,
         kind: &str,
-        mut source: impl Read + Send + 'static,
-    ) -> Result<(Vec<Chunk>, u64), BackupError> {
-        let (sender, mut sealed) = tokio::sync::mpsc::channel::<Result<(Bytes, Chunk), BackupError>>(CHUNKS_AHEAD);
-        let sealer = Sealer {
+        produce: impl FnOnce(&mut ChunkWriter) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(Vec<Chunk>, u64, u64), BackupError> {
+        let (sender, plain) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut writer = ChunkWriter {
+                buffer: Vec::with_capacity(CHUNK_BYTES),
+                checksum: Checksum::default(),
+                bytes: 0,
+                sender,
+            };
+            let produced = produce(&mut writer).and_then(|()| writer.send_buffer());
+            if let Err(e) = produced {
+                let _ = writer.sender.blocking_send(Err(e));
+            }
+            (writer.checksum.value(), writer.bytes)
+        });
+        let sealer = Arc::new(Sealer {
             key: self.key.as_ref().map(|k| k.aead.clone()),
             place: format!("{id}/{kind}"),
-        };
-        let producer = tokio::task::spawn_blocking(move || {
-            let mut checksum = Checksum::default();
-            let mut buffer = vec![0u8; CHUNK_BYTES];
-            for index in 0.. {
-                let filled = match fill(&mut source, &mut buffer) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = sender.blocking_send(Err(BackupError::Io(format!("reading the state: {e}"))));
-                        break;
-                    }
-                };
-                if filled == 0 {
-                    break;
-                }
-                checksum.update(&buffer[..filled]);
-                let stored = sealer.seal(index, &buffer[..filled]);
-                let chunk = Chunk {
-                    bytes: stored.len() as u64,
-                    sha256: hex(&Sha256::digest(&stored)),
-                };
-                if sender.blocking_send(Ok((Bytes::from(stored), chunk))).is_err() {
-                    break;
-                }
-            }
-            checksum.value()
         });
+        let mut sealed = tokio_stream::wrappers::ReceiverStream::new(plain)
+            .enumerate()
+            .map(|(index, plain)| {
+                let sealer = sealer.clone();
+                tokio::task::spawn_blocking(move || {
+                    let stored = sealer.seal(index, &plain?);
+                    let chunk = Chunk {
+                        bytes: stored.len() as u64,
+                        sha256: hex(&Sha256::digest(&stored)),
+                    };
+                    Ok::<_, std::io::Error>((Bytes::from(stored), chunk))
+                })
+            })
+            .buffered(SEALERS);
         let mut chunks = Vec::new();
-        while let Some(next) = sealed.recv().await {
-            let (bytes, chunk) = next?;
+        while let Some(next) = sealed.next().await {
+            let (bytes, chunk) = next
+                .map_err(|e| BackupError::Io(format!("sealing chunks: {e}")))?
+                .map_err(io_error("encoding the data"))?;
             self.put(&format!("backups/{id}/{kind}/{}", chunks.len()), bytes)
                 .await?;
             chunks.push(chunk);
         }
-        let checksum = producer
+        let (checksum, bytes) = producer
             .await
-            .map_err(|e| BackupError::Io(format!("sealing chunks: {e}")))?;
-        Ok((chunks, checksum))
+            .map_err(|e| BackupError::Io(format!("encoding the data: {e}")))?;
+        Ok((chunks, checksum, bytes))
     }
 
     /// Every finished backup, oldest first.
@@ -409,33 +420,49 @@ impl Vault {
     pub async fn read_state(&self, manifest: &Manifest, mut sink: impl Write) -> Result<(), BackupError> {
         let opener = Arc::new(self.opener(manifest)?);
         let id = &manifest.id;
+        // Up to SEALERS chunks are fetched, checked and opened at once; their plain bytes
+        // are hashed and written in order.
+        let mut opened = futures_util::stream::iter(manifest.chunks.clone().into_iter().enumerate())
+            .map(|(index, chunk): (usize, Chunk)| {
+                let opener = opener.clone();
+                let id = id.clone();
+                async move {
+                    let name = format!("{index} (backups/{id}/chunks/{index})");
+                    let stored = self
+                        .get(&format!("backups/{id}/chunks/{index}"))
+                        .await?
+                        .ok_or_else(|| BackupError::Invalid {
+                            id: id.clone(),
+                            message: format!("chunk {name} is missing"),
+                        })?;
+                    let expected = chunk.sha256.clone();
+                    let checked = tokio::task::spawn_blocking(move || {
+                        let found = hex(&Sha256::digest(&stored));
+                        if found != expected {
+                            return Err(Some(found));
+                        }
+                        opener.open(index, stored.to_vec()).map_err(|()| None)
+                    })
+                    .await
+                    .map_err(|e| BackupError::Io(e.to_string()))?;
+                    checked.map_err(|found| match found {
+                        Some(found) => BackupError::Corrupt {
+                            id: id.clone(),
+                            chunk: name,
+                            expected: chunk.sha256.clone(),
+                            found,
+                        },
+                        None => BackupError::Unsealable {
+                            id: id.clone(),
+                            chunk: name,
+                        },
+                    })
+                }
+            })
+            .buffered(SEALERS);
         let mut checksum = Checksum::default();
-        for (index, chunk) in manifest.chunks.iter().enumerate() {
-            let name = format!("{index} (backups/{id}/chunks/{index})");
-            let stored = self
-                .get(&format!("backups/{id}/chunks/{index}"))
-                .await?
-                .ok_or_else(|| BackupError::Invalid {
-                    id: id.clone(),
-                    message: format!("chunk {name} is missing"),
-                })?;
-            let found = hex(&Sha256::digest(&stored));
-            if found != chunk.sha256 {
-                return Err(BackupError::Corrupt {
-                    id: id.clone(),
-                    chunk: name,
-                    expected: chunk.sha256.clone(),
-                    found,
-                });
-            }
-            let opener = opener.clone();
-            let plain = tokio::task::spawn_blocking(move || opener.open(index, stored.to_vec()))
-                .await
-                .map_err(|e| BackupError::Io(e.to_string()))?
-                .map_err(|()| BackupError::Unsealable {
-                    id: id.clone(),
-                    chunk: name,
-                })?;
+        while let Some(plain) = opened.next().await {
+            let plain = plain?;
             checksum.update(&plain);
             sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
         }
@@ -777,18 +804,42 @@ fn owner_only_dir(dir: &FsPath) -> Result<(), BackupError> {
         .map_err(io_error("creating the data dir"))
 }
 
-/// Reads until `buffer` is full or the source ends; the bytes read.
-fn fill(source: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match source.read(&mut buffer[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Cuts what is written into [`CHUNK_BYTES`] chunks for the sealers, hashing the plain
+/// bytes in order.
+pub struct ChunkWriter {
+    buffer: Vec<u8>,
+    checksum: Checksum,
+    bytes: u64,
+    sender: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+}
+
+impl ChunkWriter {
+    fn send_buffer(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
         }
+        let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        self.sender
+            .blocking_send(Ok(full))
+            .map_err(|_| std::io::Error::other("the upload stopped"))
     }
-    Ok(filled)
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let taken = bytes.len().min(CHUNK_BYTES - self.buffer.len());
+        self.buffer.extend_from_slice(&bytes[..taken]);
+        self.checksum.update(&bytes[..taken]);
+        self.bytes += taken as u64;
+        if self.buffer.len() == CHUNK_BYTES {
+            self.send_buffer()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes the state in `path` as it streams and returns the checksum of the state decoded

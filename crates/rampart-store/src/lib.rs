@@ -18,7 +18,7 @@ use std::io::Cursor;
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use log_store::LogStore;
 pub use state::{Checksum, State};
-pub use state_machine::{open_snapshot_state, restored_snapshot_head, Applied, SnapshotState, StateMachineStore};
+pub use state_machine::{restored_snapshot_head, Applied, StateMachineStore};
 
 openraft::declare_raft_types!(
     /// Openraft's type configuration for a Rampart region.

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -83,41 +83,6 @@ struct StoredSnapshot {
     state: State,
 }
 
-/// The encoded state inside a snapshot file, for backups: what it covers, and the file
-/// positioned at its first byte (the rest of the file is the state, exactly as
-/// [`State::checksum`] hashes it).
-pub struct SnapshotState {
-    pub log_index: u64,
-    pub revision: u64,
-    pub state_bytes: u64,
-    pub file: std::fs::File,
-}
-
-/// Opens the snapshot file at `path` for reading its state part. The file stays readable
-/// even if a newer snapshot is renamed over it meanwhile.
-pub fn open_snapshot_state(path: &Path) -> std::io::Result<SnapshotState> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let length = file.metadata()?.len();
-    // The snapshot's meta (log id, membership) is small: it fits the first 64 KiB.
-    let mut head = vec![0u8; length.min(64 << 10) as usize];
-    file.read_exact(&mut head)?;
-    let bad =
-        |what: &str, e: postcard::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"));
-    let (meta, rest) =
-        postcard::take_from_bytes::<SnapshotMeta<NodeId, BasicNode>>(&head).map_err(|e| bad("snapshot meta", e))?;
-    // The state opens with its revision.
-    let (revision, _) = postcard::take_from_bytes::<u64>(rest).map_err(|e| bad("snapshot state", e))?;
-    let offset = (head.len() - rest.len()) as u64;
-    file.seek(SeekFrom::Start(offset))?;
-    Ok(SnapshotState {
-        log_index: meta.last_log_id.map_or(0, |id| id.index),
-        revision,
-        state_bytes: length - offset,
-        file,
-    })
-}
-
 /// The opening bytes of a snapshot file for a region restored from a backup: its members
 /// and a log position at `log_index` (term 0, so any elected leader's entries follow it).
 /// The encoded state follows them.
@@ -159,11 +124,6 @@ impl StateMachineStore {
             store.replace(snapshot);
         }
         Ok(store)
-    }
-
-    /// The snapshot file, for backups ([`open_snapshot_state`]).
-    pub fn snapshot_path(&self) -> &Path {
-        &self.snapshot_path
     }
 
     /// The applied state, for reads.
@@ -396,8 +356,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_files_state_part_hashes_to_the_checksum_and_restores_under_new_members() {
-        use std::io::Read;
+    async fn a_restored_snapshot_is_its_head_then_the_encoded_state() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_log, mut sm) = crate::open(&dir.path().join("n.redb"), 100, None).expect("open");
         let entry = Entry::<TypeConfig> {
@@ -407,18 +366,7 @@ mod tests {
             }),
         };
         sm.apply([entry]).await.expect("apply");
-        sm.build_snapshot().await.expect("snapshot");
         let expected = sm.applied.read().unwrap().state.clone();
-
-        let mut part = open_snapshot_state(sm.snapshot_path()).expect("open");
-        assert_eq!((part.log_index, part.revision), (7, 2));
-        let mut bytes = Vec::new();
-        part.file.read_to_end(&mut bytes).expect("read");
-        assert_eq!(bytes.len() as u64, part.state_bytes);
-        let mut checksum = crate::Checksum::default();
-        checksum.update(&bytes);
-        assert_eq!(checksum.value(), expected.checksum());
-
         let members = BTreeMap::from([(
             4,
             BasicNode {
@@ -426,17 +374,12 @@ mod tests {
             },
         )]);
         let mut file = restored_snapshot_head(7, &members);
-        file.extend_from_slice(&bytes);
-        let restored: StoredSnapshot = postcard::from_bytes(&file).expect("decodes");
-        assert_eq!(restored.state, expected);
-        assert_eq!(
-            restored
-                .meta
-                .last_membership
-                .membership()
-                .voter_ids()
-                .collect::<Vec<_>>(),
-            vec![4]
-        );
+        file.extend_from_slice(&postcard::to_allocvec(&expected).expect("encode"));
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &file).expect("write");
+        let restored = StateMachineStore::new(dir.path().join(SNAPSHOT_FILE), 100).expect("load");
+        let applied = restored.applied.read().unwrap();
+        assert_eq!(applied.state, expected);
+        assert_eq!(applied.last_applied.map(|id| id.index), Some(7));
+        assert_eq!(applied.membership.membership().voter_ids().collect::<Vec<_>>(), vec![4]);
     }
 }
