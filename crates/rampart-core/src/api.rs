@@ -161,7 +161,7 @@ pub struct ClusterStatus {
     pub leader: Option<u64>,
     pub term: u64,
     pub revision: u64,
-    /// FNV-1a 64 of the state machine's contents at `revision`: equal on every caught-up node.
+    /// XXH3-64 of the state machine's contents at `revision`: equal on every caught-up node.
     pub checksum: String,
     pub commit_index: u64,
     pub applied_index: u64,

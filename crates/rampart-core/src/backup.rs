@@ -195,7 +195,7 @@ pub struct Manifest {
     pub log_index: u64,
     /// Wall clock of the backing-up node when the snapshot was taken, ms since the epoch.
     pub created_ms: u64,
-    /// The state's checksum as `GET /v1/cluster` reports it (FNV-1a 64, hex).
+    /// The state's checksum as `GET /v1/cluster` reports it (XXH3-64, hex).
     pub checksum: String,
     /// Encoded state bytes (before compression).
     pub state_bytes: u64,

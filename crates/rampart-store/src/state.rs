@@ -544,7 +544,7 @@ impl State {
             .collect()
     }
 
-    /// FNV-1a 64 over the canonical encoding: equal states have equal checksums.
+    /// XXH3-64 over the canonical encoding: equal states have equal checksums.
     pub fn checksum(&self) -> u64 {
         let mut checksum = Checksum::default();
         checksum.update(&postcard::to_allocvec(self).expect("state always encodes"));
@@ -552,27 +552,18 @@ impl State {
     }
 }
 
-/// [`State::checksum`] computed over the encoded state as it streams by (a backup reads the
-/// encoding from a snapshot file, never the whole state at once).
-#[derive(Debug, Clone, Copy)]
-pub struct Checksum(u64);
-
-impl Default for Checksum {
-    fn default() -> Self {
-        Checksum(0xcbf2_9ce4_8422_2325)
-    }
-}
+/// [`State::checksum`] computed over the encoded state as it streams by (a backup encodes
+/// the state into chunks, never whole into memory).
+#[derive(Clone, Default)]
+pub struct Checksum(xxhash_rust::xxh3::Xxh3);
 
 impl Checksum {
     pub fn update(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
+        self.0.update(bytes);
     }
 
     pub fn value(&self) -> u64 {
-        self.0
+        self.0.digest()
     }
 }
 
