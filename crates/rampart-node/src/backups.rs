@@ -42,6 +42,19 @@ impl Backups {
     }
 }
 
+impl Backups {
+    /// The right to run a backup or a verification: one at a time per node.
+    fn one_at_a_time(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        self.running.try_lock().map_err(|_| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "backup_running",
+                "a backup or verification is already running on this node",
+            )
+        })
+    }
+}
+
 /// Checks the cron expressions of `[backup]`; the error names the field.
 pub fn check_schedules(backup: &Backup) -> Result<(), String> {
     for (field, text) in [
@@ -113,15 +126,9 @@ pub(crate) async fn verify(
     check(&node, backups, request.id.as_deref(), "api").await.map(Json)
 }
 
-/// Takes a backup of a fresh snapshot; records the outcome.
+/// Takes a backup of the applied state; records the outcome.
 async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest, ApiError> {
-    let _one = backups.running.try_lock().map_err(|_| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "backup_running",
-            "a backup or verification is already running on this node",
-        )
-    })?;
+    let _one = backups.one_at_a_time()?;
     let started = Instant::now();
     // A copy of the applied state (as a Raft snapshot takes it), encoded as it streams.
     let (state, log_index) = {
@@ -166,13 +173,7 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
 
 /// Verifies a backup (the newest by default), then applies retention; records the outcome.
 async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) -> Result<Manifest, ApiError> {
-    let _one = backups.running.try_lock().map_err(|_| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "backup_running",
-            "a backup or verification is already running on this node",
-        )
-    })?;
+    let _one = backups.one_at_a_time()?;
     let verified = backups.vault.verify(id, now_ms()).await.map_err(api_error);
     let metrics = &node.metrics.backup;
     let event = match &verified {

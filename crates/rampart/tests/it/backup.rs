@@ -16,19 +16,7 @@ use crate::{binary, DEADLINE};
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const OTHER_KEY: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 
-/// Runs the CLI; (exit code, stdout, stderr).
-fn rampart(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary())
-        .args(args)
-        .env_remove("RAMPART_ENDPOINTS")
-        .output()
-        .expect("run rampart");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::cli::run as rampart;
 
 fn ok(args: &[&str]) -> String {
     let (code, out, err) = rampart(args);
@@ -82,6 +70,17 @@ impl Setup {
             ..ClusterOptions::default()
         };
         Cluster::start(binary(), options).await.expect("start cluster")
+    }
+}
+
+/// Writes `count` values of 1 MiB under `prefix`.
+async fn put_mib(client: &rampart_client::Client, prefix: &str, count: usize) {
+    let value = "v".repeat(1 << 20);
+    for i in 0..count {
+        client
+            .put(&format!("{prefix}{i}"), &value, PutOptions::default())
+            .await
+            .expect("put");
     }
 }
 
@@ -164,13 +163,7 @@ async fn verify_names_a_corrupted_chunk_and_a_wrong_key_writes_nothing() {
     cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client();
     // Over two chunks of state (8 MiB each).
-    let value = "v".repeat(1 << 20);
-    for i in 0..18 {
-        client
-            .put(&format!("big/{i}"), &value, PutOptions::default())
-            .await
-            .expect("put");
-    }
+    put_mib(&client, "big/", 18).await;
     let manifest = json(&[&endpoints(&cluster), "backup", "create"]);
     let chunks = manifest["chunks"].as_array().expect("chunks").len();
     assert!(chunks >= 2, "{chunks} chunks");
@@ -475,13 +468,7 @@ async fn backups_to_an_s3_compatible_store_verify_and_restore() {
     let cluster = Cluster::start(binary(), options).await.expect("start cluster");
     cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client();
-    let value = "s".repeat(1 << 20);
-    for i in 0..10 {
-        client
-            .put(&format!("s3/{i}"), &value, PutOptions::default())
-            .await
-            .expect("put");
-    }
+    put_mib(&client, "s3/", 10).await;
     let manifest = json(&[&endpoints(&cluster), "backup", "create"]);
     let (revision, _) = cluster.wait_converged(DEADLINE).await;
     assert_eq!(

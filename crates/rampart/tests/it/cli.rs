@@ -5,7 +5,8 @@ use std::process::Command;
 
 use crate::{binary, cluster, DEADLINE};
 
-fn run(args: &[&str]) -> (i32, String, String) {
+/// Runs the CLI; (exit code, stdout, stderr).
+pub(crate) fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())
         .args(args)
         .env_remove("RAMPART_ENDPOINTS")
