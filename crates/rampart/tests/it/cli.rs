@@ -143,4 +143,5 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("all 3 nodes caught up"), "{out}");
     assert!(out.contains("new primary: s-"), "{out}");
     assert!(out.contains("service RTO"), "{out}");
+    assert!(out.contains("restored state matches the backup"), "{out}");
 }
