@@ -15,7 +15,7 @@ use crate::cli::{print, Failure, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
-    /// Take a backup now: the leader snapshots the region and writes it to its [backup] destination
+    /// Take a backup now: the leader copies the region's state and streams it to its [backup] destination
     Create {
         /// How long to wait for it to finish
         #[arg(long, default_value = "30m", value_parser = crate::cli::duration_arg)]
