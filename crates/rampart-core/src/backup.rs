@@ -218,11 +218,18 @@ pub struct Chunk {
     pub sha256: String,
 }
 
-/// A service's data in the backup: the output of its `backup.command`, in chunks.
+/// A service's data in the backup: the output of its `backup.command` on the primary's
+/// node, in chunks of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePart {
     pub service: String,
+    /// The instance that was primary, whose node ran the command.
+    pub instance: String,
     pub bytes: u64,
+    /// Checksum of the plain output (XXH3-64, hex).
+    pub checksum: String,
+    /// The policy's `backup.restore` when the backup was taken.
+    pub restore: Option<String>,
     pub chunks: Vec<Chunk>,
 }
 

@@ -83,6 +83,26 @@ pub struct PolicySpec {
     pub recovery: Option<RecoverySpec>,
     pub hooks: Option<HooksSpec>,
     pub flap_damping: Option<DampingSpec>,
+    /// The service's own data in the region's backups: `command` runs on the primary's
+    /// node and its output is stored beside the state; `restore` reads it back on stdin.
+    pub backup: Option<ServiceBackupSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBackupSpec {
+    pub command: String,
+    pub restore: Option<String>,
+    /// How long `command` may run (default 1h).
+    pub timeout: Option<String>,
+}
+
+/// A validated `backup = {...}` of a service policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceBackup {
+    pub command: String,
+    pub restore: Option<String>,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +263,7 @@ pub struct Policy {
     pub recovery: Recovery,
     pub hooks: Hooks,
     pub damping: Damping,
+    pub backup: Option<ServiceBackup>,
 }
 
 impl Policy {
@@ -487,6 +508,21 @@ impl PolicySpec {
                 window_ms: duration_ms("flap_damping.window", Some(&spec.window), 0, 1000, 7 * 86_400_000)?,
             },
         };
+        let backup = match &self.backup {
+            None => None,
+            Some(spec) if spec.command.trim().is_empty() || spec.command.len() > 4096 => {
+                return Err(field_error(
+                    "backup.command",
+                    &spec.command,
+                    "a shell command of 1 to 4096 bytes",
+                ))
+            }
+            Some(spec) => Some(ServiceBackup {
+                command: spec.command.clone(),
+                restore: spec.restore.clone().filter(|c| !c.trim().is_empty()),
+                timeout_ms: duration_ms("backup.timeout", spec.timeout.as_deref(), 3_600_000, 1000, 86_400_000)?,
+            }),
+        };
         Ok(Policy {
             mode,
             checks,
@@ -497,6 +533,7 @@ impl PolicySpec {
             recovery,
             hooks,
             damping,
+            backup,
         })
     }
 }

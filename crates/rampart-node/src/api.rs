@@ -51,6 +51,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/quotas/{name}/take", post(quotas::take))
         .route("/v1/backups", get(backups::list).post(backups::create))
         .route("/v1/backups/verify", post(backups::verify))
+        .route("/v1/backups/{id}/services/{name}", post(backups::service_part))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))

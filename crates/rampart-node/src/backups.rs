@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use croner::Cron;
 use openraft::ServerState;
 use rampart_core::api::Event;
-use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, VerifyRequest};
+use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, ServicePart, VerifyRequest};
 
 use crate::error::ApiError;
 use crate::vault::{Archived, BackupError, Vault};
@@ -136,11 +136,17 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
         (applied.state.clone(), applied.last_applied.map_or(0, |id| id.index))
     };
     let copy_seconds = started.elapsed().as_secs_f64();
-    let taken = backups
-        .vault
-        .create(&node.config.region, state, log_index, now_ms())
-        .await
-        .map_err(api_error);
+    let created_ms = now_ms();
+    let id = crate::vault::new_id(created_ms, state.revision);
+    let taken = async {
+        let services = service_parts(node, backups, &id, &state).await?;
+        backups
+            .vault
+            .create(&node.config.region, state, log_index, created_ms, services)
+            .await
+            .map_err(api_error)
+    }
+    .await;
     let seconds = started.elapsed().as_secs_f64();
     let metrics = &node.metrics.backup;
     let event = match &taken {
@@ -169,6 +175,120 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
     };
     crate::tokens::record(node, event).await;
     taken
+}
+
+/// The data of every service whose policy has `backup = {...}` and that has a primary:
+/// its command runs on the primary's node (here, or asked of that node).
+async fn service_parts(
+    node: &Shared,
+    backups: &Backups,
+    id: &str,
+    state: &rampart_store::State,
+) -> Result<Vec<ServicePart>, ApiError> {
+    let mut parts = Vec::new();
+    for (name, service) in &state.services {
+        let Some(backup) = &service.policy.backup else { continue };
+        let Some((instance, record)) = service.primary_record() else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "backup_no_primary",
+                format!("service {name} has a backup command but no primary to run it"),
+            ));
+        };
+        let host = record.instance.node.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "backup_no_node",
+                format!("service {name}: its primary {instance} names no node to run the backup command on"),
+            )
+        })?;
+        let part = if host == node.id {
+            backups
+                .vault
+                .back_up_service(id, name, instance, backup)
+                .await
+                .map_err(api_error)?
+        } else {
+            ask_node(node, host, id, name, backup.timeout_ms).await?
+        };
+        parts.push(part);
+    }
+    Ok(parts)
+}
+
+/// Asks node `host` to run a service's backup command for backup `id`.
+async fn ask_node(node: &Shared, host: u64, id: &str, service: &str, timeout_ms: u64) -> Result<ServicePart, ApiError> {
+    let addr = node
+        .address_of(host)
+        .ok_or_else(|| ApiError::internal(format!("node {host} is not a member")))?;
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let answer = node
+        .http
+        .post(format!("{scheme}://{addr}/v1/backups/{id}/services/{service}"))
+        // Served where it lands, not forwarded back to the leader.
+        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
+        .timeout(Duration::from_millis(timeout_ms) + Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("node {host}: {e}")))?;
+    let status = answer.status();
+    let bytes = answer
+        .bytes()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("node {host}: {e}")))?;
+    if !status.is_success() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "backup_failed",
+            format!("node {host}: {status}: {}", String::from_utf8_lossy(&bytes)),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("node {host}: undecodable answer: {e}")))
+}
+
+/// `POST /v1/backups/{id}/services/{name}`: the leader asks the node hosting a service's
+/// primary to run its backup command into backup `id`.
+pub(crate) async fn service_part(
+    State(node): State<Shared>,
+    axum::extract::Path((id, name)): axum::extract::Path<(String, String)>,
+) -> Result<Json<ServicePart>, ApiError> {
+    let backups = configured(&node)?;
+    let (instance, backup) = {
+        let applied = node.applied.read().expect("state lock");
+        let service = applied
+            .state
+            .services
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service {name}")))?;
+        let backup = service.policy.backup.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "backup_not_configured",
+                format!("service {name} has no backup command"),
+            )
+        })?;
+        let hosted = service
+            .primary_record()
+            .filter(|(_, record)| record.instance.node == Some(node.id))
+            .map(|(instance, _)| instance.to_string());
+        let instance = hosted.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_hosted",
+                format!("service {name}'s primary is not on node {}", node.id),
+            )
+        })?;
+        (instance, backup)
+    };
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(ApiError::bad_request("bad_id", format!("{id:?} is not a backup id")));
+    }
+    backups
+        .vault
+        .back_up_service(&id, &name, &instance, &backup)
+        .await
+        .map(Json)
+        .map_err(api_error)
 }
 
 /// Verifies a backup (the newest by default), then applies retention; records the outcome.

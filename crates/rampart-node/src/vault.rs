@@ -22,7 +22,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use openraft::BasicNode;
 use rampart_core::backup::{
-    segment_name, segment_range, Backup, Chunk, KeySource, Listed, Manifest, Point, CHUNK_BYTES, FORMAT_VERSION,
+    segment_name, segment_range, Backup, Chunk, KeySource, Listed, Manifest, Point, ServicePart, CHUNK_BYTES,
+    FORMAT_VERSION,
 };
 use rampart_store::{Checksum, NodeId, State};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -246,13 +247,10 @@ impl Vault {
         state: State,
         log_index: u64,
         created_ms: u64,
+        services: Vec<ServicePart>,
     ) -> Result<Manifest, BackupError> {
-        let created = chrono::DateTime::from_timestamp_millis(created_ms as i64)
-            .unwrap_or_default()
-            .format("%Y%m%dT%H%M%S%3fZ")
-            .to_string();
         let revision = state.revision;
-        let id = rampart_core::backup::backup_id(&created, revision);
+        let id = new_id(created_ms, revision);
         let encode =
             move |out: &mut ChunkWriter| postcard::to_io(&state, out).map(|_| ()).map_err(std::io::Error::other);
         let (chunks, checksum, state_bytes) = self.upload(&id, "chunks", encode).await?;
@@ -270,12 +268,72 @@ impl Vault {
             encryption: if self.key.is_some() { "aes-256-gcm" } else { "none" }.into(),
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             chunks,
-            services: Vec::new(),
+            services,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest encodes");
         self.put(&format!("backups/{id}/manifest.json"), Bytes::from(json))
             .await?;
         Ok(manifest)
+    }
+
+    /// Runs a service's backup command (`sh -c`, within `timeout`) and stores its output as
+    /// the service's part of backup `id`.
+    pub async fn back_up_service(
+        &self,
+        id: &str,
+        service: &str,
+        instance: &str,
+        backup: &rampart_core::service::ServiceBackup,
+    ) -> Result<ServicePart, BackupError> {
+        let failed = |message: String| BackupError::Io(format!("service {service}: backup command: {message}"));
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", &backup.command])
+            .env("RAMPART_SERVICE", service)
+            .env("RAMPART_INSTANCE", instance)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| failed(format!("cannot start: {e}")))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let runtime = tokio::runtime::Handle::current();
+        let copy = move |out: &mut ChunkWriter| {
+            let mut reader = blocking_reader(runtime, stdout);
+            std::io::copy(&mut reader, out).map(|_| ())
+        };
+        let timeout = Duration::from_millis(backup.timeout_ms);
+        let kind = format!("services/{service}");
+        let uploaded = tokio::time::timeout(timeout, async {
+            let uploaded = self.upload(id, &kind, copy).await;
+            let status = child.wait().await.map_err(|e| failed(e.to_string()))?;
+            let mut message = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut message).await;
+            if !status.success() {
+                let tail: String = message
+                    .chars()
+                    .rev()
+                    .take(500)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                return Err(failed(format!("{status}: {}", tail.trim())));
+            }
+            uploaded
+        })
+        .await
+        .map_err(|_| failed(format!("no end within {timeout:?}")))??;
+        let (chunks, checksum, bytes) = uploaded;
+        Ok(ServicePart {
+            service: service.to_string(),
+            instance: instance.to_string(),
+            bytes,
+            checksum: format!("{checksum:016x}"),
+            restore: backup.restore.clone(),
+            chunks,
+        })
     }
 
     /// Stores everything `produce` writes as chunks under `backups/ID/KIND/`: it runs on a
@@ -383,7 +441,7 @@ impl Vault {
         }
     }
 
-    fn opener(&self, manifest: &Manifest) -> Result<Sealer, BackupError> {
+    fn opener(&self, manifest: &Manifest, kind: &str) -> Result<Sealer, BackupError> {
         if manifest.format != FORMAT_VERSION {
             return Err(BackupError::Invalid {
                 id: manifest.id.clone(),
@@ -411,25 +469,52 @@ impl Vault {
         };
         Ok(Sealer {
             key,
-            place: format!("{}/chunks", manifest.id),
+            place: format!("{}/{kind}", manifest.id),
         })
     }
 
     /// Downloads, checks, opens and decompresses the state of `manifest` chunk by chunk into
     /// `sink`, and checks the checksum of the whole against the manifest.
-    pub async fn read_state(&self, manifest: &Manifest, mut sink: impl Write) -> Result<(), BackupError> {
-        let opener = Arc::new(self.opener(manifest)?);
+    pub async fn read_state(&self, manifest: &Manifest, sink: impl Write) -> Result<(), BackupError> {
+        self.read_chunks(manifest, "chunks", &manifest.chunks, &manifest.checksum, sink)
+            .await
+    }
+
+    /// Like [`Vault::read_state`], for the data of `service` in the backup.
+    pub async fn read_service(&self, manifest: &Manifest, service: &str, sink: impl Write) -> Result<(), BackupError> {
+        let part = manifest
+            .services
+            .iter()
+            .find(|p| p.service == service)
+            .ok_or_else(|| BackupError::Invalid {
+                id: manifest.id.clone(),
+                message: format!("it holds no data of service {service}"),
+            })?;
+        let kind = format!("services/{service}");
+        self.read_chunks(manifest, &kind, &part.chunks, &part.checksum, sink)
+            .await
+    }
+
+    async fn read_chunks(
+        &self,
+        manifest: &Manifest,
+        kind: &str,
+        chunks: &[Chunk],
+        expected: &str,
+        mut sink: impl Write,
+    ) -> Result<(), BackupError> {
+        let opener = Arc::new(self.opener(manifest, kind)?);
         let id = &manifest.id;
         // Up to SEALERS chunks are fetched, checked and opened at once; their plain bytes
         // are hashed and written in order.
-        let mut opened = futures_util::stream::iter(manifest.chunks.clone().into_iter().enumerate())
+        let mut opened = futures_util::stream::iter(chunks.iter().cloned().enumerate())
             .map(|(index, chunk): (usize, Chunk)| {
                 let opener = opener.clone();
                 let id = id.clone();
                 async move {
-                    let name = format!("{index} (backups/{id}/chunks/{index})");
+                    let name = format!("{index} (backups/{id}/{kind}/{index})");
                     let stored = self
-                        .get(&format!("backups/{id}/chunks/{index}"))
+                        .get(&format!("backups/{id}/{kind}/{index}"))
                         .await?
                         .ok_or_else(|| BackupError::Invalid {
                             id: id.clone(),
@@ -467,10 +552,10 @@ impl Vault {
             sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
         }
         let found = format!("{:016x}", checksum.value());
-        if found != manifest.checksum {
+        if found != expected {
             return Err(BackupError::Checksum {
                 id: id.clone(),
-                expected: manifest.checksum.clone(),
+                expected: expected.to_string(),
                 found,
             });
         }
@@ -502,6 +587,9 @@ impl Vault {
                 expected: manifest.checksum.clone(),
                 found,
             });
+        }
+        for part in &manifest.services {
+            self.read_service(&manifest, &part.service, std::io::sink()).await?;
         }
         let record = Verification {
             verified_ms: now_ms,
@@ -750,6 +838,26 @@ impl Vault {
         }
         Ok(())
     }
+}
+
+/// A new backup's id: its time (UTC, to the ms) and revision, e.g. `20261123T061500123Z-r4711`.
+pub fn new_id(created_ms: u64, revision: u64) -> String {
+    let created = chrono::DateTime::from_timestamp_millis(created_ms as i64)
+        .unwrap_or_default()
+        .format("%Y%m%dT%H%M%S%3fZ")
+        .to_string();
+    rampart_core::backup::backup_id(&created, revision)
+}
+
+/// A child's stdout read from a blocking thread.
+fn blocking_reader(runtime: tokio::runtime::Handle, stdout: tokio::process::ChildStdout) -> impl std::io::Read {
+    struct Bridge(tokio::runtime::Handle, tokio::process::ChildStdout);
+    impl std::io::Read for Bridge {
+        fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+            self.0.block_on(tokio::io::AsyncReadExt::read(&mut self.1, buffer))
+        }
+    }
+    Bridge(runtime, stdout)
 }
 
 /// What a restore wrote.

@@ -59,6 +59,19 @@ pub enum BackupCommand {
         #[arg(long, conflicts_with = "id", value_parser = time_arg)]
         to_time: Option<u64>,
     },
+    /// Feed a service's data from a backup (the newest by default) to its restore command
+    /// on stdin, here: run it on the machine of the service's new primary
+    RestoreService {
+        /// The service
+        service: String,
+        /// Backup id (see `backup list`)
+        id: Option<String>,
+        #[command(flatten)]
+        destination: DestinationArgs,
+        /// Run this instead of the restore command the policy had when the backup was taken
+        #[arg(long)]
+        command: Option<String>,
+    },
 }
 
 /// Where backups are, when read without the region.
@@ -165,6 +178,51 @@ pub async fn run(
                 None => client()?.backup_verify(id.as_deref(), wait).await?,
             };
             print(output, &manifest, |m| format!("verified {}", summary(m)));
+        }
+        BackupCommand::RestoreService {
+            service,
+            id,
+            destination,
+            command,
+        } => {
+            let vault = destination.vault()?.ok_or_else(|| {
+                Failure::usage(anyhow::anyhow!(
+                    "restore-service reads the backup itself: give --config or --destination"
+                ))
+            })?;
+            let manifest = vault.manifest(id.as_deref()).await.map_err(failed)?;
+            let part = manifest.services.iter().find(|p| p.service == service).ok_or_else(|| {
+                Failure::failed(anyhow::anyhow!(
+                    "backup {} holds no data of service {service}",
+                    manifest.id
+                ))
+            })?;
+            let command = command.or_else(|| part.restore.clone()).ok_or_else(|| {
+                Failure::usage(anyhow::anyhow!(
+                    "service {service} had no backup.restore command: give --command"
+                ))
+            })?;
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", &command])
+                .env("RAMPART_SERVICE", &service)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| Failure::failed(anyhow::anyhow!("cannot start {command:?}: {e}")))?;
+            let stdin = child.stdin.take().expect("piped stdin");
+            let fed = vault.read_service(&manifest, &service, stdin).await;
+            let status = child.wait().map_err(|e| Failure::failed(e.into()))?;
+            fed.map_err(failed)?;
+            if !status.success() {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "the restore command {command:?} failed: {status}"
+                )));
+            }
+            print(output, part, |p| {
+                format!(
+                    "restored {} bytes of service {} from backup {} through {command:?}",
+                    p.bytes, p.service, manifest.id
+                )
+            });
         }
         BackupCommand::Restore {
             id,

@@ -658,3 +658,71 @@ async fn final_keys(cluster: &Cluster) -> Vec<String> {
     let items = cluster.client().range("k", false).await.expect("range").items;
     items.into_iter().map(|kv| kv.key).collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_services_own_data_is_backed_up_on_its_primarys_node_and_restored_through_its_command() {
+    let setup = Setup::new("");
+    let cluster = setup.cluster(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    // The primary on a follower: the leader asks that node to run the command.
+    let host = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
+    let data = setup.dir.path().join("service-data");
+    let bytes: Vec<u8> = (0..(9 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&data, &bytes).expect("data");
+    let restored = setup.dir.path().join("service-restored");
+    let policy = |command: String| -> rampart_core::service::PolicySpec {
+        serde_json::from_value(serde_json::json!({
+            "checks": [{"kind": "exec", "command": "true", "interval": "100ms", "rise": 1, "fall": 1}],
+            "backup": {"command": command, "restore": format!("cat > {}", restored.display())},
+        }))
+        .expect("policy")
+    };
+    client
+        .service_put(
+            "db",
+            &policy(format!("test \"$RAMPART_INSTANCE\" = a && cat {}", data.display())),
+        )
+        .await
+        .expect("service");
+    let instance = rampart_core::service::InstanceSpec {
+        endpoint: "127.0.0.1:1".into(),
+        node: Some(host),
+        ..Default::default()
+    };
+    client.instance_put("db", "a", &instance).await.expect("instance");
+    eventually(DEADLINE, "instance a to become primary", || async {
+        client.switchover("db", "a").await.ok()
+    })
+    .await;
+
+    let endpoints = endpoints(&cluster);
+    let manifest = json(&[&endpoints, "backup", "create"]);
+    let part = &manifest["services"][0];
+    assert_eq!(part["service"], "db");
+    assert_eq!(part["instance"], "a");
+    assert_eq!(part["bytes"].as_u64(), Some(bytes.len() as u64));
+    assert!(part["chunks"].as_array().expect("chunks").len() >= 2);
+    ok(&["backup", "verify", "--config", setup.config()]);
+    ok(&["backup", "restore-service", "db", "--config", setup.config()]);
+    assert!(
+        std::fs::read(&restored).expect("restored") == bytes,
+        "the service's data came back whole"
+    );
+
+    // A failing command fails the backup: nothing listed for it, an event says why.
+    client
+        .service_put("db", &policy("echo broken >&2; exit 3".into()))
+        .await
+        .expect("service");
+    let (code, _, err) = rampart(&[&endpoints, "backup", "create"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("service db: backup command") && err.contains("broken"),
+        "{err}"
+    );
+    let listed = json(&["backup", "list", "--config", setup.config()]);
+    assert_eq!(listed["backups"].as_array().expect("backups").len(), 1);
+}
