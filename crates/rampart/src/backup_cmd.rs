@@ -139,6 +139,15 @@ impl DestinationArgs {
         Ok(Some(backup))
     }
 
+    /// The destination, which `command` cannot do without: it must work with the region gone.
+    fn required_vault(&self, command: &str) -> Result<Vault, Failure> {
+        self.vault()?.ok_or_else(|| {
+            Failure::usage(anyhow::anyhow!(
+                "{command} reads the backup itself: give --config or --destination"
+            ))
+        })
+    }
+
     fn vault(&self) -> Result<Option<Vault>, Failure> {
         match self.backup()? {
             None => Ok(None),
@@ -185,11 +194,7 @@ pub async fn run(
             destination,
             command,
         } => {
-            let vault = destination.vault()?.ok_or_else(|| {
-                Failure::usage(anyhow::anyhow!(
-                    "restore-service reads the backup itself: give --config or --destination"
-                ))
-            })?;
+            let vault = destination.required_vault("restore-service")?;
             let manifest = vault.manifest(id.as_deref()).await.map_err(failed)?;
             let part = manifest.services.iter().find(|p| p.service == service).ok_or_else(|| {
                 Failure::failed(anyhow::anyhow!(
@@ -232,11 +237,7 @@ pub async fn run(
             to_revision,
             to_time,
         } => {
-            let vault = destination.vault()?.ok_or_else(|| {
-                Failure::usage(anyhow::anyhow!(
-                    "restore reads the backup itself: give --config or --destination"
-                ))
-            })?;
+            let vault = destination.required_vault("restore")?;
             let members = rampart_core::config::parse_members("initial-cluster", &initial_cluster)
                 .map_err(|e| Failure::usage(e.into()))?;
             let members = members.into_iter().map(|(id, addr)| (id, addr.to_string())).collect();
