@@ -308,12 +308,7 @@ async fn scheduled_backups_and_verifications_run_on_the_leader_and_report() {
     // Only the leader ran them: one node's metrics count backups, the others none.
     let mut with_backups = 0;
     for node in cluster.nodes.values() {
-        let text = reqwest::get(format!("http://{}/metrics", node.addr))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = crate::proxy::metrics(node.addr).await;
         let last = metric(&text, "rampart_backup_last_success_timestamp_seconds");
         if last > 0.0 {
             with_backups += 1;
@@ -326,10 +321,9 @@ async fn scheduled_backups_and_verifications_run_on_the_leader_and_report() {
     assert!(!listed["backups"].as_array().expect("backups").is_empty());
 }
 
+/// The value of the unlabelled series `name`, 0 if absent.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    crate::proxy::metrics_count(text, &format!("{name} "), "")
 }
 
 #[test]
