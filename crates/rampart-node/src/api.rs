@@ -486,7 +486,7 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         leader: node.known_leader(),
         term: metrics.current_term,
         revision,
-        checksum: format!("{checksum:016x}"),
+        checksum: rampart_store::checksum_text(checksum),
         commit_index,
         applied_index,
         snapshot_index: metrics.snapshot.map_or(0, |l| l.index),

@@ -92,7 +92,7 @@ pub fn hash_secret(secret: &str) -> [u8; 32] {
 /// A fresh secret: 256 random bits, hex.
 pub fn new_secret() -> String {
     let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&bytes)
 }
 
 /// The token's record if `token` is valid on this node's applied state. The hash

@@ -5,8 +5,9 @@
 //! a `backup.stale` event when no backup succeeded within twice the schedule's period.
 //!
 //! A backup is a copy of the applied state, taken under the state lock as a Raft snapshot
-//! takes it, then encoded as it streams to the store (never whole in memory). Every run is an event (`kind = backup`)
-//! and shows in the `rampart_backup_*` metrics; failures raise alerts.
+//! takes it, then encoded as it streams to the store (never whole in memory). Every run is
+//! an event (`kind = backup`) and shows in the `rampart_backup_*` metrics; failures raise
+//! alerts.
 
 use std::time::{Duration, Instant};
 
@@ -40,9 +41,7 @@ impl Backups {
             running: tokio::sync::Mutex::new(()),
         })
     }
-}
 
-impl Backups {
     /// The right to run a backup or a verification: one at a time per node.
     fn one_at_a_time(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         self.running.try_lock().map_err(|_| {
@@ -117,12 +116,7 @@ pub(crate) async fn verify(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Manifest>, ApiError> {
     let backups = configured(&node)?;
-    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
-    let request: VerifyRequest = if body.is_empty() {
-        VerifyRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))?
-    };
+    let request: VerifyRequest = crate::api::parse_body(body)?;
     check(&node, backups, request.id.as_deref(), "api").await.map(Json)
 }
 
@@ -142,7 +136,7 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
         let services = service_parts(node, backups, &id, &state).await?;
         backups
             .vault
-            .create(&node.config.region, state, log_index, created_ms, services)
+            .create(&id, &node.config.region, state, log_index, created_ms, services)
             .await
             .map_err(api_error)
     }

@@ -248,7 +248,10 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
     let collect = async {
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let (a, b) = tokio::join!(read_bounded(&mut stdout, &mut out), read_bounded(&mut stderr, &mut err));
+        let (a, b) = tokio::join!(
+            read_bounded(&mut stdout, &mut out, HOOK_OUTPUT_BYTES_MAX),
+            read_bounded(&mut stderr, &mut err, HOOK_OUTPUT_BYTES_MAX)
+        );
         let _ = (a, b);
         out.extend_from_slice(&err);
         out.truncate(HOOK_OUTPUT_BYTES_MAX);
@@ -273,15 +276,21 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
     }
 }
 
-async fn read_bounded(pipe: &mut (impl AsyncReadExt + Unpin), into: &mut Vec<u8>) -> std::io::Result<()> {
+/// Reads `pipe` to its end (so the child never blocks writing to it), keeping the first
+/// `max` bytes.
+pub(crate) async fn read_bounded(
+    pipe: &mut (impl AsyncReadExt + Unpin),
+    into: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<()> {
     let mut buf = [0u8; 4096];
     loop {
         let n = pipe.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
         }
-        if into.len() < HOOK_OUTPUT_BYTES_MAX {
-            into.extend_from_slice(&buf[..n.min(HOOK_OUTPUT_BYTES_MAX - into.len())]);
+        if into.len() < max {
+            into.extend_from_slice(&buf[..n.min(max - into.len())]);
         }
     }
 }

@@ -37,6 +37,8 @@ const ZSTD_LEVEL: i32 = 3;
 const CHUNKS_AHEAD: usize = 2;
 /// Chunks sealed (or opened) at once, on blocking threads: the machine's cores at work.
 const SEALERS: usize = 2;
+/// How much of a failed service backup command's stderr its error keeps.
+const COMMAND_ERROR_BYTES: usize = 1024;
 /// The largest string or byte value a state holds, for decoding a state as it streams.
 const DECODE_SCRATCH_BYTES: usize = 16 << 20;
 
@@ -84,7 +86,7 @@ fn io_error(context: &str) -> impl Fn(std::io::Error) -> BackupError + '_ {
 }
 
 /// The AES-256-GCM key and its public name.
-pub struct Key {
+struct Key {
     aead: Arc<LessSafeKey>,
     id: String,
 }
@@ -92,33 +94,31 @@ pub struct Key {
 impl Key {
     /// Reads the key from its file or variable. The error says where it looked and what
     /// was wrong, never what it found.
-    pub fn load(source: &KeySource) -> Result<Key, BackupError> {
-        let text = match source {
-            KeySource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| BackupError::Key(format!("cannot read key_file {}: {e}", path.display())))?,
-            KeySource::Env(name) => std::env::var(name)
-                .map_err(|_| BackupError::Key(format!("key_env {name} is not set (or not UTF-8)")))?,
-        };
+    fn load(source: &KeySource) -> Result<Key, BackupError> {
         let where_ = match source {
             KeySource::File(path) => format!("key_file {}", path.display()),
             KeySource::Env(name) => format!("key_env {name}"),
+        };
+        let text = match source {
+            KeySource::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| BackupError::Key(format!("cannot read {where_}: {e}")))?
+            }
+            KeySource::Env(name) => {
+                std::env::var(name).map_err(|_| BackupError::Key(format!("{where_} is not set (or not UTF-8)")))?
+            }
         };
         let bytes = rampart_core::backup::parse_key(&text).map_err(|e| BackupError::Key(format!("{where_}: {e}")))?;
         Ok(Key::from_bytes(&bytes))
     }
 
-    pub fn from_bytes(bytes: &[u8; 32]) -> Key {
+    fn from_bytes(bytes: &[u8; 32]) -> Key {
         let digest = Sha256::digest(bytes);
         Key {
             aead: Arc::new(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, bytes).expect("32 bytes is an AES-256 key"),
             )),
-            id: hex(&digest[..8]),
+            id: crate::hex(&digest[..8]),
         }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
     }
 }
 
@@ -128,8 +128,10 @@ impl std::fmt::Debug for Key {
     }
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A fresh key, as a key file holds it: 256 random bits as 64 hex digits (what
+/// `openssl rand -hex 32` prints; the same shape as a token secret).
+pub fn new_key_text() -> String {
+    crate::auth::new_secret()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,10 +152,6 @@ impl Vault {
     /// Opens the destination of `backup` (creating a `file://` directory) and loads its key.
     pub fn open(backup: &Backup) -> Result<Vault, BackupError> {
         let key = backup.key.as_ref().map(Key::load).transpose()?;
-        Vault::with_key(backup, key)
-    }
-
-    pub fn with_key(backup: &Backup, key: Option<Key>) -> Result<Vault, BackupError> {
         let destination = backup.destination.clone();
         let store_error = |message: String| BackupError::Store {
             destination: destination.clone(),
@@ -172,7 +170,6 @@ impl Vault {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_allow_http(backup.s3.allow_http)
                     .with_client_options(
                         object_store::ClientOptions::new()
                             .with_connect_timeout(Duration::from_secs(5))
@@ -215,6 +212,14 @@ impl Vault {
         path
     }
 
+    /// Seals and opens the chunks of `place` with this destination's key.
+    fn sealer(&self, place: String) -> Sealer {
+        Sealer {
+            key: self.key.as_ref().map(|k| k.aead.clone()),
+            place,
+        }
+    }
+
     fn store_error(&self, e: object_store::Error) -> BackupError {
         BackupError::Store {
             destination: self.destination.clone(),
@@ -238,11 +243,12 @@ impl Vault {
         }
     }
 
-    /// Writes a backup of `state` (a copy of the applied state at `log_index`): chunks
-    /// first (encoded as they stream, sealed on blocking threads while earlier ones
-    /// upload), the manifest last.
+    /// Writes backup `id` (made by [`new_id`]) of `state` (a copy of the applied state at
+    /// `log_index`) with the `services` parts already stored: chunks first (encoded as they
+    /// stream, sealed on blocking threads while earlier ones upload), the manifest last.
     pub async fn create(
         &self,
+        id: &str,
         region: &str,
         state: State,
         log_index: u64,
@@ -250,19 +256,18 @@ impl Vault {
         services: Vec<ServicePart>,
     ) -> Result<Manifest, BackupError> {
         let revision = state.revision;
-        let id = new_id(created_ms, revision);
         let encode =
             move |out: &mut ChunkWriter| postcard::to_io(&state, out).map(|_| ()).map_err(std::io::Error::other);
-        let (chunks, checksum, state_bytes) = self.upload(&id, "chunks", encode).await?;
+        let (chunks, checksum, state_bytes) = self.upload(id, "chunks", encode).await?;
         let manifest = Manifest {
             format: FORMAT_VERSION,
-            id: id.clone(),
+            id: id.to_string(),
             region: region.to_string(),
             epoch: 1,
             revision,
             log_index,
             created_ms,
-            checksum: format!("{checksum:016x}"),
+            checksum: rampart_store::checksum_text(checksum),
             state_bytes,
             compression: "zstd".into(),
             encryption: if self.key.is_some() { "aes-256-gcm" } else { "none" }.into(),
@@ -306,20 +311,18 @@ impl Vault {
         let timeout = Duration::from_millis(backup.timeout_ms);
         let kind = format!("services/{service}");
         let uploaded = tokio::time::timeout(timeout, async {
-            let uploaded = self.upload(id, &kind, copy).await;
+            // stderr is drained while stdout streams: a chatty command must not block on it.
+            let mut message = Vec::new();
+            let (uploaded, _) = tokio::join!(
+                self.upload(id, &kind, copy),
+                crate::hooks::read_bounded(&mut stderr, &mut message, COMMAND_ERROR_BYTES)
+            );
             let status = child.wait().await.map_err(|e| failed(e.to_string()))?;
-            let mut message = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut message).await;
             if !status.success() {
-                let tail: String = message
-                    .chars()
-                    .rev()
-                    .take(500)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(failed(format!("{status}: {}", tail.trim())));
+                return Err(failed(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&message).trim()
+                )));
             }
             uploaded
         })
@@ -330,7 +333,7 @@ impl Vault {
             service: service.to_string(),
             instance: instance.to_string(),
             bytes,
-            checksum: format!("{checksum:016x}"),
+            checksum: rampart_store::checksum_text(checksum),
             restore: backup.restore.clone(),
             chunks,
         })
@@ -360,10 +363,7 @@ impl Vault {
             }
             (writer.checksum.value(), writer.bytes)
         });
-        let sealer = Arc::new(Sealer {
-            key: self.key.as_ref().map(|k| k.aead.clone()),
-            place: format!("{id}/{kind}"),
-        });
+        let sealer = Arc::new(self.sealer(format!("{id}/{kind}")));
         let mut sealed = tokio_stream::wrappers::ReceiverStream::new(plain)
             .enumerate()
             .map(|(index, plain)| {
@@ -372,7 +372,7 @@ impl Vault {
                     let stored = sealer.seal(index, &plain?);
                     let chunk = Chunk {
                         bytes: stored.len() as u64,
-                        sha256: hex(&Sha256::digest(&stored)),
+                        sha256: crate::hex(&Sha256::digest(&stored)),
                     };
                     Ok::<_, std::io::Error>((Bytes::from(stored), chunk))
                 })
@@ -405,13 +405,9 @@ impl Vault {
             let Some(id) = dir.filename().map(str::to_string) else {
                 continue;
             };
-            let Some(manifest) = self.get(&format!("backups/{id}/manifest.json")).await? else {
+            let Some(manifest) = self.stored_manifest(&id).await? else {
                 continue;
             };
-            let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| BackupError::Invalid {
-                id: id.clone(),
-                message: format!("unreadable manifest: {e}"),
-            })?;
             let verified_ms = match self.get(&format!("backups/{id}/verified.json")).await? {
                 Some(bytes) => serde_json::from_slice::<Verification>(&bytes)
                     .ok()
@@ -427,18 +423,25 @@ impl Vault {
     /// The manifest of backup `id`, or of the newest backup.
     pub async fn manifest(&self, id: Option<&str>) -> Result<Manifest, BackupError> {
         match id {
-            Some(id) => {
-                let bytes = self
-                    .get(&format!("backups/{id}/manifest.json"))
-                    .await?
-                    .ok_or_else(|| BackupError::NotFound(id.to_string()))?;
-                serde_json::from_slice(&bytes).map_err(|e| BackupError::Invalid {
-                    id: id.to_string(),
-                    message: format!("unreadable manifest: {e}"),
-                })
-            }
+            Some(id) => self
+                .stored_manifest(id)
+                .await?
+                .ok_or_else(|| BackupError::NotFound(id.to_string())),
             None => self.list().await?.pop().map(|l| l.manifest).ok_or(BackupError::Empty),
         }
+    }
+
+    /// Backup `id`'s manifest; `None` when it has none (never finished, or deleted).
+    async fn stored_manifest(&self, id: &str) -> Result<Option<Manifest>, BackupError> {
+        let Some(bytes) = self.get(&format!("backups/{id}/manifest.json")).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| BackupError::Invalid {
+                id: id.to_string(),
+                message: format!("unreadable manifest: {e}"),
+            })
     }
 
     fn opener(&self, manifest: &Manifest, kind: &str) -> Result<Sealer, BackupError> {
@@ -522,7 +525,7 @@ impl Vault {
                         })?;
                     let expected = chunk.sha256.clone();
                     let checked = tokio::task::spawn_blocking(move || {
-                        let found = hex(&Sha256::digest(&stored));
+                        let found = crate::hex(&Sha256::digest(&stored));
                         if found != expected {
                             return Err(Some(found));
                         }
@@ -551,7 +554,7 @@ impl Vault {
             checksum.update(&plain);
             sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
         }
-        let found = format!("{:016x}", checksum.value());
+        let found = checksum.text();
         if found != expected {
             return Err(BackupError::Checksum {
                 id: id.clone(),
@@ -646,6 +649,7 @@ impl Vault {
                 ))
             })?
             .clone();
+        // Refused before the download and replay, not only when writing.
         check_empty(data_dirs)?;
         let mut encoded = Vec::with_capacity(base.state_bytes as usize);
         self.read_state(&base, &mut encoded).await?;
@@ -699,7 +703,7 @@ impl Vault {
         let restored = Restored {
             backup: base.id.clone(),
             revision: state.revision,
-            checksum: format!("{:016x}", checksum.value()),
+            checksum: checksum.text(),
             log_index: next - 1,
             last_write_ms,
         };
@@ -715,10 +719,7 @@ impl Vault {
             return Ok(());
         };
         let name = segment_name(first.index, last.index);
-        let sealer = Sealer {
-            key: self.key.as_ref().map(|k| k.aead.clone()),
-            place: format!("log/{name}"),
-        };
+        let sealer = self.sealer(format!("log/{name}"));
         let encoded = postcard::to_allocvec(entries).expect("log entries encode");
         let sealed = tokio::task::spawn_blocking(move || sealer.seal(0, &encoded))
             .await
@@ -746,10 +747,7 @@ impl Vault {
             .get(&format!("log/{name}"))
             .await?
             .ok_or_else(|| BackupError::Io(format!("log segment {name} vanished while being read")))?;
-        let sealer = Sealer {
-            key: self.key.as_ref().map(|k| k.aead.clone()),
-            place: format!("log/{name}"),
-        };
+        let sealer = self.sealer(format!("log/{name}"));
         let unreadable = || BackupError::Io(format!("log segment {name} does not open with this key, or is damaged"));
         let plain = tokio::task::spawn_blocking(move || sealer.open(0, stored.to_vec()))
             .await
@@ -950,29 +948,13 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Decodes the state in `path` as it streams and returns the checksum of the state decoded
-/// (re-encoded into the hasher, never into memory).
+/// Decodes the state in `path` as it streams and returns the checksum of the state decoded.
 fn materialised_checksum(path: &FsPath) -> Result<String, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
     let (state, _) = postcard::from_io::<State, _>((std::io::BufReader::new(file), &mut scratch))
         .map_err(|e| format!("the restored bytes are not a state: {e}"))?;
-    let mut checksum = HashingWriter(Checksum::default());
-    postcard::to_io(&state, &mut checksum).map_err(|e| e.to_string())?;
-    Ok(format!("{:016x}", checksum.0.value()))
-}
-
-struct HashingWriter(Checksum);
-
-impl Write for HashingWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.update(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    Ok(rampart_store::checksum_text(state.checksum()))
 }
 
 /// Compresses and seals chunks of one place (`ID/KIND`), or opens them.

@@ -545,9 +545,10 @@ impl State {
     }
 
     /// XXH3-64 over the canonical encoding: equal states have equal checksums.
+    /// Hashed as it is encoded: never a second copy of the state in memory.
     pub fn checksum(&self) -> u64 {
         let mut checksum = Checksum::default();
-        checksum.update(&postcard::to_allocvec(self).expect("state always encodes"));
+        postcard::to_io(self, &mut checksum).expect("state always encodes");
         checksum.value()
     }
 }
@@ -564,6 +565,27 @@ impl Checksum {
 
     pub fn value(&self) -> u64 {
         self.0.digest()
+    }
+
+    /// The checksum as the API and backup manifests write it.
+    pub fn text(&self) -> String {
+        checksum_text(self.value())
+    }
+}
+
+/// A checksum as the API and backup manifests write it: 16 hex digits.
+pub fn checksum_text(value: u64) -> String {
+    format!("{value:016x}")
+}
+
+impl std::io::Write for Checksum {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -191,19 +191,9 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
 }
 
 /// A node config with only `[backup]`: a local destination and a fresh key, in `dir`.
-fn backup_config(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+fn backup_config(dir: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let key = dir.join("backup.key");
-    let mut bytes = [0u8; 32];
-    rand_bytes(&mut bytes)?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key)?
-        .write_all(hex.as_bytes())?;
+    rampart_node::certs::write_file(&key, rampart_node::vault::new_key_text().as_bytes(), true)?;
     let config = dir.join("backup.toml");
     std::fs::write(
         &config,
@@ -214,11 +204,6 @@ fn backup_config(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
         ),
     )?;
     Ok(config)
-}
-
-fn rand_bytes(bytes: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(bytes)
 }
 
 /// The backup part: a backup of the live region, restored into a new region of 3 nodes,
