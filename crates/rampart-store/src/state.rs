@@ -5,6 +5,7 @@
 //! fencing token is the revision of the write that won it, so tokens strictly increase.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use rampart_core::api::{Event, KeyValue, WatchEvent};
 use rampart_core::auth::Role;
@@ -16,7 +17,8 @@ use crate::command::{Command, Op, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub value: String,
+    /// Shared, never copied: a copy of the state shares every value with the original.
+    pub value: Arc<str>,
     pub revision: u64,
     pub create_revision: u64,
     pub lease: Option<u64>,
@@ -113,12 +115,14 @@ pub struct QuotaStanding {
 /// Events kept in the replicated log of events; older ones drop off.
 pub const EVENTS_MAX: usize = 1000;
 
-/// Everything a region replicates. BTreeMaps keep iteration, serialisation and the checksum
-/// identical on every node.
+/// Everything a region replicates. Ordered maps keep iteration, serialisation and the
+/// checksum identical on every node. `kv`, the one map that grows with the data, is a
+/// persistent B-tree: cloning the state (for a Raft snapshot or a backup) is O(1), and
+/// later writes copy only the nodes they touch. It encodes exactly as a `BTreeMap`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub revision: u64,
-    pub kv: BTreeMap<String, Record>,
+    pub kv: imbl::OrdMap<String, Record>,
     pub leases: BTreeMap<u64, Lease>,
     pub elections: BTreeMap<String, Hold>,
     pub next_lease_id: u64,
@@ -514,7 +518,7 @@ impl State {
         self.kv.insert(
             key.to_string(),
             Record {
-                value: value.to_string(),
+                value: Arc::from(value),
                 revision,
                 create_revision,
                 lease,
@@ -592,7 +596,7 @@ impl std::io::Write for Checksum {
 fn key_value(key: &str, r: &Record) -> KeyValue {
     KeyValue {
         key: key.to_string(),
-        value: r.value.clone(),
+        value: r.value.to_string(),
         revision: r.revision,
         create_revision: r.create_revision,
         lease: r.lease,
@@ -935,5 +939,45 @@ mod tests {
         assert_ne!(a.checksum(), b.checksum());
         put(&mut b, "x", None, None);
         assert_eq!(a.checksum(), b.checksum());
+    }
+
+    #[test]
+    fn a_copy_shares_its_values_and_encodes_as_the_btreemap_it_replaced() {
+        let mut s = State::default();
+        for key in ["a", "b", "c"] {
+            put(&mut s, key, None, None);
+        }
+        let copy = s.clone();
+        put(&mut s, "b", None, None);
+        let (before, after) = (&copy.kv["a"].value, &s.kv["a"].value);
+        assert!(Arc::ptr_eq(before, after), "an untouched value is shared, not copied");
+        assert_eq!(copy.get("b").unwrap().revision, 2, "the copy keeps its own revision");
+        assert_eq!(s.get("b").unwrap().revision, 4);
+
+        // Data dirs and backups written with a BTreeMap<String, Record{value: String}> read
+        // back: the two encodings are the same bytes.
+        #[derive(Serialize)]
+        struct OldRecord<'a> {
+            value: &'a str,
+            revision: u64,
+            create_revision: u64,
+            lease: Option<u64>,
+        }
+        let old: BTreeMap<&str, OldRecord> =
+            s.kv.iter()
+                .map(|(k, r)| {
+                    let old = OldRecord {
+                        value: &r.value,
+                        revision: r.revision,
+                        create_revision: r.create_revision,
+                        lease: r.lease,
+                    };
+                    (k.as_str(), old)
+                })
+                .collect();
+        assert_eq!(
+            postcard::to_allocvec(&s.kv).unwrap(),
+            postcard::to_allocvec(&old).unwrap()
+        );
     }
 }
