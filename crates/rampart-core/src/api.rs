@@ -198,8 +198,9 @@ pub struct WatchEvent {
     /// `put` or `delete`.
     pub kind: String,
     pub key: String,
+    /// Shared with the state and the watch history: never a copy per event or watcher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
+    pub value: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

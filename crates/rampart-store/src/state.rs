@@ -160,12 +160,12 @@ impl State {
                     }
                 }
                 let revision = self.bump();
-                self.put(key, value, *lease, revision);
+                let value = self.put(key, value, *lease, revision);
                 events.push(WatchEvent {
                     revision,
                     kind: "put".into(),
                     key: key.clone(),
-                    value: Some(value.clone()),
+                    value: Some(value),
                 });
                 Outcome::Put { revision }
             }
@@ -498,7 +498,8 @@ impl State {
         self.revision
     }
 
-    fn put(&mut self, key: &str, value: &str, lease: Option<u64>, revision: u64) {
+    /// Stores `value` under `key`; returns it as stored, to share with the watch event.
+    fn put(&mut self, key: &str, value: &str, lease: Option<u64>, revision: u64) -> Arc<str> {
         let previous = self.kv.get(key).cloned();
         if let Some(old_lease) = previous.as_ref().and_then(|r| r.lease) {
             if Some(old_lease) != lease {
@@ -515,15 +516,15 @@ impl State {
                 .insert(key.to_string());
         }
         let create_revision = previous.map_or(revision, |r| r.create_revision);
-        self.kv.insert(
-            key.to_string(),
-            Record {
-                value: Arc::from(value),
-                revision,
-                create_revision,
-                lease,
-            },
-        );
+        let value: Arc<str> = Arc::from(value);
+        let record = Record {
+            value: value.clone(),
+            revision,
+            create_revision,
+            lease,
+        };
+        self.kv.insert(key.to_string(), record);
+        value
     }
 
     fn delete(&mut self, key: &str) {
@@ -953,6 +954,17 @@ mod tests {
         assert!(Arc::ptr_eq(before, after), "an untouched value is shared, not copied");
         assert_eq!(copy.get("b").unwrap().revision, 2, "the copy keeps its own revision");
         assert_eq!(s.get("b").unwrap().revision, 4);
+        let (_, events) = s.apply(&cmd(Op::Put {
+            key: "d".into(),
+            value: "big".into(),
+            lease: None,
+            if_revision: None,
+        }));
+        let event_value = events[0].value.as_ref().unwrap();
+        assert!(
+            Arc::ptr_eq(event_value, &s.kv["d"].value),
+            "the watch event shares the value"
+        );
 
         // Data dirs and backups written with a BTreeMap<String, Record{value: String}> read
         // back: the two encodings are the same bytes.
