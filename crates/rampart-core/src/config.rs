@@ -220,7 +220,7 @@ impl NodeConfig {
                 get("value-bytes-max"),
                 defaults.value_bytes_max as u64,
                 1,
-                64 << 20,
+                crate::limits::VALUE_BYTES_CEILING as u64,
             )? as usize,
             request_body_bytes_max: parse_number(
                 "request-body-bytes-max",

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The largest `--value-bytes-max` a node accepts: no stored value is ever longer (a state
+/// is decoded as it streams with a buffer of this size).
+pub const VALUE_BYTES_CEILING: usize = 64 << 20;
+
 /// Request limits a node enforces; all configurable, with etcd-like defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {

@@ -17,7 +17,7 @@ use std::io::Cursor;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use log_store::LogStore;
-pub use state::{checksum_text, Checksum, State};
+pub use state::{check_encoded, checksum_text, Checksum, State};
 pub use state_machine::{restored_snapshot_head, Applied, StateMachineStore};
 
 openraft::declare_raft_types!(
