@@ -203,6 +203,9 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     // A missing or unusable backup key stops the node before it touches anything, not at
     // its first backup.
     let backups = config.backup.as_ref().map(backups::Backups::open).transpose()?;
+    if let Some(backups) = &backups {
+        backups.vault.refuse_restored_from_here(&config.data_dir)?;
+    }
     let data_dir = config.data_dir.clone();
     // Owner-only: the log, snapshots and the bootstrap token file live here.
     let owner_only = || -> std::io::Result<()> {

@@ -79,6 +79,8 @@ pub enum BackupError {
         expected: String,
         found: String,
     },
+    #[error("this data dir was restored from backup {backup} of {destination}, where this node is set to back up: a restored region needs its own destination or prefix (sharing one, its log archive and retention would mix with the source region's); set [backup] destination to a new prefix")]
+    SourceDestination { backup: String, destination: String },
     #[error("{0}")]
     Io(String),
 }
@@ -147,7 +149,23 @@ pub struct Vault {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     destination: String,
+    /// The destination's identity, however it is spelt: the resolved directory, or the
+    /// bucket, prefix and endpoint.
+    place: String,
     key: Option<Key>,
+}
+
+/// The file a restore leaves in each data dir it writes: where the region came from.
+pub const ORIGIN_FILE: &str = "restored.json";
+
+/// What [`ORIGIN_FILE`] holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Origin {
+    pub backup: String,
+    pub destination: String,
+    pub place: String,
+    pub log_index: u64,
+    pub revision: u64,
 }
 
 impl Vault {
@@ -159,14 +177,20 @@ impl Vault {
             destination: destination.clone(),
             message,
         };
-        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match destination.split_once("://") {
+        let (store, prefix, place): (Arc<dyn ObjectStore>, Path, String) = match destination.split_once("://") {
             Some(("file", dir)) => {
                 std::fs::create_dir_all(dir).map_err(|e| store_error(format!("cannot create {dir}: {e}")))?;
+                let resolved =
+                    std::fs::canonicalize(dir).map_err(|e| store_error(format!("cannot resolve {dir}: {e}")))?;
                 let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| store_error(e.to_string()))?
                     // A deleted backup leaves no empty directories behind.
                     .with_automatic_cleanup(true);
-                (Arc::new(local), Path::default())
+                (
+                    Arc::new(local),
+                    Path::default(),
+                    format!("file://{}", resolved.display()),
+                )
             }
             Some(("s3", rest)) => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -190,7 +214,9 @@ impl Vault {
                     builder = builder.with_region(region);
                 }
                 let s3 = builder.build().map_err(|e| store_error(e.to_string()))?;
-                (Arc::new(s3), Path::from(prefix))
+                let endpoint = backup.s3.endpoint.as_deref().unwrap_or("AWS");
+                let place = format!("s3://{bucket}/{} at {endpoint}", Path::from(prefix));
+                (Arc::new(s3), Path::from(prefix), place)
             }
             _ => {
                 return Err(store_error(
@@ -202,8 +228,27 @@ impl Vault {
             store,
             prefix,
             destination,
+            place,
             key,
         })
+    }
+
+    /// Refuses a data dir restored from a backup of this very destination: the restored
+    /// region would write its own history into the source region's log archive (the same
+    /// log indices, other writes) and its backups would count in the same retention.
+    pub fn refuse_restored_from_here(&self, data_dir: &FsPath) -> Result<(), BackupError> {
+        let Ok(bytes) = std::fs::read(data_dir.join(ORIGIN_FILE)) else {
+            return Ok(());
+        };
+        let origin: Origin = serde_json::from_slice(&bytes)
+            .map_err(|e| BackupError::Io(format!("{}: {e}", data_dir.join(ORIGIN_FILE).display())))?;
+        if origin.place == self.place {
+            return Err(BackupError::SourceDestination {
+                backup: origin.backup,
+                destination: origin.destination,
+            });
+        }
+        Ok(())
     }
 
     fn path(&self, tail: &str) -> Path {
@@ -621,7 +666,7 @@ impl Vault {
             log_index: manifest.log_index,
             last_write_ms: None,
         };
-        self.write_region(data_dirs, members, manifest.log_index, StateSource::Backup(&manifest))
+        self.write_region(data_dirs, members, &restored, StateSource::Backup(&manifest))
             .await?;
         Ok(restored)
     }
@@ -708,7 +753,7 @@ impl Vault {
             last_write_ms,
         };
         drop(state);
-        self.write_region(data_dirs, members, next - 1, StateSource::Encoded(encoded))
+        self.write_region(data_dirs, members, &restored, StateSource::Encoded(encoded))
             .await?;
         Ok(restored)
     }
@@ -776,10 +821,19 @@ impl Vault {
         &self,
         data_dirs: &[PathBuf],
         members: &BTreeMap<NodeId, String>,
-        log_index: u64,
+        restored: &Restored,
         state: StateSource<'_>,
     ) -> Result<(), BackupError> {
         check_empty(data_dirs)?;
+        let log_index = restored.log_index;
+        let origin = serde_json::to_vec_pretty(&Origin {
+            backup: restored.backup.clone(),
+            destination: self.destination.clone(),
+            place: self.place.clone(),
+            log_index,
+            revision: restored.revision,
+        })
+        .expect("an origin encodes");
         let members: BTreeMap<NodeId, BasicNode> = members
             .iter()
             .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
@@ -788,7 +842,11 @@ impl Vault {
         let snapshot = first.join(rampart_store::state_machine::SNAPSHOT_FILE);
         let temp = first.join("snapshot.restoring");
         let written = async {
-            owner_only_dir(first)?;
+            // The origin first: no data dir holds a snapshot without it.
+            for dir in data_dirs {
+                owner_only_dir(dir)?;
+                std::fs::write(dir.join(ORIGIN_FILE), &origin).map_err(io_error("writing the restore's origin"))?;
+            }
             let file = std::fs::File::create(&temp).map_err(io_error("creating the snapshot"))?;
             let mut writer = std::io::BufWriter::new(file);
             writer
@@ -804,7 +862,6 @@ impl Vault {
             file.sync_all().map_err(io_error("syncing the snapshot"))?;
             std::fs::rename(&temp, &snapshot).map_err(io_error("placing the snapshot"))?;
             for dir in &data_dirs[1..] {
-                owner_only_dir(dir)?;
                 std::fs::copy(&snapshot, dir.join(rampart_store::state_machine::SNAPSHOT_FILE))
                     .map_err(io_error("copying the snapshot"))?;
             }
@@ -815,6 +872,7 @@ impl Vault {
             let _ = std::fs::remove_file(&temp);
             for dir in data_dirs {
                 let _ = std::fs::remove_file(dir.join(rampart_store::state_machine::SNAPSHOT_FILE));
+                let _ = std::fs::remove_file(dir.join(ORIGIN_FILE));
             }
         }
         written

@@ -96,8 +96,8 @@ async fn a_backup_under_writes_restores_a_new_region_with_the_manifests_revision
     let client = Arc::new(cluster.client());
     let workload = Workload::start(client.clone(), 4, "bk/");
     workload.wait_progress(50, DEADLINE).await;
-    let endpoints = endpoints(&cluster);
-    let manifest = json(&[&endpoints, "backup", "create"]);
+    let source = endpoints(&cluster);
+    let manifest = json(&[&source, "backup", "create"]);
     workload.wait_progress(50, DEADLINE).await;
     let history = workload.stop().await;
     assert!(history.acknowledged() > 100);
@@ -133,10 +133,37 @@ async fn a_backup_under_writes_restores_a_new_region_with_the_manifests_revision
     }
     ok(&args);
 
+    // Started with the source region's [backup] (here spelt with a trailing slash), a
+    // restored node refuses: its archive and retention would mix with the source's.
+    let same = setup.dir.path().join("same.toml");
+    let text = std::fs::read_to_string(setup.config()).expect("config");
+    let destination = setup.destination();
+    std::fs::write(&same, text.replace(&destination, &format!("{destination}/"))).expect("config");
+    let (code, _, err) = rampart(&[
+        "node",
+        "--id",
+        "1",
+        "--listen",
+        &initial_address(&initial, 1),
+        "--data-dir",
+        &dirs[0],
+        "--config",
+        same.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("restored from backup") && err.contains("new prefix"),
+        "{err}"
+    );
+
+    // With a destination of its own, the restored region runs and backs up.
+    let own = setup.dir.path().join("own.toml");
+    std::fs::write(&own, text.replace(&destination, &format!("{destination}-restored"))).expect("config");
     let options = ClusterOptions {
         nodes: 3,
         base_dir: Some(restored.path().to_path_buf()),
         addresses,
+        node_args: vec!["--config".into(), own.to_str().expect("utf-8").into()],
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start(binary(), options)
@@ -148,12 +175,30 @@ async fn a_backup_under_writes_restores_a_new_region_with_the_manifests_revision
         (revision, checksum),
         "the restored region is the backup's state"
     );
-    // And it takes writes.
+    // And it takes writes, and backs up to its own destination.
     cluster
         .client()
         .put("after/restore", "yes", PutOptions::default())
         .await
         .expect("a write to the restored region");
+    let restored_endpoints = endpoints(&cluster);
+    let own_backup = json(&[&restored_endpoints, "backup", "create"]);
+    assert!(own_backup["revision"].as_u64().expect("revision") > revision);
+    let listed = json(&["backup", "list", "--destination", &destination]);
+    assert_eq!(
+        listed["backups"].as_array().expect("backups").len(),
+        1,
+        "the source destination holds only the source's backup: {listed}"
+    );
+}
+
+/// `1=127.0.0.1:PORT,...` → node `id`'s address.
+fn initial_address(initial: &str, id: usize) -> String {
+    initial
+        .split(',')
+        .find_map(|member| member.strip_prefix(&format!("{id}=")))
+        .expect("member")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

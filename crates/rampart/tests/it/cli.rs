@@ -1,23 +1,55 @@
 //! The CLI: bad flags and config exit 2 naming the setting; the demo runs end to end;
 //! commands work against a live region.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{binary, cluster, DEADLINE};
 
-/// Runs the CLI; (exit code, stdout, stderr).
+/// Runs the CLI; (exit code, stdout, stderr). A command still running after
+/// [`CLI_DEADLINE`] (a node that should have refused to start, say) is killed and reported
+/// with code -1, so a test fails instead of hanging.
 pub(crate) fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary())
+    use std::io::Read;
+    let mut child = Command::new(binary())
         .args(args)
         .env_remove("RAMPART_ENDPOINTS")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run rampart");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + CLI_DEADLINE;
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait for rampart") {
+            break status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, mut err) = (out.join().expect("stdout"), err.join().expect("stderr"));
+    if code == -1 {
+        err.push_str(&format!(
+            "\n(rampart {args:?} still running after {CLI_DEADLINE:?}: killed)"
+        ));
+    }
+    (code, out, err)
 }
+
+/// Longest a CLI command may run in a test.
+const CLI_DEADLINE: Duration = Duration::from_secs(120);
 
 #[test]
 fn bad_node_flags_exit_2_naming_setting_value_and_allowed() {
