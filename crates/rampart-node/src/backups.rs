@@ -171,8 +171,9 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
     taken
 }
 
-/// The data of every service whose policy has `backup = {...}` and that has a primary:
-/// its command runs on the primary's node (here, or asked of that node).
+/// The data of every service whose policy has `backup = {...}`: its command runs on the
+/// node of the primary (or, active-active, of a ready instance): here, or asked of that
+/// node.
 async fn service_parts(
     node: &Shared,
     backups: &Backups,
@@ -182,11 +183,15 @@ async fn service_parts(
     let mut parts = Vec::new();
     for (name, service) in &state.services {
         let Some(backup) = &service.policy.backup else { continue };
-        let Some((instance, record)) = service.primary_record() else {
+        let Some((instance, record)) = service.backup_source() else {
+            let wanted = match service.policy.mode {
+                rampart_core::service::Mode::ActiveActive => "no instance up and ready on a node",
+                rampart_core::service::Mode::ActivePassive => "no primary",
+            };
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "backup_no_primary",
-                format!("service {name} has a backup command but no primary to run it"),
+                format!("service {name} has a backup command but {wanted} to run it"),
             ));
         };
         let host = record.instance.node.ok_or_else(|| {
@@ -241,7 +246,8 @@ async fn ask_node(node: &Shared, host: u64, id: &str, service: &str, timeout_ms:
 }
 
 /// `POST /v1/backups/{id}/services/{name}`: the leader asks the node hosting a service's
-/// primary to run its backup command into backup `id`.
+/// backup source (its primary, or an active-active service's ready instance) to run its
+/// backup command into backup `id`.
 pub(crate) async fn service_part(
     State(node): State<Shared>,
     axum::extract::Path((id, name)): axum::extract::Path<(String, String)>,
@@ -262,14 +268,17 @@ pub(crate) async fn service_part(
             )
         })?;
         let hosted = service
-            .primary_record()
+            .backup_source()
             .filter(|(_, record)| record.instance.node == Some(node.id))
             .map(|(instance, _)| instance.to_string());
         let instance = hosted.ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "not_hosted",
-                format!("service {name}'s primary is not on node {}", node.id),
+                format!(
+                    "service {name}'s backup source (its primary or a ready instance) is not on node {}",
+                    node.id
+                ),
             )
         })?;
         (instance, backup)

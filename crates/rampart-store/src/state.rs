@@ -70,6 +70,25 @@ impl Service {
         Some((id, self.instances.get(id)?))
     }
 
+    /// Where the policy's backup command runs: the primary; for an active-active service
+    /// (no primary), the first instance, in id order, that serves (up, ready, not a
+    /// standby) on a node.
+    pub fn backup_source(&self) -> Option<(&str, &InstanceRecord)> {
+        if self.policy.mode != rampart_core::service::Mode::ActiveActive {
+            return self.primary_record();
+        }
+        let serves = |r: &InstanceRecord| {
+            r.health == Health::Up
+                && r.ready == Health::Up
+                && r.role != InstanceRole::Standby
+                && r.instance.node.is_some()
+        };
+        self.instances
+            .iter()
+            .find(|(_, r)| serves(r))
+            .map(|(id, r)| (id.as_str(), r))
+    }
+
     /// Ends the primary's term: nobody is primary, `id` is a replica again.
     fn step_down(&mut self, id: &str) -> Option<&mut InstanceRecord> {
         self.primary = None;
@@ -1092,5 +1111,43 @@ mod tests {
         swapped.swap(a + 1, b + 1);
         let error = check(&swapped).unwrap_err();
         assert!(error.contains("out of order"), "{error}");
+    }
+
+    #[test]
+    fn a_backup_runs_on_the_primary_or_an_active_active_services_first_serving_instance() {
+        let mut s = service_with(&["a", "b"]);
+        assert_eq!(s.services["db"].backup_source(), None, "no primary yet");
+        promote(&mut s, "b");
+        assert_eq!(s.services["db"].backup_source().map(|(id, _)| id), Some("b"));
+
+        let spec: rampart_core::service::PolicySpec = serde_json::from_str(r#"{"mode": "active-active"}"#).unwrap();
+        let mut s = State::default();
+        s.apply(&cmd(Op::ServicePut {
+            name: "db".into(),
+            policy: spec.validate().unwrap(),
+        }));
+        for (id, node, ready) in [
+            ("a", None, Health::Up),
+            ("b", Some(2), Health::Down),
+            ("c", Some(3), Health::Up),
+        ] {
+            let mut instance: rampart_core::service::InstanceSpec =
+                serde_json::from_str(r#"{"endpoint": "127.0.0.1:1"}"#).unwrap();
+            instance.node = node;
+            let (service, id) = ("db".to_string(), id.to_string());
+            s.apply(&cmd(Op::InstancePut {
+                service: service.clone(),
+                id: id.clone(),
+                instance: instance.validate("r").unwrap(),
+            }));
+            s.apply(&cmd(Op::InstanceHealth {
+                service: service.clone(),
+                id: id.clone(),
+                health: Health::Up,
+            }));
+            s.apply(&cmd(Op::InstanceReadiness { service, id, ready }));
+        }
+        // a has no node to run on, b is not ready: c.
+        assert_eq!(s.services["db"].backup_source().map(|(id, _)| id), Some("c"));
     }
 }
