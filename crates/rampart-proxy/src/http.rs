@@ -309,12 +309,12 @@ async fn forward(
     };
     let mut retries_left = shared.listener.retries;
     shared.budget.lock().expect("budget lock").deposit();
-    let mut tried = Vec::new();
-    while tried.len() < pool.len() {
+    // Upstreams that failed this request (filled only on failure: no allocation otherwise).
+    let mut tried: Vec<String> = Vec::new();
+    for _ in 0..pool.len() {
         let Some(lease) = pool.pick(key, &tried) else {
             break;
         };
-        tried.push(lease.address().to_string());
         let authority = lease.authority();
         let mut outgoing = Request::from_parts(parts.clone(), Full::new(body.clone()));
         *outgoing.uri_mut() = Uri::from(path.clone());
@@ -362,6 +362,7 @@ async fn forward(
                 // The request never left: the next upstream, whatever the method.
                 tracing::debug!(upstream = %lease.address(), "connect failed: {e}");
                 lease.failed(Failure::Connect);
+                tried.push(lease.address().to_string());
                 continue;
             }
             Ok(Err(Failed::Exchange(e))) => (
@@ -378,6 +379,7 @@ async fn forward(
         // It may have reached the upstream: only an idempotent request goes again, to
         // another upstream, within the listener's retries and the retry budget.
         lease.failed(Failure::Error);
+        tried.push(lease.address().to_string());
         tracing::debug!(upstream = %lease.address(), "{}", failure.2);
         let retry = idempotent && retries_left > 0 && shared.budget.lock().expect("budget lock").withdraw(now_ms());
         if !retry {

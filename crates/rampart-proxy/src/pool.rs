@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::now_ms;
+use prometheus_client::metrics::gauge::Gauge;
 
 use rampart_core::health::{CheckState, Health, Thresholds};
 use rampart_core::proxy::{
@@ -46,10 +47,12 @@ struct Member {
     checked: Mutex<CheckState>,
     /// When connections to it must end; `None` while it belongs to the pool.
     close_at: watch::Sender<Option<Instant>>,
+    /// `rampart_proxy_breaker_state` of this upstream, looked up once.
+    breaker_gauge: Gauge,
 }
 
 impl Member {
-    fn new(upstream: &Upstream) -> Arc<Member> {
+    fn new(upstream: &Upstream, breaker_gauge: Gauge) -> Arc<Member> {
         Arc::new(Member {
             upstream: upstream.clone(),
             // Validated as HOST:PORT when the config or the registry was read.
@@ -62,6 +65,7 @@ impl Member {
             breaker: Mutex::new(Breaker::default()),
             checked: Mutex::new(CheckState::new(now_ms())),
             close_at: watch::channel(None).0,
+            breaker_gauge,
         })
     }
 }
@@ -179,15 +183,26 @@ impl Drop for Lease {
 
 impl Pool {
     pub fn new(listener: &Listener, upstreams: &[Upstream], metrics: Arc<Metrics>) -> Pool {
-        Pool {
+        let pool = Pool {
             listener: listener.name.clone(),
             max_ejected_percent: listener.max_ejected_percent,
             metrics,
-            members: RwLock::new(Arc::new(upstreams.iter().map(Member::new).collect())),
+            members: RwLock::new(Arc::new(Vec::new())),
             balancer: Mutex::new(Balancer::new(listener.algorithm)),
             ejection: listener.ejection,
             breaker: listener.breaker,
-        }
+        };
+        let members = upstreams.iter().map(|u| pool.member(u)).collect();
+        *pool.members.write().expect("members lock") = Arc::new(members);
+        pool
+    }
+
+    fn member(&self, upstream: &Upstream) -> Arc<Member> {
+        let labels = UpstreamLabels {
+            listener: self.listener.clone(),
+            upstream: upstream.address.clone(),
+        };
+        Member::new(upstream, self.metrics.breaker_state.get_or_create(&labels).clone())
     }
 
     fn members(&self) -> Arc<Vec<Arc<Member>>> {
@@ -205,7 +220,7 @@ impl Pool {
                     .iter()
                     .find(|m| m.upstream == *u)
                     .cloned()
-                    .unwrap_or_else(|| Member::new(u))
+                    .unwrap_or_else(|| self.member(u))
             })
             .collect();
         for gone in members.iter().filter(|m| !next.iter().any(|n| Arc::ptr_eq(n, m))) {
@@ -229,20 +244,21 @@ impl Pool {
     pub fn pick(self: &Arc<Self>, client: u64, tried: &[String]) -> Option<Lease> {
         let now = now_ms();
         let members = self.members();
-        let mut passed: Vec<&str> = tried.iter().map(String::as_str).collect();
+        // Upstreams whose half-open breaker refused a probe just now.
+        let mut passed: Vec<&str> = Vec::new();
         loop {
             let open = |m: &&Arc<Member>| m.in_rotation(now, self.breaker);
-            let untried: Vec<&Arc<Member>> = members
-                .iter()
-                .filter(|m| !passed.contains(&m.upstream.address.as_str()))
-                .collect();
-            if untried.is_empty() {
-                return None;
-            }
-            let mut chosen_from: Vec<&Arc<Member>> = untried.iter().copied().filter(open).collect();
+            let untried = |m: &&Arc<Member>| {
+                let address = m.upstream.address.as_str();
+                !tried.iter().any(|t| t == address) && !passed.contains(&address)
+            };
+            let mut chosen_from: Vec<&Arc<Member>> = members.iter().filter(untried).filter(open).collect();
             let panic_mode = chosen_from.is_empty();
             if panic_mode {
-                chosen_from = untried;
+                chosen_from = members.iter().filter(untried).collect();
+                if chosen_from.is_empty() {
+                    return None;
+                }
             }
             let candidates: Vec<Candidate<'_>> = chosen_from
                 .iter()
@@ -327,16 +343,16 @@ impl Pool {
         }
     }
 
+    /// Sets the breaker's gauge; written only when it changes (this runs per request).
     fn show_breaker(&self, member: &Member, state: BreakerState) {
         let value = match state {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
         };
-        self.metrics
-            .breaker_state
-            .get_or_create(&self.labels(member))
-            .set(value);
+        if member.breaker_gauge.get() != value {
+            member.breaker_gauge.set(value);
+        }
     }
 
     pub fn len(&self) -> usize {
