@@ -41,14 +41,20 @@ struct Member {
     /// The address as a URI authority, for HTTP requests.
     authority: hyper::http::uri::Authority,
     active: AtomicU32,
-    outlier: Mutex<Outlier>,
-    breaker: Mutex<Breaker>,
-    /// The active check's verdict (unknown, hence in rotation, without a check).
-    checked: Mutex<CheckState>,
+    /// Under one lock: every request reads all three and writes two.
+    judged: Mutex<Judged>,
     /// When connections to it must end; `None` while it belongs to the pool.
     close_at: watch::Sender<Option<Instant>>,
     /// `rampart_proxy_breaker_state` of this upstream, looked up once.
     breaker_gauge: Gauge,
+}
+
+/// What decides whether an upstream is in rotation.
+struct Judged {
+    outlier: Outlier,
+    breaker: Breaker,
+    /// The active check's verdict (unknown, hence in rotation, without a check).
+    checked: CheckState,
 }
 
 impl Member {
@@ -61,9 +67,11 @@ impl Member {
                 .parse()
                 .unwrap_or_else(|_| hyper::http::uri::Authority::from_static("invalid.upstream:1")),
             active: AtomicU32::new(0),
-            outlier: Mutex::new(Outlier::default()),
-            breaker: Mutex::new(Breaker::default()),
-            checked: Mutex::new(CheckState::new(now_ms())),
+            judged: Mutex::new(Judged {
+                outlier: Outlier::default(),
+                breaker: Breaker::default(),
+                checked: CheckState::new(now_ms()),
+            }),
             close_at: watch::channel(None).0,
             breaker_gauge,
         })
@@ -73,9 +81,14 @@ impl Member {
 impl Member {
     /// Not found down by its active check, not ejected, and its breaker not open.
     fn in_rotation(&self, now: u64, breaker: BreakerPolicy) -> bool {
-        self.checked.lock().expect("check lock").health() != Health::Down
-            && !self.outlier.lock().expect("outlier lock").ejected(now)
-            && self.breaker.lock().expect("breaker lock").state(now, breaker) != BreakerState::Open
+        let mut judged = self.judged();
+        judged.checked.health() != Health::Down
+            && !judged.outlier.ejected(now)
+            && judged.breaker.state(now, breaker) != BreakerState::Open
+    }
+
+    fn judged(&self) -> std::sync::MutexGuard<'_, Judged> {
+        self.judged.lock().expect("upstream lock")
     }
 }
 
@@ -131,12 +144,14 @@ impl Lease {
     /// The upstream answered well: it is forgiven its failures.
     pub fn succeeded(&self) {
         self.recorded.store(true, Ordering::Relaxed);
-        self.member.outlier.lock().expect("outlier lock").success();
         let now = now_ms();
-        let mut breaker = self.member.breaker.lock().expect("breaker lock");
-        breaker.record(now, true, self.pool.breaker);
-        self.pool
-            .show_breaker(&self.member, breaker.state(now, self.pool.breaker));
+        let state = {
+            let mut judged = self.member.judged();
+            judged.outlier.success();
+            judged.breaker.record(now, true, self.pool.breaker);
+            judged.breaker.state(now, self.pool.breaker)
+        };
+        self.pool.show_breaker(&self.member, state);
     }
 
     /// The upstream failed: it may leave rotation, and its breaker may open.
@@ -145,15 +160,15 @@ impl Lease {
         let member = &self.member;
         let now = now_ms();
         let members = self.pool.members();
-        let ejected_now = members
-            .iter()
-            .filter(|m| m.outlier.lock().expect("outlier lock").ejected(now));
+        // Counted before this upstream's lock is taken: never two upstream locks at once.
+        let ejected_now = members.iter().filter(|m| m.judged().outlier.ejected(now));
         let room = may_eject(ejected_now.count(), members.len(), self.pool.max_ejected_percent);
-        let ejected = member
-            .outlier
-            .lock()
-            .expect("outlier lock")
-            .failure(now, kind, self.pool.ejection, room);
+        let (ejected, state) = {
+            let mut judged = member.judged();
+            let ejected = judged.outlier.failure(now, kind, self.pool.ejection, room);
+            judged.breaker.record(now, false, self.pool.breaker);
+            (ejected, judged.breaker.state(now, self.pool.breaker))
+        };
         if ejected {
             tracing::warn!(upstream = %member.upstream.address, ?kind, "upstream ejected");
             self.pool
@@ -162,9 +177,6 @@ impl Lease {
                 .get_or_create(&self.pool.labels(member))
                 .inc();
         }
-        let mut breaker = member.breaker.lock().expect("breaker lock");
-        breaker.record(now, false, self.pool.breaker);
-        let state = breaker.state(now, self.pool.breaker);
         if state == BreakerState::Open {
             tracing::warn!(upstream = %member.upstream.address, "circuit breaker open");
         }
@@ -175,7 +187,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.recorded.load(Ordering::Relaxed) {
-            self.member.breaker.lock().expect("breaker lock").release();
+            self.member.judged().breaker.release();
         }
         self.member.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -275,7 +287,7 @@ impl Pool {
                 .pick(&candidates, client, rand::random())?;
             let member = chosen_from[chosen];
             // A half-open breaker lets only a few probes through at once.
-            if !panic_mode && !member.breaker.lock().expect("breaker lock").allow(now, self.breaker) {
+            if !panic_mode && !member.judged().breaker.allow(now, self.breaker) {
                 passed.push(&member.upstream.address);
                 continue;
             }
@@ -294,9 +306,11 @@ impl Pool {
         self.members()
             .iter()
             .map(|m| {
-                let ejected = m.outlier.lock().expect("outlier lock").ejected(now);
-                let breaker = m.breaker.lock().expect("breaker lock").state(now, self.breaker);
-                let check = m.checked.lock().expect("check lock").health();
+                let (ejected, breaker, check) = {
+                    let mut judged = m.judged();
+                    let breaker = judged.breaker.state(now, self.breaker);
+                    (judged.outlier.ejected(now), breaker, judged.checked.health())
+                };
                 Standing {
                     address: m.upstream.address.clone(),
                     active: m.active.load(Ordering::Relaxed),
@@ -324,11 +338,7 @@ impl Pool {
         let Some(member) = self.members().iter().find(|m| m.upstream.address == address).cloned() else {
             return;
         };
-        let changed = member
-            .checked
-            .lock()
-            .expect("check lock")
-            .observe(now_ms(), ok, thresholds);
+        let changed = member.judged().checked.observe(now_ms(), ok, thresholds);
         if let Some(health) = changed {
             tracing::warn!(listener = %self.listener, upstream = %address, ?health, "active check verdict");
             let up = i64::from(health == Health::Up);
