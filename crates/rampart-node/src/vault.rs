@@ -39,10 +39,6 @@ const CHUNKS_AHEAD: usize = 2;
 const SEALERS: usize = 2;
 /// How much of a failed service backup command's stderr its error keeps.
 const COMMAND_ERROR_BYTES: usize = 1024;
-/// Room for the largest string a state holds (a value; keys, names and events are
-/// smaller), for decoding a state as it streams. Allocated zeroed, so only what a value
-/// uses is ever resident.
-const DECODE_SCRATCH_BYTES: usize = rampart_core::limits::VALUE_BYTES_CEILING + (64 << 10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -627,7 +623,7 @@ impl Vault {
         drop(writer);
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-            let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+            let mut scratch = vec![0u8; rampart_store::state_machine::DECODE_SCRATCH_BYTES];
             rampart_store::check_encoded(std::io::BufReader::new(file), &mut scratch)
         })
         .await

@@ -13,8 +13,6 @@ pub mod log_store;
 pub mod state;
 pub mod state_machine;
 
-use std::io::Cursor;
-
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use log_store::LogStore;
 pub use state::{check_encoded, checksum_text, Checksum, State};
@@ -28,7 +26,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

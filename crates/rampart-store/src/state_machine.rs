@@ -7,12 +7,14 @@
 //! after it. Serialising and writing a snapshot happen on a blocking thread, never on the
 //! async workers, and never under redb's write lock: a snapshot of a large state must not
 //! stall heartbeats or log appends, or every node (they snapshot at the same index) would
-//! go quiet at once and call an election. Recent changes are kept in a bounded history so
+//! go quiet at once and call an election. A snapshot is encoded straight into its file,
+//! sent to a follower from that file in chunks, received into a file and decoded as it is
+//! read: never a second copy of the state in memory. Recent changes are kept in a bounded history so
 //! a watch can resume from an older revision; a watch from before the history answers
 //! "compacted".
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -31,6 +33,13 @@ use crate::{NodeId, StorageError, TypeConfig};
 
 /// The snapshot file's name, beside the redb file.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// Where a snapshot sent by the leader is written as it arrives, beside the redb file.
+const RECEIVING_FILE: &str = "snapshot.receiving";
+
+/// Room for the largest string a state holds (a value), for decoding a state as it
+/// streams from a file. Allocated zeroed, so only what a value uses is ever resident.
+pub const DECODE_SCRATCH_BYTES: usize = rampart_core::limits::VALUE_BYTES_CEILING + (64 << 10);
 
 /// How many changes a slow watcher may fall behind before it is cut off (it then resumes
 /// from its last revision, out of the history).
@@ -160,39 +169,23 @@ impl StateMachineStore {
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        match self.load_snapshot_bytes()? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(
-                postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?,
-            )),
-        }
+        read_snapshot(&self.snapshot_path)
     }
 
-    fn load_snapshot_bytes(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        match std::fs::read(self.snapshot_path.as_ref()) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
-        }
-    }
-
-    /// Encodes `stored` and writes it durably, on a blocking thread: temporary file, fsync,
-    /// rename, fsync of the directory, so a crash leaves either the old snapshot or the new
-    /// one. Hands back the snapshot and its encoding.
-    async fn persist(&self, stored: StoredSnapshot) -> Result<(StoredSnapshot, Vec<u8>), StorageError> {
+    /// Encodes `stored` and writes it durably, on a blocking thread, as it encodes (never
+    /// a second copy of the state in memory): temporary file, fsync, rename, fsync of the
+    /// directory, so a crash leaves either the old snapshot or the new one.
+    async fn persist(&self, stored: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
         let path = self.snapshot_path.clone();
         let signature = stored.meta.signature();
-        let write = move || -> std::io::Result<(StoredSnapshot, Vec<u8>)> {
-            let bytes = postcard::to_allocvec(&stored).map_err(std::io::Error::other)?;
+        let write = move || -> std::io::Result<StoredSnapshot> {
             let temp = path.with_extension("tmp");
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temp, path.as_ref())?;
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok((stored, bytes))
+            let mut writer = std::io::BufWriter::new(std::fs::File::create(&temp)?);
+            postcard::to_io(&stored, &mut writer).map_err(std::io::Error::other)?;
+            writer.flush()?;
+            writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            place(&temp, &path)?;
+            Ok(stored)
         };
         tokio::task::spawn_blocking(write)
             .await
@@ -200,6 +193,39 @@ impl StateMachineStore {
             .and_then(|written| written)
             .map_err(|e| StorageIOError::write_snapshot(Some(signature), &e).into())
     }
+
+    /// The snapshot file, open for reading from its start.
+    async fn open_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<Box<tokio::fs::File>, StorageError> {
+        tokio::fs::File::open(self.snapshot_path.as_ref())
+            .await
+            .map(Box::new)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e).into())
+    }
+}
+
+/// Decodes the snapshot file at `path` as it reads it; `None` if there is none.
+fn read_snapshot(path: &std::path::Path) -> Result<Option<StoredSnapshot>, StorageError> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+    };
+    let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+    postcard::from_io((std::io::BufReader::new(file), &mut scratch))
+        .map(|(stored, _)| Some(stored))
+        .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+}
+
+/// Renames `temp` over `path` and makes the rename durable.
+fn place(temp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(temp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -221,10 +247,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 state: applied.state.clone(),
             }
         };
-        let (stored, bytes) = self.persist(stored).await?;
+        let stored = self.persist(stored).await?;
+        // The file, not the state: openraft reads it in chunks to send to a follower.
+        let snapshot = self.open_snapshot(&stored.meta).await?;
         Ok(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot,
         })
     }
 }
@@ -279,32 +307,66 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        // Read back when it is complete: written and read through the same handle.
+        tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.snapshot_path.with_file_name(RECEIVING_FILE))
+            .await
+            .map(Box::new)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 
+    /// A snapshot from the leader: decoded as it is read from its file, written durably as
+    /// this node's own; the state becomes its state.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
-        let mut stored: StoredSnapshot =
-            postcard::from_bytes(&bytes).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        use std::io::Seek;
+        use tokio::io::AsyncWriteExt;
+        let failed =
+            |e: std::io::Error| -> StorageError { StorageIOError::read_snapshot(Some(meta.signature()), &e).into() };
+        snapshot.flush().await.map_err(failed)?;
+        let mut file = snapshot.into_std().await;
+        let decode = move || -> std::io::Result<StoredSnapshot> {
+            file.rewind()?;
+            let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+            postcard::from_io((std::io::BufReader::new(file), &mut scratch))
+                .map(|(stored, _)| stored)
+                .map_err(std::io::Error::other)
+        };
+        let mut stored = tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|decoded| decoded)
+            .map_err(failed)?;
         stored.meta = meta.clone();
-        let (stored, _bytes) = self.persist(stored).await?;
+        let stored = self.persist(stored).await?;
+        let _ = tokio::fs::remove_file(self.snapshot_path.with_file_name(RECEIVING_FILE)).await;
         self.replace(stored);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.load_snapshot_bytes()?.and_then(|bytes| {
-            let stored: StoredSnapshot = postcard::from_bytes(&bytes).ok()?;
-            Some(Snapshot {
-                meta: stored.meta,
-                snapshot: Box::new(Cursor::new(bytes)),
-            })
-        }))
+        // The meta is the file's first part: read it alone, not the state after it.
+        let path = self.snapshot_path.clone();
+        let meta = tokio::task::spawn_blocking(move || -> Option<SnapshotMeta<NodeId, BasicNode>> {
+            let file = std::fs::File::open(path.as_ref()).ok()?;
+            let mut scratch = vec![0u8; 64 << 10];
+            let (meta, _) = postcard::from_io((std::io::BufReader::new(file), &mut scratch)).ok()?;
+            Some(meta)
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(meta) = meta else { return Ok(None) };
+        let snapshot = self.open_snapshot(&meta).await?;
+        Ok(Some(Snapshot { meta, snapshot }))
     }
 }
 
@@ -381,5 +443,64 @@ mod tests {
         assert_eq!(applied.state, expected);
         assert_eq!(applied.last_applied.map(|id| id.index), Some(7));
         assert_eq!(applied.membership.membership().voter_ids().collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_received_in_pieces_is_installed_from_its_file() {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let dirs = [
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        ];
+        let (_log, mut leader) = crate::open(&dirs[0].path().join("n.redb"), 100, None).expect("open");
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), 5),
+            payload: EntryPayload::Normal(Batch {
+                commands: vec![put("a"), put("b")],
+            }),
+        };
+        leader.apply([entry]).await.expect("apply");
+        let mut built = leader.build_snapshot().await.expect("build");
+        let mut bytes = Vec::new();
+        built
+            .snapshot
+            .read_to_end(&mut bytes)
+            .await
+            .expect("read the snapshot file");
+
+        let (_log, mut follower) = crate::open(&dirs[1].path().join("n.redb"), 100, None).expect("open");
+        let mut receiving = follower.begin_receiving_snapshot().await.expect("begin");
+        let half = bytes.len() / 2;
+        for (offset, piece) in [(half, &bytes[half..]), (0, &bytes[..half])] {
+            receiving
+                .seek(std::io::SeekFrom::Start(offset as u64))
+                .await
+                .expect("seek");
+            receiving.write_all(piece).await.expect("write");
+        }
+        follower
+            .install_snapshot(&built.meta, receiving)
+            .await
+            .expect("install");
+        let expected = leader.applied.read().unwrap().state.clone();
+        assert_eq!(follower.applied.read().unwrap().state, expected);
+        assert_eq!(
+            follower.applied.read().unwrap().last_applied.map(|id| id.index),
+            Some(5)
+        );
+        assert!(
+            dirs[1].path().join(SNAPSHOT_FILE).exists(),
+            "installed as the node's own"
+        );
+        assert!(
+            !dirs[1].path().join(RECEIVING_FILE).exists(),
+            "the received file is gone"
+        );
+        let current = follower
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a snapshot");
+        assert_eq!(current.meta, built.meta);
     }
 }
