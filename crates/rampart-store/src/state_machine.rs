@@ -213,10 +213,17 @@ fn read_snapshot(path: &std::path::Path) -> Result<Option<StoredSnapshot>, Stora
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
     };
+    decode_snapshot(file)
+        .map(Some)
+        .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+}
+
+/// Decodes a snapshot from `file`, from where it stands, as it reads it.
+fn decode_snapshot(file: std::fs::File) -> std::io::Result<StoredSnapshot> {
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
     postcard::from_io((std::io::BufReader::new(file), &mut scratch))
-        .map(|(stored, _)| Some(stored))
-        .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+        .map(|(stored, _)| stored)
+        .map_err(std::io::Error::other)
 }
 
 /// Renames `temp` over `path` and makes the rename durable.
@@ -335,10 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut file = snapshot.into_std().await;
         let decode = move || -> std::io::Result<StoredSnapshot> {
             file.rewind()?;
-            let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
-            postcard::from_io((std::io::BufReader::new(file), &mut scratch))
-                .map(|(stored, _)| stored)
-                .map_err(std::io::Error::other)
+            decode_snapshot(file)
         };
         let mut stored = tokio::task::spawn_blocking(decode)
             .await
