@@ -90,6 +90,18 @@ impl Member {
     fn judged(&self) -> std::sync::MutexGuard<'_, Judged> {
         self.judged.lock().expect("upstream lock")
     }
+
+    /// Sets the breaker's gauge; written only when it changes (this runs per request).
+    fn show_breaker(&self, state: BreakerState) {
+        let value = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        if self.breaker_gauge.get() != value {
+            self.breaker_gauge.set(value);
+        }
+    }
 }
 
 /// One upstream's standing, for the health endpoints.
@@ -151,7 +163,7 @@ impl Lease {
             judged.breaker.record(now, true, self.pool.breaker);
             judged.breaker.state(now, self.pool.breaker)
         };
-        self.pool.show_breaker(&self.member, state);
+        self.member.show_breaker(state);
     }
 
     /// The upstream failed: it may leave rotation, and its breaker may open.
@@ -180,7 +192,7 @@ impl Lease {
         if state == BreakerState::Open {
             tracing::warn!(upstream = %member.upstream.address, "circuit breaker open");
         }
-        self.pool.show_breaker(member, state);
+        member.show_breaker(state);
     }
 }
 
@@ -350,18 +362,6 @@ impl Pool {
         UpstreamLabels {
             listener: self.listener.clone(),
             upstream: member.upstream.address.clone(),
-        }
-    }
-
-    /// Sets the breaker's gauge; written only when it changes (this runs per request).
-    fn show_breaker(&self, member: &Member, state: BreakerState) {
-        let value = match state {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        };
-        if member.breaker_gauge.get() != value {
-            member.breaker_gauge.set(value);
         }
     }
 
