@@ -233,11 +233,15 @@ impl Vault {
     /// region would write its own history into the source region's log archive (the same
     /// log indices, other writes) and its backups would count in the same retention.
     pub fn refuse_restored_from_here(&self, data_dir: &FsPath) -> Result<(), BackupError> {
-        let Ok(bytes) = std::fs::read(data_dir.join(ORIGIN_FILE)) else {
-            return Ok(());
+        let path = data_dir.join(ORIGIN_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Unreadable is not absent: the check is not skipped.
+            Err(e) => return Err(BackupError::Io(format!("{}: {e}", path.display()))),
         };
-        let origin: Origin = serde_json::from_slice(&bytes)
-            .map_err(|e| BackupError::Io(format!("{}: {e}", data_dir.join(ORIGIN_FILE).display())))?;
+        let origin: Origin =
+            serde_json::from_slice(&bytes).map_err(|e| BackupError::Io(format!("{}: {e}", path.display())))?;
         if origin.place == self.place {
             return Err(BackupError::SourceDestination {
                 backup: origin.backup,
