@@ -45,18 +45,26 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
 /// at once, others after their drain).
 pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Headers that concern one hop only (RFC 9110 7.6.1), never passed on.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that concern one hop only (RFC 9110 7.6.1), never passed on. Names, not strings:
+/// removing by a string parses it into a name first, for every header, on every request.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    hyper::header::PROXY_AUTHENTICATE,
+    hyper::header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
 ];
+
+/// Removes the hop-by-hop headers.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
 
 /// A listener's state as one worker sees it: its own kept upstream connections, everything else
 /// shared by every worker of the listener.
@@ -128,9 +136,10 @@ async fn serve_connection(shared: Arc<Shared>, stream: tokio::net::TcpStream, pe
         let peer_ip = peer_ip.clone();
         async move { Ok::<_, Infallible>(handle(&shared, request, peer, peer_ip).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // One buffer, one write(2) per response, rather than writev(2) of head and body.
+    builder.http1().writev(false);
+    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
 }
 
 /// One request, counted in the metrics.
@@ -286,9 +295,7 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    for name in HOP_BY_HOP {
-        parts.headers.remove(*name);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(before) => HeaderValue::from_str(&format!("{before}, {}", peer.ip())).ok(),
         None => Some(peer_ip),
@@ -346,9 +353,7 @@ async fn forward(
                     lease.succeeded();
                 }
                 let (mut parts, body) = response.into_parts();
-                for name in HOP_BY_HOP {
-                    parts.headers.remove(*name);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 // The lease lives as long as the response body streams.
                 let body = LeasedBody {
                     body,
