@@ -100,6 +100,17 @@ impl Conns {
                 },
             }
         }
+        // Opening a connection is the rare path: boxed, so the future of every request
+        // does not carry (and move) its state.
+        let mut sender = Box::pin(self.connect(authority)).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok((response, kept(sender))),
+            Err(e) => Err(Failed::Exchange(e.to_string())),
+        }
+    }
+
+    /// A new connection to `authority`, ready for a request.
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Full<Bytes>>, Failed> {
         let connect = tokio::net::TcpStream::connect(authority.as_str());
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
@@ -113,7 +124,7 @@ impl Conns {
         };
         let _ = stream.set_nodelay(true);
         // One buffer, one write(2) per request, rather than writev(2) of head and body.
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
@@ -121,9 +132,6 @@ impl Conns {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        match sender.send_request(request).await {
-            Ok(response) => Ok((response, kept(sender))),
-            Err(e) => Err(Failed::Exchange(e.to_string())),
-        }
+        Ok(sender)
     }
 }
