@@ -185,7 +185,7 @@ async fn admit_and_forward(
         }
     }
     if let Some(quota) = &shared.listener.quota {
-        if let Some(refusal) = Box::pin(charge(shared, quota, &request, peer)).await {
+        if let Some(refusal) = charge(shared, quota, &request, peer).await {
             return refusal;
         }
     }
