@@ -20,18 +20,19 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, HOST};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget};
 use tokio::net::TcpListener;
 
+use crate::h1;
 use crate::metrics::{ListenerLabels, Metrics, QuotaLabels, ShedLabels, StatusLabels};
 use crate::now_ms;
 use crate::pool::Pool;
 use crate::quota::{Counted, Standings};
 use crate::target::Target;
 use crate::tcp::Decrement;
-use crate::upstream::{Conns, Failed, Kept};
+use crate::upstream::{Conns, Failed, UpstreamBody};
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
@@ -310,6 +311,7 @@ async fn forward(
         .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let key = client_hash(peer.ip());
     let idempotent = idempotent(parts.method.as_str());
+    let head_request = parts.method == hyper::Method::HEAD;
     let pool = match choose_pool(shared, parts.method.as_str()) {
         Ok(pool) => pool,
         Err((code, message)) => return unavailable(code, &message),
@@ -323,18 +325,16 @@ async fn forward(
             break;
         };
         let authority = lease.authority();
-        let mut outgoing = Request::from_parts(parts.clone(), Full::new(body.clone()));
-        *outgoing.uri_mut() = Uri::from(path.clone());
-        *outgoing.version_mut() = hyper::Version::HTTP_11;
         let host = match &original_host {
             Some(host) => host.clone(),
             None => HeaderValue::from_str(authority.as_str()).expect("an authority is a header value"),
         };
-        outgoing.headers_mut().insert(HOST, host);
+        let outgoing = h1::encode_request(&parts.method, path.as_str(), &host, &parts.headers, &body);
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
         let sent = std::time::Instant::now();
+        let exchange = shared.conns.send(&authority, &outgoing, head_request, idempotent);
         let answer = tokio::select! {
-            answer = tokio::time::timeout(try_timeout, shared.conns.send(&authority, outgoing)) => answer,
+            answer = tokio::time::timeout(try_timeout, exchange) => answer,
             () = lease.closed() => {
                 lease.failed(Failure::Error);
                 return error(
@@ -345,7 +345,7 @@ async fn forward(
             }
         };
         let failure = match answer {
-            Ok(Ok((response, kept))) => {
+            Ok(Ok(response)) => {
                 shared.upstream_seconds.observe(sent.elapsed().as_secs_f64());
                 if response.status().is_server_error() {
                     lease.failed(Failure::Error);
@@ -354,12 +354,15 @@ async fn forward(
                 }
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if !body.is_reading() {
+                    // Whole already: the upstream is done with this request.
+                    return Response::from_parts(parts, body.boxed_unsync());
+                }
                 // The lease lives as long as the response body streams.
                 let body = LeasedBody {
                     body,
                     lease,
                     closing: None,
-                    kept: Some(kept),
                 };
                 return Response::from_parts(parts, body.boxed_unsync());
             }
@@ -438,24 +441,11 @@ pub(crate) fn unavailable(code: &str, message: &str) -> Response<Body> {
 /// and breaks off when the upstream leaves the pool (the client sees the response cut, not
 /// complete).
 struct LeasedBody {
-    body: Incoming,
+    body: UpstreamBody,
     lease: crate::pool::Lease,
     /// Made the first time the body has to wait, so a response that streams at once costs
     /// nothing more.
     closing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-    /// The upstream connection, given back once the body has been read to its end.
-    kept: Option<Kept>,
-}
-
-impl Drop for LeasedBody {
-    fn drop(&mut self) {
-        // A body not read to its end leaves its connection mid-response: it is closed.
-        if hyper::body::Body::is_end_stream(&self.body) {
-            if let Some(kept) = self.kept.take() {
-                kept.give_back();
-            }
-        }
-    }
 }
 
 impl hyper::body::Body for LeasedBody {
@@ -468,12 +458,7 @@ impl hyper::body::Body for LeasedBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
         use std::task::Poll;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(cx) {
-            if frame.is_none() {
-                if let Some(kept) = self.kept.take() {
-                    kept.give_back();
-                }
-            }
-            return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
+            return Poll::Ready(frame);
         }
         let body = &mut *self;
         let closing = body.closing.get_or_insert_with(|| Box::pin(body.lease.closing()));

@@ -9,6 +9,7 @@
 
 mod admin;
 mod checks;
+mod h1;
 mod http;
 mod metrics;
 mod pool;

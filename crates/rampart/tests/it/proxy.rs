@@ -636,6 +636,162 @@ quota = {{ default_tier = "free", scope = "cluster" }}
     assert!(metrics_count(&text, "rampart_proxy_quota_fallbacks_total", "api") >= 1.0);
 }
 
+/// A backend that frames its answer as the path says: `/length` (1 MiB, content-length,
+/// written in pieces), `/chunked` (chunks and a trailer), `/close` (the body ends when the
+/// connection does), `/continue` (a 100 Continue first), `/echo` (the request's body
+/// back); a HEAD gets a content-length and no body. Counts the connections it took.
+fn framing_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().expect("content-length"));
+                    while buf.len() < end + 4 + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..end + 4 + length).skip(end + 4).collect();
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    let writes: Vec<Vec<u8>> = match (method, path) {
+                        ("head", _) => vec![b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec()],
+                        (_, "/length") => {
+                            let mut writes =
+                                vec![format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 1 << 20).into_bytes()];
+                            writes.extend(big_body().chunks(64 * 1024).map(<[u8]>::to_vec));
+                            writes
+                        }
+                        (_, "/chunked") => vec![
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello".to_vec(),
+                            b"\r\n1;ext=x\r\n,\r\n".to_vec(),
+                            b"6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+                        ],
+                        (_, "/continue") => vec![
+                            b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+                            b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone".to_vec(),
+                        ],
+                        (_, "/echo") => {
+                            let mut answer =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                            answer.extend_from_slice(&body);
+                            vec![answer]
+                        }
+                        _ => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end")
+                                .await;
+                            return;
+                        }
+                    };
+                    for piece in writes {
+                        if stream.write_all(&piece).await.is_err() {
+                            return;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// 1 MiB that is not one byte repeated.
+fn big_body() -> Vec<u8> {
+    (0..1u32 << 20).map(|i| (i % 251) as u8).collect()
+}
+
+/// One HTTP/1.1 exchange on `sender`: the status, headers and whole body.
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    sender.ready().await.expect("the connection to the proxy is open");
+    let response = sender.send_request(request).await.expect("a response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("a whole body").to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_of_every_framing_pass_through_whole_and_kept_connections_are_reused() {
+    let (backend, accepted) = framing_backend();
+    let (_proxy, _dir, port, _) = http_proxy(&[backend], "");
+    let stream = rampart_testkit::eventually(DEADLINE, "the proxy to listen", || async {
+        tokio::net::TcpStream::connect(port).await.ok()
+    })
+    .await;
+    // One client connection (so one proxy worker), one request at a time.
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let upload: Vec<u8> = big_body().into_iter().rev().collect();
+    for round in 0..3 {
+        let (status, _, body) = exchange(&mut sender, "GET", "/length", vec![]).await;
+        assert_eq!(status, 200);
+        assert!(
+            body == big_body(),
+            "round {round}: a content-length body of 1 MiB came back changed"
+        );
+        let (_, _, body) = exchange(&mut sender, "GET", "/chunked", vec![]).await;
+        assert_eq!(&body[..], b"hello, world", "round {round}");
+        let (status, headers, body) = exchange(&mut sender, "HEAD", "/anything", vec![]).await;
+        assert_eq!((status, body.len()), (200, 0));
+        assert_eq!(headers["content-length"], "100", "a HEAD answer keeps its length");
+        let (status, _, body) = exchange(&mut sender, "POST", "/continue", b"x".to_vec()).await;
+        assert_eq!((status, &body[..]), (201, &b"done"[..]));
+        let (_, _, body) = exchange(&mut sender, "POST", "/echo", upload.clone()).await;
+        assert!(
+            body == upload,
+            "round {round}: a request body of 1 MiB came back changed"
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection carries every exchange of one client connection"
+    );
+    // A body that ends with its connection comes whole, and that connection is not kept:
+    // the first took the kept one, the second needs a new one.
+    for _ in 0..2 {
+        let (_, _, body) = exchange(&mut sender, "GET", "/close", vec![]).await;
+        assert_eq!(&body[..], b"until the end");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_clients_are_served_over_http1_upstreams() {
     use http_body_util::BodyExt;
