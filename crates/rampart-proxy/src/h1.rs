@@ -18,20 +18,30 @@ pub const HEADERS_MAX: usize = 100;
 /// The longest chunk-size or trailer line.
 pub const LINE_BYTES_MAX: usize = 4 * 1024;
 
-/// The request line, `host`, the other fields as given (minus any `content-length`, which
-/// is written from the body), then the body: one buffer, so one write(2) for most requests.
-/// Several `cookie` fields (as HTTP/2 sends them) become one, joined by "; " (RFC 9113 8.2.3).
-pub fn encode_request(method: &Method, path: &str, host: &HeaderValue, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+/// The request line, `host`, the client's fields but those of one hop and `content-length`
+/// (written from the body), `x-forwarded-for` with `client` added, then the body: one
+/// buffer, so one write(2) for most requests. Several `cookie` fields (as HTTP/2 sends
+/// them) become one, joined by "; " (RFC 9113 8.2.3).
+pub fn encode_request(
+    method: &Method,
+    path: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    client: &HeaderValue,
+    body: &[u8],
+) -> Vec<u8> {
     let fields: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    let mut out = Vec::with_capacity(method.as_str().len() + path.len() + host.len() + fields + body.len() + 64);
+    let mut out = Vec::with_capacity(method.as_str().len() + path.len() + host.len() + fields + body.len() + 96);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let listed = connection_options(headers.get_all(CONNECTION).iter().map(HeaderValue::as_bytes));
     for name in headers.keys() {
-        if name == HOST || name == CONTENT_LENGTH {
+        let skipped = name == HOST || name == CONTENT_LENGTH || name.as_str() == "x-forwarded-for";
+        if skipped || hop_by_hop(name.as_str(), &listed) {
             continue;
         }
         let separator: &[u8] = if name == COOKIE { b"; " } else { b"" };
@@ -53,6 +63,14 @@ pub fn encode_request(method: &Method, path: &str, host: &HeaderValue, headers: 
         }
         out.extend_from_slice(b"\r\n");
     }
+    // The proxies before, then this client (as nginx's $proxy_add_x_forwarded_for).
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for before in headers.get_all("x-forwarded-for") {
+        out.extend_from_slice(before.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client.as_bytes());
+    out.extend_from_slice(b"\r\n");
     // Like hyper and curl: no `content-length: 0` on methods whose requests carry no body.
     let bodiless = matches!(
         *method,
@@ -72,6 +90,38 @@ fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Fields that concern one hop only (RFC 9110 7.6.1), never passed on: the fixed ones,
+/// and those the message's `connection` field names (`listed`).
+fn hop_by_hop(name: &str, listed: &[String]) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || listed.iter().any(|l| l == name)
+}
+
+/// The field names in `connection` values, lower case, but `close` and `keep-alive`
+/// (hop-by-hop anyway). Empty, without allocating, for nearly every message.
+fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    let mut listed = Vec::new();
+    for value in values {
+        for token in value.split(|b| *b == b',') {
+            let token = String::from_utf8_lossy(token.trim_ascii()).to_ascii_lowercase();
+            if !token.is_empty() && token != "close" && token != "keep-alive" {
+                listed.push(token);
+            }
+        }
+    }
+    listed
 }
 
 /// `n` in decimal, written at the end of `digits`.
@@ -111,8 +161,9 @@ pub struct Head {
 }
 
 /// The final response head at the front of `buf`, removed from it with any informational
-/// (1xx) heads before it; `None` until all of it has been read. The field values share the
-/// head's bytes rather than being copied.
+/// (1xx) heads before it; `None` until all of it has been read. Its fields are those to pass
+/// on: those of one hop are left out. Their values share the head's bytes rather than
+/// being copied.
 pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, String> {
     loop {
         // Where each field lies in `buf`, to be sliced once the head is split off.
@@ -148,14 +199,22 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
             continue;
         }
         let status = StatusCode::from_u16(status).map_err(|_| format!("sent status {status}, which is not one"))?;
+        let fields: Vec<(HeaderName, Bytes)> = fields
+            .into_iter()
+            .map(|(name, from, to)| (name, bytes.slice(from..to)))
+            .collect();
+        let (framing, reusable) = framing(status, &fields, head_request)?;
+        let keep_alive = reusable && keeps_alive(minor, &fields);
+        let listed = connection_options(values(&fields, &CONNECTION));
         let mut headers = HeaderMap::with_capacity(fields.len());
-        for (name, from, to) in fields {
-            let value = HeaderValue::from_maybe_shared(bytes.slice(from..to))
+        for (name, value) in fields {
+            if hop_by_hop(name.as_str(), &listed) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| format!("sent an invalid value for header {name}"))?;
             headers.append(name, value);
         }
-        let (framing, reusable) = framing(status, &headers, head_request)?;
-        let keep_alive = reusable && keeps_alive(minor, &headers);
         return Ok(Some(Head {
             status,
             headers,
@@ -165,22 +224,24 @@ pub fn take_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>,
     }
 }
 
+/// The values of the fields named `name`.
+fn values<'a>(fields: &'a [(HeaderName, Bytes)], name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    fields.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_ref())
+}
+
 /// The body's framing, and whether the connection is sound after it (RFC 9112 6.3).
-fn framing(status: StatusCode, headers: &HeaderMap, head_request: bool) -> Result<(Framing, bool), String> {
+fn framing(status: StatusCode, fields: &[(HeaderName, Bytes)], head_request: bool) -> Result<(Framing, bool), String> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, true));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let chunked_last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    if let Some(last) = values(fields, &TRANSFER_ENCODING).last() {
+        let chunked_last = last
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         // Both framings at once may be an attempt at request smuggling: the connection is
         // not used again (RFC 9112 6.1).
-        let sound = !headers.contains_key(CONTENT_LENGTH);
+        let sound = values(fields, &CONTENT_LENGTH).next().is_none();
         return Ok(if chunked_last {
             (Framing::Chunked, sound)
         } else {
@@ -188,8 +249,8 @@ fn framing(status: StatusCode, headers: &HeaderMap, head_request: bool) -> Resul
         });
     }
     let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
+    for value in values(fields, &CONTENT_LENGTH) {
+        for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
             let parsed = std::str::from_utf8(part)
                 .ok()
@@ -209,19 +270,16 @@ fn framing(status: StatusCode, headers: &HeaderMap, head_request: bool) -> Resul
 }
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only if told `keep-alive`.
-fn keeps_alive(minor: u8, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+fn keeps_alive(minor: u8, fields: &[(HeaderName, Bytes)]) -> bool {
+    let has = |token: &[u8]| {
+        values(fields, &CONNECTION)
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
     };
     if minor >= 1 {
-        !has("close")
+        !has(b"close")
     } else {
-        has("keep-alive")
+        has(b"keep-alive")
     }
 }
 
@@ -344,40 +402,40 @@ mod tests {
     }
 
     #[test]
-    fn a_request_is_written_with_host_and_its_body_length() {
+    fn a_request_is_written_with_host_its_body_length_and_the_client_added_to_x_forwarded_for() {
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("ignored"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         headers.append(COOKIE, HeaderValue::from_static("a=1"));
         headers.append(COOKIE, HeaderValue::from_static("b=2"));
-        let bytes = encode_request(
-            &Method::POST,
-            "/x?y=1",
-            &HeaderValue::from_static("svc"),
-            &headers,
-            b"hello",
-        );
+        for hop in ["keep-alive", "te", "transfer-encoding", "upgrade", "x-hop"] {
+            headers.insert(hop, HeaderValue::from_static("1"));
+        }
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade, X-Hop"));
+        let (host, client) = (HeaderValue::from_static("svc"), HeaderValue::from_static("10.0.0.2"));
+        let bytes = encode_request(&Method::POST, "/x?y=1", &host, &headers, &client, b"hello");
         assert_eq!(
             String::from_utf8(bytes).unwrap(),
-            "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\nx-forwarded-for: 10.0.0.1\r\ncookie: a=1; b=2\r\ncontent-length: 5\r\n\r\nhello"
+            "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\ncookie: a=1; b=2\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2\r\ncontent-length: 5\r\n\r\nhello"
         );
-        let get = encode_request(
-            &Method::GET,
-            "/",
-            &HeaderValue::from_static("svc"),
-            &HeaderMap::new(),
-            b"",
+        let get = encode_request(&Method::GET, "/", &host, &HeaderMap::new(), &client, b"");
+        assert_eq!(
+            String::from_utf8(get).unwrap(),
+            "GET / HTTP/1.1\r\nhost: svc\r\nx-forwarded-for: 10.0.0.2\r\n\r\n"
         );
-        assert_eq!(String::from_utf8(get).unwrap(), "GET / HTTP/1.1\r\nhost: svc\r\n\r\n");
-        let put = encode_request(
-            &Method::PUT,
-            "/",
-            &HeaderValue::from_static("svc"),
-            &HeaderMap::new(),
-            b"",
-        );
+        let put = encode_request(&Method::PUT, "/", &host, &HeaderMap::new(), &client, b"");
         assert!(String::from_utf8(put).unwrap().ends_with("content-length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn fields_of_one_hop_are_left_out_of_a_response() {
+        let raw = "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-hop\r\nkeep-alive: timeout=5\r\nx-hop: 1\r\n\
+                   transfer-encoding: chunked\r\nx-kept: 2\r\n\r\n";
+        let parsed = head(raw, false).0.unwrap().unwrap();
+        assert_eq!((parsed.framing, parsed.keep_alive), (Framing::Chunked, true));
+        let names: Vec<&str> = parsed.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     #[test]

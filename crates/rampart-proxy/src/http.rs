@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_core::proxy::{admit, client_hash, idempotent, Failure, Listener, Priority, Quota, QuotaKey, RetryBudget};
@@ -45,27 +45,6 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
 /// Why a response body broke off: its upstream failed, or left the pool (a demoted primary
 /// at once, others after their drain).
 pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Headers that concern one hop only (RFC 9110 7.6.1), never passed on. Names, not strings:
-/// removing by a string parses it into a name first, for every header, on every request.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    hyper::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    hyper::header::PROXY_AUTHENTICATE,
-    hyper::header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    hyper::header::TE,
-    hyper::header::TRAILER,
-    hyper::header::TRANSFER_ENCODING,
-    hyper::header::UPGRADE,
-];
-
-/// Removes the hop-by-hop headers.
-fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
 
 /// A listener's state as one worker sees it: its own kept upstream connections, everything else
 /// shared by every worker of the listener.
@@ -278,7 +257,7 @@ async fn forward(
     peer: SocketAddr,
     peer_ip: HeaderValue,
 ) -> Response<Body> {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let body = match Limited::new(body, BODY_BYTES_MAX).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
@@ -296,14 +275,6 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    strip_hop_by_hop(&mut parts.headers);
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(before) => HeaderValue::from_str(&format!("{before}, {}", peer.ip())).ok(),
-        None => Some(peer_ip),
-    };
-    if let Some(value) = forwarded_for {
-        parts.headers.insert(HeaderName::from_static("x-forwarded-for"), value);
-    }
     let path = parts
         .uri
         .path_and_query()
@@ -329,7 +300,7 @@ async fn forward(
             Some(host) => host.clone(),
             None => HeaderValue::from_str(authority.as_str()).expect("an authority is a header value"),
         };
-        let outgoing = h1::encode_request(&parts.method, path.as_str(), &host, &parts.headers, &body);
+        let outgoing = h1::encode_request(&parts.method, path.as_str(), &host, &parts.headers, &peer_ip, &body);
         let try_timeout = Duration::from_millis(shared.listener.try_timeout_ms);
         let sent = std::time::Instant::now();
         let exchange = shared.conns.send(&authority, &outgoing, head_request, idempotent);
@@ -352,8 +323,8 @@ async fn forward(
                 } else {
                     lease.succeeded();
                 }
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                // Its fields of one hop are already left out (`h1::take_head`).
+                let (parts, body) = response.into_parts();
                 if !body.is_reading() {
                     // Whole already: the upstream is done with this request.
                     return Response::from_parts(parts, body.boxed_unsync());

@@ -639,7 +639,8 @@ quota = {{ default_tier = "free", scope = "cluster" }}
 /// A backend that frames its answer as the path says: `/length` (1 MiB, content-length,
 /// written in pieces), `/chunked` (chunks and a trailer), `/close` (the body ends when the
 /// connection does), `/continue` (a 100 Continue first), `/echo` (the request's body
-/// back); a HEAD gets a content-length and no body. Counts the connections it took.
+/// back), `/headers` (the request's head, lower case, with fields of one hop in the
+/// answer); a HEAD gets a content-length and no body. Counts the connections it took.
 fn framing_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -692,6 +693,15 @@ fn framing_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic:
                             b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
                             b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone".to_vec(),
                         ],
+                        (_, "/headers") => {
+                            let mut answer = format!(
+                                "HTTP/1.1 200 OK\r\nconnection: x-out\r\nx-out: 1\r\nkeep-alive: timeout=5\r\ncontent-length: {}\r\n\r\n",
+                                end
+                            )
+                            .into_bytes();
+                            answer.extend_from_slice(head.as_bytes());
+                            vec![answer]
+                        }
                         (_, "/echo") => {
                             let mut answer =
                                 format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
@@ -782,6 +792,32 @@ async fn bodies_of_every_framing_pass_through_whole_and_kept_connections_are_reu
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "one upstream connection carries every exchange of one client connection"
+    );
+    // Fields of one hop stay on their hop, both ways; the client joins X-Forwarded-For.
+    let request = hyper::Request::get("/headers")
+        .header("host", "test")
+        .header("connection", "x-in")
+        .header("x-in", "1")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "10.9.9.9")
+        .header("x-kept", "yes")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    sender.ready().await.expect("the connection to the proxy is open");
+    let response = sender.send_request(request).await.expect("a response");
+    assert!(response.headers().get("x-out").is_none() && response.headers().get("keep-alive").is_none());
+    let seen = {
+        use http_body_util::BodyExt;
+        response.into_body().collect().await.expect("body").to_bytes()
+    };
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(
+        seen.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1") && seen.contains("x-kept: yes"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("x-in") && !seen.contains("te:") && !seen.contains("connection"),
+        "{seen}"
     );
     // A body that ends with its connection comes whole, and that connection is not kept:
     // the first took the kept one, the second needs a new one.
