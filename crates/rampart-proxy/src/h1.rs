@@ -465,63 +465,54 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let framing_of = |raw: &str, head_request| {
-            let h = head(raw, head_request).0.unwrap().unwrap();
-            (h.framing, h.keep_alive)
-        };
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 204 No Content\r\n\r\n", false),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 304 Not Modified\r\n\r\n", false),
-            (Framing::Empty, true)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", false),
-            (Framing::Chunked, true)
-        );
-        assert_eq!(
-            framing_of(
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
-                false
+        // (head, to a HEAD request, framing, connection kept)
+        let cases = [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 5", true, Framing::Empty, true),
+            ("HTTP/1.1 204 No Content", false, Framing::Empty, true),
+            ("HTTP/1.1 304 Not Modified", false, Framing::Empty, true),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked",
+                false,
+                Framing::Chunked,
+                true,
             ),
-            (Framing::Chunked, false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false),
-            (Framing::UntilClose, false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\n\r\n", false),
-            (Framing::UntilClose, false)
-        );
-        assert_eq!(
-            framing_of(
-                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\n",
-                false
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3",
+                false,
+                Framing::Chunked,
+                false,
             ),
-            (Framing::Length(3), false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n", false),
-            (Framing::Length(3), false)
-        );
-        assert_eq!(
-            framing_of(
-                "HTTP/1.0 200 OK\r\ncontent-length: 3\r\nconnection: Keep-Alive\r\n\r\n",
-                false
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip",
+                false,
+                Framing::UntilClose,
+                false,
             ),
-            (Framing::Length(3), true)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n", false),
-            (Framing::Length(3), true)
-        );
+            ("HTTP/1.1 200 OK", false, Framing::UntilClose, false),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close",
+                false,
+                Framing::Length(3),
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 3", false, Framing::Length(3), false),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 3\r\nconnection: Keep-Alive",
+                false,
+                Framing::Length(3),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 3, 3",
+                false,
+                Framing::Length(3),
+                true,
+            ),
+        ];
+        for (raw, head_request, framing, keep_alive) in cases {
+            let parsed = head(&format!("{raw}\r\n\r\n"), head_request).0.unwrap().unwrap();
+            assert_eq!((parsed.framing, parsed.keep_alive), (framing, keep_alive), "{raw:?}");
+        }
         for bad in [
             "content-length: 3\r\ncontent-length: 4",
             "content-length: -1",
