@@ -7,6 +7,8 @@
 //! Limits: a response head of at most [`HEAD_BYTES_MAX`] bytes and [`HEADERS_MAX`]
 //! fields, a chunk-size line of at most [`LINE_BYTES_MAX`] bytes.
 
+use std::io::Write;
+
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use hyper::{HeaderMap, Method, StatusCode};
@@ -44,51 +46,42 @@ pub fn encode_request(
         if skipped || hop_by_hop(name.as_str(), &listed) {
             continue;
         }
-        let separator: &[u8] = if name == COOKIE { b"; " } else { b"" };
-        let mut values = headers.get_all(name).iter();
-        if separator.is_empty() {
+        let values = headers.get_all(name).iter().map(HeaderValue::as_bytes);
+        if name == COOKIE {
+            field(&mut out, name.as_str(), values, b"; ");
+        } else {
             for value in values {
-                field(&mut out, name, value.as_bytes());
+                field(&mut out, name.as_str(), std::iter::once(value), b"");
             }
-            continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        if let Some(first) = values.next() {
-            out.extend_from_slice(first.as_bytes());
-        }
-        for value in values {
-            out.extend_from_slice(separator);
-            out.extend_from_slice(value.as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
     }
     // The proxies before, then this client (as nginx's $proxy_add_x_forwarded_for).
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for before in headers.get_all("x-forwarded-for") {
-        out.extend_from_slice(before.as_bytes());
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let before = headers.get_all("x-forwarded-for").iter().map(HeaderValue::as_bytes);
+    field(&mut out, "x-forwarded-for", before.chain([client.as_bytes()]), b", ");
     // Like hyper and curl: no `content-length: 0` on methods whose requests carry no body.
     let bodiless = matches!(
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
     );
     if !body.is_empty() || !bodiless {
-        let mut digits = [0; 20];
-        field(&mut out, &CONTENT_LENGTH, format_len(&mut digits, body.len()));
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "content-length: {}\r\n", body.len());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out
 }
 
-fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
+/// One field line, its values joined by `separator`.
+fn field<'a>(out: &mut Vec<u8>, name: &str, values: impl Iterator<Item = &'a [u8]>, separator: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            out.extend_from_slice(separator);
+        }
+        out.extend_from_slice(value);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -114,27 +107,14 @@ fn hop_by_hop(name: &str, listed: &[String]) -> bool {
 fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
     let mut listed = Vec::new();
     for value in values {
-        for token in value.split(|b| *b == b',') {
-            let token = String::from_utf8_lossy(token.trim_ascii()).to_ascii_lowercase();
-            if !token.is_empty() && token != "close" && token != "keep-alive" {
-                listed.push(token);
+        for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            let usual = token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive");
+            if !token.is_empty() && !usual {
+                listed.push(String::from_utf8_lossy(token).to_ascii_lowercase());
             }
         }
     }
     listed
-}
-
-/// `n` in decimal, written at the end of `digits`.
-fn format_len(digits: &mut [u8; 20], mut n: usize) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[at..];
-        }
-    }
 }
 
 /// How a response's body ends (RFC 9112 6.3).

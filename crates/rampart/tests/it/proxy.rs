@@ -733,18 +733,24 @@ fn big_body() -> Vec<u8> {
     (0..1u32 << 20).map(|i| (i % 251) as u8).collect()
 }
 
-/// One HTTP/1.1 exchange on `sender`: the status, headers and whole body.
+/// One HTTP/1.1 exchange on `sender`, with `headers` besides `host`: the status, headers
+/// and whole body.
 async fn exchange(
     sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> (u16, hyper::HeaderMap, bytes::Bytes) {
     use http_body_util::BodyExt;
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "test")
+        .header("host", "test");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .expect("request");
     sender.ready().await.expect("the connection to the proxy is open");
@@ -769,20 +775,20 @@ async fn bodies_of_every_framing_pass_through_whole_and_kept_connections_are_reu
     tokio::spawn(connection);
     let upload: Vec<u8> = big_body().into_iter().rev().collect();
     for round in 0..3 {
-        let (status, _, body) = exchange(&mut sender, "GET", "/length", vec![]).await;
+        let (status, _, body) = exchange(&mut sender, "GET", "/length", &[], vec![]).await;
         assert_eq!(status, 200);
         assert!(
             body == big_body(),
             "round {round}: a content-length body of 1 MiB came back changed"
         );
-        let (_, _, body) = exchange(&mut sender, "GET", "/chunked", vec![]).await;
+        let (_, _, body) = exchange(&mut sender, "GET", "/chunked", &[], vec![]).await;
         assert_eq!(&body[..], b"hello, world", "round {round}");
-        let (status, headers, body) = exchange(&mut sender, "HEAD", "/anything", vec![]).await;
+        let (status, headers, body) = exchange(&mut sender, "HEAD", "/anything", &[], vec![]).await;
         assert_eq!((status, body.len()), (200, 0));
         assert_eq!(headers["content-length"], "100", "a HEAD answer keeps its length");
-        let (status, _, body) = exchange(&mut sender, "POST", "/continue", b"x".to_vec()).await;
+        let (status, _, body) = exchange(&mut sender, "POST", "/continue", &[], b"x".to_vec()).await;
         assert_eq!((status, &body[..]), (201, &b"done"[..]));
-        let (_, _, body) = exchange(&mut sender, "POST", "/echo", upload.clone()).await;
+        let (_, _, body) = exchange(&mut sender, "POST", "/echo", &[], upload.clone()).await;
         assert!(
             body == upload,
             "round {round}: a request body of 1 MiB came back changed"
@@ -794,22 +800,15 @@ async fn bodies_of_every_framing_pass_through_whole_and_kept_connections_are_reu
         "one upstream connection carries every exchange of one client connection"
     );
     // Fields of one hop stay on their hop, both ways; the client joins X-Forwarded-For.
-    let request = hyper::Request::get("/headers")
-        .header("host", "test")
-        .header("connection", "x-in")
-        .header("x-in", "1")
-        .header("te", "trailers")
-        .header("x-forwarded-for", "10.9.9.9")
-        .header("x-kept", "yes")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .expect("request");
-    sender.ready().await.expect("the connection to the proxy is open");
-    let response = sender.send_request(request).await.expect("a response");
-    assert!(response.headers().get("x-out").is_none() && response.headers().get("keep-alive").is_none());
-    let seen = {
-        use http_body_util::BodyExt;
-        response.into_body().collect().await.expect("body").to_bytes()
-    };
+    let sent = [
+        ("connection", "x-in"),
+        ("x-in", "1"),
+        ("te", "trailers"),
+        ("x-forwarded-for", "10.9.9.9"),
+        ("x-kept", "yes"),
+    ];
+    let (_, headers, seen) = exchange(&mut sender, "GET", "/headers", &sent, vec![]).await;
+    assert!(headers.get("x-out").is_none() && headers.get("keep-alive").is_none());
     let seen = String::from_utf8_lossy(&seen);
     assert!(
         seen.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1") && seen.contains("x-kept: yes"),
@@ -822,7 +821,7 @@ async fn bodies_of_every_framing_pass_through_whole_and_kept_connections_are_reu
     // A body that ends with its connection comes whole, and that connection is not kept:
     // the first took the kept one, the second needs a new one.
     for _ in 0..2 {
-        let (_, _, body) = exchange(&mut sender, "GET", "/close", vec![]).await;
+        let (_, _, body) = exchange(&mut sender, "GET", "/close", &[], vec![]).await;
         assert_eq!(&body[..], b"until the end");
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
