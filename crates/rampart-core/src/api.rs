@@ -85,16 +85,6 @@ pub struct QuotaTakeRequest {
     pub daily: Option<u64>,
 }
 
-impl QuotaTakeRequest {
-    pub fn limits(&self) -> crate::proxy::TierSpec {
-        crate::proxy::TierSpec {
-            rate: self.rate,
-            burst: self.burst,
-            daily: self.daily,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaTakeResponse {
     /// Requests counted for this client today, this one included.

@@ -118,6 +118,15 @@ pub struct TierSpec {
 }
 
 impl TierSpec {
+    /// The limits a `POST /v1/quotas/{name}/take` request carries.
+    pub fn of_request(request: &crate::api::QuotaTakeRequest) -> TierSpec {
+        TierSpec {
+            rate: request.rate,
+            burst: request.burst,
+            daily: request.daily,
+        }
+    }
+
     /// The tier, or the field under `path` (empty: the fields by themselves, as in an
     /// API request) that is wrong.
     pub fn validate(&self, path: &str) -> Result<Tier, FieldError> {

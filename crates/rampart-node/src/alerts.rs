@@ -9,7 +9,7 @@ use std::time::Duration;
 use rampart_core::api::Event;
 use tokio::sync::mpsc;
 
-use crate::Shared;
+use crate::node::Shared;
 
 /// Alerts waiting to be sent; beyond this they are dropped (and counted).
 pub const QUEUE_MAX: usize = 1024;

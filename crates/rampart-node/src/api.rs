@@ -14,13 +14,14 @@ use axum::{Extension, Json, Router};
 use openraft::{BasicNode, ServerState};
 use rampart_core::api::*;
 use rampart_store::{Op, Outcome};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::tokens::audit;
-use crate::{auth, backups, forward, now_ms, quotas, services, switchover, tokens, verdicts, watch, Shared};
+use crate::controllers::{backups, switchover, verdicts};
+use crate::error::{check_name, parse_body, unexpected, ApiError};
+use crate::events::audit;
+use crate::node::{now_ms, Shared};
+use crate::{auth, events, forward, quotas, services, tokens, watch};
 use rampart_core::auth::{Role, Scope};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -29,8 +30,6 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// healthy client; above the maximum a crashed holder would block an election for too long.
 const LEASE_TTL_MS_MIN: u64 = 100;
 const LEASE_TTL_MS_MAX: u64 = 24 * 3600 * 1000;
-/// Names in requests: elections, candidates, quotas and their clients.
-const NAME_BYTES_MAX: usize = 256;
 /// Longest a campaign may wait for a busy election.
 const CAMPAIGN_WAIT_MS_MAX: u64 = 60_000;
 /// Items a range answers at most when no `limit` is given.
@@ -57,7 +56,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
-        .route("/v1/events", get(tokens::events).post(switchover::post_event))
+        .route("/v1/events", get(events::events).post(events::post_event))
         .route("/v1/services", get(services::list))
         .route("/v1/observations", post(verdicts::handle))
         .route(
@@ -93,24 +92,6 @@ pub fn router(node: Shared) -> Router {
         .layer(axum::middleware::from_fn_with_state(node.clone(), auth::authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
-}
-
-/// Parses a JSON body, turning every failure into a 400/413 with a JSON error.
-pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "request body is over --request-body-bytes-max",
-            )
-        } else {
-            ApiError::bad_request("bad_body", rejection.body_text())
-        }
-    })?;
-    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("request body is not valid JSON for this call: {e}")))
 }
 
 #[derive(Deserialize, Default)]
@@ -156,10 +137,6 @@ fn check_limits(node: &Shared, key: &str, value: Option<&str>) -> Result<(), Api
         limits.check_value(value).map_err(key_error)?;
     }
     Ok(())
-}
-
-pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
-    ApiError::internal(format!("unexpected outcome {outcome:?}"))
 }
 
 fn lease_not_found(id: u64) -> ApiError {
@@ -287,10 +264,10 @@ async fn keepalive(State(node): State<Shared>, Path(id): Path<String>) -> ApiRes
     if node.raft.metrics().borrow().state != ServerState::Leader {
         return Err(ApiError::not_leader());
     }
-    let live = crate::leases::live_leases(&node);
+    let live = crate::controllers::leases::live_leases(&node);
     let now = std::time::Instant::now();
     let mut clock = node.leases.lock().expect("lease lock");
-    crate::leases::sync(&mut clock, now, live);
+    crate::controllers::leases::sync(&mut clock, now, live);
     match clock.keepalive(now, id) {
         Ok(ttl) => Ok(Json(LeaseKeepaliveResponse {
             ttl_ms: ttl.as_millis() as u64,
@@ -328,18 +305,6 @@ async fn revoke_lease(State(node): State<Shared>, Path(id): Path<String>) -> Res
         Outcome::LeaseRevoked { found: false } => Err(lease_not_found(id)),
         other => Err(unexpected(other)),
     }
-}
-
-/// Names given in a request (elections, candidates, quotas, clients): 1 to
-/// [`NAME_BYTES_MAX`] bytes.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > NAME_BYTES_MAX {
-        return Err(ApiError::bad_request(
-            "bad_name",
-            format!("{what} must be 1 to {NAME_BYTES_MAX} bytes"),
-        ));
-    }
-    Ok(())
 }
 
 fn election_state(hold: &rampart_store::state::Hold) -> ElectionState {
@@ -635,29 +600,4 @@ async fn metrics(State(node): State<Shared>) -> Response {
         node.metrics.set_instances(&applied.state.services);
     }
     ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
-}
-
-/// Mirrors openraft's metrics into ours and counts leader changes.
-pub async fn track_raft_metrics(node: Shared) {
-    let mut rx = node.raft.metrics();
-    let mut last_leader = None;
-    loop {
-        let m = rx.borrow_and_update().clone();
-        node.metrics.term.set(m.current_term as i64);
-        node.metrics.is_leader.set(i64::from(m.state == ServerState::Leader));
-        node.metrics
-            .snapshot_index
-            .set(m.snapshot.map_or(0, |l| l.index) as i64);
-        node.metrics.purged_index.set(m.purged.map_or(0, |l| l.index) as i64);
-        if m.current_leader.is_some() && m.current_leader != last_leader {
-            if last_leader.is_some() {
-                node.metrics.leader_changes.inc();
-            }
-            tracing::info!(leader = ?m.current_leader, term = m.current_term, "leader known");
-            last_leader = m.current_leader;
-        }
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
 }

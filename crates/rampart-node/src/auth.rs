@@ -18,11 +18,10 @@ use axum::response::{IntoResponse, Response};
 use rampart_core::auth::{authorize, role_for, split_token, Denied, Grant, Role, Scope};
 use rampart_core::config::Security;
 use rampart_store::state::Token;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::{now_ms, Shared};
+use crate::node::{now_ms, Shared};
 
 /// Failed attempts a source may make in a burst, and how fast they drain.
 pub const FAILURES_BURST: u32 = 20;
@@ -84,22 +83,11 @@ fn forbidden(name: &str, denied: &Denied) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("token {name:?}: {denied}"))
 }
 
-/// SHA-256 of a token's secret: what the replicated state keeps.
-pub fn hash_secret(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.as_bytes()).into()
-}
-
-/// A fresh secret: 256 random bits, hex.
-pub fn new_secret() -> String {
-    let bytes: [u8; 32] = rand::random();
-    crate::hex(&bytes)
-}
-
 /// The token's record if `token` is valid on this node's applied state. The hash
 /// comparison takes the same time whether or not the name exists or the secret is close.
 fn verify(node: &Shared, token: &str) -> Option<(String, Token)> {
     let (name, secret) = split_token(token)?;
-    let presented = hash_secret(secret);
+    let presented = crate::secret::hash_secret(secret);
     let applied = node.applied.read().expect("state lock");
     let record = applied.state.tokens.get(name);
     let expected = record.map_or([0u8; 32], |r| r.hash);

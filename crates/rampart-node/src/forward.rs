@@ -1,6 +1,11 @@
 //! Any node accepts any request: requests that need the leader (writes, linearizable
 //! reads, keepalives) are forwarded to it by a follower, once. Only when no leader is known
 //! does the client get 503 `no_leader`.
+//!
+//! Also the one way a node calls another node's internal API itself (`call`): a report to
+//! the leader (probe views, hook runs, events) or the leader's request to a node (a service
+//! backup). Such a call is marked as forwarded, so it is served where it lands; on a TLS
+//! region the node certificate authenticates it.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -8,15 +13,21 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use std::time::Duration;
+
+use axum::body::Bytes;
+use rampart_store::NodeId;
+use serde::Serialize;
+
 use crate::auth::{Caller, FORWARDED_FOR_HEADER};
 use crate::error::ApiError;
-use crate::Shared;
+use crate::node::{Node, Shared};
 
 /// How long a forwarded switchover may take (hook timeouts and catch-up included).
-const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long a forwarded backup or verification may take (a large state streams to the store).
-const BACKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Marks a request a node forwarded, so it is never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-rampart-forwarded-by";
@@ -118,4 +129,70 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
         .headers_mut()
         .insert(FORWARDED_HEADER, HeaderValue::from(node.id));
     Ok(response)
+}
+
+/// Which node an internal call goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum To {
+    /// The leader this node knows now.
+    Leader,
+    Node(NodeId),
+}
+
+/// Why an internal call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no leader is known")]
+    NoLeader,
+    #[error("node {0} is not a member")]
+    NotMember(NodeId),
+    #[error("node {node}: {message}")]
+    Send { node: NodeId, message: String },
+    #[error("node {node} answered {status}: {body}")]
+    Refused {
+        node: NodeId,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+/// POSTs `body` as JSON to `path` on another node and returns its answer's body. The
+/// client's own timeout (the request timeout and a second) applies unless `timeout` is given.
+/// The caller handles the case where the target is this node itself.
+pub async fn call(
+    node: &Node,
+    to: To,
+    path: &str,
+    body: &impl Serialize,
+    timeout: Option<Duration>,
+) -> Result<Bytes, CallError> {
+    let target = match to {
+        To::Leader => node.known_leader().ok_or(CallError::NoLeader)?,
+        To::Node(id) => id,
+    };
+    let addr = node.address_of(target).ok_or(CallError::NotMember(target))?;
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let mut request = node
+        .http
+        .post(format!("{scheme}://{addr}{path}"))
+        .header(FORWARDED_HEADER, node.id.to_string())
+        .json(body);
+    if let Some(timeout) = timeout {
+        request = request.timeout(timeout);
+    }
+    let send_error = |e: reqwest::Error| CallError::Send {
+        node: target,
+        message: e.to_string(),
+    };
+    let answer = request.send().await.map_err(send_error)?;
+    let status = answer.status();
+    let bytes = answer.bytes().await.map_err(send_error)?;
+    if !status.is_success() {
+        return Err(CallError::Refused {
+            node: target,
+            status,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        });
+    }
+    Ok(bytes)
 }

@@ -6,43 +6,40 @@
 mod alerts;
 mod api;
 mod auth;
-pub mod backups;
 pub mod certs;
-mod elector;
+mod controllers;
 mod error;
+mod events;
 mod forward;
-mod hooks;
 mod http_probe;
-mod leases;
 mod metrics;
+mod node;
 mod peer;
-mod primaries;
-mod prober;
+mod pipe;
 mod proposer;
 mod quotas;
 pub mod sample;
+mod secret;
 mod server;
 mod services;
-mod supervisor;
-mod switchover;
+mod soft;
 pub mod tls;
 mod tokens;
 pub mod vault;
-mod verdicts;
 mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use openraft::error::RaftError;
-use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, SnapshotPolicy};
 use proposer::Proposer;
 use rampart_core::config::{NodeConfig, Security};
 use rampart_core::lease::LeaseClock;
-use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
+use rampart_store::{NodeId, Raft};
 
+pub use controllers::backups::check_schedules as check_backup_schedules;
 pub use error::ApiError;
 use metrics::Metrics;
 
@@ -63,117 +60,6 @@ pub enum NodeError {
     Tls(#[from] tls::TlsError),
     #[error("refusing to start: {0}")]
     Backup(#[from] vault::BackupError),
-}
-
-/// Everything a request handler or controller of one node needs.
-pub(crate) struct Node {
-    pub id: NodeId,
-    pub config: NodeConfig,
-    pub raft: Raft,
-    pub sm: StateMachineStore,
-    pub applied: Arc<RwLock<Applied>>,
-    pub leases: Mutex<LeaseClock>,
-    pub http: reqwest::Client,
-    pub metrics: Arc<Metrics>,
-    pub watchers: AtomicUsize,
-    pub links: Arc<peer::PeerLinks>,
-    pub proposer: Proposer,
-    /// `Some` when the node runs with TLS (and tokens).
-    pub tls: Option<tls::NodeTls>,
-    pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
-    /// Runs this node's health probes of instances (HTTP checks).
-    pub probe_http: reqwest::Client,
-    /// Services with a switchover running on this (leader) node: the failover controller
-    /// leaves them alone while the role is between holders.
-    pub switchovers: Mutex<std::collections::BTreeSet<String>>,
-    /// Alerts waiting for the webhook sender (bounded).
-    pub alerts: tokio::sync::mpsc::Sender<rampart_core::api::Event>,
-    /// Leader-only soft state: node views, heartbeats and lags of instances.
-    pub soft: Mutex<verdicts::Soft>,
-    /// `Some` with a `[backup]` section: its destination and key.
-    pub backups: Option<backups::Backups>,
-    /// Reads committed log entries for the log archive.
-    pub log: rampart_store::LogStore,
-}
-
-pub(crate) type Shared = Arc<Node>;
-
-/// Bytes as lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-impl Node {
-    /// The service registry's local change counter: work derived from the registry is
-    /// rebuilt only when it moves (`Applied::services_version`).
-    pub fn services_version(&self) -> u64 {
-        self.applied.read().expect("state lock").services_version
-    }
-
-    /// The leader this node currently knows, if any. A leader that has not heard from a
-    /// majority for longer than the election timeout does not count itself: it is likely
-    /// cut off, and answering `no_leader` at once beats letting the client time out.
-    pub fn known_leader(&self) -> Option<NodeId> {
-        let receiver = self.raft.metrics();
-        let metrics = receiver.borrow();
-        let leader = metrics.current_leader?;
-        if leader == self.id && metrics.state == ServerState::Leader {
-            let quorum_ms = metrics.millis_since_quorum_ack.unwrap_or(u64::MAX);
-            let single = metrics.membership_config.membership().voter_ids().count() == 1;
-            if !single && quorum_ms > self.config.election_timeout.as_millis() as u64 * 2 {
-                return None;
-            }
-        }
-        Some(leader)
-    }
-
-    /// How this node reaches peer `id`: its `--peer-via` override, else the member address.
-    pub fn address_of(&self, id: NodeId) -> Option<String> {
-        if let Some(via) = self.config.peer_via.get(&id) {
-            return Some(via.to_string());
-        }
-        let metrics = self.raft.metrics().borrow().clone();
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.addr.clone())
-    }
-
-    /// Proposes one command and waits for it to be applied, within the request timeout.
-    /// Concurrent proposals share Raft entries (see `proposer.rs`).
-    pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
-        let started = std::time::Instant::now();
-        let command = Command { at_ms: now_ms(), op };
-        let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
-        self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(outcome)
-    }
-
-    /// Waits until this node may serve a linearizable read (ReadIndex: leadership confirmed
-    /// by a majority, and everything committed before the read applied).
-    pub async fn read_barrier(&self) -> Result<(), ApiError> {
-        let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(ApiError::timeout("the read", timeout)),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_)))) => {
-                Err(ApiError::not_leader())
-            }
-            Ok(Err(e)) => Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "no_quorum",
-                format!("leadership could not be confirmed by a majority: {e}"),
-            )),
-        }
-    }
 }
 
 fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
@@ -202,7 +88,7 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     // A missing or unusable backup key stops the node before it touches anything, not at
     // its first backup.
-    let backups = config.backup.as_ref().map(backups::Backups::open).transpose()?;
+    let backups = config.backup.as_ref().map(vault::Backups::open).transpose()?;
     if let Some(backups) = &backups {
         backups.vault.refuse_restored_from_here(&config.data_dir)?;
     }
@@ -288,7 +174,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
 
     let (alerts, alert_queue) = tokio::sync::mpsc::channel(alerts::QUEUE_MAX);
     let proposer = Proposer::start(raft.clone(), metrics.clone(), config.request_timeout);
-    let node = Arc::new(Node {
+    let node = Arc::new(node::Node {
         id: config.id,
         applied: sm.applied(),
         sm,
@@ -311,7 +197,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?,
-        soft: Mutex::new(verdicts::Soft::default()),
+        soft: Mutex::new(soft::Soft::default()),
         backups,
         log: log_reader,
         switchovers: Mutex::new(std::collections::BTreeSet::new()),
@@ -324,25 +210,11 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     });
     tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");
 
-    let controllers = [
-        tokio::spawn(leases::run_expiry(node.clone())),
-        tokio::spawn(elector::run(node.clone())),
-        tokio::spawn(api::track_raft_metrics(node.clone())),
-        tokio::spawn(tokens::run_bootstrap(node.clone())),
-        tokio::spawn(prober::run(node.clone())),
-        tokio::spawn(verdicts::run(node.clone())),
-        tokio::spawn(hooks::run(node.clone())),
-        tokio::spawn(primaries::run(node.clone())),
-        tokio::spawn(alerts::run(node.clone(), alert_queue)),
-        tokio::spawn(supervisor::run(node.clone())),
-        tokio::spawn(services::register_configured(node.clone())),
-        tokio::spawn(backups::run(node.clone())),
-        tokio::spawn(backups::archive(node.clone())),
-        tokio::spawn(server::serve(listener, node.clone())),
-    ];
+    let mut tasks = controllers::spawn(&node, alert_queue);
+    tasks.push(tokio::spawn(server::serve(listener, node.clone())));
     shutdown_signal().await;
     tracing::info!("shutting down");
-    for task in controllers {
+    for task in tasks {
         task.abort();
     }
     let _ = raft.shutdown().await;

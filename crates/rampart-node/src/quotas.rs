@@ -9,11 +9,11 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rampart_core::api::{QuotaTakeRequest, QuotaTakeResponse};
+use rampart_core::proxy::TierSpec;
 use rampart_store::{Op, Outcome};
 
-use crate::api::{check_name, parse_body, unexpected};
-use crate::error::ApiError;
-use crate::Shared;
+use crate::error::{check_name, parse_body, unexpected, ApiError};
+use crate::node::Shared;
 
 pub async fn take(
     State(node): State<Shared>,
@@ -23,8 +23,7 @@ pub async fn take(
     let request: QuotaTakeRequest = parse_body(body)?;
     check_name("quota name", &name)?;
     check_name("client", &request.client)?;
-    let tier = request
-        .limits()
+    let tier = TierSpec::of_request(&request)
         .validate("")
         .map_err(|e| ApiError::bad_request("bad_limits", e.to_string()))?;
     let op = Op::QuotaTake {

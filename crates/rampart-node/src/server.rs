@@ -14,9 +14,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
 use crate::auth::Connection;
+use crate::node::Shared;
 use crate::peer::{serve_peer, PeerTiming, PEER_MAGIC};
 use crate::tls::{is_node_certificate, PEER_ALPN};
-use crate::Shared;
 
 /// How long a new connection may take to send its first bytes or finish its handshake.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);

@@ -14,11 +14,10 @@ use rampart_core::service::{check_name, FieldError, InstanceRole, InstanceSpec, 
 use rampart_store::state::Service;
 use rampart_store::{Op, Outcome};
 
-use crate::api::{parse_body, unexpected};
 use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::tokens::audit;
-use crate::{now_ms, Shared};
+use crate::error::{parse_body, unexpected, ApiError};
+use crate::events::audit;
+use crate::node::{now_ms, Shared};
 
 fn invalid(code: &'static str, error: FieldError) -> ApiError {
     let field = error.field.clone();
@@ -141,7 +140,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(name: &str, service: &Service, soft: &crate::verdicts::Soft) -> ServiceView {
+fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),

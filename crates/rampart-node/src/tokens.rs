@@ -12,56 +12,24 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use rampart_core::api::{Event, EventsResponse, TokenCreateRequest, TokenCreated, TokenInfo, TokensResponse};
+use rampart_core::api::{TokenCreateRequest, TokenCreated, TokenInfo, TokensResponse};
 use rampart_core::auth::{check_token_name, Role};
 use rampart_core::config::Security;
 use rampart_store::{Op, Outcome};
-use serde::Deserialize;
 
-use crate::api::{parse_body, unexpected};
-use crate::auth::{hash_secret, new_secret, Caller};
-use crate::error::ApiError;
-use crate::Shared;
+use crate::auth::Caller;
+use crate::error::{parse_body, unexpected, ApiError};
+use crate::events::{audit, audit_event, record};
+use crate::node::Shared;
+use crate::secret::{hash_secret, new_secret};
 
 /// Name of the bootstrap admin token, and the file (in the data dir) holding it.
 pub const BOOTSTRAP_NAME: &str = "admin";
 pub const BOOTSTRAP_FILE: &str = "admin.token";
 const PREFIXES_MAX: usize = 16;
-
-/// Commits an audit event for an operator or admin action, after it ran. If no leader can
-/// take it, the action's own answer stands and the miss is logged (without secrets).
-pub async fn audit<T>(node: &Shared, caller: &Caller, action: &str, detail: String, result: &Result<T, ApiError>) {
-    let outcome = match result {
-        Ok(_) => "ok".to_string(),
-        Err(e) => format!("failed: {}: {}", e.code, e.message),
-    };
-    record(node, audit_event(action, &caller.name, &caller.source, outcome, detail)).await;
-}
-
-fn audit_event(action: &str, actor: &str, source: &str, outcome: String, detail: String) -> Event {
-    Event {
-        id: 0,
-        at_ms: 0,
-        kind: "audit".to_string(),
-        action: action.to_string(),
-        actor: actor.to_string(),
-        source: source.to_string(),
-        outcome,
-        detail,
-    }
-}
-
-pub(crate) async fn record(node: &Shared, event: Event) {
-    let action = event.action.clone();
-    match node.propose(Op::Record { event: event.clone() }).await {
-        // Committed events that call for an alert get one, from the leader that made them.
-        Ok(_) => crate::alerts::raise(node, &event),
-        Err(e) => tracing::warn!(action, "could not commit the event: {}", e.message),
-    }
-}
 
 pub async fn create(
     State(node): State<Shared>,
@@ -101,7 +69,7 @@ pub async fn create(
                 name: request.name.clone(),
                 role: request.role,
                 prefixes: request.prefixes.clone(),
-                created_ms: crate::now_ms(),
+                created_ms: crate::node::now_ms(),
             },
             token: format!("{}.{secret}", request.name),
         }),
@@ -158,36 +126,6 @@ pub async fn revoke(
     };
     audit(&node, &caller, "token.revoke", format!("name={name}"), &result).await;
     result.map(Json)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsQuery {
-    kind: Option<String>,
-    limit: Option<usize>,
-    /// `stale` answers from this node (forwarding reads it); otherwise from the leader.
-    #[allow(dead_code)]
-    consistency: Option<String>,
-}
-
-/// The newest events, oldest first (as DESIGN says: newest last).
-pub async fn events(
-    State(node): State<Shared>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<EventsResponse>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let limit = query.limit.unwrap_or(rampart_store::state::EVENTS_MAX);
-    let applied = node.applied.read().expect("state lock");
-    let matching: Vec<&Event> = applied
-        .state
-        .events
-        .iter()
-        .filter(|e| query.kind.as_deref().is_none_or(|k| e.kind == k))
-        .collect();
-    let skip = matching.len().saturating_sub(limit);
-    Ok(Json(EventsResponse {
-        events: matching.into_iter().skip(skip).cloned().collect(),
-    }))
 }
 
 /// Leader-only, on TLS nodes: gives a region that has never had one its first admin token,

@@ -117,7 +117,7 @@ impl Key {
             aead: Arc::new(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, bytes).expect("32 bytes is an AES-256 key"),
             )),
-            id: crate::hex(&digest[..8]),
+            id: crate::secret::hex(&digest[..8]),
         }
     }
 }
@@ -131,7 +131,7 @@ impl std::fmt::Debug for Key {
 /// A fresh key, as a key file holds it: 256 random bits as 64 hex digits (what
 /// `openssl rand -hex 32` prints; the same shape as a token secret).
 pub fn new_key_text() -> String {
-    crate::auth::new_secret()
+    crate::secret::new_secret()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -362,7 +362,7 @@ impl Vault {
             let mut message = Vec::new();
             let (uploaded, _) = tokio::join!(
                 self.upload(id, &kind, copy),
-                crate::hooks::read_bounded(&mut stderr, &mut message, COMMAND_ERROR_BYTES)
+                crate::pipe::read_bounded(&mut stderr, &mut message, COMMAND_ERROR_BYTES)
             );
             let status = child.wait().await.map_err(|e| failed(e.to_string()))?;
             if !status.success() {
@@ -419,7 +419,7 @@ impl Vault {
                     let stored = sealer.seal(index, &plain?);
                     let chunk = Chunk {
                         bytes: stored.len() as u64,
-                        sha256: crate::hex(&Sha256::digest(&stored)),
+                        sha256: crate::secret::hex(&Sha256::digest(&stored)),
                     };
                     Ok::<_, std::io::Error>((Bytes::from(stored), chunk))
                 })
@@ -572,7 +572,7 @@ impl Vault {
                         })?;
                     let expected = chunk.sha256.clone();
                     let checked = tokio::task::spawn_blocking(move || {
-                        let found = crate::hex(&Sha256::digest(&stored));
+                        let found = crate::secret::hex(&Sha256::digest(&stored));
                         if found != expected {
                             return Err(Some(found));
                         }
@@ -902,6 +902,31 @@ impl Vault {
             }
         }
         Ok(())
+    }
+}
+
+/// A node's backup machinery: its destination and key, one run at a time.
+pub struct Backups {
+    pub vault: Vault,
+    pub backup: Backup,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Backups {
+    /// Opens the destination and loads the key: a node whose key is missing or unusable
+    /// does not start.
+    pub fn open(backup: &Backup) -> Result<Backups, BackupError> {
+        Ok(Backups {
+            vault: Vault::open(backup)?,
+            backup: backup.clone(),
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The right to run a backup or a verification: one at a time per node (`None` while
+    /// one runs).
+    pub fn try_run(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.running.try_lock().ok()
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::Shared;
+use crate::node::Shared;
 use axum::Extension;
 use rampart_core::auth::{Role, Scope};
 

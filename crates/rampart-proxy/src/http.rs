@@ -32,7 +32,7 @@ use crate::pool::Pool;
 use crate::quota::{Counted, Standings};
 use crate::target::Target;
 use crate::tcp::Decrement;
-use crate::upstream::{Conns, Failed, UpstreamBody};
+use crate::upstream::{BodyError, Conns, Failed, UpstreamBody};
 
 /// Retries may add this share of the requests, plus [`RETRY_FLOOR_PER_S`] a second.
 const RETRY_PERCENT: u64 = 20;
@@ -42,9 +42,6 @@ const RETRY_FLOOR_PER_S: u64 = 10;
 pub const BODY_BYTES_MAX: usize = 8 << 20;
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
-/// Why a response body broke off: its upstream failed, or left the pool (a demoted primary
-/// at once, others after their drain).
-pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A listener's state as one worker sees it: its own kept upstream connections, everything else
 /// shared by every worker of the listener.

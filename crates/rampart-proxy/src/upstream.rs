@@ -26,7 +26,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::h1::{self, Chunked, Decoded, Framing};
-use crate::http::BodyError;
+
+/// Why a response body broke off: its upstream failed, or left the pool (a demoted primary
+/// at once, others after their drain).
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle connections kept per upstream (more are closed when their response ends).
 const IDLE_PER_UPSTREAM_MAX: usize = 256;

@@ -11,14 +11,14 @@ use rampart_client::Client;
 use rampart_core::backup::{Backup, BackupSpec, BackupsResponse, Listed, Manifest, Point, S3Spec};
 use rampart_node::vault::Vault;
 
-use crate::cli::{print, Failure, Output};
+use crate::outcome::{print, Failure, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
     /// Take a backup now: the leader copies the region's state and streams it to its [backup] destination
     Create {
         /// How long to wait for it to finish
-        #[arg(long, default_value = "30m", value_parser = crate::cli::duration_arg)]
+        #[arg(long, default_value = "30m", value_parser = crate::outcome::duration_arg)]
         wait: Duration,
     },
     /// List finished backups, oldest first (an interrupted upload has no manifest and is not listed)
@@ -34,7 +34,7 @@ pub enum BackupCommand {
         #[command(flatten)]
         destination: DestinationArgs,
         /// How long to wait when the region verifies
-        #[arg(long, default_value = "30m", value_parser = crate::cli::duration_arg)]
+        #[arg(long, default_value = "30m", value_parser = crate::outcome::duration_arg)]
         wait: Duration,
     },
     /// Bootstrap a new region from a backup: writes its state into new data dirs, then

@@ -11,7 +11,7 @@ use rampart_core::service::{InstanceSpec, PolicySpec};
 use rampart_testkit::{eventually, Cluster, ClusterOptions};
 use serde::Serialize;
 
-use crate::cli::Failure;
+use crate::outcome::Failure;
 
 /// One check configuration's result.
 #[derive(Debug, Clone, Serialize)]

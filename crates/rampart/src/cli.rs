@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use rampart_client::{Client, PutOptions};
-use rampart_core::parse_duration;
 use serde::Serialize;
 
 use crate::node_cmd::NodeArgs;
+use crate::outcome::{duration_arg, print, Failure, Output};
 
 /// Rampart keeps services available through the loss of a process, a machine, a zone or a
 /// region, and measures it.
@@ -59,12 +59,6 @@ pub struct Args {
     client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Output {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -406,16 +400,6 @@ async fn run_bench(args: BenchArgs, output: Output) -> Result<(), Failure> {
     Ok(())
 }
 
-pub(crate) fn duration_arg(text: &str) -> Result<Duration, String> {
-    parse_duration(text).map_err(|e| e.to_string())
-}
-
-/// A command's failure and its exit code (1 failed, 2 bad usage).
-pub struct Failure {
-    pub code: u8,
-    pub error: anyhow::Error,
-}
-
 /// Reads and validates a proxy config file; any fault is a usage error (exit 2) naming the
 /// field, its value and what is allowed.
 #[allow(clippy::type_complexity)]
@@ -428,40 +412,6 @@ fn proxy_listeners(
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: {e}", path.display())))?;
     let bad = |e: rampart_core::service::FieldError| Failure::usage(anyhow::anyhow!("{e} (in {})", path.display()));
     Ok((file.proxy.validate().map_err(bad)?, file.proxy.admin().map_err(bad)?))
-}
-
-impl Failure {
-    pub fn usage(error: anyhow::Error) -> Failure {
-        Failure { code: 2, error }
-    }
-    pub fn failed(error: anyhow::Error) -> Failure {
-        Failure { code: 1, error }
-    }
-    /// A failure (exit 1) that says `message`.
-    pub fn message(message: impl std::fmt::Display) -> Failure {
-        Failure::failed(anyhow::anyhow!("{message}"))
-    }
-}
-
-impl From<rampart_client::ClientError> for Failure {
-    fn from(error: rampart_client::ClientError) -> Failure {
-        let code = match &error {
-            rampart_client::ClientError::BadEndpoint(_) => 2,
-            rampart_client::ClientError::Api { status: 400, .. } => 2,
-            _ => 1,
-        };
-        Failure {
-            code,
-            error: error.into(),
-        }
-    }
-}
-
-pub(crate) fn print<T: Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("answers encode")),
-        Output::Text => println!("{}", text(value)),
-    }
 }
 
 /// The token from --token or --token-file, if any.

@@ -16,7 +16,7 @@ use clap::Args;
 use rampart_client::{Client, PutOptions};
 use rampart_testkit::{Cluster, ClusterOptions, History, OpOutcome};
 
-use crate::cli::Failure;
+use crate::outcome::Failure;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {

@@ -6,6 +6,7 @@ mod bench_service;
 mod cli;
 mod demo;
 mod node_cmd;
+mod outcome;
 mod sample_fleet;
 
 use std::process::ExitCode;

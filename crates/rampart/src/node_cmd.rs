@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use rampart_core::config::{NodeConfig, NODE_SETTINGS};
 
-use crate::cli::Failure;
+use crate::outcome::Failure;
 
 /// Settings of `rampart node`. Every flag also reads `RAMPART_<NAME>` (e.g.
 /// `RAMPART_HEARTBEAT_INTERVAL=50ms`); durations are written like `100ms`, `5s`, `1m`.
@@ -165,7 +165,7 @@ pub fn file_backup(path: &std::path::Path, value: toml::Value) -> Result<rampart
     let bad = |message: String| Failure::usage(anyhow::anyhow!("invalid --config {}: {message}", path.display()));
     let spec: rampart_core::backup::BackupSpec = value.try_into().map_err(|e| bad(format!("[backup]: {e}")))?;
     let backup = spec.validate().map_err(|e| bad(e.to_string()))?;
-    rampart_node::backups::check_schedules(&backup).map_err(bad)?;
+    rampart_node::check_backup_schedules(&backup).map_err(bad)?;
     Ok(backup)
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rampart_client::Client;
 use rampart_core::service::InstanceSpec;
 
-use crate::cli::Failure;
+use crate::outcome::Failure;
 
 /// Registers instance `id` of `service`, run by node `node` (supervised) and serving on
 /// `addr`. A different `generation` changes the command, so registering again restarts

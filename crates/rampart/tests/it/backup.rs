@@ -421,7 +421,7 @@ struct S3Server {
 impl S3Server {
     async fn start(bucket: &str) -> S3Server {
         let program = std::env::var("RAMPART_TEST_S3_SERVER").unwrap_or_else(|_| {
-            let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/moto/bin/moto_server");
+            let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/venv/bin/moto_server");
             assert!(
                 Path::new(default).exists(),
                 "the S3 tests need moto's server: run scripts/test (or scripts/install-test-tools) first"

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use rampart_core::api::HookReport;
 use rampart_core::service::InstanceRole;
-use tokio::io::AsyncReadExt;
 
-use crate::Shared;
+use crate::node::Shared;
+use crate::pipe::read_bounded;
 
 /// Output kept from one hook run (the rest is read and dropped).
 pub const HOOK_OUTPUT_BYTES_MAX: usize = 64 * 1024;
@@ -93,10 +93,10 @@ async fn fence(node: Shared) {
         if !hosts_primary.1 {
             continue;
         }
-        let contact_age = crate::primaries::majority_contact_age(&node)
+        let contact_age = crate::controllers::primaries::majority_contact_age(&node)
             .await
             .min(started.elapsed());
-        if contact_age <= crate::primaries::self_fence_after(&node) {
+        if contact_age <= crate::controllers::primaries::self_fence_after(&node) {
             continue;
         }
         for due in self_fence(&node, &mut fenced) {
@@ -276,25 +276,6 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
     }
 }
 
-/// Reads `pipe` to its end (so the child never blocks writing to it), keeping the first
-/// `max` bytes.
-pub(crate) async fn read_bounded(
-    pipe: &mut (impl AsyncReadExt + Unpin),
-    into: &mut Vec<u8>,
-    max: usize,
-) -> std::io::Result<()> {
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = pipe.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        if into.len() < max {
-            into.extend_from_slice(&buf[..n.min(max - into.len())]);
-        }
-    }
-}
-
 /// Sends a hook's result to the leader, retrying within a bound: the leader records it and,
 /// for a successful `on_demote`, releases the primary role.
 async fn deliver(node: &Shared, due: &Due, report: HookReport) {
@@ -308,7 +289,7 @@ async fn deliver(node: &Shared, due: &Due, report: HookReport) {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if crate::switchover::hook_reported(node, &due.service, &due.instance, &report).await {
+        if crate::controllers::switchover::hook_reported(node, &due.service, &due.instance, &report).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

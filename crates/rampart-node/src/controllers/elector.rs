@@ -11,8 +11,8 @@ use futures_util::future::join_all;
 use openraft::ServerState;
 use rampart_core::election::{is_majority, ElectionTimer};
 
+use crate::node::Shared;
 use crate::peer::{leader_contact, log_position, PeerClient};
-use crate::Shared;
 
 pub async fn run(node: Shared) {
     let base = node.config.election_timeout;

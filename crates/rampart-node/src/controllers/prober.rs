@@ -16,8 +16,8 @@ use rampart_core::service::{Check, Probe, Purpose};
 use tokio::task::JoinHandle;
 
 use crate::http_probe;
-use crate::verdicts::InstanceKey;
-use crate::{now_ms, Shared};
+use crate::node::{now_ms, Shared};
+use crate::soft::InstanceKey;
 
 /// How often reports are sent, and the set of probes is reconciled with the registry if it
 /// changed.
@@ -350,26 +350,12 @@ async fn report(node: &Shared, batch: &[Observation]) -> bool {
 /// Delivers a node-to-leader report (the leader takes its own directly); false when it
 /// did not arrive.
 pub async fn send(node: &Shared, body: ObservationsRequest) -> bool {
-    let Some(leader) = node.known_leader() else {
-        return false;
-    };
-    if leader == node.id {
-        crate::verdicts::receive(node, body).await;
+    if node.known_leader() == Some(node.id) {
+        crate::controllers::verdicts::receive(node, body).await;
         return true;
     }
-    let Some(addr) = node.address_of(leader) else {
-        return false;
-    };
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://{addr}/v1/observations");
-    // The node certificate authenticates this call on a TLS region (no token needed).
-    node.http
-        .post(url)
-        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
-        .json(&body)
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
+    let sent = crate::forward::call(node, crate::forward::To::Leader, "/v1/observations", &body, None).await;
+    sent.is_ok()
 }
 
 #[cfg(test)]

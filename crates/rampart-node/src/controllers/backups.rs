@@ -21,37 +21,18 @@ use rampart_core::api::Event;
 use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, ServicePart, VerifyRequest};
 
 use crate::error::ApiError;
-use crate::vault::{Archived, BackupError, Vault};
-use crate::{now_ms, Shared};
+use crate::node::{now_ms, Shared};
+use crate::vault::{Archived, BackupError, Backups};
 
-/// A node's backup machinery: its destination and key, one run at a time.
-pub struct Backups {
-    pub vault: Vault,
-    pub backup: Backup,
-    running: tokio::sync::Mutex<()>,
-}
-
-impl Backups {
-    /// Opens the destination and loads the key: a node whose key is missing or unusable
-    /// does not start.
-    pub fn open(backup: &Backup) -> Result<Backups, BackupError> {
-        Ok(Backups {
-            vault: Vault::open(backup)?,
-            backup: backup.clone(),
-            running: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    /// The right to run a backup or a verification: one at a time per node.
-    fn one_at_a_time(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
-        self.running.try_lock().map_err(|_| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "backup_running",
-                "a backup or verification is already running on this node",
-            )
-        })
-    }
+/// The right to run a backup or a verification: one at a time per node.
+fn one_at_a_time(backups: &Backups) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+    backups.try_run().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_running",
+            "a backup or verification is already running on this node",
+        )
+    })
 }
 
 /// Checks the cron expressions of `[backup]`; the error names the field.
@@ -116,13 +97,13 @@ pub(crate) async fn verify(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Manifest>, ApiError> {
     let backups = configured(&node)?;
-    let request: VerifyRequest = crate::api::parse_body(body)?;
+    let request: VerifyRequest = crate::error::parse_body(body)?;
     check(&node, backups, request.id.as_deref(), "api").await.map(Json)
 }
 
 /// Takes a backup of the applied state; records the outcome.
 async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest, ApiError> {
-    let _one = backups.one_at_a_time()?;
+    let _one = one_at_a_time(backups)?;
     let started = Instant::now();
     // A copy of the applied state (as a Raft snapshot takes it), encoded as it streams.
     let (state, log_index) = {
@@ -167,7 +148,7 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
             backup_event("backup.create", actor, format!("failed: {}", e.message), String::new())
         }
     };
-    crate::tokens::record(node, event).await;
+    crate::events::record(node, event).await;
     taken
 }
 
@@ -217,31 +198,12 @@ async fn service_parts(
 
 /// Asks node `host` to run a service's backup command for backup `id`.
 async fn ask_node(node: &Shared, host: u64, id: &str, service: &str, timeout_ms: u64) -> Result<ServicePart, ApiError> {
-    let addr = node
-        .address_of(host)
-        .ok_or_else(|| ApiError::internal(format!("node {host} is not a member")))?;
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
-    let answer = node
-        .http
-        .post(format!("{scheme}://{addr}/v1/backups/{id}/services/{service}"))
-        // Served where it lands, not forwarded back to the leader.
-        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
-        .timeout(Duration::from_millis(timeout_ms) + Duration::from_secs(60))
-        .send()
+    let path = format!("/v1/backups/{id}/services/{service}");
+    let timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(60);
+    // Served where it lands, not forwarded back to the leader.
+    let bytes = crate::forward::call(node, crate::forward::To::Node(host), &path, &(), Some(timeout))
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("node {host}: {e}")))?;
-    let status = answer.status();
-    let bytes = answer
-        .bytes()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", format!("node {host}: {e}")))?;
-    if !status.is_success() {
-        return Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "backup_failed",
-            format!("node {host}: {status}: {}", String::from_utf8_lossy(&bytes)),
-        ));
-    }
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "backup_failed", e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("node {host}: undecodable answer: {e}")))
 }
 
@@ -296,7 +258,7 @@ pub(crate) async fn service_part(
 
 /// Verifies a backup (the newest by default), then applies retention; records the outcome.
 async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) -> Result<Manifest, ApiError> {
-    let _one = backups.one_at_a_time()?;
+    let _one = one_at_a_time(backups)?;
     let verified = backups.vault.verify(id, now_ms()).await.map_err(api_error);
     let metrics = &node.metrics.backup;
     let event = match &verified {
@@ -322,7 +284,7 @@ async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) 
             )
         }
     };
-    crate::tokens::record(node, event).await;
+    crate::events::record(node, event).await;
     if verified.is_ok() {
         prune(node, backups).await;
     }
@@ -352,7 +314,7 @@ async fn prune(node: &Shared, backups: &Backups) {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("failed: {e}"),
         };
-        crate::tokens::record(node, backup_event("backup.delete", "retention", outcome, id.clone())).await;
+        crate::events::record(node, backup_event("backup.delete", "retention", outcome, id.clone())).await;
     }
     // Archived log older than the oldest backup kept can never be replayed.
     let oldest = listed.iter().map(|l| &l.manifest).find(|m| !doomed.contains(&m.id));
@@ -430,7 +392,7 @@ async fn archive_from(node: &Shared, backups: &Backups, from: u64) -> Result<u64
                 first_kept - 1,
                 first_kept - 1
             );
-            crate::tokens::record(
+            crate::events::record(
                 node,
                 backup_event("backup.archive_gap", "archive", "failed: gap".into(), detail),
             )
@@ -514,7 +476,7 @@ pub(crate) async fn run(node: Shared) {
                     "no backup succeeded in twice the schedule's period ({}s)",
                     period_ms / 1000
                 );
-                crate::tokens::record(
+                crate::events::record(
                     &node,
                     backup_event("backup.stale", "schedule", "failed: stale".into(), detail),
                 )

@@ -21,11 +21,11 @@ use rampart_core::failover::Refusal;
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
 
-use crate::api::{parse_body, unexpected};
 use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::tokens::{audit, record};
-use crate::Shared;
+use crate::error::{parse_body, unexpected, ApiError};
+use crate::events::{audit, record};
+use crate::forward::{call, To};
+use crate::node::Shared;
 
 /// How long a switchover waits for the target to catch up once the old primary let go.
 const CATCH_UP_MS_MAX: u64 = 30_000;
@@ -37,24 +37,11 @@ fn conflict(code: &'static str, message: String) -> ApiError {
 
 /// Sends a hook report to the leader (or handles it here on the leader); true if taken.
 pub async fn hook_reported(node: &Shared, service: &str, instance: &str, report: &HookReport) -> bool {
-    let Some(leader) = node.known_leader() else {
-        return false;
-    };
-    if leader == node.id {
+    if node.known_leader() == Some(node.id) {
         return take_report(node, service, instance, report.clone()).await.is_ok();
     }
-    let Some(addr) = node.address_of(leader) else {
-        return false;
-    };
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://{addr}/v1/services/{service}/instances/{instance}/hooks");
-    node.http
-        .post(url)
-        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
-        .json(report)
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
+    let path = format!("/v1/services/{service}/instances/{instance}/hooks");
+    call(node, To::Leader, &path, report, None).await.is_ok()
 }
 
 /// `POST /v1/services/{name}/instances/{id}/hooks` (node to leader).
@@ -361,43 +348,4 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         )),
         other => Err(unexpected(other)),
     }
-}
-
-/// Commits an event raised on a follower (supervision) through the leader, best effort.
-pub async fn forward_event(node: &Shared, event: Event) {
-    let Some(addr) = node.known_leader().and_then(|leader| node.address_of(leader)) else {
-        tracing::warn!(action = %event.action, "no leader: event not recorded");
-        return;
-    };
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
-    let sent = node
-        .http
-        .post(format!("{scheme}://{addr}/v1/events"))
-        .header(crate::forward::FORWARDED_HEADER, node.id.to_string())
-        .json(&event)
-        .send()
-        .await;
-    if !sent.is_ok_and(|r| r.status().is_success()) {
-        tracing::warn!(action = %event.action, "event not recorded: the leader did not take it");
-    }
-}
-
-/// `POST /v1/events` (internal, node to leader; operator role): commits an event a node
-/// raised, such as a supervised instance's restart.
-pub async fn post_event(
-    State(node): State<Shared>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let event: Event = parse_body(body)?;
-    if node.known_leader() != Some(node.id) {
-        return Err(ApiError::not_leader());
-    }
-    if event.kind.len() > 64 || event.action.len() > 128 || event.detail.len() > 4096 || event.outcome.len() > 1024 {
-        return Err(ApiError::bad_request(
-            "bad_event",
-            "event fields are over their size limits",
-        ));
-    }
-    record(&node, event).await;
-    Ok(Json(serde_json::json!({})))
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use rampart_core::api::{Event, ObservationsRequest, RestartReport};
 use tokio::process::{Child, Command};
 
-use crate::verdicts::InstanceKey;
-use crate::Shared;
+use crate::node::Shared;
+use crate::soft::InstanceKey;
 
 const TICK: Duration = Duration::from_millis(100);
 /// How long a stopped instance may take to exit after SIGTERM.
@@ -224,7 +224,7 @@ fn tell_leader(node: &Shared, key: &InstanceKey, gave_up: bool) {
     tokio::spawn(async move {
         // A few tries: without it the leader fails the primary over instead of waiting.
         for _ in 0..3 {
-            if crate::prober::send(&node, body.clone()).await {
+            if crate::controllers::prober::send(&node, body.clone()).await {
                 return;
             }
             tokio::time::sleep(TICK).await;
@@ -245,10 +245,5 @@ async fn event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str) {
         outcome: outcome.to_string(),
         detail: format!("service={} instance={}", key.0, key.1),
     };
-    // Only the leader can commit; a follower's events reach the log through the leader.
-    if node.known_leader() == Some(node.id) {
-        crate::tokens::record(node, event).await;
-    } else {
-        crate::switchover::forward_event(node, event).await;
-    }
+    crate::events::record_anywhere(node, event).await;
 }

@@ -8,110 +8,18 @@
 //! no reports, keeps the committed verdicts until nodes report again (within seconds), and
 //! restarts every heartbeat deadline from its own now, as etcd does with lease deadlines.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::Json;
 use rampart_core::api::{Event, HeartbeatRequest, HeartbeatResponse, ObservationsRequest};
-use rampart_core::health::{confirm, worst, Health};
-use rampart_core::service::{Policy, Probe, Purpose};
+use rampart_core::health::{worst, Health};
+use rampart_core::service::{Probe, Purpose};
 use rampart_store::Op;
 
-use crate::api::parse_body;
-use crate::error::ApiError;
-use crate::Shared;
-
-/// (service, instance).
-pub type InstanceKey = (String, String);
-
-/// What the leader has heard, per instance. Lock order: the applied state first, then this.
-#[derive(Debug, Default)]
-pub struct Soft {
-    /// Liveness probes: a primary confirmed down is failed over.
-    pub live: Confirmation,
-    /// Readiness probes: an instance confirmed not ready leaves the serving set.
-    pub ready: Confirmation,
-    /// The last heartbeat and the lag it reported.
-    pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
-    /// Supervised instances their node last restarted (when this leader heard it), or gave
-    /// up on (`true`): a primary being restarted is not failed over yet.
-    pub restarts: HashMap<InstanceKey, (Instant, bool)>,
-    /// When this node last became leader: heartbeat deadlines count from no earlier.
-    leader_since: Option<Instant>,
-}
-
-/// Every node's latest probe view of each instance for one purpose, and the confirmed
-/// verdict of the probes alone.
-#[derive(Debug, Default)]
-pub struct Confirmation {
-    /// Each node's latest view, and when it arrived.
-    pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
-    verdicts: HashMap<InstanceKey, Health>,
-}
-
-impl Confirmation {
-    fn record(&mut self, key: &InstanceKey, node: u64, health: Health, now: Instant) {
-        self.reports.entry(key.clone()).or_default().insert(node, (health, now));
-    }
-
-    /// The probes' verdict from the reports still fresh, by the policy's rule; without a
-    /// decision it stays what it was (at first, the committed verdict).
-    fn verdict(
-        &mut self,
-        key: &InstanceKey,
-        now: Instant,
-        policy: &Policy,
-        voters: usize,
-        committed: Health,
-    ) -> Health {
-        let fresh_for = fresh_for(policy);
-        let seen = self.reports.entry(key.clone()).or_default();
-        // Only the policy's probers count (all voters without a list); a node that stopped
-        // being one is forgotten.
-        let counts = |node: &u64| policy.probers.is_empty() || policy.probers.contains(node);
-        seen.retain(|node, (_, at)| counts(node) && now.duration_since(*at) < fresh_for);
-        let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
-        let observers = if policy.probers.is_empty() {
-            voters
-        } else {
-            policy.probers.len()
-        };
-        let current = *self.verdicts.get(key).unwrap_or(&committed);
-        let verdict = confirm(&fresh, observers, policy.confirm, current);
-        self.verdicts.insert(key.clone(), verdict);
-        verdict
-    }
-
-    fn retain(&mut self, known: impl Fn(&InstanceKey) -> bool) {
-        self.reports.retain(|k, _| known(k));
-        self.verdicts.retain(|k, _| known(k));
-    }
-}
-
-impl Soft {
-    /// The lag an instance last reported with its heartbeat, if any.
-    pub fn lag(&self, service: &str, instance: &str) -> Option<u64> {
-        self.heartbeats
-            .get(&(service.to_string(), instance.to_string()))
-            .and_then(|(_, lag)| *lag)
-    }
-
-    /// Whether the instance's node restarted it less than `start_timeout` ago and has not
-    /// given up on it since.
-    pub fn restarting(&self, key: &InstanceKey, start_timeout: Duration) -> bool {
-        self.restarts
-            .get(key)
-            .is_some_and(|(at, gave_up)| !gave_up && at.elapsed() < start_timeout)
-    }
-}
-
-/// How long a node's report counts: a node that stopped reporting (dead, cut off) is not a
-/// vote either way after this.
-fn fresh_for(policy: &Policy) -> Duration {
-    let slowest_ms = policy.checks.iter().map(|c| c.interval_ms).max().unwrap_or(1000);
-    Duration::from_millis(slowest_ms * 2) + Duration::from_secs(10)
-}
+use crate::error::{parse_body, ApiError};
+use crate::node::Shared;
+use crate::soft::{Confirmation, InstanceKey, Soft};
 
 fn voters(node: &Shared) -> usize {
     node.raft
@@ -351,7 +259,7 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
             outcome: "ok".to_string(),
             detail: format!("service={service} instance={id} reports=[{reports}]"),
         };
-        crate::tokens::record(node, event).await;
+        crate::events::record(node, event).await;
     }
 }
 

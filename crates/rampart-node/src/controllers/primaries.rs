@@ -30,8 +30,8 @@ use rampart_core::health::Health;
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
 
-use crate::tokens::record;
-use crate::{now_ms, Shared};
+use crate::events::record;
+use crate::node::{now_ms, Shared};
 
 const TICK: Duration = Duration::from_millis(100);
 /// How soon a demotion whose hook failed is asked for again.
@@ -117,7 +117,12 @@ pub async fn run(node: Shared) {
 }
 
 /// One look at one service.
-async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Episode) -> Result<(), crate::ApiError> {
+async fn step(
+    node: &Shared,
+    name: &str,
+    leader_since: Instant,
+    episode: &mut Episode,
+) -> Result<(), crate::error::ApiError> {
     let hold = hold(node);
     let (mode, primary, token, demoting, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
@@ -196,7 +201,7 @@ async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Ep
                 {
                     Outcome::Released => episode.released_ms = Some(now_ms()),
                     Outcome::NotPrimary { .. } => {}
-                    other => return Err(crate::api::unexpected(other)),
+                    other => return Err(crate::error::unexpected(other)),
                 }
             }
         }
@@ -210,7 +215,7 @@ async fn step(node: &Shared, name: &str, leader_since: Instant, episode: &mut Ep
     Ok(())
 }
 
-async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Result<(), crate::ApiError> {
+async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Result<(), crate::error::ApiError> {
     let report = crate::services::report(node, name)?;
     let Some(best) = report.instances.iter().find(|e| e.rank == Some(1)) else {
         if !episode.no_candidate_reported {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use rampart_store::Op;
 
-use crate::Shared;
+use crate::node::Shared;
 
 pub async fn run_expiry(node: Shared) {
     let mut led_term: Option<u64> = None;

@@ -1,0 +1,127 @@
+//! One node as its request handlers and controllers see it (`Shared`): its Raft engine and
+//! applied state, its settings, clients and soft state, and the few things every part asks of
+//! it: propose a command, wait for a linearizable read, name the leader, reach a peer.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::error::RaftError;
+use openraft::ServerState;
+use rampart_core::config::NodeConfig;
+use rampart_core::lease::LeaseClock;
+use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::peer::PeerLinks;
+use crate::proposer::Proposer;
+use crate::soft::Soft;
+use crate::tls::NodeTls;
+use crate::vault::Backups;
+
+/// Everything a request handler or controller of one node needs.
+pub struct Node {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub applied: Arc<RwLock<Applied>>,
+    pub leases: Mutex<LeaseClock>,
+    pub http: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub watchers: AtomicUsize,
+    pub links: Arc<PeerLinks>,
+    pub proposer: Proposer,
+    /// `Some` when the node runs with TLS (and tokens).
+    pub tls: Option<NodeTls>,
+    pub auth_failures: Mutex<rampart_core::auth::FailureLimiter>,
+    /// Runs this node's health probes of instances (HTTP checks).
+    pub probe_http: reqwest::Client,
+    /// Services with a switchover running on this (leader) node: the failover controller
+    /// leaves them alone while the role is between holders.
+    pub switchovers: Mutex<std::collections::BTreeSet<String>>,
+    /// Alerts waiting for the webhook sender (bounded).
+    pub alerts: tokio::sync::mpsc::Sender<rampart_core::api::Event>,
+    /// Leader-only soft state: node views, heartbeats and lags of instances.
+    pub soft: Mutex<Soft>,
+    /// `Some` with a `[backup]` section: its destination and key.
+    pub backups: Option<Backups>,
+    /// Reads committed log entries for the log archive.
+    pub log: rampart_store::LogStore,
+}
+
+pub type Shared = Arc<Node>;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// The service registry's local change counter: work derived from the registry is
+    /// rebuilt only when it moves (`Applied::services_version`).
+    pub fn services_version(&self) -> u64 {
+        self.applied.read().expect("state lock").services_version
+    }
+
+    /// The leader this node currently knows, if any. A leader that has not heard from a
+    /// majority for longer than the election timeout does not count itself: it is likely
+    /// cut off, and answering `no_leader` at once beats letting the client time out.
+    pub fn known_leader(&self) -> Option<NodeId> {
+        let receiver = self.raft.metrics();
+        let metrics = receiver.borrow();
+        let leader = metrics.current_leader?;
+        if leader == self.id && metrics.state == ServerState::Leader {
+            let quorum_ms = metrics.millis_since_quorum_ack.unwrap_or(u64::MAX);
+            let single = metrics.membership_config.membership().voter_ids().count() == 1;
+            if !single && quorum_ms > self.config.election_timeout.as_millis() as u64 * 2 {
+                return None;
+            }
+        }
+        Some(leader)
+    }
+
+    /// How this node reaches peer `id`: its `--peer-via` override, else the member address.
+    pub fn address_of(&self, id: NodeId) -> Option<String> {
+        if let Some(via) = self.config.peer_via.get(&id) {
+            return Some(via.to_string());
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Proposes one command and waits for it to be applied, within the request timeout.
+    /// Concurrent proposals share Raft entries (see `proposer.rs`).
+    pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
+        let started = std::time::Instant::now();
+        let command = Command { at_ms: now_ms(), op };
+        let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
+        self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(outcome)
+    }
+
+    /// Waits until this node may serve a linearizable read (ReadIndex: leadership confirmed
+    /// by a majority, and everything committed before the read applied).
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(ApiError::timeout("the read", timeout)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(ApiError::not_leader())
+            }
+            Ok(Err(e)) => Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "no_quorum",
+                format!("leadership could not be confirmed by a majority: {e}"),
+            )),
+        }
+    }
+}
