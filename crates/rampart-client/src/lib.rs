@@ -4,7 +4,10 @@
 //! It tries each endpoint in turn, follows the region through leader changes, and retries
 //! within a deadline only what is safe to retry: calls that are idempotent, and any call
 //! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused).
-//! A write whose outcome is unknown (timeout after sending) is reported, never repeated.
+//! A write whose outcome is unknown (`timeout`, `leadership_lost`, `outcome_unknown`) is
+//! reported, never repeated, even a compare-and-set or a put of the same value: if the first
+//! attempt was committed, a repeated compare-and-set would answer `revision_mismatch` about
+//! the caller's own write, and a repeated put would be a second revision.
 
 mod tls;
 mod watch;

@@ -5,8 +5,15 @@
 //! A peer connection opens with [`PEER_MAGIC`] so it can share the node's one `--listen`
 //! port with HTTP (see `server.rs`). After that it is a plain request/response stream: a
 //! frame is a 4-byte big-endian length and a postcard body. Connections are pooled per
-//! target and reused; a connection that fails or times out is dropped, never reused, so a
-//! late answer can never be read as the answer to a newer request.
+//! target and reused; a connection that fails is dropped, never reused, so a late answer
+//! can never be read as the answer to a newer request.
+//!
+//! A call whose caller stops waiting (openraft gives an append one heartbeat interval) does
+//! not close its connection: the exchange finishes in its own task and the connection goes
+//! back to the pool. A follower reads a closed link from its leader as a sign that the
+//! leader's process died (the crash fast path of `rampart_core::election`); closing on
+//! every slow answer made a busy machine look like a dead leader and started elections
+//! that deposed a healthy one.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -36,6 +43,12 @@ const FRAME_BYTES_MAX: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Idle connections kept per target.
 const POOL_MAX: usize = 4;
+/// Calls to one target still being answered after their callers stopped waiting; beyond
+/// this a new call fails at once (the target is not answering anyway).
+const UNANSWERED_MAX: usize = 8;
+/// How long a call may go on after its caller stopped waiting before its connection is
+/// closed after all.
+const LATE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Serialize, Deserialize)]
 enum PeerRequest {
@@ -248,6 +261,8 @@ pub struct PeerClient {
     tls: Option<TlsConnector>,
     links: Arc<PeerLinks>,
     pool: Arc<Mutex<Vec<PeerStream>>>,
+    /// Exchanges running in their own task, answered or not.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum CallError {
@@ -264,6 +279,7 @@ impl PeerClient {
             tls,
             links,
             pool: Arc::new(Mutex::new(Vec::new())),
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -298,22 +314,50 @@ impl PeerClient {
         Ok(stream)
     }
 
+    /// One request and its answer, waited for at most `ttl`. The exchange runs in a task
+    /// of its own, so a caller that stops waiting (or is dropped by openraft) leaves it to
+    /// finish and pool the connection instead of closing it (see the module's opening).
     async fn call(&self, request: PeerRequest, ttl: Duration) -> Result<PeerResponse, CallError> {
-        let mut stream = self.connect().await.map_err(CallError::Connect)?;
-        let exchange = async {
-            write_frame(&mut stream, &request).await?;
-            read_frame::<PeerResponse>(&mut stream).await
-        };
-        let response = tokio::time::timeout(ttl, exchange)
-            .await
-            .map_err(|_| CallError::Io(io::Error::new(io::ErrorKind::TimedOut, "peer call timed out")))?
-            .map_err(CallError::Io)?;
-        self.links.answered(self.target);
-        let mut pool = self.pool.lock().expect("pool lock");
-        if pool.len() < POOL_MAX {
-            pool.push(stream);
+        use std::sync::atomic::Ordering;
+        if self.in_flight.load(Ordering::Relaxed) >= UNANSWERED_MAX {
+            return Err(CallError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{UNANSWERED_MAX} calls to node {} are still unanswered", self.target),
+            )));
         }
-        Ok(response)
+        let mut stream = self.connect().await.map_err(CallError::Connect)?;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = self.in_flight.clone();
+        let pool = self.pool.clone();
+        let links = self.links.clone();
+        let target = self.target;
+        let exchange = tokio::spawn(async move {
+            let exchange = async {
+                write_frame(&mut stream, &request).await?;
+                read_frame::<PeerResponse>(&mut stream).await
+            };
+            let answer = match tokio::time::timeout(ttl.max(LATE_ANSWER_TIMEOUT), exchange).await {
+                Ok(answer) => answer,
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer call unanswered")),
+            };
+            if answer.is_ok() {
+                links.answered(target);
+                let mut pool = pool.lock().expect("pool lock");
+                if pool.len() < POOL_MAX {
+                    pool.push(stream);
+                }
+            }
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            answer
+        });
+        match tokio::time::timeout(ttl, exchange).await {
+            Err(_) => Err(CallError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer call timed out",
+            ))),
+            Ok(Err(join)) => Err(CallError::Io(io::Error::other(join))),
+            Ok(Ok(answer)) => answer.map_err(CallError::Io),
+        }
     }
 
     fn rpc_error<E: std::error::Error>(&self, error: CallError) -> RPCError<NodeId, BasicNode, E> {
@@ -374,5 +418,55 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(_) => Err(self.rpc_error(unexpected())),
             Err(e) => Err(self.rpc_error(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+
+    /// A peer that accepts one connection only and answers pre-votes on it; the first
+    /// answer waits until `release` is notified.
+    async fn one_connection_peer(release: Arc<Notify>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut magic = [0u8; 8];
+            stream.read_exact(&mut magic).await.expect("magic");
+            let mut first = true;
+            while let Ok(PeerRequest::PreVote { .. }) = read_frame::<PeerRequest>(&mut stream).await {
+                if first {
+                    release.notified().await;
+                    first = false;
+                }
+                write_frame(&mut stream, &PeerResponse::PreVote(true))
+                    .await
+                    .expect("answer");
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_call_its_caller_gave_up_on_keeps_its_connection_for_the_next_call() {
+        let release = Arc::new(Notify::new());
+        let addr = one_connection_peer(release.clone()).await;
+        let client = PeerClient::new(2, addr.to_string(), None, Arc::new(PeerLinks::default()));
+        // The caller stops waiting long before the peer answers.
+        assert!(!client.pre_vote(1, None, Duration::from_millis(20)).await);
+        release.notify_one();
+        // The late answer is read in the background and the connection pooled...
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.pool.lock().expect("pool lock").is_empty() {
+            assert!(Instant::now() < deadline, "the late answer never came back to the pool");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // ...so the next call is answered on the same connection (the peer accepts no other):
+        // the peer never saw the link close.
+        assert!(client.pre_vote(1, None, Duration::from_secs(30)).await);
+        assert!(client.links.answered_at(2).is_some());
     }
 }
