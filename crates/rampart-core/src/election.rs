@@ -127,6 +127,14 @@ pub fn is_majority(granted: usize, voters: usize) -> bool {
     granted * 2 > voters
 }
 
+/// Whether a leader still counts itself as the region's leader. Not once no majority has
+/// acknowledged it for two election timeouts: it is most likely cut off, and answering
+/// `no_leader` at once beats letting a client time out (a majority elsewhere has elected or
+/// will elect another). A region of one voter always has its leader.
+pub fn leader_counts_itself(quorum_ack_age: Option<Duration>, voters: usize, election_timeout: Duration) -> bool {
+    voters <= 1 || quorum_ack_age.is_some_and(|age| age <= election_timeout * 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +245,13 @@ mod tests {
         assert!(is_majority(2, 3));
         assert!(!is_majority(2, 5));
         assert!(is_majority(3, 5));
+    }
+
+    #[test]
+    fn a_leader_unacknowledged_for_two_election_timeouts_does_not_count_itself() {
+        assert!(leader_counts_itself(Some(T * 2), 3, T));
+        assert!(!leader_counts_itself(Some(T * 2 + Duration::from_millis(1)), 3, T));
+        assert!(!leader_counts_itself(None, 3, T), "never acknowledged");
+        assert!(leader_counts_itself(None, 1, T), "a region of one");
     }
 }

@@ -3,8 +3,12 @@
 //! did not. [`eligibility`] answers both from plain facts about each instance: it refuses
 //! every instance that breaks a hard rule, with every reason, and ranks the rest by
 //! priority, then the primary region, then the least replication lag.
+//!
+//! Also the arithmetic of the primary's hold ([`Hold`], safety rule 4) and which refusals
+//! stop a planned switchover ([`switchover_blockers`]).
 
 use std::cmp::Reverse;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +193,67 @@ pub fn damped(losses_ms: &[u64], now_ms: u64, damping: Damping) -> bool {
     damping.losses_max > 0 && recent >= damping.losses_max as usize
 }
 
+/// How long a primary may act as primary past its node's last contact with the region's
+/// majority (safety rule 4). A node cut off for `self_fence_after` runs `on_demote` for the
+/// primaries it hosts; the leader releases the role of a primary whose node it has not heard
+/// for the whole `hold`. The leader measures from the node's last *answer*, which came after
+/// anything the node itself heard, so with clocks that run at the same rate the node has
+/// fenced before the leader may promote another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub hold: Duration,
+    pub self_fence_after: Duration,
+}
+
+impl Hold {
+    /// Four election timeouts (well above a leader change, so an election alone never costs
+    /// a primary its role); the node fences a quarter of the hold, and at least two
+    /// heartbeats, before it ends, so its hook has run before the leader can promote.
+    pub fn new(election_timeout: Duration, heartbeat: Duration) -> Hold {
+        let hold = election_timeout * 4;
+        let margin = (hold / 4).max(heartbeat * 2);
+        let held = Hold {
+            hold,
+            self_fence_after: hold.saturating_sub(margin),
+        };
+        // Safety rule 4 rests on this: a node must let go before the leader may promote.
+        assert!(
+            held.self_fence_after < held.hold,
+            "self-fence ({:?}) must come before the hold ends ({:?})",
+            held.self_fence_after,
+            held.hold
+        );
+        held
+    }
+
+    /// Whether a node that has not been in touch with the majority for `contact_age` must
+    /// fence the primaries it hosts.
+    pub fn must_fence(&self, contact_age: Duration) -> bool {
+        contact_age > self.self_fence_after
+    }
+
+    /// Whether the leader may release an unreachable primary whose node last answered it
+    /// `since_answer` ago (or, for an instance no node hosts, was confirmed down that long).
+    pub fn lapsed(&self, since_answer: Duration) -> bool {
+        since_answer >= self.hold
+    }
+}
+
+/// The refusals that stop a planned switchover to an instance at once. Being outranked,
+/// being the primary already or damped do not count (the operator chose it), and lag is
+/// waited for (the target catches up once the old primary stops writing).
+pub fn switchover_blockers(reasons: &[Refusal]) -> Vec<&Refusal> {
+    reasons
+        .iter()
+        .filter(|r| {
+            !matches!(
+                r,
+                Refusal::Outranked { .. } | Refusal::IsPrimary | Refusal::Damped | Refusal::Lagging { .. }
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +355,68 @@ mod tests {
         assert!(
             !damped(&[1_000, 2_000, 3_000], 62_000, damping),
             "the oldest left the window"
+        );
+    }
+
+    const HEARTBEAT: Duration = Duration::from_millis(50);
+    const ELECTION: Duration = Duration::from_millis(250);
+
+    #[test]
+    fn a_cut_off_node_fences_a_quarter_of_the_hold_before_the_leader_may_release() {
+        let hold = Hold::new(ELECTION, HEARTBEAT);
+        assert_eq!(hold.hold, Duration::from_millis(1000));
+        assert_eq!(hold.self_fence_after, Duration::from_millis(750));
+        assert!(!hold.must_fence(Duration::from_millis(750)));
+        assert!(hold.must_fence(Duration::from_millis(751)));
+        assert!(!hold.lapsed(Duration::from_millis(999)));
+        assert!(hold.lapsed(Duration::from_millis(1000)));
+    }
+
+    #[test]
+    fn the_fencing_margin_is_at_least_two_heartbeats() {
+        // A short election timeout against a long heartbeat: a quarter of the hold would be
+        // less than two heartbeats.
+        let hold = Hold::new(Duration::from_millis(100), Duration::from_millis(60));
+        assert_eq!(hold.hold, Duration::from_millis(400));
+        assert_eq!(hold.self_fence_after, Duration::from_millis(280));
+        for age_ms in 0..=400 {
+            let age = Duration::from_millis(age_ms);
+            // Whenever the leader could release, the node has fenced already.
+            assert!(!hold.lapsed(age) || hold.must_fence(age), "at {age_ms} ms");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "self-fence")]
+    fn a_hold_that_leaves_no_time_to_fence_stops_the_node() {
+        Hold::new(Duration::ZERO, HEARTBEAT);
+    }
+
+    #[test]
+    fn a_switchover_waits_for_lag_and_ignores_rank_but_not_health() {
+        let reasons = vec![
+            Refusal::Outranked {
+                by: "b".into(),
+                because: "priority".into(),
+            },
+            Refusal::IsPrimary,
+            Refusal::Damped,
+            Refusal::Lagging { lag: 3, max_lag: 0 },
+        ];
+        assert!(switchover_blockers(&reasons).is_empty());
+        let mut hard = reasons.clone();
+        hard.push(Refusal::Unhealthy { health: Health::Down });
+        hard.push(Refusal::Fenced);
+        hard.push(Refusal::NotSynchronous);
+        hard.push(Refusal::NeverPromote);
+        assert_eq!(
+            switchover_blockers(&hard),
+            [
+                &Refusal::Unhealthy { health: Health::Down },
+                &Refusal::Fenced,
+                &Refusal::NotSynchronous,
+                &Refusal::NeverPromote
+            ]
         );
     }
 }

@@ -4,6 +4,8 @@
 //! observer's latest health into the region's verdict ([`confirm`]): with
 //! `confirm = "majority"`, one node that cannot reach an instance cannot fail it over.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// What is known of an instance (or of one check of it).
@@ -120,6 +122,24 @@ pub fn confirm(reports: &[Health], observers: usize, rule: Confirm, current: Hea
     }
 }
 
+/// How long a node's probe report counts at the leader: twice the slowest check's interval
+/// and ten seconds more. A node that stopped reporting (dead, cut off) is no vote either way
+/// after that.
+pub fn report_fresh_for(slowest_interval_ms: u64) -> Duration {
+    Duration::from_millis(slowest_interval_ms.saturating_mul(2)) + Duration::from_secs(10)
+}
+
+/// A `heartbeat` check's verdict: up while the last heartbeat is younger than its TTL. The
+/// leader counts from its own start of office when that is later (as etcd restarts lease
+/// deadlines on a new leader), so `since_beat` is measured from the later of the two.
+pub fn heartbeat_verdict(since_beat: Duration, ttl: Duration) -> Health {
+    if since_beat < ttl {
+        Health::Up
+    } else {
+        Health::Down
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +224,21 @@ mod tests {
             ),
             Health::Unknown
         );
+    }
+
+    #[test]
+    fn a_report_counts_for_twice_the_slowest_interval_and_ten_seconds() {
+        assert_eq!(report_fresh_for(1000), Duration::from_secs(12));
+        assert_eq!(
+            report_fresh_for(u64::MAX),
+            Duration::from_millis(u64::MAX) + Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_older_than_its_ttl_is_down() {
+        let ttl = Duration::from_millis(3000);
+        assert_eq!(heartbeat_verdict(Duration::from_millis(2999), ttl), Health::Up);
+        assert_eq!(heartbeat_verdict(ttl, ttl), Health::Down);
     }
 }

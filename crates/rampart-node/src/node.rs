@@ -4,11 +4,13 @@
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::RaftError;
 use openraft::ServerState;
 use rampart_core::config::NodeConfig;
+use rampart_core::election::leader_counts_itself;
+use rampart_core::failover::Hold;
 use rampart_core::lease::LeaseClock;
 use rampart_store::{Applied, Command, NodeId, Op, Outcome, Raft, StateMachineStore};
 
@@ -75,13 +77,38 @@ impl Node {
         let metrics = receiver.borrow();
         let leader = metrics.current_leader?;
         if leader == self.id && metrics.state == ServerState::Leader {
-            let quorum_ms = metrics.millis_since_quorum_ack.unwrap_or(u64::MAX);
-            let single = metrics.membership_config.membership().voter_ids().count() == 1;
-            if !single && quorum_ms > self.config.election_timeout.as_millis() as u64 * 2 {
+            let quorum_ack_age = metrics.millis_since_quorum_ack.map(Duration::from_millis);
+            let voters = metrics.membership_config.membership().voter_ids().count();
+            if !leader_counts_itself(quorum_ack_age, voters, self.config.election_timeout) {
                 return None;
             }
         }
         Some(leader)
+    }
+
+    /// The primaries' hold and when a cut-off node fences (safety rule 4).
+    pub fn hold(&self) -> Hold {
+        Hold::new(self.config.election_timeout, self.config.heartbeat_interval)
+    }
+
+    /// How long ago this node was last surely in touch with the region's majority.
+    pub async fn majority_contact_age(&self) -> Duration {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state == ServerState::Leader {
+            if metrics.membership_config.membership().voter_ids().count() <= 1 {
+                return Duration::ZERO;
+            }
+            return metrics
+                .millis_since_quorum_ack
+                .map_or(Duration::MAX, Duration::from_millis);
+        }
+        // A follower's vote is refreshed by every append and heartbeat of its leader.
+        self.raft
+            .with_raft_state(|s| s.vote_last_modified().map(|i| i.into_std()))
+            .await
+            .ok()
+            .flatten()
+            .map_or(Duration::MAX, |at| at.elapsed())
     }
 
     /// How this node reaches peer `id`: its `--peer-via` override, else the member address.

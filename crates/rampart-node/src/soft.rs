@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use rampart_core::health::{confirm, Health};
+use rampart_core::health::{confirm, report_fresh_for, Health};
 use rampart_core::service::Policy;
 
 /// (service, instance).
@@ -93,9 +93,7 @@ impl Soft {
     }
 }
 
-/// How long a node's report counts: a node that stopped reporting (dead, cut off) is not a
-/// vote either way after this.
 fn fresh_for(policy: &Policy) -> Duration {
     let slowest_ms = policy.checks.iter().map(|c| c.interval_ms).max().unwrap_or(1000);
-    Duration::from_millis(slowest_ms * 2) + Duration::from_secs(10)
+    report_fresh_for(slowest_ms)
 }

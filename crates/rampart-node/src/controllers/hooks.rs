@@ -93,10 +93,8 @@ async fn fence(node: Shared) {
         if !hosts_primary.1 {
             continue;
         }
-        let contact_age = crate::controllers::primaries::majority_contact_age(&node)
-            .await
-            .min(started.elapsed());
-        if contact_age <= crate::controllers::primaries::self_fence_after(&node) {
+        let contact_age = node.majority_contact_age().await.min(started.elapsed());
+        if !node.hold().must_fence(contact_age) {
             continue;
         }
         for due in self_fence(&node, &mut fenced) {

@@ -1,6 +1,7 @@
-//! Automatic failover (leader only) and the primary's hold (every node).
+//! Automatic failover (leader only).
 //!
-//! A primary may act as primary only while its **hold** lasts: for an instance hosted by
+//! A primary may act as primary only while its **hold** lasts (`rampart_core::failover::Hold`,
+//! `Node::hold`): for an instance hosted by
 //! a node, while that node is in touch with the region's majority. A node cut off for
 //! three quarters of the hold runs the instance's `on_demote` by itself (`hooks.rs`), and the
 //! leader never releases the role of an unreachable primary before `hold` has passed since
@@ -24,7 +25,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use openraft::ServerState;
 use rampart_core::api::Event;
 use rampart_core::health::Health;
 use rampart_core::service::Mode;
@@ -36,39 +36,6 @@ use crate::node::{now_ms, Shared};
 const TICK: Duration = Duration::from_millis(100);
 /// How soon a demotion whose hook failed is asked for again.
 const DEMOTE_RETRY: Duration = Duration::from_secs(5);
-
-/// How long a primary's hold lasts past its node's last contact with the majority: well
-/// above a leader change, so an election alone never costs a primary its role.
-pub fn hold(node: &Shared) -> Duration {
-    node.config.election_timeout * 4
-}
-
-/// When a cut-off node fences its primaries: a quarter of the hold (at least two
-/// heartbeats) before it ends, so the demotion hook has run before the leader can promote.
-pub fn self_fence_after(node: &Shared) -> Duration {
-    let margin = (hold(node) / 4).max(node.config.heartbeat_interval * 2);
-    hold(node).saturating_sub(margin)
-}
-
-/// How long ago this node was last surely in touch with the region's majority.
-pub async fn majority_contact_age(node: &Shared) -> Duration {
-    let metrics = node.raft.metrics().borrow().clone();
-    if metrics.state == ServerState::Leader {
-        if metrics.membership_config.membership().voter_ids().count() <= 1 {
-            return Duration::ZERO;
-        }
-        return metrics
-            .millis_since_quorum_ack
-            .map_or(Duration::MAX, Duration::from_millis);
-    }
-    // A follower's vote is refreshed by every append and heartbeat of its leader.
-    node.raft
-        .with_raft_state(|s| s.vote_last_modified().map(|i| i.into_std()))
-        .await
-        .ok()
-        .flatten()
-        .map_or(Duration::MAX, |at| at.elapsed())
-}
 
 /// The controller's memory of one episode: a primary that went down.
 #[derive(Debug, Default)]
@@ -123,7 +90,7 @@ async fn step(
     leader_since: Instant,
     episode: &mut Episode,
 ) -> Result<(), crate::error::ApiError> {
-    let hold = hold(node);
+    let hold = node.hold();
     let (mode, primary, token, demoting, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
         let Some(s) = applied.state.services.get(name) else {
@@ -163,7 +130,7 @@ async fn step(
             let release = match hosted_by {
                 None => {
                     episode.how = "hold_lapsed";
-                    now_ms().saturating_sub(down_since_ms) >= hold.as_millis() as u64
+                    hold.lapsed(Duration::from_millis(now_ms().saturating_sub(down_since_ms)))
                 }
                 Some(host) => {
                     let last = if host == node.id {
@@ -172,7 +139,7 @@ async fn step(
                         node.links.answered_at(host)
                     };
                     let last = last.map_or(leader_since, |at| at.max(leader_since));
-                    if last.elapsed() < hold {
+                    if !hold.lapsed(last.elapsed()) {
                         // Its node answers: it runs on_demote, and the hook's report releases.
                         episode.how = "demoted";
                         let due = episode.demote_asked.is_none_or(|at| at.elapsed() >= DEMOTE_RETRY);

@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use rampart_core::api::{Event, HookReport, SwitchoverRequest, SwitchoverResponse};
-use rampart_core::failover::Refusal;
+use rampart_core::failover::switchover_blockers;
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
 
@@ -183,15 +183,6 @@ impl Drop for InProgress {
     }
 }
 
-/// The target's refusals that a switchover cannot ignore (being outranked does not count:
-/// the operator chose it).
-fn blocking(reasons: &[Refusal]) -> Vec<&Refusal> {
-    reasons
-        .iter()
-        .filter(|r| !matches!(r, Refusal::Outranked { .. } | Refusal::IsPrimary | Refusal::Damped))
-        .collect()
-}
-
 async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result<SwitchoverResponse, ApiError> {
     if node.known_leader() != Some(node.id) {
         return Err(ApiError::not_leader());
@@ -234,12 +225,8 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         });
     }
     let target = crate::services::eligibility_of(node, service, to)?;
-    let refusals = blocking(&target.reasons);
     // Lag is waited for below; everything else refuses now, with every reason.
-    let hard: Vec<&&Refusal> = refusals
-        .iter()
-        .filter(|r| !matches!(r, Refusal::Lagging { .. }))
-        .collect();
+    let hard = switchover_blockers(&target.reasons);
     if !hard.is_empty() {
         let reasons = serde_json::to_value(&hard).unwrap_or_default();
         return Err(conflict(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, State};
 use axum::Json;
 use rampart_core::api::{Event, HeartbeatRequest, HeartbeatResponse, ObservationsRequest};
-use rampart_core::health::{worst, Health};
+use rampart_core::health::{heartbeat_verdict, worst, Health};
 use rampart_core::service::{Probe, Purpose};
 use rampart_store::Op;
 
@@ -199,10 +199,10 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                     Health::Up
                 };
                 let beats = checks.filter_map(|c| match c.probe {
-                    Probe::Heartbeat { ttl_ms } if now.duration_since(last_beat) < Duration::from_millis(ttl_ms) => {
-                        Some(Health::Up)
-                    }
-                    Probe::Heartbeat { .. } => Some(Health::Down),
+                    Probe::Heartbeat { ttl_ms } => Some(heartbeat_verdict(
+                        now.duration_since(last_beat),
+                        Duration::from_millis(ttl_ms),
+                    )),
                     _ => None,
                 });
                 worst(std::iter::once(probes).chain(beats))
