@@ -208,7 +208,16 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             auth::FAILURE_SOURCES_MAX,
         )),
     });
-    tracing::info!(id = node.id, listen = %node.config.listen, region = %node.config.region, "node started");
+    // Asserts the self-fence comes before the hold ends (safety rule 4) before anything runs.
+    let hold = node.hold();
+    tracing::info!(
+        id = node.id,
+        listen = %node.config.listen,
+        region = %node.config.region,
+        hold_ms = hold.hold.as_millis() as u64,
+        self_fence_after_ms = hold.self_fence_after.as_millis() as u64,
+        "node started"
+    );
 
     let mut tasks = controllers::spawn(&node, alert_queue);
     tasks.push(tokio::spawn(server::serve(listener, node.clone())));

@@ -163,7 +163,7 @@ fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView 
                     .live
                     .reports
                     .get(&(name.to_string(), id.clone()))
-                    .map(|seen| seen.iter().map(|(node, (health, _))| (*node, *health)).collect())
+                    .map(|seen| seen.iter().map(|(node, report)| (*node, report.health)).collect())
                     .unwrap_or_default(),
             })
             .collect(),

@@ -20,12 +20,33 @@ pub struct Soft {
     /// Readiness probes: an instance confirmed not ready leaves the serving set.
     pub ready: Confirmation,
     /// The last heartbeat and the lag it reported.
-    pub heartbeats: HashMap<InstanceKey, (Instant, Option<u64>)>,
+    pub heartbeats: HashMap<InstanceKey, Heartbeat>,
     /// Supervised instances their node last restarted (when this leader heard it), or gave
     /// up on (`true`): a primary being restarted is not failed over yet.
-    pub restarts: HashMap<InstanceKey, (Instant, bool)>,
+    pub restarts: HashMap<InstanceKey, Restart>,
     /// When this node last became leader: heartbeat deadlines count from no earlier.
     pub leader_since: Option<Instant>,
+}
+
+/// One node's latest probe view of an instance, and when it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    pub health: Health,
+    pub at: Instant,
+}
+
+/// An instance's last heartbeat, and the lag it reported.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    pub at: Instant,
+    pub lag_revisions: Option<u64>,
+}
+
+/// A supervised instance its node last restarted (when this leader heard it), or gave up on.
+#[derive(Debug, Clone, Copy)]
+pub struct Restart {
+    pub at: Instant,
+    pub gave_up: bool,
 }
 
 /// Every node's latest probe view of each instance for one purpose, and the confirmed
@@ -33,13 +54,16 @@ pub struct Soft {
 #[derive(Debug, Default)]
 pub struct Confirmation {
     /// Each node's latest view, and when it arrived.
-    pub reports: HashMap<InstanceKey, BTreeMap<u64, (Health, Instant)>>,
+    pub reports: HashMap<InstanceKey, BTreeMap<u64, Report>>,
     verdicts: HashMap<InstanceKey, Health>,
 }
 
 impl Confirmation {
     pub fn record(&mut self, key: &InstanceKey, node: u64, health: Health, now: Instant) {
-        self.reports.entry(key.clone()).or_default().insert(node, (health, now));
+        self.reports
+            .entry(key.clone())
+            .or_default()
+            .insert(node, Report { health, at: now });
     }
 
     /// The probes' verdict from the reports still fresh, by the policy's rule; without a
@@ -57,8 +81,8 @@ impl Confirmation {
         // Only the policy's probers count (all voters without a list); a node that stopped
         // being one is forgotten.
         let counts = |node: &u64| policy.probers.is_empty() || policy.probers.contains(node);
-        seen.retain(|node, (_, at)| counts(node) && now.duration_since(*at) < fresh_for);
-        let fresh: Vec<Health> = seen.values().map(|(h, _)| *h).collect();
+        seen.retain(|node, report| counts(node) && now.duration_since(report.at) < fresh_for);
+        let fresh: Vec<Health> = seen.values().map(|report| report.health).collect();
         let observers = if policy.probers.is_empty() {
             voters
         } else {
@@ -81,7 +105,7 @@ impl Soft {
     pub fn lag(&self, service: &str, instance: &str) -> Option<u64> {
         self.heartbeats
             .get(&(service.to_string(), instance.to_string()))
-            .and_then(|(_, lag)| *lag)
+            .and_then(|beat| beat.lag_revisions)
     }
 
     /// Whether the instance's node restarted it less than `start_timeout` ago and has not
@@ -89,7 +113,7 @@ impl Soft {
     pub fn restarting(&self, key: &InstanceKey, start_timeout: Duration) -> bool {
         self.restarts
             .get(key)
-            .is_some_and(|(at, gave_up)| !gave_up && at.elapsed() < start_timeout)
+            .is_some_and(|restart| !restart.gave_up && restart.at.elapsed() < start_timeout)
     }
 }
 

@@ -159,6 +159,19 @@ pub struct State {
 impl State {
     /// Applies one command; returns its outcome and the watch events it caused.
     pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<WatchEvent>) {
+        let before = self.revision;
+        let applied = self.apply_op(command);
+        // The revision moves by exactly one per state-changing write, never more: otherwise
+        // two writes could share a revision or a watcher could miss one, on every node.
+        assert!(
+            self.revision == before || self.revision == before + 1,
+            "invariant broken: one command moved the revision from {before} to {}",
+            self.revision
+        );
+        applied
+    }
+
+    fn apply_op(&mut self, command: &Command) -> (Outcome, Vec<WatchEvent>) {
         let mut events = Vec::new();
         let outcome = match &command.op {
             Op::Put {
@@ -449,10 +462,22 @@ impl State {
                         // tokens of every service and election strictly increase together.
                         let token = self.bump();
                         let s = self.services.get_mut(service).expect("checked above");
+                        // Safety rules 3 and 4: a new primary's token is above every token
+                        // before it, and no other instance holds the role.
+                        assert!(
+                            token > s.token,
+                            "invariant broken: service {service} promoted {id} with token {token}, not above {}",
+                            s.token
+                        );
                         s.primary = Some(id.clone());
                         s.token = token;
                         s.promotions += 1;
                         s.instances.get_mut(id).expect("checked above").role = InstanceRole::Primary;
+                        let primaries = s.instances.values().filter(|r| r.role == InstanceRole::Primary).count();
+                        assert_eq!(
+                            primaries, 1,
+                            "invariant broken: service {service} has {primaries} primaries after promoting {id}"
+                        );
                         Outcome::Promoted { token }
                     }
                 }
@@ -908,6 +933,24 @@ mod tests {
             id: id.into(),
         }))
         .0
+    }
+
+    #[test]
+    #[should_panic(expected = "invariant broken: service db has 2 primaries")]
+    fn a_promotion_beside_a_stale_primary_role_stops_the_node() {
+        let mut s = service_with(&["a", "b"]);
+        // Corrupted: "a" still holds the role although the service has no primary.
+        s.services.get_mut("db").unwrap().instances.get_mut("a").unwrap().role = InstanceRole::Primary;
+        promote(&mut s, "b");
+    }
+
+    #[test]
+    #[should_panic(expected = "not above")]
+    fn a_token_that_would_not_increase_stops_the_node() {
+        let mut s = service_with(&["a"]);
+        // Corrupted: the service's token is ahead of the region's revision.
+        s.services.get_mut("db").unwrap().token = s.revision + 10;
+        promote(&mut s, "a");
     }
 
     #[test]

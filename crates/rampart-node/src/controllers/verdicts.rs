@@ -19,7 +19,7 @@ use rampart_store::Op;
 
 use crate::error::{parse_body, ApiError};
 use crate::node::Shared;
-use crate::soft::{Confirmation, InstanceKey, Soft};
+use crate::soft::{Confirmation, Heartbeat, InstanceKey, Restart, Soft};
 
 fn voters(node: &Shared) -> usize {
     node.raft
@@ -50,8 +50,11 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
     let keys: Vec<InstanceKey> = {
         let mut soft = node.soft.lock().expect("soft state lock");
         for restart in request.restarts {
-            soft.restarts
-                .insert((restart.service, restart.instance), (now, restart.gave_up));
+            let at = Restart {
+                at: now,
+                gave_up: restart.gave_up,
+            };
+            soft.restarts.insert((restart.service, restart.instance), at);
         }
         request
             .observations
@@ -95,11 +98,13 @@ pub async fn heartbeat(
             token: service_state.token,
         }
     };
-    node.soft
-        .lock()
-        .expect("soft state lock")
-        .heartbeats
-        .insert((service.clone(), id.clone()), (Instant::now(), request.lag));
+    node.soft.lock().expect("soft state lock").heartbeats.insert(
+        (service.clone(), id.clone()),
+        Heartbeat {
+            at: Instant::now(),
+            lag_revisions: request.lag,
+        },
+    );
     evaluate(&node, &[(service, id)]).await;
     Ok(Json(answer))
 }
@@ -187,7 +192,7 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
             let last_beat = soft
                 .heartbeats
                 .get(key)
-                .map_or(leader_since, |(at, _)| (*at).max(leader_since));
+                .map_or(leader_since, |beat| beat.at.max(leader_since));
             // For one purpose: the probes' confirmed verdict (up if no probe has that
             // purpose), made worse by any heartbeat check of that purpose that is overdue.
             let judge = |confirmation: &mut Confirmation, wanted: fn(Purpose) -> bool, committed: Health| {
@@ -219,7 +224,7 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                     .get(key)
                     .map(|seen| {
                         seen.iter()
-                            .map(|(node, (h, _))| format!("node {node}: {}", label(*h)))
+                            .map(|(node, report)| format!("node {node}: {}", label(report.health)))
                             .collect::<Vec<_>>()
                             .join(", ")
                     })
