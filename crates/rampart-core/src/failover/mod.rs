@@ -4,8 +4,11 @@
 //! every instance that breaks a hard rule, with every reason, and ranks the rest by
 //! priority, then the primary region, then the least replication lag.
 //!
-//! Also the arithmetic of the primary's hold ([`Hold`], safety rule 4) and which refusals
-//! stop a planned switchover ([`switchover_blockers`]).
+//! Also the arithmetic of the primary's hold ([`Hold`], safety rule 4), which refusals
+//! stop a planned switchover ([`switchover_blockers`]), and the leader's failover episode
+//! as a step function ([`episode`]).
+
+pub mod episode;
 
 use std::cmp::Reverse;
 use std::time::Duration;
