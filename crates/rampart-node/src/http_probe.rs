@@ -178,7 +178,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use rampart_testkit::{Answer, HttpBackend};
 
     use super::*;
 
@@ -186,32 +186,12 @@ mod tests {
     /// answer when `close`; counts the connections it accepted.
     async fn server(response: &'static str, close: bool) -> (Target, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let Ok(n) = stream.read(&mut chunk).await else { return };
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            if stream.write_all(response.as_bytes()).await.is_err() || close {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
+        let backend = HttpBackend::start(listener, None, move |_, _| match close {
+            true => Answer::Close(response.to_string()),
+            false => Answer::Keep(response.to_string()),
         });
-        (Target::parse(&format!("http://{addr}/health")).unwrap(), accepted)
+        let target = Target::parse(&format!("http://{}/health", backend.addr)).unwrap();
+        (target, backend.connections)
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nhealthy";

@@ -1,7 +1,10 @@
-//! `rampart-node` is the daemon behind `rampart node`: it runs a region member's Raft
-//! engine (openraft over the redb store), the peer transport, the HTTP API with leader
-//! forwarding, the leader-only lease-expiry controller, and metrics. Decisions live in
-//! `rampart-core`; this crate gathers their inputs and carries out their verdicts.
+//! `rampart-node` is the daemon behind `rampart node`: a region member's Raft engine
+//! (openraft over the redb store), the peer transport, the HTTP API with leader forwarding,
+//! the service registry, the event log, backups, metrics, and the loops in `controllers`
+//! (elections, lease expiry, probes and verdicts, failover and switchover, role hooks and
+//! self-fencing, supervision, backup schedules). Decisions live in `rampart-core`; this
+//! crate gathers their inputs and carries out their verdicts. `lib.rs` only wires a node
+//! together (`run`); `node.rs` is what every part sees of it.
 
 mod alerts;
 mod api;

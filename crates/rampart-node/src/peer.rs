@@ -10,7 +10,8 @@
 //!
 //! A call whose caller stops waiting (openraft gives an append one heartbeat interval) does
 //! not close its connection: the exchange finishes in its own task and the connection goes
-//! back to the pool. A follower reads a closed link from its leader as a sign that the
+//! back to the pool (at most [`EXCHANGES_MAX`] at once per target). A follower reads a
+//! closed link from its leader as a sign that the
 //! leader's process died (the crash fast path of `rampart_core::election`); closing on
 //! every slow answer made a busy machine look like a dead leader and started elections
 //! that deposed a healthy one.
@@ -43,9 +44,10 @@ const FRAME_BYTES_MAX: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Idle connections kept per target.
 const POOL_MAX: usize = 4;
-/// Calls to one target still being answered after their callers stopped waiting; beyond
-/// this a new call fails at once (the target is not answering anyway).
-const UNANSWERED_MAX: usize = 8;
+/// Exchanges with one target at once, those whose callers stopped waiting included; a new
+/// call waits (within its own timeout) for one to finish. Failing it at once instead would
+/// make openraft retry at once, in a busy loop, while the target is slow.
+const EXCHANGES_MAX: usize = 8;
 /// How long a call may go on after its caller stopped waiting before its connection is
 /// closed after all.
 const LATE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -261,8 +263,8 @@ pub struct PeerClient {
     tls: Option<TlsConnector>,
     links: Arc<PeerLinks>,
     pool: Arc<Mutex<Vec<PeerStream>>>,
-    /// Exchanges running in their own task, answered or not.
-    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Permits for exchanges running in their own task, answered or not.
+    exchanges: Arc<tokio::sync::Semaphore>,
 }
 
 enum CallError {
@@ -279,7 +281,7 @@ impl PeerClient {
             tls,
             links,
             pool: Arc::new(Mutex::new(Vec::new())),
-            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            exchanges: Arc::new(tokio::sync::Semaphore::new(EXCHANGES_MAX)),
         }
     }
 
@@ -318,16 +320,13 @@ impl PeerClient {
     /// of its own, so a caller that stops waiting (or is dropped by openraft) leaves it to
     /// finish and pool the connection instead of closing it (see the module's opening).
     async fn call(&self, request: PeerRequest, ttl: Duration) -> Result<PeerResponse, CallError> {
-        use std::sync::atomic::Ordering;
-        if self.in_flight.load(Ordering::Relaxed) >= UNANSWERED_MAX {
-            return Err(CallError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{UNANSWERED_MAX} calls to node {} are still unanswered", self.target),
-            )));
-        }
+        let timed_out = || CallError::Io(io::Error::new(io::ErrorKind::TimedOut, "peer call timed out"));
+        let started = Instant::now();
+        let permit = tokio::time::timeout(ttl, self.exchanges.clone().acquire_owned())
+            .await
+            .map_err(|_| timed_out())?
+            .expect("the semaphore is never closed");
         let mut stream = self.connect().await.map_err(CallError::Connect)?;
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let in_flight = self.in_flight.clone();
         let pool = self.pool.clone();
         let links = self.links.clone();
         let target = self.target;
@@ -347,14 +346,11 @@ impl PeerClient {
                     pool.push(stream);
                 }
             }
-            in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
             answer
         });
-        match tokio::time::timeout(ttl, exchange).await {
-            Err(_) => Err(CallError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer call timed out",
-            ))),
+        match tokio::time::timeout(ttl.saturating_sub(started.elapsed()), exchange).await {
+            Err(_) => Err(timed_out()),
             Ok(Err(join)) => Err(CallError::Io(io::Error::other(join))),
             Ok(Ok(answer)) => answer.map_err(CallError::Io),
         }

@@ -1,5 +1,6 @@
 //! `rampart-store` is the replicated state of one region: the commands that go through the
-//! Raft log, their deterministic apply (KV with revisions, leases, elections), snapshots,
+//! Raft log, their deterministic apply (KV with revisions, leases, elections, services and
+//! their roles, tokens, events, quota standings), snapshots,
 //! and the durable storage openraft needs (log, vote, committed pointer, snapshot) in one
 //! redb file. Apply never reads a clock, draws a random number or does I/O: every node that
 //! applies the same log reaches the same state and the same checksum.

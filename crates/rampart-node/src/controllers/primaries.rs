@@ -9,24 +9,17 @@
 //! node's own clock starts earlier than the leader's, the old primary has let go before a
 //! new one is promoted: safety rule 4, with clocks that only need to run at the same rate.
 //!
-//! The controller, each tick, for every active-passive service:
-//! - primary confirmed down while its node restarts it (supervision, within the restart
-//!   budget and `recovery.start_timeout` of the last restart): wait, once saying so in a
-//!   `failover.deferred` event;
-//! - primary confirmed down otherwise: if its node answers, ask it to step down (`Demote`: the node
-//!   runs `on_demote`, the leader then releases the role); if not, release the role once
-//!   the hold has run out; an instance no node hosts is released a hold after its verdict;
-//! - no primary, but it had one: promote eligibility's first instance, and record a
-//!   `failover` event with the detection, decision and promotion times; if nobody is
-//!   eligible, record why, once.
-//!
-//! A service that never had a primary gets its first one from an operator's switchover.
+//! What to do is decided by `rampart_core::failover::episode::Episode` (the story of one
+//! failover is told there); this controller, each tick and for every service, gathers the
+//! facts (the applied service, how long ago the primary's node last answered, whether its
+//! node is restarting it, eligibility's first instance) and carries out the actions: it
+//! commits `Demote`, `Release` and `Promote`, and records the `failover.*` events.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rampart_core::api::Event;
-use rampart_core::health::Health;
+use rampart_core::failover::episode::{Action, Episode, Facts, Host, Primary};
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
 
@@ -34,20 +27,6 @@ use crate::events::record;
 use crate::node::{now_ms, Shared};
 
 const TICK: Duration = Duration::from_millis(100);
-/// How soon a demotion whose hook failed is asked for again.
-const DEMOTE_RETRY: Duration = Duration::from_secs(5);
-
-/// The controller's memory of one episode: a primary that went down.
-#[derive(Debug, Default)]
-struct Episode {
-    demote_asked: Option<Instant>,
-    released_ms: Option<u64>,
-    detected_ms: u64,
-    previous: Option<String>,
-    how: &'static str,
-    no_candidate_reported: bool,
-    deferral_reported: bool,
-}
 
 pub async fn run(node: Shared) {
     let mut tick = tokio::time::interval(TICK);
@@ -70,123 +49,147 @@ pub async fn run(node: Shared) {
             .keys()
             .cloned()
             .collect();
+        episodes.retain(|name, _| names.contains(name));
         for name in names {
-            if node.switchovers.lock().expect("switchovers lock").contains(&name) {
-                // A planned switchover moves the role; it is not a failure.
+            let Some(facts) = facts(&node, &name, since) else {
                 continue;
-            }
+            };
             let episode = episodes.entry(name.clone()).or_default();
-            if let Err(e) = step(&node, &name, since, episode).await {
-                tracing::warn!(service = %name, "failover step failed: {}", e.message);
+            let actions = episode.step(Instant::now(), now_ms(), node.hold(), &facts);
+            for action in actions {
+                if let Err(e) = carry_out(&node, &name, episode, action).await {
+                    tracing::warn!(service = %name, "failover step failed: {}", e.message);
+                }
             }
         }
     }
 }
 
-/// One look at one service.
-async fn step(
-    node: &Shared,
-    name: &str,
-    leader_since: Instant,
-    episode: &mut Episode,
-) -> Result<(), crate::error::ApiError> {
-    let hold = node.hold();
-    let (mode, primary, token, demoting, start_timeout) = {
+/// What the leader knows of one service now; `None` once it is gone.
+fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
+    let (facts, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
-        let Some(s) = applied.state.services.get(name) else {
-            return Ok(());
-        };
-        let primary = s
-            .primary_record()
-            .map(|(p, r)| (p.to_string(), r.health, r.health_since_ms, r.instance.node));
-        let start_timeout = Duration::from_millis(s.policy.recovery.start_timeout_ms);
-        (s.policy.mode, primary, s.token, s.demoting, start_timeout)
-    };
-    if mode != Mode::ActivePassive {
-        return Ok(());
-    }
-    match primary {
-        Some((id, Health::Down, down_since_ms, hosted_by)) => {
-            episode.detected_ms = down_since_ms;
-            episode.previous = Some(id.clone());
-            let key = (name.to_string(), id.clone());
-            if node
-                .soft
-                .lock()
-                .expect("soft state lock")
-                .restarting(&key, start_timeout)
-            {
-                // Its node is restarting it within the budget: give it `start_timeout`.
-                if !episode.deferral_reported {
-                    episode.deferral_reported = true;
-                    let detail = format!(
-                        "service={name} primary={id} reason=restarting start_timeout_ms={}",
-                        start_timeout.as_millis()
-                    );
-                    record(node, failover_event(name, "failover.deferred", "ok", detail)).await;
-                }
-                return Ok(());
-            }
-            let release = match hosted_by {
-                None => {
-                    episode.how = "hold_lapsed";
-                    hold.lapsed(Duration::from_millis(now_ms().saturating_sub(down_since_ms)))
-                }
+        let s = applied.state.services.get(name)?;
+        let primary = s.primary_record().map(|(id, r)| {
+            let host = match r.instance.node {
+                None => Host::External,
                 Some(host) => {
-                    let last = if host == node.id {
+                    let answered = if host == node.id {
                         Some(Instant::now())
                     } else {
                         node.links.answered_at(host)
                     };
-                    let last = last.map_or(leader_since, |at| at.max(leader_since));
-                    if !hold.lapsed(last.elapsed()) {
-                        // Its node answers: it runs on_demote, and the hook's report releases.
-                        episode.how = "demoted";
-                        let due = episode.demote_asked.is_none_or(|at| at.elapsed() >= DEMOTE_RETRY);
-                        if !demoting && due {
-                            episode.demote_asked = Some(Instant::now());
-                            node.propose(Op::Demote {
-                                service: name.to_string(),
-                                id: id.clone(),
-                            })
-                            .await?;
-                        }
-                        false
-                    } else {
-                        episode.how = "hold_lapsed";
-                        true
+                    // Never before this leader took office: it cannot know of earlier answers.
+                    let answered = answered.map_or(leader_since, |at| at.max(leader_since));
+                    Host::Node {
+                        since_answer: answered.elapsed(),
                     }
                 }
             };
-            if release {
-                match node
-                    .propose(Op::Release {
-                        service: name.to_string(),
-                        id: id.clone(),
-                    })
-                    .await?
-                {
-                    Outcome::Released => episode.released_ms = Some(now_ms()),
-                    Outcome::NotPrimary { .. } => {}
-                    other => return Err(crate::error::unexpected(other)),
-                }
+            Primary {
+                id: id.to_string(),
+                health: r.health,
+                health_since_ms: r.health_since_ms,
+                host,
+                restarting: false,
             }
-        }
-        Some(_) => {
-            // A healthy primary: nothing to do; forget any finished episode.
-            *episode = Episode::default();
-        }
-        None if token > 0 => promote_best(node, name, episode).await?,
-        None => {}
+        });
+        let facts = Facts {
+            active_passive: s.policy.mode == Mode::ActivePassive,
+            switchover_running: false,
+            primary,
+            demoting: s.demoting,
+            had_primary: s.token > 0,
+            best: None,
+        };
+        (facts, Duration::from_millis(s.policy.recovery.start_timeout_ms))
+    };
+    let mut facts = facts;
+    facts.switchover_running = node.switchovers.lock().expect("switchovers lock").contains(name);
+    if let Some(primary) = &mut facts.primary {
+        let key = (name.to_string(), primary.id.clone());
+        primary.restarting = node
+            .soft
+            .lock()
+            .expect("soft state lock")
+            .restarting(&key, start_timeout);
     }
-    Ok(())
+    if facts.active_passive && facts.primary.is_none() && facts.had_primary {
+        // Only then is a candidate needed: the report takes the soft state's lags.
+        facts.best = crate::services::report(node, name)
+            .ok()?
+            .instances
+            .into_iter()
+            .find(|e| e.rank == Some(1))
+            .map(|e| e.id);
+    }
+    Some(facts)
 }
 
-async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Result<(), crate::error::ApiError> {
-    let report = crate::services::report(node, name)?;
-    let Some(best) = report.instances.iter().find(|e| e.rank == Some(1)) else {
-        if !episode.no_candidate_reported {
-            episode.no_candidate_reported = true;
+async fn carry_out(
+    node: &Shared,
+    name: &str,
+    episode: &mut Episode,
+    action: Action,
+) -> Result<(), crate::error::ApiError> {
+    match action {
+        Action::Defer { primary } => {
+            let start_timeout_ms = node
+                .applied
+                .read()
+                .expect("state lock")
+                .state
+                .services
+                .get(name)
+                .map_or(0, |s| s.policy.recovery.start_timeout_ms);
+            let detail =
+                format!("service={name} primary={primary} reason=restarting start_timeout_ms={start_timeout_ms}");
+            record(node, failover_event(name, "failover.deferred", "ok", detail)).await;
+        }
+        Action::AskDemote { primary } => {
+            node.propose(Op::Demote {
+                service: name.to_string(),
+                id: primary,
+            })
+            .await?;
+        }
+        Action::Release { primary } => {
+            let op = Op::Release {
+                service: name.to_string(),
+                id: primary,
+            };
+            match node.propose(op).await? {
+                Outcome::Released => episode.released(now_ms()),
+                Outcome::NotPrimary { .. } => {}
+                other => return Err(crate::error::unexpected(other)),
+            }
+        }
+        Action::Promote { instance } => {
+            let op = Op::Promote {
+                service: name.to_string(),
+                id: instance.clone(),
+            };
+            if let Outcome::Promoted { token } = node.propose(op).await? {
+                let failover = episode.promoted(&instance, now_ms());
+                let detail = format!(
+                    "service={name} from={} to={instance} token={token} how={} detected_ms={} released_ms={} decided_ms={} promoted_ms={} detection_to_promotion_ms={}",
+                    failover.previous.as_deref().unwrap_or("-"),
+                    failover.how.label(),
+                    failover.detected_ms,
+                    failover.released_ms,
+                    failover.decided_ms,
+                    failover.promoted_ms,
+                    failover.promoted_ms.saturating_sub(failover.detected_ms),
+                );
+                tracing::info!(service = %name, to = %instance, token, "failover: promoted");
+                if let Some(ms) = failover.duration_ms() {
+                    node.metrics.failover_seconds.observe(ms as f64 / 1000.0);
+                }
+                record(node, failover_event(name, "failover.promote", "ok", detail)).await;
+            }
+        }
+        Action::Blocked => {
+            let report = crate::services::report(node, name)?;
             let reasons = serde_json::to_string(&report.instances).unwrap_or_default();
             tracing::warn!(service = %name, "no instance can be promoted: {reasons}");
             record(
@@ -195,34 +198,6 @@ async fn promote_best(node: &Shared, name: &str, episode: &mut Episode) -> Resul
             )
             .await;
         }
-        return Ok(());
-    };
-    let decided_ms = now_ms();
-    let outcome = node
-        .propose(Op::Promote {
-            service: name.to_string(),
-            id: best.id.clone(),
-        })
-        .await?;
-    if let Outcome::Promoted { token } = outcome {
-        let promoted_ms = now_ms();
-        let detail = format!(
-            "service={name} from={} to={} token={token} how={} detected_ms={} released_ms={} decided_ms={decided_ms} promoted_ms={promoted_ms} detection_to_promotion_ms={}",
-            episode.previous.as_deref().unwrap_or("-"),
-            best.id,
-            if episode.how.is_empty() { "-" } else { episode.how },
-            episode.detected_ms,
-            episode.released_ms.unwrap_or(0),
-            promoted_ms.saturating_sub(episode.detected_ms),
-        );
-        tracing::info!(service = %name, to = %best.id, token, "failover: promoted");
-        if episode.detected_ms > 0 {
-            node.metrics
-                .failover_seconds
-                .observe(promoted_ms.saturating_sub(episode.detected_ms) as f64 / 1000.0);
-        }
-        record(node, failover_event(name, "failover.promote", "ok", detail)).await;
-        *episode = Episode::default();
     }
     Ok(())
 }

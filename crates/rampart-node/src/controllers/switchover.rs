@@ -6,8 +6,10 @@
 //! holder's hook confirmed it let go. An old primary without a hosting node (an external
 //! instance, nothing to run its hook) is released at once: the operator asked for it.
 //!
-//! Also the leader's side of hook reports: it records each run as an event, releases the
-//! role after a successful `on_demote`, and calls a demotion off when the hook failed.
+//! Also the leader's side of hook reports: it records each run as an event and commits
+//! what `rampart_core::failover::episode::on_hook_report` says the run means (release the
+//! role after a successful `on_demote`, call a demotion off when it failed, give the role
+//! back when `on_promote` failed).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use rampart_core::api::{Event, HookReport, SwitchoverRequest, SwitchoverResponse};
+use rampart_core::failover::episode::{on_hook_report, HookAction};
 use rampart_core::failover::switchover_blockers;
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
@@ -77,39 +80,25 @@ async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport)
         ),
     };
     record(node, event).await;
-    if report.hook == "on_demote" {
-        // Any successful on_demote for the current token means the primary let go (asked
-        // to, or fencing itself after losing the majority): release the role. A failed one
-        // calls off the demotion that asked for it.
-        let (still_primary, demoting) = {
-            let applied = node.applied.read().expect("state lock");
-            applied.state.services.get(service).map_or((false, false), |s| {
-                (s.primary.as_deref() == Some(id) && s.token == report.token, s.demoting)
-            })
-        };
-        let op = match (still_primary, ok, demoting) {
-            (true, true, _) => Some(Op::Release {
-                service: service.to_string(),
-                id: id.to_string(),
-            }),
-            (true, false, true) => Some(Op::CancelDemote {
-                service: service.to_string(),
-                id: id.to_string(),
-            }),
-            _ => None,
-        };
-        if let Some(op) = op {
-            node.propose(op).await?;
-        }
-    }
-    if report.hook == "on_promote" && !ok {
-        // The next candidate gets its chance: this one gives the role back, fenced.
-        node.propose(Op::PromotionFailed {
-            service: service.to_string(),
-            id: id.to_string(),
-            token: report.token,
+    let (still_primary, demoting) = {
+        let applied = node.applied.read().expect("state lock");
+        applied.state.services.get(service).map_or((false, false), |s| {
+            (s.primary.as_deref() == Some(id) && s.token == report.token, s.demoting)
         })
-        .await?;
+    };
+    let (service, id) = (service.to_string(), id.to_string());
+    let op = match on_hook_report(&report.hook, ok, still_primary, demoting) {
+        None => None,
+        Some(HookAction::Release) => Some(Op::Release { service, id }),
+        Some(HookAction::CancelDemote) => Some(Op::CancelDemote { service, id }),
+        Some(HookAction::GiveBack) => Some(Op::PromotionFailed {
+            service,
+            id,
+            token: report.token,
+        }),
+    };
+    if let Some(op) = op {
+        node.propose(op).await?;
     }
     Ok(())
 }

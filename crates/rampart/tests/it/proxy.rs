@@ -5,6 +5,8 @@ use std::process::{Child, Command, Stdio};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use rampart_testkit::Answer;
+
 use crate::DEADLINE;
 
 /// A `rampart proxy` process, stopped when dropped.
@@ -192,13 +194,7 @@ enum Reply {
 }
 
 /// An HTTP/1.1 test backend (keep-alive), started by the test.
-pub(crate) struct Backend {
-    pub(crate) addr: std::net::SocketAddr,
-    /// Aborting it closes the port and every connection.
-    pub(crate) task: tokio::task::JoinHandle<()>,
-    /// Requests received (counted before any wait or answer).
-    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
+pub(crate) type Backend = rampart_testkit::HttpBackend;
 
 /// A backend answering every request with 200 and its name.
 pub(crate) fn http_backend(name: &'static str) -> Backend {
@@ -222,47 +218,17 @@ fn scripted_backend_at(
     reply: fn(usize, &str) -> Reply,
     release: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Backend {
-    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = requests.clone();
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_reuseaddr(true).expect("reuseaddr");
     socket.bind(at).expect("bind");
     let listener = socket.listen(1024).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        let mut connections = tokio::task::JoinSet::new();
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counter = counter.clone();
-            let mut release = release.clone();
-            // Held by this task: aborting the backend closes its kept connections too.
-            connections.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = buf.drain(..end + 4).collect();
-                        let head = String::from_utf8_lossy(&head);
-                        let line = head.lines().next().unwrap_or("").to_string();
-                        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if let Some(release) = &mut release {
-                            let _ = release.wait_for(|go| *go).await;
-                        }
-                        let Reply::Status(code) = reply(n, &line) else { return };
-                        let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{name}", name.len());
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Backend { addr, task, requests }
+    Backend::start(listener, release, move |n, line| match reply(n, line) {
+        Reply::Status(code) => Answer::Keep(format!(
+            "HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{name}",
+            name.len()
+        )),
+        Reply::Drop => Answer::Drop,
+    })
 }
 
 /// A proxy with one `http` listener named web over `upstreams` (plus the listener's
