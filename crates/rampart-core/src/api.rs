@@ -162,6 +162,14 @@ pub struct ClusterStatus {
     /// behind catches up from a snapshot, not from the log.
     #[serde(default)]
     pub purged_index: u64,
+    /// The first log entry this node still holds (0: none). Below `purged_index + 1` while
+    /// compaction keeps entries a log reader (the backup archiver) has not read yet.
+    #[serde(default)]
+    pub first_log_index: u64,
+    /// Readers of the log besides Raft (`archiver`) and the next index each needs:
+    /// compaction keeps those entries, within `max-retained-log-bytes`.
+    #[serde(default)]
+    pub log_readers: std::collections::BTreeMap<String, u64>,
     pub members: Vec<Member>,
     /// How this node guards its API: `tls` (TLS and tokens), `loopback` (plaintext, bound
     /// to loopback only) or `insecure` (plaintext on a reachable address, by `--insecure`).

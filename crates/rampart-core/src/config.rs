@@ -31,6 +31,9 @@ impl ConfigError {
     }
 }
 
+/// `max-retained-log-bytes` when not set: 1 GiB.
+pub const MAX_RETAINED_LOG_BYTES_DEFAULT: u64 = 1 << 30;
+
 /// Every setting `rampart node` accepts, by its flag name. The TOML file uses the same
 /// names with `_` or `-`.
 pub const NODE_SETTINGS: &[&str] = &[
@@ -45,6 +48,7 @@ pub const NODE_SETTINGS: &[&str] = &[
     "election-timeout",
     "request-timeout",
     "snapshot-logs",
+    "max-retained-log-bytes",
     "watch-history",
     "key-bytes-max",
     "value-bytes-max",
@@ -110,6 +114,9 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Take a snapshot (and compact the log) every this many applied entries.
     pub snapshot_logs: u64,
+    /// Log kept past compaction for readers that have not read it yet (the backup
+    /// archiver, region links), at most; past it they are overtaken (`core::compaction`).
+    pub max_retained_log_bytes: u64,
     /// Changes kept in memory for watches that resume from an older revision.
     pub watch_history: usize,
     pub limits: Limits,
@@ -206,6 +213,13 @@ impl NodeConfig {
         }
         let snapshot_logs = parse_number("snapshot-logs", get("snapshot-logs"), 10_000, 10, 10_000_000)?;
         let watch_history = parse_number("watch-history", get("watch-history"), 10_000, 1, 10_000_000)? as usize;
+        let max_retained_log_bytes = parse_number(
+            "max-retained-log-bytes",
+            get("max-retained-log-bytes"),
+            MAX_RETAINED_LOG_BYTES_DEFAULT,
+            0,
+            1 << 40,
+        )?;
         let defaults = Limits::default();
         let limits = Limits {
             key_bytes_max: parse_number(
@@ -289,6 +303,7 @@ impl NodeConfig {
             election_timeout,
             request_timeout,
             snapshot_logs,
+            max_retained_log_bytes,
             watch_history,
             limits,
             tls,

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod backup;
+pub mod compaction;
 pub mod config;
 pub mod duration;
 pub mod election;

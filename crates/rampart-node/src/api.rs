@@ -456,6 +456,8 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         applied_index,
         snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
         purged_index: metrics.purged.map_or(0, |l| l.index),
+        first_log_index: node.log.first_index().ok().flatten().unwrap_or(0),
+        log_readers: node.log.readers(),
         members: member_list(&node),
         security: node.config.security().as_str().to_string(),
     })

@@ -53,6 +53,8 @@ pub enum NodeError {
     DataDir { path: String, source: std::io::Error },
     #[error("cannot open the store in {path}: {message} (is another node running on this data dir?)")]
     Store { path: String, message: String },
+    #[error("cannot use data dir {path}: {message}")]
+    Format { path: String, message: String },
     #[error("invalid raft settings: {0}")]
     RaftConfig(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -119,10 +121,18 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             fsync_metrics.fsync_seconds.observe(d.as_secs_f64())
         })),
     )
-    .map_err(|e| NodeError::Store {
-        path: store_path.display().to_string(),
-        message: e.to_string(),
+    .map_err(|e| match e {
+        rampart_store::OpenError::Format { .. } => NodeError::Format {
+            path: data_dir.display().to_string(),
+            message: e.to_string(),
+        },
+        rampart_store::OpenError::Storage(e) => NodeError::Store {
+            path: store_path.display().to_string(),
+            message: e.to_string(),
+        },
     })?;
+
+    log.set_max_retained_bytes(config.max_retained_log_bytes);
 
     let tls = config.tls.as_ref().map(tls::NodeTls::load).transpose()?;
     match config.security() {

@@ -15,7 +15,7 @@ pub mod state;
 pub mod state_machine;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
-pub use log_store::LogStore;
+pub use log_store::{stamp_format_version, LogStore, OpenError, FORMAT_VERSION};
 pub use state::{check_encoded, checksum_text, Checksum, State};
 pub use state_machine::{restored_snapshot_head, Applied, StateMachineStore};
 
@@ -42,7 +42,7 @@ pub fn open(
     path: &std::path::Path,
     watch_history: usize,
     on_fsync: Option<log_store::FsyncObserver>,
-) -> Result<(LogStore, StateMachineStore), StorageError> {
+) -> Result<(LogStore, StateMachineStore), OpenError> {
     let db = std::sync::Arc::new(log_store::open_database(path)?);
     let log = LogStore::new(db, on_fsync)?;
     let sm = StateMachineStore::new(path.with_file_name(state_machine::SNAPSHOT_FILE), watch_history)?;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use rampart_core::compaction::{self, Reader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -30,6 +31,38 @@ use crate::{NodeId, StorageError, TypeConfig};
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// Where the data dir's format version is recorded (`META`, little-endian u32).
+const FORMAT_KEY: &str = "format_version";
+
+/// The layout of a node's data dir that this binary reads and writes: the redb tables and
+/// the encoding of the Raft log's entries (`Batch` in postcard) and of the snapshot beside
+/// it. A data dir records the version that wrote it, and a node refuses any other: it would
+/// misread the log. A change to any of these layouts takes a new version and a migration.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Why a data dir could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "it is in format version {found}, and this rampart reads format version {supported}: \
+         run the rampart release that wrote it, or restore the region from a backup into new data dirs"
+    )]
+    Format { found: u32, supported: u32 },
+    #[error(transparent)]
+    Storage(Box<StorageError>),
+}
+
+impl From<StorageError> for OpenError {
+    fn from(e: StorageError) -> OpenError {
+        OpenError::Storage(Box::new(e))
+    }
+}
+
+impl From<StorageIOError<u64>> for OpenError {
+    fn from(e: StorageIOError<u64>) -> OpenError {
+        OpenError::Storage(Box::new(e.into()))
+    }
+}
 
 const VOTE: &str = "vote";
 const REDB_CACHE_BYTES: usize = 16 << 20;
@@ -45,7 +78,7 @@ const BATCH_OPS_MAX: usize = 4096;
 pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// Opens the node's single redb file, creating it and its tables if needed.
-pub fn open_database(path: &Path) -> Result<Database, StorageError> {
+pub fn open_database(path: &Path) -> Result<Database, OpenError> {
     // The state lives in memory; redb's cache only speeds up log reads by lagging
     // followers, so a small one keeps a node's memory bounded.
     let db = Database::builder()
@@ -55,10 +88,45 @@ pub fn open_database(path: &Path) -> Result<Database, StorageError> {
     let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
     {
         txn.open_table(LOG).map_err(|e| StorageIOError::write(&e))?;
-        txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
+        let mut meta = txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
+        let recorded = meta
+            .get(FORMAT_KEY)
+            .map_err(|e| StorageIOError::read(&e))?
+            .map(|v| v.value().to_vec());
+        match recorded {
+            // A new data dir, or one from before versions were recorded (the same layout):
+            // it is this version's from now on.
+            None => {
+                meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
+                    .map_err(|e| StorageIOError::write(&e))?;
+            }
+            Some(bytes) => {
+                let found = <[u8; 4]>::try_from(bytes.as_slice()).map_or(u32::MAX, u32::from_le_bytes);
+                if found != FORMAT_VERSION {
+                    return Err(OpenError::Format {
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+        }
     }
     txn.commit().map_err(|e| StorageIOError::write(&e))?;
     Ok(db)
+}
+
+/// Records `version` as the format of the data dir at `path` (a migration's last step;
+/// tests use it to stand for a data dir another release wrote).
+pub fn stamp_format_version(path: &Path, version: u32) -> Result<(), StorageError> {
+    let db = Database::create(path).map_err(|e| StorageIOError::write(&e))?;
+    let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
+        meta.insert(FORMAT_KEY, version.to_le_bytes().as_slice())
+            .map_err(|e| StorageIOError::write(&e))?;
+    }
+    txn.commit().map_err(|e| StorageIOError::write(&e))?;
+    Ok(())
 }
 
 /// Encoded entries appended but not yet committed to redb, with the sequence number of the
@@ -99,18 +167,99 @@ pub struct LogStore {
     db: Arc<Database>,
     pending: Arc<Mutex<Pending>>,
     writer: mpsc::Sender<LogOp>,
+    readers: Arc<Mutex<Readers>>,
+}
+
+/// Readers of the committed log besides Raft (the backup archiver; region links next):
+/// compaction keeps what they have not read, within a bound (`rampart_core::compaction`).
+#[derive(Debug)]
+struct Readers {
+    next_index: BTreeMap<String, u64>,
+    /// Readers a cut went past, and the entries they lost (first, last).
+    overtaken: BTreeMap<String, (u64, u64)>,
+    max_retained_bytes: u64,
+    /// Woken when a reader is overtaken.
+    notice: Arc<tokio::sync::Notify>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>, on_fsync: Option<FsyncObserver>) -> Result<LogStore, StorageError> {
         let (writer, queue) = mpsc::channel(QUEUE_OPS_MAX);
         let pending = Arc::new(Mutex::new(Pending::default()));
-        let (writer_db, writer_pending) = (db.clone(), pending.clone());
+        let readers = Arc::new(Mutex::new(Readers {
+            next_index: BTreeMap::new(),
+            overtaken: BTreeMap::new(),
+            max_retained_bytes: rampart_core::config::MAX_RETAINED_LOG_BYTES_DEFAULT,
+            notice: Arc::new(tokio::sync::Notify::new()),
+        }));
+        let (writer_db, writer_pending, writer_readers) = (db.clone(), pending.clone(), readers.clone());
         std::thread::Builder::new()
             .name("rampart-log-writer".into())
-            .spawn(move || write_loop(&writer_db, &writer_pending, queue, on_fsync))
+            .spawn(move || write_loop(&writer_db, &writer_pending, &writer_readers, queue, on_fsync))
             .map_err(|e| StorageIOError::write(&e))?;
-        Ok(LogStore { db, pending, writer })
+        Ok(LogStore {
+            db,
+            pending,
+            writer,
+            readers,
+        })
+    }
+
+    /// How much log compaction may keep for readers that are behind (`max-retained-log-bytes`).
+    pub fn set_max_retained_bytes(&self, bytes: u64) {
+        self.readers.lock().expect("readers lock").max_retained_bytes = bytes;
+    }
+
+    /// Registers `reader`, or moves it on: it needs the entries from `next_index` on, and
+    /// compaction keeps them (within the bound).
+    pub fn reader_at(&self, reader: &str, next_index: u64) {
+        let mut readers = self.readers.lock().expect("readers lock");
+        readers.next_index.insert(reader.to_string(), next_index);
+    }
+
+    /// The registered readers and the next index each needs.
+    pub fn readers(&self) -> BTreeMap<String, u64> {
+        self.readers.lock().expect("readers lock").next_index.clone()
+    }
+
+    /// `reader` reads no more (for now): compaction no longer waits for it.
+    pub fn forget_reader(&self, reader: &str) {
+        self.readers.lock().expect("readers lock").next_index.remove(reader);
+    }
+
+    /// Woken (one permit kept if nobody waits) whenever a cut overtakes a reader.
+    pub fn overtaken_notice(&self) -> Arc<tokio::sync::Notify> {
+        self.readers.lock().expect("readers lock").notice.clone()
+    }
+
+    /// The entries a cut removed before `reader` read them, once: it must start again from a
+    /// snapshot.
+    pub fn take_overtaken(&self, reader: &str) -> Option<(u64, u64)> {
+        self.readers.lock().expect("readers lock").overtaken.remove(reader)
+    }
+
+    /// The first log index this node still holds (compaction keeps what readers have not
+    /// read, so it can be below the purge point Raft knows); `None` with an empty log.
+    pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
+        let read = || -> Result<Option<u64>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(LOG)?;
+            let first = table.first()?.map(|(index, _)| index.value());
+            Ok(first)
+        };
+        let stored = read().map_err(|e| StorageIOError::read_logs(&e))?;
+        let pending = self
+            .pending
+            .lock()
+            .expect("pending log lock")
+            .entries
+            .keys()
+            .next()
+            .copied();
+        Ok(match (stored, pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StorageError> {
@@ -150,6 +299,7 @@ impl LogStore {
 fn write_loop(
     db: &Database,
     pending: &Mutex<Pending>,
+    readers: &Mutex<Readers>,
     mut queue: mpsc::Receiver<LogOp>,
     on_fsync: Option<FsyncObserver>,
 ) {
@@ -162,7 +312,7 @@ fn write_loop(
             }
         }
         let started = Instant::now();
-        let outcome = commit_batch(db, &batch).map_err(|e| e.to_string());
+        let outcome = commit_batch(db, readers, &batch).map_err(|e| e.to_string());
         if let (Some(observe), Ok(true)) = (&on_fsync, &outcome) {
             observe(started.elapsed());
         }
@@ -204,7 +354,7 @@ fn write_loop(
 
 /// Applies a batch in order in one transaction and makes it durable (one fsync); answers
 /// whether it synced.
-fn commit_batch(db: &Database, batch: &[LogOp]) -> Result<bool, redb::Error> {
+fn commit_batch(db: &Database, readers: &Mutex<Readers>, batch: &[LogOp]) -> Result<bool, redb::Error> {
     // A batch of nothing but committed-index hints needs no fsync of its own: the hint is
     // only an optimisation for restarts, and the next durable commit carries it to disk.
     let hints_only = batch.iter().all(|op| matches!(op, LogOp::Meta { done: None, .. }));
@@ -233,14 +383,63 @@ fn commit_batch(db: &Database, batch: &[LogOp]) -> Result<bool, redb::Error> {
                     log.retain_in(*from.., |_, _| false)?;
                 }
                 LogOp::Purge { upto, log_id_bytes, .. } => {
+                    // Raft's purge point is what Raft asked; the entries go only as far as
+                    // the readers behind allow.
                     meta.insert(LAST_PURGED, log_id_bytes.as_slice())?;
-                    log.retain_in(..=*upto, |_, _| false)?;
+                    let cut_upto = cut_for_readers(&log, readers, *upto)?;
+                    log.retain_in(..=cut_upto, |_, _| false)?;
                 }
             }
         }
     }
     txn.commit()?;
     Ok(!hints_only)
+}
+
+/// How far a purge up to `upto` may remove entries, given the readers behind; notes the
+/// readers it overtakes.
+fn cut_for_readers(log: &redb::Table<u64, &[u8]>, readers: &Mutex<Readers>, upto: u64) -> Result<u64, redb::Error> {
+    let (behind, max_retained_bytes) = {
+        let readers = readers.lock().expect("readers lock");
+        let behind: Vec<Reader> = readers
+            .next_index
+            .iter()
+            .map(|(name, next_index)| Reader {
+                name: name.clone(),
+                next_index: *next_index,
+            })
+            .collect();
+        (behind, readers.max_retained_bytes)
+    };
+    let Some(floor) = compaction::floor(upto, &behind) else {
+        return Ok(upto);
+    };
+    // What keeping them retains, counted until it is past the bound.
+    let mut retained_bytes: u64 = 0;
+    for entry in log.range(floor..=upto)? {
+        let (_, bytes) = entry?;
+        retained_bytes += bytes.value().len() as u64;
+        if retained_bytes > max_retained_bytes {
+            break;
+        }
+    }
+    let cut = compaction::cut(upto, &behind, retained_bytes, max_retained_bytes);
+    if !cut.overtaken.is_empty() {
+        let mut readers = readers.lock().expect("readers lock");
+        for name in &cut.overtaken {
+            let from = readers.next_index.get(name).copied().unwrap_or(floor);
+            tracing::warn!(
+                reader = %name,
+                from,
+                to = cut.upto_index,
+                max_retained_bytes,
+                "log entries compacted before this reader read them: over max-retained-log-bytes"
+            );
+            readers.overtaken.insert(name.clone(), (from, cut.upto_index));
+        }
+        readers.notice.notify_one();
+    }
+    Ok(cut.upto_index)
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageError> {

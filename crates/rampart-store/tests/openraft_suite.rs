@@ -9,7 +9,7 @@ struct RedbBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = TempDir::new().expect("temp dir");
-        let (log, sm) = rampart_store::open(&dir.path().join("node.redb"), 100, None)?;
+        let (log, sm) = rampart_store::open(&dir.path().join("node.redb"), 100, None).expect("open a new store");
         Ok((dir, log, sm))
     }
 }

@@ -49,6 +49,10 @@ pub struct NodeArgs {
     /// Snapshot and compact the log every this many entries [default: 10000]
     #[arg(long, env = "RAMPART_SNAPSHOT_LOGS")]
     snapshot_logs: Option<String>,
+    /// Log kept past compaction for readers that have not read it yet (the backup log
+    /// archiver), at most; past it they are told to start from a snapshot [default: 1073741824]
+    #[arg(long, env = "RAMPART_MAX_RETAINED_LOG_BYTES")]
+    max_retained_log_bytes: Option<String>,
     /// Changes kept for watches that resume from the past [default: 10000]
     #[arg(long, env = "RAMPART_WATCH_HISTORY")]
     watch_history: Option<String>,
@@ -99,6 +103,7 @@ impl NodeArgs {
             ("election-timeout", &self.election_timeout),
             ("request-timeout", &self.request_timeout),
             ("snapshot-logs", &self.snapshot_logs),
+            ("max-retained-log-bytes", &self.max_retained_log_bytes),
             ("watch-history", &self.watch_history),
             ("key-bytes-max", &self.key_bytes_max),
             ("value-bytes-max", &self.value_bytes_max),
@@ -255,10 +260,11 @@ pub async fn run(args: NodeArgs) -> Result<(), Failure> {
     }
 }
 
-/// A backup key that cannot be used is a configuration error (exit 2), like a bad setting.
+/// A backup key that cannot be used, or a data dir of another format, is a configuration
+/// error (exit 2), like a bad setting.
 fn node_failure(e: rampart_node::NodeError) -> Failure {
     match e {
-        rampart_node::NodeError::Backup(_) => Failure::usage(e.into()),
+        rampart_node::NodeError::Backup(_) | rampart_node::NodeError::Format { .. } => Failure::usage(e.into()),
         e => Failure::failed(e.into()),
     }
 }

@@ -335,33 +335,101 @@ pub(crate) async fn archive(node: Shared) {
     let Some(interval_ms) = backups.backup.archive_interval_ms else {
         return;
     };
+    let interval = Duration::from_millis(interval_ms);
     // The highest archived index, learnt from the destination on becoming leader.
     let mut archived: Option<u64> = None;
+    let mut next_run = tokio::time::Instant::now() + interval;
+    let overtaken = node.log.overtaken_notice();
+    let mut raft_metrics = node.raft.metrics();
     loop {
-        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
-        if node.raft.metrics().borrow().state != ServerState::Leader {
+        let leading = node.raft.metrics().borrow().state == ServerState::Leader;
+        if !leading {
+            // Only the leader archives: another node's log is not held back for it.
             archived = None;
-            continue;
-        }
-        let from = match archived {
-            Some(index) => index + 1,
-            None => match backups.vault.segments().await {
-                Ok(segments) => segments.last().map_or(1, |(_, last)| last + 1),
-                Err(e) => {
-                    tracing::warn!("log archive: cannot list segments: {e}");
-                    continue;
+            node.log.forget_reader(ARCHIVER);
+        } else if let Some(from) = archive_start(backups, archived).await {
+            // Compaction keeps what the archive has yet to read (within max-retained-log-bytes).
+            node.log.reader_at(ARCHIVER, from);
+            archived = Some(from - 1);
+            if tokio::time::Instant::now() >= next_run {
+                next_run = tokio::time::Instant::now() + interval;
+                match archive_from(&node, backups, from).await {
+                    Ok(last) => {
+                        node.log.reader_at(ARCHIVER, last + 1);
+                        archived = Some(last);
+                        node.metrics.backup.archived_index.set(last as i64);
+                    }
+                    Err(e) => tracing::warn!("log archive: {e}"),
                 }
-            },
-        };
-        match archive_from(&node, backups, from).await {
-            Ok(last) => {
-                archived = Some(last);
-                node.metrics.backup.archived_index.set(last as i64);
             }
-            Err(e) => tracing::warn!("log archive: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            // Becoming leader registers the archiver at once; losing it, forgets it.
+            _ = role_change(&mut raft_metrics, leading) => {}
+            _ = overtaken.notified() => {
+                if let Some((first, last)) = node.log.take_overtaken(ARCHIVER) {
+                    gap(&node, first, last, true).await;
+                    archived = Some(archived.unwrap_or(0).max(last));
+                }
+            }
         }
     }
 }
+
+/// The next index to archive: after the last archived, or, on becoming leader, after the
+/// destination's last segment.
+async fn archive_start(backups: &Backups, archived: Option<u64>) -> Option<u64> {
+    match archived {
+        Some(index) => Some(index + 1),
+        None => match backups.vault.segments().await {
+            Ok(segments) => Some(segments.last().map_or(1, |(_, last)| last + 1)),
+            Err(e) => {
+                tracing::warn!("log archive: cannot list segments: {e}");
+                None
+            }
+        },
+    }
+}
+
+/// Waits until this node's role differs from `leading` (for ever if the engine stops).
+async fn role_change(
+    metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>,
+    leading: bool,
+) {
+    loop {
+        if (metrics.borrow_and_update().state == ServerState::Leader) != leading {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Records that log entries `first..=last` were compacted before the archive had them.
+async fn gap(node: &Shared, first: u64, last: u64, over_bound: bool) {
+    let why = if over_bound {
+        format!(
+            " (keeping them would have held more than max-retained-log-bytes = {})",
+            node.config.max_retained_log_bytes
+        )
+    } else {
+        String::new()
+    };
+    let detail = format!(
+        "log entries {first}..{last} were compacted before they were archived{why}; \
+         point-in-time restores need a backup taken after index {last} (rampart backup create)"
+    );
+    crate::events::record(
+        node,
+        backup_event("backup.archive_gap", "archive", "failed: gap".into(), detail),
+    )
+    .await;
+}
+
+/// The archiver's name as a reader of the log.
+const ARCHIVER: &str = "archiver";
 
 /// Most entries in one archived segment.
 const SEGMENT_ENTRIES_MAX: u64 = 10_000;
@@ -382,21 +450,20 @@ async fn archive_from(node: &Shared, backups: &Backups, from: u64) -> Result<u64
         let entries = log.try_get_log_entries(from..=to).await.map_err(|e| e.to_string())?;
         if entries.first().map(|e| e.log_id.index) != Some(from) {
             // Compacted before it was archived: go on from what the log still has.
-            let state = log.get_log_state().await.map_err(|e| e.to_string())?;
-            let first_kept = state.last_purged_log_id.map_or(1, |id| id.index + 1);
+            let first_kept = match node.log.first_index().map_err(|e| e.to_string())? {
+                Some(index) => index,
+                None => log
+                    .get_log_state()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .last_purged_log_id
+                    .map_or(1, |id| id.index + 1),
+            };
             if first_kept <= from {
                 return Err(format!("log entry {from} is neither in the log nor compacted"));
             }
-            let detail = format!(
-                "log entries {from}..{} were compacted before they were archived; point-in-time restores need a backup taken after index {}",
-                first_kept - 1,
-                first_kept - 1
-            );
-            crate::events::record(
-                node,
-                backup_event("backup.archive_gap", "archive", "failed: gap".into(), detail),
-            )
-            .await;
+            let over_bound = node.log.take_overtaken(ARCHIVER).is_some();
+            gap(node, from, first_kept - 1, over_bound).await;
             from = first_kept;
             continue;
         }

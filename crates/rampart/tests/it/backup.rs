@@ -752,3 +752,78 @@ async fn a_services_own_data_is_backed_up_on_its_primarys_node_and_restored_thro
     let listed = json(&["backup", "list", "--config", setup.config()]);
     assert_eq!(listed["backups"].as_array().expect("backups").len(), 1);
 }
+
+/// A region whose archiver has not read its log yet (its interval is an hour): `extra`
+/// node flags, `--snapshot-logs 50`, 200 writes; answers once every node has compacted.
+async fn region_with_an_unread_archive(setup: &Setup, extra: &[&str]) -> (Cluster, u64) {
+    let mut node_args = vec!["--config".to_string(), setup.config().to_string()];
+    node_args.extend(["--snapshot-logs", "50"].iter().chain(extra).map(|a| a.to_string()));
+    let options = ClusterOptions {
+        nodes: 3,
+        node_args,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(binary(), options).await.expect("start cluster");
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    eventually(DEADLINE, "the leader's archiver to register", || async {
+        cluster
+            .status_of(leader)
+            .await?
+            .log_readers
+            .contains_key("archiver")
+            .then_some(())
+    })
+    .await;
+    let client = cluster.client();
+    for i in 0..200 {
+        client
+            .put(&format!("retain/{}", i % 10), "v", PutOptions::default())
+            .await
+            .expect("put");
+    }
+    for id in cluster.nodes.keys() {
+        eventually(DEADLINE, "every node to compact its log", || async {
+            (cluster.status_of(*id).await?.purged_index >= 100).then_some(())
+        })
+        .await;
+    }
+    (cluster, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_keeps_the_log_the_archiver_has_not_read_and_only_on_the_leader() {
+    let setup = Setup::new("archive_interval = \"1h\"\n");
+    let (cluster, leader) = region_with_an_unread_archive(&setup, &[]).await;
+    for id in cluster.nodes.keys() {
+        let status = cluster.status_of(*id).await.expect("status");
+        if *id == leader {
+            assert!(
+                status.first_log_index <= 1,
+                "the leader keeps its whole log for the archiver: {status:?}"
+            );
+        } else {
+            assert_eq!(
+                status.first_log_index,
+                status.purged_index + 1,
+                "a follower archives nothing and compacts as usual"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_max_retained_log_bytes_the_log_is_compacted_and_an_event_says_the_archive_has_a_gap() {
+    let setup = Setup::new("archive_interval = \"1h\"\n");
+    let (cluster, leader) = region_with_an_unread_archive(&setup, &["--max-retained-log-bytes", "1000"]).await;
+    let status = cluster.status_of(leader).await.expect("status");
+    assert_eq!(status.first_log_index, status.purged_index + 1, "{status:?}");
+    let event = eventually(DEADLINE, "the archive gap event", || async {
+        let events = cluster.client().events(Some("backup"), None).await.ok()?;
+        events.events.into_iter().find(|e| e.action == "backup.archive_gap")
+    })
+    .await;
+    assert!(
+        event.detail.contains("max-retained-log-bytes = 1000") && event.detail.contains("backup taken after index"),
+        "{event:?}"
+    );
+}

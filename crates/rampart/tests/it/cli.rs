@@ -177,3 +177,45 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("service RTO"), "{out}");
     assert!(out.contains("restored state matches the backup"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_dir_of_another_format_version_is_refused_naming_both_versions() {
+    let mut cluster = cluster(1).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster
+        .client()
+        .put("format/k", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    let node = &cluster.nodes[&1];
+    let (data_dir, addr) = (node.data_dir.clone(), node.addr);
+    cluster.kill(1);
+    let redb = data_dir.join("rampart.redb");
+    let newer = rampart_store::FORMAT_VERSION + 1;
+    rampart_store::stamp_format_version(&redb, newer).expect("stamp the format version");
+
+    let initial = format!("1={addr}");
+    let (code, _, err) = run(&[
+        "node",
+        "--id",
+        "1",
+        "--listen",
+        &addr.to_string(),
+        "--data-dir",
+        data_dir.to_str().expect("utf-8"),
+        "--initial-cluster",
+        &initial,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("format version {newer}"))
+            && err.contains(&format!("format version {}", rampart_store::FORMAT_VERSION)),
+        "names both versions: {err}"
+    );
+    // Nothing was lost: as this release's format again, the node starts with its data.
+    rampart_store::stamp_format_version(&redb, rampart_store::FORMAT_VERSION).expect("stamp it back");
+    cluster.restart(1).expect("restart");
+    cluster.wait_for_leader(DEADLINE).await;
+    let kept = cluster.client().get_key("format/k", false).await.expect("get");
+    assert_eq!(kept.map(|kv| kv.value), Some("v".to_string()));
+}
