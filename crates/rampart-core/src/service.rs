@@ -269,7 +269,7 @@ pub struct Policy {
 impl Policy {
     pub fn rules(&self) -> Rules {
         Rules {
-            max_lag: self.max_lag_on_failover,
+            lag_revisions_max: self.max_lag_on_failover,
             synchronous_only: self.synchronous,
         }
     }

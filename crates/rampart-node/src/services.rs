@@ -323,7 +323,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
                 in_primary_region: r.instance.region == primary_region,
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
-                lag: soft.lag(&name, id),
+                lag_revisions: soft.lag_revisions(&name, id),
                 synchronous: r.instance.synchronous,
                 fenced: r.fenced,
                 damped: damped(&r.losses_ms, now, service.policy.damping),

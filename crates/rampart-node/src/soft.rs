@@ -102,7 +102,7 @@ impl Confirmation {
 
 impl Soft {
     /// The lag an instance last reported with its heartbeat, if any.
-    pub fn lag(&self, service: &str, instance: &str) -> Option<u64> {
+    pub fn lag_revisions(&self, service: &str, instance: &str) -> Option<u64> {
         self.heartbeats
             .get(&(service.to_string(), instance.to_string()))
             .and_then(|beat| beat.lag_revisions)

@@ -29,7 +29,7 @@ pub struct Candidate {
     pub in_primary_region: bool,
     /// Revisions behind the primary, as last reported; `None` if it never reports lag (a
     /// stateless instance: nothing to lose).
-    pub lag: Option<u64>,
+    pub lag_revisions: Option<u64>,
     /// The synchronous standby (receives every write before it is acknowledged).
     pub synchronous: bool,
     /// Currently fenced: its last primary term ended without a confirmed demotion.
@@ -43,7 +43,7 @@ pub struct Candidate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
     /// Never promote an instance further behind than this (`max_lag_on_failover`).
-    pub max_lag: u64,
+    pub lag_revisions_max: u64,
     /// Only the synchronous standby may be promoted.
     pub synchronous_only: bool,
 }
@@ -58,9 +58,12 @@ pub enum Refusal {
     Unhealthy {
         health: Health,
     },
+    /// Serialized as `lag` and `max_lag` (the API's names).
     Lagging {
-        lag: u64,
-        max_lag: u64,
+        #[serde(rename = "lag")]
+        lag_revisions: u64,
+        #[serde(rename = "max_lag")]
+        lag_revisions_max: u64,
     },
     /// The policy is synchronous and this is not the synchronous standby.
     NotSynchronous,
@@ -98,11 +101,11 @@ fn hard_refusals(c: &Candidate, rules: Rules) -> Vec<Refusal> {
     if c.health != Health::Up {
         reasons.push(Refusal::Unhealthy { health: c.health });
     }
-    let lag = c.lag.unwrap_or(0);
-    if lag > rules.max_lag {
+    let lag_revisions = c.lag_revisions.unwrap_or(0);
+    if lag_revisions > rules.lag_revisions_max {
         reasons.push(Refusal::Lagging {
-            lag,
-            max_lag: rules.max_lag,
+            lag_revisions,
+            lag_revisions_max: rules.lag_revisions_max,
         });
     }
     if rules.synchronous_only && !c.synchronous {
@@ -126,7 +129,7 @@ fn rank_key(c: &Candidate) -> (Reverse<u32>, Reverse<bool>, u64, &str) {
     (
         Reverse(c.priority),
         Reverse(c.in_primary_region),
-        c.lag.unwrap_or(0),
+        c.lag_revisions.unwrap_or(0),
         c.id.as_str(),
     )
 }
@@ -136,8 +139,12 @@ fn why_outranked(loser: &Candidate, winner: &Candidate) -> String {
         format!("priority {} < {}", loser.priority, winner.priority)
     } else if loser.in_primary_region != winner.in_primary_region {
         "outside the primary region".to_string()
-    } else if loser.lag.unwrap_or(0) != winner.lag.unwrap_or(0) {
-        format!("lag {} > {}", loser.lag.unwrap_or(0), winner.lag.unwrap_or(0))
+    } else if loser.lag_revisions.unwrap_or(0) != winner.lag_revisions.unwrap_or(0) {
+        format!(
+            "lag {} > {}",
+            loser.lag_revisions.unwrap_or(0),
+            winner.lag_revisions.unwrap_or(0)
+        )
     } else {
         "equal in every respect; ties go by id".to_string()
     }
@@ -267,7 +274,7 @@ mod tests {
             health: Health::Up,
             priority,
             in_primary_region: true,
-            lag: Some(lag),
+            lag_revisions: Some(lag),
             synchronous: false,
             fenced: false,
             damped: false,
@@ -276,7 +283,7 @@ mod tests {
     }
 
     const LOOSE: Rules = Rules {
-        max_lag: 100,
+        lag_revisions_max: 100,
         synchronous_only: false,
     };
 
@@ -306,7 +313,7 @@ mod tests {
         bad.fenced = true;
         bad.damped = true;
         let strict = Rules {
-            max_lag: 0,
+            lag_revisions_max: 0,
             synchronous_only: true,
         };
         let answer = eligibility(&[bad], strict);
@@ -315,7 +322,10 @@ mod tests {
             answer[0].reasons,
             vec![
                 Refusal::Unhealthy { health: Health::Down },
-                Refusal::Lagging { lag: 500, max_lag: 0 },
+                Refusal::Lagging {
+                    lag_revisions: 500,
+                    lag_revisions_max: 0
+                },
                 Refusal::NotSynchronous,
                 Refusal::NeverPromote,
                 Refusal::Fenced,
@@ -329,7 +339,7 @@ mod tests {
         let mut sync = replica("sync", 10, 0);
         sync.synchronous = true;
         let rules = Rules {
-            max_lag: 0,
+            lag_revisions_max: 0,
             synchronous_only: true,
         };
         let answer = eligibility(&[replica("fast", 100, 0), sync], rules);
@@ -404,7 +414,10 @@ mod tests {
             },
             Refusal::IsPrimary,
             Refusal::Damped,
-            Refusal::Lagging { lag: 3, max_lag: 0 },
+            Refusal::Lagging {
+                lag_revisions: 3,
+                lag_revisions_max: 0,
+            },
         ];
         assert!(switchover_blockers(&reasons).is_empty());
         let mut hard = reasons.clone();

@@ -285,7 +285,12 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
     // 2. The target catches up (its reported lag reaches 0).
     let deadline = Instant::now() + Duration::from_millis(CATCH_UP_MS_MAX);
     loop {
-        let lag = node.soft.lock().expect("soft state lock").lag(service, to).unwrap_or(0);
+        let lag = node
+            .soft
+            .lock()
+            .expect("soft state lock")
+            .lag_revisions(service, to)
+            .unwrap_or(0);
         if lag == 0 {
             break;
         }

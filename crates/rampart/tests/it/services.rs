@@ -312,7 +312,13 @@ async fn heartbeats_keep_an_instance_up_and_report_its_lag() {
     .await;
     let report = client.eligibility("beats").await.expect("eligibility");
     let b = report.instances.iter().find(|e| e.id == "b").expect("b");
-    assert_eq!(b.reasons, vec![Refusal::Lagging { lag: 7, max_lag: 2 }]);
+    assert_eq!(
+        b.reasons,
+        vec![Refusal::Lagging {
+            lag_revisions: 7,
+            lag_revisions_max: 2
+        }]
+    );
     let a = report.instances.iter().find(|e| e.id == "a").expect("a");
     assert_eq!(a.rank, Some(1));
 
