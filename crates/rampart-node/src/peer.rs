@@ -10,7 +10,8 @@
 //!
 //! A call whose caller stops waiting (openraft gives an append one heartbeat interval) does
 //! not close its connection: the exchange finishes in its own task and the connection goes
-//! back to the pool (at most [`EXCHANGES_MAX`] at once per target). A follower reads a
+//! back to the pool (at most [`EXCHANGES_MAX`] at once per target; pools are per peer,
+//! shared by all of openraft's clients of it, see [`PeerLinks`]). A follower reads a
 //! closed link from its leader as a sign that the
 //! leader's process died (the crash fast path of `rampart_core::election`); closing on
 //! every slow answer made a busy machine look like a dead leader and started elections
@@ -42,11 +43,10 @@ pub const PEER_MAGIC: &[u8; 8] = b"RMPTPEER";
 /// Largest frame either side accepts: snapshot chunks are far smaller.
 const FRAME_BYTES_MAX: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// Idle connections kept per target.
-const POOL_MAX: usize = 4;
 /// Exchanges with one target at once, those whose callers stopped waiting included; a new
 /// call waits (within its own timeout) for one to finish. Failing it at once instead would
-/// make openraft retry at once, in a busy loop, while the target is slow.
+/// make openraft retry at once, in a busy loop, while the target is slow. As many idle
+/// connections are kept, so a finished exchange never has to close its connection.
 const EXCHANGES_MAX: usize = 8;
 /// How long a call may go on after its caller stopped waiting before its connection is
 /// closed after all.
@@ -112,13 +112,45 @@ async fn read_frame<T: DeserializeOwned>(stream: &mut (impl AsyncRead + Unpin)) 
 /// When each peer's connections to this node last closed (a leader whose links all closed
 /// and that has been silent since has most likely crashed), and when each peer last
 /// answered a call of this node (until when a primary's node was surely in touch).
-#[derive(Debug, Default)]
+///
+/// Also this node's connections to each peer, shared by every client of that peer: openraft
+/// makes a client per replication stream, but also one per leadership check (every
+/// linearizable read) and drops it after one call. A pool per client would open a
+/// connection for that call and close it after, and the follower would read the close as
+/// its leader dying.
+#[derive(Default)]
 pub struct PeerLinks {
     closed_at: Mutex<BTreeMap<NodeId, Instant>>,
     answered_at: Mutex<BTreeMap<NodeId, Instant>>,
+    pools: Mutex<BTreeMap<(NodeId, String), Arc<Pool>>>,
+}
+
+impl std::fmt::Debug for PeerLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLinks").finish_non_exhaustive()
+    }
+}
+
+/// The connections to one peer at one address: idle ones, and permits for exchanges.
+struct Pool {
+    idle: Mutex<Vec<PeerStream>>,
+    exchanges: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerLinks {
+    fn pool(&self, peer: NodeId, addr: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().expect("links lock");
+        pools
+            .entry((peer, addr.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    idle: Mutex::new(Vec::new()),
+                    exchanges: Arc::new(tokio::sync::Semaphore::new(EXCHANGES_MAX)),
+                })
+            })
+            .clone()
+    }
+
     fn answered(&self, peer: NodeId) {
         self.answered_at
             .lock()
@@ -262,9 +294,8 @@ pub struct PeerClient {
     addr: String,
     tls: Option<TlsConnector>,
     links: Arc<PeerLinks>,
-    pool: Arc<Mutex<Vec<PeerStream>>>,
-    /// Permits for exchanges running in their own task, answered or not.
-    exchanges: Arc<tokio::sync::Semaphore>,
+    /// Shared with every other client of this peer (see [`PeerLinks`]).
+    pool: Arc<Pool>,
 }
 
 enum CallError {
@@ -275,13 +306,13 @@ enum CallError {
 
 impl PeerClient {
     pub fn new(target: NodeId, addr: String, tls: Option<TlsConnector>, links: Arc<PeerLinks>) -> PeerClient {
+        let pool = links.pool(target, &addr);
         PeerClient {
             target,
             addr,
             tls,
             links,
-            pool: Arc::new(Mutex::new(Vec::new())),
-            exchanges: Arc::new(tokio::sync::Semaphore::new(EXCHANGES_MAX)),
+            pool,
         }
     }
 
@@ -294,7 +325,7 @@ impl PeerClient {
     }
 
     async fn connect(&self) -> Result<PeerStream, io::Error> {
-        let pooled = self.pool.lock().expect("pool lock").pop();
+        let pooled = self.pool.idle.lock().expect("pool lock").pop();
         if let Some(stream) = pooled {
             return Ok(stream);
         }
@@ -322,7 +353,7 @@ impl PeerClient {
     async fn call(&self, request: PeerRequest, ttl: Duration) -> Result<PeerResponse, CallError> {
         let timed_out = || CallError::Io(io::Error::new(io::ErrorKind::TimedOut, "peer call timed out"));
         let started = Instant::now();
-        let permit = tokio::time::timeout(ttl, self.exchanges.clone().acquire_owned())
+        let permit = tokio::time::timeout(ttl, self.pool.exchanges.clone().acquire_owned())
             .await
             .map_err(|_| timed_out())?
             .expect("the semaphore is never closed");
@@ -341,9 +372,9 @@ impl PeerClient {
             };
             if answer.is_ok() {
                 links.answered(target);
-                let mut pool = pool.lock().expect("pool lock");
-                if pool.len() < POOL_MAX {
-                    pool.push(stream);
+                let mut idle = pool.idle.lock().expect("pool lock");
+                if idle.len() < EXCHANGES_MAX {
+                    idle.push(stream);
                 }
             }
             drop(permit);
@@ -456,7 +487,7 @@ mod tests {
         release.notify_one();
         // The late answer is read in the background and the connection pooled...
         let deadline = Instant::now() + Duration::from_secs(30);
-        while client.pool.lock().expect("pool lock").is_empty() {
+        while client.pool.idle.lock().expect("pool lock").is_empty() {
             assert!(Instant::now() < deadline, "the late answer never came back to the pool");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -464,5 +495,20 @@ mod tests {
         // the peer never saw the link close.
         assert!(client.pre_vote(1, None, Duration::from_secs(30)).await);
         assert!(client.links.answered_at(2).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_client_dropped_after_one_call_leaves_its_connection_to_the_next() {
+        let release = Arc::new(Notify::new());
+        release.notify_one();
+        let addr = one_connection_peer(release).await;
+        let links = Arc::new(PeerLinks::default());
+        // As openraft does for each leadership check: a client for one call, then dropped.
+        let once = PeerClient::new(2, addr.to_string(), None, links.clone());
+        assert!(once.pre_vote(1, None, Duration::from_secs(30)).await);
+        drop(once);
+        // The peer accepts one connection only: the next client must find it open.
+        let next = PeerClient::new(2, addr.to_string(), None, links);
+        assert!(next.pre_vote(1, None, Duration::from_secs(30)).await);
     }
 }
