@@ -117,6 +117,14 @@ pub fn grant_pre_vote(
     lease_expired || contact.gone(now, heartbeat)
 }
 
+/// Whether a follower that won a pre-vote round begun at `asked_at` may still campaign:
+/// only if it has heard no leader since. On a busy machine a stalled follower's election
+/// timer can fire before its Raft core has handled the appends its leader sent meanwhile;
+/// once it has, the leader is plainly alive, and deposing it would cost a term for nothing.
+pub fn may_campaign(asked_at: Instant, contact: LeaderContact) -> bool {
+    contact.last.is_none_or(|last| last < asked_at)
+}
+
 /// The lease that goes with an election timeout: half of it.
 pub fn lease_for(election_timeout: Duration) -> Duration {
     election_timeout / 2
@@ -253,5 +261,21 @@ mod tests {
         assert!(!leader_counts_itself(Some(T * 2 + Duration::from_millis(1)), 3, T));
         assert!(!leader_counts_itself(None, 3, T), "never acknowledged");
         assert!(leader_counts_itself(None, 1, T), "a region of one");
+    }
+
+    #[test]
+    fn a_leader_heard_during_the_pre_vote_round_is_not_deposed() {
+        let asked = Instant::now();
+        let before = LeaderContact {
+            last: Some(asked - Duration::from_millis(400)),
+            link_closed: None,
+        };
+        assert!(may_campaign(asked, before));
+        assert!(may_campaign(asked, LeaderContact::default()), "never heard a leader");
+        let during = LeaderContact {
+            last: Some(asked + Duration::from_millis(3)),
+            link_closed: None,
+        };
+        assert!(!may_campaign(asked, during));
     }
 }

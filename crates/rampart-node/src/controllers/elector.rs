@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use openraft::ServerState;
-use rampart_core::election::{is_majority, ElectionTimer};
+use rampart_core::election::{is_majority, may_campaign, ElectionTimer};
 
 use crate::node::Shared;
 use crate::peer::{leader_contact, log_position, PeerClient};
@@ -57,7 +57,13 @@ pub async fn run(node: Shared) {
             Some(async move { client.pre_vote(me, last_log, base / 2).await })
         });
         let granted = 1 + join_all(asks).await.into_iter().filter(|granted| *granted).count();
-        if is_majority(granted, voters.len()) {
+        let Some(contact) = leader_contact(&node.raft, &node.links).await else {
+            return;
+        };
+        if is_majority(granted, voters.len()) && !may_campaign(now, contact) {
+            tracing::info!(granted, "pre-vote won, but the leader was heard meanwhile; staying a follower");
+            node.metrics.pre_votes_lost.inc();
+        } else if is_majority(granted, voters.len()) {
             tracing::info!(granted, voters = voters.len(), "pre-vote won; campaigning");
             node.metrics.pre_votes_won.inc();
             if node.raft.trigger().elect().await.is_err() {
