@@ -61,7 +61,10 @@ pub async fn run(node: Shared) {
             return;
         };
         if is_majority(granted, voters.len()) && !may_campaign(now, contact) {
-            tracing::info!(granted, "pre-vote won, but the leader was heard meanwhile; staying a follower");
+            tracing::info!(
+                granted,
+                "pre-vote won, but the leader was heard meanwhile; staying a follower"
+            );
             node.metrics.pre_votes_lost.inc();
         } else if is_majority(granted, voters.len()) {
             tracing::info!(granted, voters = voters.len(), "pre-vote won; campaigning");
