@@ -9,6 +9,7 @@
 //! as a step function ([`episode`]).
 
 pub mod episode;
+pub mod hooks;
 
 use std::cmp::Reverse;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! Role hooks, run by the node that hosts an instance (`node = N` in its registration),
-//! never by another node on its behalf. A node learns what to run from the applied state:
+//! never by another node on its behalf. A node learns what to run from the applied state
+//! (`rampart_core::failover::hooks::HookMemory` decides):
 //!
 //! - its instance was asked to step down (`demoting`): run `on_demote`, and on success
 //!   tell the leader, which releases the primary role;
@@ -17,6 +18,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rampart_core::api::HookReport;
+use rampart_core::failover::hooks::{Applied, Hook, HookMemory};
 use rampart_core::service::InstanceRole;
 
 use crate::node::Shared;
@@ -28,14 +30,6 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often a node checks whether it is cut off: well inside the two heartbeats between
 /// its fencing deadline and the end of the hold.
 const FENCE_TICK: Duration = Duration::from_millis(20);
-
-/// What this node last acted on, per hosted instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Seen {
-    role: Option<InstanceRole>,
-    token: u64,
-    demoted_for: Option<u64>,
-}
 
 /// One hook to run.
 #[derive(Debug, Clone)]
@@ -53,7 +47,7 @@ struct Due {
 pub async fn run(node: Shared) {
     // Fencing has its own loop: no slow hook or unreachable leader may delay it.
     tokio::spawn(fence(node.clone()));
-    let mut seen: HashMap<(String, String), Seen> = HashMap::new();
+    let mut seen: HashMap<(String, String), HookMemory> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     let mut seen_version = None;
     loop {
@@ -141,7 +135,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
         due.push(Due {
             service: service_name.clone(),
             instance: primary.to_string(),
-            hook: "on_demote",
+            hook: Hook::OnDemote.name(),
             command: service.policy.hooks.on_demote.clone(),
             role: InstanceRole::Replica,
             token: service.token,
@@ -153,7 +147,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
 }
 
 /// The hooks the applied state asks of this node, noted as handled in `seen`.
-fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), Seen>) -> Vec<Due> {
+fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) -> Vec<Due> {
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
     for (service_name, service) in &applied.state.services {
@@ -166,10 +160,10 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), Seen>) -> Vec<D
                 continue;
             }
             let hooks = &service.policy.hooks;
-            let make = |hook: &'static str, command: &Option<String>| Due {
+            let make = |hook: Hook, command: &Option<String>| Due {
                 service: service_name.clone(),
                 instance: id.clone(),
-                hook,
+                hook: hook.name(),
                 command: command.clone(),
                 role: record.role,
                 token: service.token,
@@ -177,27 +171,21 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), Seen>) -> Vec<D
                 timeout: Duration::from_millis(hooks.timeout_ms),
             };
             let key = (service_name.clone(), id.clone());
-            let last = seen.entry(key).or_default();
             let is_primary = service.primary.as_deref() == Some(id.as_str());
-            if !service.demoting {
-                // A demotion that failed was called off: a later one runs the hook again.
-                last.demoted_for = None;
+            let now = Applied {
+                role: record.role,
+                is_primary,
+                demoting: service.demoting,
+                token: service.token,
+                service_has_primary: service.primary.is_some(),
+            };
+            let hook = seen.entry(key).or_default().due(now);
+            match hook {
+                Some(Hook::OnDemote) => due.push(make(Hook::OnDemote, &hooks.on_demote)),
+                Some(Hook::OnPromote) => due.push(make(Hook::OnPromote, &hooks.on_promote)),
+                Some(Hook::OnRoleChange) => due.push(make(Hook::OnRoleChange, &hooks.on_role_change)),
+                None => {}
             }
-            if is_primary && service.demoting && last.demoted_for != Some(service.token) {
-                last.demoted_for = Some(service.token);
-                due.push(make("on_demote", &hooks.on_demote));
-                continue;
-            }
-            if last.role == Some(record.role) && last.token == service.token {
-                continue;
-            }
-            if is_primary {
-                due.push(make("on_promote", &hooks.on_promote));
-            } else if service.primary.is_some() || last.role == Some(InstanceRole::Primary) {
-                due.push(make("on_role_change", &hooks.on_role_change));
-            }
-            last.role = Some(record.role);
-            last.token = service.token;
         }
     }
     due
