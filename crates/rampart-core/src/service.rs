@@ -11,8 +11,24 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::parse_duration;
-use crate::failover::{Damping, Rules};
 use crate::health::{Confirm, Thresholds};
+
+/// The service policy's rules for automatic promotion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Never promote an instance further behind than this (`max_lag_on_failover`).
+    pub lag_revisions_max: u64,
+    /// Only the synchronous standby may be promoted.
+    pub synchronous_only: bool,
+}
+
+/// Flap damping: how many times an instance may lose the primary role within a window and
+/// still be promoted automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Damping {
+    pub losses_max: u32,
+    pub window_ms: u64,
+}
 
 /// A field that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::health::Health;
+use crate::service::{Damping, Rules};
 
 /// What the policy knows of one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +39,6 @@ pub struct Candidate {
     /// Lost the primary role too often lately (see [`damped`]).
     pub damped: bool,
     pub is_primary: bool,
-}
-
-/// The service policy's rules for automatic promotion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rules {
-    /// Never promote an instance further behind than this (`max_lag_on_failover`).
-    pub lag_revisions_max: u64,
-    /// Only the synchronous standby may be promoted.
-    pub synchronous_only: bool,
 }
 
 /// Why an instance would not be promoted now.
@@ -186,14 +178,6 @@ pub fn eligibility(candidates: &[Candidate], rules: Rules) -> Vec<Eligibility> {
         .collect();
     answer.extend(refused);
     answer
-}
-
-/// Flap damping: how many times an instance may lose the primary role within a window and
-/// still be promoted automatically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Damping {
-    pub losses_max: u32,
-    pub window_ms: u64,
 }
 
 /// True when `losses_ms` (when it lost the primary role) holds `losses_max` or more within

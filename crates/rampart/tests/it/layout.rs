@@ -2,8 +2,8 @@
 //! a cycle, so each crate reads from its foundations up (ARCHITECTURE.md draws the order).
 //!
 //! An edge is a path a module names: `crate::a::b` or `super::b` anywhere in its code
-//! (comments and unit tests excluded), and, in a `mod.rs`, a child module named directly
-//! (`a::f`). A name defined in a `mod.rs` counts as that module. The crate root (`lib.rs`,
+//! (comments and unit tests excluded). A folder of modules counts as one module: the edges
+//! of its files are its own, and those between its files do not count. The crate root (`lib.rs`,
 //! `main.rs`) stands outside the graph: it declares and re-exports the modules, and what
 //! it defines itself (openraft's type declarations, the client's error) is a foundation.
 
@@ -131,6 +131,11 @@ fn module_of(path: &str, known: &BTreeMap<String, PathBuf>) -> String {
         .unwrap_or_default()
 }
 
+/// The top-level module a module belongs to (`failover` for `failover::episode`).
+fn top(module: &str) -> &str {
+    module.split("::").next().unwrap_or(module)
+}
+
 fn parent(module: &str) -> &str {
     module.rsplit_once("::").map_or("", |(p, _)| p)
 }
@@ -149,19 +154,13 @@ fn edges(modules: &BTreeMap<String, PathBuf>) -> BTreeMap<String, BTreeSet<Strin
             }
         };
         named.extend(named_paths(&code, "super::").into_iter().map(in_parent));
-        // A root or mod.rs names its children directly.
-        let children: Vec<&String> = modules.keys().filter(|m| parent(m) == module && *m != module).collect();
-        for child in children {
-            let name = child.rsplit("::").next().expect("name");
-            if !named_paths(&code, &format!("{name}::")).is_empty() {
-                named.push(child.clone());
-            }
-        }
-        let targets = graph.entry(module.clone()).or_default();
+        // A folder is one module: its files' edges are its own, edges inside it do not count.
+        let from = top(module);
+        let targets = graph.entry(from.to_string()).or_default();
         for path in named {
             let target = module_of(&path, modules);
-            if &target != module && !target.is_empty() {
-                targets.insert(target);
+            if !target.is_empty() && top(&target) != from {
+                targets.insert(top(&target).to_string());
             }
         }
     }
