@@ -78,10 +78,9 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
         )
     })?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
     let mut outgoing = node
         .http
-        .request(parts.method.clone(), format!("{scheme}://{addr}{path}"))
+        .request(parts.method.clone(), url(node, addr, path))
         .body(body);
     if parts.uri.path().ends_with("/switchover") {
         // A switchover waits for hooks and for the target to catch up.
@@ -131,6 +130,12 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
     Ok(response)
 }
 
+/// Another node's API: HTTPS on a TLS region.
+fn url(node: &Node, addr: &str, path: &str) -> String {
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{addr}{path}")
+}
+
 /// Which node an internal call goes to.
 #[derive(Debug, Clone, Copy)]
 pub enum To {
@@ -171,10 +176,9 @@ pub async fn call(
         To::Node(id) => id,
     };
     let addr = node.address_of(target).ok_or(CallError::NotMember(target))?;
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
     let mut request = node
         .http
-        .post(format!("{scheme}://{addr}{path}"))
+        .post(url(node, &addr, path))
         .header(FORWARDED_HEADER, node.id.to_string())
         .json(body);
     if let Some(timeout) = timeout {

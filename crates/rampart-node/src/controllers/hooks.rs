@@ -160,11 +160,15 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) ->
                 continue;
             }
             let hooks = &service.policy.hooks;
-            let make = |hook: Hook, command: &Option<String>| Due {
+            let make = |hook: Hook| Due {
                 service: service_name.clone(),
                 instance: id.clone(),
                 hook: hook.name(),
-                command: command.clone(),
+                command: match hook {
+                    Hook::OnPromote => hooks.on_promote.clone(),
+                    Hook::OnDemote => hooks.on_demote.clone(),
+                    Hook::OnRoleChange => hooks.on_role_change.clone(),
+                },
                 role: record.role,
                 token: service.token,
                 primary_endpoint: primary_endpoint.clone(),
@@ -179,12 +183,8 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) ->
                 token: service.token,
                 service_has_primary: service.primary.is_some(),
             };
-            let hook = seen.entry(key).or_default().due(now);
-            match hook {
-                Some(Hook::OnDemote) => due.push(make(Hook::OnDemote, &hooks.on_demote)),
-                Some(Hook::OnPromote) => due.push(make(Hook::OnPromote, &hooks.on_promote)),
-                Some(Hook::OnRoleChange) => due.push(make(Hook::OnRoleChange, &hooks.on_role_change)),
-                None => {}
+            if let Some(hook) = seen.entry(key).or_default().due(now) {
+                due.push(make(hook));
             }
         }
     }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use rampart_core::api::Event;
 use rampart_core::failover::episode::{Action, Episode, Facts, Host, Primary};
+use rampart_core::health::Health;
 use rampart_core::service::Mode;
 use rampart_store::{Op, Outcome};
 
@@ -67,7 +68,7 @@ pub async fn run(node: Shared) {
 
 /// What the leader knows of one service now; `None` once it is gone.
 fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
-    let (facts, start_timeout) = {
+    let (mut facts, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
         let s = applied.state.services.get(name)?;
         let primary = s.primary_record().map(|(id, r)| {
@@ -104,9 +105,9 @@ fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
         };
         (facts, Duration::from_millis(s.policy.recovery.start_timeout_ms))
     };
-    let mut facts = facts;
     facts.switchover_running = node.switchovers.lock().expect("switchovers lock").contains(name);
-    if let Some(primary) = &mut facts.primary {
+    // Only a primary confirmed down can be waiting for its restart (the episode asks no more).
+    if let Some(primary) = facts.primary.as_mut().filter(|p| p.health == Health::Down) {
         let key = (name.to_string(), primary.id.clone());
         primary.restarting = node
             .soft
