@@ -150,9 +150,19 @@ pub struct ClusterStatus {
     pub node_id: u64,
     pub leader: Option<u64>,
     pub term: u64,
+    /// The shipped revision: moves by one for every change of the shipped state (KV,
+    /// leases, elections, services and their roles, tokens).
     pub revision: u64,
-    /// XXH3-64 of the state machine's contents at `revision`: equal on every caught-up node.
+    /// XXH3-64 of the shipped state at `revision`: equal on every caught-up node, and what
+    /// backups, restores and standby regions compare.
     pub checksum: String,
+    /// The region-local revision: moves by one for every change of the state only this
+    /// region keeps (events, quota standings, instance verdicts).
+    #[serde(default)]
+    pub local_revision: u64,
+    /// XXH3-64 of the region-local state at `local_revision`.
+    #[serde(default)]
+    pub local_checksum: String,
     pub commit_index: u64,
     pub applied_index: u64,
     /// Last log index covered by this node's latest snapshot (0: none yet).

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::service::{duration_ms, field_error, FieldError};
 
-/// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this build writes; it reads format 1 too. Format 2 records the
+/// shipped and the local part of the state with a checksum each (`checksum`,
+/// `local_checksum`, split at `shipped_bytes`); format 1 held the state before the split,
+/// and a restore migrates it as a node migrates a data dir of format 1.
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of state per chunk before compression: memory per chunk in flight.
 pub const CHUNK_BYTES: usize = 8 << 20;
 
@@ -195,8 +198,18 @@ pub struct Manifest {
     pub log_index: u64,
     /// Wall clock of the backing-up node when the snapshot was taken, ms since the epoch.
     pub created_ms: u64,
-    /// The state's checksum as `GET /v1/cluster` reports it (XXH3-64, hex).
+    /// The shipped state's checksum as `GET /v1/cluster` reports it (XXH3-64, hex). In a
+    /// format-1 manifest, the checksum of the whole state as format 1 encoded it.
     pub checksum: String,
+    /// The region-local revision the state is at (format 2 on; 0 in format 1).
+    #[serde(default)]
+    pub local_revision: u64,
+    /// The region-local state's checksum as `GET /v1/cluster` reports it (format 2 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_checksum: Option<String>,
+    /// Where the encoded state's shipped part ends and its local part starts (format 2 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipped_bytes: Option<u64>,
     /// Encoded state bytes (before compression).
     pub state_bytes: u64,
     /// `zstd`.

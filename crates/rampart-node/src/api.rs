@@ -213,7 +213,7 @@ async fn range(
     let mut items = applied.state.range(&prefix, limit.saturating_add(1));
     let more = items.len() > limit;
     items.truncate(limit);
-    let body = serde_json::json!({ "revision": applied.state.revision, "items": items, "more": more });
+    let body = serde_json::json!({ "revision": applied.state.revision(), "items": items, "more": more });
     Ok(Json(body).into_response())
 }
 
@@ -283,7 +283,12 @@ async fn keepalive(State(node): State<Shared>, Path(id): Path<String>) -> ApiRes
 async fn lease_status(State(node): State<Shared>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let id = parse_id(&id, "lease id")?;
     let applied = node.applied.read().expect("state lock");
-    let lease = applied.state.leases.get(&id).ok_or_else(|| lease_not_found(id))?;
+    let lease = applied
+        .state
+        .shipped
+        .leases
+        .get(&id)
+        .ok_or_else(|| lease_not_found(id))?;
     let remaining = node
         .leases
         .lock()
@@ -333,6 +338,7 @@ async fn campaign(
             let applied = node.applied.read().expect("state lock");
             applied
                 .state
+                .shipped
                 .elections
                 .get(&name)
                 .is_some_and(|h| h.candidate != request.candidate)
@@ -379,6 +385,7 @@ async fn observe(
     let applied = node.applied.read().expect("state lock");
     applied
         .state
+        .shipped
         .elections
         .get(&name)
         .map(|h| Json(election_state(h)))
@@ -394,7 +401,7 @@ async fn resign(
     node.read_barrier().await?;
     let hold = {
         let applied = node.applied.read().expect("state lock");
-        applied.state.elections.get(&name).cloned()
+        applied.state.shipped.elections.get(&name).cloned()
     };
     let hold = hold.ok_or_else(|| ApiError::not_found("no_holder", format!("election {name:?} has no holder")))?;
     match node
@@ -437,11 +444,13 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         .with_raft_state(|s| s.committed.map_or(0, |l| l.index))
         .await
         .unwrap_or(0);
-    let (revision, checksum, applied_index) = {
+    let (revision, checksum, local_revision, local_checksum, applied_index) = {
         let applied = node.applied.read().expect("state lock");
         (
-            applied.state.revision,
+            applied.state.revision(),
             applied.state.checksum(),
+            applied.state.local.revision,
+            applied.state.local_checksum(),
             applied.last_applied.map_or(0, |l| l.index),
         )
     };
@@ -452,6 +461,8 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         term: metrics.current_term,
         revision,
         checksum: rampart_store::checksum_text(checksum),
+        local_revision,
+        local_checksum: rampart_store::checksum_text(local_checksum),
         commit_index,
         applied_index,
         snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
@@ -598,8 +609,8 @@ async fn metrics(State(node): State<Shared>) -> Response {
         node.metrics
             .apply_index
             .set(applied.last_applied.map_or(0, |l| l.index) as i64);
-        node.metrics.revision.set(applied.state.revision as i64);
-        node.metrics.set_instances(&applied.state.services);
+        node.metrics.revision.set(applied.state.revision() as i64);
+        node.metrics.set_instances(&applied.state);
     }
     ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }

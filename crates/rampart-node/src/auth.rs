@@ -62,7 +62,12 @@ impl Caller {
     pub fn still_valid(&self, node: &Shared) -> bool {
         let Some(hash) = self.token_hash else { return true };
         let applied = node.applied.read().expect("state lock");
-        applied.state.tokens.get(&self.name).is_some_and(|t| t.hash == hash)
+        applied
+            .state
+            .shipped
+            .tokens
+            .get(&self.name)
+            .is_some_and(|t| t.hash == hash)
     }
 
     /// Refuses with 403 when this caller may not touch `scope` with `role`.
@@ -89,7 +94,7 @@ fn verify(node: &Shared, token: &str) -> Option<(String, Token)> {
     let (name, secret) = split_token(token)?;
     let presented = crate::secret::hash_secret(secret);
     let applied = node.applied.read().expect("state lock");
-    let record = applied.state.tokens.get(name);
+    let record = applied.state.shipped.tokens.get(name);
     let expected = record.map_or([0u8; 32], |r| r.hash);
     let equal: bool = presented.ct_eq(&expected).into();
     record.filter(|_| equal).map(|r| (name.to_string(), r.clone()))

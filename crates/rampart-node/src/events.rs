@@ -99,6 +99,7 @@ pub async fn events(
     let applied = node.applied.read().expect("state lock");
     let matching: Vec<&Event> = applied
         .state
+        .local
         .events
         .iter()
         .filter(|e| query.kind.as_deref().is_none_or(|k| e.kind == k))

@@ -269,20 +269,20 @@ impl Metrics {
 
     /// Sets the per-instance gauges from the applied registry (at scrape time), dropping
     /// instances that left it.
-    pub fn set_instances(&self, services: &std::collections::BTreeMap<String, rampart_store::state::Service>) {
+    pub fn set_instances(&self, state: &rampart_store::State) {
         self.instance_health.clear();
         self.instance_primary.clear();
         self.primary_changes.clear();
-        for (name, service) in services {
+        for (name, service) in &state.shipped.services {
             self.primary_changes
                 .get_or_create(&ServiceLabels { service: name.clone() })
                 .set(service.promotions as i64);
-            for (id, record) in &service.instances {
+            for id in service.instances.keys() {
                 let labels = InstanceLabels {
                     service: name.clone(),
                     instance: id.clone(),
                 };
-                let health = match record.health {
+                let health = match state.local.verdict(name, id).health {
                     rampart_core::health::Health::Up => 1,
                     rampart_core::health::Health::Down => 0,
                     rampart_core::health::Health::Unknown => -1,

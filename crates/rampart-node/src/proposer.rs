@@ -124,7 +124,7 @@ fn approx_bytes(op: &Op) -> usize {
             | Op::Promote { service, id }
             | Op::PromotionFailed { service, id, .. } => service.len() + id.len(),
             Op::QuotaTake { name, client, .. } => name.len() + client.len() + 16,
-            Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } => 0,
+            Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::AdoptRules { .. } => 0,
         }
 }
 

@@ -12,6 +12,7 @@ use rampart_core::api::{EligibilityResponse, InstanceView, ServiceSummary, Servi
 use rampart_core::failover::{damped, eligibility, Candidate};
 use rampart_core::service::{check_name, FieldError, InstanceRole, InstanceSpec, PolicySpec};
 use rampart_store::state::Service;
+use rampart_store::Local;
 use rampart_store::{Op, Outcome};
 
 use crate::auth::Caller;
@@ -129,6 +130,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     Json(ServicesResponse {
         services: applied
             .state
+            .shipped
             .services
             .iter()
             .map(|(name, s)| ServiceSummary {
@@ -140,7 +142,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView {
+fn view(name: &str, service: &Service, local: &Local, soft: &crate::soft::Soft) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),
@@ -155,8 +157,8 @@ fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView 
                 zone: r.instance.zone.clone(),
                 priority: r.instance.priority,
                 role: r.role,
-                health: r.health,
-                ready: r.ready,
+                health: local.verdict(name, id).health,
+                ready: local.verdict(name, id).ready,
                 node: r.instance.node,
                 tags: r.instance.tags.clone(),
                 reports: soft
@@ -167,7 +169,7 @@ fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView 
                     .unwrap_or_default(),
             })
             .collect(),
-        serving: serving(service),
+        serving: serving(name, service, local),
         policy: service.policy.clone(),
         index: 0,
     }
@@ -176,13 +178,12 @@ fn view(name: &str, service: &Service, soft: &crate::soft::Soft) -> ServiceView 
 /// The instances that should get traffic now: every one that is both live and ready; in
 /// active-passive mode the primary first, and a primary that is not is left out like any
 /// other (readiness alone never fails a primary over).
-fn serving(service: &Service) -> Vec<String> {
+fn serving(name: &str, service: &Service, local: &Local) -> Vec<String> {
     let up = |id: &String| {
-        service.instances.get(id).is_some_and(|r| {
-            r.health == rampart_core::health::Health::Up
-                && r.ready == rampart_core::health::Health::Up
-                && r.role != InstanceRole::Standby
-        })
+        service
+            .instances
+            .get(id)
+            .is_some_and(|r| local.verdict(name, id).serves() && r.role != InstanceRole::Standby)
     };
     let mut ids: Vec<String> = service.primary.iter().filter(|p| up(p)).cloned().collect();
     ids.extend(
@@ -195,13 +196,15 @@ fn serving(service: &Service) -> Vec<String> {
     ids
 }
 
-fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service) -> T) -> Result<T, ApiError> {
+/// `f` of the service and the region's local state (its verdicts).
+fn with_service<T>(node: &Shared, name: &str, f: impl FnOnce(&Service, &Local) -> T) -> Result<T, ApiError> {
     let applied = node.applied.read().expect("state lock");
-    applied
-        .state
+    let state = &applied.state;
+    state
+        .shipped
         .services
         .get(name)
-        .map(f)
+        .map(|service| f(service, &state.local))
         .ok_or_else(|| service_not_found(name))
 }
 
@@ -223,10 +226,16 @@ fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
     let applied = node.applied.read().expect("state lock");
     let service = applied
         .state
+        .shipped
         .services
         .get(name)
         .ok_or_else(|| service_not_found(name))?;
-    let mut view = view(name, service, &node.soft.lock().expect("soft state lock"));
+    let mut view = view(
+        name,
+        service,
+        &applied.state.local,
+        &node.soft.lock().expect("soft state lock"),
+    );
     view.index = applied.services_version;
     Ok(view)
 }
@@ -307,7 +316,7 @@ pub fn eligibility_of(node: &Shared, service: &str, id: &str) -> Result<rampart_
 pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
     let name = name.to_string();
     let now = now_ms();
-    with_service(node, &name, |service| {
+    with_service(node, &name, |service, local| {
         let soft = node.soft.lock().expect("soft state lock");
         let primary_region = service
             .primary_record()
@@ -318,14 +327,14 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
             .filter(|(_, r)| r.role != InstanceRole::Standby)
             .map(|(id, r)| Candidate {
                 id: id.clone(),
-                health: r.health,
+                health: local.verdict(&name, id).health,
                 priority: r.instance.priority,
                 in_primary_region: r.instance.region == primary_region,
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
                 lag_revisions: soft.lag_revisions(&name, id),
                 synchronous: r.instance.synchronous,
-                fenced: r.fenced,
+                fenced: local.verdict(&name, id).fenced,
                 damped: damped(&r.losses_ms, now, service.policy.damping),
                 is_primary: service.primary.as_deref() == Some(id.as_str()),
             })
@@ -356,7 +365,7 @@ pub async fn register_configured(node: Shared) {
             node.config
                 .services
                 .iter()
-                .filter(|(name, policy)| applied.state.services.get(*name).map(|s| &s.policy) != Some(*policy))
+                .filter(|(name, policy)| applied.state.shipped.services.get(*name).map(|s| &s.policy) != Some(*policy))
                 .map(|(name, policy)| (name.clone(), policy.clone()))
                 .collect()
         };
@@ -402,11 +411,14 @@ pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
         let applied = node.applied.read().expect("state lock");
         applied
             .state
+            .shipped
             .services
             .iter()
             .filter(|(_, s)| s.policy.mode == rampart_core::service::Mode::ActivePassive)
             .filter_map(|(name, s)| {
-                let primary = s.primary_record().map(|(p, r)| (p, r.health));
+                let primary = s
+                    .primary_record()
+                    .map(|(p, _)| (p, applied.state.local.verdict(name, p).health));
                 match primary {
                     None => Some(format!("{name}: no primary")),
                     Some((p, health)) if health != rampart_core::health::Health::Up => {

@@ -97,6 +97,7 @@ pub async fn list(State(node): State<Shared>) -> Json<TokensResponse> {
     Json(TokensResponse {
         tokens: applied
             .state
+            .shipped
             .tokens
             .iter()
             .map(|(name, t)| TokenInfo {
@@ -144,8 +145,8 @@ pub async fn run_bootstrap(node: Shared) {
             let applied = node.applied.read().expect("state lock");
             let state = &applied.state;
             (
-                state.auth_bootstrapped,
-                state.tokens.get(BOOTSTRAP_NAME).map(|t| t.hash),
+                state.shipped.auth_bootstrapped,
+                state.shipped.tokens.get(BOOTSTRAP_NAME).map(|t| t.hash),
             )
         };
         if bootstrapped {

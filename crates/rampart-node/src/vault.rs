@@ -302,10 +302,18 @@ impl Vault {
         created_ms: u64,
         services: Vec<ServicePart>,
     ) -> Result<Manifest, BackupError> {
-        let revision = state.revision;
-        let encode =
-            move |out: &mut ChunkWriter| postcard::to_io(&state, out).map(|_| ()).map_err(std::io::Error::other);
-        let (chunks, checksum, state_bytes) = self.upload(id, "chunks", encode).await?;
+        let (revision, local_revision) = (state.revision(), state.local.revision);
+        // The shipped part, then the local part: the encoding of the whole state, with the
+        // checksum of each part as the API reports it.
+        let encode = move |out: &mut ChunkWriter| {
+            postcard::to_io(&state.shipped, &mut *out).map_err(std::io::Error::other)?;
+            out.mark();
+            postcard::to_io(&state.local, out)
+                .map(|_| ())
+                .map_err(std::io::Error::other)
+        };
+        let uploaded = self.upload(id, "chunks", encode).await?;
+        let (shipped_bytes, shipped_checksum) = uploaded.marks[0];
         let manifest = Manifest {
             format: FORMAT_VERSION,
             id: id.to_string(),
@@ -314,12 +322,15 @@ impl Vault {
             revision,
             log_index,
             created_ms,
-            checksum: rampart_store::checksum_text(checksum),
-            state_bytes,
+            checksum: rampart_store::checksum_text(shipped_checksum),
+            local_revision,
+            local_checksum: Some(rampart_store::checksum_text(uploaded.checksum)),
+            shipped_bytes: Some(shipped_bytes),
+            state_bytes: uploaded.bytes,
             compression: "zstd".into(),
             encryption: if self.key.is_some() { "aes-256-gcm" } else { "none" }.into(),
             key_id: self.key.as_ref().map(|k| k.id.clone()),
-            chunks,
+            chunks: uploaded.chunks,
             services,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest encodes");
@@ -375,40 +386,39 @@ impl Vault {
         })
         .await
         .map_err(|_| failed(format!("no end within {timeout:?}")))??;
-        let (chunks, checksum, bytes) = uploaded;
         Ok(ServicePart {
             service: service.to_string(),
             instance: instance.to_string(),
-            bytes,
-            checksum: rampart_store::checksum_text(checksum),
+            bytes: uploaded.bytes,
+            checksum: rampart_store::checksum_text(uploaded.checksum),
             restore: backup.restore.clone(),
-            chunks,
+            chunks: uploaded.chunks,
         })
     }
 
     /// Stores everything `produce` writes as chunks under `backups/ID/KIND/`: it runs on a
     /// blocking thread that cuts and hashes the plain bytes in order; chunks are sealed on up
-    /// to [`SEALERS`] blocking threads at once and stored in order. Returns the chunks, the
-    /// checksum of the plain bytes and their count.
+    /// to [`SEALERS`] blocking threads at once and stored in order.
     async fn upload(
         &self,
         id: &str,
         kind: &str,
         produce: impl FnOnce(&mut ChunkWriter) -> std::io::Result<()> + Send + 'static,
-    ) -> Result<(Vec<Chunk>, u64, u64), BackupError> {
+    ) -> Result<Uploaded, BackupError> {
         let (sender, plain) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(CHUNKS_AHEAD);
         let producer = tokio::task::spawn_blocking(move || {
             let mut writer = ChunkWriter {
                 buffer: Vec::with_capacity(CHUNK_BYTES),
                 checksum: Checksum::default(),
                 bytes: 0,
+                marks: Vec::new(),
                 sender,
             };
             let produced = produce(&mut writer).and_then(|()| writer.send_buffer());
             if let Err(e) = produced {
                 let _ = writer.sender.blocking_send(Err(e));
             }
-            (writer.checksum.value(), writer.bytes)
+            (writer.checksum.value(), writer.bytes, writer.marks)
         });
         let sealer = Arc::new(self.sealer(format!("{id}/{kind}")));
         let mut sealed = tokio_stream::wrappers::ReceiverStream::new(plain)
@@ -434,10 +444,15 @@ impl Vault {
                 .await?;
             chunks.push(chunk);
         }
-        let (checksum, bytes) = producer
+        let (checksum, bytes, marks) = producer
             .await
             .map_err(|e| BackupError::Io(format!("encoding the data: {e}")))?;
-        Ok((chunks, checksum, bytes))
+        Ok(Uploaded {
+            chunks,
+            checksum,
+            bytes,
+            marks,
+        })
     }
 
     /// Every finished backup, oldest first.
@@ -492,11 +507,11 @@ impl Vault {
     }
 
     fn opener(&self, manifest: &Manifest, kind: &str) -> Result<Sealer, BackupError> {
-        if manifest.format != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&manifest.format) {
             return Err(BackupError::Invalid {
                 id: manifest.id.clone(),
                 message: format!(
-                    "format {} is not one this build reads ({FORMAT_VERSION})",
+                    "format {} is not one this build reads (1 to {FORMAT_VERSION})",
                     manifest.format
                 ),
             });
@@ -524,9 +539,14 @@ impl Vault {
     }
 
     /// Downloads, checks, opens and decompresses the state of `manifest` chunk by chunk into
-    /// `sink`, and checks the checksum of the whole against the manifest.
+    /// `sink`, and checks the checksum of each part (shipped, then local; the whole state in
+    /// format 1) against the manifest.
     pub async fn read_state(&self, manifest: &Manifest, sink: impl Write) -> Result<(), BackupError> {
-        self.read_chunks(manifest, "chunks", &manifest.chunks, &manifest.checksum, sink)
+        let parts = match (manifest.shipped_bytes, &manifest.local_checksum) {
+            (Some(end), Some(local)) => vec![(end, manifest.checksum.as_str()), (u64::MAX, local.as_str())],
+            _ => vec![(u64::MAX, manifest.checksum.as_str())],
+        };
+        self.read_chunks(manifest, "chunks", &manifest.chunks, &parts, sink)
             .await
     }
 
@@ -541,7 +561,7 @@ impl Vault {
                 message: format!("it holds no data of service {service}"),
             })?;
         let kind = format!("services/{service}");
-        self.read_chunks(manifest, &kind, &part.chunks, &part.checksum, sink)
+        self.read_chunks(manifest, &kind, &part.chunks, &[(u64::MAX, &part.checksum)], sink)
             .await
     }
 
@@ -550,7 +570,7 @@ impl Vault {
         manifest: &Manifest,
         kind: &str,
         chunks: &[Chunk],
-        expected: &str,
+        parts: &[(u64, &str)],
         mut sink: impl Write,
     ) -> Result<(), BackupError> {
         let opener = Arc::new(self.opener(manifest, kind)?);
@@ -595,21 +615,41 @@ impl Vault {
                 }
             })
             .buffered(SEALERS);
+        // Each part's checksum over its bytes: parts are (end offset, checksum), in order.
+        let mut parts = parts.iter().copied();
+        let mut part = parts.next();
         let mut checksum = Checksum::default();
-        while let Some(plain) = opened.next().await {
-            let plain = plain?;
-            checksum.update(&plain);
-            sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
-        }
-        let found = checksum.text();
-        if found != expected {
-            return Err(BackupError::Checksum {
+        let mut offset = 0u64;
+        let check = |checksum: &Checksum, expected: &str| {
+            let found = checksum.text();
+            if found == expected {
+                return Ok(());
+            }
+            Err(BackupError::Checksum {
                 id: id.clone(),
                 expected: expected.to_string(),
                 found,
-            });
+            })
+        };
+        while let Some(plain) = opened.next().await {
+            let plain = plain?;
+            let mut rest = &plain[..];
+            while let (Some((end, expected)), false) = (part, rest.is_empty()) {
+                let taken = rest.len().min(usize::try_from(end - offset).unwrap_or(usize::MAX));
+                checksum.update(&rest[..taken]);
+                offset += taken as u64;
+                rest = &rest[taken..];
+                if offset == end {
+                    check(&std::mem::take(&mut checksum), expected)?;
+                    part = parts.next();
+                }
+            }
+            sink.write_all(&plain).map_err(io_error("writing the restored state"))?;
         }
-        Ok(())
+        match part {
+            Some((_, expected)) => check(&checksum, expected),
+            None => Ok(()),
+        }
     }
 
     /// Restores backup `id` (or the newest) into a temporary directory, checking every
@@ -625,9 +665,17 @@ impl Vault {
         self.read_state(&manifest, &mut writer).await?;
         writer.flush().map_err(io_error("writing the temporary state"))?;
         drop(writer);
+        let format = manifest.format;
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
             let mut scratch = vec![0u8; rampart_store::state_machine::DECODE_SCRATCH_BYTES];
+            if format == 1 {
+                // Format 1 is only read to be migrated: decoded whole, as a restore does.
+                let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+                return postcard::from_bytes::<rampart_store::v1::StateV1>(&bytes)
+                    .map(|_| ())
+                    .map_err(|e| format!("the bytes are not a format-1 state: {e}"));
+            }
             rampart_store::check_encoded(std::io::BufReader::new(file), &mut scratch)
         })
         .await
@@ -649,9 +697,25 @@ impl Vault {
         Ok(manifest)
     }
 
+    /// The state of `manifest`, decoded into memory in this build's layout (a format-1
+    /// state migrated, as a node migrates its data dir).
+    async fn load_state(&self, manifest: &Manifest) -> Result<State, BackupError> {
+        let mut encoded = Vec::with_capacity(manifest.state_bytes as usize);
+        self.read_state(manifest, &mut encoded).await?;
+        let decoded = if manifest.format == 1 {
+            postcard::from_bytes::<rampart_store::v1::StateV1>(&encoded).map(rampart_store::v1::StateV1::migrate)
+        } else {
+            postcard::from_bytes::<State>(&encoded)
+        };
+        decoded.map_err(|e| BackupError::Invalid {
+            id: manifest.id.clone(),
+            message: format!("the state does not decode: {e}"),
+        })
+    }
+
     /// Writes backup `id` (or the newest) as the snapshot of a new region with `members`
     /// into each of `data_dirs`, which must be new or empty. Nothing is left behind on
-    /// failure.
+    /// failure. A format-1 backup is migrated on the way, in memory.
     pub async fn restore(
         &self,
         id: Option<&str>,
@@ -659,6 +723,22 @@ impl Vault {
         members: &BTreeMap<NodeId, String>,
     ) -> Result<Restored, BackupError> {
         let manifest = self.manifest(id).await?;
+        if manifest.format == 1 {
+            check_empty(data_dirs)?;
+            let state = self.load_state(&manifest).await?;
+            let restored = Restored {
+                backup: manifest.id.clone(),
+                revision: state.revision(),
+                checksum: rampart_store::checksum_text(state.checksum()),
+                log_index: manifest.log_index,
+                last_write_ms: None,
+            };
+            let encoded = postcard::to_allocvec(&state).expect("a state encodes");
+            drop(state);
+            self.write_region(data_dirs, members, &restored, StateSource::Encoded(encoded))
+                .await?;
+            return Ok(restored);
+        }
         let restored = Restored {
             backup: manifest.id.clone(),
             revision: manifest.revision,
@@ -696,13 +776,7 @@ impl Vault {
             .clone();
         // Refused before the download and replay, not only when writing.
         check_empty(data_dirs)?;
-        let mut encoded = Vec::with_capacity(base.state_bytes as usize);
-        self.read_state(&base, &mut encoded).await?;
-        let mut state: State = postcard::from_bytes(&encoded).map_err(|e| BackupError::Invalid {
-            id: base.id.clone(),
-            message: format!("the state does not decode: {e}"),
-        })?;
-        drop(encoded);
+        let mut state = self.load_state(&base).await?;
         let mut next = base.log_index + 1;
         let mut last_write_ms = None;
         'segments: for (first, last) in self.segments().await? {
@@ -713,7 +787,7 @@ impl Vault {
                 return Err(BackupError::Io(format!(
                     "the log archive has no entries {next}..{}: it cannot go past revision {} (restore a later backup)",
                     first - 1,
-                    state.revision
+                    state.revision()
                 )));
             }
             for entry in self.read_segment(first, last).await? {
@@ -722,7 +796,7 @@ impl Vault {
                 }
                 for command in &entry.commands {
                     let reached = match point {
-                        Point::Revision(n) => state.revision >= n,
+                        Point::Revision(n) => state.revision() >= n,
                         Point::Time(ms) => command.at_ms > ms,
                     };
                     if reached {
@@ -735,20 +809,18 @@ impl Vault {
             }
         }
         if let Point::Revision(n) = point {
-            if state.revision < n {
+            if state.revision() < n {
                 return Err(BackupError::Io(format!(
                     "the log archive reaches revision {}; revision {n} is beyond it",
-                    state.revision
+                    state.revision()
                 )));
             }
         }
         let encoded = postcard::to_allocvec(&state).expect("a state encodes");
-        let mut checksum = Checksum::default();
-        checksum.update(&encoded);
         let restored = Restored {
             backup: base.id.clone(),
-            revision: state.revision,
-            checksum: checksum.text(),
+            revision: state.revision(),
+            checksum: rampart_store::checksum_text(state.checksum()),
             log_index: next - 1,
             last_write_ms,
         };
@@ -1054,12 +1126,30 @@ fn owner_only_dir(dir: &FsPath) -> Result<(), BackupError> {
 /// bytes in order.
 pub struct ChunkWriter {
     buffer: Vec<u8>,
+    /// Of the bytes written since the last mark.
     checksum: Checksum,
     bytes: u64,
+    /// At each mark: the bytes written so far and the checksum of the part it ends.
+    marks: Vec<(u64, u64)>,
     sender: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
 }
 
+/// What [`Vault::upload`] stored: the chunks, the checksum of the plain bytes after the
+/// last mark (all of them if none), their count, and the marks.
+struct Uploaded {
+    chunks: Vec<Chunk>,
+    checksum: u64,
+    bytes: u64,
+    marks: Vec<(u64, u64)>,
+}
+
 impl ChunkWriter {
+    /// Ends a part of the data here: its checksum is kept, the next part's starts.
+    fn mark(&mut self) {
+        let part = std::mem::take(&mut self.checksum);
+        self.marks.push((self.bytes, part.value()));
+    }
+
     fn send_buffer(&mut self) -> std::io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
@@ -1088,7 +1178,6 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Decodes the state in `path` as it streams and returns the checksum of the state decoded.
 /// Compresses and seals chunks of one place (`ID/KIND`), or opens them.
 struct Sealer {
     key: Option<Arc<LessSafeKey>>,

@@ -72,7 +72,7 @@ pub async fn watch(
 
     let (from, missed, feed) = {
         let applied = node.applied.read().expect("state lock");
-        let from = query.from_revision.unwrap_or(applied.state.revision + 1);
+        let from = query.from_revision.unwrap_or(applied.state.revision() + 1);
         match applied.history_from(from) {
             Ok(missed) => (from, missed, node.sm.subscribe()),
             Err(compacted) => {

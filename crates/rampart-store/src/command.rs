@@ -135,9 +135,42 @@ pub enum Op {
         client: String,
         tier: rampart_core::proxy::Tier,
     },
+    /// Moves the region to apply rules `rules` (see `state::RULES`), proposed by a leader
+    /// whose region still applies older ones. Added last: the encoding of the commands
+    /// before it is unchanged.
+    AdoptRules {
+        rules: u32,
+    },
 }
 
 impl Op {
+    /// Whether it is a command of the region-local part of the state (see
+    /// docs/design/state-split.md); all others are of the shipped part.
+    pub fn is_local(&self) -> bool {
+        // Exhaustive, so a new command must say which it is.
+        match self {
+            Op::Record { .. } | Op::QuotaTake { .. } | Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => true,
+            Op::Put { .. }
+            | Op::Delete { .. }
+            | Op::LeaseGrant { .. }
+            | Op::LeaseRevoke { .. }
+            | Op::Campaign { .. }
+            | Op::Resign { .. }
+            | Op::TokenCreate { .. }
+            | Op::TokenRevoke { .. }
+            | Op::ServicePut { .. }
+            | Op::ServiceDelete { .. }
+            | Op::InstancePut { .. }
+            | Op::InstanceDelete { .. }
+            | Op::Demote { .. }
+            | Op::CancelDemote { .. }
+            | Op::Release { .. }
+            | Op::PromotionFailed { .. }
+            | Op::Promote { .. }
+            | Op::AdoptRules { .. } => false,
+        }
+    }
+
     /// Whether applying it may change the service registry (definitions, roles, verdicts).
     pub fn touches_services(&self) -> bool {
         // Exhaustive, so a new command must say which it is.
@@ -151,7 +184,8 @@ impl Op {
             | Op::TokenCreate { .. }
             | Op::TokenRevoke { .. }
             | Op::Record { .. }
-            | Op::QuotaTake { .. } => false,
+            | Op::QuotaTake { .. }
+            | Op::AdoptRules { .. } => false,
             Op::ServicePut { .. }
             | Op::ServiceDelete { .. }
             | Op::InstancePut { .. }
@@ -262,4 +296,8 @@ pub enum Outcome {
     /// The region keeps [`crate::state::QUOTA_CLIENTS_MAX`] standings and none of them can
     /// be forgotten yet: a new client is refused rather than counted nowhere.
     QuotaClientsFull,
+    /// The apply rules now in force.
+    RulesAdopted {
+        rules: u32,
+    },
 }

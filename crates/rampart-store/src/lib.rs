@@ -1,21 +1,29 @@
 //! `rampart-store` is the replicated state of one region: the commands that go through the
-//! Raft log, their deterministic apply (KV with revisions, leases, elections, services and
-//! their roles, tokens, events, quota standings), snapshots,
-//! and the durable storage openraft needs (log, vote, committed pointer, snapshot) in one
-//! redb file. Apply never reads a clock, draws a random number or does I/O: every node that
-//! applies the same log reaches the same state and the same checksum.
+//! Raft log, their deterministic apply, snapshots, and the durable storage openraft needs
+//! (log, vote, committed pointer, snapshot) in one redb file. The state has two parts, each
+//! with its own revision and checksum: the shipped part a standby region replicates (KV
+//! with revisions, leases, elections, services and their roles, tokens: `shipped`) and the
+//! region-local part (events, quota standings, instance verdicts: `local`). Apply never
+//! reads a clock, draws a random number or does I/O: every node that applies the same log
+//! reaches the same state and the same checksums. A data dir of format 1 is migrated when
+//! opened (`v1`).
 
 // openraft's traits fix `StorageError` as the error type; it is large, and boxing it
 // here would only add a conversion at every trait boundary.
 #![allow(clippy::result_large_err)]
 
 pub mod command;
+pub mod local;
 pub mod log_store;
+pub mod shipped;
 pub mod state;
 pub mod state_machine;
+pub mod v1;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
+pub use local::{Local, Verdict};
 pub use log_store::{stamp_format_version, LogStore, OpenError, FORMAT_VERSION};
+pub use shipped::{Shipped, RULES};
 pub use state::{check_encoded, checksum_text, Checksum, State};
 pub use state_machine::{restored_snapshot_head, Applied, StateMachineStore};
 
@@ -43,8 +51,16 @@ pub fn open(
     watch_history: usize,
     on_fsync: Option<log_store::FsyncObserver>,
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
-    let db = std::sync::Arc::new(log_store::open_database(path)?);
-    let log = LogStore::new(db, on_fsync)?;
-    let sm = StateMachineStore::new(path.with_file_name(state_machine::SNAPSHOT_FILE), watch_history)?;
+    let (db, found) = log_store::open_database(path)?;
+    let snapshot = path.with_file_name(state_machine::SNAPSHOT_FILE);
+    if found < FORMAT_VERSION {
+        // Migrated beside the old snapshot, then the new version recorded, then put in
+        // place: a crash at any point leaves a data dir that opens (and migrates again).
+        state_machine::migrate_v1_snapshot(&snapshot)?;
+        log_store::record_format_version(&db)?;
+        tracing::info!(from = found, to = FORMAT_VERSION, "data dir migrated");
+    }
+    let log = LogStore::new(std::sync::Arc::new(db), on_fsync)?;
+    let sm = StateMachineStore::new(snapshot, watch_history)?;
     Ok((log, sm))
 }

@@ -36,16 +36,22 @@ const FORMAT_KEY: &str = "format_version";
 
 /// The layout of a node's data dir that this binary reads and writes: the redb tables and
 /// the encoding of the Raft log's entries (`Batch` in postcard) and of the snapshot beside
-/// it. A data dir records the version that wrote it, and a node refuses any other: it would
-/// misread the log. A change to any of these layouts takes a new version and a migration.
-pub const FORMAT_VERSION: u32 = 1;
+/// it. A data dir records the version that wrote it, and a node refuses one it cannot read:
+/// it would misread the log. A change to any of these layouts takes a new version and a
+/// migration. Version 2 split the state into its shipped and local parts; a version-1 data
+/// dir is migrated when it is opened ([`crate::v1`]).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this binary migrates from.
+pub const FORMAT_VERSION_MIGRATED: u32 = 1;
 
 /// Why a data dir could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(
-        "it is in format version {found}, and this rampart reads format version {supported}: \
-         run the rampart release that wrote it, or restore the region from a backup into new data dirs"
+        "it is in format version {found}, and this rampart reads format version {supported} \
+         (and migrates format version 1): run the rampart release that wrote it, or restore \
+         the region from a backup into new data dirs"
     )]
     Format { found: u32, supported: u32 },
     #[error(transparent)]
@@ -77,8 +83,11 @@ const BATCH_OPS_MAX: usize = 4096;
 /// Hears the duration of every durable log commit.
 pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
-/// Opens the node's single redb file, creating it and its tables if needed.
-pub fn open_database(path: &Path) -> Result<Database, OpenError> {
+/// Opens the node's single redb file, creating it and its tables if needed; returns it and
+/// the format version its data dir is in (this build's for a new one; an older one the
+/// caller migrates).
+pub fn open_database(path: &Path) -> Result<(Database, u32), OpenError> {
+    let existed = path.exists();
     // The state lives in memory; redb's cache only speeds up log reads by lagging
     // followers, so a small one keeps a node's memory bounded.
     let db = Database::builder()
@@ -86,7 +95,7 @@ pub fn open_database(path: &Path) -> Result<Database, OpenError> {
         .create(path)
         .map_err(|e| StorageIOError::write(&e))?;
     let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
-    {
+    let found = {
         txn.open_table(LOG).map_err(|e| StorageIOError::write(&e))?;
         let mut meta = txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
         let recorded = meta
@@ -94,25 +103,40 @@ pub fn open_database(path: &Path) -> Result<Database, OpenError> {
             .map_err(|e| StorageIOError::read(&e))?
             .map(|v| v.value().to_vec());
         match recorded {
-            // A new data dir, or one from before versions were recorded (the same layout):
-            // it is this version's from now on.
+            // A data dir from before versions were recorded: the layout of version 1.
+            None if existed => 1,
+            // A new data dir (or a restored one: a snapshot in this build's layout).
             None => {
                 meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
                     .map_err(|e| StorageIOError::write(&e))?;
+                FORMAT_VERSION
             }
             Some(bytes) => {
                 let found = <[u8; 4]>::try_from(bytes.as_slice()).map_or(u32::MAX, u32::from_le_bytes);
-                if found != FORMAT_VERSION {
+                if !(FORMAT_VERSION_MIGRATED..=FORMAT_VERSION).contains(&found) {
                     return Err(OpenError::Format {
                         found,
                         supported: FORMAT_VERSION,
                     });
                 }
+                found
             }
         }
+    };
+    txn.commit().map_err(|e| StorageIOError::write(&e))?;
+    Ok((db, found))
+}
+
+/// Records this build's format version in `db` (a migration's last step).
+pub(crate) fn record_format_version(db: &Database) -> Result<(), StorageError> {
+    let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
+        meta.insert(FORMAT_KEY, FORMAT_VERSION.to_le_bytes().as_slice())
+            .map_err(|e| StorageIOError::write(&e))?;
     }
     txn.commit().map_err(|e| StorageIOError::write(&e))?;
-    Ok(db)
+    Ok(())
 }
 
 /// Records `version` as the format of the data dir at `path` (a migration's last step;

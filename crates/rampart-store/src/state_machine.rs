@@ -37,6 +37,10 @@ pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// Where a snapshot sent by the leader is written as it arrives, beside the redb file.
 const RECEIVING_FILE: &str = "snapshot.receiving";
 
+/// Where a snapshot migrated from an older format waits, beside the redb file, until the
+/// data dir records the new format; then it replaces the old one.
+const MIGRATED_FILE: &str = "snapshot.migrated";
+
 /// Room for the largest string a state holds (a value), for decoding a state as it
 /// streams from a file. Allocated zeroed, so only what a value uses is ever resident.
 pub const DECODE_SCRATCH_BYTES: usize = rampart_core::limits::VALUE_BYTES_CEILING + (64 << 10);
@@ -65,7 +69,7 @@ pub struct Applied {
 impl Applied {
     /// Events with revision >= `from`, or `Err(compacted_revision)` if some are gone.
     pub fn history_from(&self, from: u64) -> Result<Vec<WatchEvent>, u64> {
-        if from <= self.compacted_revision && from <= self.state.revision {
+        if from <= self.compacted_revision && from <= self.state.revision() {
             return Err(self.compacted_revision);
         }
         let start = self.history.partition_point(|e| e.revision < from);
@@ -90,6 +94,44 @@ impl Applied {
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     state: State,
+}
+
+/// A snapshot as data dir format 1 wrote it.
+#[derive(Deserialize)]
+struct StoredSnapshotV1 {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    state: crate::v1::StateV1,
+}
+
+/// Writes the format-1 snapshot at `path` (if there is one) in the current layout beside
+/// it, durably; [`StateMachineStore::new`] puts it in place once the data dir records the
+/// new format.
+pub(crate) fn migrate_v1_snapshot(path: &std::path::Path) -> Result<(), StorageError> {
+    let failed = |e: std::io::Error| -> StorageError { StorageIOError::read_snapshot(None, &e).into() };
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(failed(e)),
+    };
+    let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
+    let (old, _): (StoredSnapshotV1, _) =
+        postcard::from_io((std::io::BufReader::new(file), &mut scratch)).map_err(|e| {
+            failed(std::io::Error::other(format!(
+                "the format-1 snapshot does not decode: {e}"
+            )))
+        })?;
+    let stored = StoredSnapshot {
+        meta: old.meta,
+        state: old.state.migrate(),
+    };
+    let migrated = path.with_file_name(MIGRATED_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut writer = std::io::BufWriter::new(std::fs::File::create(&migrated)?);
+        postcard::to_io(&stored, &mut writer).map_err(std::io::Error::other)?;
+        writer.flush()?;
+        writer.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    write().map_err(|e| StorageIOError::write_snapshot(None, &e).into())
 }
 
 /// The opening bytes of a snapshot file for a region restored from a backup: its members
@@ -119,6 +161,10 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine whose snapshot lives at `snapshot_path`.
     pub fn new(snapshot_path: PathBuf, history_max: usize) -> Result<StateMachineStore, StorageError> {
+        let migrated = snapshot_path.with_file_name(MIGRATED_FILE);
+        if migrated.exists() {
+            place(&migrated, &snapshot_path).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        }
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let store = StateMachineStore {
             snapshot_path: Arc::new(snapshot_path),
@@ -159,7 +205,7 @@ impl StateMachineStore {
 
     fn replace(&self, snapshot: StoredSnapshot) {
         let mut applied = self.applied.write().expect("state lock poisoned");
-        applied.compacted_revision = snapshot.state.revision;
+        applied.compacted_revision = snapshot.state.revision();
         applied.state = snapshot.state;
         applied.last_applied = snapshot.meta.last_log_id;
         applied.membership = snapshot.meta.last_membership;
@@ -241,7 +287,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let applied = self.applied.read().expect("state lock poisoned");
             let last = applied.last_applied;
             let snapshot_id = match last {
-                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, applied.state.revision),
+                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, applied.state.revision()),
                 None => "empty".to_string(),
             };
             let meta = SnapshotMeta {
@@ -419,6 +465,103 @@ mod tests {
             .collect();
         assert_eq!(events, vec![1, 2]);
         assert!(feed.try_recv().is_err(), "a failed write makes no event");
+    }
+
+    /// A data dir as format 1 left it: the version recorded, a snapshot in its layout.
+    fn format_1_data_dir(redb: &std::path::Path) -> State {
+        let old = crate::v1::tests::a_format_1_state();
+        crate::stamp_format_version(redb, 1).expect("stamp format 1");
+        #[derive(Serialize)]
+        struct SnapshotV1<'a> {
+            meta: SnapshotMeta<NodeId, BasicNode>,
+            state: &'a crate::v1::StateV1,
+        }
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 11)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "2-11-7".into(),
+        };
+        let bytes = postcard::to_allocvec(&SnapshotV1 { meta, state: &old }).expect("encode");
+        std::fs::write(redb.with_file_name(SNAPSHOT_FILE), bytes).expect("write the snapshot");
+        let bytes = postcard::to_allocvec(&old).expect("encode");
+        postcard::from_bytes::<crate::v1::StateV1>(&bytes)
+            .expect("decode")
+            .migrate()
+    }
+
+    /// The format recorded in `redb`, once the store that had it open let go of it (its
+    /// log writer thread ends soon after the store is dropped).
+    fn format_of(redb: &std::path::Path) -> u32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match crate::log_store::open_database(redb) {
+                Ok((_, found)) => return found,
+                Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_format_1_data_dir_is_migrated_when_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let expected = format_1_data_dir(&redb);
+        {
+            let (_log, sm) = crate::open(&redb, 100, None).expect("open and migrate");
+            let applied = sm.applied.read().unwrap();
+            assert_eq!(applied.state, expected);
+            assert_eq!(applied.last_applied.map(|id| id.index), Some(11));
+        }
+        assert_eq!(format_of(&redb), crate::FORMAT_VERSION);
+        assert!(!dir.path().join(MIGRATED_FILE).exists());
+        let (_log, sm) = crate::open(&redb, 100, None).expect("open again");
+        assert_eq!(
+            sm.applied.read().unwrap().state,
+            expected,
+            "migrated once, read as it is"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_migration_cut_short_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let expected = format_1_data_dir(&redb);
+        // Cut after the migrated snapshot was written: format 1 still recorded.
+        migrate_v1_snapshot(&dir.path().join(SNAPSHOT_FILE)).expect("migrate");
+        {
+            let (_log, sm) = crate::open(&redb, 100, None).expect("migrate again");
+            assert_eq!(sm.applied.read().unwrap().state, expected);
+        }
+        // Cut after the new format was recorded, before the snapshot was put in place.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let expected = format_1_data_dir(&redb);
+        migrate_v1_snapshot(&dir.path().join(SNAPSHOT_FILE)).expect("migrate");
+        crate::stamp_format_version(&redb, crate::FORMAT_VERSION).expect("stamp");
+        let (_log, sm) = crate::open(&redb, 100, None).expect("finish the migration");
+        assert_eq!(sm.applied.read().unwrap().state, expected);
+        assert!(!dir.path().join(MIGRATED_FILE).exists());
+    }
+
+    #[test]
+    fn a_data_dir_of_a_newer_format_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        crate::stamp_format_version(&redb, crate::FORMAT_VERSION + 1).expect("stamp");
+        let Err(error) = crate::open(&redb, 100, None) else {
+            panic!("a newer format must be refused")
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("format version {}", crate::FORMAT_VERSION + 1)),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("format version {}", crate::FORMAT_VERSION)),
+            "{message}"
+        );
     }
 
     #[tokio::test]

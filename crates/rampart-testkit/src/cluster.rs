@@ -360,21 +360,22 @@ impl Cluster {
     /// Waits until every running node has applied the same revision with the same checksum,
     /// and returns them.
     pub async fn wait_converged(&self, timeout: Duration) -> (u64, String) {
-        crate::eventually(
+        let (revision, checksum, _, _) = crate::eventually(
             timeout,
-            "every running node at the same revision and checksum",
+            "every running node at the same revisions and checksums (shipped and local)",
             || async {
                 self.assert_running();
                 let mut seen = Vec::new();
                 for node in self.nodes.values().filter(|n| n.is_running()) {
-                    let status = self.status_of(node.id).await?;
-                    seen.push((status.revision, status.checksum));
+                    let s = self.status_of(node.id).await?;
+                    seen.push((s.revision, s.checksum, s.local_revision, s.local_checksum));
                 }
                 let first = seen.first()?.clone();
                 seen.iter().all(|s| *s == first).then_some(first)
             },
         )
-        .await
+        .await;
+        (revision, checksum)
     }
 
     /// SIGKILLs a node; its data dir stays for [`Cluster::restart`].

@@ -65,7 +65,7 @@ pub struct Args {
 enum Command {
     /// Run a region member (the daemon)
     Node(Box<NodeArgs>),
-    /// Show the region: leader, term, revision, checksum, members
+    /// Show the region: leader, term, revision and checksum (shipped and local), members
     Status,
     /// Read and write keys
     #[command(subcommand)]
@@ -444,12 +444,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             let status = client()?.cluster().await?;
             print(output, &status, |s| {
                 let mut text = format!(
-                    "region {}  leader {}  term {}  revision {}  checksum {}  security {}\n",
+                    "region {}  leader {}  term {}  revision {}  checksum {}  local revision {}  local checksum {}  security {}\n",
                     s.region,
                     s.leader.map_or("none".to_string(), |l| l.to_string()),
                     s.term,
                     s.revision,
                     s.checksum,
+                    s.local_revision,
+                    s.local_checksum,
                     s.security
                 );
                 for m in &s.members {

@@ -112,7 +112,7 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
     };
     let copy_seconds = started.elapsed().as_secs_f64();
     let created_ms = now_ms();
-    let id = crate::vault::new_id(created_ms, state.revision);
+    let id = crate::vault::new_id(created_ms, state.revision());
     let taken = async {
         let services = service_parts(node, backups, &id, &state).await?;
         backups
@@ -162,9 +162,9 @@ async fn service_parts(
     state: &rampart_store::State,
 ) -> Result<Vec<ServicePart>, ApiError> {
     let mut parts = Vec::new();
-    for (name, service) in &state.services {
+    for (name, service) in &state.shipped.services {
         let Some(backup) = &service.policy.backup else { continue };
-        let Some((instance, record)) = service.backup_source() else {
+        let Some((instance, record)) = state.backup_source(name) else {
             let wanted = match service.policy.mode {
                 rampart_core::service::Mode::ActiveActive => "no instance up and ready on a node",
                 rampart_core::service::Mode::ActivePassive => "no primary",
@@ -219,6 +219,7 @@ pub(crate) async fn service_part(
         let applied = node.applied.read().expect("state lock");
         let service = applied
             .state
+            .shipped
             .services
             .get(&name)
             .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service {name}")))?;
@@ -229,8 +230,9 @@ pub(crate) async fn service_part(
                 format!("service {name} has no backup command"),
             )
         })?;
-        let hosted = service
-            .backup_source()
+        let hosted = applied
+            .state
+            .backup_source(&name)
             .filter(|(_, record)| record.instance.node == Some(node.id))
             .map(|(instance, _)| instance.to_string());
         let instance = hosted.ok_or_else(|| {

@@ -103,7 +103,7 @@ async fn fence(node: Shared) {
 
 fn hosts_a_primary(node: &Shared) -> bool {
     let applied = node.applied.read().expect("state lock");
-    applied.state.services.values().any(|service| {
+    applied.state.shipped.services.values().any(|service| {
         service
             .primary_record()
             .is_some_and(|(_, record)| record.instance.node == Some(node.id))
@@ -114,7 +114,7 @@ fn hosts_a_primary(node: &Shared) -> bool {
 fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec<Due> {
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
-    for (service_name, service) in &applied.state.services {
+    for (service_name, service) in &applied.state.shipped.services {
         let Some((primary, record)) = service.primary_record() else {
             continue;
         };
@@ -150,7 +150,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
 fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) -> Vec<Due> {
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
-    for (service_name, service) in &applied.state.services {
+    for (service_name, service) in &applied.state.shipped.services {
         let primary_endpoint = service
             .primary_record()
             .map(|(_, r)| r.instance.endpoint.clone())

@@ -55,6 +55,7 @@ pub fn live_leases(node: &Shared) -> Vec<(u64, Duration)> {
     let applied = node.applied.read().expect("state lock");
     applied
         .state
+        .shipped
         .leases
         .iter()
         .map(|(id, l)| (*id, Duration::from_millis(l.ttl_ms)))

@@ -2,7 +2,8 @@
 //! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
 //! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
-//! alone runs `leases` (lease expiry), `verdicts` (committed health verdicts from every
+//! alone runs `rules` (adopts this build's apply rules in a region migrated from data dir
+//! format 1), `leases` (lease expiry), `verdicts` (committed health verdicts from every
 //! node's views and heartbeats), `primaries` (automatic failover), `switchover` (planned
 //! switchover and hook reports), `backups` (schedules, retention, the
 //! log archiver), the alert webhooks, the bootstrap token and the registry's configured services.
@@ -16,6 +17,7 @@ pub mod leases;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
+pub mod rules;
 pub mod supervisor;
 pub mod switchover;
 pub mod verdicts;
@@ -31,6 +33,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(leases::run_expiry(node.clone())),
         tokio::spawn(elector::run(node.clone())),
         tokio::spawn(raft_metrics::run(node.clone())),
+        tokio::spawn(rules::run(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),

@@ -46,6 +46,7 @@ pub async fn run(node: Shared) {
             .read()
             .expect("state lock")
             .state
+            .shipped
             .services
             .keys()
             .cloned()
@@ -70,7 +71,7 @@ pub async fn run(node: Shared) {
 fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
     let (mut facts, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
-        let s = applied.state.services.get(name)?;
+        let s = applied.state.shipped.services.get(name)?;
         let primary = s.primary_record().map(|(id, r)| {
             let host = match r.instance.node {
                 None => Host::External,
@@ -87,10 +88,11 @@ fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
                     }
                 }
             };
+            let verdict = applied.state.local.verdict(name, id);
             Primary {
                 id: id.to_string(),
-                health: r.health,
-                health_since_ms: r.health_since_ms,
+                health: verdict.health,
+                health_since_ms: verdict.health_since_ms,
                 host,
                 restarting: false,
             }
@@ -140,6 +142,7 @@ async fn carry_out(
                 .read()
                 .expect("state lock")
                 .state
+                .shipped
                 .services
                 .get(name)
                 .map_or(0, |s| s.policy.recovery.start_timeout_ms);

@@ -170,7 +170,7 @@ fn reconcile(node: &Shared, runtime: &tokio::runtime::Handle, views: &Arc<Mutex<
 fn desired_probes(node: &Shared) -> HashMap<(InstanceKey, usize), ProbeSpec> {
     let applied = node.applied.read().expect("state lock");
     let mut desired = HashMap::new();
-    for (service_name, service) in &applied.state.services {
+    for (service_name, service) in &applied.state.shipped.services {
         let probers = &service.policy.probers;
         if !probers.is_empty() && !probers.contains(&node.id) {
             continue;

@@ -126,7 +126,7 @@ pub async fn run(node: Shared) {
 fn desired(node: &Shared) -> HashMap<InstanceKey, Spec> {
     let applied = node.applied.read().expect("state lock");
     let mut desired = HashMap::new();
-    for (name, service) in &applied.state.services {
+    for (name, service) in &applied.state.shipped.services {
         for (id, record) in &service.instances {
             let Some(command) = &record.instance.command else {
                 continue;

@@ -82,7 +82,7 @@ async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport)
     record(node, event).await;
     let (still_primary, demoting) = {
         let applied = node.applied.read().expect("state lock");
-        applied.state.services.get(service).map_or((false, false), |s| {
+        applied.state.shipped.services.get(service).map_or((false, false), |s| {
             (s.primary.as_deref() == Some(id) && s.token == report.token, s.demoting)
         })
     };
@@ -180,6 +180,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         let applied = node.applied.read().expect("state lock");
         let s = applied
             .state
+            .shipped
             .services
             .get(service)
             .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service named {service:?}")))?;
@@ -205,7 +206,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         (s.primary.clone(), s.policy.hooks.timeout_ms, hosted)
     };
     if previous.as_deref() == Some(to) {
-        let token = node.applied.read().expect("state lock").state.services[service].token;
+        let token = node.applied.read().expect("state lock").state.shipped.services[service].token;
         return Ok(SwitchoverResponse {
             primary: to.to_string(),
             token,
@@ -246,7 +247,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
         loop {
             let (primary, demoting) = {
                 let applied = node.applied.read().expect("state lock");
-                let s = &applied.state.services[service];
+                let s = &applied.state.shipped.services[service];
                 (s.primary.clone(), s.demoting)
             };
             if primary.is_none() {

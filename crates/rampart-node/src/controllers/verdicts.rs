@@ -83,6 +83,7 @@ pub async fn heartbeat(
         let applied = node.applied.read().expect("state lock");
         let service_state = applied
             .state
+            .shipped
             .services
             .get(&service)
             .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service named {service:?}")))?;
@@ -144,6 +145,7 @@ pub async fn run(node: Shared) {
             }
             applied
                 .state
+                .shipped
                 .services
                 .iter()
                 .filter(|(_, s)| {
@@ -162,7 +164,13 @@ pub async fn run(node: Shared) {
 
 /// Instances that left the registry take their soft state with them.
 fn forget_unknown(state: &rampart_store::State, soft: &mut Soft) {
-    let known = |(s, i): &InstanceKey| state.services.get(s).is_some_and(|svc| svc.instances.contains_key(i));
+    let known = |(s, i): &InstanceKey| {
+        state
+            .shipped
+            .services
+            .get(s)
+            .is_some_and(|svc| svc.instances.contains_key(i))
+    };
     soft.live.retain(known);
     soft.ready.retain(known);
     soft.heartbeats.retain(|k, _| known(k));
@@ -183,12 +191,13 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
         let mut soft = node.soft.lock().expect("soft state lock");
         let leader_since = *soft.leader_since.get_or_insert(now);
         for key in keys {
-            let Some(service) = applied.state.services.get(&key.0) else {
+            let Some(service) = applied.state.shipped.services.get(&key.0) else {
                 continue;
             };
-            let Some(record) = service.instances.get(&key.1) else {
+            if !service.instances.contains_key(&key.1) {
                 continue;
-            };
+            }
+            let committed = applied.state.local.verdict(&key.0, &key.1);
             let last_beat = soft
                 .heartbeats
                 .get(key)
@@ -212,12 +221,12 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
                 });
                 worst(std::iter::once(probes).chain(beats))
             };
-            let verdict = judge(&mut soft.live, Purpose::liveness, record.health);
-            let ready = judge(&mut soft.ready, Purpose::readiness, record.ready);
-            if ready != record.ready {
+            let verdict = judge(&mut soft.live, Purpose::liveness, committed.health);
+            let ready = judge(&mut soft.ready, Purpose::readiness, committed.ready);
+            if ready != committed.ready {
                 ready_changes.push((key.clone(), ready));
             }
-            if verdict != record.health {
+            if verdict != committed.health {
                 let reports = soft
                     .live
                     .reports

@@ -1,0 +1,129 @@
+//! The state split's promise to cross-region replication: a standby that applies only the
+//! primary region's commands that moved the shipped revision, knowing nothing of the
+//! primary's local state, holds the primary's shipped state at every revision; a command
+//! that did not move the shipped revision left the shipped state as it was; and a command
+//! moves each revision by at most one (asserted inside `State::apply`).
+
+use proptest::prelude::*;
+use rampart_core::api::Event;
+use rampart_core::auth::Role;
+use rampart_core::health::Health;
+use rampart_store::{Command, Op, Shipped, State};
+
+fn one_of(names: &'static [&'static str]) -> impl Strategy<Value = String> {
+    proptest::sample::select(names).prop_map(str::to_string)
+}
+
+fn health() -> impl Strategy<Value = Health> {
+    prop_oneof![Just(Health::Up), Just(Health::Down), Just(Health::Unknown)]
+}
+
+/// Commands of every kind over a few names, so they run into each other.
+fn op() -> impl Strategy<Value = Op> {
+    let key = || one_of(&["a", "b", "c"]);
+    let lease = || 1u64..4;
+    let service = || one_of(&["db", "cache"]);
+    let instance = || one_of(&["i1", "i2", "i3"]);
+    let policy = rampart_core::service::PolicySpec::default()
+        .validate()
+        .expect("the default policy");
+    let spec: rampart_core::service::InstanceSpec =
+        serde_json::from_str(r#"{"endpoint": "127.0.0.1:1"}"#).expect("an instance");
+    let registration = spec.validate("r").expect("a valid instance");
+    let event = Event {
+        id: 0,
+        at_ms: 0,
+        kind: "audit".into(),
+        action: "token.create".into(),
+        actor: "admin".into(),
+        source: "127.0.0.1".into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+    };
+    let tier = rampart_core::proxy::Tier {
+        rate: None,
+        burst: 0,
+        daily: Some(2),
+    };
+    prop_oneof![
+        (key(), proptest::option::of(lease()), proptest::option::of(0u64..6)).prop_map(|(key, lease, if_revision)| {
+            Op::Put {
+                key,
+                value: "v".into(),
+                lease,
+                if_revision,
+            }
+        }),
+        key().prop_map(|key| Op::Delete { key }),
+        Just(Op::LeaseGrant { ttl_ms: 1000 }),
+        lease().prop_map(|id| Op::LeaseRevoke { id }),
+        (one_of(&["e1", "e2"]), one_of(&["x", "y"]), lease()).prop_map(|(name, candidate, lease)| Op::Campaign {
+            name,
+            candidate,
+            lease
+        }),
+        (one_of(&["e1", "e2"]), proptest::option::of(one_of(&["x", "y"])))
+            .prop_map(|(name, candidate)| Op::Resign { name, candidate }),
+        (one_of(&["t1", "t2"]), any::<bool>()).prop_map(|(name, bootstrap)| Op::TokenCreate {
+            name,
+            role: Role::Admin,
+            prefixes: vec![],
+            hash: [7; 32],
+            bootstrap,
+        }),
+        one_of(&["t1", "t2"]).prop_map(|name| Op::TokenRevoke { name }),
+        service().prop_map(move |name| Op::ServicePut {
+            name,
+            policy: policy.clone()
+        }),
+        service().prop_map(|name| Op::ServiceDelete { name }),
+        (service(), instance()).prop_map(move |(service, id)| Op::InstancePut {
+            service,
+            id,
+            instance: registration.clone()
+        }),
+        (service(), instance()).prop_map(|(service, id)| Op::InstanceDelete { service, id }),
+        (service(), instance(), health()).prop_map(|(service, id, health)| Op::InstanceHealth { service, id, health }),
+        (service(), instance(), health()).prop_map(|(service, id, ready)| Op::InstanceReadiness { service, id, ready }),
+        (service(), instance()).prop_map(|(service, id)| Op::Demote { service, id }),
+        (service(), instance()).prop_map(|(service, id)| Op::CancelDemote { service, id }),
+        (service(), instance()).prop_map(|(service, id)| Op::Release { service, id }),
+        (service(), instance(), 0u64..40).prop_map(|(service, id, token)| Op::PromotionFailed { service, id, token }),
+        (service(), instance()).prop_map(|(service, id)| Op::Promote { service, id }),
+        (service(), instance()).prop_map(|(service, id)| Op::Promote { service, id }),
+        one_of(&["k1", "k2"]).prop_map(move |client| Op::QuotaTake {
+            name: "api".into(),
+            client,
+            tier
+        }),
+        Just(Op::Record { event }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn a_standby_applying_the_shipped_writes_alone_holds_the_primarys_shipped_state(
+        commands in proptest::collection::vec((op(), 0u64..120_000), 1..250)
+    ) {
+        let mut primary = State::default();
+        let mut standby = Shipped::default();
+        let mut at_ms = 1_000_000;
+        for (op, step) in commands {
+            at_ms += step;
+            let command = Command { at_ms, op };
+            let before = primary.shipped.clone();
+            primary.apply(&command);
+            if primary.revision() == before.revision {
+                prop_assert_eq!(&primary.shipped, &before, "{:?} changed the shipped state without moving its revision", command.op);
+                continue;
+            }
+            prop_assert!(!command.op.is_local(), "a local command moved the shipped revision: {:?}", command.op);
+            standby.apply(&command);
+            prop_assert_eq!(&standby, &primary.shipped, "after {:?}", command.op);
+        }
+        let standby = State { shipped: standby, ..State::default() };
+        prop_assert_eq!(standby.checksum(), primary.checksum());
+    }
+}
