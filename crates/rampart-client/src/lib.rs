@@ -460,7 +460,8 @@ impl Client {
         policy: &rampart_core::service::PolicySpec,
     ) -> Result<Stored, ClientError> {
         let path = format!("/v1/services/{}", encode(name));
-        // Putting the same policy twice leaves the same state.
+        // Putting the same policy twice leaves the same registry (the revision moves once
+        // more, as a repeated key write does).
         self.call(Method::PUT, &path, Some(policy), Retry::Idempotent).await
     }
 

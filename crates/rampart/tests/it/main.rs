@@ -17,6 +17,7 @@ mod proxy_registry;
 mod security;
 mod services;
 mod snapshot;
+mod upgrade;
 mod watch;
 
 use std::time::Duration;

@@ -1352,3 +1352,42 @@ async fn a_primary_that_is_not_ready_leaves_traffic_but_keeps_its_role() {
     std::fs::remove_file(dir.path().join("unready-pg-1")).expect("marker");
     serving(vec!["pg-1", "pg-2"]).await;
 }
+
+/// A registration is a shipped write (the revision moves, the local part does not); an
+/// instance's health verdict is region-local (the local revision moves, the shipped
+/// revision and checksum do not); both are equal on every node.
+#[tokio::test]
+async fn registrations_move_the_shipped_revision_and_verdicts_the_local_one() {
+    let cluster = cluster(3).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.wait_converged(DEADLINE).await;
+    let client = cluster.client();
+    let before = client.cluster().await.expect("status");
+
+    let quick = policy(r#"{"checks": [{"kind": "tcp", "interval": "100ms", "rise": 1, "fall": 1}]}"#);
+    client.service_put("split", &quick).await.expect("register");
+    let closed = rampart_testkit::free_port().expect("a port nobody serves");
+    let instance = InstanceSpec {
+        endpoint: closed.to_string(),
+        ..InstanceSpec::default()
+    };
+    client.instance_put("split", "i-1", &instance).await.expect("register");
+    let registered = client.cluster().await.expect("status");
+    assert_eq!(registered.revision, before.revision + 2, "two registry writes");
+    assert_ne!(registered.checksum, before.checksum);
+
+    rampart_testkit::eventually(DEADLINE, "the instance's verdict: down", || async {
+        let view = client.service("split").await.ok()?;
+        (view.instances[0].health == Health::Down).then_some(())
+    })
+    .await;
+    let judged = client.cluster().await.expect("status");
+    assert_eq!(
+        (judged.revision, &judged.checksum),
+        (registered.revision, &registered.checksum),
+        "a verdict is not a shipped write"
+    );
+    assert!(judged.local_revision > registered.local_revision);
+    assert_ne!(judged.local_checksum, registered.local_checksum);
+    cluster.wait_converged(DEADLINE).await;
+}
