@@ -143,36 +143,33 @@ pub enum Op {
     },
 }
 
-impl Op {
-    /// Whether it is a command of the region-local part of the state (see
-    /// docs/design/state-split.md); all others are of the shipped part.
-    pub fn is_local(&self) -> bool {
-        // Exhaustive, so a new command must say which it is.
-        match self {
-            Op::Record { .. } | Op::QuotaTake { .. } | Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => true,
-            Op::Put { .. }
-            | Op::Delete { .. }
-            | Op::LeaseGrant { .. }
-            | Op::LeaseRevoke { .. }
-            | Op::Campaign { .. }
-            | Op::Resign { .. }
-            | Op::TokenCreate { .. }
-            | Op::TokenRevoke { .. }
-            | Op::ServicePut { .. }
-            | Op::ServiceDelete { .. }
-            | Op::InstancePut { .. }
-            | Op::InstanceDelete { .. }
-            | Op::Demote { .. }
-            | Op::CancelDemote { .. }
-            | Op::Release { .. }
-            | Op::PromotionFailed { .. }
-            | Op::Promote { .. }
-            | Op::AdoptRules { .. } => false,
-        }
-    }
+/// What applying a command may change: the region-local part of the state (else the
+/// shipped part, see docs/design/state-split.md), and the service registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Touches {
+    pub local: bool,
+    pub services: bool,
+}
 
-    /// Whether applying it may change the service registry (definitions, roles, verdicts).
-    pub fn touches_services(&self) -> bool {
+impl Op {
+    /// What applying it may change.
+    pub fn touches(&self) -> Touches {
+        const SHIPPED: Touches = Touches {
+            local: false,
+            services: false,
+        };
+        const REGISTRY: Touches = Touches {
+            local: false,
+            services: true,
+        };
+        const VERDICTS: Touches = Touches {
+            local: true,
+            services: true,
+        };
+        const LOCAL: Touches = Touches {
+            local: true,
+            services: false,
+        };
         // Exhaustive, so a new command must say which it is.
         match self {
             Op::Put { .. }
@@ -183,21 +180,29 @@ impl Op {
             | Op::Resign { .. }
             | Op::TokenCreate { .. }
             | Op::TokenRevoke { .. }
-            | Op::Record { .. }
-            | Op::QuotaTake { .. }
-            | Op::AdoptRules { .. } => false,
+            | Op::AdoptRules { .. } => SHIPPED,
             Op::ServicePut { .. }
             | Op::ServiceDelete { .. }
             | Op::InstancePut { .. }
             | Op::InstanceDelete { .. }
-            | Op::InstanceHealth { .. }
-            | Op::InstanceReadiness { .. }
             | Op::Demote { .. }
             | Op::CancelDemote { .. }
             | Op::Release { .. }
             | Op::PromotionFailed { .. }
-            | Op::Promote { .. } => true,
+            | Op::Promote { .. } => REGISTRY,
+            Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => VERDICTS,
+            Op::Record { .. } | Op::QuotaTake { .. } => LOCAL,
         }
+    }
+
+    /// Whether it is a command of the region-local part of the state.
+    pub fn is_local(&self) -> bool {
+        self.touches().local
+    }
+
+    /// Whether applying it may change the service registry (definitions, roles, verdicts).
+    pub fn touches_services(&self) -> bool {
+        self.touches().services
     }
 }
 
