@@ -165,8 +165,7 @@ impl Local {
         let at_ms = command.at_ms;
         let changed = match (&command.op, outcome) {
             (Op::InstancePut { service, id, .. }, Outcome::InstanceStored { .. }) => {
-                self.verdict_mut(service, id, at_ms).fenced = false;
-                true
+                self.set_fence(service, id, at_ms, false)
             }
             (Op::InstanceDelete { service, id }, _) => self
                 .verdicts
@@ -175,13 +174,20 @@ impl Local {
             (Op::ServiceDelete { name }, Outcome::ServiceDeleted { found: true }) => {
                 self.verdicts.remove(name).is_some()
             }
-            (Op::PromotionFailed { service, id, .. }, Outcome::Released) => {
-                self.verdict_mut(service, id, at_ms).fenced = true;
-                true
-            }
+            (Op::PromotionFailed { service, id, .. }, Outcome::Released) => self.set_fence(service, id, at_ms, true),
             _ => false,
         };
         self.changed(shipped, changed);
+    }
+
+    /// Sets or lifts the fence of `id` (a verdict unknown since `at_ms` if it had none);
+    /// whether that changed anything.
+    fn set_fence(&mut self, service: &str, id: &str, at_ms: u64, fenced: bool) -> bool {
+        let known = self.verdicts.get(service).is_some_and(|v| v.contains_key(id));
+        let verdict = self.verdict_mut(service, id, at_ms);
+        let changed = !known || verdict.fenced != fenced;
+        verdict.fenced = fenced;
+        changed
     }
 
     fn verdict_mut(&mut self, service: &str, id: &str, at_ms: u64) -> &mut Verdict {

@@ -1,8 +1,8 @@
 //! The state split's promise to cross-region replication: a standby that applies only the
 //! primary region's commands that moved the shipped revision, knowing nothing of the
 //! primary's local state, holds the primary's shipped state at every revision; a command
-//! that did not move the shipped revision left the shipped state as it was; and a command
-//! moves each revision by at most one (asserted inside `State::apply`).
+//! that did not move a part's revision left that part as it was; and a command moves each
+//! revision by at most one (asserted inside `State::apply`).
 
 use proptest::prelude::*;
 use rampart_core::api::Event;
@@ -114,7 +114,11 @@ proptest! {
             at_ms += step;
             let command = Command { at_ms, op };
             let before = primary.shipped.clone();
+            let local_before = primary.local.clone();
             primary.apply(&command);
+            if primary.local.revision == local_before.revision {
+                prop_assert_eq!(&primary.local, &local_before, "{:?} changed the local state without moving its revision", command.op);
+            }
             if primary.revision() == before.revision {
                 prop_assert_eq!(&primary.shipped, &before, "{:?} changed the shipped state without moving its revision", command.op);
                 continue;
