@@ -88,7 +88,9 @@ fn op() -> impl Strategy<Value = Op> {
         (service(), instance()).prop_map(|(service, id)| Op::Demote { service, id }),
         (service(), instance()).prop_map(|(service, id)| Op::CancelDemote { service, id }),
         (service(), instance()).prop_map(|(service, id)| Op::Release { service, id }),
-        (service(), instance(), 0u64..40).prop_map(|(service, id, token)| Op::PromotionFailed { service, id, token }),
+        // Token 0 stands for the service's current token (the driver fills it in).
+        (service(), instance(), prop_oneof![Just(0u64), 1u64..40])
+            .prop_map(|(service, id, token)| Op::PromotionFailed { service, id, token }),
         (service(), instance()).prop_map(|(service, id)| Op::Promote { service, id }),
         (service(), instance()).prop_map(|(service, id)| Op::Promote { service, id }),
         one_of(&["k1", "k2"]).prop_map(move |client| Op::QuotaTake {
@@ -110,8 +112,11 @@ proptest! {
         let mut primary = State::default();
         let mut standby = Shipped::default();
         let mut at_ms = 1_000_000;
-        for (op, step) in commands {
+        for (mut op, step) in commands {
             at_ms += step;
+            if let Op::PromotionFailed { service, token: token @ 0, .. } = &mut op {
+                *token = primary.shipped.services.get(service.as_str()).map_or(0, |s| s.token);
+            }
             let command = Command { at_ms, op };
             let before = primary.shipped.clone();
             let local_before = primary.local.clone();
