@@ -51,7 +51,7 @@ use metrics::Metrics;
 pub enum NodeError {
     #[error("cannot use data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
-    #[error("cannot open the store in {path}: {message} (is another node running on this data dir?)")]
+    #[error("cannot open the store in {path}: {message}")]
     Store { path: String, message: String },
     #[error("cannot use data dir {path}: {message}")]
     Format { path: String, message: String },
@@ -126,10 +126,16 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             path: data_dir.display().to_string(),
             message: e.to_string(),
         },
-        rampart_store::OpenError::Storage(e) => NodeError::Store {
-            path: store_path.display().to_string(),
-            message: e.to_string(),
-        },
+        rampart_store::OpenError::Storage(e) => {
+            let mut message = e.to_string();
+            if message.contains("already open") {
+                message.push_str(" (is another node running on this data dir?)");
+            }
+            NodeError::Store {
+                path: store_path.display().to_string(),
+                message,
+            }
+        }
     })?;
 
     log.set_max_retained_bytes(config.max_retained_log_bytes);

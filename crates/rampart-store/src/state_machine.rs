@@ -259,9 +259,14 @@ fn read_snapshot(path: &std::path::Path) -> Result<Option<StoredSnapshot>, Stora
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
     };
-    decode_snapshot(file)
-        .map(Some)
-        .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+    decode_snapshot(file).map(Some).map_err(|e| {
+        let e = std::io::Error::other(format!(
+            "{} does not decode as data dir format {}: {e}",
+            path.display(),
+            crate::FORMAT_VERSION
+        ));
+        StorageIOError::read_snapshot(None, &e).into()
+    })
 }
 
 /// Decodes a snapshot from `file`, from where it stands, as it reads it.
@@ -543,6 +548,24 @@ mod tests {
         let (_log, sm) = crate::open(&redb, 100, None).expect("finish the migration");
         assert_eq!(sm.applied.read().unwrap().state, expected);
         assert!(!dir.path().join(MIGRATED_FILE).exists());
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_decode_is_named_with_the_format_it_was_read_as() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        // A data dir without its redb file reads as a restored one: a snapshot in this
+        // format. One in another layout must say so, not decode as something else.
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), [0xff; 64]).expect("write");
+        let Err(error) = crate::open(&redb, 100, None) else {
+            panic!("garbage must not open")
+        };
+        let message = error.to_string();
+        assert!(message.contains(SNAPSHOT_FILE), "{message}");
+        assert!(
+            message.contains(&format!("does not decode as data dir format {}", crate::FORMAT_VERSION)),
+            "{message}"
+        );
     }
 
     #[test]

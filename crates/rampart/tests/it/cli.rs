@@ -179,6 +179,33 @@ fn demo_reports_failover_and_no_lost_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_node_on_a_data_dir_in_use_is_refused_saying_so() {
+    let cluster = cluster(1).await;
+    cluster.wait_for_leader(DEADLINE).await;
+    let node = &cluster.nodes[&1];
+    let other = rampart_testkit::free_port().expect("port");
+    let (code, _, err) = run(&[
+        "node",
+        "--id",
+        "1",
+        "--listen",
+        &other.to_string(),
+        "--data-dir",
+        node.data_dir.to_str().expect("utf-8"),
+        "--initial-cluster",
+        &format!("1={other}"),
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("is another node running on this data dir?"), "{err}");
+    // The running node is untouched.
+    cluster
+        .client()
+        .put("in-use/k", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("the first node still serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_data_dir_of_another_format_version_is_refused_naming_both_versions() {
     let mut cluster = cluster(1).await;
     cluster.wait_for_leader(DEADLINE).await;
