@@ -132,6 +132,8 @@ pub struct NodeConfig {
     pub alert_slack_webhooks: Vec<String>,
     /// `[backup]`: where backups go, their key, schedules and retention.
     pub backup: Option<crate::backup::Backup>,
+    /// The regions: this one alone, unless `[regions]` or `--known-region` name others.
+    pub regions: crate::region::Regions,
 }
 
 impl NodeConfig {
@@ -152,17 +154,8 @@ impl NodeConfig {
 
         let id = parse_node_id("id", required("id")?)?;
         let region = get("region").unwrap_or("local").to_string();
-        if region.is_empty()
-            || !region
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(ConfigError::new(
-                "region",
-                &region,
-                "letters, digits, '-' and '_' only, not empty",
-            ));
-        }
+        crate::region::check_region_name("region", &region)
+            .map_err(|e| ConfigError::new("region", &region, e.allowed))?;
         let listen = parse_addr("listen", required("listen")?)?;
         let advertise = match get("advertise") {
             Some(text) => parse_addr("advertise", text)?,
@@ -291,6 +284,9 @@ impl NodeConfig {
                  `rampart certs init`), or accept the risk with --insecure",
             ));
         }
+        let regions = crate::region::RegionsSpec::default()
+            .validate(&region, &[listen, advertise])
+            .expect("a region alone is a valid topology");
         Ok(NodeConfig {
             id,
             region,
@@ -312,6 +308,7 @@ impl NodeConfig {
             alert_webhooks: parse_urls("alert-webhooks", get("alert-webhooks"))?,
             alert_slack_webhooks: parse_urls("alert-slack-webhooks", get("alert-slack-webhooks"))?,
             backup: None,
+            regions,
         })
     }
 

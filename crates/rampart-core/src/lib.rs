@@ -18,6 +18,7 @@ pub mod health;
 pub mod lease;
 pub mod limits;
 pub mod proxy;
+pub mod region;
 pub mod service;
 
 pub use duration::{format_duration, parse_duration};

@@ -87,6 +87,14 @@ pub struct NodeArgs {
     /// Send alerts to these Slack incoming-webhook URLs
     #[arg(long, env = "RAMPART_ALERT_SLACK_WEBHOOKS")]
     alert_slack_webhooks: Option<String>,
+    /// The primary region of a new deployment (afterwards the replicated region epoch
+    /// decides) [default: this node's region]
+    #[arg(long, env = "RAMPART_PRIMARY_REGION")]
+    primary_region: Option<String>,
+    /// Another region and its nodes, NAME=HOST:PORT,HOST:PORT; repeat for each (never this
+    /// node's own region). The variable holds them all: NAME=EP,EP;NAME=EP
+    #[arg(long = "known-region", env = "RAMPART_KNOWN_REGIONS", value_delimiter = ';')]
+    known_regions: Vec<String>,
 }
 
 impl NodeArgs {
@@ -180,6 +188,14 @@ struct FileTables {
     services: ConfiguredServices,
     proxy: Option<NodeProxy>,
     backup: Option<rampart_core::backup::Backup>,
+    regions: rampart_core::region::RegionsSpec,
+}
+
+/// Reads `[regions]` and its `[regions.known.NAME]` tables; checked with the flags later.
+fn file_regions(path: &std::path::Path, value: toml::Value) -> Result<rampart_core::region::RegionsSpec, Failure> {
+    value
+        .try_into()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("invalid --config {}: [regions]: {e}", path.display())))
 }
 
 /// Reads the TOML file into settings by flag name (`heartbeat_interval` = `heartbeat-interval`),
@@ -203,6 +219,10 @@ fn file_settings(path: &PathBuf) -> Result<(BTreeMap<String, String>, FileTables
         }
         if key == "backup" {
             tables.backup = Some(file_backup(path, value)?);
+            continue;
+        }
+        if key == "regions" {
+            tables.regions = file_regions(path, value)?;
             continue;
         }
         let name = key.replace('_', "-");
@@ -242,6 +262,19 @@ pub fn config(args: &NodeArgs) -> Result<(NodeConfig, Option<NodeProxy>), Failur
     let mut config = NodeConfig::from_settings(&settings).map_err(|e| Failure::usage(e.into()))?;
     config.services = tables.services;
     config.backup = tables.backup;
+    // The flags (and their variables) replace the file's primary and known regions.
+    let mut regions = tables.regions;
+    if let Some(primary) = &args.primary_region {
+        regions.primary = Some(primary.clone());
+    }
+    if !args.known_regions.is_empty() {
+        regions
+            .set_known_from_flags(&args.known_regions)
+            .map_err(|e| Failure::usage(e.into()))?;
+    }
+    config.regions = regions
+        .validate(&config.region, &[config.listen, config.advertise])
+        .map_err(|e| Failure::usage(e.into()))?;
     Ok((config, tables.proxy))
 }
 

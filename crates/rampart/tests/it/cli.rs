@@ -1,6 +1,7 @@
 //! The CLI: bad flags and config exit 2 naming the setting; the demo runs end to end;
 //! commands work against a live region.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -245,4 +246,114 @@ async fn a_data_dir_of_another_format_version_is_refused_naming_both_versions() 
     cluster.wait_for_leader(DEADLINE).await;
     let kept = cluster.client().get_key("format/k", false).await.expect("get");
     assert_eq!(kept.map(|kv| kv.value), Some("v".to_string()));
+}
+
+/// A bad region topology exits 2 naming the field, from flags, the variable or the file,
+/// before the node touches its data dir.
+#[test]
+fn a_bad_region_topology_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    let node = |extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--id",
+            "1",
+            "--region",
+            "us-west-2",
+            "--listen",
+            "127.0.0.1:7101",
+        ];
+        args.extend(["--data-dir", data]);
+        args.extend(extra);
+        run(&args)
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--primary-region", "us-west-2", "--known-region", "us-west-2=127.0.0.1:7001"],
+            "invalid regions.known.us-west-2 \"us-west-2\": a node lists the other regions, not its own",
+        ),
+        (
+            &["--primary-region", "eu-central-1", "--known-region", "us-east-1=127.0.0.1:7001"],
+            "invalid regions.primary \"eu-central-1\": one of the regions this node knows: us-west-2, us-east-1",
+        ),
+        (
+            &[
+                "--primary-region",
+                "us-east-1",
+                "--known-region",
+                "us-east-1=127.0.0.1:7001,127.0.0.1:7002",
+                "--known-region",
+                "dr-witness=127.0.0.1:7002",
+            ],
+            "invalid regions.known.us-east-1.endpoints[1] \"127.0.0.1:7002\": already given as regions.known.dr-witness.endpoints[0]",
+        ),
+        (
+            &["--known-region", "us-east-1=127.0.0.1:7001"],
+            "invalid regions.primary \"\": required when other regions are known",
+        ),
+        (&["--known-region", "us-east-1"], "invalid known-region \"us-east-1\""),
+    ];
+    for (extra, expected) in cases {
+        let (code, _, stderr) = node(extra);
+        assert_eq!(code, 2, "{extra:?} should exit 2; stderr: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{extra:?}: stderr {stderr:?} lacks {expected:?}"
+        );
+    }
+    assert!(!Path::new(data).exists(), "refused before the data dir was made");
+
+    // The variable holds every known region, split at ';'.
+    let out = Command::new(binary())
+        .args([
+            "node",
+            "--id",
+            "1",
+            "--region",
+            "us-west-2",
+            "--listen",
+            "127.0.0.1:7101",
+        ])
+        .args(["--data-dir", data, "--primary-region", "us-east-1"])
+        .env(
+            "RAMPART_KNOWN_REGIONS",
+            "us-east-1=127.0.0.1:7001;dr-witness=127.0.0.1:7001",
+        )
+        .output()
+        .expect("run rampart");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already given as regions.known.dr-witness.endpoints[0]"),
+        "{stderr}"
+    );
+
+    // The file: [regions] and [regions.known.NAME], fields checked by name.
+    let config = dir.path().join("node.toml");
+    let write_and_run = |text: &str| {
+        std::fs::write(&config, text).expect("config");
+        node(&["--config", config.to_str().expect("utf-8")])
+    };
+    let (code, _, stderr) = write_and_run(
+        "[regions]\nprimary = \"us-east-1\"\n[regions.known.us-east-1]\nendpoints = [\"db.example:7001\"]\n",
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("invalid regions.known.us-east-1.endpoints[0] \"db.example:7001\""),
+        "{stderr}"
+    );
+    let (code, _, stderr) = write_and_run(
+        "[regions]\nprimary = \"w\"\n[regions.known.w]\nendpoints = [\"127.0.0.1:7301\"]\nwitness = true\n",
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("a witness keeps no data and cannot be primary"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = write_and_run("[regions]\nprimary = \"us-west-2\"\nmax_lagg = \"5s\"\n");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("[regions]") && stderr.contains("max_lagg"), "{stderr}");
+    assert!(!Path::new(data).exists(), "refused before the data dir was made");
 }

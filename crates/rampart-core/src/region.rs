@@ -1,0 +1,312 @@
+//! Regions as configured: which region is primary when a deployment starts, the other
+//! regions a node knows (their endpoints, whether one is a witness) and the timings of
+//! region health and verification. Validated by field path (`regions.known.NAME.endpoints[1]`)
+//! so a bad topology exits 2 before a node starts.
+//!
+//! `primary` only seeds a new deployment; afterwards the replicated region epoch decides.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::service::{duration_ms, field_error, FieldError};
+
+/// `[regions]` as written in a node's config file, or gathered from `--primary-region` and
+/// `--known-region` (which replace the file's values).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionsSpec {
+    /// The primary region of a new deployment.
+    pub primary: Option<String>,
+    /// How often a node checks each other region (default 1s).
+    pub health_check_interval: Option<String>,
+    /// A region not heard from for this long is unreachable (default 5s).
+    pub region_timeout: Option<String>,
+    /// A standby further behind than this raises an alert (default 5s).
+    pub max_lag: Option<String>,
+    /// How often each standby compares its checksum with the primary's (default 30s).
+    pub verify_interval: Option<String>,
+    /// The other regions, by name: never this node's own.
+    #[serde(default)]
+    pub known: BTreeMap<String, KnownRegionSpec>,
+}
+
+/// `[regions.known.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownRegionSpec {
+    /// Its nodes, `HOST:PORT`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// A witness: a one-node region that keeps no data and only votes on region failover.
+    #[serde(default)]
+    pub witness: bool,
+}
+
+/// The validated topology, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Regions {
+    /// The primary region of a new deployment (this node's own, or one of `known`).
+    pub primary: String,
+    pub health_check_interval_ms: u64,
+    pub region_timeout_ms: u64,
+    pub max_lag_ms: u64,
+    pub verify_interval_ms: u64,
+    /// The other regions, by name.
+    pub known: BTreeMap<String, KnownRegion>,
+}
+
+/// Another region this node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownRegion {
+    pub endpoints: Vec<SocketAddr>,
+    pub witness: bool,
+}
+
+/// Region names: the characters a `--region` may use.
+pub fn check_region_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        return Ok(());
+    }
+    Err(field_error(field, name, "letters, digits, '-' and '_' only, not empty"))
+}
+
+impl RegionsSpec {
+    /// Reads `--known-region NAME=EP,EP` values (also `RAMPART_KNOWN_REGIONS`, split at
+    /// `;`) into `known`, replacing the file's list.
+    pub fn set_known_from_flags(&mut self, values: &[String]) -> Result<(), FieldError> {
+        let mut known = BTreeMap::new();
+        for value in values {
+            let Some((name, endpoints)) = value.split_once('=') else {
+                return Err(field_error(
+                    "known-region",
+                    value,
+                    "NAME=HOST:PORT[,HOST:PORT...], e.g. us-east-1=10.0.0.1:7001,10.0.0.2:7001",
+                ));
+            };
+            let spec = KnownRegionSpec {
+                endpoints: endpoints.split(',').map(|e| e.trim().to_string()).collect(),
+                witness: false,
+            };
+            if known.insert(name.trim().to_string(), spec).is_some() {
+                return Err(field_error("known-region", value, "each region once"));
+            }
+        }
+        self.known = known;
+        Ok(())
+    }
+
+    /// Checks the topology of a node of region `own`, which serves at `own_addrs`: every
+    /// name valid, no region listing itself, a primary that is this region or a known one
+    /// (never a witness), every endpoint an address and none given twice (nor this
+    /// node's own), timings in range.
+    pub fn validate(&self, own: &str, own_addrs: &[SocketAddr]) -> Result<Regions, FieldError> {
+        let mut known = BTreeMap::new();
+        let mut seen: BTreeMap<SocketAddr, String> = own_addrs
+            .iter()
+            .map(|addr| (*addr, format!("this node's own address ({own})")))
+            .collect();
+        for (name, spec) in &self.known {
+            let field = format!("regions.known.{name}");
+            check_region_name(&field, name)?;
+            if name == own {
+                return Err(field_error(
+                    &field,
+                    name,
+                    "a node lists the other regions, not its own (this is its --region)",
+                ));
+            }
+            if spec.endpoints.is_empty() {
+                return Err(field_error(format!("{field}.endpoints"), "", "at least one HOST:PORT"));
+            }
+            if spec.witness && spec.endpoints.len() != 1 {
+                return Err(field_error(
+                    format!("{field}.endpoints"),
+                    spec.endpoints.join(","),
+                    "a witness is one node: exactly one HOST:PORT",
+                ));
+            }
+            let mut endpoints = Vec::new();
+            for (i, text) in spec.endpoints.iter().enumerate() {
+                let field = format!("{field}.endpoints[{i}]");
+                let addr: SocketAddr = text
+                    .parse()
+                    .map_err(|_| field_error(&field, text, "HOST:PORT with an IP address, e.g. 10.0.0.1:7001"))?;
+                if let Some(first) = seen.insert(addr, field.clone()) {
+                    return Err(field_error(&field, text, format!("already given as {first}")));
+                }
+                endpoints.push(addr);
+            }
+            let region = KnownRegion {
+                endpoints,
+                witness: spec.witness,
+            };
+            known.insert(name.clone(), region);
+        }
+        let primary = match &self.primary {
+            Some(primary) => primary.clone(),
+            None if known.is_empty() => own.to_string(),
+            None => {
+                return Err(field_error(
+                    "regions.primary",
+                    "",
+                    "required when other regions are known (--primary-region NAME)",
+                ))
+            }
+        };
+        if primary != own && !known.contains_key(&primary) {
+            let names: Vec<&str> = std::iter::once(own).chain(known.keys().map(String::as_str)).collect();
+            return Err(field_error(
+                "regions.primary",
+                &primary,
+                format!("one of the regions this node knows: {}", names.join(", ")),
+            ));
+        }
+        if known.get(&primary).is_some_and(|r| r.witness) {
+            return Err(field_error(
+                "regions.primary",
+                &primary,
+                "a witness keeps no data and cannot be primary",
+            ));
+        }
+        let ms = |field: &str, text: &Option<String>, default_ms| {
+            duration_ms(&format!("regions.{field}"), text.as_deref(), default_ms, 50, 3_600_000)
+        };
+        let health_check_interval_ms = ms("health_check_interval", &self.health_check_interval, 1_000)?;
+        let region_timeout_ms = ms("region_timeout", &self.region_timeout, 5_000)?;
+        if region_timeout_ms < 2 * health_check_interval_ms {
+            return Err(field_error(
+                "regions.region_timeout",
+                self.region_timeout.clone().unwrap_or_else(|| "5s".into()),
+                format!(
+                    "at least twice regions.health_check_interval ({}ms), or one late answer makes a region unreachable",
+                    2 * health_check_interval_ms
+                ),
+            ));
+        }
+        Ok(Regions {
+            primary,
+            health_check_interval_ms,
+            region_timeout_ms,
+            max_lag_ms: ms("max_lag", &self.max_lag, 5_000)?,
+            verify_interval_ms: ms("verify_interval", &self.verify_interval, 30_000)?,
+            known,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("an address")
+    }
+
+    fn spec(primary: &str, known: &[&str]) -> RegionsSpec {
+        let mut spec = RegionsSpec {
+            primary: Some(primary.to_string()),
+            ..RegionsSpec::default()
+        };
+        let values: Vec<String> = known.iter().map(|k| k.to_string()).collect();
+        spec.set_known_from_flags(&values).expect("flags");
+        spec
+    }
+
+    const OWN: &[&str] = &["127.0.0.1:7101"];
+
+    fn validate(spec: &RegionsSpec) -> Result<Regions, FieldError> {
+        let own: Vec<SocketAddr> = OWN.iter().map(|a| addr(a)).collect();
+        spec.validate("us-west-2", &own)
+    }
+
+    #[test]
+    fn a_standby_region_knows_the_primary_and_a_witness() {
+        let mut spec = spec(
+            "us-east-1",
+            &[
+                "us-east-1=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
+                "dr-witness=127.0.0.1:7301",
+            ],
+        );
+        spec.known.get_mut("dr-witness").unwrap().witness = true;
+        let regions = validate(&spec).expect("valid");
+        assert_eq!(regions.primary, "us-east-1");
+        assert_eq!(regions.known["us-east-1"].endpoints.len(), 3);
+        assert!(regions.known["dr-witness"].witness);
+        assert_eq!(
+            (
+                regions.health_check_interval_ms,
+                regions.region_timeout_ms,
+                regions.max_lag_ms,
+                regions.verify_interval_ms
+            ),
+            (1_000, 5_000, 5_000, 30_000)
+        );
+    }
+
+    #[test]
+    fn alone_a_region_is_its_own_primary() {
+        let regions = validate(&RegionsSpec::default()).expect("valid");
+        assert_eq!(regions.primary, "us-west-2");
+        assert!(regions.known.is_empty());
+    }
+
+    #[test]
+    fn a_bad_topology_is_refused_naming_the_field() {
+        let refused = |spec: RegionsSpec| validate(&spec).expect_err("refused");
+        let e = refused(spec(
+            "us-east-1",
+            &["us-west-2=127.0.0.1:7001", "us-east-1=127.0.0.1:7002"],
+        ));
+        assert_eq!(e.field, "regions.known.us-west-2");
+        assert!(e.allowed.contains("not its own"), "{e}");
+
+        let e = refused(spec("eu-central-1", &["us-east-1=127.0.0.1:7001"]));
+        assert_eq!(e.field, "regions.primary");
+        assert!(e.allowed.contains("us-west-2, us-east-1"), "{e}");
+
+        let e = refused(spec("us-east-1", &["us-east-1=127.0.0.1:7001", "eu=127.0.0.1:7001"]));
+        assert_eq!(e.field, "regions.known.us-east-1.endpoints[0]");
+        assert!(
+            e.allowed.contains("already given as regions.known.eu.endpoints[0]"),
+            "{e}"
+        );
+
+        let e = refused(spec("us-east-1", &["us-east-1=127.0.0.1:7101"]));
+        assert!(e.allowed.contains("this node's own address"), "{e}");
+
+        let e = refused(spec("us-east-1", &["us-east-1=db.example:7001"]));
+        assert_eq!(e.field, "regions.known.us-east-1.endpoints[0]");
+
+        let mut no_primary = spec("x", &["us-east-1=127.0.0.1:7001"]);
+        no_primary.primary = None;
+        assert_eq!(refused(no_primary).field, "regions.primary");
+
+        let mut witness = spec("w", &["w=127.0.0.1:7301"]);
+        witness.known.get_mut("w").unwrap().witness = true;
+        assert!(refused(witness).allowed.contains("cannot be primary"));
+
+        let mut two = spec(
+            "us-east-1",
+            &["us-east-1=127.0.0.1:7001", "w=127.0.0.1:7301,127.0.0.1:7302"],
+        );
+        two.known.get_mut("w").unwrap().witness = true;
+        assert_eq!(refused(two).field, "regions.known.w.endpoints");
+
+        let mut slow = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
+        slow.health_check_interval = Some("3s".into());
+        assert_eq!(refused(slow).field, "regions.region_timeout");
+
+        let mut bad = RegionsSpec::default();
+        assert_eq!(
+            bad.set_known_from_flags(&["us-east-1".into()]).expect_err("no =").field,
+            "known-region"
+        );
+        assert!(bad
+            .set_known_from_flags(&["a=127.0.0.1:1".into(), "a=127.0.0.1:2".into()])
+            .is_err());
+    }
+}
