@@ -398,6 +398,11 @@ impl Client {
         self.get("/v1/cluster").await
     }
 
+    /// Every region of the deployment, as the answering node sees it.
+    pub async fn regions(&self) -> Result<rampart_core::api::RegionsResponse, ClientError> {
+        self.get("/v1/regions").await
+    }
+
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {
         self.get("/v1/cluster/members").await
     }

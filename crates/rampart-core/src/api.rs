@@ -144,6 +144,39 @@ pub struct Member {
     pub role: String,
 }
 
+/// `GET /v1/regions`: every region of the deployment as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionsResponse {
+    /// The answering node's region.
+    pub region: String,
+    /// The primary region (as configured until region failover moves it).
+    pub primary: String,
+    /// This region first, then the others by name.
+    pub regions: Vec<RegionStatus>,
+}
+
+/// One region in `GET /v1/regions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionStatus {
+    pub name: String,
+    /// `primary`, `standby` or `witness`.
+    pub role: String,
+    /// The region epoch: 1 until a region failover moves it.
+    pub epoch: u64,
+    /// The answering node's own region.
+    pub this_region: bool,
+    pub endpoints: Vec<String>,
+    /// Answered within `regions.region_timeout` (always true for this region).
+    pub reachable: bool,
+    /// When it last answered the answering node, ms since the epoch on that node's clock.
+    pub last_contact_ms: Option<u64>,
+    /// Its shipped revision and checksum when it last answered.
+    pub revision: Option<u64>,
+    pub checksum: Option<String>,
+    /// Its leader when it last answered.
+    pub leader: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub region: String,

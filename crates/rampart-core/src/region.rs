@@ -197,6 +197,61 @@ impl RegionsSpec {
     }
 }
 
+/// What changed about another region's reachability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// No answer for the region timeout.
+    Lost,
+    /// It answers again after it was reported lost.
+    Regained,
+}
+
+/// One node's contact with another region, with explicit time: when it last answered,
+/// and whether its loss was reported (so each loss and each return is said once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contact<T> {
+    /// Counted from here until the first answer: a node that just started has not lost
+    /// a region it never asked.
+    since: T,
+    last_answer: Option<T>,
+    lost: bool,
+}
+
+impl<T: Copy + Ord + std::ops::Sub<Output = std::time::Duration>> Contact<T> {
+    pub fn new(now: T) -> Contact<T> {
+        Contact {
+            since: now,
+            last_answer: None,
+            lost: false,
+        }
+    }
+
+    /// The region answered at `now`.
+    pub fn answered(&mut self, now: T) -> Option<Reach> {
+        self.last_answer = Some(now);
+        std::mem::replace(&mut self.lost, false).then_some(Reach::Regained)
+    }
+
+    /// A check at `now` found no answer; lost once nothing was heard for `timeout`.
+    pub fn missed(&mut self, now: T, timeout: std::time::Duration) -> Option<Reach> {
+        if self.lost || self.reachable(now, timeout) {
+            return None;
+        }
+        self.lost = true;
+        Some(Reach::Lost)
+    }
+
+    /// Heard from within `timeout` (or not asked for that long yet).
+    pub fn reachable(&self, now: T, timeout: std::time::Duration) -> bool {
+        now - self.last_answer.unwrap_or(self.since).max(self.since) < timeout
+    }
+
+    /// When it last answered.
+    pub fn last_answer(&self) -> Option<T> {
+        self.last_answer
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +300,26 @@ mod tests {
             ),
             (1_000, 5_000, 5_000, 30_000)
         );
+    }
+
+    #[test]
+    fn a_region_is_lost_once_after_the_timeout_and_regained_once() {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let timeout = Duration::from_millis(500);
+        let mut contact = Contact::new(start);
+        assert_eq!(contact.missed(at(400), timeout), None, "not asked for long enough yet");
+        assert!(contact.reachable(at(400), timeout));
+        assert_eq!(contact.answered(at(450)), None, "never lost: nothing to report");
+        assert_eq!(contact.missed(at(900), timeout), None, "449 ms of silence");
+        assert_eq!(contact.missed(at(950), timeout), Some(Reach::Lost));
+        assert!(!contact.reachable(at(950), timeout));
+        assert_eq!(contact.missed(at(2000), timeout), None, "reported once");
+        assert_eq!(contact.answered(at(2100)), Some(Reach::Regained));
+        assert_eq!(contact.answered(at(2200)), None);
+        assert_eq!(contact.last_answer(), Some(at(2200)));
+        assert!(contact.reachable(at(2600), timeout));
     }
 
     #[test]

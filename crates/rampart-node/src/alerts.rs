@@ -20,7 +20,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether an event is worth waking someone for.
 pub fn alerting(event: &Event) -> bool {
     match event.kind.as_str() {
-        "failover" | "switchover" => true,
+        "failover" | "switchover" | "region" => true,
         "health" => event.action == "instance.down",
         "hook" | "backup" => event.outcome != "ok",
         _ => false,

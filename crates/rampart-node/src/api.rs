@@ -17,7 +17,7 @@ use rampart_store::{Op, Outcome};
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::controllers::{backups, switchover, verdicts};
+use crate::controllers::{backups, regions, switchover, verdicts};
 use crate::error::{check_name, parse_body, unexpected, ApiError};
 use crate::events::audit;
 use crate::node::{now_ms, Shared};
@@ -54,6 +54,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
+        .route("/v1/regions", get(regions::list))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(events::events).post(events::post_event))

@@ -131,7 +131,7 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
 }
 
 /// Another node's API: HTTPS on a TLS region.
-fn url(node: &Node, addr: &str, path: &str) -> String {
+pub fn url(node: &Node, addr: &str, path: &str) -> String {
     let scheme = if node.tls.is_some() { "https" } else { "http" };
     format!("{scheme}://{addr}{path}")
 }

@@ -51,6 +51,8 @@ pub struct Node {
     pub backups: Option<Backups>,
     /// Reads committed log entries for the log archive.
     pub log: rampart_store::LogStore,
+    /// What this node last heard from each other region, by name.
+    pub regions: Mutex<std::collections::BTreeMap<String, crate::soft::RegionSeen>>,
 }
 
 pub type Shared = Arc<Node>;

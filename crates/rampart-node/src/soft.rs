@@ -121,3 +121,14 @@ fn fresh_for(policy: &Policy) -> Duration {
     let slowest_ms = policy.checks.iter().map(|c| c.interval_ms).max().unwrap_or(1000);
     report_fresh_for(slowest_ms)
 }
+
+/// What a node last heard from another region (every node asks each one, every
+/// `regions.health_check_interval`).
+#[derive(Debug, Clone)]
+pub struct RegionSeen {
+    pub contact: rampart_core::region::Contact<std::time::Instant>,
+    /// Wall clock of the last answer, ms since the epoch.
+    pub last_contact_ms: Option<u64>,
+    /// Its last answer to `GET /v1/cluster`.
+    pub status: Option<rampart_core::api::ClusterStatus>,
+}

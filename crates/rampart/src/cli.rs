@@ -67,6 +67,8 @@ enum Command {
     Node(Box<NodeArgs>),
     /// Show the region: leader, term, revision and checksum (shipped and local), members
     Status,
+    /// Every region: role, epoch, whether it answers, last contact, revision and checksum
+    Regions,
     /// Read and write keys
     #[command(subcommand)]
     Kv(KvCommand),
@@ -456,6 +458,36 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 );
                 for m in &s.members {
                     text.push_str(&format!("  node {} {} {}\n", m.id, m.addr, m.role));
+                }
+                text.trim_end().to_string()
+            });
+            Ok(())
+        }
+        Command::Regions => {
+            let answer = client()?.regions().await?;
+            print(output, &answer, |a| {
+                let mut text = format!("seen from region {} (primary {})\n", a.region, a.primary);
+                text.push_str("  REGION  ROLE  EPOCH  REACHABLE  LAST CONTACT  REVISION  CHECKSUM\n");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                for r in &a.regions {
+                    let contact = match r.last_contact_ms {
+                        _ if r.this_region => "this region".to_string(),
+                        Some(ms) => format!("{}ms ago", now.saturating_sub(ms)),
+                        None => "never".to_string(),
+                    };
+                    let unknown = || "-".to_string();
+                    text.push_str(&format!(
+                        "  {}  {}  {}  {}  {}  {}  {}\n",
+                        r.name,
+                        r.role,
+                        r.epoch,
+                        if r.reachable { "yes" } else { "no" },
+                        contact,
+                        r.revision.map_or_else(unknown, |v| v.to_string()),
+                        r.checksum.clone().unwrap_or_else(unknown),
+                    ));
                 }
                 text.trim_end().to_string()
             });

@@ -1,5 +1,6 @@
 //! The node's loops, one module each, and what they decide with (`rampart-core`) and act on.
-//! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges), `prober` (probes the instances of every
+//! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges),
+//! `regions` (asks the other regions how they are), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
 //! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
 //! alone runs `rules` (adopts this build's apply rules in a region migrated from data dir
@@ -17,6 +18,7 @@ pub mod leases;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
+pub mod regions;
 pub mod rules;
 pub mod supervisor;
 pub mod switchover;
@@ -34,6 +36,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(elector::run(node.clone())),
         tokio::spawn(raft_metrics::run(node.clone())),
         tokio::spawn(rules::run(node.clone())),
+        tokio::spawn(regions::run(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),

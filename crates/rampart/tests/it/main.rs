@@ -14,6 +14,7 @@ mod openapi;
 mod partition;
 mod proxy;
 mod proxy_registry;
+mod regions;
 mod security;
 mod services;
 mod snapshot;

@@ -1,0 +1,165 @@
+//! Region health: every node asks each other region it knows for its `GET /v1/cluster`,
+//! every `regions.health_check_interval`, trying its endpoints from the one that answered
+//! last. `core::region::Contact` says when a region is lost (no answer for
+//! `regions.region_timeout`) and when it is back; the leader records each as an event
+//! (kind `region`), which alerts. `GET /v1/regions` shows what this node last heard.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::Json;
+use rampart_core::api::{ClusterStatus, Event, RegionStatus, RegionsResponse};
+use rampart_core::region::{Contact, KnownRegion, Reach};
+
+use crate::node::{now_ms, Shared};
+use crate::soft::RegionSeen;
+
+pub async fn run(node: Shared) {
+    let regions = node.config.regions.clone();
+    if regions.known.is_empty() {
+        return;
+    }
+    let interval = Duration::from_millis(regions.health_check_interval_ms);
+    let timeout = Duration::from_millis(regions.region_timeout_ms);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The endpoint of each region to ask first: the one that answered last.
+    let mut first = vec![0usize; regions.known.len()];
+    loop {
+        tick.tick().await;
+        let asks = regions
+            .known
+            .values()
+            .zip(first.iter().copied())
+            .map(|(region, start)| ask(&node, region, start, interval));
+        let answers = futures_util::future::join_all(asks).await;
+        let now = Instant::now();
+        for ((name, answer), first) in regions.known.keys().zip(answers).zip(first.iter_mut()) {
+            let reach = {
+                let mut seen = node.regions.lock().expect("regions lock");
+                let seen = seen.entry(name.clone()).or_insert_with(|| RegionSeen {
+                    contact: Contact::new(now),
+                    last_contact_ms: None,
+                    status: None,
+                });
+                match answer {
+                    Some((index, status)) => {
+                        *first = index;
+                        seen.last_contact_ms = Some(now_ms());
+                        seen.status = Some(status);
+                        seen.contact.answered(now)
+                    }
+                    None => seen.contact.missed(now, timeout),
+                }
+            };
+            if let Some(reach) = reach {
+                report(&node, name, reach, timeout).await;
+            }
+        }
+    }
+}
+
+/// The region's status from the first of its endpoints (from `start` on) that answers
+/// within `timeout`, with that endpoint's index.
+async fn ask(node: &Shared, region: &KnownRegion, start: usize, timeout: Duration) -> Option<(usize, ClusterStatus)> {
+    let count = region.endpoints.len();
+    for index in (start..count).chain(0..start) {
+        let url = crate::forward::url(node, &region.endpoints[index].to_string(), "/v1/cluster");
+        let answer = node.http.get(url).timeout(timeout).send().await;
+        let Ok(answer) = answer else { continue };
+        if let Ok(status) = answer.error_for_status().map(|a| a.json::<ClusterStatus>()) {
+            if let Ok(status) = status.await {
+                return Some((index, status));
+            }
+        }
+    }
+    None
+}
+
+/// The leader records a region lost or regained (one event per change in the region).
+async fn report(node: &Shared, name: &str, reach: Reach, timeout: Duration) {
+    let (action, outcome, detail) = match reach {
+        Reach::Lost => (
+            "region.unreachable",
+            "unreachable",
+            format!(
+                "{name}: no answer for {}ms (regions.region_timeout)",
+                timeout.as_millis()
+            ),
+        ),
+        Reach::Regained => ("region.reachable", "ok", format!("{name} answers again")),
+    };
+    tracing::warn!(region = name, action, "{detail}");
+    if node.known_leader() != Some(node.id) {
+        return;
+    }
+    let event = Event {
+        id: 0,
+        at_ms: 0,
+        kind: "region".into(),
+        action: action.into(),
+        actor: format!("node {}", node.id),
+        source: node.config.region.clone(),
+        outcome: outcome.into(),
+        detail,
+    };
+    crate::events::record(node, event).await;
+}
+
+/// `GET /v1/regions`: this region, then each other one as this node last heard it.
+pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
+    let regions = &node.config.regions;
+    let role = |name: &str, witness: bool| {
+        if witness {
+            "witness"
+        } else if name == regions.primary {
+            "primary"
+        } else {
+            "standby"
+        }
+    };
+    let own = {
+        let applied = node.applied.read().expect("state lock");
+        RegionStatus {
+            name: node.config.region.clone(),
+            role: role(&node.config.region, false).into(),
+            epoch: 1,
+            this_region: true,
+            endpoints: applied
+                .membership
+                .membership()
+                .nodes()
+                .map(|(_, member)| member.addr.clone())
+                .collect(),
+            reachable: true,
+            last_contact_ms: Some(now_ms()),
+            revision: Some(applied.state.revision()),
+            checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
+            leader: node.known_leader(),
+        }
+    };
+    let timeout = Duration::from_millis(regions.region_timeout_ms);
+    let seen = node.regions.lock().expect("regions lock");
+    let now = Instant::now();
+    let others = regions.known.iter().map(|(name, region)| {
+        let seen = seen.get(name);
+        let status = seen.and_then(|s| s.status.as_ref());
+        RegionStatus {
+            name: name.clone(),
+            role: role(name, region.witness).into(),
+            epoch: 1,
+            this_region: false,
+            endpoints: region.endpoints.iter().map(|a| a.to_string()).collect(),
+            reachable: seen.is_some_and(|s| s.last_contact_ms.is_some() && s.contact.reachable(now, timeout)),
+            last_contact_ms: seen.and_then(|s| s.last_contact_ms),
+            revision: status.map(|s| s.revision),
+            checksum: status.map(|s| s.checksum.clone()),
+            leader: status.and_then(|s| s.leader),
+        }
+    });
+    Json(RegionsResponse {
+        region: node.config.region.clone(),
+        primary: regions.primary.clone(),
+        regions: std::iter::once(own).chain(others).collect(),
+    })
+}

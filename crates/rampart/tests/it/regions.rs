@@ -1,0 +1,115 @@
+//! Regions as a node sees them (`GET /v1/regions`, `rampart regions`): two one-node regions
+//! that know each other; one is SIGKILLed, the other reports it unreachable after
+//! `regions.region_timeout` with an event, and reachable again, with another, when it is back.
+
+use std::path::Path;
+
+use rampart_core::api::{RegionStatus, RegionsResponse};
+use rampart_testkit::{eventually, free_port, Cluster, ClusterOptions};
+
+use crate::{binary, DEADLINE};
+
+/// A one-node region `name` at `addr` that knows region `other` at `other_addr`.
+async fn region(
+    dir: &Path,
+    name: &str,
+    addr: std::net::SocketAddr,
+    other: &str,
+    other_addr: std::net::SocketAddr,
+) -> Cluster {
+    let config = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\n\
+         [regions.known.{other}]\nendpoints = [\"{other_addr}\"]\n"
+    );
+    std::fs::write(&config, text).expect("config");
+    let options = ClusterOptions {
+        nodes: 1,
+        addresses: vec![addr],
+        node_args: vec![
+            "--region".into(),
+            name.into(),
+            "--config".into(),
+            config.to_str().expect("utf-8").into(),
+        ],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(binary(), options).await.expect("start");
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster
+}
+
+fn other(regions: &RegionsResponse) -> &RegionStatus {
+    regions
+        .regions
+        .iter()
+        .find(|r| !r.this_region)
+        .expect("the other region")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_is_reported_unreachable_after_the_timeout_and_back_when_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
+    let mut east = region(dir.path(), "east", east_addr, "west", west_addr).await;
+    let west = region(dir.path(), "west", west_addr, "east", east_addr).await;
+    east.client()
+        .put("regions/k", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    let east_now = east.client().cluster().await.expect("status");
+
+    let client = west.client();
+    let seen = eventually(DEADLINE, "west to see east's revision", || async {
+        let regions = client.regions().await.ok()?;
+        let east = other(&regions);
+        (east.reachable && east.revision == Some(east_now.revision)).then_some(regions)
+    })
+    .await;
+    assert_eq!((seen.region.as_str(), seen.primary.as_str()), ("west", "east"));
+    let (own, east_seen) = (&seen.regions[0], other(&seen));
+    assert!(own.this_region && own.role == "standby" && own.name == "west");
+    assert_eq!(
+        (east_seen.name.as_str(), east_seen.role.as_str(), east_seen.epoch),
+        ("east", "primary", 1)
+    );
+    assert_eq!(east_seen.checksum.as_deref(), Some(east_now.checksum.as_str()));
+    assert_eq!(east_seen.endpoints, vec![east_addr.to_string()]);
+
+    east.kill(1);
+    eventually(DEADLINE, "west to report east unreachable", || async {
+        let regions = client.regions().await.ok()?;
+        (!other(&regions).reachable).then_some(())
+    })
+    .await;
+    let event = |action: &'static str| {
+        let client = &client;
+        async move {
+            let events = client.events(Some("region"), None).await.ok()?;
+            events.events.into_iter().find(|e| e.action == action)
+        }
+    };
+    let lost = eventually(DEADLINE, "a region.unreachable event", || event("region.unreachable")).await;
+    assert!(lost.detail.contains("east: no answer for 500ms"), "{}", lost.detail);
+
+    east.restart(1).expect("restart east");
+    eventually(DEADLINE, "west to see east again", || async {
+        let regions = client.regions().await.ok()?;
+        other(&regions).reachable.then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "a region.reachable event", || event("region.reachable")).await;
+
+    // The CLI prints the same, as a table or as JSON.
+    let endpoints = format!("--endpoints={west_addr}");
+    let (code, out, err) = crate::cli::run(&[&endpoints, "regions"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("seen from region west (primary east)") && out.contains("east  primary  1  yes"),
+        "{out}"
+    );
+    let (code, out, err) = crate::cli::run(&[&endpoints, "regions", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let parsed: RegionsResponse = serde_json::from_str(&out).expect("json");
+    assert_eq!(parsed.regions.len(), 2);
+}
