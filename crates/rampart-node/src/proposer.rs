@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use openraft::error::{ClientWriteError, RaftError};
-use rampart_store::{Batch, Command, Op, Outcome, Raft};
+use rampart_store::{Batch, Command, Outcome, Raft};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::ApiError;
@@ -76,7 +76,7 @@ impl Proposer {
 
     /// Queues one write and waits for its outcome, for at most `timeout`.
     pub async fn propose(&self, command: Command, timeout: Duration) -> Result<Outcome, ApiError> {
-        let bytes = approx_bytes(&command.op);
+        let bytes = command.op.approx_bytes();
         let (reply, answer) = oneshot::channel();
         let proposal = Proposal { command, bytes, reply };
         let waited = tokio::time::timeout(timeout, async {
@@ -92,40 +92,6 @@ impl Proposer {
         .await;
         waited.unwrap_or_else(|_| Err(ApiError::timeout("the write", timeout)))
     }
-}
-
-/// A write's size in a batch, near enough to bound a batch's bytes.
-fn approx_bytes(op: &Op) -> usize {
-    const OVERHEAD: usize = 32;
-    OVERHEAD
-        + match op {
-            Op::Put { key, value, .. } => key.len() + value.len(),
-            Op::Delete { key } => key.len(),
-            Op::Campaign { name, candidate, .. } => name.len() + candidate.len(),
-            Op::Resign { name, candidate } => name.len() + candidate.as_ref().map_or(0, String::len),
-            Op::TokenCreate { name, prefixes, .. } => name.len() + 32 + prefixes.iter().map(String::len).sum::<usize>(),
-            Op::TokenRevoke { name } => name.len(),
-            Op::Record { event } => {
-                event.kind.len()
-                    + event.action.len()
-                    + event.actor.len()
-                    + event.source.len()
-                    + event.outcome.len()
-                    + event.detail.len()
-            }
-            // Policies and registrations are small; a generous flat size bounds them.
-            Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
-            Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => service.len() + id.len() + 4096,
-            Op::InstanceHealth { service, id, .. }
-            | Op::InstanceReadiness { service, id, .. }
-            | Op::Demote { service, id }
-            | Op::CancelDemote { service, id }
-            | Op::Release { service, id }
-            | Op::Promote { service, id }
-            | Op::PromotionFailed { service, id, .. } => service.len() + id.len(),
-            Op::QuotaTake { name, client, .. } => name.len() + client.len() + 16,
-            Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::AdoptRules { .. } => 0,
-        }
 }
 
 async fn batch_loop(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, mut waiting: mpsc::Receiver<Proposal>) {

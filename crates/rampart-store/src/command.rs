@@ -141,6 +141,14 @@ pub enum Op {
     AdoptRules {
         rules: u32,
     },
+    /// A write of the primary region's shipped state, at its `revision` there, applied by a
+    /// standby region to its own shipped part alone (no region-local check or effect), so
+    /// the standby keeps the primary's revisions. One at or below the standby's revision
+    /// was applied already (a link that resumed) and changes nothing.
+    Replicate {
+        revision: u64,
+        command: Box<Command>,
+    },
 }
 
 /// What applying a command may change: the region-local part of the state (else the
@@ -189,7 +197,8 @@ impl Op {
             | Op::CancelDemote { .. }
             | Op::Release { .. }
             | Op::PromotionFailed { .. }
-            | Op::Promote { .. } => REGISTRY,
+            | Op::Promote { .. }
+            | Op::Replicate { .. } => REGISTRY,
             Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => VERDICTS,
             Op::Record { .. } | Op::QuotaTake { .. } => LOCAL,
         }
@@ -203,6 +212,45 @@ impl Op {
     /// Whether applying it may change the service registry (definitions, roles, verdicts).
     pub fn touches_services(&self) -> bool {
         self.touches().services
+    }
+
+    /// Its size, near enough to bound a batch's (or a history's) bytes.
+    pub fn approx_bytes(&self) -> usize {
+        const OVERHEAD: usize = 32;
+        OVERHEAD
+            + match self {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Delete { key } => key.len(),
+                Op::Campaign { name, candidate, .. } => name.len() + candidate.len(),
+                Op::Resign { name, candidate } => name.len() + candidate.as_ref().map_or(0, String::len),
+                Op::TokenCreate { name, prefixes, .. } => {
+                    name.len() + 32 + prefixes.iter().map(String::len).sum::<usize>()
+                }
+                Op::TokenRevoke { name } => name.len(),
+                Op::Record { event } => {
+                    event.kind.len()
+                        + event.action.len()
+                        + event.actor.len()
+                        + event.source.len()
+                        + event.outcome.len()
+                        + event.detail.len()
+                }
+                // Policies and registrations are small; a generous flat size bounds them.
+                Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
+                Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => {
+                    service.len() + id.len() + 4096
+                }
+                Op::InstanceHealth { service, id, .. }
+                | Op::InstanceReadiness { service, id, .. }
+                | Op::Demote { service, id }
+                | Op::CancelDemote { service, id }
+                | Op::Release { service, id }
+                | Op::Promote { service, id }
+                | Op::PromotionFailed { service, id, .. } => service.len() + id.len(),
+                Op::QuotaTake { name, client, .. } => name.len() + client.len() + 16,
+                Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::AdoptRules { .. } => 0,
+                Op::Replicate { command, .. } => 8 + command.op.approx_bytes(),
+            }
     }
 }
 
@@ -304,5 +352,14 @@ pub enum Outcome {
     /// The apply rules now in force.
     RulesAdopted {
         rules: u32,
+    },
+    /// The standby's shipped revision after a replicated write.
+    Replicated {
+        revision: u64,
+    },
+    /// A replicated write that does not follow the standby's revision: the link must
+    /// resume from `expected` (or from a snapshot).
+    ReplicationGap {
+        expected: u64,
     },
 }

@@ -456,6 +456,7 @@ impl Shipped {
             Op::Record { .. } | Op::QuotaTake { .. } | Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => {
                 unreachable!("a command of the local part: {:?}", command.op)
             }
+            Op::Replicate { .. } => unreachable!("a replicated write is unwrapped by State::apply"),
         };
         (outcome, events)
     }

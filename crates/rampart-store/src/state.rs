@@ -13,7 +13,7 @@ use rampart_core::api::{KeyValue, WatchEvent};
 use rampart_core::service::InstanceRole;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Outcome};
+use crate::command::{Command, Op, Outcome};
 pub use crate::local::{Local, QuotaStanding, Verdict, EVENTS_MAX, QUOTA_CLIENTS_MAX};
 pub use crate::shipped::{Hold, InstanceRecord, Lease, Record, Service, Shipped, Token, LOSSES_KEPT, RULES};
 
@@ -29,7 +29,9 @@ impl State {
     /// Applies one command; returns its outcome and the watch events it caused.
     pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<WatchEvent>) {
         let before = (self.shipped.revision, self.local.revision);
-        let applied = if command.op.is_local() {
+        let applied = if let Op::Replicate { revision, command } = &command.op {
+            self.replicate(*revision, command)
+        } else if command.op.is_local() {
             (self.local.apply(&self.shipped, command), Vec::new())
         } else if let Some(refused) = self.local.refuses(&self.shipped, command) {
             (refused, Vec::new())
@@ -50,6 +52,26 @@ impl State {
             );
         }
         applied
+    }
+
+    /// Applies the primary region's shipped write at `revision` to the shipped part alone.
+    fn replicate(&mut self, revision: u64, command: &Command) -> (Outcome, Vec<WatchEvent>) {
+        let current = self.shipped.revision;
+        if revision <= current {
+            return (Outcome::Replicated { revision: current }, Vec::new());
+        }
+        if revision != current + 1 || command.op.is_local() || matches!(command.op, Op::Replicate { .. }) {
+            return (Outcome::ReplicationGap { expected: current + 1 }, Vec::new());
+        }
+        let (_, events) = self.shipped.apply(command);
+        // The primary's write moved its revision to `revision`; the same write on the same
+        // shipped state must do the same here, or the two states differ.
+        assert_eq!(
+            self.shipped.revision, revision,
+            "invariant broken: the primary region's write at revision {revision} ({:?}) moved this standby's shipped revision from {current} to {}: the shipped states differ",
+            command.op, self.shipped.revision
+        );
+        (Outcome::Replicated { revision }, events)
     }
 
     /// The shipped revision: what reads, watches, backups and regions count in.
@@ -571,6 +593,74 @@ mod tests {
             take(&mut restored, "k", next_day),
             Outcome::QuotaTaken { used_today: 1 }
         );
+    }
+
+    #[test]
+    fn a_replicated_write_keeps_the_primarys_revision_and_a_gap_is_refused() {
+        let mut primary = State::default();
+        put(&mut primary, "a", None, None);
+        put(&mut primary, "b", None, None);
+        let replicate = |revision, key: &str| {
+            cmd(Op::Replicate {
+                revision,
+                command: Box::new(cmd(Op::Put {
+                    key: key.into(),
+                    value: "v".into(),
+                    lease: None,
+                    if_revision: None,
+                })),
+            })
+        };
+        let mut standby = State::default();
+        assert_eq!(
+            standby.apply(&replicate(2, "b")).0,
+            Outcome::ReplicationGap { expected: 1 }
+        );
+        assert_eq!(standby.apply(&replicate(1, "a")).0, Outcome::Replicated { revision: 1 });
+        let (outcome, events) = standby.apply(&replicate(2, "b"));
+        assert_eq!(outcome, Outcome::Replicated { revision: 2 });
+        assert_eq!(
+            events[0].revision, 2,
+            "watches on the standby see the primary's revision"
+        );
+        assert_eq!(
+            standby.apply(&replicate(1, "a")).0,
+            Outcome::Replicated { revision: 2 },
+            "again: nothing"
+        );
+        assert_eq!(standby.checksum(), primary.checksum());
+        let local = cmd(Op::Record {
+            event: Event {
+                id: 0,
+                at_ms: 0,
+                kind: "k".into(),
+                action: "a".into(),
+                actor: String::new(),
+                source: String::new(),
+                outcome: String::new(),
+                detail: String::new(),
+            },
+        });
+        let wrapped = cmd(Op::Replicate {
+            revision: 3,
+            command: Box::new(local),
+        });
+        assert_eq!(
+            standby.apply(&wrapped).0,
+            Outcome::ReplicationGap { expected: 3 },
+            "local writes are not shipped"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "the shipped states differ")]
+    fn a_replicated_write_that_lands_elsewhere_stops_the_node() {
+        let mut standby = State::default();
+        // A delete of a key the standby does not have moves no revision here.
+        standby.apply(&cmd(Op::Replicate {
+            revision: 1,
+            command: Box::new(cmd(Op::Delete { key: "a".into() })),
+        }));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The state split's promise to cross-region replication: a standby that applies only the
-//! primary region's commands that moved the shipped revision, knowing nothing of the
-//! primary's local state, holds the primary's shipped state at every revision; a command
+//! primary region's commands that moved the shipped revision (as `Op::Replicate`, which
+//! skips every region-local check and effect), knowing nothing of the primary's local
+//! state, holds the primary's shipped state at every revision, and a write sent again
+//! changes nothing; a command
 //! that did not move a part's revision left that part as it was; and a command moves each
 //! revision by at most one (asserted inside `State::apply`).
 
@@ -8,7 +10,7 @@ use proptest::prelude::*;
 use rampart_core::api::Event;
 use rampart_core::auth::Role;
 use rampart_core::health::Health;
-use rampart_store::{Command, Op, Shipped, State};
+use rampart_store::{Command, Op, Outcome, State};
 
 fn one_of(names: &'static [&'static str]) -> impl Strategy<Value = String> {
     proptest::sample::select(names).prop_map(str::to_string)
@@ -110,7 +112,7 @@ proptest! {
         commands in proptest::collection::vec((op(), 0u64..120_000), 1..250)
     ) {
         let mut primary = State::default();
-        let mut standby = Shipped::default();
+        let mut standby = State::default();
         let mut at_ms = 1_000_000;
         for (mut op, step) in commands {
             at_ms += step;
@@ -129,10 +131,17 @@ proptest! {
                 continue;
             }
             prop_assert!(!command.op.is_local(), "a local command moved the shipped revision: {:?}", command.op);
-            standby.apply(&command);
-            prop_assert_eq!(&standby, &primary.shipped, "after {:?}", command.op);
+            let replicated = Command {
+                at_ms,
+                op: Op::Replicate { revision: primary.revision(), command: Box::new(command.clone()) },
+            };
+            prop_assert_eq!(standby.apply(&replicated).0, Outcome::Replicated { revision: primary.revision() });
+            prop_assert_eq!(&standby.shipped, &primary.shipped, "after {:?}", command.op);
+            // A link that resumed sends it again: nothing changes.
+            prop_assert_eq!(standby.apply(&replicated).0, Outcome::Replicated { revision: primary.revision() });
+            prop_assert_eq!(&standby.shipped, &primary.shipped);
         }
-        let standby = State { shipped: standby, ..State::default() };
         prop_assert_eq!(standby.checksum(), primary.checksum());
+        prop_assert_eq!(&standby.local, &rampart_store::Local::default(), "the standby's local part is its own");
     }
 }
