@@ -25,7 +25,7 @@ pub use local::{Local, Verdict};
 pub use log_store::{stamp_format_version, LogStore, OpenError, FORMAT_VERSION};
 pub use shipped::{Shipped, RULES};
 pub use state::{check_encoded, checksum_text, Checksum, State};
-pub use state_machine::{restored_snapshot_head, Applied, StateMachineStore};
+pub use state_machine::{restored_snapshot_head, Applied, ShippedWrite, StateMachineStore};
 
 openraft::declare_raft_types!(
     /// Openraft's type configuration for a Rampart region.

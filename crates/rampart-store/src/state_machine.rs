@@ -49,6 +49,18 @@ pub const DECODE_SCRATCH_BYTES: usize = rampart_core::limits::VALUE_BYTES_CEILIN
 /// from its last revision, out of the history).
 const FEED_CAPACITY: usize = 4096;
 
+/// Bytes of recent shipped writes kept for region links that resume (besides the count,
+/// the watch history's): a link further behind starts from a snapshot.
+pub const SHIPPED_HISTORY_BYTES_MAX: usize = 64 << 20;
+
+/// One write of the shipped state as this region applied it, at its revision: what a
+/// standby region replays (as `Op::Replicate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippedWrite {
+    pub revision: u64,
+    pub command: crate::command::Command,
+}
+
 /// What has been applied so far; shared with the HTTP layer for reads.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -64,6 +76,11 @@ pub struct Applied {
     /// Local to this node, not replicated.
     pub services_version: u64,
     history_max: usize,
+    /// Recent shipped writes, oldest first, for region links that resume.
+    pub shipped: VecDeque<Arc<ShippedWrite>>,
+    /// Shipped writes at or below this revision are no longer in `shipped`.
+    pub shipped_compacted: u64,
+    shipped_bytes: usize,
 }
 
 impl Applied {
@@ -74,6 +91,25 @@ impl Applied {
         }
         let start = self.history.partition_point(|e| e.revision < from);
         Ok(self.history.iter().skip(start).cloned().collect())
+    }
+
+    /// Shipped writes with revision >= `from`, or `Err(shipped_compacted)` if some are gone.
+    pub fn shipped_from(&self, from: u64) -> Result<Vec<Arc<ShippedWrite>>, u64> {
+        if from <= self.shipped_compacted && from <= self.state.revision() {
+            return Err(self.shipped_compacted);
+        }
+        let start = self.shipped.partition_point(|w| w.revision < from);
+        Ok(self.shipped.iter().skip(start).cloned().collect())
+    }
+
+    fn record_shipped(&mut self, write: Arc<ShippedWrite>) {
+        self.shipped_bytes += write.command.op.approx_bytes();
+        self.shipped.push_back(write);
+        while self.shipped.len() > self.history_max || self.shipped_bytes > SHIPPED_HISTORY_BYTES_MAX {
+            let Some(old) = self.shipped.pop_front() else { break };
+            self.shipped_bytes -= old.command.op.approx_bytes();
+            self.shipped_compacted = old.revision;
+        }
     }
 
     fn record(&mut self, event: WatchEvent) {
@@ -154,6 +190,8 @@ pub struct StateMachineStore {
     snapshot_path: Arc<PathBuf>,
     applied: Arc<RwLock<Applied>>,
     feed: broadcast::Sender<WatchEvent>,
+    /// Shipped writes as they are applied, for region links.
+    shipped_feed: broadcast::Sender<Arc<ShippedWrite>>,
     /// `Applied::services_version`, published after each change, for waiters.
     services: Arc<watch::Sender<u64>>,
 }
@@ -166,8 +204,10 @@ impl StateMachineStore {
             place(&migrated, &snapshot_path).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         }
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let (shipped_feed, _) = broadcast::channel(FEED_CAPACITY);
         let store = StateMachineStore {
             snapshot_path: Arc::new(snapshot_path),
+            shipped_feed,
             applied: Arc::new(RwLock::new(Applied {
                 history_max: history_max.max(1),
                 ..Applied::default()
@@ -192,6 +232,12 @@ impl StateMachineStore {
         self.feed.subscribe()
     }
 
+    /// Subscribes to shipped writes as they are applied. Take the subscription while
+    /// holding the `applied` read lock to join `Applied::shipped` and the feed without a gap.
+    pub fn subscribe_shipped(&self) -> broadcast::Receiver<Arc<ShippedWrite>> {
+        self.shipped_feed.subscribe()
+    }
+
     /// Wakes on every change of `Applied::services_version` (the value is that version):
     /// for blocking reads of the registry, such as a proxy's watch of a service.
     pub fn services_changes(&self) -> watch::Receiver<u64> {
@@ -210,6 +256,9 @@ impl StateMachineStore {
         applied.last_applied = snapshot.meta.last_log_id;
         applied.membership = snapshot.meta.last_membership;
         applied.history.clear();
+        applied.shipped_compacted = applied.state.revision();
+        applied.shipped.clear();
+        applied.shipped_bytes = 0;
         applied.services_version += 1;
         self.publish_services(applied.services_version);
     }
@@ -341,17 +390,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                 }
                 EntryPayload::Normal(batch) => {
-                    for command in &batch.commands {
+                    for command in batch.commands {
                         if command.op.touches_services() {
                             applied.services_version += 1;
                         }
-                        let (outcome, events) = applied.state.apply(command);
+                        let before = applied.state.revision();
+                        let (outcome, events) = applied.state.apply(&command);
                         for event in events {
                             // No receiver is fine: nobody is watching.
                             let _ = self.feed.send(event.clone());
                             applied.record(event);
                         }
                         answers.push(outcome);
+                        let revision = applied.state.revision();
+                        if revision != before {
+                            // What moved the shipped revision, as a standby replays it.
+                            let command = match command.op {
+                                crate::command::Op::Replicate { command, .. } => *command,
+                                _ => command,
+                            };
+                            let write = Arc::new(ShippedWrite { revision, command });
+                            let _ = self.shipped_feed.send(write.clone());
+                            applied.record_shipped(write);
+                        }
                     }
                 }
             }
@@ -585,6 +646,62 @@ mod tests {
             message.contains(&format!("format version {}", crate::FORMAT_VERSION)),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn shipped_writes_are_kept_for_region_links_and_fed_live() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_log, mut sm) = crate::open(&dir.path().join("n.redb"), 2, None).expect("open");
+        let mut feed = sm.subscribe_shipped();
+        let event = Command {
+            at_ms: 1,
+            op: Op::Record {
+                event: rampart_core::api::Event {
+                    id: 0,
+                    at_ms: 0,
+                    kind: "k".into(),
+                    action: "a".into(),
+                    actor: String::new(),
+                    source: String::new(),
+                    outcome: String::new(),
+                    detail: String::new(),
+                },
+            },
+        };
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Batch {
+                commands: vec![put("a"), event, put("b"), put("a")],
+            }),
+        };
+        sm.apply([entry]).await.expect("apply");
+        let live: Vec<u64> = [feed.try_recv(), feed.try_recv()]
+            .into_iter()
+            .map(|w| w.expect("a shipped write").revision)
+            .collect();
+        assert_eq!(live, vec![1, 2], "the event is local and the failed put moved nothing");
+        assert!(feed.try_recv().is_err());
+        let applied = sm.applied.read().unwrap();
+        let kept: Vec<u64> = applied
+            .shipped_from(1)
+            .expect("kept")
+            .iter()
+            .map(|w| w.revision)
+            .collect();
+        assert_eq!(kept, vec![1, 2]);
+        assert_eq!(applied.shipped_from(2).expect("kept")[0].command, put("b"));
+        drop(applied);
+
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Normal(Batch {
+                commands: vec![put("c")],
+            }),
+        };
+        sm.apply([entry]).await.expect("apply");
+        let applied = sm.applied.read().unwrap();
+        assert_eq!(applied.shipped_from(1), Err(1), "two kept: the oldest went");
+        assert_eq!(applied.shipped_from(2).expect("kept").len(), 2);
     }
 
     #[tokio::test]
