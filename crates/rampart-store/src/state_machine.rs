@@ -681,16 +681,17 @@ mod tests {
             .collect();
         assert_eq!(live, vec![1, 2], "the event is local and the failed put moved nothing");
         assert!(feed.try_recv().is_err());
-        let applied = sm.applied.read().unwrap();
-        let kept: Vec<u64> = applied
-            .shipped_from(1)
-            .expect("kept")
-            .iter()
-            .map(|w| w.revision)
-            .collect();
-        assert_eq!(kept, vec![1, 2]);
-        assert_eq!(applied.shipped_from(2).expect("kept")[0].command, put("b"));
-        drop(applied);
+        {
+            let applied = sm.applied.read().unwrap();
+            let kept: Vec<u64> = applied
+                .shipped_from(1)
+                .expect("kept")
+                .iter()
+                .map(|w| w.revision)
+                .collect();
+            assert_eq!(kept, vec![1, 2]);
+            assert_eq!(applied.shipped_from(2).expect("kept")[0].command, put("b"));
+        }
 
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
