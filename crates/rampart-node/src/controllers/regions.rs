@@ -3,6 +3,10 @@
 //! last. `core::region::Contact` says when a region is lost (no answer for
 //! `regions.region_timeout`) and when it is back; the leader records each as an event
 //! (kind `region`), which alerts. `GET /v1/regions` shows what this node last heard.
+//!
+//! `GET /v1/regions/log?from_revision=N` is the source of a region link: the shipped writes
+//! from revision N on, as this node applied them (any node serves it, from its own applied
+//! state), one JSON object per line, then each new one as it is applied.
 
 use std::time::{Duration, Instant};
 
@@ -162,4 +166,71 @@ pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
         primary: regions.primary.clone(),
         regions: std::iter::once(own).chain(others).collect(),
     })
+}
+
+/// Longest a region log stream stays silent: then it sends an empty line, so a standby
+/// can tell a quiet primary from a dead link.
+const LOG_KEEPALIVE: Duration = Duration::from_secs(2);
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    from_revision: u64,
+}
+
+/// `GET /v1/regions/log?from_revision=N` (admin): the shipped writes from revision N on,
+/// as newline-delimited JSON (`{"revision", "command"}`), then live. 410 `compacted` when
+/// this node no longer keeps revision N: the standby starts from a snapshot.
+pub async fn log(
+    State(node): State<Shared>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures_util::StreamExt;
+    let from = query.from_revision.max(1);
+    let (missed, feed) = {
+        let applied = node.applied.read().expect("state lock");
+        match applied.shipped_from(from) {
+            Ok(missed) => (missed, node.sm.subscribe_shipped()),
+            Err(compacted) => {
+                return crate::error::ApiError::new(
+                    axum::http::StatusCode::GONE,
+                    "compacted",
+                    format!(
+                        "revision {from} is no longer kept here; the oldest a region link can resume from is {}: start from a snapshot",
+                        compacted + 1
+                    ),
+                )
+                .with_current(serde_json::json!({ "compact_revision": compacted }))
+                .into_response();
+            }
+        }
+    };
+    let line = |write: &rampart_store::ShippedWrite| {
+        let mut line = serde_json::to_vec(write).expect("a write encodes");
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line))
+    };
+    let next = missed.last().map_or(from, |w| w.revision + 1);
+    let replay = futures_util::stream::iter(missed.into_iter().map(move |w| line(&w)));
+    let live = futures_util::stream::unfold((feed, next, false), move |(mut feed, next, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match tokio::time::timeout(LOG_KEEPALIVE, feed.recv()).await {
+                Err(_) => return Some((Ok(axum::body::Bytes::from_static(b"\n")), (feed, next, false))),
+                Ok(Ok(write)) if write.revision < next => continue,
+                Ok(Ok(write)) => return Some((line(&write), (feed, write.revision + 1, false))),
+                // Fallen behind the feed (or a snapshot replaced the state): the stream
+                // ends, and the standby resumes from its own revision.
+                Ok(Err(_)) => return None,
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(replay.chain(live)),
+    )
+        .into_response()
 }

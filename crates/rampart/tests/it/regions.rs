@@ -113,3 +113,88 @@ async fn a_region_is_reported_unreachable_after_the_timeout_and_back_when_it_ret
     let parsed: RegionsResponse = serde_json::from_str(&out).expect("json");
     assert_eq!(parsed.regions.len(), 2);
 }
+
+/// Reads newline-delimited JSON writes from `response` until `count` of them arrived
+/// (skipping keep-alive empty lines), within the deadline.
+async fn read_writes(response: &mut reqwest::Response, buffer: &mut Vec<u8>, count: usize) -> Vec<serde_json::Value> {
+    let mut writes = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while writes.len() < count {
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                if line.len() > 1 {
+                    writes.push(serde_json::from_slice(&line).expect("a JSON write"));
+                }
+            }
+            if writes.len() >= count {
+                break;
+            }
+            let chunk = response
+                .chunk()
+                .await
+                .expect("read the stream")
+                .expect("the stream goes on");
+            buffer.extend_from_slice(&chunk);
+        }
+    })
+    .await
+    .expect("the writes within the deadline");
+    writes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_region_log_replays_the_shipped_writes_then_follows_them_live() {
+    let options = ClusterOptions {
+        nodes: 1,
+        node_args: vec!["--watch-history".into(), "10".into()],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(binary(), options).await.expect("start");
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client();
+    for key in ["a", "b", "c"] {
+        client
+            .put(&format!("log/{key}"), key, rampart_client::PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let status = client.cluster().await.expect("status");
+    let url = format!("http://{}/v1/regions/log?from_revision=1", cluster.endpoints()[0]);
+    let mut response = reqwest::get(&url).await.expect("open the log");
+    assert_eq!(response.status(), 200);
+    let mut buffer = Vec::new();
+    let replayed = read_writes(&mut response, &mut buffer, status.revision as usize).await;
+    let revisions: Vec<u64> = replayed
+        .iter()
+        .map(|w| w["revision"].as_u64().expect("revision"))
+        .collect();
+    assert_eq!(
+        revisions,
+        (1..=status.revision).collect::<Vec<_>>(),
+        "every shipped revision, in order"
+    );
+    assert_eq!(
+        replayed.last().expect("a write")["command"]["op"]["Put"]["key"],
+        "log/c"
+    );
+
+    client
+        .put("log/d", "d", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    let live = read_writes(&mut response, &mut buffer, 1).await;
+    assert_eq!(live[0]["revision"].as_u64(), Some(status.revision + 1));
+    assert_eq!(live[0]["command"]["op"]["Put"]["key"], "log/d");
+
+    // Past what the node keeps (10 writes here): 410, start from a snapshot.
+    for i in 0..12 {
+        client
+            .put(&format!("log/more{i}"), "v", rampart_client::PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let gone = reqwest::get(&url).await.expect("ask again");
+    assert_eq!(gone.status(), 410);
+    let body: serde_json::Value = gone.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "compacted");
+}
