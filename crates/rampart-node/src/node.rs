@@ -126,9 +126,41 @@ impl Node {
             .map(|n| n.addr.clone())
     }
 
+    /// Whether this region is a standby: its shipped state changes only by the primary
+    /// region's writes (`Op::Replicate`), never by its own.
+    pub fn is_standby(&self) -> bool {
+        self.config.regions.primary != self.config.region
+    }
+
+    /// 503 `read_only_region`, naming the primary region and its endpoints.
+    pub fn read_only(&self) -> ApiError {
+        let regions = &self.config.regions;
+        let endpoints: Vec<String> = regions
+            .known
+            .get(&regions.primary)
+            .map(|r| r.endpoints.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default();
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "read_only_region",
+            format!(
+                "region {} is a standby and takes no writes: send them to the primary region {} ({})",
+                self.config.region,
+                regions.primary,
+                endpoints.join(",")
+            ),
+        )
+        .with_current(serde_json::json!({ "primary_region": regions.primary, "endpoints": endpoints }))
+    }
+
     /// Proposes one command and waits for it to be applied, within the request timeout.
-    /// Concurrent proposals share Raft entries (see `proposer.rs`).
+    /// Concurrent proposals share Raft entries (see `proposer.rs`). In a standby region a
+    /// write of the shipped state is refused here, the one gate every handler and
+    /// controller goes through: only the region link's `Op::Replicate` changes it.
     pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
+        if self.is_standby() && !op.is_local() && !matches!(op, Op::Replicate { .. }) {
+            return Err(self.read_only());
+        }
         let started = std::time::Instant::now();
         let command = Command { at_ms: now_ms(), op };
         let outcome = self.proposer.propose(command, self.config.request_timeout).await?;

@@ -351,6 +351,10 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
 /// that the region lacks or holds with another policy, then stops. Every node carries the
 /// same tables in practice; if they differ, the last leader's config wins.
 pub async fn register_configured(node: Shared) {
+    // A standby region's shipped state comes from the primary region alone.
+    if node.is_standby() {
+        return;
+    }
     if node.config.services.is_empty() {
         return;
     }

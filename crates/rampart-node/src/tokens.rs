@@ -134,6 +134,10 @@ pub async fn revoke(
 /// written before the token is proposed, so a crash in between can only leave a file whose
 /// token never took effect (and the next attempt overwrites it), never a token nobody has.
 pub async fn run_bootstrap(node: Shared) {
+    // A standby region's shipped state comes from the primary region alone.
+    if node.is_standby() {
+        return;
+    }
     if node.config.security() != Security::Tls {
         return;
     }

@@ -14,6 +14,10 @@ use rampart_store::Op;
 use crate::node::Shared;
 
 pub async fn run_expiry(node: Shared) {
+    // A standby region's shipped state comes from the primary region alone.
+    if node.is_standby() {
+        return;
+    }
     let mut led_term: Option<u64> = None;
     let mut tick = tokio::time::interval(node.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,7 @@
 //! The node's loops, one module each, and what they decide with (`rampart-core`) and act on.
 //! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges),
-//! `regions` (asks the other regions how they are), `prober` (probes the instances of every
+//! `regions` (asks the other regions how they are), `link` (a standby's leader follows the
+//! primary region's shipped writes), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
 //! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
 //! alone runs `rules` (adopts this build's apply rules in a region migrated from data dir
@@ -15,6 +16,7 @@ pub mod backups;
 pub mod elector;
 pub mod hooks;
 pub mod leases;
+pub mod link;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
@@ -37,6 +39,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(raft_metrics::run(node.clone())),
         tokio::spawn(rules::run(node.clone())),
         tokio::spawn(regions::run(node.clone())),
+        tokio::spawn(link::run(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),

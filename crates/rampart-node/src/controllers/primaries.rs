@@ -30,6 +30,10 @@ use crate::node::{now_ms, Shared};
 const TICK: Duration = Duration::from_millis(100);
 
 pub async fn run(node: Shared) {
+    // A standby region's shipped state comes from the primary region alone.
+    if node.is_standby() {
+        return;
+    }
     let mut tick = tokio::time::interval(TICK);
     let mut leader_since: Option<Instant> = None;
     let mut episodes: HashMap<String, Episode> = HashMap::new();

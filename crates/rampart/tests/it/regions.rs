@@ -198,3 +198,60 @@ async fn the_region_log_replays_the_shipped_writes_then_follows_them_live() {
     let body: serde_json::Value = gone.json().await.expect("json");
     assert_eq!(body["error"]["code"], "compacted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
+    let east = region(dir.path(), "east", east_addr, "west", west_addr).await;
+    let west = region(dir.path(), "west", west_addr, "east", east_addr).await;
+    let writer = std::sync::Arc::new(east.client());
+    let workload = rampart_testkit::Workload::start(writer.clone(), 4, "link/");
+    workload.wait_progress(200, DEADLINE).await;
+    let history = workload.stop().await;
+    assert!(history.acknowledged() >= 200);
+
+    let primary = east.client().cluster().await.expect("status");
+    let standby = west.client();
+    eventually(DEADLINE, "the standby at the primary's revision", || async {
+        let status = standby.cluster().await.ok()?;
+        (status.revision == primary.revision).then_some(())
+    })
+    .await;
+    let caught_up = standby.cluster().await.expect("status");
+    assert_eq!(
+        caught_up.checksum, primary.checksum,
+        "the standby's shipped state is the primary's"
+    );
+
+    // Every revision of the primary, in order, no gap and no repeat: the standby's own log.
+    let url = format!("http://{west_addr}/v1/regions/log?from_revision=1");
+    let mut response = reqwest::get(&url).await.expect("the standby's log");
+    let mut buffer = Vec::new();
+    let writes = read_writes(&mut response, &mut buffer, primary.revision as usize).await;
+    let revisions: Vec<u64> = writes
+        .iter()
+        .map(|w| w["revision"].as_u64().expect("revision"))
+        .collect();
+    assert_eq!(revisions, (1..=primary.revision).collect::<Vec<_>>());
+
+    // Its reads hold every write the primary acknowledged; its writes are refused, naming
+    // the primary.
+    let state = rampart_testkit::final_state(&standby, "link/").await;
+    let lost = history.lost_acknowledged_writes(&state);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes missing on the standby",
+        lost.len()
+    );
+    match standby
+        .put("link/mine", "no", rampart_client::PutOptions::default())
+        .await
+    {
+        Err(e) => {
+            assert_eq!(e.code(), Some("read_only_region"), "{e}");
+            assert!(e.to_string().contains("primary region east"), "{e}");
+        }
+        Ok(_) => panic!("a standby took a write"),
+    }
+}
