@@ -175,6 +175,18 @@ pub struct RegionStatus {
     pub checksum: Option<String>,
     /// Its leader when it last answered.
     pub leader: Option<u64>,
+    /// How far a standby is behind the primary, where the answering node can tell: a
+    /// primary region's node for each standby; a standby's node for itself (revisions only).
+    /// Revisions: the primary's shipped revision minus the standby's last reported one.
+    #[serde(default)]
+    pub lag_revisions: Option<u64>,
+    /// The bytes of those writes (their approximate size).
+    #[serde(default)]
+    pub lag_bytes: Option<u64>,
+    /// The age, on the primary's clock, of the oldest shipped write the standby had not
+    /// applied when it last answered (0 when caught up): no two clocks compared.
+    #[serde(default)]
+    pub lag_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

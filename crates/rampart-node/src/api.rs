@@ -87,6 +87,7 @@ pub fn router(node: Shared) -> Router {
         )
         .route("/health/ready", get(ready))
         .route("/health/ha", get(services::health_ha))
+        .route("/health/regions", get(regions::health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no_route", "no such API path; see docs/api/openapi.yaml") })
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::to_leader))
@@ -614,5 +615,6 @@ async fn metrics(State(node): State<Shared>) -> Response {
         node.metrics.revision.set(applied.state.revision() as i64);
         node.metrics.set_instances(&applied.state);
     }
+    node.metrics.set_regions(&regions::view(&node));
     ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }

@@ -29,6 +29,11 @@ pub struct InstanceLabels {
     pub instance: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    pub region: String,
+}
+
 /// Backups and their verification (`[backup]`).
 #[derive(Default)]
 pub struct BackupMetrics {
@@ -89,6 +94,10 @@ pub struct Metrics {
     pub instance_primary: Family<InstanceLabels, Gauge>,
     /// Promotions per service, from the replicated state (so every node shows the same).
     pub primary_changes: Family<ServiceLabels, Gauge>,
+    /// Per other region, as this node last saw it (set when scraped).
+    pub region_reachable: Family<RegionLabels, Gauge>,
+    pub region_lag_revisions: Family<RegionLabels, Gauge>,
+    pub region_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Leader-observed: from a primary's down verdict to its replacement's promotion.
     pub failover_seconds: Histogram,
     pub alerts_sent: Counter,
@@ -136,6 +145,24 @@ impl Metrics {
         let instance_health = Family::<InstanceLabels, Gauge>::default();
         let instance_primary = Family::<InstanceLabels, Gauge>::default();
         let primary_changes = Family::<ServiceLabels, Gauge>::default();
+        let region_reachable = Family::<RegionLabels, Gauge>::default();
+        let region_lag_revisions = Family::<RegionLabels, Gauge>::default();
+        let region_lag_seconds = Family::<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "region_reachable",
+            "1 if the region answered this node within regions.region_timeout",
+            region_reachable.clone(),
+        );
+        registry.register(
+            "region_lag_revisions",
+            "Shipped revisions a standby region is behind the primary (seen from a primary region's node: each standby; from a standby's: itself)",
+            region_lag_revisions.clone(),
+        );
+        registry.register(
+            "region_lag_seconds",
+            "Age on the primary's clock of the oldest shipped write a standby has not applied (seen from a primary region's node)",
+            region_lag_seconds.clone(),
+        );
         // 100 ms to ~100 s.
         let failover_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 11));
         registry.register(
@@ -244,6 +271,9 @@ impl Metrics {
             instance_health,
             instance_primary,
             primary_changes,
+            region_reachable,
+            region_lag_revisions,
+            region_lag_seconds,
             failover_seconds,
             alerts_sent,
             alerts_failed,
@@ -290,6 +320,29 @@ impl Metrics {
                 self.instance_health.get_or_create(&labels).set(health);
                 let primary = service.primary.as_deref() == Some(id.as_str());
                 self.instance_primary.get_or_create(&labels).set(i64::from(primary));
+            }
+        }
+    }
+
+    /// Sets the region gauges from the region view (at scrape time).
+    pub fn set_regions(&self, view: &rampart_core::api::RegionsResponse) {
+        self.region_reachable.clear();
+        self.region_lag_revisions.clear();
+        self.region_lag_seconds.clear();
+        for region in &view.regions {
+            let labels = RegionLabels {
+                region: region.name.clone(),
+            };
+            if !region.this_region {
+                self.region_reachable
+                    .get_or_create(&labels)
+                    .set(i64::from(region.reachable));
+            }
+            if let Some(lag) = region.lag_revisions {
+                self.region_lag_revisions.get_or_create(&labels).set(lag as i64);
+            }
+            if let Some(ms) = region.lag_ms {
+                self.region_lag_seconds.get_or_create(&labels).set(ms as f64 / 1000.0);
             }
         }
     }

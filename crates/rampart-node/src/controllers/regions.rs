@@ -112,6 +112,11 @@ async fn report(node: &Shared, name: &str, reach: Reach, timeout: Duration) {
 
 /// `GET /v1/regions`: this region, then each other one as this node last heard it.
 pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
+    Json(view(&node))
+}
+
+/// The regions as this node sees them, with the lag it can tell (see `RegionStatus`).
+pub fn view(node: &Shared) -> RegionsResponse {
     let regions = &node.config.regions;
     let role = |name: &str, witness: bool| {
         if witness {
@@ -122,33 +127,36 @@ pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
             "standby"
         }
     };
-    let own = {
-        let applied = node.applied.read().expect("state lock");
-        RegionStatus {
-            name: node.config.region.clone(),
-            role: role(&node.config.region, false).into(),
-            epoch: 1,
-            this_region: true,
-            endpoints: applied
-                .membership
-                .membership()
-                .nodes()
-                .map(|(_, member)| member.addr.clone())
-                .collect(),
-            reachable: true,
-            last_contact_ms: Some(now_ms()),
-            revision: Some(applied.state.revision()),
-            checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
-            leader: node.known_leader(),
-        }
-    };
     let timeout = Duration::from_millis(regions.region_timeout_ms);
-    let seen = node.regions.lock().expect("regions lock");
+    let seen = node.regions.lock().expect("regions lock").clone();
+    let applied = node.applied.read().expect("state lock");
+    let own_revision = applied.state.revision();
     let now = Instant::now();
-    let others = regions.known.iter().map(|(name, region)| {
+    let mut own = RegionStatus {
+        name: node.config.region.clone(),
+        role: role(&node.config.region, false).into(),
+        epoch: 1,
+        this_region: true,
+        endpoints: applied
+            .membership
+            .membership()
+            .nodes()
+            .map(|(_, member)| member.addr.clone())
+            .collect(),
+        reachable: true,
+        last_contact_ms: Some(now_ms()),
+        revision: Some(own_revision),
+        checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
+        leader: node.known_leader(),
+        lag_revisions: None,
+        lag_bytes: None,
+        lag_ms: None,
+    };
+    let mut others = Vec::new();
+    for (name, region) in &regions.known {
         let seen = seen.get(name);
         let status = seen.and_then(|s| s.status.as_ref());
-        RegionStatus {
+        let mut entry = RegionStatus {
             name: name.clone(),
             role: role(name, region.witness).into(),
             epoch: 1,
@@ -159,13 +167,64 @@ pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
             revision: status.map(|s| s.revision),
             checksum: status.map(|s| s.checksum.clone()),
             leader: status.and_then(|s| s.leader),
+            lag_revisions: None,
+            lag_bytes: None,
+            lag_ms: None,
+        };
+        match status {
+            // This region is the primary: each standby's lag, from the writes kept here.
+            Some(status) if !node.is_standby() && !region.witness => {
+                let behind = own_revision.saturating_sub(status.revision);
+                entry.lag_revisions = Some(behind);
+                if behind == 0 {
+                    (entry.lag_bytes, entry.lag_ms) = (Some(0), Some(0));
+                } else if let Ok(unapplied) = applied.shipped_from(status.revision + 1) {
+                    let bytes = unapplied.iter().map(|w| w.command.op.approx_bytes() as u64).sum();
+                    entry.lag_bytes = Some(bytes);
+                    entry.lag_ms = unapplied.first().map(|w| now_ms().saturating_sub(w.command.at_ms));
+                }
+            }
+            // This region is a standby: its own distance from the primary's last revision.
+            Some(status) if node.is_standby() && *name == regions.primary => {
+                own.lag_revisions = Some(status.revision.saturating_sub(own_revision));
+            }
+            _ => {}
         }
-    });
-    Json(RegionsResponse {
+        others.push(entry);
+    }
+    RegionsResponse {
         region: node.config.region.clone(),
         primary: regions.primary.clone(),
         regions: std::iter::once(own).chain(others).collect(),
-    })
+    }
+}
+
+/// `/health/regions`: 200 when every other region answers and no standby is further behind
+/// than `regions.max_lag`, as this node sees them; else 503 with each problem.
+pub async fn health(State(node): State<Shared>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let view = view(&node);
+    let max_lag_ms = node.config.regions.max_lag_ms;
+    let mut problems = Vec::new();
+    for region in view.regions.iter().filter(|r| !r.this_region) {
+        if !region.reachable {
+            problems.push(format!("{}: unreachable", region.name));
+        }
+        if let Some(ms) = region.lag_ms.filter(|ms| *ms > max_lag_ms) {
+            problems.push(format!(
+                "{}: {ms}ms behind (regions.max_lag {max_lag_ms}ms)",
+                region.name
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "status": "degraded", "problems": problems })),
+    )
+        .into_response()
 }
 
 /// Longest a region log stream stays silent: then it sends an empty line, so a standby

@@ -204,7 +204,7 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
     let east = region(dir.path(), "east", east_addr, "west", west_addr).await;
-    let west = region(dir.path(), "west", west_addr, "east", east_addr).await;
+    let mut west = region(dir.path(), "west", west_addr, "east", east_addr).await;
     let writer = std::sync::Arc::new(east.client());
     let workload = rampart_testkit::Workload::start(writer.clone(), 4, "link/");
     workload.wait_progress(200, DEADLINE).await;
@@ -254,4 +254,59 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         }
         Ok(_) => panic!("a standby took a write"),
     }
+
+    // Lag, seen from the primary: none once caught up, and /health/regions says so.
+    let primary_view = east.client();
+    let west_seen = |regions: RegionsResponse| other(&regions).clone();
+    eventually(DEADLINE, "the primary to see the standby caught up", || async {
+        let west = west_seen(primary_view.regions().await.ok()?);
+        (west.lag_revisions == Some(0) && west.lag_ms == Some(0)).then_some(())
+    })
+    .await;
+    let health = format!("http://{east_addr}/health/regions");
+    assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
+
+    // The standby's node is killed; the primary goes on writing: the lag grows, in
+    // revisions, bytes and ms, and the region is unhealthy.
+    west.kill(1);
+    for i in 0..5 {
+        writer
+            .put(&format!("link/later{i}"), "v", rampart_client::PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let lagging = eventually(DEADLINE, "the primary to see the standby behind and gone", || async {
+        let west = west_seen(primary_view.regions().await.ok()?);
+        (!west.reachable && west.lag_revisions >= Some(5) && west.lag_ms > Some(0)).then_some(west)
+    })
+    .await;
+    assert!(lagging.lag_bytes > Some(0), "{lagging:?}");
+    let answer = reqwest::get(&health).await.expect("health");
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert!(body["problems"].to_string().contains("west: unreachable"), "{body}");
+
+    // Back: the link resumes from the standby's own revision and catches up.
+    west.restart(1).expect("restart the standby");
+    let revision = east.client().cluster().await.expect("status").revision;
+    eventually(DEADLINE, "the standby caught up again", || async {
+        let west = west_seen(primary_view.regions().await.ok()?);
+        (west.reachable && west.lag_revisions == Some(0) && west.revision == Some(revision)).then_some(())
+    })
+    .await;
+    assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
+    let metrics = reqwest::get(format!("http://{east_addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("rampart_region_lag_revisions{region=\"west\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rampart_region_reachable{region=\"west\"} 1"),
+        "{metrics}"
+    );
 }
