@@ -252,6 +252,14 @@ impl<T: Copy + Ord + std::ops::Sub<Output = std::time::Duration>> Contact<T> {
     }
 }
 
+/// Whether a standby's lag crossed `max_lag_ms` since it was last judged (`was_over`):
+/// `Some(true)` when it went over, `Some(false)` when it came back under, else `None`. An
+/// unknown lag changes nothing.
+pub fn lag_crossed(was_over: bool, lag_ms: Option<u64>, max_lag_ms: u64) -> Option<bool> {
+    let over = lag_ms? > max_lag_ms;
+    (over != was_over).then_some(over)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +328,20 @@ mod tests {
         assert_eq!(contact.answered(at(2200)), None);
         assert_eq!(contact.last_answer(), Some(at(2200)));
         assert!(contact.reachable(at(2600), timeout));
+    }
+
+    #[test]
+    fn a_lag_is_reported_when_it_crosses_max_lag_either_way() {
+        assert_eq!(
+            lag_crossed(false, Some(1_000), 1_000),
+            None,
+            "at the bound is within it"
+        );
+        assert_eq!(lag_crossed(false, Some(1_001), 1_000), Some(true));
+        assert_eq!(lag_crossed(true, Some(5_000), 1_000), None, "said once");
+        assert_eq!(lag_crossed(true, None, 1_000), None, "unknown changes nothing");
+        assert_eq!(lag_crossed(true, Some(0), 1_000), Some(false));
+        assert_eq!(lag_crossed(false, Some(0), 1_000), None);
     }
 
     #[test]

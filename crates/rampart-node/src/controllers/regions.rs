@@ -29,6 +29,8 @@ pub async fn run(node: Shared) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The endpoint of each region to ask first: the one that answered last.
     let mut first = vec![0usize; regions.known.len()];
+    // Standbys this (primary region's) node has seen past `max_lag`.
+    let mut over: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
     loop {
         tick.tick().await;
         let asks = regions
@@ -60,6 +62,60 @@ pub async fn run(node: Shared) {
                 report(&node, name, reach, timeout).await;
             }
         }
+        if !node.is_standby() {
+            for standby in view(&node).regions.into_iter().filter(|r| !r.this_region) {
+                let was_over = over.get(&standby.name).copied().unwrap_or(false);
+                let Some(now_over) = rampart_core::region::lag_crossed(was_over, standby.lag_ms, regions.max_lag_ms)
+                else {
+                    continue;
+                };
+                over.insert(standby.name.clone(), now_over);
+                report_lag(&node, &standby, now_over, regions.max_lag_ms).await;
+            }
+        }
+    }
+}
+
+/// The leader records a standby passing `max_lag` or coming back under it.
+async fn report_lag(node: &Shared, standby: &RegionStatus, over: bool, max_lag_ms: u64) {
+    let lag_ms = standby.lag_ms.unwrap_or(0);
+    let (action, outcome, detail) = if over {
+        (
+            "region.lagging",
+            "lagging",
+            format!(
+                "{}: {lag_ms}ms behind (regions.max_lag {max_lag_ms}ms), {} revisions",
+                standby.name,
+                standby.lag_revisions.unwrap_or(0)
+            ),
+        )
+    } else {
+        (
+            "region.caught_up",
+            "ok",
+            format!(
+                "{}: {lag_ms}ms behind, within regions.max_lag {max_lag_ms}ms",
+                standby.name
+            ),
+        )
+    };
+    tracing::warn!(region = %standby.name, action, "{detail}");
+    if node.known_leader() != Some(node.id) {
+        return;
+    }
+    crate::events::record(node, region_event(node, action, outcome, detail)).await;
+}
+
+fn region_event(node: &Shared, action: &str, outcome: &str, detail: String) -> Event {
+    Event {
+        id: 0,
+        at_ms: 0,
+        kind: "region".into(),
+        action: action.into(),
+        actor: format!("node {}", node.id),
+        source: node.config.region.clone(),
+        outcome: outcome.into(),
+        detail,
     }
 }
 
@@ -97,17 +153,7 @@ async fn report(node: &Shared, name: &str, reach: Reach, timeout: Duration) {
     if node.known_leader() != Some(node.id) {
         return;
     }
-    let event = Event {
-        id: 0,
-        at_ms: 0,
-        kind: "region".into(),
-        action: action.into(),
-        actor: format!("node {}", node.id),
-        source: node.config.region.clone(),
-        outcome: outcome.into(),
-        detail,
-    };
-    crate::events::record(node, event).await;
+    crate::events::record(node, region_event(node, action, outcome, detail)).await;
 }
 
 /// `GET /v1/regions`: this region, then each other one as this node last heard it.

@@ -19,7 +19,7 @@ async fn region(
 ) -> Cluster {
     let config = dir.join(format!("{name}.toml"));
     let text = format!(
-        "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\n\
+        "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\nmax_lag = \"1s\"\n\
          [regions.known.{other}]\nendpoints = [\"{other_addr}\"]\n"
     );
     std::fs::write(&config, text).expect("config");
@@ -285,6 +285,22 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     assert_eq!(answer.status(), 503);
     let body: serde_json::Value = answer.json().await.expect("json");
     assert!(body["problems"].to_string().contains("west: unreachable"), "{body}");
+    let events = |action: &'static str| {
+        let client = &primary_view;
+        async move {
+            let events = client.events(Some("region"), None).await.ok()?;
+            events.events.into_iter().find(|e| e.action == action)
+        }
+    };
+    let lagging = eventually(DEADLINE, "a region.lagging event past max_lag", || {
+        events("region.lagging")
+    })
+    .await;
+    assert!(
+        lagging.detail.contains("west: ") && lagging.detail.contains("regions.max_lag 1000ms"),
+        "{}",
+        lagging.detail
+    );
 
     // Back: the link resumes from the standby's own revision and catches up.
     west.restart(1).expect("restart the standby");
@@ -295,6 +311,7 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     })
     .await;
     assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
+    eventually(DEADLINE, "a region.caught_up event", || events("region.caught_up")).await;
     let metrics = reqwest::get(format!("http://{east_addr}/metrics"))
         .await
         .expect("metrics")
