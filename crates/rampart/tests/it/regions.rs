@@ -1,6 +1,9 @@
-//! Regions as a node sees them (`GET /v1/regions`, `rampart regions`): two one-node regions
-//! that know each other; one is SIGKILLed, the other reports it unreachable after
-//! `regions.region_timeout` with an event, and reachable again, with another, when it is back.
+//! Regions and the link between them, on real processes: how a node sees the other
+//! regions (`GET /v1/regions`, `rampart regions`, unreachable after `region_timeout` and
+//! back, with events); the region log; a standby that follows the primary under writes
+//! (revisions, checksum, the history checker), refuses its own writes, lags and catches up
+//! when killed and restarted; and a link that goes on when either region's leader is
+//! killed mid-stream.
 
 use std::path::Path;
 
@@ -9,23 +12,26 @@ use rampart_testkit::{eventually, free_port, Cluster, ClusterOptions};
 
 use crate::{binary, DEADLINE};
 
-/// A one-node region `name` at `addr` that knows region `other` at `other_addr`.
+/// A region `name` of one node per address in `addrs` that knows region `other` at
+/// `other_addrs`; "east" is the primary.
 async fn region(
     dir: &Path,
     name: &str,
-    addr: std::net::SocketAddr,
+    addrs: &[std::net::SocketAddr],
     other: &str,
-    other_addr: std::net::SocketAddr,
+    other_addrs: &[std::net::SocketAddr],
 ) -> Cluster {
     let config = dir.join(format!("{name}.toml"));
+    let endpoints: Vec<String> = other_addrs.iter().map(|a| format!("\"{a}\"")).collect();
     let text = format!(
         "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\nmax_lag = \"1s\"\n\
-         [regions.known.{other}]\nendpoints = [\"{other_addr}\"]\n"
+         [regions.known.{other}]\nendpoints = [{}]\n",
+        endpoints.join(", ")
     );
     std::fs::write(&config, text).expect("config");
     let options = ClusterOptions {
-        nodes: 1,
-        addresses: vec![addr],
+        nodes: addrs.len(),
+        addresses: addrs.to_vec(),
         node_args: vec![
             "--region".into(),
             name.into(),
@@ -51,8 +57,8 @@ fn other(regions: &RegionsResponse) -> &RegionStatus {
 async fn a_region_is_reported_unreachable_after_the_timeout_and_back_when_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
-    let mut east = region(dir.path(), "east", east_addr, "west", west_addr).await;
-    let west = region(dir.path(), "west", west_addr, "east", east_addr).await;
+    let mut east = region(dir.path(), "east", &[east_addr], "west", &[west_addr]).await;
+    let west = region(dir.path(), "west", &[west_addr], "east", &[east_addr]).await;
     east.client()
         .put("regions/k", "v", rampart_client::PutOptions::default())
         .await
@@ -203,8 +209,8 @@ async fn the_region_log_replays_the_shipped_writes_then_follows_them_live() {
 async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
-    let east = region(dir.path(), "east", east_addr, "west", west_addr).await;
-    let mut west = region(dir.path(), "west", west_addr, "east", east_addr).await;
+    let east = region(dir.path(), "east", &[east_addr], "west", &[west_addr]).await;
+    let mut west = region(dir.path(), "west", &[west_addr], "east", &[east_addr]).await;
     let writer = std::sync::Arc::new(east.client());
     let workload = rampart_testkit::Workload::start(writer.clone(), 4, "link/");
     workload.wait_progress(200, DEADLINE).await;
@@ -326,4 +332,62 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         metrics.contains("rampart_region_reachable{region=\"west\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_link_goes_on_when_either_regions_leader_is_killed_mid_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = |n| (0..n).map(|_| free_port().expect("port")).collect::<Vec<_>>();
+    let (east_addrs, west_addrs) = (ports(3), ports(3));
+    let mut east = region(dir.path(), "east", &east_addrs, "west", &west_addrs).await;
+    let mut west = region(dir.path(), "west", &west_addrs, "east", &east_addrs).await;
+    let standby = west.client();
+    let workload = rampart_testkit::Workload::start(std::sync::Arc::new(east.client()), 4, "mid/");
+    workload.wait_progress(100, DEADLINE).await;
+    eventually(DEADLINE, "the standby to follow", || async {
+        let status = standby.cluster().await.ok()?;
+        (status.revision > 0).then_some(())
+    })
+    .await;
+
+    // The primary region's leader dies mid-stream; then the standby region's.
+    let leader = east.wait_for_leader(DEADLINE).await;
+    east.kill(leader);
+    workload.wait_progress(100, DEADLINE).await;
+    let leader = west.wait_for_leader(DEADLINE).await;
+    west.kill(leader);
+    workload.wait_progress(100, DEADLINE).await;
+    let history = workload.stop().await;
+
+    let (revision, checksum) = east.wait_converged(DEADLINE).await;
+    eventually(DEADLINE, "the standby at the primary's revision", || async {
+        let status = standby.cluster().await.ok()?;
+        (status.revision == revision).then_some(())
+    })
+    .await;
+    assert_eq!(standby.cluster().await.expect("status").checksum, checksum);
+    let state = rampart_testkit::final_state(&standby, "mid/").await;
+    let lost = history.lost_acknowledged_writes(&state);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes missing on the standby",
+        lost.len()
+    );
+
+    // No gap, no repeat: a surviving standby node's own log holds every revision once.
+    let survivor = west
+        .nodes
+        .values()
+        .find(|n| n.is_running())
+        .map(|n| n.addr)
+        .expect("a running standby node");
+    let url = format!("http://{survivor}/v1/regions/log?from_revision=1");
+    let mut response = reqwest::get(&url).await.expect("the standby's log");
+    let mut buffer = Vec::new();
+    let writes = read_writes(&mut response, &mut buffer, revision as usize).await;
+    let revisions: Vec<u64> = writes
+        .iter()
+        .map(|w| w["revision"].as_u64().expect("revision"))
+        .collect();
+    assert_eq!(revisions, (1..=revision).collect::<Vec<_>>());
 }
