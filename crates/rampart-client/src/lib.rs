@@ -3,7 +3,10 @@
 //!
 //! It tries each endpoint in turn, follows the region through leader changes, and retries
 //! within a deadline only what is safe to retry: calls that are idempotent, and any call
-//! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused).
+//! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused,
+//! and `read_only_region` from a standby region: given endpoints of several regions, a
+//! write goes on to the next endpoint until the primary region takes it, and later calls
+//! start there; if every endpoint is a standby's, the refusal is returned at once).
 //! A write whose outcome is unknown (`timeout`, `leadership_lost`, `outcome_unknown`) is
 //! reported, never repeated, even a compare-and-set or a put of the same value: if the first
 //! attempt was committed, a repeated compare-and-set would answer `revision_mismatch` about
@@ -109,8 +112,10 @@ fn outcome_unknown(code: &str) -> bool {
 }
 
 /// Codes that mean the cluster did not apply the request and a retry is safe.
+/// `read_only_region`: a standby region refused it; with endpoints of several regions the
+/// client goes on to the next, so writes find the primary region by themselves.
 fn retryable(code: &str) -> bool {
-    matches!(code, "no_leader" | "not_leader")
+    matches!(code, "no_leader" | "not_leader" | "read_only_region")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -203,6 +208,8 @@ impl Client {
         let mut backoff = Duration::from_millis(5);
         let mut last_error = String::from("not tried");
         let mut attempt = 0usize;
+        // Refusals by standby regions: once every endpoint refused, no retry will help.
+        let mut read_only = 0usize;
         loop {
             let index = (self.preferred.load(Ordering::Relaxed) + attempt) % self.endpoints.len();
             attempt += 1;
@@ -238,6 +245,12 @@ impl Client {
                             .map_err(|e| ClientError::Unknown(format!("{url}: undecodable answer: {e}")));
                     }
                     let error = decode_error(status, &bytes);
+                    if matches!(&error, ClientError::Api { code, .. } if code == "read_only_region") {
+                        read_only += 1;
+                        if read_only >= self.endpoints.len() {
+                            return Err(error);
+                        }
+                    }
                     match &error {
                         ClientError::Api { code, .. } if retryable(code) => last_error = format!("{url}: {error}"),
                         ClientError::Api { code, .. } if outcome_unknown(code) && retry == Retry::Idempotent => {

@@ -260,6 +260,13 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         }
         Ok(_) => panic!("a standby took a write"),
     }
+    // A client given both regions' endpoints, the standby's first, gets its write done.
+    let both = rampart_client::Client::new(&[west_addr.to_string(), east_addr.to_string()]).expect("client");
+    both.put("link/both", "yes", rampart_client::PutOptions::default())
+        .await
+        .expect("the write finds the primary region");
+    let landed = east.client().get_key("link/both", false).await.expect("get");
+    assert_eq!(landed.map(|kv| kv.value), Some("yes".to_string()));
 
     // Lag, seen from the primary: none once caught up, and /health/regions says so.
     let primary_view = east.client();
