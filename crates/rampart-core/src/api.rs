@@ -187,6 +187,15 @@ pub struct RegionStatus {
     /// applied when it last answered (0 when caught up): no two clocks compared.
     #[serde(default)]
     pub lag_ms: Option<u64>,
+    /// On a standby's own entry: whether its shipped checksum equalled the primary's at
+    /// `verified_revision` when last verified (`false`: its reads are suspect).
+    #[serde(default)]
+    pub checksum_match: Option<bool>,
+    #[serde(default)]
+    pub verified_revision: Option<u64>,
+    /// When it was last verified, ms since the epoch on the answering node's clock.
+    #[serde(default)]
+    pub verified_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -221,6 +221,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         log: log_reader,
         switchovers: Mutex::new(std::collections::BTreeSet::new()),
         regions: Mutex::new(std::collections::BTreeMap::new()),
+        verified: Mutex::new(None),
         alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub region_reachable: Family<RegionLabels, Gauge>,
     pub region_lag_revisions: Family<RegionLabels, Gauge>,
     pub region_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// A standby's verifications that found its shipped checksum differing from the primary's.
+    pub region_checksum_mismatches: Family<RegionLabels, Counter>,
     /// Leader-observed: from a primary's down verdict to its replacement's promotion.
     pub failover_seconds: Histogram,
     pub alerts_sent: Counter,
@@ -148,6 +150,12 @@ impl Metrics {
         let region_reachable = Family::<RegionLabels, Gauge>::default();
         let region_lag_revisions = Family::<RegionLabels, Gauge>::default();
         let region_lag_seconds = Family::<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let region_checksum_mismatches = Family::<RegionLabels, Counter>::default();
+        registry.register(
+            "region_checksum_mismatches",
+            "Verifications in which this standby's shipped checksum differed from the primary region's at the same revision",
+            region_checksum_mismatches.clone(),
+        );
         registry.register(
             "region_reachable",
             "1 if the region answered this node within regions.region_timeout",
@@ -274,6 +282,7 @@ impl Metrics {
             region_reachable,
             region_lag_revisions,
             region_lag_seconds,
+            region_checksum_mismatches,
             failover_seconds,
             alerts_sent,
             alerts_failed,

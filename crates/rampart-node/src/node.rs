@@ -53,6 +53,8 @@ pub struct Node {
     pub log: rampart_store::LogStore,
     /// What this node last heard from each other region, by name.
     pub regions: Mutex<std::collections::BTreeMap<String, crate::soft::RegionSeen>>,
+    /// A standby's last checksum comparison with the primary region.
+    pub verified: Mutex<Option<crate::soft::Verified>>,
 }
 
 pub type Shared = Arc<Node>;

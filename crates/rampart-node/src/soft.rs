@@ -132,3 +132,15 @@ pub struct RegionSeen {
     /// Its last answer to `GET /v1/cluster`.
     pub status: Option<rampart_core::api::ClusterStatus>,
 }
+
+/// A standby's last comparison of its shipped checksum with the primary region's at the
+/// same revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub revision: u64,
+    /// When it was made, ms since the epoch.
+    pub at_ms: u64,
+    pub matched: bool,
+    pub primary_checksum: String,
+    pub own_checksum: String,
+}

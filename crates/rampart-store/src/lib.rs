@@ -24,7 +24,7 @@ pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use local::{Local, Verdict};
 pub use log_store::{stamp_format_version, LogStore, OpenError, FORMAT_VERSION};
 pub use shipped::{Shipped, RULES};
-pub use state::{check_encoded, checksum_text, Checksum, State};
+pub use state::{check_encoded, checksum_text, shipped_checksum, Checksum, State};
 pub use state_machine::{restored_snapshot_head, Applied, ShippedWrite, StateMachineStore};
 
 openraft::declare_raft_types!(

@@ -117,6 +117,11 @@ impl State {
     }
 }
 
+/// [`State::checksum`] of a copy of the shipped part alone (a standby's verification).
+pub fn shipped_checksum(shipped: &Shipped) -> u64 {
+    checksum_of(shipped)
+}
+
 /// XXH3-64 over the canonical encoding of `part`: equal parts have equal checksums.
 /// Hashed as it is encoded: never a second copy of the state in memory.
 fn checksum_of(part: &impl Serialize) -> u64 {

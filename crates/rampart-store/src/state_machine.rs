@@ -81,6 +81,11 @@ pub struct Applied {
     /// Shipped writes at or below this revision are no longer in `shipped`.
     pub shipped_compacted: u64,
     shipped_bytes: usize,
+    /// A standby's verification asks for its shipped state at this revision (ahead of it).
+    pub capture_at: Option<u64>,
+    /// The shipped state when it reached `capture_at` (a copy: O(1) for the keys), for the
+    /// verification to checksum outside the lock.
+    pub captured: Option<Arc<crate::shipped::Shipped>>,
 }
 
 impl Applied {
@@ -403,6 +408,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         }
                         answers.push(outcome);
                         let revision = applied.state.revision();
+                        if applied.capture_at == Some(revision) {
+                            applied.captured = Some(Arc::new(applied.state.shipped.clone()));
+                            applied.capture_at = None;
+                        }
                         if revision != before {
                             // What moved the shipped revision, as a standby replays it.
                             let command = match command.op {

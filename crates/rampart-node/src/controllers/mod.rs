@@ -40,6 +40,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(rules::run(node.clone())),
         tokio::spawn(regions::run(node.clone())),
         tokio::spawn(link::run(node.clone())),
+        tokio::spawn(regions::run_verify(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),
         tokio::spawn(prober::run(node.clone())),
         tokio::spawn(verdicts::run(node.clone())),

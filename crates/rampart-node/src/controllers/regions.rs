@@ -197,7 +197,17 @@ pub fn view(node: &Shared) -> RegionsResponse {
         lag_revisions: None,
         lag_bytes: None,
         lag_ms: None,
+        checksum_match: None,
+        verified_revision: None,
+        verified_ms: None,
     };
+    drop(applied);
+    if let Some(verified) = node.verified.lock().expect("verified lock").as_ref() {
+        own.checksum_match = Some(verified.matched);
+        own.verified_revision = Some(verified.revision);
+        own.verified_ms = Some(verified.at_ms);
+    }
+    let applied = node.applied.read().expect("state lock");
     let mut others = Vec::new();
     for (name, region) in &regions.known {
         let seen = seen.get(name);
@@ -216,6 +226,9 @@ pub fn view(node: &Shared) -> RegionsResponse {
             lag_revisions: None,
             lag_bytes: None,
             lag_ms: None,
+            checksum_match: None,
+            verified_revision: None,
+            verified_ms: None,
         };
         match status {
             // This region is the primary: each standby's lag, from the writes kept here.
@@ -252,6 +265,14 @@ pub async fn health(State(node): State<Shared>) -> axum::response::Response {
     let view = view(&node);
     let max_lag_ms = node.config.regions.max_lag_ms;
     let mut problems = Vec::new();
+    let own = &view.regions[0];
+    if own.checksum_match == Some(false) {
+        problems.push(format!(
+            "{}: shipped checksum differs from the primary region's at revision {}: its reads are suspect",
+            own.name,
+            own.verified_revision.unwrap_or(0)
+        ));
+    }
     for region in view.regions.iter().filter(|r| !r.this_region) {
         if !region.reachable {
             problems.push(format!("{}: unreachable", region.name));
@@ -338,4 +359,97 @@ pub async fn log(
         axum::body::Body::from_stream(replay.chain(live)),
     )
         .into_response()
+}
+
+/// Consistency verification, standby side: every `regions.verify_interval` the standby's
+/// leader takes the primary region's last reported revision and checksum, and compares them
+/// with its own shipped checksum at that same revision (now if it is there, else when it
+/// applies it: the state machine keeps a copy of the shipped part at that revision).
+pub async fn run_verify(node: Shared) {
+    let regions = node.config.regions.clone();
+    if !node.is_standby() || !regions.known.contains_key(&regions.primary) {
+        return;
+    }
+    let interval = Duration::from_millis(regions.verify_interval_ms);
+    let retry = Duration::from_millis(regions.health_check_interval_ms);
+    loop {
+        tokio::time::sleep(interval).await;
+        // Within the interval: a primary ahead of this standby's last poll is asked again.
+        let deadline = Instant::now() + interval;
+        while Instant::now() < deadline {
+            if node.known_leader() != Some(node.id) {
+                break;
+            }
+            if let Some(verified) = verify_once(&node, &regions.primary, deadline).await {
+                record_verification(&node, &regions.primary, verified).await;
+                break;
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+}
+
+async fn verify_once(node: &Shared, primary: &str, deadline: Instant) -> Option<crate::soft::Verified> {
+    let (revision, primary_checksum) = {
+        let seen = node.regions.lock().expect("regions lock");
+        let status = seen.get(primary)?.status.as_ref()?;
+        (status.revision, status.checksum.clone())
+    };
+    let shipped = {
+        let mut applied = node.applied.write().expect("state lock");
+        let own = applied.state.revision();
+        if own > revision {
+            // The primary's figure is older than this standby: ask again.
+            return None;
+        }
+        if own == revision {
+            Some(std::sync::Arc::new(applied.state.shipped.clone()))
+        } else {
+            applied.captured = None;
+            applied.capture_at = Some(revision);
+            None
+        }
+    };
+    let shipped = match shipped {
+        Some(shipped) => shipped,
+        None => loop {
+            if let Some(captured) = node.applied.write().expect("state lock").captured.take() {
+                break captured;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        },
+    };
+    let own = tokio::task::spawn_blocking(move || rampart_store::shipped_checksum(&shipped))
+        .await
+        .ok()?;
+    let own_checksum = rampart_store::checksum_text(own);
+    Some(crate::soft::Verified {
+        revision,
+        at_ms: now_ms(),
+        matched: own_checksum == primary_checksum,
+        primary_checksum,
+        own_checksum,
+    })
+}
+
+/// Keeps the verification; a new mismatch is an event (which alerts) and a metric.
+async fn record_verification(node: &Shared, primary: &str, verified: crate::soft::Verified) {
+    let was = node.verified.lock().expect("verified lock").replace(verified.clone());
+    if verified.matched || was.is_some_and(|w| !w.matched) {
+        return;
+    }
+    let labels = crate::metrics::RegionLabels {
+        region: node.config.region.clone(),
+    };
+    node.metrics.region_checksum_mismatches.get_or_create(&labels).inc();
+    let detail = format!(
+        "at revision {}: this standby's shipped checksum {} differs from primary region {primary}'s {}: its reads are suspect",
+        verified.revision, verified.own_checksum, verified.primary_checksum
+    );
+    tracing::error!(revision = verified.revision, "{detail}");
+    let event = region_event(node, "region.checksum_mismatch", "mismatch", detail);
+    crate::events::record(node, event).await;
 }

@@ -21,10 +21,22 @@ async fn region(
     other: &str,
     other_addrs: &[std::net::SocketAddr],
 ) -> Cluster {
+    region_with(dir, name, addrs, other, other_addrs, &[]).await
+}
+
+/// [`region`] with `extra` flags for its nodes.
+async fn region_with(
+    dir: &Path,
+    name: &str,
+    addrs: &[std::net::SocketAddr],
+    other: &str,
+    other_addrs: &[std::net::SocketAddr],
+    extra: &[&str],
+) -> Cluster {
     let config = dir.join(format!("{name}.toml"));
     let endpoints: Vec<String> = other_addrs.iter().map(|a| format!("\"{a}\"")).collect();
     let text = format!(
-        "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\nmax_lag = \"1s\"\n\
+        "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\nmax_lag = \"1s\"\nverify_interval = \"1s\"\n\
          [regions.known.{other}]\nendpoints = [{}]\n",
         endpoints.join(", ")
     );
@@ -32,12 +44,11 @@ async fn region(
     let options = ClusterOptions {
         nodes: addrs.len(),
         addresses: addrs.to_vec(),
-        node_args: vec![
-            "--region".into(),
-            name.into(),
-            "--config".into(),
-            config.to_str().expect("utf-8").into(),
-        ],
+        node_args: ["--region", name, "--config", config.to_str().expect("utf-8")]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect(),
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start(binary(), options).await.expect("start");
@@ -397,4 +408,84 @@ async fn the_link_goes_on_when_either_regions_leader_is_killed_mid_stream() {
         .map(|w| w["revision"].as_u64().expect("revision"))
         .collect();
     assert_eq!(revisions, (1..=revision).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_standby_is_found_by_verification() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (east_addr, west_addr) = (free_port().expect("port"), free_port().expect("port"));
+    let east = region(dir.path(), "east", &[east_addr], "west", &[west_addr]).await;
+    let extra = ["--snapshot-logs", "10"];
+    let mut west = region_with(dir.path(), "west", &[west_addr], "east", &[east_addr], &extra).await;
+    let writer = east.client();
+    let marked = "AAAAAAAAAAAAAAAA";
+    writer
+        .put("verify/x", marked, rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    for i in 0..30 {
+        writer
+            .put(&format!("verify/n{i}"), "v", rampart_client::PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let standby = west.client();
+    let own = |regions: RegionsResponse| regions.regions[0].clone();
+    eventually(DEADLINE, "the standby verified equal to the primary", || async {
+        let own = own(standby.regions().await.ok()?);
+        (own.checksum_match == Some(true)).then_some(())
+    })
+    .await;
+    let health = format!("http://{west_addr}/health/regions");
+    assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
+
+    // Offline, one value in the standby's snapshot is changed (same length, still decodes).
+    let data_dir = west.nodes[&1].data_dir.clone();
+    west.kill(1);
+    let snapshot = data_dir.join("snapshot.bin");
+    let mut bytes = std::fs::read(&snapshot).expect("the standby's snapshot");
+    let at = bytes
+        .windows(marked.len())
+        .position(|w| w == marked.as_bytes())
+        .expect("the value in the snapshot");
+    bytes[at..at + marked.len()].copy_from_slice(b"BBBBBBBBBBBBBBBB");
+    std::fs::write(&snapshot, bytes).expect("write the snapshot");
+    west.restart(1).expect("restart the standby");
+    writer
+        .put("verify/after", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+
+    let suspect = eventually(DEADLINE, "the verification to find the mismatch", || async {
+        let own = own(standby.regions().await.ok()?);
+        (own.checksum_match == Some(false)).then_some(own)
+    })
+    .await;
+    assert!(
+        suspect.verified_revision > Some(0) && suspect.verified_ms.is_some(),
+        "{suspect:?}"
+    );
+    let event = eventually(DEADLINE, "a region.checksum_mismatch event", || async {
+        let events = standby.events(Some("region"), None).await.ok()?;
+        events
+            .events
+            .into_iter()
+            .find(|e| e.action == "region.checksum_mismatch")
+    })
+    .await;
+    assert!(event.detail.contains("its reads are suspect"), "{}", event.detail);
+    let answer = reqwest::get(&health).await.expect("health");
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert!(body["problems"].to_string().contains("reads are suspect"), "{body}");
+    let metrics = reqwest::get(format!("http://{west_addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("rampart_region_checksum_mismatches_total{region=\"west\"} 1"),
+        "{metrics}"
+    );
 }
