@@ -1,18 +1,21 @@
 //! `rampart-testkit` runs real Rampart regions for tests, benchmarks and `rampart demo`:
 //! N `rampart node` processes on ephemeral loopback ports, faults (SIGKILL, SIGSTOP/SIGCONT,
-//! restart on the same data dir, partitions through a fault-injecting TCP relay), and
-//! operation histories with checkers for the safety rules, and a scripted HTTP backend.
+//! restart on the same data dir, partitions through a fault-injecting TCP relay), several
+//! regions with a relay on each link between them (`regions`), operation histories with
+//! checkers for the safety rules, and a scripted HTTP backend.
 
 pub mod bench;
 pub mod cluster;
 pub mod history;
 pub mod http_backend;
+pub mod regions;
 pub mod relay;
 pub mod workload;
 
 pub use cluster::{free_port, Cluster, ClusterOptions, Outsider};
 pub use history::{History, OpOutcome};
 pub use http_backend::{Answer, HttpBackend};
+pub use regions::{RegionSpec, Regions, RegionsOptions};
 pub use relay::{Relay, RelayMode};
 pub use workload::{final_state, Workload};
 

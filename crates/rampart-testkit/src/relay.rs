@@ -13,7 +13,7 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayMode {
     Pass,
-    /// Hold bytes `Duration` before passing them on.
+    /// Pass bytes on `Duration` after they arrived (a fixed one-way latency, each way).
     Delay(Duration),
     /// Accept connections but pass nothing (a silent partition: the sender times out).
     Blackhole,
@@ -99,16 +99,43 @@ async fn relay_connection(inbound: TcpStream, target: SocketAddr, mut mode: watc
 
 async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+    if delay.is_zero() {
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
         }
     }
+    // A fixed one-way latency: every chunk leaves `delay` after it arrived, however many
+    // are in flight, so the link keeps its bandwidth (a wire, not a queue of sleeps).
+    let (chunks, mut due) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(4096);
+    let reader = async move {
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if chunks
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    };
+    // The writer drains what is in flight after the reader has seen the end.
+    let _ = tokio::join!(reader, writer);
 }

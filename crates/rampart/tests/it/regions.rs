@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use rampart_core::api::{RegionStatus, RegionsResponse};
-use rampart_testkit::{eventually, free_port, Cluster, ClusterOptions};
+use rampart_testkit::{eventually, free_port, Cluster, ClusterOptions, RegionSpec, Regions, RegionsOptions};
 
 use crate::{binary, DEADLINE};
 
@@ -488,4 +488,126 @@ async fn a_corrupted_standby_is_found_by_verification() {
         metrics.contains("rampart_region_checksum_mismatches_total{region=\"west\"} 1"),
         "{metrics}"
     );
+}
+
+/// Two one-node regions, "east" primary, with a relay on the link between them.
+async fn linked_regions(east_args: &[&str]) -> Regions {
+    let settings = [
+        "health_check_interval = \"100ms\"",
+        "region_timeout = \"500ms\"",
+        "max_lag = \"1s\"",
+        "verify_interval = \"1s\"",
+    ];
+    let mut east = RegionSpec::new("east", 1);
+    east.node_args = east_args.iter().map(|a| a.to_string()).collect();
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![east, RegionSpec::new("west", 1)],
+        settings: settings.iter().map(|s| s.to_string()).collect(),
+        tls: false,
+    };
+    let regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    regions
+}
+
+/// The first region event of kind `action` `client` lists, if any.
+async fn event(client: &rampart_client::Client, action: &str) -> Option<rampart_core::api::Event> {
+    let events = client.events(Some("region"), None).await.ok()?;
+    events.events.into_iter().find(|e| e.action == action)
+}
+
+/// Waits until `standby` is at the primary's revision with the primary's checksum.
+async fn wait_caught_up(primary: &rampart_client::Client, standby: &rampart_client::Client) -> u64 {
+    let status = primary.cluster().await.expect("the primary's status");
+    eventually(DEADLINE, "the standby at the primary's revision", || async {
+        let own = standby.cluster().await.ok()?;
+        (own.revision == status.revision).then_some(())
+    })
+    .await;
+    let own = standby.cluster().await.expect("the standby's status");
+    assert_eq!(
+        own.checksum, status.checksum,
+        "the standby's shipped state is the primary's"
+    );
+    status.revision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_link_grows_the_lag_raises_unreachable_and_recovers_when_healed() {
+    let regions = linked_regions(&[]).await;
+    let (primary, standby) = (regions.client("east"), regions.client("west"));
+    primary
+        .put("cut/first", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    let before = wait_caught_up(&primary, &standby).await;
+    eventually(DEADLINE, "the primary to see the standby caught up", || async {
+        let west = other(&primary.regions().await.ok()?).clone();
+        (west.revision == Some(before)).then_some(())
+    })
+    .await;
+
+    regions.cut("east", "west");
+    for i in 0..10 {
+        primary
+            .put(&format!("cut/during{i}"), "v", rampart_client::PutOptions::default())
+            .await
+            .expect("the primary writes with its standby cut off");
+    }
+    let behind = eventually(
+        DEADLINE,
+        "the primary to see the standby cut off and behind",
+        || async {
+            let west = other(&primary.regions().await.ok()?).clone();
+            (!west.reachable && west.lag_revisions >= Some(10) && west.revision == Some(before)).then_some(west)
+        },
+    )
+    .await;
+    assert!(behind.lag_bytes > Some(0) && behind.lag_ms > Some(0), "{behind:?}");
+    let grown = eventually(DEADLINE, "the lag in ms to grow while cut", || async {
+        let west = other(&primary.regions().await.ok()?).clone();
+        (west.lag_ms > behind.lag_ms).then_some(west)
+    })
+    .await;
+    assert_eq!(
+        grown.lag_revisions, behind.lag_revisions,
+        "no write reached the standby"
+    );
+    let lost = eventually(DEADLINE, "region.unreachable on the primary", || {
+        event(&primary, "region.unreachable")
+    })
+    .await;
+    assert!(lost.detail.contains("west: no answer for 500ms"), "{}", lost.detail);
+    eventually(DEADLINE, "region.unreachable on the standby", || {
+        event(&standby, "region.unreachable")
+    })
+    .await;
+    assert_eq!(
+        standby.cluster().await.expect("status").revision,
+        before,
+        "the standby moved while cut off"
+    );
+
+    regions.heal("east", "west");
+    let revision = wait_caught_up(&primary, &standby).await;
+    eventually(
+        DEADLINE,
+        "the primary to see the standby back and caught up",
+        || async {
+            let west = other(&primary.regions().await.ok()?).clone();
+            (west.reachable && west.lag_revisions == Some(0) && west.revision == Some(revision)).then_some(())
+        },
+    )
+    .await;
+    eventually(DEADLINE, "region.reachable on the primary", || {
+        event(&primary, "region.reachable")
+    })
+    .await;
+    let health = format!("http://{}/health/regions", regions.region("east").endpoints()[0]);
+    eventually(DEADLINE, "/health/regions to be 200 again", || async {
+        let status = reqwest::get(&health).await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
 }

@@ -1,0 +1,202 @@
+//! Several regions of real `rampart node` processes, with a relay on every link between two
+//! regions: each node of region A reaches region B's nodes through relays of A's own (one per
+//! node of B), so a test can cut, blackhole or delay the traffic from A to B, and B to A,
+//! apart from everything else. On TLS, every region's certificates come from one CA.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rampart_client::Client;
+
+use crate::cluster::{free_port, Cluster, ClusterOptions};
+use crate::relay::{Relay, RelayMode};
+
+/// One region to start.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    pub name: String,
+    pub nodes: usize,
+    /// Extra `rampart node` flags for this region's nodes.
+    pub node_args: Vec<String>,
+}
+
+impl RegionSpec {
+    pub fn new(name: &str, nodes: usize) -> RegionSpec {
+        RegionSpec {
+            name: name.to_string(),
+            nodes,
+            node_args: Vec::new(),
+        }
+    }
+}
+
+/// How to start a set of regions.
+#[derive(Debug, Clone)]
+pub struct RegionsOptions {
+    /// The region that takes writes first (`[regions] primary`).
+    pub primary: String,
+    pub regions: Vec<RegionSpec>,
+    /// More lines under `[regions]` for every node, e.g. `region_timeout = "500ms"`.
+    pub settings: Vec<String>,
+    pub tls: bool,
+}
+
+/// Running regions; dropping them stops every process they started.
+pub struct Regions {
+    _temp: tempfile::TempDir,
+    pub clusters: BTreeMap<String, Cluster>,
+    /// The relays carrying traffic from the first region to the second's nodes.
+    links: BTreeMap<(String, String), Vec<Relay>>,
+    primary: String,
+}
+
+impl Regions {
+    pub async fn start(binary: impl AsRef<Path>, options: RegionsOptions) -> std::io::Result<Regions> {
+        let temp = tempfile::Builder::new().prefix("rampart-regions-").tempdir()?;
+        let mut addresses = BTreeMap::new();
+        for spec in &options.regions {
+            let addrs = (0..spec.nodes)
+                .map(|_| free_port())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            addresses.insert(spec.name.clone(), addrs);
+        }
+        let mut links = BTreeMap::new();
+        for from in addresses.keys() {
+            for (to, to_addrs) in &addresses {
+                if from != to {
+                    let mut relays = Vec::new();
+                    for addr in to_addrs {
+                        relays.push(Relay::start(*addr).await?);
+                    }
+                    links.insert((from.clone(), to.clone()), relays);
+                }
+            }
+        }
+        if options.tls {
+            shared_ca(binary.as_ref(), temp.path(), &options.regions)?;
+        }
+        let mut clusters = BTreeMap::new();
+        for spec in &options.regions {
+            let base = temp.path().join(&spec.name);
+            let config = base.join("regions.toml");
+            std::fs::create_dir_all(&base)?;
+            std::fs::write(&config, config_text(&options, &spec.name, &links))?;
+            let node_args = ["--region", &spec.name, "--config", &config.display().to_string()]
+                .into_iter()
+                .map(str::to_string)
+                .chain(spec.node_args.iter().cloned())
+                .collect();
+            let cluster_options = ClusterOptions {
+                nodes: spec.nodes,
+                addresses: addresses[&spec.name].clone(),
+                node_args,
+                base_dir: Some(base),
+                tls: options.tls,
+                ..ClusterOptions::default()
+            };
+            clusters.insert(
+                spec.name.clone(),
+                Cluster::start(binary.as_ref(), cluster_options).await?,
+            );
+        }
+        Ok(Regions {
+            _temp: temp,
+            clusters,
+            links,
+            primary: options.primary,
+        })
+    }
+
+    pub fn region(&self, name: &str) -> &Cluster {
+        &self.clusters[name]
+    }
+
+    pub fn region_mut(&mut self, name: &str) -> &mut Cluster {
+        self.clusters.get_mut(name).expect("a region of these")
+    }
+
+    /// A client over region `name`'s nodes; on TLS with the primary region's admin token
+    /// (tokens are shipped state, so the primary's are every region's).
+    pub fn client(&self, name: &str) -> Client {
+        let region = self.region(name);
+        let token = self.region(&self.primary).admin_token();
+        region.client_with_token(&region.endpoints(), token.as_deref())
+    }
+
+    /// Waits until every region has a leader.
+    pub async fn wait_for_leaders(&self, timeout: Duration) {
+        for cluster in self.clusters.values() {
+            cluster.wait_for_leader(timeout).await;
+        }
+    }
+
+    /// Sets what happens to traffic from region `from` to region `to` (one direction).
+    pub fn set_link(&self, from: &str, to: &str, mode: RelayMode) {
+        for relay in &self.links[&(from.to_string(), to.to_string())] {
+            relay.set_mode(mode);
+        }
+    }
+
+    /// Cuts the link between `a` and `b` both ways, silently (a blackhole: packets vanish).
+    pub fn cut(&self, a: &str, b: &str) {
+        self.set_link(a, b, RelayMode::Blackhole);
+        self.set_link(b, a, RelayMode::Blackhole);
+    }
+
+    /// Heals the link between `a` and `b`.
+    pub fn heal(&self, a: &str, b: &str) {
+        self.set_link(a, b, RelayMode::Pass);
+        self.set_link(b, a, RelayMode::Pass);
+    }
+
+    /// Gives the link between `a` and `b` a fixed one-way latency, both ways.
+    pub fn delay(&self, a: &str, b: &str, one_way: Duration) {
+        self.set_link(a, b, RelayMode::Delay(one_way));
+        self.set_link(b, a, RelayMode::Delay(one_way));
+    }
+}
+
+/// One region's config: the topology, with the other regions reached through its relays.
+fn config_text(options: &RegionsOptions, own: &str, links: &BTreeMap<(String, String), Vec<Relay>>) -> String {
+    let mut text = format!("[regions]\nprimary = \"{}\"\n", options.primary);
+    for line in &options.settings {
+        text.push_str(line);
+        text.push('\n');
+    }
+    for spec in options.regions.iter().filter(|r| r.name != own) {
+        let relays = &links[&(own.to_string(), spec.name.clone())];
+        let endpoints: Vec<String> = relays.iter().map(|r| format!("\"{}\"", r.addr())).collect();
+        text.push_str(&format!(
+            "[regions.known.{}]\nendpoints = [{}]\n",
+            spec.name,
+            endpoints.join(", ")
+        ));
+    }
+    text
+}
+
+/// Makes one CA and puts it in every region's certificate directory, so the certificates
+/// each region then issues (`Cluster` runs `certs init` there) share it.
+fn shared_ca(binary: &Path, root: &Path, regions: &[RegionSpec]) -> std::io::Result<()> {
+    let ca_dir = root.join("ca");
+    let out = std::process::Command::new(binary)
+        .args(["certs", "init", "--dir"])
+        .arg(&ca_dir)
+        .args(["--nodes", "1"])
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    for spec in regions {
+        let certs = root.join(&spec.name).join("certs");
+        std::fs::create_dir_all(&certs)?;
+        for file in ["ca.pem", "ca-key.pem"] {
+            std::fs::copy(ca_dir.join(file), certs.join(file))?;
+        }
+    }
+    Ok(())
+}
