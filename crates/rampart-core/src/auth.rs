@@ -125,7 +125,9 @@ pub fn role_for(method: &str, path: &str) -> Option<Role> {
     Some(match (area, reading) {
         ("tokens", _) => Role::Admin,
         // The region log carries every shipped write, token hashes included.
-        ("regions", _) if path.starts_with("/v1/regions/log") => Role::Admin,
+        ("regions", _) if path.starts_with("/v1/regions/log") || path.starts_with("/v1/regions/snapshot") => {
+            Role::Admin
+        }
         (_, true) => Role::Read,
         ("kv" | "leases" | "elections" | "quotas", false) => Role::Write,
         ("services", false) if path.ends_with("/heartbeat") => Role::Write,
@@ -251,6 +253,7 @@ mod tests {
         assert_eq!(role_for("POST", "/v1/quotas/api/take"), Some(Role::Write));
         assert_eq!(role_for("GET", "/v1/tokens"), Some(Role::Admin));
         assert_eq!(role_for("GET", "/v1/regions/log"), Some(Role::Admin));
+        assert_eq!(role_for("GET", "/v1/regions/snapshot"), Some(Role::Admin));
         assert_eq!(role_for("GET", "/v1/regions"), Some(Role::Read));
         assert_eq!(role_for("POST", "/v1/services/db/switchover"), Some(Role::Operator));
         assert_eq!(

@@ -56,6 +56,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/v1/regions", get(regions::list))
         .route("/v1/regions/log", get(regions::log))
+        .route("/v1/regions/snapshot", get(regions::snapshot))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(events::events).post(events::post_event))

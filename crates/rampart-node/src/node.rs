@@ -160,7 +160,7 @@ impl Node {
     /// write of the shipped state is refused here, the one gate every handler and
     /// controller goes through: only the region link's `Op::Replicate` changes it.
     pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
-        if self.is_standby() && !op.is_local() && !matches!(op, Op::Replicate { .. }) {
+        if self.is_standby() && !op.is_local() && !matches!(op, Op::Replicate { .. } | Op::Seed { .. }) {
             return Err(self.read_only());
         }
         let started = std::time::Instant::now();

@@ -106,6 +106,15 @@ pub async fn watch(
             }
             loop {
                 match feed.recv().await {
+                    Ok(event) if event.kind == rampart_store::state_machine::RESET_KIND => {
+                        let message = format!(
+                            "this node's state was replaced by a snapshot at revision {}: read again, then watch from there",
+                            event.revision
+                        );
+                        let data = serde_json::json!({ "code": "compacted", "message": message });
+                        let event = Event::default().event("error").data(data.to_string());
+                        return Some((Ok(event), (feed, slot, true)));
+                    }
                     Ok(event) if event.revision >= live_floor && event.key.starts_with(&prefix) => {
                         if !caller.still_valid(&slot.0) {
                             let event = Event::default()

@@ -149,6 +149,13 @@ pub enum Op {
         revision: u64,
         command: Box<Command>,
     },
+    /// A standby region's install of the primary region's shipped state, in steps (see
+    /// `seed`): for a standby further behind than the primary keeps writes for. The step
+    /// (`seed::SeedStep`) travels encoded, so the log's commands do not depend on the
+    /// state's types; apply decodes it.
+    Seed {
+        step: Vec<u8>,
+    },
 }
 
 /// What applying a command may change: the region-local part of the state (else the
@@ -198,7 +205,8 @@ impl Op {
             | Op::Release { .. }
             | Op::PromotionFailed { .. }
             | Op::Promote { .. }
-            | Op::Replicate { .. } => REGISTRY,
+            | Op::Replicate { .. }
+            | Op::Seed { .. } => REGISTRY,
             Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => VERDICTS,
             Op::Record { .. } | Op::QuotaTake { .. } => LOCAL,
         }
@@ -250,6 +258,7 @@ impl Op {
                 Op::QuotaTake { name, client, .. } => name.len() + client.len() + 16,
                 Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::AdoptRules { .. } => 0,
                 Op::Replicate { command, .. } => 8 + command.op.approx_bytes(),
+                Op::Seed { step } => 8 + step.len(),
             }
     }
 }
@@ -361,5 +370,19 @@ pub enum Outcome {
     /// resume from `expected` (or from a snapshot).
     ReplicationGap {
         expected: u64,
+    },
+    /// A step of an install taken (see `seed`).
+    Seeding {
+        revision: u64,
+    },
+    /// An install finished: the shipped part is the primary's at `revision`, whose
+    /// checksum there was `checksum`.
+    Seeded {
+        revision: u64,
+        checksum: String,
+    },
+    /// A step of an install out of turn; nothing changed.
+    SeedRefused {
+        reason: String,
     },
 }

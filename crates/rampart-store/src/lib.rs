@@ -6,7 +6,8 @@
 //! region-local part (events, quota standings, instance verdicts: `local`). Apply never
 //! reads a clock, draws a random number or does I/O: every node that applies the same log
 //! reaches the same state and the same checksums. A data dir of format 1 is migrated when
-//! opened (`v1`).
+//! opened (`v1`). A standby region too far behind for the primary's history installs the
+//! primary's shipped state in steps through its own log (`seed`).
 
 // openraft's traits fix `StorageError` as the error type; it is large, and boxing it
 // here would only add a conversion at every trait boundary.
@@ -15,6 +16,7 @@
 pub mod command;
 pub mod local;
 pub mod log_store;
+pub mod seed;
 pub mod shipped;
 pub mod state;
 pub mod state_machine;
@@ -23,6 +25,7 @@ pub mod v1;
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use local::{Local, Verdict};
 pub use log_store::{stamp_format_version, LogStore, OpenError, FORMAT_VERSION};
+pub use seed::SeedStep;
 pub use shipped::{Shipped, RULES};
 pub use state::{check_encoded, checksum_text, shipped_checksum, Checksum, State};
 pub use state_machine::{restored_snapshot_head, Applied, ShippedWrite, StateMachineStore};

@@ -456,7 +456,9 @@ impl Shipped {
             Op::Record { .. } | Op::QuotaTake { .. } | Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => {
                 unreachable!("a command of the local part: {:?}", command.op)
             }
-            Op::Replicate { .. } => unreachable!("a replicated write is unwrapped by State::apply"),
+            Op::Replicate { .. } | Op::Seed { .. } => {
+                unreachable!("a standby's replicated write or install is taken by State::apply")
+            }
         };
         (outcome, events)
     }

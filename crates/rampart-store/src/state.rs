@@ -23,6 +23,10 @@ pub use crate::shipped::{Hold, InstanceRecord, Lease, Record, Service, Shipped, 
 pub struct State {
     pub shipped: Shipped,
     pub local: Local,
+    /// A standby's install of the primary's shipped state, under way (`seed`). Not part of
+    /// the state's encoding (backups, checksums): snapshots keep it after the state.
+    #[serde(skip)]
+    pub seeding: Option<Box<crate::seed::Seeding>>,
 }
 
 impl State {
@@ -31,6 +35,13 @@ impl State {
         let before = (self.shipped.revision, self.local.revision);
         let applied = if let Op::Replicate { revision, command } = &command.op {
             self.replicate(*revision, command)
+        } else if let Op::Seed { step } = &command.op {
+            let outcome = crate::seed::apply(&mut self.seeding, &mut self.shipped, step);
+            if let Outcome::Seeded { .. } = outcome {
+                // An install is no write: the shipped revision takes the primary's at once.
+                return (outcome, Vec::new());
+            }
+            (outcome, Vec::new())
         } else if command.op.is_local() {
             (self.local.apply(&self.shipped, command), Vec::new())
         } else if let Some(refused) = self.local.refuses(&self.shipped, command) {
@@ -60,7 +71,10 @@ impl State {
         if revision <= current {
             return (Outcome::Replicated { revision: current }, Vec::new());
         }
-        if revision != current + 1 || command.op.is_local() || matches!(command.op, Op::Replicate { .. }) {
+        if revision != current + 1
+            || command.op.is_local()
+            || matches!(command.op, Op::Replicate { .. } | Op::Seed { .. })
+        {
             return (Outcome::ReplicationGap { expected: current + 1 }, Vec::new());
         }
         let (_, events) = self.shipped.apply(command);

@@ -27,7 +27,7 @@ use rampart_core::api::WatchEvent;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::command::Outcomes;
+use crate::command::{Outcome, Outcomes};
 use crate::state::State;
 use crate::{NodeId, StorageError, TypeConfig};
 
@@ -48,6 +48,10 @@ pub const DECODE_SCRATCH_BYTES: usize = rampart_core::limits::VALUE_BYTES_CEILIN
 /// How many changes a slow watcher may fall behind before it is cut off (it then resumes
 /// from its last revision, out of the history).
 const FEED_CAPACITY: usize = 4096;
+
+/// The kind of the feed's message that the state was replaced wholesale: a live watch
+/// ends, and its client reads again (the history starts at the new revision).
+pub const RESET_KIND: &str = "reset";
 
 /// Bytes of recent shipped writes kept for region links that resume (besides the count,
 /// the watch history's): a link further behind starts from a snapshot.
@@ -256,16 +260,31 @@ impl StateMachineStore {
 
     fn replace(&self, snapshot: StoredSnapshot) {
         let mut applied = self.applied.write().expect("state lock poisoned");
-        applied.compacted_revision = snapshot.state.revision();
         applied.state = snapshot.state;
         applied.last_applied = snapshot.meta.last_log_id;
         applied.membership = snapshot.meta.last_membership;
+        self.installed(&mut applied);
+        self.publish_services(applied.services_version);
+    }
+
+    /// After the state was replaced wholesale (a snapshot from the leader, or a standby's
+    /// install of the primary's state): the histories start over at its revision, and live
+    /// watches are told to read again ([`RESET_KIND`]), since the changes between are not
+    /// theirs to see one by one.
+    fn installed(&self, applied: &mut Applied) {
+        let revision = applied.state.revision();
+        applied.compacted_revision = revision;
         applied.history.clear();
-        applied.shipped_compacted = applied.state.revision();
+        applied.shipped_compacted = revision;
         applied.shipped.clear();
         applied.shipped_bytes = 0;
         applied.services_version += 1;
-        self.publish_services(applied.services_version);
+        let _ = self.feed.send(WatchEvent {
+            revision,
+            kind: RESET_KIND.to_string(),
+            key: String::new(),
+            value: None,
+        });
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
@@ -282,6 +301,11 @@ impl StateMachineStore {
             let temp = path.with_extension("tmp");
             let mut writer = std::io::BufWriter::new(std::fs::File::create(&temp)?);
             postcard::to_io(&stored, &mut writer).map_err(std::io::Error::other)?;
+            if let Some(seeding) = &stored.state.seeding {
+                // After the state, only while an install is under way: a file without one
+                // is what it always was.
+                postcard::to_io(seeding, &mut writer).map_err(std::io::Error::other)?;
+            }
             writer.flush()?;
             writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             place(&temp, &path)?;
@@ -323,12 +347,20 @@ fn read_snapshot(path: &std::path::Path) -> Result<Option<StoredSnapshot>, Stora
     })
 }
 
-/// Decodes a snapshot from `file`, from where it stands, as it reads it.
+/// Decodes a snapshot from `file`, from where it stands, as it reads it: the stored
+/// snapshot, then the install under way, if the file goes on.
 fn decode_snapshot(file: std::fs::File) -> std::io::Result<StoredSnapshot> {
+    use std::io::Read;
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
-    postcard::from_io((std::io::BufReader::new(file), &mut scratch))
-        .map(|(stored, _)| stored)
-        .map_err(std::io::Error::other)
+    let (mut stored, (mut rest, scratch)): (StoredSnapshot, _) =
+        postcard::from_io((std::io::BufReader::new(file), &mut scratch)).map_err(std::io::Error::other)?;
+    let mut first = [0u8; 1];
+    if rest.read(&mut first)? == 1 {
+        let (seeding, _) = postcard::from_io((std::io::Cursor::new(first).chain(rest), scratch))
+            .map_err(|e| std::io::Error::other(format!("the install under way after the state: {e}")))?;
+        stored.state.seeding = Some(seeding);
+    }
+    Ok(stored)
 }
 
 /// Renames `temp` over `path` and makes the rename durable.
@@ -401,6 +433,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         }
                         let before = applied.state.revision();
                         let (outcome, events) = applied.state.apply(&command);
+                        if let Outcome::Seeded { .. } = &outcome {
+                            self.installed(&mut applied);
+                            answers.push(outcome);
+                            continue;
+                        }
                         for event in events {
                             // No receiver is fine: nobody is watching.
                             let _ = self.feed.send(event.clone());
@@ -540,6 +577,94 @@ mod tests {
             .collect();
         assert_eq!(events, vec![1, 2]);
         assert!(feed.try_recv().is_err(), "a failed write makes no event");
+    }
+
+    fn entry(index: u64, commands: Vec<Command>) -> Entry<TypeConfig> {
+        Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch { commands }),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_install_under_way_survives_a_snapshot_and_its_end_starts_the_histories_over() {
+        use crate::seed::SeedStep;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let (_log, mut sm) = crate::open(&redb, 100, None).expect("open");
+        // The primary's shipped state, at revision 9: three keys.
+        let mut source = crate::shipped::Shipped::default();
+        for (i, key) in ["p/a", "p/b", "p/c"].into_iter().enumerate() {
+            source.apply(&put(key));
+            assert_eq!(source.revision, i as u64 + 1);
+        }
+        source.revision = 9;
+        let mut rest = source.clone();
+        rest.kv.clear();
+        let seed = |step: SeedStep| Command {
+            at_ms: 1,
+            op: step.to_op(),
+        };
+        let keys = |range: std::ops::Range<usize>| SeedStep::Keys {
+            revision: 9,
+            entries: source
+                .kv
+                .iter()
+                .skip(range.start)
+                .take(range.len())
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+        };
+        let begin = SeedStep::Begin {
+            revision: 9,
+            rest: Box::new(rest),
+        };
+        sm.apply([entry(1, vec![put("mine"), seed(begin), seed(keys(0..2))])])
+            .await
+            .expect("apply");
+        let mut builder = sm.get_snapshot_builder().await;
+        builder.build_snapshot().await.expect("snapshot");
+
+        // A node that restarts from that snapshot has the install where it was.
+        let reopened = StateMachineStore::new(redb.with_file_name(SNAPSHOT_FILE), 100).expect("reopen");
+        let (before, after) = {
+            let (a, b) = (sm.applied(), reopened.applied());
+            let (a, b) = (a.read().expect("lock"), b.read().expect("lock"));
+            (a.state.clone(), b.state.clone())
+        };
+        assert!(after.seeding.is_some());
+        assert_eq!(after, before, "the state and the install under way, as they were");
+        assert_eq!(after.revision(), 1, "reads still see this region's own state");
+
+        let mut feed = sm.subscribe();
+        let outcomes = sm
+            .apply([entry(
+                2,
+                vec![
+                    seed(keys(2..3)),
+                    seed(SeedStep::End {
+                        revision: 9,
+                        checksum: crate::checksum_text(crate::shipped_checksum(&source)),
+                    }),
+                ],
+            )])
+            .await
+            .expect("apply");
+        assert!(
+            matches!(outcomes[0][1], Outcome::Seeded { revision: 9, .. }),
+            "{outcomes:?}"
+        );
+        let applied = sm.applied();
+        let applied = applied.read().expect("lock");
+        assert_eq!(applied.state.shipped, source);
+        assert_eq!(
+            applied.history_from(1).unwrap_err(),
+            9,
+            "watches from before read again"
+        );
+        assert_eq!(applied.shipped_from(1).unwrap_err(), 9, "links from before start over");
+        assert_eq!(applied.shipped_from(10).map(|w| w.len()), Ok(0));
+        assert_eq!(feed.try_recv().expect("a reset").kind, RESET_KIND);
     }
 
     /// A data dir as format 1 left it: the version recorded, a snapshot in its layout.

@@ -108,6 +108,7 @@ impl StateV1 {
                 quotas: self.quotas,
                 verdicts,
             },
+            seeding: None,
         }
     }
 }

@@ -2,9 +2,10 @@
 //! primary region's commands that moved the shipped revision (as `Op::Replicate`, which
 //! skips every region-local check and effect), knowing nothing of the primary's local
 //! state, holds the primary's shipped state at every revision, and a write sent again
-//! changes nothing; a command
-//! that did not move a part's revision left that part as it was; and a command moves each
-//! revision by at most one (asserted inside `State::apply`).
+//! changes nothing; a command that did not move a part's revision left that part as it
+//! was; a command moves each revision by at most one (asserted inside `State::apply`); and a
+//! standby that missed writes installs the primary's shipped state in steps of any size
+//! (`Op::Seed`) and then follows it again.
 
 use proptest::prelude::*;
 use rampart_core::api::Event;
@@ -143,5 +144,50 @@ proptest! {
         }
         prop_assert_eq!(standby.checksum(), primary.checksum());
         prop_assert_eq!(&standby.local, &rampart_store::Local::default(), "the standby's local part is its own");
+    }
+
+    #[test]
+    fn a_standby_cut_off_installs_the_primarys_shipped_state_in_steps_and_goes_on(
+        commands in proptest::collection::vec((op(), 0u64..120_000, proptest::bool::weighted(0.8)), 1..250),
+        chunk in 1usize..8,
+    ) {
+        use rampart_store::SeedStep;
+        let mut primary = State::default();
+        let mut standby = State::default();
+        let mut at_ms = 1_000_000;
+        for (op, step, link_up) in commands {
+            at_ms += step;
+            let command = Command { at_ms, op };
+            let before = primary.shipped.clone();
+            primary.apply(&command);
+            if primary.revision() == before.revision || !link_up {
+                continue;
+            }
+            if standby.revision() + 1 < primary.revision() {
+                // Behind what a link can replay: install the primary's state as it stood
+                // before this write, `chunk` keys a step, as GET /v1/regions/snapshot sends it.
+                let source = State { shipped: before, ..State::default() };
+                let mut rest = source.shipped.clone();
+                rest.kv.clear();
+                let seed = |step: SeedStep| Command { at_ms, op: step.to_op() };
+                let revision = source.revision();
+                prop_assert_eq!(standby.apply(&seed(SeedStep::Begin { revision, rest: Box::new(rest) })).0, Outcome::Seeding { revision });
+                let keys: Vec<_> = source.shipped.kv.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+                for entries in keys.chunks(chunk) {
+                    let step = SeedStep::Keys { revision, entries: entries.to_vec() };
+                    prop_assert_eq!(standby.apply(&seed(step)).0, Outcome::Seeding { revision });
+                }
+                let checksum = rampart_store::checksum_text(source.checksum());
+                let end = standby.apply(&seed(SeedStep::End { revision, checksum: checksum.clone() })).0;
+                prop_assert_eq!(end, Outcome::Seeded { revision, checksum });
+                prop_assert_eq!(&standby.shipped, &source.shipped);
+            }
+            let replicated = Command {
+                at_ms,
+                op: Op::Replicate { revision: primary.revision(), command: Box::new(command.clone()) },
+            };
+            prop_assert_eq!(standby.apply(&replicated).0, Outcome::Replicated { revision: primary.revision() });
+            prop_assert_eq!(&standby.shipped, &primary.shipped, "after {:?}", command.op);
+        }
     }
 }

@@ -7,6 +7,8 @@
 //! `GET /v1/regions/log?from_revision=N` is the source of a region link: the shipped writes
 //! from revision N on, as this node applied them (any node serves it, from its own applied
 //! state), one JSON object per line, then each new one as it is applied.
+//! `GET /v1/regions/snapshot` is where a link starts over when this node no longer keeps
+//! the writes it needs: the node's shipped state as the steps of an install.
 
 use std::time::{Duration, Instant};
 
@@ -323,7 +325,7 @@ pub async fn log(
                     axum::http::StatusCode::GONE,
                     "compacted",
                     format!(
-                        "revision {from} is no longer kept here; the oldest a region link can resume from is {}: start from a snapshot",
+                        "revision {from} is no longer kept here; the oldest a region link can resume from is {}: start from GET /v1/regions/snapshot",
                         compacted + 1
                     ),
                 )
@@ -359,6 +361,71 @@ pub async fn log(
         axum::body::Body::from_stream(replay.chain(live)),
     )
         .into_response()
+}
+
+/// Keys per install step: about this many bytes of keys and values.
+const SEED_CHUNK_BYTES: usize = 1 << 20;
+
+/// `GET /v1/regions/snapshot`: this node's shipped state as the steps of an install
+/// (`rampart_store::SeedStep`, one JSON object per line): everything but the keys, at its
+/// revision; the keys in order, about [`SEED_CHUNK_BYTES`] a step; the end, with the
+/// checksum. Taken from an O(1) copy of the applied state, encoded on a blocking thread as the
+/// standby reads it (never the whole state encoded in memory).
+pub async fn snapshot(State(node): State<Shared>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let shipped = node.applied.read().expect("state lock").state.shipped.clone();
+    let (lines, receiver) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
+    tokio::task::spawn_blocking(move || seed_steps(&shipped, |step| lines.blocking_send(step).is_ok()));
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let line = receiver.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(line), receiver))
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Hands `send` each step of an install of `shipped`, encoded as a line, until it says stop.
+fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body::Bytes) -> bool) {
+    use rampart_store::SeedStep;
+    let line = |step: &SeedStep| {
+        let mut line = serde_json::to_vec(step).expect("a step encodes");
+        line.push(b'\n');
+        axum::body::Bytes::from(line)
+    };
+    let revision = shipped.revision;
+    let mut rest = shipped.clone();
+    rest.kv = Default::default();
+    let begin = SeedStep::Begin {
+        revision,
+        rest: Box::new(rest),
+    };
+    if !send(line(&begin)) {
+        return;
+    }
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    for (key, record) in shipped.kv.iter() {
+        bytes += key.len() + record.value.len() + 32;
+        entries.push((key.clone(), record.clone()));
+        if bytes >= SEED_CHUNK_BYTES {
+            let keys = SeedStep::Keys {
+                revision,
+                entries: std::mem::take(&mut entries),
+            };
+            if !send(line(&keys)) {
+                return;
+            }
+            bytes = 0;
+        }
+    }
+    if !entries.is_empty() && !send(line(&SeedStep::Keys { revision, entries })) {
+        return;
+    }
+    let checksum = rampart_store::checksum_text(rampart_store::shipped_checksum(shipped));
+    send(line(&SeedStep::End { revision, checksum }));
 }
 
 /// Consistency verification, standby side: every `regions.verify_interval` the standby's
@@ -436,7 +503,7 @@ async fn verify_once(node: &Shared, primary: &str, deadline: Instant) -> Option<
 }
 
 /// Keeps the verification; a new mismatch is an event (which alerts) and a metric.
-async fn record_verification(node: &Shared, primary: &str, verified: crate::soft::Verified) {
+pub async fn record_verification(node: &Shared, primary: &str, verified: crate::soft::Verified) {
     let was = node.verified.lock().expect("verified lock").replace(verified.clone());
     if verified.matched || was.is_some_and(|w| !w.matched) {
         return;

@@ -611,3 +611,67 @@ async fn a_cut_link_grows_the_lag_raises_unreachable_and_recovers_when_healed() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_cut_off_past_the_primarys_history_installs_its_state_and_goes_on() {
+    // The primary keeps its last 20 shipped writes for links that resume.
+    let regions = linked_regions(&["--watch-history", "20"]).await;
+    let (primary, standby) = (regions.client("east"), regions.client("west"));
+    let writer = std::sync::Arc::new(regions.client("east"));
+    let workload = rampart_testkit::Workload::start(writer, 4, "far/");
+    workload.wait_progress(50, DEADLINE).await;
+    let before = standby.cluster().await.expect("status").revision;
+
+    regions.cut("east", "west");
+    workload.wait_progress(100, DEADLINE).await;
+    let cut_at = primary.cluster().await.expect("status").revision;
+    assert!(cut_at > before + 20, "the primary's history moved past the standby");
+    regions.heal("east", "west");
+    workload.wait_progress(100, DEADLINE).await;
+    let history = workload.stop().await;
+
+    let revision = wait_caught_up(&primary, &standby).await;
+    let state = rampart_testkit::final_state(&standby, "far/").await;
+    let lost = history.lost_acknowledged_writes(&state);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes missing on the standby",
+        lost.len()
+    );
+    // The install was checked against the primary's checksum at its revision.
+    let own = eventually(DEADLINE, "the standby verified after its install", || async {
+        let regions = standby.regions().await.ok()?;
+        let own = regions.regions[0].clone();
+        (own.checksum_match == Some(true) && own.verified_revision > Some(before)).then_some(own)
+    })
+    .await;
+    assert!(own.verified_revision <= Some(revision), "{own:?}");
+    let log = std::fs::read_to_string(regions.region("west").log_path(1)).expect("the standby's log");
+    assert!(
+        log.contains("installing the primary region's shipped state"),
+        "the standby went through an install"
+    );
+
+    // After the install the standby's own log goes on without a gap or a repeat: it starts
+    // at the installed revision.
+    let west = regions.region("west").endpoints()[0].clone();
+    let gone = reqwest::get(format!("http://{west}/v1/regions/log?from_revision=1"))
+        .await
+        .expect("the standby's log");
+    assert_eq!(gone.status(), 410);
+    let body: serde_json::Value = gone.json().await.expect("json");
+    let installed = body["error"]["current"]["compact_revision"]
+        .as_u64()
+        .expect("compact_revision");
+    assert!(installed > before && installed <= revision, "{body}");
+    let url = format!("http://{west}/v1/regions/log?from_revision={}", installed + 1);
+    let mut response = reqwest::get(&url).await.expect("the standby's log");
+    assert_eq!(response.status(), 200);
+    let mut buffer = Vec::new();
+    let writes = read_writes(&mut response, &mut buffer, (revision - installed) as usize).await;
+    let revisions: Vec<u64> = writes
+        .iter()
+        .map(|w| w["revision"].as_u64().expect("revision"))
+        .collect();
+    assert_eq!(revisions, (installed + 1..=revision).collect::<Vec<_>>());
+}
