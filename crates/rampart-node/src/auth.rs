@@ -41,6 +41,8 @@ pub struct Connection {
     pub source: SocketAddr,
     /// The client presented a node certificate of the cluster CA.
     pub from_node: bool,
+    /// A region link: a node of another region, on the region ALPN (TLS nodes only).
+    pub region_link: bool,
 }
 
 /// The authenticated caller, for handlers (key scopes) and the audit trail.

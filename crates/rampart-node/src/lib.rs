@@ -200,6 +200,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         raft: raft.clone(),
         leases: Mutex::new(LeaseClock::default()),
         http: forwarding_client(&config, tls.as_ref())?,
+        region_http: region_client(tls.as_ref())?,
         metrics,
         watchers: AtomicUsize::new(0),
         links,
@@ -260,6 +261,19 @@ fn forwarding_client(config: &NodeConfig, tls: Option<&tls::NodeTls>) -> Result<
         .tcp_nodelay(true);
     let builder = match tls {
         Some(tls) => builder.use_preconfigured_tls(tls.forward_config.clone()),
+        None => builder,
+    };
+    builder.build().map_err(|e| NodeError::Raft(e.to_string()))
+}
+
+/// The client of region links and region health checks: mutual TLS on the region ALPN on a
+/// TLS node. Requests set their own timeouts (a link's stream runs until it breaks).
+fn region_client(tls: Option<&tls::NodeTls>) -> Result<reqwest::Client, NodeError> {
+    let builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let builder = match tls {
+        Some(tls) => builder.use_preconfigured_tls(tls.region_config.clone()),
         None => builder,
     };
     builder.build().map_err(|e| NodeError::Raft(e.to_string()))

@@ -31,6 +31,9 @@ pub struct Node {
     pub applied: Arc<RwLock<Applied>>,
     pub leases: Mutex<LeaseClock>,
     pub http: reqwest::Client,
+    /// For region links and region health checks: on TLS, this node's certificate and the
+    /// region ALPN (`tls::REGION_ALPN`).
+    pub region_http: reqwest::Client,
     pub metrics: Arc<Metrics>,
     pub watchers: AtomicUsize,
     pub links: Arc<PeerLinks>,

@@ -1,7 +1,8 @@
 //! The node's one listening port. Without TLS, peer connections (which open with
 //! `PEER_MAGIC`) go to the Raft transport and everything else is HTTP/1.1 for the API. With
 //! TLS, every connection starts with a handshake; the negotiated ALPN protocol tells a peer
-//! link from an API call, and a peer link is served only with a node certificate.
+//! link or a region link from an API call, and both are served only with a node
+//! certificate.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tower::ServiceExt;
 use crate::auth::Connection;
 use crate::node::Shared;
 use crate::peer::{serve_peer, PeerTiming, PEER_MAGIC};
-use crate::tls::{is_node_certificate, PEER_ALPN};
+use crate::tls::{is_node_certificate, PEER_ALPN, REGION_ALPN};
 
 /// How long a new connection may take to send its first bytes or finish its handshake.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,6 +76,7 @@ async fn serve_plain(stream: TcpStream, source: SocketAddr, node: Shared, router
             let connection = Connection {
                 source,
                 from_node: false,
+                region_link: false,
             };
             serve_http(stream, connection, router).await;
         }
@@ -108,7 +110,18 @@ async fn serve_tls(stream: TcpStream, source: SocketAddr, node: Shared, router: 
         }
         return;
     }
-    serve_http(stream, Connection { source, from_node }, router).await;
+    let region_link = session.alpn_protocol() == Some(REGION_ALPN);
+    if region_link && !from_node {
+        node.metrics.refused("region_link_without_node_certificate");
+        tracing::warn!(%source, "refused a region link without a node certificate of the cluster CA");
+        return;
+    }
+    let connection = Connection {
+        source,
+        from_node,
+        region_link,
+    };
+    serve_http(stream, connection, router).await;
 }
 
 async fn serve_http<S>(stream: S, connection: Connection, router: axum::Router)

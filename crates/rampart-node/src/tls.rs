@@ -2,8 +2,9 @@
 //!
 //! Every connection to a TLS node is TLS. The server asks every client for a certificate but
 //! does not require one: API clients prove themselves with tokens, while a connection that
-//! negotiates the [`PEER_ALPN`] protocol (Raft and pre-vote traffic) is served only if it
-//! presented a *node* certificate of the cluster CA — one valid for the name
+//! negotiates the [`PEER_ALPN`] protocol (Raft and pre-vote traffic) or the
+//! [`REGION_ALPN`] one (links between regions) is served only if it presented a *node*
+//! certificate of the cluster CA — one valid for the name
 //! [`NODE_NAME`], which `rampart certs init` puts in node certificates and not in client
 //! ones. Nodes verify each other by that name rather than by address, so relays, NAT and
 //! readdressed nodes keep working; API clients verify a node by the address they dialled.
@@ -21,6 +22,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub const NODE_NAME: &str = "rampart-node";
 /// ALPN protocol of peer (Raft) connections.
 pub const PEER_ALPN: &[u8] = b"rampart-peer";
+/// ALPN protocol of region links (a standby's leader reading the primary's log, and
+/// every node's region health checks): HTTP/1.1 inside, served only to a node certificate.
+pub const REGION_ALPN: &[u8] = b"rampart-region";
 const HTTP_ALPN: &[u8] = b"http/1.1";
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,8 @@ pub struct NodeTls {
     pub peer_connector: tokio_rustls::TlsConnector,
     /// For forwarding API calls to the leader over HTTPS, with this node's certificate.
     pub forward_config: ClientConfig,
+    /// For region links and region health checks, with this node's certificate.
+    pub region_config: ClientConfig,
 }
 
 impl NodeTls {
@@ -118,7 +124,7 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs.clone(), key.clone_key())
             .map_err(|e| TlsError::Rustls(format!("--tls-cert and --tls-key do not match: {e}")))?;
-        server.alpn_protocols = vec![PEER_ALPN.to_vec(), HTTP_ALPN.to_vec()];
+        server.alpn_protocols = vec![PEER_ALPN.to_vec(), REGION_ALPN.to_vec(), HTTP_ALPN.to_vec()];
 
         let client = |alpn: &[u8]| -> Result<ClientConfig, TlsError> {
             let mut config = ClientConfig::builder_with_provider(provider())
@@ -134,6 +140,7 @@ impl NodeTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             peer_connector: tokio_rustls::TlsConnector::from(Arc::new(client(PEER_ALPN)?)),
             forward_config: client(HTTP_ALPN)?,
+            region_config: client(REGION_ALPN)?,
         })
     }
 }

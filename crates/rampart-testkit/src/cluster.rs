@@ -301,6 +301,12 @@ impl Cluster {
         Some(self.admin_token.get_or_init(|| token).clone())
     }
 
+    /// Uses `token` as this region's admin token: a standby region has none of its own (it
+    /// takes the primary's tokens with its shipped state).
+    pub fn adopt_admin_token(&self, token: String) {
+        let _ = self.admin_token.set(token);
+    }
+
     /// A client over `endpoints` with this region's TLS settings and `token`.
     pub fn client_with_token(&self, endpoints: &[String], token: Option<&str>) -> Client {
         Client::secured(endpoints, self.tls_options().as_ref(), token).expect("loopback endpoints are valid")

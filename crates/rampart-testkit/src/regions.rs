@@ -49,6 +49,7 @@ pub struct Regions {
     /// The relays carrying traffic from the first region to the second's nodes.
     links: BTreeMap<(String, String), Vec<Relay>>,
     primary: String,
+    tls: bool,
 }
 
 impl Regions {
@@ -105,6 +106,7 @@ impl Regions {
             clusters,
             links,
             primary: options.primary,
+            tls: options.tls,
         })
     }
 
@@ -124,8 +126,20 @@ impl Regions {
         region.client_with_token(&region.endpoints(), token.as_deref())
     }
 
-    /// Waits until every region has a leader.
+    /// Waits until every region has a leader (on TLS, the standbys are asked with the
+    /// primary's admin token, once it has one).
     pub async fn wait_for_leaders(&self, timeout: Duration) {
+        let primary = self.region(&self.primary);
+        primary.wait_for_leader(timeout).await;
+        if self.tls {
+            let token = crate::eventually(timeout, "the primary region's admin token", || async {
+                primary.admin_token()
+            })
+            .await;
+            for cluster in self.clusters.values() {
+                cluster.adopt_admin_token(token.clone());
+            }
+        }
         for cluster in self.clusters.values() {
             cluster.wait_for_leader(timeout).await;
         }

@@ -45,7 +45,7 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
     let from = node.applied.read().expect("state lock").state.revision() + 1;
     let url = crate::forward::url(node, addr, &format!("/v1/regions/log?from_revision={from}"));
     let mut response = node
-        .http
+        .region_http
         .get(url)
         // The stream runs until it breaks; silence is caught below.
         .timeout(Duration::from_secs(86_400))
@@ -86,7 +86,7 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
 async fn install(node: &Shared, addr: &str) -> Result<(), String> {
     let url = crate::forward::url(node, addr, "/v1/regions/snapshot");
     let mut response = node
-        .http
+        .region_http
         .get(url)
         .timeout(Duration::from_secs(86_400))
         .send()

@@ -127,7 +127,7 @@ async fn ask(node: &Shared, region: &KnownRegion, start: usize, timeout: Duratio
     let count = region.endpoints.len();
     for index in (start..count).chain(0..start) {
         let url = crate::forward::url(node, &region.endpoints[index].to_string(), "/v1/cluster");
-        let answer = node.http.get(url).timeout(timeout).send().await;
+        let answer = node.region_http.get(url).timeout(timeout).send().await;
         let Ok(answer) = answer else { continue };
         if let Ok(status) = answer.error_for_status().map(|a| a.json::<ClusterStatus>()) {
             if let Ok(status) = status.await {
@@ -309,12 +309,34 @@ pub struct LogQuery {
 /// `GET /v1/regions/log?from_revision=N` (admin): the shipped writes from revision N on,
 /// as newline-delimited JSON (`{"revision", "command"}`), then live. 410 `compacted` when
 /// this node no longer keeps revision N: the standby starts from a snapshot.
+/// On a TLS node the region log and snapshot go only to a region link: a node certificate
+/// of the cluster CA on the region ALPN (`server.rs` refuses the ALPN without one).
+fn refuse_unless_region_link(
+    node: &Shared,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let linked = connection.is_some_and(|c| c.region_link);
+    (node.tls.is_some() && !linked).then(|| {
+        crate::error::ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "region_link_only",
+            "this is served only to another region's node: its node certificate of the cluster CA, on the rampart-region ALPN",
+        )
+        .into_response()
+    })
+}
+
 pub async fn log(
     State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
     axum::extract::Query(query): axum::extract::Query<LogQuery>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     use futures_util::StreamExt;
+    if let Some(refused) = refuse_unless_region_link(&node, connection) {
+        return refused;
+    }
     let from = query.from_revision.max(1);
     let (missed, feed) = {
         let applied = node.applied.read().expect("state lock");
@@ -371,8 +393,14 @@ const SEED_CHUNK_BYTES: usize = 1 << 20;
 /// revision; the keys in order, about [`SEED_CHUNK_BYTES`] a step; the end, with the
 /// checksum. Taken from an O(1) copy of the applied state, encoded on a blocking thread as the
 /// standby reads it (never the whole state encoded in memory).
-pub async fn snapshot(State(node): State<Shared>) -> axum::response::Response {
+pub async fn snapshot(
+    State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if let Some(refused) = refuse_unless_region_link(&node, connection) {
+        return refused;
+    }
     let shipped = node.applied.read().expect("state lock").state.shipped.clone();
     let (lines, receiver) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
     tokio::task::spawn_blocking(move || seed_steps(&shipped, |step| lines.blocking_send(step).is_ok()));

@@ -675,3 +675,102 @@ async fn a_standby_cut_off_past_the_primarys_history_installs_its_state_and_goes
         .collect();
     assert_eq!(revisions, (installed + 1..=revision).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_region_link_is_mutual_tls_and_a_node_of_another_ca_cannot_open_it() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"500ms\"".into(),
+        ],
+        tls: true,
+    };
+    let regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let east = regions.region("east");
+    let primary = regions.client("east");
+    primary
+        .put("tls/k", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    // The standby follows over mutual TLS, tokens included: the primary's admin token
+    // works there.
+    wait_caught_up(&primary, &regions.client("west")).await;
+
+    // The log is a region link's alone: an admin with a token, on plain HTTPS, is refused.
+    let east_addr = east.endpoints()[0].clone();
+    let ca = std::fs::read(east.certs_dir().join("ca.pem")).expect("ca.pem");
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+        .build()
+        .expect("client");
+    let answer = https
+        .get(format!("https://{east_addr}/v1/regions/log?from_revision=1"))
+        .bearer_auth(east.admin_token().expect("token"))
+        .send()
+        .await
+        .expect("ask");
+    assert_eq!(answer.status(), 403);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "region_link_only", "{body}");
+
+    // A node whose certificate comes from another CA (trusting ours, so only its own
+    // certificate is wrong) cannot open the link: the primary refuses the handshake, and
+    // the rogue standby never gets a revision.
+    let rogue = tempfile::tempdir().expect("tempdir");
+    let certs = rogue.path().join("certs");
+    let (code, _, err) = crate::cli::run(&["certs", "init", "--dir", certs.to_str().expect("utf-8"), "--nodes", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let bundle = rogue.path().join("both-cas.pem");
+    let mut both = std::fs::read(certs.join("ca.pem")).expect("rogue CA");
+    both.extend_from_slice(&ca);
+    std::fs::write(&bundle, both).expect("bundle");
+    let config = rogue.path().join("rogue.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[regions]\nprimary = \"east\"\nhealth_check_interval = \"100ms\"\nregion_timeout = \"500ms\"\n\
+             [regions.known.east]\nendpoints = [\"{east_addr}\"]\n"
+        ),
+    )
+    .expect("config");
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let node_args = vec![
+        "--region".into(),
+        "rogue".into(),
+        "--config".into(),
+        path(config),
+        "--tls-cert".into(),
+        path(certs.join("node-1.pem")),
+        "--tls-key".into(),
+        path(certs.join("node-1-key.pem")),
+        "--tls-ca".into(),
+        path(bundle.clone()),
+    ];
+    let options = ClusterOptions {
+        nodes: 1,
+        node_args,
+        base_dir: Some(rogue.path().join("data")),
+        ..ClusterOptions::default()
+    };
+    let refused = |m: &str| crate::security::counter(m, "tls_handshake");
+    let before = refused(&crate::security::metrics_of(east, 1).await);
+    let rogue_region = Cluster::start(binary(), options).await.expect("start the rogue node");
+    eventually(DEADLINE, "the primary to refuse the rogue's handshakes", || async {
+        let now = refused(&crate::security::metrics_of(east, 1).await);
+        (now >= before + 3).then_some(())
+    })
+    .await;
+    // Its own node certificate lets us ask it (break glass): it never followed.
+    let tls = rampart_client::TlsOptions {
+        ca: bundle,
+        cert: Some(certs.join("node-1.pem")),
+        key: Some(certs.join("node-1-key.pem")),
+    };
+    let rogue_client = rampart_client::Client::secured(&rogue_region.endpoints(), Some(&tls), None).expect("client");
+    let seen = rogue_client.regions().await.expect("the rogue's view");
+    assert!(!other(&seen).reachable, "{seen:?}");
+    assert_eq!(rogue_client.cluster().await.expect("status").revision, 0);
+}

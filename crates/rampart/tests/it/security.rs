@@ -64,7 +64,7 @@ fn status_of(error: &ClientError) -> Option<u16> {
 }
 
 /// A scrape of node `id`'s `/metrics` over TLS.
-async fn metrics_of(cluster: &Cluster, id: u64) -> String {
+pub(crate) async fn metrics_of(cluster: &Cluster, id: u64) -> String {
     let ca = std::fs::read(cluster.certs_dir().join("ca.pem")).expect("ca.pem");
     let http = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
@@ -74,7 +74,7 @@ async fn metrics_of(cluster: &Cluster, id: u64) -> String {
     http.get(url).send().await.expect("scrape").text().await.expect("text")
 }
 
-fn counter(metrics: &str, reason: &str) -> u64 {
+pub(crate) fn counter(metrics: &str, reason: &str) -> u64 {
     let needle = format!("rampart_auth_failures_total{{reason=\"{reason}\"}} ");
     metrics
         .lines()
