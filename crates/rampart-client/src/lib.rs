@@ -416,6 +416,19 @@ impl Client {
         self.get("/v1/regions").await
     }
 
+    /// Asks for a verification now: from a primary region's node, by every standby region;
+    /// from a standby's, by that standby. Takes up to about 15 s.
+    pub async fn regions_verify(&self) -> Result<rampart_core::api::VerifyResponse, ClientError> {
+        self.call_within(
+            Duration::from_secs(30),
+            Method::POST,
+            "/v1/regions/verify",
+            None::<&()>,
+            Retry::Idempotent,
+        )
+        .await
+    }
+
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {
         self.get("/v1/cluster/members").await
     }

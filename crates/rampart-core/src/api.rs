@@ -155,6 +155,37 @@ pub struct RegionsResponse {
     pub regions: Vec<RegionStatus>,
 }
 
+/// `POST /v1/regions/verify`: a verification made now by each standby region (from a
+/// primary region's node: every standby; from a standby's: its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    pub verifications: Vec<Verification>,
+}
+
+/// One standby's comparison of its shipped checksum with the primary's at one revision,
+/// or why it could not make one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// The standby region.
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Whether the checksums were equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_checksum: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_checksum: Option<String>,
+    /// When it was made, ms since the epoch on the standby's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
+    /// Why no comparison was made (the standby did not answer, or did not reach the
+    /// primary's revision in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One region in `GET /v1/regions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionStatus {

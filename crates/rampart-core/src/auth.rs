@@ -109,12 +109,13 @@ pub fn authorize(grant: Grant<'_>, role: Role, scope: Scope<'_>) -> Result<(), D
 }
 
 /// The role a request needs, from its method and path; `None` for the open endpoints
-/// (`/health/*`, `/metrics`), which carry no data an attacker could use. Paths this table
+/// (`/health/*`, `/metrics`, `/metrics/ha`, `/metrics/regions`), which carry no data an attacker could use. Paths this table
 /// does not know need `read` to look and `operator` to change, so a new endpoint is never
 /// open by accident.
 pub fn role_for(method: &str, path: &str) -> Option<Role> {
     if !path.starts_with("/v1/") && path != "/v1" {
-        return if path.starts_with("/health/") || path == "/metrics" {
+        let open = ["/metrics", "/metrics/ha", "/metrics/regions"];
+        return if path.starts_with("/health/") || open.contains(&path) {
             None
         } else {
             Some(Role::Read)
@@ -246,6 +247,8 @@ mod tests {
     fn every_path_has_a_role_and_changes_need_more_than_reads() {
         assert_eq!(role_for("GET", "/health/ready"), None);
         assert_eq!(role_for("GET", "/metrics"), None);
+        assert_eq!(role_for("GET", "/metrics/regions"), None);
+        assert_eq!(role_for("GET", "/metrics/other"), Some(Role::Read));
         assert_eq!(role_for("GET", "/v1/kv/a"), Some(Role::Read));
         assert_eq!(role_for("PUT", "/v1/kv/a"), Some(Role::Write));
         assert_eq!(role_for("POST", "/v1/leases/3/keepalive"), Some(Role::Write));

@@ -57,6 +57,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/regions", get(regions::list))
         .route("/v1/regions/log", get(regions::log))
         .route("/v1/regions/snapshot", get(regions::snapshot))
+        .route("/v1/regions/verify", post(regions::verify))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(events::events).post(events::post_event))
@@ -90,6 +91,8 @@ pub fn router(node: Shared) -> Router {
         .route("/health/ha", get(services::health_ha))
         .route("/health/regions", get(regions::health))
         .route("/metrics", get(metrics))
+        .route("/metrics/ha", get(metrics_ha))
+        .route("/metrics/regions", get(metrics_regions))
         .fallback(|| async { ApiError::not_found("no_route", "no such API path; see docs/api/openapi.yaml") })
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::to_leader))
         // Outside forwarding: a follower refuses a bad token itself instead of relaying it.
@@ -602,6 +605,26 @@ async fn ready(State(node): State<Shared>) -> Response {
 }
 
 async fn metrics(State(node): State<Shared>) -> Response {
+    refresh_metrics(&node).await;
+    ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
+}
+
+/// `GET /metrics/ha`: the HA series of `/metrics` alone (`metrics::HA_FAMILIES`).
+async fn metrics_ha(State(node): State<Shared>) -> Response {
+    refresh_metrics(&node).await;
+    let text = node.metrics.render_only(crate::metrics::HA_FAMILIES);
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /metrics/regions`: the `rampart_region_*` series of `/metrics` alone.
+async fn metrics_regions(State(node): State<Shared>) -> Response {
+    refresh_metrics(&node).await;
+    let text = node.metrics.render_only(crate::metrics::REGION_FAMILIES);
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Sets the gauges read from the state at scrape time.
+async fn refresh_metrics(node: &Shared) {
     let commit_index = node
         .raft
         .with_raft_state(|s| s.committed.map_or(0, |l| l.index))
@@ -616,6 +639,5 @@ async fn metrics(State(node): State<Shared>) -> Response {
         node.metrics.revision.set(applied.state.revision() as i64);
         node.metrics.set_instances(&applied.state);
     }
-    node.metrics.set_regions(&regions::view(&node));
-    ([("content-type", "text/plain; version=0.0.4")], node.metrics.render()).into_response()
+    node.metrics.set_regions(&regions::view(node));
 }

@@ -369,7 +369,45 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// [`Metrics::render`] with only the series of `families` (names after `rampart_`, as
+    /// prefixes), with their help and type lines.
+    pub fn render_only(&self, families: &[&str]) -> String {
+        let wanted = |line: &str| {
+            let name = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+                .or_else(|| line.strip_prefix("# UNIT "))
+                .unwrap_or(line);
+            line == "# EOF"
+                || name
+                    .strip_prefix("rampart_")
+                    .is_some_and(|rest| families.iter().any(|f| rest.starts_with(f)))
+        };
+        let mut out = String::new();
+        for line in self.render().lines().filter(|l| wanted(l)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
 }
+
+/// The series of `GET /metrics/ha`: the region's leader and term, commits, and each
+/// service's primaries, health and failovers (the names HA dashboards look for).
+pub const HA_FAMILIES: &[&str] = &[
+    "raft_term",
+    "is_leader",
+    "leader_changes",
+    "commit_index",
+    "apply_index",
+    "revision",
+    "pre_votes",
+    "service_",
+];
+
+/// The series of `GET /metrics/regions`.
+pub const REGION_FAMILIES: &[&str] = &["region_"];
 
 impl Default for Metrics {
     fn default() -> Self {

@@ -62,13 +62,25 @@ pub struct Args {
 }
 
 #[derive(Subcommand, Debug)]
+enum RegionsCommand {
+    /// Each standby region compares its shipped checksum with the primary's at the same
+    /// revision, now (given a primary region's endpoints: every standby; a standby's: that
+    /// one). Exits 1 if any differs or could not compare.
+    Verify,
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run a region member (the daemon)
     Node(Box<NodeArgs>),
     /// Show the region: leader, term, revision and checksum (shipped and local), members
     Status,
-    /// Every region: role, epoch, whether it answers, last contact, revision and checksum
-    Regions,
+    /// Every region: role, epoch, whether it answers, last contact, revision and checksum;
+    /// `regions verify` compares each standby's state with the primary's now
+    Regions {
+        #[command(subcommand)]
+        command: Option<RegionsCommand>,
+    },
     /// Read and write keys
     #[command(subcommand)]
     Kv(KvCommand),
@@ -463,7 +475,45 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             });
             Ok(())
         }
-        Command::Regions => {
+        Command::Regions {
+            command: Some(RegionsCommand::Verify),
+        } => {
+            let answer = client()?.regions_verify().await?;
+            print(output, &answer, |a| {
+                let lines: Vec<String> = a
+                    .verifications
+                    .iter()
+                    .map(|v| match (&v.error, v.matched, v.revision) {
+                        (Some(error), _, _) => format!("{}: not verified: {error}", v.region),
+                        (None, Some(true), Some(revision)) => format!(
+                            "{}: equal to the primary at revision {revision} (checksum {})",
+                            v.region,
+                            v.standby_checksum.as_deref().unwrap_or("-")
+                        ),
+                        (None, _, revision) => format!(
+                            "{}: DIFFERS from the primary at revision {}: standby {}, primary {}: its reads are suspect",
+                            v.region,
+                            revision.unwrap_or(0),
+                            v.standby_checksum.as_deref().unwrap_or("-"),
+                            v.primary_checksum.as_deref().unwrap_or("-")
+                        ),
+                    })
+                    .collect();
+                if lines.is_empty() {
+                    "no standby region to verify".to_string()
+                } else {
+                    lines.join("\n")
+                }
+            });
+            let all_equal = answer.verifications.iter().all(|v| v.matched == Some(true));
+            if !all_equal {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "not every standby region is verified equal to the primary"
+                )));
+            }
+            Ok(())
+        }
+        Command::Regions { command: None } => {
             let answer = client()?.regions().await?;
             print(output, &answer, |a| {
                 let mut text = format!("seen from region {} (primary {})\n", a.region, a.primary);

@@ -385,6 +385,93 @@ pub async fn log(
         .into_response()
 }
 
+/// How long an on-demand verification may wait for the standby to reach the primary's
+/// last reported revision.
+const VERIFY_NOW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `POST /v1/regions/verify`: on a standby (its leader: the call is forwarded there), one
+/// verification now, recorded as the periodic ones are; on a primary region's node, the
+/// same asked of every standby region, through its region link.
+pub async fn verify(
+    State(node): State<Shared>,
+) -> Result<Json<rampart_core::api::VerifyResponse>, crate::error::ApiError> {
+    use rampart_core::api::{Verification, VerifyResponse};
+    let regions = &node.config.regions;
+    if node.is_standby() {
+        let failed = |error: &str| Verification {
+            region: node.config.region.clone(),
+            revision: None,
+            matched: None,
+            standby_checksum: None,
+            primary_checksum: None,
+            at_ms: None,
+            error: Some(error.to_string()),
+        };
+        let deadline = Instant::now() + VERIFY_NOW_TIMEOUT;
+        let verification = match verify_once(&node, &regions.primary, deadline).await {
+            Some(verified) => {
+                record_verification(&node, &regions.primary, verified.clone()).await;
+                Verification {
+                    region: node.config.region.clone(),
+                    revision: Some(verified.revision),
+                    matched: Some(verified.matched),
+                    standby_checksum: Some(verified.own_checksum),
+                    primary_checksum: Some(verified.primary_checksum),
+                    at_ms: Some(verified.at_ms),
+                    error: None,
+                }
+            }
+            None => failed(&format!(
+                "no comparison within {VERIFY_NOW_TIMEOUT:?}: the primary region {} has not answered, or this standby did not reach its last reported revision",
+                regions.primary
+            )),
+        };
+        return Ok(Json(VerifyResponse {
+            verifications: vec![verification],
+        }));
+    }
+    let standbys = regions.known.iter().filter(|(_, r)| !r.witness);
+    let asks = standbys.map(|(name, region)| ask_verify(&node, name, region));
+    let verifications = futures_util::future::join_all(asks).await;
+    Ok(Json(VerifyResponse { verifications }))
+}
+
+/// Asks standby region `name` for a verification now, trying its endpoints in turn.
+async fn ask_verify(node: &Shared, name: &str, region: &KnownRegion) -> rampart_core::api::Verification {
+    let mut last_error = String::from("no endpoint");
+    for endpoint in &region.endpoints {
+        let url = crate::forward::url(node, &endpoint.to_string(), "/v1/regions/verify");
+        let answer = node
+            .region_http
+            .post(url)
+            .timeout(VERIFY_NOW_TIMEOUT + Duration::from_secs(5))
+            .send()
+            .await;
+        match answer {
+            Ok(answer) if answer.status().is_success() => {
+                match answer.json::<rampart_core::api::VerifyResponse>().await {
+                    Ok(mut response) if !response.verifications.is_empty() => {
+                        return response.verifications.remove(0);
+                    }
+                    Ok(_) => last_error = format!("{endpoint}: an empty answer"),
+                    Err(e) => last_error = format!("{endpoint}: {e}"),
+                }
+            }
+            Ok(answer) => last_error = format!("{endpoint}: answered {}", answer.status()),
+            Err(e) => last_error = format!("{endpoint}: {e}"),
+        }
+    }
+    rampart_core::api::Verification {
+        region: name.to_string(),
+        revision: None,
+        matched: None,
+        standby_checksum: None,
+        primary_checksum: None,
+        at_ms: None,
+        error: Some(last_error),
+    }
+}
+
 /// Keys per install step: about this many bytes of keys and values.
 const SEED_CHUNK_BYTES: usize = 1 << 20;
 

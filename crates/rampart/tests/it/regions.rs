@@ -336,7 +336,7 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     .await;
     assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
     eventually(DEADLINE, "a region.caught_up event", || events("region.caught_up")).await;
-    let metrics = reqwest::get(format!("http://{east_addr}/metrics"))
+    let metrics = reqwest::get(format!("http://{east_addr}/metrics/regions"))
         .await
         .expect("metrics")
         .text()
@@ -345,6 +345,20 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     assert!(
         metrics.contains("rampart_region_lag_revisions{region=\"west\"} 0"),
         "{metrics}"
+    );
+    assert!(
+        !metrics.contains("rampart_raft_term"),
+        "only the region series: {metrics}"
+    );
+    let ha = reqwest::get(format!("http://{east_addr}/metrics/ha"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        ha.contains("rampart_raft_term ") && ha.contains("rampart_is_leader 1") && !ha.contains("rampart_region_"),
+        "{ha}"
     );
     assert!(
         metrics.contains("rampart_region_reachable{region=\"west\"} 1"),
@@ -438,6 +452,11 @@ async fn a_corrupted_standby_is_found_by_verification() {
     .await;
     let health = format!("http://{west_addr}/health/regions");
     assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
+    // On demand, asked of the primary: every standby compares now.
+    let east_endpoint = format!("--endpoints={east_addr}");
+    let (code, out, err) = crate::cli::run(&[&east_endpoint, "regions", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("west: equal to the primary at revision"), "{out}");
 
     // Offline, one value in the standby's snapshot is changed (same length, still decodes).
     let data_dir = west.nodes[&1].data_dir.clone();
@@ -478,7 +497,13 @@ async fn a_corrupted_standby_is_found_by_verification() {
     assert_eq!(answer.status(), 503);
     let body: serde_json::Value = answer.json().await.expect("json");
     assert!(body["problems"].to_string().contains("reads are suspect"), "{body}");
-    let metrics = reqwest::get(format!("http://{west_addr}/metrics"))
+    // On demand, from either region, the difference is found again: exit 1.
+    for endpoint in [format!("--endpoints={west_addr}"), east_endpoint] {
+        let (code, out, err) = crate::cli::run(&[&endpoint, "regions", "verify"]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(out.contains("west: DIFFERS from the primary at revision"), "{out}");
+    }
+    let metrics = reqwest::get(format!("http://{west_addr}/metrics/regions"))
         .await
         .expect("metrics")
         .text()
