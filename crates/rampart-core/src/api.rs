@@ -270,6 +270,9 @@ pub struct ClusterStatus {
     /// to loopback only) or `insecure` (plaintext on a reachable address, by `--insecure`).
     #[serde(default)]
     pub security: String,
+    /// The answering node is a witness (`rampart node --witness`): it keeps no data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -58,6 +58,7 @@ pub const NODE_SETTINGS: &[&str] = &[
     "tls-key",
     "tls-ca",
     "insecure",
+    "witness",
     "alert-webhooks",
     "alert-slack-webhooks",
 ];
@@ -124,6 +125,8 @@ pub struct NodeConfig {
     pub tls: Option<TlsFiles>,
     /// Plaintext on a non-loopback address was asked for explicitly.
     pub insecure: bool,
+    /// A witness: a one-node region that keeps no data (`--witness`).
+    pub witness: bool,
     /// Services declared in the config file (`[services.NAME]`), registered by the leader.
     pub services: BTreeMap<String, crate::service::Policy>,
     /// URLs that receive alerts as JSON (the event), from the leader.
@@ -284,6 +287,18 @@ impl NodeConfig {
                  `rampart certs init`), or accept the risk with --insecure",
             ));
         }
+        let witness = match get("witness") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(ConfigError::new("witness", other, "expected true or false")),
+        };
+        if witness && !initial_cluster.is_empty() {
+            return Err(ConfigError::new(
+                "initial-cluster",
+                get("initial-cluster").unwrap_or_default(),
+                "a witness is a one-node region that keeps no data: leave out --initial-cluster",
+            ));
+        }
         let regions = crate::region::RegionsSpec::default()
             .validate(&region, &[listen, advertise])
             .expect("a region alone is a valid topology");
@@ -304,6 +319,7 @@ impl NodeConfig {
             limits,
             tls,
             insecure,
+            witness,
             services: BTreeMap::new(),
             alert_webhooks: parse_urls("alert-webhooks", get("alert-webhooks"))?,
             alert_slack_webhooks: parse_urls("alert-slack-webhooks", get("alert-slack-webhooks"))?,

@@ -478,6 +478,7 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         log_readers: node.log.readers(),
         members: member_list(&node),
         security: node.config.security().as_str().to_string(),
+        witness: false,
     })
 }
 

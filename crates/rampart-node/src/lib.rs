@@ -30,6 +30,7 @@ pub mod tls;
 mod tokens;
 pub mod vault;
 mod watch;
+mod witness;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
@@ -90,7 +91,53 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
 }
 
 /// Runs a node until Ctrl-C or SIGTERM.
+/// Creates the data dir, owner-only: the log, snapshots and the bootstrap token file live
+/// there.
+fn owner_only_data_dir(data_dir: &std::path::Path) -> Result<(), NodeError> {
+    let create = || -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)?;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+    };
+    create().map_err(|source| NodeError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })
+}
+
+/// Says at start how the node guards its port.
+fn log_security(config: &NodeConfig) {
+    match config.security() {
+        Security::Tls => tracing::info!("TLS on: mutual TLS between peers, API tokens required"),
+        Security::Loopback => tracing::warn!(
+            listen = %config.listen,
+            "no TLS: serving plaintext without tokens, reachable from this machine only; \
+             give --tls-cert/--tls-key/--tls-ca to serve other machines"
+        ),
+        Security::Insecure => tracing::warn!(
+            listen = %config.listen,
+            "--insecure: serving plaintext WITHOUT TLS OR TOKENS on a reachable address; anyone who \
+             can connect can read and change everything and join the region as a peer"
+        ),
+    }
+}
+
+async fn bind(config: &NodeConfig) -> Result<tokio::net::TcpListener, NodeError> {
+    tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })
+}
+
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    if config.witness {
+        return witness::run(config).await;
+    }
     // A missing or unusable backup key stops the node before it touches anything, not at
     // its first backup.
     let backups = config.backup.as_ref().map(vault::Backups::open).transpose()?;
@@ -98,19 +145,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         backups.vault.refuse_restored_from_here(&config.data_dir)?;
     }
     let data_dir = config.data_dir.clone();
-    // Owner-only: the log, snapshots and the bootstrap token file live here.
-    let owner_only = || -> std::io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&data_dir)?;
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
-    };
-    owner_only().map_err(|source| NodeError::DataDir {
-        path: data_dir.display().to_string(),
-        source,
-    })?;
+    owner_only_data_dir(&data_dir)?;
     let metrics = Arc::new(Metrics::new());
     let fsync_metrics = metrics.clone();
     let store_path = data_dir.join("rampart.redb");
@@ -141,25 +176,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     log.set_max_retained_bytes(config.max_retained_log_bytes);
 
     let tls = config.tls.as_ref().map(tls::NodeTls::load).transpose()?;
-    match config.security() {
-        Security::Tls => tracing::info!("TLS on: mutual TLS between peers, API tokens required"),
-        Security::Loopback => tracing::warn!(
-            listen = %config.listen,
-            "no TLS: serving plaintext without tokens, reachable from this machine only; \
-             give --tls-cert/--tls-key/--tls-ca to serve other machines"
-        ),
-        Security::Insecure => tracing::warn!(
-            listen = %config.listen,
-            "--insecure: serving plaintext WITHOUT TLS OR TOKENS on a reachable address; anyone who \
-             can connect can read and change everything and join the region as a peer"
-        ),
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen.to_string(),
-            source,
-        })?;
+    log_security(&config);
+    let listener = bind(&config).await?;
 
     let links = Arc::new(peer::PeerLinks::default());
     let network = peer::PeerNetwork {

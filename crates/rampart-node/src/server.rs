@@ -20,7 +20,7 @@ use crate::peer::{serve_peer, PeerTiming, PEER_MAGIC};
 use crate::tls::{is_node_certificate, PEER_ALPN, REGION_ALPN};
 
 /// How long a new connection may take to send its first bytes or finish its handshake.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open connections a node serves at once (API clients, watches and peer links). Beyond
 /// it a new connection is closed at once: a flood of connections, or of TLS handshakes,
 /// cannot take the node's memory and CPU from the region.
@@ -124,7 +124,7 @@ async fn serve_tls(stream: TcpStream, source: SocketAddr, node: Shared, router: 
     serve_http(stream, connection, router).await;
 }
 
-async fn serve_http<S>(stream: S, connection: Connection, router: axum::Router)
+pub(crate) async fn serve_http<S>(stream: S, connection: Connection, router: axum::Router)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

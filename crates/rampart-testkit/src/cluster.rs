@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     pub addresses: Vec<SocketAddr>,
     /// Environment variables for every node, e.g. S3 credentials.
     pub env: Vec<(String, String)>,
+    /// A witness region: one `rampart node --witness`, no `--initial-cluster`.
+    pub witness: bool,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             tls: false,
             addresses: Vec::new(),
             env: Vec::new(),
+            witness: false,
         }
     }
 }
@@ -176,7 +179,11 @@ impl Cluster {
         let initial: Vec<String> = addrs.iter().map(|(id, addr)| format!("{id}={addr}")).collect();
         let initial = initial.join(",");
         for (id, addr) in &addrs {
-            let mut args = vec!["--initial-cluster".to_string(), initial.clone()];
+            let mut args = if options.witness {
+                vec!["--witness".to_string()]
+            } else {
+                vec!["--initial-cluster".to_string(), initial.clone()]
+            };
             args.extend(cluster.peer_via_args(*id, addrs.keys().copied()));
             cluster.spawn(*id, *addr, args)?;
         }

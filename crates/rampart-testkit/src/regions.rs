@@ -19,6 +19,8 @@ pub struct RegionSpec {
     pub nodes: usize,
     /// Extra `rampart node` flags for this region's nodes.
     pub node_args: Vec<String>,
+    /// A witness (`rampart node --witness`, one node).
+    pub witness: bool,
 }
 
 impl RegionSpec {
@@ -27,6 +29,15 @@ impl RegionSpec {
             name: name.to_string(),
             nodes,
             node_args: Vec::new(),
+            witness: false,
+        }
+    }
+
+    /// A witness region of one node.
+    pub fn witness(name: &str) -> RegionSpec {
+        RegionSpec {
+            witness: true,
+            ..RegionSpec::new(name, 1)
         }
     }
 }
@@ -94,6 +105,7 @@ impl Regions {
                 node_args,
                 base_dir: Some(base),
                 tls: options.tls,
+                witness: spec.witness,
                 ..ClusterOptions::default()
             };
             clusters.insert(
@@ -182,9 +194,10 @@ fn config_text(options: &RegionsOptions, own: &str, links: &BTreeMap<(String, St
         let relays = &links[&(own.to_string(), spec.name.clone())];
         let endpoints: Vec<String> = relays.iter().map(|r| format!("\"{}\"", r.addr())).collect();
         text.push_str(&format!(
-            "[regions.known.{}]\nendpoints = [{}]\n",
+            "[regions.known.{}]\nendpoints = [{}]\nwitness = {}\n",
             spec.name,
-            endpoints.join(", ")
+            endpoints.join(", "),
+            spec.witness
         ));
     }
     text

@@ -61,6 +61,13 @@ pub struct Args {
     command: Command,
 }
 
+impl Args {
+    /// A witness runs on one thread: it keeps no data and serves little.
+    pub fn is_witness(&self) -> bool {
+        matches!(&self.command, Command::Node(node) if node.witness)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum RegionsCommand {
     /// Each standby region compares its shipped checksum with the primary's at the same

@@ -81,6 +81,10 @@ pub struct NodeArgs {
     /// read, write and join the region); without TLS a node otherwise binds loopback only
     #[arg(long, env = "RAMPART_INSECURE")]
     insecure: bool,
+    /// Run as a witness: a one-node region that keeps no data, answers region health and
+    /// votes in region failover (give it --region, --primary-region and the other regions)
+    #[arg(long, env = "RAMPART_WITNESS")]
+    pub witness: bool,
     /// Send alerts (primary changes, instances down, failed hooks) as JSON to these URLs
     #[arg(long, env = "RAMPART_ALERT_WEBHOOKS")]
     alert_webhooks: Option<String>,
@@ -126,6 +130,9 @@ impl NodeArgs {
         let mut flags: Vec<_> = flags.into_iter().map(|(name, value)| (name, value.clone())).collect();
         if self.insecure {
             flags.push(("insecure", Some("true".to_string())));
+        }
+        if self.witness {
+            flags.push(("witness", Some("true".to_string())));
         }
         flags
     }
@@ -275,6 +282,12 @@ pub fn config(args: &NodeArgs) -> Result<(NodeConfig, Option<NodeProxy>), Failur
     config.regions = regions
         .validate(&config.region, &[config.listen, config.advertise])
         .map_err(|e| Failure::usage(e.into()))?;
+    if config.witness && config.regions.primary == config.region {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "invalid regions.primary {:?}: a witness's own region cannot be the primary; give --primary-region",
+            config.regions.primary
+        )));
+    }
     Ok((config, tables.proxy))
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::Json;
 use rampart_core::api::{ClusterStatus, Event, RegionStatus, RegionsResponse};
-use rampart_core::region::{Contact, KnownRegion, Reach};
+use rampart_core::region::{Contact, KnownRegion, Reach, Regions};
 
 use crate::node::{now_ms, Shared};
 use crate::soft::RegionSeen;
@@ -29,40 +29,14 @@ pub async fn run(node: Shared) {
     let timeout = Duration::from_millis(regions.region_timeout_ms);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The endpoint of each region to ask first: the one that answered last.
     let mut first = vec![0usize; regions.known.len()];
     // Standbys this (primary region's) node has seen past `max_lag`.
     let mut over: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
     loop {
         tick.tick().await;
-        let asks = regions
-            .known
-            .values()
-            .zip(first.iter().copied())
-            .map(|(region, start)| ask(&node, region, start, interval));
-        let answers = futures_util::future::join_all(asks).await;
-        let now = Instant::now();
-        for ((name, answer), first) in regions.known.keys().zip(answers).zip(first.iter_mut()) {
-            let reach = {
-                let mut seen = node.regions.lock().expect("regions lock");
-                let seen = seen.entry(name.clone()).or_insert_with(|| RegionSeen {
-                    contact: Contact::new(now),
-                    last_contact_ms: None,
-                    status: None,
-                });
-                match answer {
-                    Some((index, status)) => {
-                        *first = index;
-                        seen.last_contact_ms = Some(now_ms());
-                        seen.status = Some(status);
-                        seen.contact.answered(now)
-                    }
-                    None => seen.contact.missed(now, timeout),
-                }
-            };
-            if let Some(reach) = reach {
-                report(&node, name, reach, timeout).await;
-            }
+        let tls = node.tls.is_some();
+        for (name, reach) in poll(&node.region_http, tls, &regions, &node.regions, &mut first).await {
+            report(&node, &name, reach, timeout).await;
         }
         if !node.is_standby() {
             for standby in view(&node).regions.into_iter().filter(|r| !r.this_region) {
@@ -76,6 +50,50 @@ pub async fn run(node: Shared) {
             }
         }
     }
+}
+
+/// What a node or a witness last heard from each other region, by name.
+pub type Seen = std::sync::Mutex<std::collections::BTreeMap<String, RegionSeen>>;
+
+/// One round of region health: asks every region in `regions` for its status at once
+/// (each from the endpoint in `first` that answered last, which it updates), notes the
+/// answers in `seen`, and returns the regions lost or regained by this round.
+pub async fn poll(
+    http: &reqwest::Client,
+    tls: bool,
+    regions: &Regions,
+    seen: &Seen,
+    first: &mut [usize],
+) -> Vec<(String, Reach)> {
+    let interval = Duration::from_millis(regions.health_check_interval_ms);
+    let timeout = Duration::from_millis(regions.region_timeout_ms);
+    let asks = regions
+        .known
+        .values()
+        .zip(first.iter().copied())
+        .map(|(region, start)| ask(http, tls, region, start, interval));
+    let answers = futures_util::future::join_all(asks).await;
+    let now = Instant::now();
+    let mut changes = Vec::new();
+    for ((name, answer), first) in regions.known.keys().zip(answers).zip(first.iter_mut()) {
+        let mut seen = seen.lock().expect("regions lock");
+        let seen = seen.entry(name.clone()).or_insert_with(|| RegionSeen {
+            contact: Contact::new(now),
+            last_contact_ms: None,
+            status: None,
+        });
+        let reach = match answer {
+            Some((index, status)) => {
+                *first = index;
+                seen.last_contact_ms = Some(now_ms());
+                seen.status = Some(status);
+                seen.contact.answered(now)
+            }
+            None => seen.contact.missed(now, timeout),
+        };
+        changes.extend(reach.map(|r| (name.clone(), r)));
+    }
+    changes
 }
 
 /// The leader records a standby passing `max_lag` or coming back under it.
@@ -123,11 +141,18 @@ fn region_event(node: &Shared, action: &str, outcome: &str, detail: String) -> E
 
 /// The region's status from the first of its endpoints (from `start` on) that answers
 /// within `timeout`, with that endpoint's index.
-async fn ask(node: &Shared, region: &KnownRegion, start: usize, timeout: Duration) -> Option<(usize, ClusterStatus)> {
+async fn ask(
+    http: &reqwest::Client,
+    tls: bool,
+    region: &KnownRegion,
+    start: usize,
+    timeout: Duration,
+) -> Option<(usize, ClusterStatus)> {
     let count = region.endpoints.len();
+    let scheme = if tls { "https" } else { "http" };
     for index in (start..count).chain(0..start) {
-        let url = crate::forward::url(node, &region.endpoints[index].to_string(), "/v1/cluster");
-        let answer = node.region_http.get(url).timeout(timeout).send().await;
+        let url = format!("{scheme}://{}/v1/cluster", region.endpoints[index]);
+        let answer = http.get(url).timeout(timeout).send().await;
         let Ok(answer) = answer else { continue };
         if let Ok(status) = answer.error_for_status().map(|a| a.json::<ClusterStatus>()) {
             if let Ok(status) = status.await {
@@ -166,23 +191,13 @@ pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
 /// The regions as this node sees them, with the lag it can tell (see `RegionStatus`).
 pub fn view(node: &Shared) -> RegionsResponse {
     let regions = &node.config.regions;
-    let role = |name: &str, witness: bool| {
-        if witness {
-            "witness"
-        } else if name == regions.primary {
-            "primary"
-        } else {
-            "standby"
-        }
-    };
-    let timeout = Duration::from_millis(regions.region_timeout_ms);
     let seen = node.regions.lock().expect("regions lock").clone();
     let applied = node.applied.read().expect("state lock");
     let own_revision = applied.state.revision();
     let now = Instant::now();
     let mut own = RegionStatus {
         name: node.config.region.clone(),
-        role: role(&node.config.region, false).into(),
+        role: role(regions, &node.config.region, false).into(),
         epoch: 1,
         this_region: true,
         endpoints: applied
@@ -212,29 +227,10 @@ pub fn view(node: &Shared) -> RegionsResponse {
     let applied = node.applied.read().expect("state lock");
     let mut others = Vec::new();
     for (name, region) in &regions.known {
-        let seen = seen.get(name);
-        let status = seen.and_then(|s| s.status.as_ref());
-        let mut entry = RegionStatus {
-            name: name.clone(),
-            role: role(name, region.witness).into(),
-            epoch: 1,
-            this_region: false,
-            endpoints: region.endpoints.iter().map(|a| a.to_string()).collect(),
-            reachable: seen.is_some_and(|s| s.last_contact_ms.is_some() && s.contact.reachable(now, timeout)),
-            last_contact_ms: seen.and_then(|s| s.last_contact_ms),
-            revision: status.map(|s| s.revision),
-            checksum: status.map(|s| s.checksum.clone()),
-            leader: status.and_then(|s| s.leader),
-            lag_revisions: None,
-            lag_bytes: None,
-            lag_ms: None,
-            checksum_match: None,
-            verified_revision: None,
-            verified_ms: None,
-        };
-        match status {
+        let mut entry = seen_as(regions, name, region, seen.get(name), now);
+        match seen.get(name).and_then(|s| s.status.as_ref()) {
             // This region is the primary: each standby's lag, from the writes kept here.
-            Some(status) if !node.is_standby() && !region.witness => {
+            Some(status) if !node.is_standby() && !region.witness && !status.witness => {
                 let behind = own_revision.saturating_sub(status.revision);
                 entry.lag_revisions = Some(behind);
                 if behind == 0 {
@@ -260,12 +256,58 @@ pub fn view(node: &Shared) -> RegionsResponse {
     }
 }
 
+/// A region's role in `regions`.
+pub fn role(regions: &Regions, name: &str, witness: bool) -> &'static str {
+    if witness {
+        "witness"
+    } else if name == regions.primary {
+        "primary"
+    } else {
+        "standby"
+    }
+}
+
+/// Another region as last heard (`seen`), without lag or verification.
+pub fn seen_as(
+    regions: &Regions,
+    name: &str,
+    region: &KnownRegion,
+    seen: Option<&RegionSeen>,
+    now: Instant,
+) -> RegionStatus {
+    let timeout = Duration::from_millis(regions.region_timeout_ms);
+    let status = seen.and_then(|s| s.status.as_ref());
+    // A witness is one by its configuration (`witness = true`) or by its own answer.
+    let witness = region.witness || status.is_some_and(|s| s.witness);
+    RegionStatus {
+        name: name.to_string(),
+        role: role(regions, name, witness).into(),
+        epoch: 1,
+        this_region: false,
+        endpoints: region.endpoints.iter().map(|a| a.to_string()).collect(),
+        reachable: seen.is_some_and(|s| s.last_contact_ms.is_some() && s.contact.reachable(now, timeout)),
+        last_contact_ms: seen.and_then(|s| s.last_contact_ms),
+        revision: status.map(|s| s.revision),
+        checksum: status.map(|s| s.checksum.clone()),
+        leader: status.and_then(|s| s.leader),
+        lag_revisions: None,
+        lag_bytes: None,
+        lag_ms: None,
+        checksum_match: None,
+        verified_revision: None,
+        verified_ms: None,
+    }
+}
+
 /// `/health/regions`: 200 when every other region answers and no standby is further behind
 /// than `regions.max_lag`, as this node sees them; else 503 with each problem.
 pub async fn health(State(node): State<Shared>) -> axum::response::Response {
+    health_answer(&view(&node), node.config.regions.max_lag_ms)
+}
+
+/// `/health/regions` for `view`: 200, or 503 listing why not.
+pub fn health_answer(view: &RegionsResponse, max_lag_ms: u64) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let view = view(&node);
-    let max_lag_ms = node.config.regions.max_lag_ms;
     let mut problems = Vec::new();
     let own = &view.regions[0];
     if own.checksum_match == Some(false) {
@@ -430,7 +472,24 @@ pub async fn verify(
             verifications: vec![verification],
         }));
     }
-    let standbys = regions.known.iter().filter(|(_, r)| !r.witness);
+    let witnesses: Vec<String> = {
+        let seen = node.regions.lock().expect("regions lock");
+        let answered_as_witness = |name: &String| {
+            seen.get(name)
+                .and_then(|s| s.status.as_ref())
+                .is_some_and(|s| s.witness)
+        };
+        regions
+            .known
+            .keys()
+            .filter(|name| answered_as_witness(name))
+            .cloned()
+            .collect()
+    };
+    let standbys = regions
+        .known
+        .iter()
+        .filter(|(name, r)| !r.witness && !witnesses.contains(name));
     let asks = standbys.map(|(name, region)| ask_verify(&node, name, region));
     let verifications = futures_util::future::join_all(asks).await;
     Ok(Json(VerifyResponse { verifications }))

@@ -357,3 +357,36 @@ fn a_bad_region_topology_exits_2_naming_the_field() {
     assert!(stderr.contains("[regions]") && stderr.contains("max_lagg"), "{stderr}");
     assert!(!Path::new(data).exists(), "refused before the data dir was made");
 }
+
+#[test]
+fn a_witness_with_data_or_as_the_primary_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("w").display().to_string();
+    let witness = |extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--witness",
+            "--id",
+            "1",
+            "--region",
+            "judge",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            &data,
+            "--known-region",
+            "east=127.0.0.1:2",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (code, _, err) = witness(&["--primary-region", "east", "--initial-cluster", "1=127.0.0.1:1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("initial-cluster") && err.contains("a witness is a one-node region"),
+        "{err}"
+    );
+    let (code, _, err) = witness(&["--primary-region", "judge"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("regions.primary") && err.contains("witness"), "{err}");
+}

@@ -799,3 +799,63 @@ async fn the_region_link_is_mutual_tls_and_a_node_of_another_ca_cannot_open_it()
     assert!(!other(&seen).reachable, "{seen:?}");
     assert_eq!(rogue_client.cluster().await.expect("status").revision, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_witness_keeps_no_data_answers_region_health_and_is_watched() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![
+            RegionSpec::new("east", 1),
+            RegionSpec::new("west", 1),
+            RegionSpec::witness("judge"),
+        ],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"500ms\"".into(),
+        ],
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (primary, witness) = (regions.client("east"), regions.client("judge"));
+    primary
+        .put("judge/k", "v", rampart_client::PutOptions::default())
+        .await
+        .expect("put");
+    let status = witness.cluster().await.expect("the witness's status");
+    assert!(status.witness && status.revision == 0, "{status:?}");
+
+    // The witness sees the other regions, and they see it, as a witness.
+    let seen = eventually(DEADLINE, "the witness to see both regions", || async {
+        let seen = witness.regions().await.ok()?;
+        seen.regions.iter().all(|r| r.reachable).then_some(seen)
+    })
+    .await;
+    let roles: Vec<(&str, &str)> = seen
+        .regions
+        .iter()
+        .map(|r| (r.name.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("judge", "witness"), ("east", "primary"), ("west", "standby")]);
+    let judge_of = |view: &RegionsResponse| view.regions.iter().find(|r| r.name == "judge").cloned();
+    let judge = eventually(DEADLINE, "the primary to see the witness", || async {
+        judge_of(&primary.regions().await.ok()?).filter(|j| j.reachable)
+    })
+    .await;
+    assert_eq!(judge.role, "witness");
+    assert_eq!(judge.lag_revisions, None, "a witness has no data to lag");
+    wait_caught_up(&primary, &regions.client("west")).await;
+    let witness_dir = regions.region("judge").nodes[&1].data_dir.clone();
+    assert!(!witness_dir.join("rampart.redb").exists(), "a witness keeps no data");
+
+    // Gone: the primary reports it unreachable, in /health/regions and as an event.
+    regions.region_mut("judge").kill(1);
+    eventually(DEADLINE, "region.unreachable for the witness", || async {
+        let lost = event(&primary, "region.unreachable").await?;
+        lost.detail.contains("judge: no answer").then_some(())
+    })
+    .await;
+    let health = format!("http://{}/health/regions", regions.region("east").endpoints()[0]);
+    let body: serde_json::Value = reqwest::get(&health).await.expect("health").json().await.expect("json");
+    assert!(body["problems"].to_string().contains("judge: unreachable"), "{body}");
+}
