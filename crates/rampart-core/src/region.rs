@@ -260,6 +260,24 @@ pub fn lag_crossed(was_over: bool, lag_ms: Option<u64>, max_lag_ms: u64) -> Opti
     (over != was_over).then_some(over)
 }
 
+impl Regions {
+    /// Whether an instance registered in `region` is a *standby instance* as seen by a
+    /// node of region `own`: it is in a region of this deployment (this one or a known one)
+    /// that is not the primary. Standby instances are never promoted by a service failover,
+    /// only by a region failover. A region name no region goes by is a label, not a region.
+    pub fn in_standby_region(&self, own: &str, region: &str) -> bool {
+        region != self.primary && (region == own || self.known.contains_key(region))
+    }
+
+    /// Whether this region's nodes look after an instance registered in `region` (probe
+    /// it, commit its verdicts, run its hooks, supervise it): one of this region, or of a
+    /// name no other region goes by. Another region's instances are its own nodes' to
+    /// watch: verdicts are region-local.
+    pub fn looks_after(&self, region: &str) -> bool {
+        !self.known.contains_key(region)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +301,25 @@ mod tests {
     fn validate(spec: &RegionsSpec) -> Result<Regions, FieldError> {
         let own: Vec<SocketAddr> = OWN.iter().map(|a| addr(a)).collect();
         spec.validate("us-west-2", &own)
+    }
+
+    #[test]
+    fn instances_of_another_known_region_are_its_own_and_standbys_unless_primary() {
+        let primary = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
+        let regions = validate(&primary).expect("valid");
+        // Seen from us-west-2, a standby region.
+        assert!(regions.in_standby_region("us-west-2", "us-west-2"));
+        assert!(!regions.in_standby_region("us-west-2", "us-east-1"));
+        assert!(
+            !regions.in_standby_region("us-west-2", "rack-7"),
+            "a label, not a region"
+        );
+        assert!(regions.looks_after("us-west-2") && regions.looks_after("rack-7"));
+        assert!(!regions.looks_after("us-east-1"), "the primary region watches its own");
+        // A region alone: every name is its own or a label; nothing is a standby.
+        let alone = RegionsSpec::default().validate("local", &[]).expect("valid");
+        assert!(!alone.in_standby_region("local", "local") && !alone.in_standby_region("local", "us-east-1"));
+        assert!(alone.looks_after("us-east-1"));
     }
 
     #[test]

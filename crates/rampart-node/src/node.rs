@@ -131,6 +131,18 @@ impl Node {
             .map(|n| n.addr.clone())
     }
 
+    /// Whether this node hosts `instance`: it names this node's id, and it is registered in
+    /// this region (node ids are per region: another region's node 1 is not this one).
+    pub fn hosts(&self, instance: &rampart_core::service::Instance) -> bool {
+        instance.node == Some(self.id) && self.config.regions.looks_after(&instance.region)
+    }
+
+    /// Whether an instance registered in `region` is a standby instance, promoted only by a
+    /// region failover (`core::region::Regions::in_standby_region`).
+    pub fn in_standby_region(&self, region: &str) -> bool {
+        self.config.regions.in_standby_region(&self.config.region, region)
+    }
+
     /// Whether this region is a standby: its shipped state changes only by the primary
     /// region's writes (`Op::Replicate`), never by its own.
     pub fn is_standby(&self) -> bool {

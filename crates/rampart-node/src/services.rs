@@ -142,7 +142,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(name: &str, service: &Service, local: &Local, soft: &crate::soft::Soft) -> ServiceView {
+fn view(node: &Shared, name: &str, service: &Service, local: &Local, soft: &crate::soft::Soft) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),
@@ -156,7 +156,12 @@ fn view(name: &str, service: &Service, local: &Local, soft: &crate::soft::Soft) 
                 region: r.instance.region.clone(),
                 zone: r.instance.zone.clone(),
                 priority: r.instance.priority,
-                role: r.role,
+                // An instance of a standby region is a standby, whatever it held before.
+                role: if node.in_standby_region(&r.instance.region) {
+                    InstanceRole::Standby
+                } else {
+                    r.role
+                },
                 health: local.verdict(name, id).health,
                 ready: local.verdict(name, id).ready,
                 node: r.instance.node,
@@ -231,6 +236,7 @@ fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
         .get(name)
         .ok_or_else(|| service_not_found(name))?;
     let mut view = view(
+        node,
         name,
         service,
         &applied.state.local,
@@ -330,6 +336,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
                 health: local.verdict(&name, id).health,
                 priority: r.instance.priority,
                 in_primary_region: r.instance.region == primary_region,
+                in_standby_region: node.in_standby_region(&r.instance.region),
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
                 lag_revisions: soft.lag_revisions(&name, id),

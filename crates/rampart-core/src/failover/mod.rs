@@ -29,6 +29,9 @@ pub struct Candidate {
     /// `replica-priority 0`).
     pub priority: u32,
     pub in_primary_region: bool,
+    /// Registered in a standby region of the deployment (`Regions::in_standby_region`):
+    /// only a region failover promotes it.
+    pub in_standby_region: bool,
     /// Revisions behind the primary, as last reported; `None` if it never reports lag (a
     /// stateless instance: nothing to lose).
     pub lag_revisions: Option<u64>,
@@ -64,6 +67,8 @@ pub enum Refusal {
     NeverPromote,
     Fenced,
     Damped,
+    /// In a standby region: only a region failover promotes it.
+    InStandbyRegion,
     /// Promotable, but another instance comes first.
     Outranked {
         by: String,
@@ -90,6 +95,9 @@ fn hard_refusals(c: &Candidate, rules: Rules) -> Vec<Refusal> {
     let mut reasons = Vec::new();
     if c.is_primary {
         reasons.push(Refusal::IsPrimary);
+    }
+    if c.in_standby_region {
+        reasons.push(Refusal::InStandbyRegion);
     }
     if c.health != Health::Up {
         reasons.push(Refusal::Unhealthy { health: c.health });
@@ -259,6 +267,7 @@ mod tests {
             health: Health::Up,
             priority,
             in_primary_region: true,
+            in_standby_region: false,
             lag_revisions: Some(lag),
             synchronous: false,
             fenced: false,
@@ -331,6 +340,18 @@ mod tests {
         assert_eq!(answer[0].id, "sync");
         assert_eq!(answer[0].rank, Some(1));
         assert_eq!(answer[1].reasons, vec![Refusal::NotSynchronous]);
+    }
+
+    #[test]
+    fn an_instance_in_a_standby_region_is_never_promoted_by_a_service_failover() {
+        let mut far = replica("far", 1000, 0);
+        far.in_standby_region = true;
+        let answer = eligibility(&[far, replica("near", 1, 50)], LOOSE);
+        assert_eq!(answer[0].id, "near");
+        assert_eq!((answer[1].id.as_str(), answer[1].rank), ("far", None));
+        assert_eq!(answer[1].reasons, vec![Refusal::InStandbyRegion]);
+        let json = serde_json::to_value(&answer[1].reasons[0]).expect("json");
+        assert_eq!(json["reason"], "in_standby_region");
     }
 
     #[test]

@@ -233,7 +233,7 @@ pub(crate) async fn service_part(
         let hosted = applied
             .state
             .backup_source(&name)
-            .filter(|(_, record)| record.instance.node == Some(node.id))
+            .filter(|(_, record)| node.hosts(&record.instance))
             .map(|(instance, _)| instance.to_string());
         let instance = hosted.ok_or_else(|| {
             ApiError::new(

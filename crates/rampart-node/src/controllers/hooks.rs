@@ -106,7 +106,7 @@ fn hosts_a_primary(node: &Shared) -> bool {
     applied.state.shipped.services.values().any(|service| {
         service
             .primary_record()
-            .is_some_and(|(_, record)| record.instance.node == Some(node.id))
+            .is_some_and(|(_, record)| node.hosts(&record.instance))
     })
 }
 
@@ -118,7 +118,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
         let Some((primary, record)) = service.primary_record() else {
             continue;
         };
-        if record.instance.node != Some(node.id) {
+        if !node.hosts(&record.instance) {
             continue;
         }
         let key = (service_name.clone(), primary.to_string());
@@ -156,7 +156,7 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) ->
             .map(|(_, r)| r.instance.endpoint.clone())
             .unwrap_or_default();
         for (id, record) in &service.instances {
-            if record.instance.node != Some(node.id) {
+            if !node.hosts(&record.instance) {
                 continue;
             }
             let hooks = &service.policy.hooks;

@@ -175,7 +175,12 @@ fn desired_probes(node: &Shared) -> HashMap<(InstanceKey, usize), ProbeSpec> {
         if !probers.is_empty() && !probers.contains(&node.id) {
             continue;
         }
-        for (id, record) in &service.instances {
+        // Another region's instances are its own nodes' to probe: verdicts are region-local.
+        let ours = service
+            .instances
+            .iter()
+            .filter(|(_, r)| node.config.regions.looks_after(&r.instance.region));
+        for (id, record) in ours {
             for (index, check) in service.policy.checks.iter().enumerate() {
                 // Heartbeat checks are judged by the leader from the instance's own calls.
                 if matches!(check.probe, Probe::Heartbeat { .. }) {

@@ -131,7 +131,7 @@ fn desired(node: &Shared) -> HashMap<InstanceKey, Spec> {
             let Some(command) = &record.instance.command else {
                 continue;
             };
-            if record.instance.node != Some(node.id) {
+            if !node.hosts(&record.instance) {
                 continue;
             }
             let recovery = &service.policy.recovery;

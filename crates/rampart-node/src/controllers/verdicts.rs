@@ -194,7 +194,11 @@ async fn evaluate(node: &Shared, keys: &[InstanceKey]) {
             let Some(service) = applied.state.shipped.services.get(&key.0) else {
                 continue;
             };
-            if !service.instances.contains_key(&key.1) {
+            // Another region's instances are judged by that region (verdicts are local).
+            let Some(record) = service.instances.get(&key.1) else {
+                continue;
+            };
+            if !node.config.regions.looks_after(&record.instance.region) {
                 continue;
             }
             let committed = applied.state.local.verdict(&key.0, &key.1);

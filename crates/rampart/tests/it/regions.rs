@@ -859,3 +859,98 @@ async fn a_witness_keeps_no_data_answers_region_health_and_is_watched() {
     let body: serde_json::Value = reqwest::get(&health).await.expect("health").json().await.expect("json");
     assert!(body["problems"].to_string().contains("judge: unreachable"), "{body}");
 }
+
+/// A TCP endpoint that accepts connections until dropped (a live instance for `tcp` checks).
+async fn live_endpoint() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let task = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_in_a_standby_region_is_watched_there_and_never_promoted_by_the_primary() {
+    use rampart_core::failover::Refusal;
+    use rampart_core::health::Health;
+    use rampart_core::service::{InstanceRole, InstanceSpec, PolicySpec};
+    let regions = linked_regions(&[]).await;
+    let (primary, standby) = (regions.client("east"), regions.client("west"));
+    let (near, near_task) = live_endpoint().await;
+    let (far, _far_task) = live_endpoint().await;
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    primary.service_put("db", &policy).await.expect("service");
+    // The standby-region instance has the higher priority: only its region keeps it out.
+    for (id, endpoint, region, priority) in [("near", &near, "east", 100), ("far", &far, "west", 1000)] {
+        let spec = InstanceSpec {
+            endpoint: endpoint.clone(),
+            region: Some(region.into()),
+            priority: Some(priority),
+            node: Some(1),
+            ..InstanceSpec::default()
+        };
+        primary.instance_put("db", id, &spec).await.expect("instance");
+    }
+
+    // A switchover to the standby-region instance is refused, naming why; to the primary
+    // region's own, done.
+    eventually(DEADLINE, "the primary region to judge its own instance up", || async {
+        let view = primary.service("db").await.ok()?;
+        let near = view.instances.iter().find(|i| i.id == "near")?;
+        (near.health == Health::Up).then_some(())
+    })
+    .await;
+    let refused = primary
+        .switchover("db", "far")
+        .await
+        .expect_err("not to a standby region");
+    assert!(
+        refused.to_string().contains("in_standby_region") || refused.to_string().contains("standby region"),
+        "{refused}"
+    );
+    primary.switchover("db", "near").await.expect("switchover to near");
+    let promoted = primary.service("db").await.expect("view");
+    assert_eq!(promoted.primary.as_deref(), Some("near"));
+    let far_seen = promoted.instances.iter().find(|i| i.id == "far").expect("far");
+    assert_eq!(
+        (far_seen.region.as_str(), far_seen.role),
+        ("west", InstanceRole::Standby)
+    );
+    assert_eq!(far_seen.health, Health::Unknown, "the primary region does not probe it");
+    let report = primary.eligibility("db").await.expect("eligibility");
+    let far_entry = report.instances.iter().find(|e| e.id == "far").expect("far");
+    assert_eq!(far_entry.rank, None);
+    assert!(far_entry.reasons.contains(&Refusal::InStandbyRegion), "{far_entry:?}");
+    let json = serde_json::to_string(&report).expect("json");
+    assert!(json.contains("\"reason\":\"in_standby_region\""), "{json}");
+
+    // The standby region watches its own instance (its verdicts are its own) and not the
+    // primary region's.
+    let seen = eventually(DEADLINE, "the standby region to judge its own instance up", || async {
+        let view = standby.service("db").await.ok()?;
+        let far = view.instances.iter().find(|i| i.id == "far")?.clone();
+        (far.health == Health::Up).then_some(view)
+    })
+    .await;
+    let near_there = seen.instances.iter().find(|i| i.id == "near").expect("near");
+    assert_eq!(near_there.health, Health::Unknown, "{seen:?}");
+    assert_eq!(seen.primary.as_deref(), Some("near"), "roles are shipped");
+    // And the primary region still has no verdict of its own on it.
+    let view = primary.service("db").await.expect("view");
+    let far_here = view.instances.iter().find(|i| i.id == "far").expect("far");
+    assert_eq!(far_here.health, Health::Unknown);
+
+    // The primary region's instance dies: the failover finds nobody to promote, though the
+    // standby region's instance is up there, and says so.
+    near_task.abort();
+    let blocked = eventually(DEADLINE, "a failover.blocked event", || async {
+        let events = primary.events(Some("failover"), None).await.ok()?;
+        events.events.into_iter().find(|e| e.action == "failover.blocked")
+    })
+    .await;
+    assert!(blocked.detail.contains("far"), "{}", blocked.detail);
+    let view = primary.service("db").await.expect("view");
+    assert_ne!(view.primary.as_deref(), Some("far"));
+}
