@@ -185,6 +185,21 @@ impl Node {
         Ok(outcome)
     }
 
+    /// Queues the region link's write of the primary's `Op::Replicate` without waiting for
+    /// it: the link keeps many in flight, applied in the order submitted (a gap among them
+    /// is refused by apply, so a failed one cannot be skipped over).
+    pub async fn submit_replicated(
+        &self,
+        revision: u64,
+        command: Command,
+    ) -> Result<crate::proposer::Pending, ApiError> {
+        let op = Op::Replicate {
+            revision,
+            command: Box::new(command),
+        };
+        self.proposer.submit(Command { at_ms: now_ms(), op }).await
+    }
+
     /// Waits until this node may serve a linearizable read (ReadIndex: leadership confirmed
     /// by a majority, and everything committed before the read applied).
     pub async fn read_barrier(&self) -> Result<(), ApiError> {

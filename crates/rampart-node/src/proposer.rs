@@ -76,21 +76,45 @@ impl Proposer {
 
     /// Queues one write and waits for its outcome, for at most `timeout`.
     pub async fn propose(&self, command: Command, timeout: Duration) -> Result<Outcome, ApiError> {
+        let waited = tokio::time::timeout(timeout, async { self.submit(command).await?.outcome().await }).await;
+        waited.unwrap_or_else(|_| Err(ApiError::timeout("the write", timeout)))
+    }
+
+    /// Queues one write (waiting for room in the queue) and returns its outcome to come:
+    /// writes submitted one after another are applied in that order, so a caller may keep
+    /// many in flight (a region link does).
+    pub async fn submit(&self, command: Command) -> Result<Pending, ApiError> {
         let bytes = command.op.approx_bytes();
         let (reply, answer) = oneshot::channel();
         let proposal = Proposal { command, bytes, reply };
-        let waited = tokio::time::timeout(timeout, async {
-            self.queue
-                .send(proposal)
-                .await
-                .map_err(|_| ApiError::internal("the proposer stopped"))?;
-            answer
-                .await
-                .map_err(|_| ApiError::internal("the proposer dropped the write"))?
-                .map_err(|e| e.to_api())
-        })
-        .await;
-        waited.unwrap_or_else(|_| Err(ApiError::timeout("the write", timeout)))
+        self.queue
+            .send(proposal)
+            .await
+            .map_err(|_| ApiError::internal("the proposer stopped"))?;
+        Ok(Pending(answer))
+    }
+}
+
+/// The outcome of a submitted write, to come.
+pub struct Pending(oneshot::Receiver<Result<Outcome, BatchError>>);
+
+impl Pending {
+    pub async fn outcome(self) -> Result<Outcome, ApiError> {
+        self.0
+            .await
+            .map_err(|_| ApiError::internal("the proposer dropped the write"))?
+            .map_err(|e| e.to_api())
+    }
+
+    /// The outcome if it is there already.
+    pub fn ready(&mut self) -> Option<Result<Outcome, ApiError>> {
+        match self.0.try_recv() {
+            Ok(answer) => Some(answer.map_err(|e| e.to_api())),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Err(ApiError::internal("the proposer dropped the write")))
+            }
+        }
     }
 }
 

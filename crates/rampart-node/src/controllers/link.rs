@@ -1,6 +1,8 @@
 //! The region link, standby side: the leader of a standby region follows the primary
 //! region's `GET /v1/regions/log` from its own shipped revision + 1 and proposes each write
 //! through its own Raft as `Op::Replicate`, so the standby keeps the primary's revisions.
+//! Writes are submitted without waiting for each (up to [`IN_FLIGHT_WRITES_MAX`]): the
+//! standby's group commit puts many in one entry, and apply refuses any gap among them.
 //! It resumes from its applied revision after anything breaks the stream (a leader change
 //! on either side, a silent link, a gap), trying the primary's endpoints in turn.
 //!
@@ -12,7 +14,7 @@
 
 use std::time::Duration;
 
-use rampart_store::{Op, Outcome, SeedStep, ShippedWrite};
+use rampart_store::{Outcome, SeedStep, ShippedWrite};
 
 use crate::node::Shared;
 
@@ -62,23 +64,67 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
         return Err(format!("answered {status}: {body}"));
     }
     let mut lines = Lines::default();
+    let mut in_flight = InFlight::default();
     while let Some(line) = lines.next(&mut response).await? {
         let write: ShippedWrite = serde_json::from_slice(&line).map_err(|e| format!("undecodable write: {e}"))?;
         if node.known_leader() != Some(node.id) {
             return Ok(());
         }
-        let op = Op::Replicate {
-            revision: write.revision,
-            command: Box::new(write.command),
-        };
-        match node.propose(op).await.map_err(|e| e.message)? {
-            Outcome::Replicated { .. } => {}
-            // Resume from what is applied here.
-            Outcome::ReplicationGap { .. } => return Ok(()),
-            other => return Err(format!("unexpected outcome {other:?}")),
+        let bytes = write.command.op.approx_bytes();
+        let pending = node
+            .submit_replicated(write.revision, write.command)
+            .await
+            .map_err(|e| e.message)?;
+        in_flight.push(pending, bytes);
+        if !in_flight.settle(false).await? {
+            return Ok(());
         }
     }
+    in_flight.settle(true).await?;
     Ok(())
+}
+
+/// Replicated writes most in flight at once, and their bytes: enough to fill several Raft
+/// entries while the earlier ones commit (group commit on the standby).
+const IN_FLIGHT_WRITES_MAX: usize = 4096;
+const IN_FLIGHT_BYTES_MAX: usize = 16 << 20;
+
+/// The link's submitted writes whose outcomes have not been looked at, oldest first.
+#[derive(Default)]
+struct InFlight {
+    pending: std::collections::VecDeque<(crate::proposer::Pending, usize)>,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn push(&mut self, pending: crate::proposer::Pending, bytes: usize) {
+        self.bytes += bytes;
+        self.pending.push_back((pending, bytes));
+    }
+
+    /// Looks at the outcomes that are in (all of them with `all`, and as many as it takes
+    /// to get under the bounds): `Ok(false)` when one was a gap (the link resumes from what
+    /// is applied here), `Err` on a failed write.
+    async fn settle(&mut self, all: bool) -> Result<bool, String> {
+        while let Some((mut pending, bytes)) = self.pending.pop_front() {
+            let full = self.pending.len() >= IN_FLIGHT_WRITES_MAX || self.bytes > IN_FLIGHT_BYTES_MAX;
+            let outcome = match pending.ready() {
+                Some(outcome) => outcome,
+                None if all || full => pending.outcome().await,
+                None => {
+                    self.pending.push_front((pending, bytes));
+                    return Ok(true);
+                }
+            };
+            self.bytes -= bytes;
+            match outcome.map_err(|e| e.message)? {
+                Outcome::Replicated { .. } => {}
+                Outcome::ReplicationGap { .. } => return Ok(false),
+                other => return Err(format!("unexpected outcome {other:?}")),
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Installs the primary's shipped state from `addr`'s `GET /v1/regions/snapshot`, step by
