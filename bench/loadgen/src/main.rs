@@ -4,6 +4,9 @@
 //! the raw figures as JSON.
 //!
 //! Usage: rampart-loadgen RAMPART_BIN ETCD_BIN OUT_JSON [quick]
+//!        rampart-loadgen regions RAMPART_BIN ETCD_BIN OUT_JSON [quick]   (see `regions`)
+
+mod regions;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -232,6 +235,12 @@ fn put_row(clients: usize, r: &PutStats, e: &PutStats) -> String {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "regions") && args.len() >= 5 {
+        let (rampart, etcd, out) = (PathBuf::from(&args[2]), PathBuf::from(&args[3]), PathBuf::from(&args[4]));
+        let quick = args.get(5).is_some_and(|a| a == "quick");
+        regions::run(&rampart, &etcd, &regions::etcdctl_beside(&etcd), &out, quick).await;
+        return;
+    }
     if args.len() < 4 {
         eprintln!("usage: rampart-loadgen RAMPART_BIN ETCD_BIN OUT_JSON [quick]");
         std::process::exit(2);
