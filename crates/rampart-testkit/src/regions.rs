@@ -21,6 +21,9 @@ pub struct RegionSpec {
     pub node_args: Vec<String>,
     /// A witness (`rampart node --witness`, one node).
     pub witness: bool,
+    /// Where its data dirs go (a temp dir inside it), e.g. a tmpfs standing in for another
+    /// machine's disk in a benchmark; with the other regions' when `None`.
+    pub data_root: Option<std::path::PathBuf>,
 }
 
 impl RegionSpec {
@@ -30,6 +33,7 @@ impl RegionSpec {
             nodes,
             node_args: Vec::new(),
             witness: false,
+            data_root: None,
         }
     }
 
@@ -56,6 +60,8 @@ pub struct RegionsOptions {
 /// Running regions; dropping them stops every process they started.
 pub struct Regions {
     _temp: tempfile::TempDir,
+    /// Temp dirs of the regions with a `data_root` of their own.
+    _roots: Vec<tempfile::TempDir>,
     pub clusters: BTreeMap<String, Cluster>,
     /// The relays carrying traffic from the first region to the second's nodes.
     links: BTreeMap<(String, String), Vec<Relay>>,
@@ -89,8 +95,27 @@ impl Regions {
             shared_ca(binary.as_ref(), temp.path(), &options.regions)?;
         }
         let mut clusters = BTreeMap::new();
+        let mut roots = Vec::new();
         for spec in &options.regions {
-            let base = temp.path().join(&spec.name);
+            let base = match &spec.data_root {
+                Some(root) => {
+                    let dir = tempfile::Builder::new()
+                        .prefix(&format!("rampart-{}-", spec.name))
+                        .tempdir_in(root)?;
+                    let base = dir.path().to_path_buf();
+                    roots.push(dir);
+                    base
+                }
+                None => temp.path().join(&spec.name),
+            };
+            if options.tls && spec.data_root.is_some() {
+                // The shared CA was put beside the others: bring it along.
+                let certs = base.join("certs");
+                std::fs::create_dir_all(&certs)?;
+                for file in ["ca.pem", "ca-key.pem"] {
+                    std::fs::copy(temp.path().join("ca").join(file), certs.join(file))?;
+                }
+            }
             let config = base.join("regions.toml");
             std::fs::create_dir_all(&base)?;
             std::fs::write(&config, config_text(&options, &spec.name, &links))?;
@@ -115,6 +140,7 @@ impl Regions {
         }
         Ok(Regions {
             _temp: temp,
+            _roots: roots,
             clusters,
             links,
             primary: options.primary,

@@ -342,6 +342,16 @@ pub fn health_answer(view: &RegionsResponse, max_lag_ms: u64) -> axum::response:
 /// can tell a quiet primary from a dead link.
 const LOG_KEEPALIVE: Duration = Duration::from_secs(2);
 
+/// A region log chunk's size at most, in bytes and in replayed writes.
+const LOG_CHUNK_BYTES: usize = 256 << 10;
+const LOG_CHUNK_WRITES: usize = 1024;
+
+/// Appends `write` as one JSON line.
+fn push_line(chunk: &mut Vec<u8>, write: &rampart_store::ShippedWrite) {
+    serde_json::to_writer(&mut *chunk, write).expect("a write encodes");
+    chunk.push(b'\n');
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
@@ -398,27 +408,51 @@ pub async fn log(
             }
         }
     };
-    let line = |write: &rampart_store::ShippedWrite| {
-        let mut line = serde_json::to_vec(write).expect("a write encodes");
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line))
-    };
     let next = missed.last().map_or(from, |w| w.revision + 1);
-    let replay = futures_util::stream::iter(missed.into_iter().map(move |w| line(&w)));
-    let live = futures_util::stream::unfold((feed, next, false), move |(mut feed, next, done)| async move {
+    // Lines go out in chunks of up to LOG_CHUNK_BYTES: one wakeup and one write for every
+    // write the feed holds at the time, not one each.
+    let batches: Vec<Vec<_>> = missed.chunks(LOG_CHUNK_WRITES).map(<[_]>::to_vec).collect();
+    let replay = futures_util::stream::iter(batches).map(|writes| {
+        let mut chunk = Vec::new();
+        for write in &writes {
+            push_line(&mut chunk, write);
+        }
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(chunk))
+    });
+    let live = futures_util::stream::unfold((feed, next, false), move |(mut feed, mut next, done)| async move {
         if done {
             return None;
         }
+        let mut chunk = Vec::new();
         loop {
-            match tokio::time::timeout(LOG_KEEPALIVE, feed.recv()).await {
-                Err(_) => return Some((Ok(axum::body::Bytes::from_static(b"\n")), (feed, next, false))),
-                Ok(Ok(write)) if write.revision < next => continue,
-                Ok(Ok(write)) => return Some((line(&write), (feed, write.revision + 1, false))),
+            let received = if chunk.is_empty() {
+                match tokio::time::timeout(LOG_KEEPALIVE, feed.recv()).await {
+                    Err(_) => return Some((Ok(axum::body::Bytes::from_static(b"\n")), (feed, next, false))),
+                    Ok(received) => received,
+                }
+            } else {
+                match feed.try_recv() {
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                    Err(_) => Err(tokio::sync::broadcast::error::RecvError::Closed),
+                    Ok(write) => Ok(write),
+                }
+            };
+            match received {
+                Ok(write) if write.revision < next => continue,
+                Ok(write) => {
+                    next = write.revision + 1;
+                    push_line(&mut chunk, &write);
+                    if chunk.len() >= LOG_CHUNK_BYTES {
+                        break;
+                    }
+                }
                 // Fallen behind the feed (or a snapshot replaced the state): the stream
-                // ends, and the standby resumes from its own revision.
-                Ok(Err(_)) => return None,
+                // ends after what it has, and the standby resumes from its own revision.
+                Err(_) if chunk.is_empty() => return None,
+                Err(_) => return Some((Ok(axum::body::Bytes::from(chunk)), (feed, next, true))),
             }
         }
+        Some((Ok(axum::body::Bytes::from(chunk)), (feed, next, false)))
     });
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
