@@ -269,17 +269,36 @@ impl Drop for MirrorProcess {
     }
 }
 
-/// The primary's put throughput with `standbys` one-node standby regions following it.
+/// What follows the primary while its throughput is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Followers {
+    None,
+    /// Two plain readers of the region log (`curl`): the primary's own cost of serving two
+    /// links, without two more processes applying on this machine.
+    LinkReaders,
+    /// Two one-node standby regions standing in for other machines: data dirs on tmpfs
+    /// (not the primary's disk), lowest CPU priority.
+    StandbysApart,
+    /// Two one-node standby regions on the primary's disk and CPUs.
+    StandbysShared,
+}
+
+/// The primary's put throughput with `followers`, one figure per round.
 #[derive(Debug, Clone, Serialize)]
 pub struct CostStats {
-    pub standbys: usize,
+    pub followers: Followers,
     pub put: Vec<PutStats>,
 }
 
-async fn primary_cost(binary: &Path, standbys: usize, clients: &[usize], duration: Duration) -> CostStats {
+async fn primary_cost(binary: &Path, followers: Followers, clients: &[usize], duration: Duration) -> CostStats {
+    let standbys = matches!(followers, Followers::StandbysApart | Followers::StandbysShared);
     let mut specs = vec![RegionSpec::new("east", 3)];
-    for name in ["west", "north"].iter().take(standbys) {
-        specs.push(RegionSpec::new(name, 1));
+    for name in ["west", "north"].iter().filter(|_| standbys) {
+        let mut spec = RegionSpec::new(name, 1);
+        if followers == Followers::StandbysApart {
+            spec.data_root = Some(PathBuf::from("/dev/shm"));
+        }
+        specs.push(spec);
     }
     let options = RegionsOptions {
         primary: "east".into(),
@@ -289,14 +308,65 @@ async fn primary_cost(binary: &Path, standbys: usize, clients: &[usize], duratio
     };
     let regions = Regions::start(binary, options).await.expect("start the regions");
     regions.wait_for_leaders(Duration::from_secs(60)).await;
+    if followers == Followers::StandbysApart {
+        for name in ["west", "north"] {
+            for node in regions.region(name).nodes.values() {
+                let pid = node.pid().expect("pid");
+                // SAFETY: setpriority(2) on a process this harness started.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, 19) };
+            }
+        }
+    }
+    let mut readers = Vec::new();
+    if followers == Followers::LinkReaders {
+        for _ in 0..2 {
+            let url = format!("http://{}/v1/regions/log?from_revision=1", regions.region("east").endpoints()[0]);
+            let child = Command::new("curl")
+                .args(["-sN", &url, "-o", "/dev/null"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("curl");
+            readers.push(MirrorProcess(child));
+        }
+    }
     let client = Arc::new(regions.client("east"));
     let mut put = Vec::new();
     for &n in clients {
         let drivers = (0..n).map(|_| RampartDriver { client: client.clone() }).collect();
-        put.push(put_load(drivers, duration, 100, &format!("s{standbys}c{n}")).await);
-        eprintln!("  {standbys} standbys: {:?}", put.last());
+        put.push(put_load(drivers, duration, 100, &format!("c{n}")).await);
+        eprintln!("  {followers:?}: {:?}", put.last());
     }
-    CostStats { standbys, put }
+    CostStats { followers, put }
+}
+
+/// Each configuration `rounds` times, interleaved (the machine's drift hits all alike);
+/// the median round of each, per client count.
+async fn cost_rounds(binary: &Path, rounds: usize, clients: &[usize], duration: Duration) -> Vec<CostStats> {
+    let configs = [
+        Followers::None,
+        Followers::LinkReaders,
+        Followers::StandbysApart,
+        Followers::StandbysShared,
+    ];
+    let mut runs: Vec<Vec<CostStats>> = vec![Vec::new(); configs.len()];
+    for _ in 0..rounds {
+        for (i, config) in configs.iter().enumerate() {
+            runs[i].push(primary_cost(binary, *config, clients, duration).await);
+        }
+    }
+    runs.into_iter()
+        .zip(configs)
+        .map(|(runs, followers)| {
+            let put = (0..clients.len())
+                .map(|c| {
+                    let mut figures: Vec<PutStats> = runs.iter().map(|r| r.put[c].clone()).collect();
+                    figures.sort_by(|a, b| a.puts_per_second.total_cmp(&b.puts_per_second));
+                    figures[figures.len() / 2].clone()
+                })
+                .collect();
+            CostStats { followers, put }
+        })
+        .collect()
 }
 
 /// A standby catching up `bytes` of state from nothing.
@@ -368,18 +438,24 @@ pub async fn run(rampart: &Path, etcd: &Path, etcdctl: &Path, out: &Path, quick:
     let delay = Duration::from_millis(50);
     let duration = Duration::from_secs(if quick { 5 } else { 20 });
     let loads = [Load::Rate(1000), Load::Clients(64)];
+    let only = std::env::var("RAMPART_BENCH_ONLY").unwrap_or_default();
+    let clients = [16, 64];
+    let cost_duration = Duration::from_secs(if quick { 3 } else { 10 });
+    let rounds = if quick { 1 } else { 3 };
+    if only == "cost" {
+        let cost = cost_rounds(rampart, rounds, &clients, cost_duration).await;
+        eprintln!("{cost:?}");
+        return;
+    }
     eprintln!("lag through a {delay:?} one-way delay: Rampart...");
     let rampart_lag = rampart_lag(rampart, delay, &loads, duration).await;
-    if std::env::var("RAMPART_BENCH_ONLY").is_ok_and(|only| only == "rampart-lag") {
+    if only == "rampart-lag" {
         return;
     }
     eprintln!("lag: etcd make-mirror...");
     let etcd_lag = etcd_lag(etcd, etcdctl, delay, &loads, duration).await;
     eprintln!("the primary's throughput with and without standbys...");
-    let cost_duration = Duration::from_secs(if quick { 3 } else { 10 });
-    let clients = [16, 64];
-    let alone = primary_cost(rampart, 0, &clients, cost_duration).await;
-    let followed = primary_cost(rampart, 2, &clients, cost_duration).await;
+    let cost = cost_rounds(rampart, rounds, &clients, cost_duration).await;
     let state = if quick { 64 << 20 } else { 1 << 30 };
     eprintln!("a standby catching up {} MiB...", state >> 20);
     let catch = catch_up(rampart, state).await;
@@ -398,16 +474,20 @@ pub async fn run(rampart: &Path, etcd: &Path, etcdctl: &Path, out: &Path, quick:
     for (r, e) in rampart_lag.iter().zip(&etcd_lag) {
         md.push_str(&format!("| {} | **{}** |\n", r.load, ratio(r.p99_ms, e.p99_ms)));
     }
-    md.push_str("\n| clients | puts/s, no standby | puts/s, 2 standbys | ratio |\n|---|---|---|---|\n");
-    for (a, f) in alone.put.iter().zip(&followed.put) {
-        md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | **{}** |\n",
-            a.clients,
-            a.puts_per_second,
-            f.puts_per_second,
-            ratio(f.puts_per_second, a.puts_per_second)
-        ));
+    md.push_str(&format!(
+        "\n| clients | puts/s, nothing follows | 2 link readers | ratio | 2 standbys apart (tmpfs, nice 19) | ratio | 2 standbys, same disk and CPUs | ratio |\n|---|---|---|---|---|---|---|---|\n"
+    ));
+    for c in 0..clients.len() {
+        let base = cost[0].put[c].puts_per_second;
+        let mut row = format!("| {} | {:.0} |", clients[c], base);
+        for config in &cost[1..] {
+            let figure = config.put[c].puts_per_second;
+            row.push_str(&format!(" {figure:.0} | **{}** |", ratio(figure, base)));
+        }
+        md.push_str(&row);
+        md.push('\n');
     }
+    md.push_str(&format!("\n(median of {rounds} interleaved rounds of {} s each)\n", cost_duration.as_secs()));
     md.push_str(&format!(
         "\n| a standby catching up | state | time | peak RSS | RSS after | peak over after | primary RSS |\n|---|---|---|---|---|---|---|\n| from nothing, link cut while loading | {} MiB | {:.1} s | {} MiB | {} MiB | {} MiB | {} MiB |\n",
         catch.state_mib,
@@ -420,7 +500,7 @@ pub async fn run(rampart: &Path, etcd: &Path, etcdctl: &Path, out: &Path, quick:
     println!("{md}");
     let json = serde_json::json!({
         "lag": { "rampart": rampart_lag, "etcd_make_mirror": etcd_lag },
-        "cost": [alone, followed],
+        "cost": cost,
         "catch_up": catch,
         "markdown": md,
     });
