@@ -472,7 +472,7 @@ pub async fn run(rampart: &Path, etcd: &Path, etcdctl: &Path, out: &Path, quick:
     }
     md.push_str("\n| load | Rampart p99 / make-mirror p99 |\n|---|---|\n");
     for (r, e) in rampart_lag.iter().zip(&etcd_lag) {
-        md.push_str(&format!("| {} | **{}** |\n", r.load, ratio(r.p99_ms, e.p99_ms)));
+        md.push_str(&format!("| {} | **{:.4}** |\n", r.load, r.p99_ms / e.p99_ms));
     }
     md.push_str(&format!(
         "\n| clients | puts/s, nothing follows | 2 link readers | ratio | 2 standbys apart (tmpfs, nice 19) | ratio | 2 standbys, same disk and CPUs | ratio |\n|---|---|---|---|---|---|---|---|\n"

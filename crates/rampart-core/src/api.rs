@@ -208,14 +208,17 @@ pub struct RegionStatus {
     pub leader: Option<u64>,
     /// How far a standby is behind the primary, where the answering node can tell: a
     /// primary region's node for each standby; a standby's node for itself (revisions only).
-    /// Revisions: the primary's shipped revision minus the standby's last reported one.
+    /// Measured as of the standby's last answer while it answers, as of now once it has not
+    /// answered for two health-check intervals (then the lag grows). Revisions: the shipped
+    /// writes committed by then that it had not applied (from a standby's node: the
+    /// primary's last reported revision minus its own).
     #[serde(default)]
     pub lag_revisions: Option<u64>,
     /// The bytes of those writes (their approximate size).
     #[serde(default)]
     pub lag_bytes: Option<u64>,
-    /// The age, on the primary's clock, of the oldest shipped write the standby had not
-    /// applied when it last answered (0 when caught up): no two clocks compared.
+    /// The age then, on the primary's clock, of the oldest of those writes (0 when caught
+    /// up): no two machines' clocks compared.
     #[serde(default)]
     pub lag_ms: Option<u64>,
     /// On a standby's own entry: whether its shipped checksum equalled the primary's at

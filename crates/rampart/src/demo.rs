@@ -5,7 +5,9 @@
 //! nodes, writes to the primary, SIGKILL of the primary's process, and the measured
 //! detection, promotion and first-write times and lost writes. Then the backup part: a
 //! backup of the region (zstd, AES-256-GCM, to a local directory), restored into a new
-//! region whose revision and checksum match it. Keeps running until Ctrl-C.
+//! region whose revision and checksum match it. Then the regions part: a standby region of
+//! three nodes and a witness join; the standby installs the primary's state, follows it
+//! under writes with its lag shown live, and is verified equal. Keeps running until Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,16 +66,23 @@ async fn write_loop(
 pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let binary =
         std::env::current_exe().map_err(|e| Failure::message(format!("cannot find the rampart binary: {e}")))?;
-    println!("== Rampart demo: one region of 3 nodes on this machine ==");
+    println!("== Rampart demo: region east, 3 nodes on this machine ==");
     let work = tempfile::Builder::new()
         .prefix("rampart-demo-")
         .tempdir()
         .map_err(|e| Failure::message(format!("cannot make a directory for the demo: {e}")))?;
-    let backup_config =
-        backup_config(work.path()).map_err(|e| Failure::message(format!("cannot write the demo's config: {e}")))?;
+    let topology = Topology::new().map_err(|e| Failure::message(format!("no free ports: {e}")))?;
+    let backup_config = backup_config(work.path(), &topology)
+        .map_err(|e| Failure::message(format!("cannot write the demo's config: {e}")))?;
     let options = ClusterOptions {
         base_dir: Some(work.path().join("region")),
-        node_args: vec!["--config".into(), backup_config.display().to_string()],
+        addresses: topology.east.clone(),
+        node_args: vec![
+            "--region".into(),
+            "east".into(),
+            "--config".into(),
+            backup_config.display().to_string(),
+        ],
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::start(&binary, options)
@@ -175,35 +184,207 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     service_part(&cluster, &binary, &client).await?;
     backup_part(&binary, &client, &backup_config, work.path()).await?;
+    let (mut west, mut witness) = regions_part(&binary, &client, &topology, work.path(), args.writers.max(1)).await?;
     if args.exit_after_report {
         return Ok(());
     }
-    println!("\nThe region keeps running. Try, in another terminal:");
+    println!("\nThe regions keep running. Try, in another terminal:");
     println!(
-        "  RAMPART_ENDPOINTS={} cargo run -q -- status",
+        "  RAMPART_ENDPOINTS={} cargo run -q -- regions",
         cluster.endpoints().join(",")
+    );
+    println!(
+        "  RAMPART_ENDPOINTS={} cargo run -q -- kv put k v    # refused: west is a standby",
+        west.endpoints().join(",")
     );
     println!("Ctrl-C stops every node.");
     let _ = tokio::signal::ctrl_c().await;
     cluster.stop_all();
+    west.stop_all();
+    witness.stop_all();
     println!("stopped.");
     Ok(())
 }
 
-/// A node config with only `[backup]`: a local destination and a fresh key, in `dir`.
-fn backup_config(dir: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+/// Where the demo's regions listen: east (the primary), west (a standby), and a witness.
+struct Topology {
+    east: Vec<std::net::SocketAddr>,
+    west: Vec<std::net::SocketAddr>,
+    witness: std::net::SocketAddr,
+}
+
+impl Topology {
+    fn new() -> std::io::Result<Topology> {
+        let ports = |n| {
+            (0..n)
+                .map(|_| rampart_testkit::cluster::free_port())
+                .collect::<std::io::Result<Vec<_>>>()
+        };
+        Ok(Topology {
+            east: ports(3)?,
+            west: ports(3)?,
+            witness: rampart_testkit::cluster::free_port()?,
+        })
+    }
+
+    /// `[regions]` for a node of `own`: east is the primary; the others as known regions.
+    fn regions_table(&self, own: &str) -> String {
+        let list =
+            |addrs: &[std::net::SocketAddr]| addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+        let mut text = String::from(
+            "[regions]\nprimary = \"east\"\nhealth_check_interval = \"500ms\"\nregion_timeout = \"3s\"\nmax_lag = \"2s\"\nverify_interval = \"5s\"\n",
+        );
+        let regions = [
+            ("east", list(&self.east), false),
+            ("west", list(&self.west), false),
+            ("witness", list(&[self.witness]), true),
+        ];
+        for (name, endpoints, witness) in regions.iter().filter(|(name, ..)| *name != own) {
+            text.push_str(&format!(
+                "[regions.known.{name}]\nendpoints = [{endpoints}]\nwitness = {witness}\n"
+            ));
+        }
+        text
+    }
+}
+
+/// The primary region's node config: `[backup]` (a local destination and a fresh key, in
+/// `dir`) and `[regions]`.
+fn backup_config(dir: &std::path::Path, topology: &Topology) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let key = dir.join("backup.key");
     rampart_node::certs::write_file(&key, rampart_node::vault::new_key_text().as_bytes(), true)?;
-    let config = dir.join("backup.toml");
+    let config = dir.join("east.toml");
     std::fs::write(
         &config,
         format!(
-            "[backup]\ndestination = \"file://{}\"\nkey_file = \"{}\"\n",
+            "[backup]\ndestination = \"file://{}\"\nkey_file = \"{}\"\n{}",
             dir.join("backups").display(),
-            key.display()
+            key.display(),
+            topology.regions_table("east")
         ),
     )?;
     Ok(config)
+}
+
+/// The regions part: a witness and a 3-node standby region start; the standby installs the
+/// primary's state, follows it under writes (its lag printed live) and is verified equal.
+async fn regions_part(
+    binary: &std::path::Path,
+    primary: &Arc<Client>,
+    topology: &Topology,
+    dir: &std::path::Path,
+    writers: usize,
+) -> Result<(Cluster, Cluster), Failure> {
+    println!("\n== A standby region: west, 3 more nodes, and a witness ==");
+    let start = |name: &str, addresses: Vec<std::net::SocketAddr>, witness: bool| {
+        let config = dir.join(format!("{name}.toml"));
+        let options = ClusterOptions {
+            nodes: addresses.len(),
+            base_dir: Some(dir.join(name)),
+            addresses,
+            witness,
+            node_args: vec![
+                "--region".into(),
+                name.into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            ..ClusterOptions::default()
+        };
+        let binary = binary.to_path_buf();
+        let text = topology.regions_table(name);
+        async move {
+            std::fs::write(&config, text).map_err(Failure::message)?;
+            Cluster::start(&binary, options)
+                .await
+                .map_err(|e| Failure::message(format!("cannot start region {e}")))
+        }
+    };
+    let witness = start("witness", vec![topology.witness], true).await?;
+    let west = start("west", topology.west.clone(), false).await?;
+    west.wait_for_leader(Duration::from_secs(20)).await;
+    let standby = Client::new(&west.endpoints()).map_err(Failure::message)?;
+    let joined = Instant::now();
+    let target = primary.cluster().await.map_err(Failure::message)?.revision;
+    rampart_testkit::eventually(Duration::from_secs(60), "west to catch up", || async {
+        let own = standby.cluster().await.ok()?;
+        (own.revision >= target).then_some(())
+    })
+    .await;
+    println!(
+        "west has east's state (revision {target}) {} ms after it started (replayed from east's log, or installed from its state when east no longer keeps the writes)",
+        joined.elapsed().as_millis()
+    );
+
+    println!("writing to east with {writers} writers; west's lag as east sees it:");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (history, acks) = (Arc::new(History::default()), Arc::new(AckTimes::default()));
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            tokio::spawn(write_loop(
+                primary.clone(),
+                w,
+                stop.clone(),
+                history.clone(),
+                acks.clone(),
+            ))
+        })
+        .collect();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(view) = primary.regions().await else { continue };
+        if let Some(west) = view.regions.iter().find(|r| r.name == "west") {
+            println!(
+                "  west: revision {}, {} revisions ({} bytes, {} ms) behind",
+                west.revision.unwrap_or(0),
+                west.lag_revisions.unwrap_or(0),
+                west.lag_bytes.unwrap_or(0),
+                west.lag_ms.unwrap_or(0)
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let east_now = primary.cluster().await.map_err(Failure::message)?;
+    let caught_up = Instant::now();
+    rampart_testkit::eventually(Duration::from_secs(60), "west to reach east's revision", || async {
+        let own = standby.cluster().await.ok()?;
+        (own.revision >= east_now.revision).then_some(())
+    })
+    .await;
+    println!(
+        "writes stopped at east's revision {}: west had it {} ms later",
+        east_now.revision,
+        caught_up.elapsed().as_millis()
+    );
+    let verified = primary.regions_verify().await.map_err(Failure::message)?;
+    for v in &verified.verifications {
+        match v.matched {
+            Some(true) => println!(
+                "verified: {} equals east at revision {}",
+                v.region,
+                v.revision.unwrap_or(0)
+            ),
+            _ => return Err(Failure::message(format!("verification of {} failed: {v:?}", v.region))),
+        }
+    }
+    let view = primary.regions().await.map_err(Failure::message)?;
+    for r in &view.regions {
+        println!(
+            "  {:<8} {:<8} reachable {:<5} revision {}",
+            r.name,
+            r.role,
+            r.reachable,
+            r.revision.map_or("-".to_string(), |v| v.to_string())
+        );
+    }
+    match standby.put("demo/refused", "x", PutOptions::default()).await {
+        Err(e) if e.code() == Some("read_only_region") => println!("a write sent to west: {e}"),
+        other => return Err(Failure::message(format!("west took a write: {other:?}"))),
+    }
+    Ok((west, witness))
 }
 
 /// The backup part: a backup of the live region, restored into a new region of 3 nodes,

@@ -230,15 +230,24 @@ pub fn view(node: &Shared) -> RegionsResponse {
         let mut entry = seen_as(regions, name, region, seen.get(name), now);
         match seen.get(name).and_then(|s| s.status.as_ref()) {
             // This region is the primary: each standby's lag, from the writes kept here.
+            // As of its last answer while it answers (what it lacked then, not what was
+            // written since), as of now once it stops answering (its lag grows).
             Some(status) if !node.is_standby() && !region.witness && !status.witness => {
-                let behind = own_revision.saturating_sub(status.revision);
-                entry.lag_revisions = Some(behind);
-                if behind == 0 {
-                    (entry.lag_bytes, entry.lag_ms) = (Some(0), Some(0));
-                } else if let Ok(unapplied) = applied.shipped_from(status.revision + 1) {
-                    let bytes = unapplied.iter().map(|w| w.command.op.approx_bytes() as u64).sum();
-                    entry.lag_bytes = Some(bytes);
-                    entry.lag_ms = unapplied.first().map(|w| now_ms().saturating_sub(w.command.at_ms));
+                let now = now_ms();
+                let fresh = 2 * regions.health_check_interval_ms;
+                let as_of = entry
+                    .last_contact_ms
+                    .filter(|at| now.saturating_sub(*at) <= fresh)
+                    .unwrap_or(now);
+                match applied.shipped_from(status.revision + 1) {
+                    Ok(unapplied) => {
+                        let lacked: Vec<_> = unapplied.iter().take_while(|w| w.command.at_ms <= as_of).collect();
+                        entry.lag_revisions = Some(lacked.len() as u64);
+                        entry.lag_bytes = Some(lacked.iter().map(|w| w.command.op.approx_bytes() as u64).sum());
+                        entry.lag_ms = Some(lacked.first().map_or(0, |w| as_of.saturating_sub(w.command.at_ms)));
+                    }
+                    // Further behind than this node keeps writes for: only the count is known.
+                    Err(_) => entry.lag_revisions = Some(own_revision.saturating_sub(status.revision)),
                 }
             }
             // This region is a standby: its own distance from the primary's last revision.
@@ -484,7 +493,8 @@ pub async fn verify(
             error: Some(error.to_string()),
         };
         let deadline = Instant::now() + VERIFY_NOW_TIMEOUT;
-        let verification = match verify_once(&node, &regions.primary, deadline).await {
+        let retry = Duration::from_millis(regions.health_check_interval_ms);
+        let verification = match verify_within(&node, &regions.primary, deadline, retry).await {
             Some(verified) => {
                 record_verification(&node, &regions.primary, verified.clone()).await;
                 Verification {
@@ -649,19 +659,31 @@ pub async fn run_verify(node: Shared) {
     let retry = Duration::from_millis(regions.health_check_interval_ms);
     loop {
         tokio::time::sleep(interval).await;
+        if node.known_leader() != Some(node.id) {
+            continue;
+        }
         // Within the interval: a primary ahead of this standby's last poll is asked again.
-        let deadline = Instant::now() + interval;
-        while Instant::now() < deadline {
-            if node.known_leader() != Some(node.id) {
-                break;
-            }
-            if let Some(verified) = verify_once(&node, &regions.primary, deadline).await {
-                record_verification(&node, &regions.primary, verified).await;
-                break;
-            }
-            tokio::time::sleep(retry).await;
+        if let Some(verified) = verify_within(&node, &regions.primary, Instant::now() + interval, retry).await {
+            record_verification(&node, &regions.primary, verified).await;
         }
     }
+}
+
+/// [`verify_once`] until it compares, trying again every `retry` (a primary's reported
+/// revision older than this standby's is asked again at the next poll), until `deadline`.
+async fn verify_within(
+    node: &Shared,
+    primary: &str,
+    deadline: Instant,
+    retry: Duration,
+) -> Option<crate::soft::Verified> {
+    while Instant::now() < deadline {
+        if let Some(verified) = verify_once(node, primary, deadline).await {
+            return Some(verified);
+        }
+        tokio::time::sleep(retry).await;
+    }
+    None
 }
 
 async fn verify_once(node: &Shared, primary: &str, deadline: Instant) -> Option<crate::soft::Verified> {

@@ -177,6 +177,9 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("new primary: s-"), "{out}");
     assert!(out.contains("service RTO"), "{out}");
     assert!(out.contains("restored state matches the backup"), "{out}");
+    assert!(out.contains("verified: west equals east at revision"), "{out}");
+    assert!(out.contains("witness  witness  reachable true"), "{out}");
+    assert!(out.contains("(read_only_region, HTTP 503)"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
