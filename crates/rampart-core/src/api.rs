@@ -186,6 +186,30 @@ pub struct Verification {
     pub error: Option<String>,
 }
 
+impl RegionStatus {
+    /// A region with nothing heard of it yet: no revision, lag or verification.
+    pub fn unheard(name: &str, role: &str, this_region: bool, endpoints: Vec<String>) -> RegionStatus {
+        RegionStatus {
+            name: name.to_string(),
+            role: role.to_string(),
+            epoch: 1,
+            this_region,
+            endpoints,
+            reachable: this_region,
+            last_contact_ms: None,
+            revision: None,
+            checksum: None,
+            leader: None,
+            lag_revisions: None,
+            lag_bytes: None,
+            lag_ms: None,
+            checksum_match: None,
+            verified_revision: None,
+            verified_ms: None,
+        }
+    }
+}
+
 /// One region in `GET /v1/regions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionStatus {

@@ -189,7 +189,7 @@ async fn get_key(
     Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<KeyValue>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.check(Role::Read, Scope::Key(&key))?;
     let query = parse_query(query)?;
     check_limits(&node, &key, None)?;
@@ -197,12 +197,21 @@ async fn get_key(
         node.read_barrier().await?;
     }
     let applied = node.applied.read().expect("state lock");
-    applied
+    let found = applied
         .state
         .get(&key)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("key_not_found", format!("key {key:?} does not exist")))
+        .ok_or_else(|| ApiError::not_found("key_not_found", format!("key {key:?} does not exist")))?;
+    Ok((reflects(applied.state.revision()), Json(found)).into_response())
 }
+
+/// The header that says which shipped revision a read reflects (on a standby region:
+/// how far it has followed the primary).
+fn reflects(revision: u64) -> [(&'static str, String); 1] {
+    [(REVISION_HEADER, revision.to_string())]
+}
+
+/// Response header of key reads: the store revision they reflect.
+pub const REVISION_HEADER: &str = "x-rampart-revision";
 
 async fn range(
     State(node): State<Shared>,
@@ -220,8 +229,9 @@ async fn range(
     let mut items = applied.state.range(&prefix, limit.saturating_add(1));
     let more = items.len() > limit;
     items.truncate(limit);
-    let body = serde_json::json!({ "revision": applied.state.revision(), "items": items, "more": more });
-    Ok(Json(body).into_response())
+    let revision = applied.state.revision();
+    let body = serde_json::json!({ "revision": revision, "items": items, "more": more });
+    Ok((reflects(revision), Json(body)).into_response())
 }
 
 async fn delete_key(

@@ -20,8 +20,8 @@ use rampart_core::config::NodeConfig;
 use crate::auth::Connection;
 use crate::controllers::regions;
 use crate::metrics::Metrics;
+use crate::start::{self, NodeError};
 use crate::tls::NodeTls;
-use crate::NodeError;
 
 struct Witness {
     config: NodeConfig,
@@ -32,11 +32,11 @@ struct Witness {
 type Shared = Arc<Witness>;
 
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
-    crate::owner_only_data_dir(&config.data_dir)?;
+    start::owner_only_data_dir(&config.data_dir)?;
     let tls = config.tls.as_ref().map(NodeTls::load).transpose()?;
-    crate::log_security(&config);
-    let listener = crate::bind(&config).await?;
-    let http = crate::region_client(tls.as_ref())?;
+    start::log_security(&config);
+    let listener = start::bind(&config).await?;
+    let http = start::region_client(tls.as_ref())?;
     tracing::info!(
         id = config.id,
         listen = %config.listen,
@@ -82,7 +82,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     };
     tokio::select! {
         _ = serve => Ok(()),
-        _ = crate::shutdown_signal() => {
+        _ = start::shutdown_signal() => {
             tracing::info!("witness stopping");
             Ok(())
         }
@@ -171,22 +171,9 @@ fn view(witness: &Witness) -> RegionsResponse {
     let now = Instant::now();
     let seen = witness.seen.lock().expect("regions lock").clone();
     let own = RegionStatus {
-        name: config.region.clone(),
-        role: "witness".into(),
-        epoch: 1,
-        this_region: true,
-        endpoints: vec![config.advertise.to_string()],
-        reachable: true,
         last_contact_ms: Some(crate::node::now_ms()),
-        revision: None,
-        checksum: None,
         leader: Some(config.id),
-        lag_revisions: None,
-        lag_bytes: None,
-        lag_ms: None,
-        checksum_match: None,
-        verified_revision: None,
-        verified_ms: None,
+        ..RegionStatus::unheard(&config.region, "witness", true, vec![config.advertise.to_string()])
     };
     let others = config
         .regions

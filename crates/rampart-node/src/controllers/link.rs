@@ -45,15 +45,7 @@ pub async fn run(node: Shared) {
 /// Follows one endpoint's log until the stream ends (`Ok`: resume at once) or fails.
 async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
     let from = node.applied.read().expect("state lock").state.revision() + 1;
-    let url = crate::forward::url(node, addr, &format!("/v1/regions/log?from_revision={from}"));
-    let mut response = node
-        .region_http
-        .get(url)
-        // The stream runs until it breaks; silence is caught below.
-        .timeout(Duration::from_secs(86_400))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut response = open(node, addr, &format!("/v1/regions/log?from_revision={from}")).await?;
     if response.status() == reqwest::StatusCode::GONE {
         drop(response);
         return install(node, addr).await;
@@ -127,17 +119,21 @@ impl InFlight {
     }
 }
 
-/// Installs the primary's shipped state from `addr`'s `GET /v1/regions/snapshot`, step by
-/// step through this region's log, then checks it against the primary's checksum.
-async fn install(node: &Shared, addr: &str) -> Result<(), String> {
-    let url = crate::forward::url(node, addr, "/v1/regions/snapshot");
-    let mut response = node
-        .region_http
-        .get(url)
+/// Opens a stream from the primary's `addr` on the region link. It runs until it breaks;
+/// silence is caught as it is read ([`Lines`]).
+async fn open(node: &Shared, addr: &str, path: &str) -> Result<reqwest::Response, String> {
+    node.region_http
+        .get(crate::forward::url(node, addr, path))
         .timeout(Duration::from_secs(86_400))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// Installs the primary's shipped state from `addr`'s `GET /v1/regions/snapshot`, step by
+/// step through this region's log, then checks it against the primary's checksum.
+async fn install(node: &Shared, addr: &str) -> Result<(), String> {
+    let mut response = open(node, addr, "/v1/regions/snapshot").await?;
     if !response.status().is_success() {
         let status = response.status();
         let body = response.text().await.unwrap_or_default();

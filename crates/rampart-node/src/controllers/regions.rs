@@ -195,28 +195,23 @@ pub fn view(node: &Shared) -> RegionsResponse {
     let applied = node.applied.read().expect("state lock");
     let own_revision = applied.state.revision();
     let now = Instant::now();
+    let endpoints = applied
+        .membership
+        .membership()
+        .nodes()
+        .map(|(_, member)| member.addr.clone())
+        .collect();
     let mut own = RegionStatus {
-        name: node.config.region.clone(),
-        role: role(regions, &node.config.region, false).into(),
-        epoch: 1,
-        this_region: true,
-        endpoints: applied
-            .membership
-            .membership()
-            .nodes()
-            .map(|(_, member)| member.addr.clone())
-            .collect(),
-        reachable: true,
         last_contact_ms: Some(now_ms()),
         revision: Some(own_revision),
         checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
         leader: node.known_leader(),
-        lag_revisions: None,
-        lag_bytes: None,
-        lag_ms: None,
-        checksum_match: None,
-        verified_revision: None,
-        verified_ms: None,
+        ..RegionStatus::unheard(
+            &node.config.region,
+            role(regions, &node.config.region, false),
+            true,
+            endpoints,
+        )
     };
     drop(applied);
     if let Some(verified) = node.verified.lock().expect("verified lock").as_ref() {
@@ -288,23 +283,14 @@ pub fn seen_as(
     let status = seen.and_then(|s| s.status.as_ref());
     // A witness is one by its configuration (`witness = true`) or by its own answer.
     let witness = region.witness || status.is_some_and(|s| s.witness);
+    let endpoints = region.endpoints.iter().map(|a| a.to_string()).collect();
     RegionStatus {
-        name: name.to_string(),
-        role: role(regions, name, witness).into(),
-        epoch: 1,
-        this_region: false,
-        endpoints: region.endpoints.iter().map(|a| a.to_string()).collect(),
         reachable: seen.is_some_and(|s| s.last_contact_ms.is_some() && s.contact.reachable(now, timeout)),
         last_contact_ms: seen.and_then(|s| s.last_contact_ms),
         revision: status.map(|s| s.revision),
         checksum: status.map(|s| s.checksum.clone()),
         leader: status.and_then(|s| s.leader),
-        lag_revisions: None,
-        lag_bytes: None,
-        lag_ms: None,
-        checksum_match: None,
-        verified_revision: None,
-        verified_ms: None,
+        ..RegionStatus::unheard(name, role(regions, name, witness), false, endpoints)
     }
 }
 

@@ -56,6 +56,12 @@ async fn region_with(
     cluster
 }
 
+/// The text of a metrics endpoint.
+async fn scrape(url: &str) -> String {
+    let answer = reqwest::get(url).await.expect("scrape");
+    answer.text().await.expect("metrics text")
+}
+
 fn other(regions: &RegionsResponse) -> &RegionStatus {
     regions
         .regions
@@ -228,29 +234,19 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     let history = workload.stop().await;
     assert!(history.acknowledged() >= 200);
 
-    let primary = east.client().cluster().await.expect("status");
     let standby = west.client();
-    eventually(DEADLINE, "the standby at the primary's revision", || async {
-        let status = standby.cluster().await.ok()?;
-        (status.revision == primary.revision).then_some(())
-    })
-    .await;
-    let caught_up = standby.cluster().await.expect("status");
-    assert_eq!(
-        caught_up.checksum, primary.checksum,
-        "the standby's shipped state is the primary's"
-    );
+    let revision = wait_caught_up(&east.client(), &standby).await;
 
     // Every revision of the primary, in order, no gap and no repeat: the standby's own log.
     let url = format!("http://{west_addr}/v1/regions/log?from_revision=1");
     let mut response = reqwest::get(&url).await.expect("the standby's log");
     let mut buffer = Vec::new();
-    let writes = read_writes(&mut response, &mut buffer, primary.revision as usize).await;
+    let writes = read_writes(&mut response, &mut buffer, revision as usize).await;
     let revisions: Vec<u64> = writes
         .iter()
         .map(|w| w["revision"].as_u64().expect("revision"))
         .collect();
-    assert_eq!(revisions, (1..=primary.revision).collect::<Vec<_>>());
+    assert_eq!(revisions, (1..=revision).collect::<Vec<_>>());
 
     // Its reads hold every write the primary acknowledged; its writes are refused, naming
     // the primary.
@@ -260,6 +256,16 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         lost.is_empty(),
         "{} acknowledged writes missing on the standby",
         lost.len()
+    );
+    // A read says the revision it reflects.
+    let key = state.keys().next().expect("a key").clone();
+    let read = reqwest::get(format!("http://{west_addr}/v1/kv/{key}"))
+        .await
+        .expect("read");
+    assert_eq!(read.status(), 200);
+    assert_eq!(
+        read.headers()["x-rampart-revision"].to_str().ok(),
+        Some(revision.to_string().as_str())
     );
     match standby
         .put("link/mine", "no", rampart_client::PutOptions::default())
@@ -336,12 +342,7 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
     .await;
     assert_eq!(reqwest::get(&health).await.expect("health").status(), 200);
     eventually(DEADLINE, "a region.caught_up event", || events("region.caught_up")).await;
-    let metrics = reqwest::get(format!("http://{east_addr}/metrics/regions"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = scrape(&format!("http://{east_addr}/metrics/regions")).await;
     assert!(
         metrics.contains("rampart_region_lag_revisions{region=\"west\"} 0"),
         "{metrics}"
@@ -350,12 +351,7 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         !metrics.contains("rampart_raft_term"),
         "only the region series: {metrics}"
     );
-    let ha = reqwest::get(format!("http://{east_addr}/metrics/ha"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let ha = scrape(&format!("http://{east_addr}/metrics/ha")).await;
     assert!(
         ha.contains("rampart_raft_term ") && ha.contains("rampart_is_leader 1") && !ha.contains("rampart_region_"),
         "{ha}"
@@ -503,12 +499,7 @@ async fn a_corrupted_standby_is_found_by_verification() {
         assert_eq!(code, 1, "{out}{err}");
         assert!(out.contains("west: DIFFERS from the primary at revision"), "{out}");
     }
-    let metrics = reqwest::get(format!("http://{west_addr}/metrics/regions"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = scrape(&format!("http://{west_addr}/metrics/regions")).await;
     assert!(
         metrics.contains("rampart_region_checksum_mismatches_total{region=\"west\"} 1"),
         "{metrics}"
