@@ -357,18 +357,34 @@ pub struct LogQuery {
 /// as newline-delimited JSON (`{"revision", "command"}`), then live. 410 `compacted` when
 /// this node no longer keeps revision N: the standby starts from a snapshot.
 /// On a TLS node the region log and snapshot go only to a region link: a node certificate
-/// of the cluster CA on the region ALPN (`server.rs` refuses the ALPN without one).
-fn refuse_unless_region_link(
+/// of the cluster CA on the region ALPN (`server.rs` refuses the ALPN without one); and
+/// only from a region that applies the current rules.
+fn link_refusal(
     node: &Shared,
     connection: Option<axum::Extension<crate::auth::Connection>>,
 ) -> Option<axum::response::Response> {
     use axum::response::IntoResponse;
     let linked = connection.is_some_and(|c| c.region_link);
-    (node.tls.is_some() && !linked).then(|| {
-        crate::error::ApiError::new(
+    if node.tls.is_some() && !linked {
+        let refused = crate::error::ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             "region_link_only",
             "this is served only to another region's node: its node certificate of the cluster CA, on the rampart-region ALPN",
+        );
+        return Some(refused.into_response());
+    }
+    // Under the rules of data dir format 1 some shipped changes move no revision, so no
+    // standby could follow them one by one: wait until the region's leader adopts the
+    // current rules (it does so as soon as it leads).
+    let rules = node.applied.read().expect("state lock").state.shipped.rules;
+    (rules < rampart_store::RULES).then(|| {
+        crate::error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "rules_not_adopted",
+            format!(
+                "this region still applies the rules of data dir format 1 ({rules}) until its leader adopts rules {}: try again shortly",
+                rampart_store::RULES
+            ),
         )
         .into_response()
     })
@@ -381,7 +397,7 @@ pub async fn log(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     use futures_util::StreamExt;
-    if let Some(refused) = refuse_unless_region_link(&node, connection) {
+    if let Some(refused) = link_refusal(&node, connection) {
         return refused;
     }
     let from = query.from_revision.max(1);
@@ -574,7 +590,7 @@ pub async fn snapshot(
     connection: Option<axum::Extension<crate::auth::Connection>>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Some(refused) = refuse_unless_region_link(&node, connection) {
+    if let Some(refused) = link_refusal(&node, connection) {
         return refused;
     }
     let shipped = node.applied.read().expect("state lock").state.shipped.clone();
