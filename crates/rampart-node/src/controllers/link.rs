@@ -45,6 +45,7 @@ pub async fn run(node: Shared) {
 /// Follows one endpoint's log until the stream ends (`Ok`: resume at once) or fails.
 async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
     let from = node.applied.read().expect("state lock").state.revision() + 1;
+    tracing::debug!(endpoint = %addr, from, "region link: following");
     let mut response = open(node, addr, &format!("/v1/regions/log?from_revision={from}")).await?;
     if response.status() == reqwest::StatusCode::GONE {
         drop(response);
@@ -58,10 +59,19 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
     let mut lines = Lines::default();
     let mut in_flight = InFlight::default();
     while let Some(line) = lines.next(&mut response).await? {
-        let write: ShippedWrite = serde_json::from_slice(&line).map_err(|e| format!("undecodable write: {e}"))?;
         if node.known_leader() != Some(node.id) {
             return Ok(());
         }
+        if line.is_empty() {
+            // A quiet primary: look at what came of the writes in flight, so a failed one
+            // (this node just lost or won leadership) restarts the link now, not at the
+            // primary's next write.
+            if !in_flight.settle(false).await? {
+                return Ok(());
+            }
+            continue;
+        }
+        let write: ShippedWrite = serde_json::from_slice(&line).map_err(|e| format!("undecodable write: {e}"))?;
         let bytes = write.command.op.approx_bytes();
         let pending = node
             .submit_replicated(write.revision, write.command)
@@ -141,6 +151,9 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
     }
     let mut lines = Lines::default();
     while let Some(line) = lines.next(&mut response).await? {
+        if line.is_empty() {
+            continue;
+        }
         let step: SeedStep = serde_json::from_slice(&line).map_err(|e| format!("undecodable install step: {e}"))?;
         if node.known_leader() != Some(node.id) {
             return Ok(());
@@ -184,8 +197,8 @@ async fn check_install(node: &Shared, revision: u64, checksum: String) {
     super::regions::record_verification(node, &primary, verified).await;
 }
 
-/// Lines of a newline-delimited stream, skipping the empty keep-alive ones; a stream
-/// silent for [`SILENCE_MAX`] is dead.
+/// Lines of a newline-delimited stream; a keep-alive (an empty line) comes out empty. A
+/// stream silent for [`SILENCE_MAX`] is dead.
 #[derive(Default)]
 struct Lines {
     buffer: Vec<u8>,
@@ -194,11 +207,10 @@ struct Lines {
 impl Lines {
     async fn next(&mut self, response: &mut reqwest::Response) -> Result<Option<Vec<u8>>, String> {
         loop {
-            while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                if line.len() > 1 {
-                    return Ok(Some(line));
-                }
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
             }
             let chunk = tokio::time::timeout(SILENCE_MAX, response.chunk())
                 .await

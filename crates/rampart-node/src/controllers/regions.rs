@@ -593,9 +593,35 @@ pub async fn snapshot(
     if let Some(refused) = link_refusal(&node, connection) {
         return refused;
     }
-    let shipped = node.applied.read().expect("state lock").state.shipped.clone();
+    let shipped = std::sync::Arc::new(node.applied.read().expect("state lock").state.shipped.clone());
+    let revision = shipped.revision;
     let (lines, receiver) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
-    tokio::task::spawn_blocking(move || seed_steps(&shipped, |step| lines.blocking_send(step).is_ok()));
+    // The checksum is computed beside the keys' encoding, and an empty line goes out every
+    // LOG_KEEPALIVE while it is not done: a large state never leaves the stream silent.
+    let summed = shipped.clone();
+    let mut checksum = tokio::task::spawn_blocking(move || rampart_store::shipped_checksum(&summed));
+    let keys = lines.clone();
+    let keys = tokio::task::spawn_blocking(move || seed_steps(&shipped, |step| keys.blocking_send(step).is_ok()));
+    tokio::spawn(async move {
+        if !keys.await.unwrap_or(false) {
+            return;
+        }
+        let checksum = loop {
+            match tokio::time::timeout(LOG_KEEPALIVE, &mut checksum).await {
+                Ok(Ok(checksum)) => break checksum,
+                Ok(Err(_)) => return,
+                Err(_) if lines.send(axum::body::Bytes::from_static(b"\n")).await.is_err() => return,
+                Err(_) => {}
+            }
+        };
+        let end = rampart_store::SeedStep::End {
+            revision,
+            checksum: rampart_store::checksum_text(checksum),
+        };
+        let mut line = serde_json::to_vec(&end).expect("a step encodes");
+        line.push(b'\n');
+        let _ = lines.send(axum::body::Bytes::from(line)).await;
+    });
     let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
         let line = receiver.recv().await?;
         Some((Ok::<_, std::convert::Infallible>(line), receiver))
@@ -607,8 +633,9 @@ pub async fn snapshot(
         .into_response()
 }
 
-/// Hands `send` each step of an install of `shipped`, encoded as a line, until it says stop.
-fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body::Bytes) -> bool) {
+/// Hands `send` the first steps of an install of `shipped` (all but the end), each encoded
+/// as a line, until it says stop; false if it did.
+fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body::Bytes) -> bool) -> bool {
     use rampart_store::SeedStep;
     let line = |step: &SeedStep| {
         let mut line = serde_json::to_vec(step).expect("a step encodes");
@@ -623,7 +650,7 @@ fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body:
         rest: Box::new(rest),
     };
     if !send(line(&begin)) {
-        return;
+        return false;
     }
     let mut entries = Vec::new();
     let mut bytes = 0;
@@ -636,16 +663,12 @@ fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body:
                 entries: std::mem::take(&mut entries),
             };
             if !send(line(&keys)) {
-                return;
+                return false;
             }
             bytes = 0;
         }
     }
-    if !entries.is_empty() && !send(line(&SeedStep::Keys { revision, entries })) {
-        return;
-    }
-    let checksum = rampart_store::checksum_text(rampart_store::shipped_checksum(shipped));
-    send(line(&SeedStep::End { revision, checksum }));
+    entries.is_empty() || send(line(&SeedStep::Keys { revision, entries }))
 }
 
 /// Consistency verification, standby side: every `regions.verify_interval` the standby's
