@@ -192,7 +192,7 @@ impl RegionStatus {
         RegionStatus {
             name: name.to_string(),
             role: role.to_string(),
-            epoch: 1,
+            epoch: crate::region::FIRST_EPOCH,
             this_region,
             endpoints,
             reachable: this_region,
@@ -300,6 +300,13 @@ pub struct ClusterStatus {
     /// The answering node is a witness (`rampart node --witness`): it keeps no data.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub witness: bool,
+    /// The region epoch the answering node knows (1 until a region failover moves it).
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
+}
+
+fn first_epoch() -> u64 {
+    crate::region::FIRST_EPOCH
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

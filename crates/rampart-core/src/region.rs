@@ -260,6 +260,10 @@ pub fn lag_crossed(was_over: bool, lag_ms: Option<u64>, max_lag_ms: u64) -> Opti
     (over != was_over).then_some(over)
 }
 
+/// The region epoch of a deployment before any region failover. Every message between
+/// regions carries the epoch its sender knows; a region failover moves it.
+pub const FIRST_EPOCH: u64 = 1;
+
 impl Regions {
     /// Whether an instance registered in `region` is a *standby instance* as seen by a
     /// node of region `own`: it is in a region of this deployment (this one or a known one)

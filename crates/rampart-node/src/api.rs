@@ -489,6 +489,7 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         members: member_list(&node),
         security: node.config.security().as_str().to_string(),
         witness: false,
+        epoch: rampart_core::region::FIRST_EPOCH,
     })
 }
 

@@ -162,6 +162,7 @@ async fn cluster(State(witness): State<Shared>) -> Json<ClusterStatus> {
         }],
         security: config.security().as_str().to_string(),
         witness: true,
+        epoch: rampart_core::region::FIRST_EPOCH,
     })
 }
 

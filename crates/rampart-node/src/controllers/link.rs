@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use rampart_store::{Outcome, SeedStep, ShippedWrite};
 
+use super::regions::LinkLine;
 use crate::node::Shared;
 
 /// A stream silent this long is dead (the source sends an empty line every 2 s).
@@ -71,7 +72,7 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
             }
             continue;
         }
-        let write: ShippedWrite = serde_json::from_slice(&line).map_err(|e| format!("undecodable write: {e}"))?;
+        let write: ShippedWrite = received(&line)?;
         let bytes = write.command.op.approx_bytes();
         let pending = node
             .submit_replicated(write.revision, write.command)
@@ -129,6 +130,19 @@ impl InFlight {
     }
 }
 
+/// Decodes one line of the link, from a primary at the region epoch this region knows.
+fn received<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, String> {
+    let line: LinkLine<T> = serde_json::from_slice(line).map_err(|e| format!("undecodable line: {e}"))?;
+    let known = rampart_core::region::FIRST_EPOCH;
+    if line.epoch != known {
+        return Err(format!(
+            "the primary region sends at region epoch {}, and this region knows epoch {known}",
+            line.epoch
+        ));
+    }
+    Ok(line.body)
+}
+
 /// Opens a stream from the primary's `addr` on the region link. It runs until it breaks;
 /// silence is caught as it is read ([`Lines`]).
 async fn open(node: &Shared, addr: &str, path: &str) -> Result<reqwest::Response, String> {
@@ -154,7 +168,7 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
         if line.is_empty() {
             continue;
         }
-        let step: SeedStep = serde_json::from_slice(&line).map_err(|e| format!("undecodable install step: {e}"))?;
+        let step: SeedStep = received(&line)?;
         if node.known_leader() != Some(node.id) {
             return Ok(());
         }
@@ -221,5 +235,27 @@ impl Lines {
                 None => return Ok(None),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_from_another_region_epoch_is_refused_naming_both() {
+        let write = r#"{"revision":7,"command":{"at_ms":1,"op":{"Delete":{"key":"k"}}}}"#;
+        let at = |epoch: u64| format!(r#"{{"epoch":{epoch},{}"#, &write[1..]);
+        let ok: ShippedWrite = received(at(1).as_bytes()).expect("the known epoch");
+        assert_eq!(ok.revision, 7);
+        let refused = received::<ShippedWrite>(at(2).as_bytes()).expect_err("another epoch");
+        assert!(
+            refused.contains("epoch 2") && refused.contains("knows epoch 1"),
+            "{refused}"
+        );
+        assert!(
+            received::<ShippedWrite>(write.as_bytes()).is_err(),
+            "a line without an epoch"
+        );
     }
 }

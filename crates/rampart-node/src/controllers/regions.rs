@@ -341,9 +341,23 @@ const LOG_KEEPALIVE: Duration = Duration::from_secs(2);
 const LOG_CHUNK_BYTES: usize = 256 << 10;
 const LOG_CHUNK_WRITES: usize = 1024;
 
-/// Appends `write` as one JSON line.
-fn push_line(chunk: &mut Vec<u8>, write: &rampart_store::ShippedWrite) {
-    serde_json::to_writer(&mut *chunk, write).expect("a write encodes");
+/// One line of a region link (the log or the snapshot): the region epoch its sender knows,
+/// beside a shipped write or an install step. The epoch is 1 until a region failover moves
+/// it; a standby follows only a primary at the epoch it knows.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct LinkLine<T> {
+    pub epoch: u64,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Appends `body` as one JSON line of a region link.
+fn push_line<T: serde::Serialize>(chunk: &mut Vec<u8>, body: &T) {
+    let line = LinkLine {
+        epoch: rampart_core::region::FIRST_EPOCH,
+        body,
+    };
+    serde_json::to_writer(&mut *chunk, &line).expect("a line encodes");
     chunk.push(b'\n');
 }
 
@@ -618,8 +632,8 @@ pub async fn snapshot(
             revision,
             checksum: rampart_store::checksum_text(checksum),
         };
-        let mut line = serde_json::to_vec(&end).expect("a step encodes");
-        line.push(b'\n');
+        let mut line = Vec::new();
+        push_line(&mut line, &end);
         let _ = lines.send(axum::body::Bytes::from(line)).await;
     });
     let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
@@ -638,8 +652,8 @@ pub async fn snapshot(
 fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body::Bytes) -> bool) -> bool {
     use rampart_store::SeedStep;
     let line = |step: &SeedStep| {
-        let mut line = serde_json::to_vec(step).expect("a step encodes");
-        line.push(b'\n');
+        let mut line = Vec::new();
+        push_line(&mut line, step);
         axum::body::Bytes::from(line)
     };
     let revision = shipped.revision;
