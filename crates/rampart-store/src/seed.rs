@@ -121,7 +121,7 @@ pub fn step(seeding: &mut Option<Box<Seeding>>, shipped: &mut Shipped, step: &Se
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 
@@ -143,7 +143,8 @@ mod tests {
         shipped
     }
 
-    fn begin(source: &Shipped) -> SeedStep {
+    /// The first step of an install of `source`.
+    pub(crate) fn begin(source: &Shipped) -> SeedStep {
         let mut rest = source.clone();
         rest.kv.clear();
         SeedStep::Begin {
@@ -152,7 +153,8 @@ mod tests {
         }
     }
 
-    fn keys(source: &Shipped, range: std::ops::Range<usize>) -> SeedStep {
+    /// The keys of `source` in `range` (by position, in key order), as one step.
+    pub(crate) fn keys(source: &Shipped, range: std::ops::Range<usize>) -> SeedStep {
         SeedStep::Keys {
             revision: source.revision,
             entries: source

@@ -599,26 +599,12 @@ mod tests {
             assert_eq!(source.revision, i as u64 + 1);
         }
         source.revision = 9;
-        let mut rest = source.clone();
-        rest.kv.clear();
         let seed = |step: SeedStep| Command {
             at_ms: 1,
             op: step.to_op(),
         };
-        let keys = |range: std::ops::Range<usize>| SeedStep::Keys {
-            revision: 9,
-            entries: source
-                .kv
-                .iter()
-                .skip(range.start)
-                .take(range.len())
-                .map(|(k, r)| (k.clone(), r.clone()))
-                .collect(),
-        };
-        let begin = SeedStep::Begin {
-            revision: 9,
-            rest: Box::new(rest),
-        };
+        let keys = |range| crate::seed::tests::keys(&source, range);
+        let begin = crate::seed::tests::begin(&source);
         sm.apply([entry(1, vec![put("mine"), seed(begin), seed(keys(0..2))])])
             .await
             .expect("apply");
