@@ -210,6 +210,21 @@ impl RegionStatus {
     }
 }
 
+impl Verification {
+    /// No comparison was made, and why.
+    pub fn failed(region: &str, error: String) -> Verification {
+        Verification {
+            region: region.to_string(),
+            revision: None,
+            matched: None,
+            standby_checksum: None,
+            primary_checksum: None,
+            at_ms: None,
+            error: Some(error),
+        }
+    }
+}
+
 /// One region in `GET /v1/regions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionStatus {

@@ -191,24 +191,16 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
 /// Compares the standby's shipped state just installed at `revision` with the primary's
 /// `checksum` there, and records the result as a verification (a mismatch alerts).
 async fn check_install(node: &Shared, revision: u64, checksum: String) {
-    let shipped = node.applied.read().expect("state lock").state.shipped.clone();
+    let shipped = std::sync::Arc::new(node.applied.read().expect("state lock").state.shipped.clone());
     if shipped.revision != revision {
         return; // Moved on already; the regular verification will compare.
     }
-    let Ok(own) = tokio::task::spawn_blocking(move || rampart_store::shipped_checksum(&shipped)).await else {
+    let Some(verified) = super::regions::compare(shipped, checksum).await else {
         return;
     };
-    let own_checksum = rampart_store::checksum_text(own);
-    tracing::info!(revision, matched = own_checksum == checksum, "region link: installed");
-    let primary = node.config.regions.primary.clone();
-    let verified = crate::soft::Verified {
-        revision,
-        at_ms: crate::node::now_ms(),
-        matched: own_checksum == checksum,
-        own_checksum,
-        primary_checksum: checksum,
-    };
-    super::regions::record_verification(node, &primary, verified).await;
+    tracing::info!(revision, matched = verified.matched, "region link: installed");
+    let primary = &node.config.regions.primary;
+    super::regions::record_verification(node, primary, verified).await;
 }
 
 /// Lines of a newline-delimited stream; a keep-alive (an empty line) comes out empty. A

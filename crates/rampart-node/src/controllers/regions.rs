@@ -499,22 +499,14 @@ pub async fn verify(
     use rampart_core::api::{Verification, VerifyResponse};
     let regions = &node.config.regions;
     if node.is_standby() {
-        let failed = |error: &str| Verification {
-            region: node.config.region.clone(),
-            revision: None,
-            matched: None,
-            standby_checksum: None,
-            primary_checksum: None,
-            at_ms: None,
-            error: Some(error.to_string()),
-        };
+        let region = &node.config.region;
         let deadline = Instant::now() + VERIFY_NOW_TIMEOUT;
         let retry = Duration::from_millis(regions.health_check_interval_ms);
         let verification = match verify_within(&node, &regions.primary, deadline, retry).await {
             Some(verified) => {
                 record_verification(&node, &regions.primary, verified.clone()).await;
                 Verification {
-                    region: node.config.region.clone(),
+                    region: region.clone(),
                     revision: Some(verified.revision),
                     matched: Some(verified.matched),
                     standby_checksum: Some(verified.own_checksum),
@@ -523,34 +515,29 @@ pub async fn verify(
                     error: None,
                 }
             }
-            None => failed(&format!(
-                "no comparison within {VERIFY_NOW_TIMEOUT:?}: the primary region {} has not answered, or this standby did not reach its last reported revision",
-                regions.primary
-            )),
+            None => Verification::failed(
+                region,
+                format!(
+                    "no comparison within {VERIFY_NOW_TIMEOUT:?}: the primary region {} has not answered, or this standby did not reach its last reported revision",
+                    regions.primary
+                ),
+            ),
         };
         return Ok(Json(VerifyResponse {
             verifications: vec![verification],
         }));
     }
-    let witnesses: Vec<String> = {
-        let seen = node.regions.lock().expect("regions lock");
-        let answered_as_witness = |name: &String| {
-            seen.get(name)
-                .and_then(|s| s.status.as_ref())
-                .is_some_and(|s| s.witness)
-        };
-        regions
-            .known
-            .keys()
-            .filter(|name| answered_as_witness(name))
-            .cloned()
-            .collect()
-    };
-    let standbys = regions
-        .known
+    // The standbys as this node sees them (a witness, configured or answering as one, has
+    // nothing to verify).
+    let standbys: Vec<String> = view(&node)
+        .regions
+        .into_iter()
+        .filter(|r| !r.this_region && r.role == "standby")
+        .map(|r| r.name)
+        .collect();
+    let asks = standbys
         .iter()
-        .filter(|(name, r)| !r.witness && !witnesses.contains(name));
-    let asks = standbys.map(|(name, region)| ask_verify(&node, name, region));
+        .map(|name| ask_verify(&node, name, &regions.known[name]));
     let verifications = futures_util::future::join_all(asks).await;
     Ok(Json(VerifyResponse { verifications }))
 }
@@ -580,15 +567,7 @@ async fn ask_verify(node: &Shared, name: &str, region: &KnownRegion) -> rampart_
             Err(e) => last_error = format!("{endpoint}: {e}"),
         }
     }
-    rampart_core::api::Verification {
-        region: name.to_string(),
-        revision: None,
-        matched: None,
-        standby_checksum: None,
-        primary_checksum: None,
-        at_ms: None,
-        error: Some(last_error),
-    }
+    rampart_core::api::Verification::failed(name, last_error)
 }
 
 /// Keys per install step: about this many bytes of keys and values.
@@ -758,6 +737,16 @@ async fn verify_once(node: &Shared, primary: &str, deadline: Instant) -> Option<
             tokio::time::sleep(Duration::from_millis(20)).await;
         },
     };
+    compare(shipped, primary_checksum).await
+}
+
+/// This standby's shipped state (a copy, at the primary's revision) checked against the
+/// primary's `primary_checksum` there, off the async workers.
+pub async fn compare(
+    shipped: std::sync::Arc<rampart_store::Shipped>,
+    primary_checksum: String,
+) -> Option<crate::soft::Verified> {
+    let revision = shipped.revision;
     let own = tokio::task::spawn_blocking(move || rampart_store::shipped_checksum(&shipped))
         .await
         .ok()?;
