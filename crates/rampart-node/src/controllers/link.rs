@@ -208,22 +208,36 @@ async fn check_install(node: &Shared, revision: u64, checksum: String) {
 #[derive(Default)]
 struct Lines {
     buffer: Vec<u8>,
+    /// Where the next line starts in `buffer`: the lines before it are dropped once per
+    /// chunk read, not one by one (a chunk holds many).
+    start: usize,
+    /// How far `buffer` is known to hold no line end: a long line arriving in many chunks
+    /// is searched once.
+    searched: usize,
 }
 
 impl Lines {
     async fn next(&mut self, response: &mut reqwest::Response) -> Result<Option<Vec<u8>>, String> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-                let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
-                line.pop();
+            let from = self.searched.max(self.start);
+            if let Some(at) = self.buffer[from..].iter().position(|b| *b == b'\n') {
+                let end = from + at;
+                let line = self.buffer[self.start..end].to_vec();
+                self.start = end + 1;
                 return Ok(Some(line));
             }
+            self.searched = self.buffer.len();
             let chunk = tokio::time::timeout(SILENCE_MAX, response.chunk())
                 .await
                 .map_err(|_| format!("silent for {SILENCE_MAX:?}"))?
                 .map_err(|e| e.to_string())?;
             match chunk {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                Some(chunk) => {
+                    self.buffer.drain(..self.start);
+                    self.searched -= self.start;
+                    self.start = 0;
+                    self.buffer.extend_from_slice(&chunk);
+                }
                 None => return Ok(None),
             }
         }
