@@ -28,6 +28,27 @@ pub const CONNECTIONS_MAX: usize = 4096;
 
 pub async fn serve(listener: TcpListener, node: Shared) {
     let router = crate::api::router(node.clone());
+    let metrics = node.metrics.clone();
+    accept_each(listener, &metrics, move |stream, source| {
+        let (router, node) = (router.clone(), node.clone());
+        async move {
+            if node.tls.is_some() {
+                serve_tls(stream, source, node, router).await;
+            } else {
+                serve_plain(stream, source, node, router).await;
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts connections forever and serves each with `handle` on a task of its own, at
+/// most [`CONNECTIONS_MAX`] at once (beyond it a new one is closed at once and counted).
+pub(crate) async fn accept_each<F, Fut>(listener: TcpListener, metrics: &crate::metrics::Metrics, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, source) = match listener.accept().await {
@@ -40,20 +61,15 @@ pub async fn serve(listener: TcpListener, node: Shared) {
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            node.metrics.refused("connection_limit");
+            metrics.refused("connection_limit");
             tracing::debug!(%source, "refused a connection: {CONNECTIONS_MAX} already open");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let node = node.clone();
+        let serving = handle(stream, source);
         tokio::spawn(async move {
             let _slot = slot;
-            if node.tls.is_some() {
-                serve_tls(stream, source, node, router).await;
-            } else {
-                serve_plain(stream, source, node, router).await;
-            }
+            serving.await;
         });
     }
 }

@@ -51,35 +51,28 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     });
     tokio::spawn(watch_regions(witness.clone(), http, tls.is_some()));
     let router = router(witness.clone());
-    let serve = async move {
-        loop {
-            let Ok((stream, source)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let (router, tls) = (router.clone(), tls.clone());
-            tokio::spawn(async move {
-                let Some(tls) = tls else {
-                    let connection = Connection {
-                        source,
-                        from_node: false,
-                        region_link: false,
-                    };
-                    return crate::server::serve_http(stream, connection, router).await;
-                };
-                let accepted = tokio::time::timeout(crate::server::FIRST_BYTES_TIMEOUT, tls.acceptor.accept(stream));
-                let Ok(Ok(stream)) = accepted.await else { return };
-                let (_, session) = stream.get_ref();
+    let serve = crate::server::accept_each(listener, &witness.metrics, move |stream, source| {
+        let (router, tls) = (router.clone(), tls.clone());
+        async move {
+            let Some(tls) = tls else {
                 let connection = Connection {
                     source,
-                    from_node: crate::tls::is_node_certificate(session.peer_certificates()),
-                    region_link: session.alpn_protocol() == Some(crate::tls::REGION_ALPN),
+                    from_node: false,
+                    region_link: false,
                 };
-                crate::server::serve_http(stream, connection, router).await;
-            });
+                return crate::server::serve_http(stream, connection, router).await;
+            };
+            let accepted = tokio::time::timeout(crate::server::FIRST_BYTES_TIMEOUT, tls.acceptor.accept(stream));
+            let Ok(Ok(stream)) = accepted.await else { return };
+            let (_, session) = stream.get_ref();
+            let connection = Connection {
+                source,
+                from_node: crate::tls::is_node_certificate(session.peer_certificates()),
+                region_link: session.alpn_protocol() == Some(crate::tls::REGION_ALPN),
+            };
+            crate::server::serve_http(stream, connection, router).await;
         }
-    };
+    });
     tokio::select! {
         _ = serve => Ok(()),
         _ = start::shutdown_signal() => {
