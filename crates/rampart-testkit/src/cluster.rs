@@ -125,6 +125,22 @@ pub fn free_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
+/// Runs `binary certs init --dir DIR --nodes IDS`.
+pub(crate) fn certs_init(binary: &Path, dir: &Path, ids: &str) -> std::io::Result<()> {
+    let out = Command::new(binary)
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .args(["--nodes", ids])
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
 fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a PID this process spawned and has not reaped yet.
     unsafe {
@@ -272,18 +288,7 @@ impl Cluster {
     /// reissues node and client certificates from the same CA on later ones (rotation; a
     /// node picks up its new certificate when restarted).
     pub fn issue_certificates(&self, ids: &str) -> std::io::Result<()> {
-        let out = Command::new(&self.binary)
-            .args(["certs", "init", "--dir"])
-            .arg(self.certs_dir())
-            .args(["--nodes", ids])
-            .output()?;
-        if !out.status.success() {
-            return Err(std::io::Error::other(format!(
-                "certs init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
+        certs_init(&self.binary, &self.certs_dir(), ids)
     }
 
     /// The client's TLS settings on a TLS cluster.

@@ -233,17 +233,7 @@ fn config_text(options: &RegionsOptions, own: &str, links: &BTreeMap<(String, St
 /// each region then issues (`Cluster` runs `certs init` there) share it.
 fn shared_ca(binary: &Path, root: &Path, regions: &[RegionSpec]) -> std::io::Result<()> {
     let ca_dir = root.join("ca");
-    let out = std::process::Command::new(binary)
-        .args(["certs", "init", "--dir"])
-        .arg(&ca_dir)
-        .args(["--nodes", "1"])
-        .output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "certs init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    crate::cluster::certs_init(binary, &ca_dir, "1")?;
     for spec in regions {
         let certs = root.join(&spec.name).join("certs");
         std::fs::create_dir_all(&certs)?;
