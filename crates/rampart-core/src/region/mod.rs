@@ -5,6 +5,9 @@
 //!
 //! `primary` only seeds a new deployment; afterwards the replicated region epoch decides.
 
+pub mod lease;
+pub mod takeover;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
