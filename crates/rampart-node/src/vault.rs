@@ -669,12 +669,10 @@ impl Vault {
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
             let mut scratch = vec![0u8; rampart_store::state_machine::DECODE_SCRATCH_BYTES];
-            if format == 1 {
-                // Format 1 is only read to be migrated: decoded whole, as a restore does.
+            if format < FORMAT_VERSION {
+                // An older format is only read to be migrated: decoded whole, as a restore does.
                 let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-                return postcard::from_bytes::<rampart_store::v1::StateV1>(&bytes)
-                    .map(|_| ())
-                    .map_err(|e| format!("the bytes are not a format-1 state: {e}"));
+                return decode_state(format, &bytes).map(|_| ());
             }
             rampart_store::check_encoded(std::io::BufReader::new(file), &mut scratch)
         })
@@ -702,20 +700,15 @@ impl Vault {
     async fn load_state(&self, manifest: &Manifest) -> Result<State, BackupError> {
         let mut encoded = Vec::with_capacity(manifest.state_bytes as usize);
         self.read_state(manifest, &mut encoded).await?;
-        let decoded = if manifest.format == 1 {
-            postcard::from_bytes::<rampart_store::v1::StateV1>(&encoded).map(rampart_store::v1::StateV1::migrate)
-        } else {
-            postcard::from_bytes::<State>(&encoded)
-        };
-        decoded.map_err(|e| BackupError::Invalid {
+        decode_state(manifest.format, &encoded).map_err(|message| BackupError::Invalid {
             id: manifest.id.clone(),
-            message: format!("the state does not decode: {e}"),
+            message,
         })
     }
 
     /// Writes backup `id` (or the newest) as the snapshot of a new region with `members`
     /// into each of `data_dirs`, which must be new or empty. Nothing is left behind on
-    /// failure. A format-1 backup is migrated on the way, in memory.
+    /// failure. A backup of an older format is migrated on the way, in memory.
     pub async fn restore(
         &self,
         id: Option<&str>,
@@ -723,7 +716,7 @@ impl Vault {
         members: &BTreeMap<NodeId, String>,
     ) -> Result<Restored, BackupError> {
         let manifest = self.manifest(id).await?;
-        if manifest.format == 1 {
+        if manifest.format < FORMAT_VERSION {
             check_empty(data_dirs)?;
             let state = self.load_state(&manifest).await?;
             let restored = Restored {
@@ -1223,4 +1216,15 @@ impl Sealer {
         };
         zstd::bulk::decompress(compressed, CHUNK_BYTES).map_err(|_| ())
     }
+}
+
+/// A backup's encoded state of data dir format `format`, in this build's layout (an older
+/// one migrated, as a node migrates its data dir).
+fn decode_state(format: u32, encoded: &[u8]) -> Result<State, String> {
+    let decoded = match format {
+        1 => postcard::from_bytes::<rampart_store::v1::StateV1>(encoded).map(rampart_store::v1::StateV1::migrate),
+        2 => postcard::from_bytes::<rampart_store::v2::StateV2>(encoded).map(rampart_store::v2::StateV2::migrate),
+        _ => postcard::from_bytes::<State>(encoded),
+    };
+    decoded.map_err(|e| format!("the bytes are not a format-{format} state: {e}"))
 }

@@ -156,6 +156,18 @@ pub enum Op {
     Seed {
         step: Vec<u8>,
     },
+    /// This region's durable word in the region lease (`core::region::lease`): the lease of
+    /// `promise.epoch` is `promise.region`'s. Region-local; an older epoch than the one
+    /// promised is refused.
+    RegionPromise {
+        promise: rampart_core::region::lease::Promise,
+    },
+    /// A region failover: `region` is the primary from this write on, at `epoch`. Shipped,
+    /// so every standby that follows learns it in order; refused unless `epoch` is newer.
+    RegionEpoch {
+        epoch: u64,
+        region: String,
+    },
 }
 
 /// What applying a command may change: the region-local part of the state (else the
@@ -195,7 +207,8 @@ impl Op {
             | Op::Resign { .. }
             | Op::TokenCreate { .. }
             | Op::TokenRevoke { .. }
-            | Op::AdoptRules { .. } => SHIPPED,
+            | Op::AdoptRules { .. }
+            | Op::RegionEpoch { .. } => SHIPPED,
             Op::ServicePut { .. }
             | Op::ServiceDelete { .. }
             | Op::InstancePut { .. }
@@ -208,7 +221,7 @@ impl Op {
             | Op::Replicate { .. }
             | Op::Seed { .. } => REGISTRY,
             Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => VERDICTS,
-            Op::Record { .. } | Op::QuotaTake { .. } => LOCAL,
+            Op::Record { .. } | Op::QuotaTake { .. } | Op::RegionPromise { .. } => LOCAL,
         }
     }
 
@@ -259,6 +272,8 @@ impl Op {
                 Op::LeaseGrant { .. } | Op::LeaseRevoke { .. } | Op::AdoptRules { .. } => 0,
                 Op::Replicate { command, .. } => 8 + command.op.approx_bytes(),
                 Op::Seed { step } => 8 + step.len(),
+                Op::RegionPromise { promise } => 8 + promise.region.len(),
+                Op::RegionEpoch { region, .. } => 8 + region.len(),
             }
     }
 }
@@ -384,5 +399,15 @@ pub enum Outcome {
     /// A step of an install out of turn; nothing changed.
     SeedRefused {
         reason: String,
+    },
+    /// The region's promise after a `RegionPromise` (the one asked for, or a newer one
+    /// it keeps).
+    Promised {
+        promise: rampart_core::region::lease::Promise,
+    },
+    /// The region epoch after a `RegionEpoch` (the new one, or a newer one already there).
+    EpochStarted {
+        epoch: u64,
+        started: bool,
     },
 }

@@ -21,6 +21,7 @@ pub mod shipped;
 pub mod state;
 pub mod state_machine;
 pub mod v1;
+pub mod v2;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use local::{Local, Verdict};
@@ -59,7 +60,7 @@ pub fn open(
     if found < FORMAT_VERSION {
         // Migrated beside the old snapshot, then the new version recorded, then put in
         // place: a crash at any point leaves a data dir that opens (and migrates again).
-        state_machine::migrate_v1_snapshot(&snapshot)?;
+        state_machine::migrate_snapshot(&snapshot, found)?;
         log_store::record_format_version(&db)?;
         tracing::info!(from = found, to = FORMAT_VERSION, "data dir migrated");
     }

@@ -75,6 +75,9 @@ pub struct Local {
     pub quotas: BTreeMap<(String, String), QuotaStanding>,
     /// Verdicts by service, then instance id.
     pub verdicts: BTreeMap<String, BTreeMap<String, Verdict>>,
+    /// This region's word in the region lease (data dir format 3): whose the lease of the
+    /// newest epoch it promised is.
+    pub promise: Option<rampart_core::region::lease::Promise>,
 }
 
 impl Local {
@@ -130,6 +133,14 @@ impl Local {
                 let before = *verdict;
                 verdict.ready = *ready;
                 (Outcome::HealthRecorded, *verdict != before)
+            }
+            Op::RegionPromise { promise } => {
+                let newer = self.promise.as_ref().is_none_or(|p| promise.epoch > p.epoch);
+                if newer {
+                    self.promise = Some(promise.clone());
+                }
+                let kept = self.promise.clone().expect("set above or before");
+                (Outcome::Promised { promise: kept }, newer)
             }
             other => unreachable!("a command of the shipped part: {other:?}"),
         };

@@ -39,8 +39,10 @@ const FORMAT_KEY: &str = "format_version";
 /// it. A data dir records the version that wrote it, and a node refuses one it cannot read:
 /// it would misread the log. A change to any of these layouts takes a new version and a
 /// migration. Version 2 split the state into its shipped and local parts; a version-1 data
-/// dir is migrated when it is opened ([`crate::v1`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// dir is migrated when it is opened ([`crate::v1`]). Version 3 added the region epoch
+/// history to the shipped part and the region's lease promise to the local part
+/// ([`crate::v2`]).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest format version this binary migrates from.
 pub const FORMAT_VERSION_MIGRATED: u32 = 1;
@@ -50,7 +52,7 @@ pub const FORMAT_VERSION_MIGRATED: u32 = 1;
 pub enum OpenError {
     #[error(
         "it is in format version {found}, and this rampart reads format version {supported} \
-         (and migrates format version 1): run the rampart release that wrote it, or restore \
+         (and migrates format versions 1 and 2): run the rampart release that wrote it, or restore \
          the region from a backup into new data dirs"
     )]
     Format { found: u32, supported: u32 },

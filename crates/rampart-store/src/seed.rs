@@ -57,7 +57,13 @@ pub struct Seeding {
 
 /// Takes the encoded step of an install (`Op::Seed`) into `shipped`, as [`step`] does.
 pub fn apply(seeding: &mut Option<Box<Seeding>>, shipped: &mut Shipped, encoded: &[u8]) -> Outcome {
-    match postcard::from_bytes::<SeedStep>(encoded) {
+    // A step a format-2 node wrote lacks the epoch history: read as it was written.
+    let decoded = postcard::from_bytes::<SeedStep>(encoded).or_else(|e| {
+        postcard::from_bytes::<crate::v2::SeedStepV2>(encoded)
+            .map(|v2| v2.migrate())
+            .map_err(|_| e)
+    });
+    match decoded {
         Ok(decoded) => step(seeding, shipped, &decoded),
         Err(e) => Outcome::SeedRefused {
             reason: format!("the step does not decode: {e}"),

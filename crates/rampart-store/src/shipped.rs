@@ -121,6 +121,9 @@ pub struct Shipped {
     /// Set by the first bootstrap admin token, so a region gets one exactly once.
     pub auth_bootstrapped: bool,
     pub services: BTreeMap<String, Service>,
+    /// Every region failover, oldest first (data dir format 3): who is primary at which
+    /// epoch from which revision on.
+    pub epochs: Vec<rampart_core::region::EpochStart>,
 }
 
 impl Default for Shipped {
@@ -135,6 +138,7 @@ impl Default for Shipped {
             tokens: BTreeMap::new(),
             auth_bootstrapped: false,
             services: BTreeMap::new(),
+            epochs: Vec::new(),
         }
     }
 }
@@ -453,7 +457,27 @@ impl Shipped {
                 }
                 Outcome::RulesAdopted { rules: self.rules }
             }
-            Op::Record { .. } | Op::QuotaTake { .. } | Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => {
+            Op::RegionEpoch { epoch, region } => {
+                let started = *epoch > self.epoch();
+                if started {
+                    self.bump();
+                    self.epochs.push(rampart_core::region::EpochStart {
+                        epoch: *epoch,
+                        region: region.clone(),
+                        revision: self.revision,
+                        at_ms: command.at_ms,
+                    });
+                }
+                Outcome::EpochStarted {
+                    epoch: self.epoch(),
+                    started,
+                }
+            }
+            Op::Record { .. }
+            | Op::QuotaTake { .. }
+            | Op::InstanceHealth { .. }
+            | Op::InstanceReadiness { .. }
+            | Op::RegionPromise { .. } => {
                 unreachable!("a command of the local part: {:?}", command.op)
             }
             Op::Replicate { .. } | Op::Seed { .. } => {
@@ -487,6 +511,19 @@ impl Shipped {
         self.services
             .get(service)
             .is_some_and(|s| s.primary.is_none() && s.instances.contains_key(id))
+    }
+
+    /// The region epoch: [`rampart_core::region::FIRST_EPOCH`] until a region failover.
+    pub fn epoch(&self) -> u64 {
+        self.epochs
+            .last()
+            .map_or(rampart_core::region::FIRST_EPOCH, |e| e.epoch)
+    }
+
+    /// The primary region since the last region failover; `None` before the first (the
+    /// configured primary).
+    pub fn primary_region(&self) -> Option<&str> {
+        self.epochs.last().map(|e| e.region.as_str())
     }
 
     /// A change of this part that is not a key write, an election or a promotion: it moves

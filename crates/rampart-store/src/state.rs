@@ -221,6 +221,7 @@ struct ShippedShape {
     tokens: BTreeMap<String, Token>,
     auth_bootstrapped: bool,
     services: BTreeMap<String, Service>,
+    epochs: Vec<rampart_core::region::EpochStart>,
 }
 
 /// A map with string keys, decoded one entry at a time and dropped, keeping the first key
@@ -808,5 +809,98 @@ mod tests {
         }
         // a has no node to run on, b is not ready: c.
         assert_eq!(s.backup_source("db").map(|(id, _)| id), Some("c"));
+    }
+
+    #[test]
+    fn a_region_failover_is_a_shipped_write_a_standby_follows_and_only_a_newer_epoch_starts() {
+        let mut primary = State::default();
+        let put = cmd(Op::Put {
+            key: "k".into(),
+            value: "v".into(),
+            lease: None,
+            if_revision: None,
+        });
+        primary.apply(&put);
+        let epoch = |epoch: u64, region: &str| {
+            cmd(Op::RegionEpoch {
+                epoch,
+                region: region.into(),
+            })
+        };
+        assert_eq!(primary.shipped.epoch(), rampart_core::region::FIRST_EPOCH);
+        assert_eq!(primary.shipped.primary_region(), None);
+        let (outcome, _) = primary.apply(&epoch(2, "us-west-2"));
+        assert_eq!(
+            outcome,
+            Outcome::EpochStarted {
+                epoch: 2,
+                started: true
+            }
+        );
+        assert_eq!(primary.shipped.revision, 2, "a write of its own");
+        assert_eq!(primary.shipped.primary_region(), Some("us-west-2"));
+        assert_eq!(primary.shipped.epochs[0].revision, 2);
+        let (outcome, _) = primary.apply(&epoch(2, "eu"));
+        assert_eq!(
+            outcome,
+            Outcome::EpochStarted {
+                epoch: 2,
+                started: false
+            }
+        );
+        assert_eq!(
+            (primary.shipped.revision, primary.shipped.primary_region()),
+            (2, Some("us-west-2"))
+        );
+        // A standby replicates it in order and holds the same history and checksum.
+        let mut standby = State::default();
+        standby.apply(&cmd(Op::Replicate {
+            revision: 1,
+            command: Box::new(put),
+        }));
+        standby.apply(&cmd(Op::Replicate {
+            revision: 2,
+            command: Box::new(epoch(2, "us-west-2")),
+        }));
+        assert_eq!(standby.shipped.epochs, primary.shipped.epochs);
+        assert_eq!(standby.checksum(), primary.checksum());
+    }
+
+    #[test]
+    fn a_region_promises_only_newer_epochs_and_keeps_the_newest() {
+        use rampart_core::region::lease::Promise;
+        let mut s = State::default();
+        let promise = |epoch: u64, region: &str| Promise {
+            epoch,
+            region: region.into(),
+        };
+        let promised = |s: &mut State, p: Promise| s.apply(&cmd(Op::RegionPromise { promise: p })).0;
+        assert_eq!(
+            promised(&mut s, promise(1, "a")),
+            Outcome::Promised {
+                promise: promise(1, "a")
+            }
+        );
+        assert_eq!(
+            promised(&mut s, promise(2, "b")),
+            Outcome::Promised {
+                promise: promise(2, "b")
+            }
+        );
+        assert_eq!(s.local.revision, 2);
+        assert_eq!(
+            promised(&mut s, promise(2, "c")),
+            Outcome::Promised {
+                promise: promise(2, "b")
+            }
+        );
+        assert_eq!(
+            promised(&mut s, promise(1, "a")),
+            Outcome::Promised {
+                promise: promise(2, "b")
+            }
+        );
+        assert_eq!(s.local.revision, 2, "a refused promise changes nothing");
+        assert_eq!(s.shipped.revision, 0, "region-local");
     }
 }

@@ -148,31 +148,56 @@ struct StoredSnapshotV1 {
     state: crate::v1::StateV1,
 }
 
-/// Writes the format-1 snapshot at `path` (if there is one) in the current layout beside
-/// it, durably; [`StateMachineStore::new`] puts it in place once the data dir records the
-/// new format.
-pub(crate) fn migrate_v1_snapshot(path: &std::path::Path) -> Result<(), StorageError> {
+/// A snapshot as data dir format 2 wrote it: the state, then an install under way if any.
+#[derive(Deserialize)]
+struct StoredSnapshotV2 {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    state: crate::v2::StateV2,
+}
+
+/// Writes the snapshot of data dir format `from` at `path` (if there is one) in the
+/// current layout beside it, durably; [`StateMachineStore::new`] puts it in place once the
+/// data dir records the new format.
+pub(crate) fn migrate_snapshot(path: &std::path::Path, from: u32) -> Result<(), StorageError> {
+    use std::io::Read;
     let failed = |e: std::io::Error| -> StorageError { StorageIOError::read_snapshot(None, &e).into() };
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(failed(e)),
     };
+    let undecodable = |e: postcard::Error| {
+        failed(std::io::Error::other(format!(
+            "the format-{from} snapshot does not decode: {e}"
+        )))
+    };
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
-    let (old, _): (StoredSnapshotV1, _) =
-        postcard::from_io((std::io::BufReader::new(file), &mut scratch)).map_err(|e| {
-            failed(std::io::Error::other(format!(
-                "the format-1 snapshot does not decode: {e}"
-            )))
-        })?;
-    let stored = StoredSnapshot {
-        meta: old.meta,
-        state: old.state.migrate(),
+    let reader = std::io::BufReader::new(file);
+    let stored = if from == 1 {
+        let (old, _): (StoredSnapshotV1, _) = postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
+        StoredSnapshot {
+            meta: old.meta,
+            state: old.state.migrate(),
+        }
+    } else {
+        let (old, (mut rest, scratch)): (StoredSnapshotV2, _) =
+            postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
+        let mut state = old.state.migrate();
+        let mut first = [0u8; 1];
+        if rest.read(&mut first).map_err(failed)? == 1 {
+            let (seeding, _): (crate::v2::SeedingV2, _) =
+                postcard::from_io((std::io::Cursor::new(first).chain(rest), scratch)).map_err(undecodable)?;
+            state.seeding = Some(Box::new(seeding.migrate()));
+        }
+        StoredSnapshot { meta: old.meta, state }
     };
     let migrated = path.with_file_name(MIGRATED_FILE);
     let write = || -> std::io::Result<()> {
         let mut writer = std::io::BufWriter::new(std::fs::File::create(&migrated)?);
         postcard::to_io(&stored, &mut writer).map_err(std::io::Error::other)?;
+        if let Some(seeding) = &stored.state.seeding {
+            postcard::to_io(seeding, &mut writer).map_err(std::io::Error::other)?;
+        }
         writer.flush()?;
         writer.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
@@ -675,6 +700,51 @@ mod tests {
             .migrate()
     }
 
+    /// A data dir of format 2 at `redb` whose snapshot holds an install under way after the
+    /// state; returns the state it holds.
+    fn format_2_data_dir(redb: &std::path::Path) -> State {
+        let mut state = crate::v1::tests::a_format_1_state().migrate();
+        state.apply(&Command {
+            at_ms: 9,
+            op: Op::AdoptRules { rules: crate::RULES },
+        });
+        state.seeding = Some(Box::new(crate::seed::Seeding {
+            revision: 40,
+            shipped: crate::shipped::Shipped::default(),
+            last_key: Some("k".into()),
+        }));
+        crate::stamp_format_version(redb, 2).expect("stamp format 2");
+        #[derive(Serialize)]
+        struct SnapshotV2<'a> {
+            meta: SnapshotMeta<NodeId, BasicNode>,
+            state: &'a crate::v2::StateV2,
+        }
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 11)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "2-11-7".into(),
+        };
+        let (old, seeding) = crate::v2::tests::state_v2(&state);
+        let mut bytes = postcard::to_allocvec(&SnapshotV2 { meta, state: &old }).expect("encode");
+        bytes.extend(postcard::to_allocvec(&seeding.expect("an install")).expect("encode"));
+        std::fs::write(redb.with_file_name(SNAPSHOT_FILE), bytes).expect("write the snapshot");
+        state
+    }
+
+    #[tokio::test]
+    async fn a_format_2_data_dir_is_migrated_with_its_install_under_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let expected = format_2_data_dir(&redb);
+        {
+            let (_log, sm) = crate::open(&redb, 100, None).expect("open and migrate");
+            let state = sm.applied.read().unwrap().state.clone();
+            assert_eq!(state, expected);
+            assert!(state.seeding.is_some(), "the install under way is kept");
+        }
+        assert_eq!(format_of(&redb), crate::FORMAT_VERSION);
+    }
+
     /// The format recorded in `redb`, once the store that had it open let go of it (its
     /// log writer thread ends soon after the store is dropped).
     fn format_of(redb: &std::path::Path) -> u32 {
@@ -715,7 +785,7 @@ mod tests {
         let redb = dir.path().join("n.redb");
         let expected = format_1_data_dir(&redb);
         // Cut after the migrated snapshot was written: format 1 still recorded.
-        migrate_v1_snapshot(&dir.path().join(SNAPSHOT_FILE)).expect("migrate");
+        migrate_snapshot(&dir.path().join(SNAPSHOT_FILE), 1).expect("migrate");
         {
             let (_log, sm) = crate::open(&redb, 100, None).expect("migrate again");
             assert_eq!(sm.applied.read().unwrap().state, expected);
@@ -724,7 +794,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let redb = dir.path().join("n.redb");
         let expected = format_1_data_dir(&redb);
-        migrate_v1_snapshot(&dir.path().join(SNAPSHOT_FILE)).expect("migrate");
+        migrate_snapshot(&dir.path().join(SNAPSHOT_FILE), 1).expect("migrate");
         crate::stamp_format_version(&redb, crate::FORMAT_VERSION).expect("stamp");
         let (_log, sm) = crate::open(&redb, 100, None).expect("finish the migration");
         assert_eq!(sm.applied.read().unwrap().state, expected);

@@ -100,6 +100,7 @@ impl StateV1 {
                 tokens: self.tokens,
                 auth_bootstrapped: self.auth_bootstrapped,
                 services,
+                epochs: Vec::new(),
             },
             local: Local {
                 revision: 0,
@@ -107,6 +108,7 @@ impl StateV1 {
                 next_event_id: self.next_event_id,
                 quotas: self.quotas,
                 verdicts,
+                promise: None,
             },
             seeding: None,
         }

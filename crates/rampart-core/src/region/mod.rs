@@ -267,6 +267,18 @@ pub fn lag_crossed(was_over: bool, lag_ms: Option<u64>, max_lag_ms: u64) -> Opti
 /// regions carries the epoch its sender knows; a region failover moves it.
 pub const FIRST_EPOCH: u64 = 1;
 
+/// A region failover as the shipped history records it: from the write at `revision` (the
+/// one that recorded it) on, `region` is the primary at `epoch`. Before the first, the
+/// configured primary is, at [`FIRST_EPOCH`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    pub region: String,
+    pub revision: u64,
+    /// The promoting leader's wall clock, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
 impl Regions {
     /// Whether an instance registered in `region` is a *standby instance* as seen by a
     /// node of region `own`: it is in a region of this deployment (this one or a known one)

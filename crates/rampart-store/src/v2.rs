@@ -1,0 +1,219 @@
+//! Data dir format 2: the state before the region epoch history (`Shipped::epochs`) and the
+//! region's promise in the region lease (`Local::promise`), kept to read what a format-2
+//! node, backup or install step wrote, and its migration to the current layout: no region
+//! failover yet, nothing promised.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rampart_core::api::Event;
+use serde::Deserialize;
+
+use crate::local::{Local, QuotaStanding, Verdict};
+use crate::seed::{SeedStep, Seeding};
+use crate::shipped::{Hold, Lease, Record, Service, Shipped, Token};
+use crate::state::State;
+
+/// The shipped part as format 2 encodes it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct ShippedV2 {
+    revision: u64,
+    rules: u32,
+    kv: imbl::OrdMap<String, Record>,
+    leases: BTreeMap<u64, Lease>,
+    elections: BTreeMap<String, Hold>,
+    next_lease_id: u64,
+    tokens: BTreeMap<String, Token>,
+    auth_bootstrapped: bool,
+    services: BTreeMap<String, Service>,
+}
+
+/// The local part as format 2 encodes it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct LocalV2 {
+    revision: u64,
+    events: VecDeque<Event>,
+    next_event_id: u64,
+    quotas: BTreeMap<(String, String), QuotaStanding>,
+    verdicts: BTreeMap<String, BTreeMap<String, Verdict>>,
+}
+
+/// The state as format 2 encodes it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct StateV2 {
+    shipped: ShippedV2,
+    local: LocalV2,
+}
+
+/// An install step as format 2 encodes it (in a log written before the upgrade).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub enum SeedStepV2 {
+    Begin {
+        revision: u64,
+        rest: Box<ShippedV2>,
+    },
+    Keys {
+        revision: u64,
+        entries: Vec<(String, Record)>,
+    },
+    End {
+        revision: u64,
+        checksum: String,
+    },
+}
+
+/// An install under way, as a format-2 snapshot keeps it after the state.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct SeedingV2 {
+    revision: u64,
+    shipped: ShippedV2,
+    last_key: Option<String>,
+}
+
+impl ShippedV2 {
+    pub fn migrate(self) -> Shipped {
+        Shipped {
+            revision: self.revision,
+            rules: self.rules,
+            kv: self.kv,
+            leases: self.leases,
+            elections: self.elections,
+            next_lease_id: self.next_lease_id,
+            tokens: self.tokens,
+            auth_bootstrapped: self.auth_bootstrapped,
+            services: self.services,
+            epochs: Vec::new(),
+        }
+    }
+}
+
+impl StateV2 {
+    /// The same state in the current layout: no region failover yet, nothing promised.
+    pub fn migrate(self) -> State {
+        let local = self.local;
+        State {
+            shipped: self.shipped.migrate(),
+            local: Local {
+                revision: local.revision,
+                events: local.events,
+                next_event_id: local.next_event_id,
+                quotas: local.quotas,
+                verdicts: local.verdicts,
+                promise: None,
+            },
+            seeding: None,
+        }
+    }
+}
+
+impl SeedStepV2 {
+    pub fn migrate(self) -> SeedStep {
+        match self {
+            SeedStepV2::Begin { revision, rest } => SeedStep::Begin {
+                revision,
+                rest: Box::new(rest.migrate()),
+            },
+            SeedStepV2::Keys { revision, entries } => SeedStep::Keys { revision, entries },
+            SeedStepV2::End { revision, checksum } => SeedStep::End { revision, checksum },
+        }
+    }
+}
+
+impl SeedingV2 {
+    pub fn migrate(self) -> Seeding {
+        Seeding {
+            revision: self.revision,
+            shipped: self.shipped.migrate(),
+            last_key: self.last_key,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn shipped_v2(shipped: &Shipped) -> ShippedV2 {
+        assert!(shipped.epochs.is_empty(), "format 2 has no epoch history");
+        ShippedV2 {
+            revision: shipped.revision,
+            rules: shipped.rules,
+            kv: shipped.kv.clone(),
+            leases: shipped.leases.clone(),
+            elections: shipped.elections.clone(),
+            next_lease_id: shipped.next_lease_id,
+            tokens: shipped.tokens.clone(),
+            auth_bootstrapped: shipped.auth_bootstrapped,
+            services: shipped.services.clone(),
+        }
+    }
+
+    /// `state` as format 2 lays it out, and its install under way.
+    pub(crate) fn state_v2(state: &State) -> (StateV2, Option<SeedingV2>) {
+        let local = &state.local;
+        let v2 = StateV2 {
+            shipped: shipped_v2(&state.shipped),
+            local: LocalV2 {
+                revision: local.revision,
+                events: local.events.clone(),
+                next_event_id: local.next_event_id,
+                quotas: local.quotas.clone(),
+                verdicts: local.verdicts.clone(),
+            },
+        };
+        let seeding = state.seeding.as_ref().map(|s| SeedingV2 {
+            revision: s.revision,
+            shipped: shipped_v2(&s.shipped),
+            last_key: s.last_key.clone(),
+        });
+        (v2, seeding)
+    }
+
+    #[test]
+    fn a_format_2_state_reads_as_before_with_no_failover_and_no_promise() {
+        let mut state = State::default();
+        state.apply(&crate::command::Command {
+            at_ms: 5,
+            op: crate::command::Op::Put {
+                key: "k".into(),
+                value: "v".into(),
+                lease: None,
+                if_revision: None,
+            },
+        });
+        let bytes = postcard::to_allocvec(&state_v2(&state).0).expect("encode");
+        assert!(postcard::from_bytes::<State>(&bytes).is_err(), "the layouts differ");
+        let migrated = postcard::from_bytes::<StateV2>(&bytes).expect("decode").migrate();
+        assert_eq!(migrated, state);
+        assert_eq!(migrated.shipped.epoch(), rampart_core::region::FIRST_EPOCH);
+    }
+
+    #[test]
+    fn an_install_step_a_format_2_node_wrote_is_taken_as_written() {
+        let mut source = Shipped::default();
+        source.apply(&crate::command::Command {
+            at_ms: 5,
+            op: crate::command::Op::Put {
+                key: "k".into(),
+                value: "v".into(),
+                lease: None,
+                if_revision: None,
+            },
+        });
+        let mut rest = source.clone();
+        rest.kv.clear();
+        let old = SeedStepV2::Begin {
+            revision: source.revision,
+            rest: Box::new(shipped_v2(&rest)),
+        };
+        let encoded = postcard::to_allocvec(&old).expect("encode");
+        let mut seeding = None;
+        let mut standby = Shipped::default();
+        let outcome = crate::seed::apply(&mut seeding, &mut standby, &encoded);
+        assert_eq!(outcome, crate::command::Outcome::Seeding { revision: 1 });
+    }
+}
