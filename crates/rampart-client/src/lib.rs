@@ -3,7 +3,7 @@
 //!
 //! It tries each endpoint in turn, follows the region through leader changes, and retries
 //! within a deadline only what is safe to retry: calls that are idempotent, and any call
-//! the cluster refused before applying it (`no_leader`, `not_leader`, connection refused,
+//! the cluster refused before applying it (`no_leader`, `not_leader`, `region_lease_lost`, connection refused,
 //! and `read_only_region` from a standby region: given endpoints of several regions, a
 //! write goes on to the next endpoint until the primary region takes it, and later calls
 //! start there; if every endpoint is a standby's, the refusal is returned at once).
@@ -114,8 +114,13 @@ fn outcome_unknown(code: &str) -> bool {
 /// Codes that mean the cluster did not apply the request and a retry is safe.
 /// `read_only_region`: a standby region refused it; with endpoints of several regions the
 /// client goes on to the next, so writes find the primary region by themselves.
+/// `region_lease_lost`: the primary region is renewing its lease, or lost it while another
+/// region takes over.
 fn retryable(code: &str) -> bool {
-    matches!(code, "no_leader" | "not_leader" | "read_only_region")
+    matches!(
+        code,
+        "no_leader" | "not_leader" | "read_only_region" | "region_lease_lost"
+    )
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -151,8 +151,34 @@ pub struct RegionsResponse {
     pub region: String,
     /// The primary region (as configured until region failover moves it).
     pub primary: String,
+    /// The region epoch the answering node knows: 1 until a region failover moves it.
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
+    /// Whether the regions fail over by themselves when the primary region is lost
+    /// (`[regions] auto_failover`).
+    #[serde(default)]
+    pub auto_failover: bool,
+    /// Why they do not, when they do not (two regions and no witness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_note: Option<String>,
+    /// The region lease, as the answering node holds it: on the primary region's leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
     /// This region first, then the others by name.
     pub regions: Vec<RegionStatus>,
+}
+
+/// The region lease on the primary region's leader (safety rule 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    /// It may acknowledge writes now.
+    pub held: bool,
+    /// How long the grants it has count for from now (0: read-only).
+    pub valid_for_ms: u64,
+    /// The regions whose grants still count, newest renewal first.
+    pub granted_by: Vec<String>,
+    /// `[regions] region_lease`.
+    pub lease_ms: u64,
 }
 
 /// `POST /v1/regions/verify`: a verification made now by each standby region (from a
@@ -318,6 +344,9 @@ pub struct ClusterStatus {
     /// The region epoch the answering node knows (1 until a region failover moves it).
     #[serde(default = "first_epoch")]
     pub epoch: u64,
+    /// The primary region at that epoch, as the answering node knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
 }
 
 fn first_epoch() -> u64 {

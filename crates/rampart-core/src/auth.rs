@@ -125,8 +125,18 @@ pub fn role_for(method: &str, path: &str) -> Option<Role> {
     let area = path.trim_start_matches("/v1/").split('/').next().unwrap_or("");
     Some(match (area, reading) {
         ("tokens", _) => Role::Admin,
-        // The region log carries every shipped write, token hashes included.
-        ("regions", _) if path.starts_with("/v1/regions/log") || path.starts_with("/v1/regions/snapshot") => {
+        // The region log carries every shipped write, token hashes included; the lease
+        // and votes decide which region takes writes.
+        ("regions", _)
+            if [
+                "/v1/regions/log",
+                "/v1/regions/snapshot",
+                "/v1/regions/lease",
+                "/v1/regions/vote",
+            ]
+            .iter()
+            .any(|p| path.starts_with(p)) =>
+        {
             Role::Admin
         }
         (_, true) => Role::Read,
@@ -257,6 +267,8 @@ mod tests {
         assert_eq!(role_for("GET", "/v1/tokens"), Some(Role::Admin));
         assert_eq!(role_for("GET", "/v1/regions/log"), Some(Role::Admin));
         assert_eq!(role_for("GET", "/v1/regions/snapshot"), Some(Role::Admin));
+        assert_eq!(role_for("POST", "/v1/regions/lease"), Some(Role::Admin));
+        assert_eq!(role_for("POST", "/v1/regions/vote"), Some(Role::Admin));
         assert_eq!(role_for("GET", "/v1/regions"), Some(Role::Read));
         assert_eq!(role_for("POST", "/v1/services/db/switchover"), Some(Role::Operator));
         assert_eq!(

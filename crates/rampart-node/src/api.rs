@@ -17,7 +17,7 @@ use rampart_store::{Op, Outcome};
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::controllers::{backups, regions, switchover, verdicts};
+use crate::controllers::{backups, region_lease, regions, switchover, verdicts};
 use crate::error::{check_name, parse_body, unexpected, ApiError};
 use crate::events::audit;
 use crate::node::{now_ms, Shared};
@@ -58,6 +58,8 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/regions/log", get(regions::log))
         .route("/v1/regions/snapshot", get(regions::snapshot))
         .route("/v1/regions/verify", post(regions::verify))
+        .route("/v1/regions/lease", post(region_lease::renew))
+        .route("/v1/regions/vote", post(region_lease::vote))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(events::events).post(events::post_event))
@@ -471,6 +473,7 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
             applied.last_applied.map_or(0, |l| l.index),
         )
     };
+    let (primary_region, epoch) = node.primary_and_epoch();
     Json(ClusterStatus {
         region: node.config.region.clone(),
         node_id: node.id,
@@ -489,7 +492,8 @@ async fn cluster(State(node): State<Shared>) -> Json<ClusterStatus> {
         members: member_list(&node),
         security: node.config.security().as_str().to_string(),
         witness: false,
-        epoch: rampart_core::region::FIRST_EPOCH,
+        epoch,
+        primary_region: Some(primary_region),
     })
 }
 

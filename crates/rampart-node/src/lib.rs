@@ -180,6 +180,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         switchovers: Mutex::new(std::collections::BTreeSet::new()),
         regions: Mutex::new(std::collections::BTreeMap::new()),
         verified: Mutex::new(None),
+        region_lease: Mutex::new(soft::RegionLease::default()),
+        clock: std::time::Instant::now(),
         alerts,
         auth_failures: Mutex::new(rampart_core::auth::FailureLimiter::new(
             auth::FAILURES_BURST,
@@ -197,6 +199,9 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         self_fence_after_ms = hold.self_fence_after.as_millis() as u64,
         "node started"
     );
+    if let Some(note) = controllers::regions::failover_note(&node.config.regions) {
+        tracing::warn!("{note}");
+    }
 
     let mut tasks = controllers::spawn(&node, alert_queue);
     tasks.push(tokio::spawn(server::serve(listener, node.clone())));

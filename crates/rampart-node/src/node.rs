@@ -58,6 +58,10 @@ pub struct Node {
     pub regions: Mutex<std::collections::BTreeMap<String, crate::soft::RegionSeen>>,
     /// A standby's last checksum comparison with the primary region.
     pub verified: Mutex<Option<crate::soft::Verified>>,
+    /// The region lease as this node holds or grants it.
+    pub region_lease: Mutex<crate::soft::RegionLease>,
+    /// Where this node's monotonic ms (`mono_ms`) count from: the region lease's clock.
+    pub clock: std::time::Instant,
 }
 
 pub type Shared = Arc<Node>;
@@ -143,45 +147,116 @@ impl Node {
         self.config.regions.in_standby_region(&self.config.region, region)
     }
 
+    /// This node's monotonic clock in ms: the only clock the region lease reads.
+    pub fn mono_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// The primary region and the region epoch, as this region's shipped history says:
+    /// the configured primary at epoch 1 until a region failover.
+    pub fn primary_and_epoch(&self) -> (String, u64) {
+        let applied = self.applied.read().expect("state lock");
+        let shipped = &applied.state.shipped;
+        let primary = shipped.primary_region().unwrap_or(&self.config.regions.primary);
+        (primary.to_string(), shipped.epoch())
+    }
+
+    /// The primary region, as this region's shipped history says.
+    pub fn primary_region(&self) -> String {
+        self.primary_and_epoch().0
+    }
+
     /// Whether this region is a standby: its shipped state changes only by the primary
     /// region's writes (`Op::Replicate`), never by its own.
     pub fn is_standby(&self) -> bool {
-        self.config.regions.primary != self.config.region
+        self.primary_region() != self.config.region
     }
 
     /// 503 `read_only_region`, naming the primary region and its endpoints.
     pub fn read_only(&self) -> ApiError {
         let regions = &self.config.regions;
+        let (primary, epoch) = self.primary_and_epoch();
         let endpoints: Vec<String> = regions
             .known
-            .get(&regions.primary)
+            .get(&primary)
             .map(|r| r.endpoints.iter().map(|a| a.to_string()).collect())
             .unwrap_or_default();
         ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "read_only_region",
             format!(
-                "region {} is a standby and takes no writes: send them to the primary region {} ({})",
+                "region {} is a standby and takes no writes: send them to the primary region {primary} ({}) at region epoch {epoch}",
                 self.config.region,
-                regions.primary,
                 endpoints.join(",")
             ),
         )
-        .with_current(serde_json::json!({ "primary_region": regions.primary, "endpoints": endpoints }))
+        .with_current(serde_json::json!({ "primary_region": primary, "endpoints": endpoints, "epoch": epoch }))
+    }
+
+    /// Whether this node may acknowledge a write of the shipped state now: always in a
+    /// region alone; else only the primary region's leader while it holds the region
+    /// lease (safety rule 5).
+    pub fn holds_region_lease(&self) -> bool {
+        if self.config.regions.known.is_empty() {
+            return true;
+        }
+        let now = self.mono_ms();
+        let lease = self.region_lease.lock().expect("region lease lock");
+        lease
+            .holder
+            .as_ref()
+            .is_some_and(|(_, holder)| holder.may_acknowledge(now))
+    }
+
+    /// 503 `region_lease_lost` (nothing was written: safe to retry), or, once the write was
+    /// applied, `outcome_unknown`: the primary region could not renew its lease from a
+    /// majority of regions, so it acknowledges no write (another region may be taking over).
+    pub fn lease_lost(&self, applied: bool) -> ApiError {
+        let why = format!(
+            "region {} does not hold the region lease (no grant from a majority of regions within regions.region_lease): it acknowledges no write until it renews, or another region takes over",
+            self.config.region
+        );
+        if applied {
+            return ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                format!(
+                    "{why}; the write was applied here but is not acknowledged: read the key to know whether it stays"
+                ),
+            );
+        }
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "region_lease_lost",
+            format!("{why}; nothing was written"),
+        )
     }
 
     /// Proposes one command and waits for it to be applied, within the request timeout.
     /// Concurrent proposals share Raft entries (see `proposer.rs`). In a standby region a
     /// write of the shipped state is refused here, the one gate every handler and
     /// controller goes through: only the region link's `Op::Replicate` changes it.
+    /// In the primary region, a shipped write is proposed and acknowledged only while the
+    /// region lease is held: checked before, and again once applied (the lease may have
+    /// run out meanwhile; the write is then not acknowledged).
     pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
-        if self.is_standby() && !op.is_local() && !matches!(op, Op::Replicate { .. } | Op::Seed { .. }) {
+        let own_write =
+            !op.is_local() && !matches!(op, Op::Replicate { .. } | Op::Seed { .. } | Op::RegionEpoch { .. });
+        if own_write && self.is_standby() {
             return Err(self.read_only());
+        }
+        // A follower's proposal fails as not the leader's, below: only the leader holds it.
+        let leads = self.raft.metrics().borrow().state == ServerState::Leader;
+        if own_write && leads && !self.holds_region_lease() {
+            return Err(self.lease_lost(false));
         }
         let started = std::time::Instant::now();
         let command = Command { at_ms: now_ms(), op };
         let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
         self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        if own_write && leads && !self.holds_region_lease() {
+            return Err(self.lease_lost(true));
+        }
         Ok(outcome)
     }
 

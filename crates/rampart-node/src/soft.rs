@@ -144,3 +144,14 @@ pub struct Verified {
     pub primary_checksum: String,
     pub own_checksum: String,
 }
+
+/// The region lease as this node takes part in it (safety rule 5), each side rebuilt when
+/// the node starts a new term as leader: the holder on the primary region's leader, the
+/// grantor on every region's leader.
+#[derive(Debug, Default)]
+pub struct RegionLease {
+    /// The Raft term it was made in, and the holder.
+    pub holder: Option<(u64, rampart_core::region::lease::Holder)>,
+    /// The Raft term it was made in, and the grantor.
+    pub grantor: Option<(u64, rampart_core::region::lease::Grantor)>,
+}

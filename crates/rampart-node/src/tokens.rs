@@ -167,7 +167,9 @@ pub async fn run_bootstrap(node: Shared) {
             }
             return;
         }
-        if node.known_leader() != Some(node.id) {
+        // Among regions, only once the primary holds the region lease: the token's write
+        // would be refused before, and a file written for it would hold a dead token.
+        if node.known_leader() != Some(node.id) || !node.holds_region_lease() {
             continue;
         }
         let secret = new_secret();

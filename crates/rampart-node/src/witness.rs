@@ -17,8 +17,11 @@ use axum::Json;
 use rampart_core::api::{ClusterStatus, Member, RegionStatus, RegionsResponse};
 use rampart_core::config::NodeConfig;
 
+use rampart_core::region::lease::{Decided, Grantor, Promise, RenewAnswer, Renewal, VoteAnswer, VoteRequest};
+
 use crate::auth::Connection;
-use crate::controllers::regions;
+use crate::controllers::{region_lease, regions};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::start::{self, NodeError};
 use crate::tls::NodeTls;
@@ -27,7 +30,14 @@ struct Witness {
     config: NodeConfig,
     seen: regions::Seen,
     metrics: Metrics,
+    /// Its side of the region lease; the promise is kept in `PROMISE_FILE` before any
+    /// answer that depends on it goes out. Locked across the write: one decision at a time.
+    grantor: tokio::sync::Mutex<Grantor>,
+    clock: Instant,
 }
+
+/// The witness's promise in the region lease, in its data dir (JSON).
+const PROMISE_FILE: &str = "region-promise.json";
 
 type Shared = Arc<Witness>;
 
@@ -42,12 +52,19 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         listen = %config.listen,
         region = %config.region,
         primary = %config.regions.primary,
-        "witness started: keeps no data, answers region health"
+        "witness started: keeps no data, answers region health and grants the region lease"
     );
+    let promise = read_promise(&config.data_dir)?;
+    let clock = Instant::now();
+    // Like a region's new leader: a grant it may have given before it stopped runs a whole
+    // lease from now.
+    let grantor = Grantor::new(0, promise, config.regions.region_lease_ms);
     let witness = Arc::new(Witness {
         config,
         seen: Default::default(),
         metrics: Metrics::new(),
+        grantor: tokio::sync::Mutex::new(grantor),
+        clock,
     });
     tokio::spawn(watch_regions(witness.clone(), http, tls.is_some()));
     let router = router(witness.clone());
@@ -101,6 +118,8 @@ fn router(witness: Shared) -> axum::Router {
     axum::Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/regions", get(list))
+        .route("/v1/regions/lease", axum::routing::post(renew))
+        .route("/v1/regions/vote", axum::routing::post(vote))
         .route("/health/live", get(ok))
         .route("/health/ready", get(ok))
         .route("/health/regions", get(health))
@@ -133,6 +152,7 @@ async fn node_certificates_only(
 
 async fn cluster(State(witness): State<Shared>) -> Json<ClusterStatus> {
     let config = &witness.config;
+    let (primary_region, epoch) = primary_and_epoch(&witness).await;
     Json(ClusterStatus {
         region: config.region.clone(),
         node_id: config.id,
@@ -155,13 +175,103 @@ async fn cluster(State(witness): State<Shared>) -> Json<ClusterStatus> {
         }],
         security: config.security().as_str().to_string(),
         witness: true,
-        epoch: rampart_core::region::FIRST_EPOCH,
+        epoch,
+        primary_region: Some(primary_region),
     })
 }
 
+/// The primary region and epoch as the witness knows them: whom it promised the newest
+/// epoch, or a region that answered at a newer one.
+async fn primary_and_epoch(witness: &Witness) -> (String, u64) {
+    let promise = witness.grantor.lock().await.promise().cloned();
+    let (primary, epoch) = promise.map_or_else(
+        || {
+            (
+                witness.config.regions.primary.clone(),
+                rampart_core::region::FIRST_EPOCH,
+            )
+        },
+        |p| (p.region, p.epoch),
+    );
+    let seen = witness.seen.lock().expect("regions lock").clone();
+    regions::current_primary(&primary, epoch, &seen)
+}
+
+/// The promise kept in `data_dir`, if any.
+fn read_promise(data_dir: &std::path::Path) -> Result<Option<Promise>, NodeError> {
+    let path = data_dir.join(PROMISE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| NodeError::Store {
+            path: path.display().to_string(),
+            message: format!("not a region promise: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(NodeError::Store {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Keeps `promise` durably: a temporary file, fsync, rename, fsync of the directory.
+fn keep_promise(data_dir: &std::path::Path, promise: &Promise) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = data_dir.join(PROMISE_FILE);
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(&serde_json::to_vec(promise).expect("a promise encodes"))?;
+    file.sync_all()?;
+    std::fs::rename(&temp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// The witness decides, keeps a new promise, then answers.
+async fn grant<A>(witness: &Witness, decide: impl FnOnce(&mut Grantor, u64) -> Decided<A>) -> Result<A, ApiError> {
+    let mut grantor = witness.grantor.lock().await;
+    let before = grantor.clone();
+    let now = witness.clock.elapsed().as_millis() as u64;
+    let decided = decide(&mut grantor, now);
+    if let Some(promise) = &decided.persist {
+        let data_dir = witness.config.data_dir.clone();
+        let promise = promise.clone();
+        let kept = tokio::task::spawn_blocking(move || keep_promise(&data_dir, &promise)).await;
+        if let Err(e) = kept.map_err(std::io::Error::other).and_then(|kept| kept) {
+            *grantor = before;
+            tracing::error!("cannot keep the region promise: {e}");
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "promise_not_kept",
+                format!("the witness could not keep its promise in {PROMISE_FILE}: {e}"),
+            ));
+        }
+    }
+    Ok(decided.answer)
+}
+
+/// `POST /v1/regions/lease`: the primary's renewal.
+async fn renew(State(witness): State<Shared>, Json(renewal): Json<Renewal>) -> Result<Json<RenewAnswer>, ApiError> {
+    grant(&witness, |grantor, now| grantor.renew(now, &renewal))
+        .await
+        .map(Json)
+}
+
+/// `POST /v1/regions/vote`: a standby asks for the next epoch.
+async fn vote(State(witness): State<Shared>, Json(request): Json<VoteRequest>) -> Result<Json<VoteAnswer>, ApiError> {
+    let regions = &witness.config.regions;
+    let seen = witness.seen.lock().expect("regions lock").clone();
+    grant(&witness, |grantor, now| {
+        let holder = grantor.promise().map(|p| p.region.clone());
+        let facts = region_lease::vote_facts(regions, &seen, holder.as_deref(), None, &request, 0);
+        grantor.vote(now, &request, facts.as_facts())
+    })
+    .await
+    .map(Json)
+}
+
 /// The regions as this witness sees them: itself, then each other one as last heard.
-fn view(witness: &Witness) -> RegionsResponse {
+async fn view(witness: &Witness) -> RegionsResponse {
     let config = &witness.config;
+    let (primary, epoch) = primary_and_epoch(witness).await;
     let now = Instant::now();
     let seen = witness.seen.lock().expect("regions lock").clone();
     let own = RegionStatus {
@@ -173,24 +283,29 @@ fn view(witness: &Witness) -> RegionsResponse {
         .regions
         .known
         .iter()
-        .map(|(name, region)| regions::seen_as(&config.regions, name, region, seen.get(name), now));
+        .map(|(name, region)| regions::seen_as(&config.regions, &primary, name, region, seen.get(name), now))
+        .collect::<Vec<_>>();
     RegionsResponse {
         region: config.region.clone(),
-        primary: config.regions.primary.clone(),
+        primary,
+        epoch,
+        auto_failover: config.regions.auto_failover,
+        failover_note: regions::failover_note(&config.regions),
+        lease: None,
         regions: std::iter::once(own).chain(others).collect(),
     }
 }
 
 async fn list(State(witness): State<Shared>) -> Json<RegionsResponse> {
-    Json(view(&witness))
+    Json(view(&witness).await)
 }
 
 async fn health(State(witness): State<Shared>) -> Response {
-    regions::health_answer(&view(&witness), witness.config.regions.max_lag_ms)
+    regions::health_answer(&view(&witness).await, witness.config.regions.max_lag_ms)
 }
 
 async fn metrics(State(witness): State<Shared>) -> Response {
-    witness.metrics.set_regions(&view(&witness));
+    witness.metrics.set_regions(&view(&witness).await);
     (
         [("content-type", "text/plain; version=0.0.4")],
         witness.metrics.render(),
@@ -199,7 +314,7 @@ async fn metrics(State(witness): State<Shared>) -> Response {
 }
 
 async fn metrics_regions(State(witness): State<Shared>) -> Response {
-    witness.metrics.set_regions(&view(&witness));
+    witness.metrics.set_regions(&view(&witness).await);
     let text = witness.metrics.render_only(crate::metrics::REGION_FAMILIES);
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

@@ -378,6 +378,18 @@ impl Holder {
         ends.get(majority(self.regions) - 1).copied()
     }
 
+    /// The regions whose grants still count at `now_ms`, newest renewal first.
+    pub fn granted_by(&self, now_ms: u64) -> Vec<String> {
+        let counts = holder_counts_ms(self.lease_ms);
+        let mut by: Vec<(&String, &u64)> = self
+            .granted
+            .iter()
+            .filter(|(_, sent)| **sent + counts > now_ms)
+            .collect();
+        by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        by.into_iter().map(|(region, _)| region.clone()).collect()
+    }
+
     /// Whether a write may be acknowledged at `now_ms`.
     pub fn may_acknowledge(&self, now_ms: u64) -> bool {
         self.valid_until_ms().is_some_and(|until| now_ms < until)

@@ -30,6 +30,13 @@ pub struct RegionsSpec {
     pub max_lag: Option<String>,
     /// How often each standby compares its checksum with the primary's (default 30s).
     pub verify_interval: Option<String>,
+    /// How long a grant of the region lease lasts (default 5s): the primary renews it every
+    /// `health_check_interval` and turns read-only on its own when it cannot.
+    pub region_lease: Option<String>,
+    /// Whether the regions fail over by themselves when the primary region is lost
+    /// (default: when there are three regions or more, a witness included; two regions
+    /// alone never do).
+    pub auto_failover: Option<bool>,
     /// The other regions, by name: never this node's own.
     #[serde(default)]
     pub known: BTreeMap<String, KnownRegionSpec>,
@@ -56,6 +63,8 @@ pub struct Regions {
     pub region_timeout_ms: u64,
     pub max_lag_ms: u64,
     pub verify_interval_ms: u64,
+    pub region_lease_ms: u64,
+    pub auto_failover: bool,
     /// The other regions, by name.
     pub known: BTreeMap<String, KnownRegion>,
 }
@@ -189,12 +198,38 @@ impl RegionsSpec {
                 ),
             ));
         }
+        let region_lease_ms = ms("region_lease", &self.region_lease, 5_000)?;
+        if region_lease_ms < 2 * health_check_interval_ms {
+            return Err(field_error(
+                "regions.region_lease",
+                self.region_lease.clone().unwrap_or_else(|| "5s".into()),
+                format!(
+                    "at least twice regions.health_check_interval ({}ms): the lease is renewed every interval, and one late renewal must not make the primary read-only",
+                    2 * health_check_interval_ms
+                ),
+            ));
+        }
+        // Three regions or more (a witness counts) can tell a lost primary by a majority.
+        let regions = 1 + known.len();
+        let auto_failover = match self.auto_failover {
+            Some(true) if regions < 3 => {
+                return Err(field_error(
+                    "regions.auto_failover",
+                    "true",
+                    "false with two regions: a standby alone cannot tell a lost primary from a lost link; add a witness region (witness = true) or a third region",
+                ))
+            }
+            Some(chosen) => chosen,
+            None => regions >= 3,
+        };
         Ok(Regions {
             primary,
             health_check_interval_ms,
             region_timeout_ms,
             max_lag_ms: ms("max_lag", &self.max_lag, 5_000)?,
             verify_interval_ms: ms("verify_interval", &self.verify_interval, 30_000)?,
+            region_lease_ms,
+            auto_failover,
             known,
         })
     }
@@ -280,6 +315,12 @@ pub struct EpochStart {
 }
 
 impl Regions {
+    /// Every region of the deployment, this one included: the lease and failovers count
+    /// majorities of these.
+    pub fn count(&self) -> usize {
+        1 + self.known.len()
+    }
+
     /// Whether an instance registered in `region` is a *standby instance* as seen by a
     /// node of region `own`: it is in a region of this deployment (this one or a known one)
     /// that is not the primary. Standby instances are never promoted by a service failover,
@@ -360,10 +401,12 @@ mod tests {
                 regions.health_check_interval_ms,
                 regions.region_timeout_ms,
                 regions.max_lag_ms,
-                regions.verify_interval_ms
+                regions.verify_interval_ms,
+                regions.region_lease_ms
             ),
-            (1_000, 5_000, 5_000, 30_000)
+            (1_000, 5_000, 5_000, 30_000, 5_000)
         );
+        assert!(regions.auto_failover, "three regions with the witness");
     }
 
     #[test]
@@ -452,6 +495,17 @@ mod tests {
         let mut slow = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
         slow.health_check_interval = Some("3s".into());
         assert_eq!(refused(slow).field, "regions.region_timeout");
+
+        let mut short = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
+        short.region_lease = Some("1s".into());
+        assert_eq!(refused(short).field, "regions.region_lease");
+
+        let mut two = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
+        assert!(!validate(&two).expect("valid").auto_failover, "two regions: manual");
+        two.auto_failover = Some(true);
+        let e = refused(two);
+        assert_eq!(e.field, "regions.auto_failover");
+        assert!(e.allowed.contains("add a witness"), "{e}");
 
         let mut bad = RegionsSpec::default();
         assert_eq!(

@@ -1,6 +1,6 @@
 //! The node's loops, one module each, and what they decide with (`rampart-core`) and act on.
 //! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges),
-//! `regions` (asks the other regions how they are), `link` (a standby's leader follows the
+//! `regions` (asks the other regions how they are), `region_lease` (the primary's leader renews the region lease; every leader grants it), `link` (a standby's leader follows the
 //! primary region's shipped writes), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
 //! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
@@ -20,6 +20,7 @@ pub mod link;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
+pub mod region_lease;
 pub mod regions;
 pub mod rules;
 pub mod supervisor;
@@ -39,6 +40,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(raft_metrics::run(node.clone())),
         tokio::spawn(rules::run(node.clone())),
         tokio::spawn(regions::run(node.clone())),
+        tokio::spawn(region_lease::run(node.clone())),
         tokio::spawn(link::run(node.clone())),
         tokio::spawn(regions::run_verify(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),

@@ -201,14 +201,21 @@ pub fn view(node: &Shared) -> RegionsResponse {
         .nodes()
         .map(|(_, member)| member.addr.clone())
         .collect();
+    let shipped = &applied.state.shipped;
+    let (primary, epoch) = current_primary(
+        shipped.primary_region().unwrap_or(&regions.primary),
+        shipped.epoch(),
+        &seen,
+    );
     let mut own = RegionStatus {
         last_contact_ms: Some(now_ms()),
         revision: Some(own_revision),
         checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
         leader: node.known_leader(),
+        epoch: shipped.epoch(),
         ..RegionStatus::unheard(
             &node.config.region,
-            role(regions, &node.config.region, false),
+            role(&primary, &node.config.region, false),
             true,
             endpoints,
         )
@@ -222,7 +229,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
     let applied = node.applied.read().expect("state lock");
     let mut others = Vec::new();
     for (name, region) in &regions.known {
-        let mut entry = seen_as(regions, name, region, seen.get(name), now);
+        let mut entry = seen_as(regions, &primary, name, region, seen.get(name), now);
         match seen.get(name).and_then(|s| s.status.as_ref()) {
             // This region is the primary: each standby's lag, from the writes kept here.
             // As of its last answer while it answers (what it lacked then, not what was
@@ -246,25 +253,61 @@ pub fn view(node: &Shared) -> RegionsResponse {
                 }
             }
             // This region is a standby: its own distance from the primary's last revision.
-            Some(status) if node.is_standby() && *name == regions.primary => {
+            Some(status) if node.is_standby() && *name == primary => {
                 own.lag_revisions = Some(status.revision.saturating_sub(own_revision));
             }
             _ => {}
         }
         others.push(entry);
     }
+    drop(applied);
     RegionsResponse {
         region: node.config.region.clone(),
-        primary: regions.primary.clone(),
+        primary,
+        epoch,
+        auto_failover: regions.auto_failover,
+        failover_note: failover_note(regions),
+        lease: super::region_lease::status(node),
         regions: std::iter::once(own).chain(others).collect(),
     }
 }
 
-/// A region's role in `regions`.
-pub fn role(regions: &Regions, name: &str, witness: bool) -> &'static str {
+/// Why the regions do not fail over by themselves, when they do not.
+pub fn failover_note(regions: &Regions) -> Option<String> {
+    if regions.auto_failover || regions.known.is_empty() {
+        return None;
+    }
+    Some(if regions.count() < 3 {
+        "two regions and no witness: region failover is manual (rampart failover --to REGION; with the primary region lost, --allow-data-loss)".to_string()
+    } else {
+        "regions.auto_failover = false: region failover is manual (rampart failover --to REGION)".to_string()
+    })
+}
+
+/// The primary region and epoch as the newest word says: this region's own (`primary` at
+/// `epoch`, from its shipped history or, for a witness, its promise) or a region that
+/// answered at a newer epoch (this one has not caught up with a failover yet).
+pub fn current_primary(
+    primary: &str,
+    epoch: u64,
+    seen: &std::collections::BTreeMap<String, RegionSeen>,
+) -> (String, u64) {
+    let newest = seen
+        .values()
+        .filter_map(|s| s.status.as_ref())
+        .filter_map(|s| s.primary_region.as_ref().map(|p| (s.epoch, p)))
+        .max_by_key(|(e, _)| *e);
+    match newest {
+        Some((newer, region)) if newer > epoch => (region.clone(), newer),
+        _ => (primary.to_string(), epoch),
+    }
+}
+
+/// A region's role, with `primary` the primary region.
+pub fn role(primary: &str, name: &str, witness: bool) -> &'static str {
     if witness {
         "witness"
-    } else if name == regions.primary {
+    } else if name == primary {
         "primary"
     } else {
         "standby"
@@ -274,6 +317,7 @@ pub fn role(regions: &Regions, name: &str, witness: bool) -> &'static str {
 /// Another region as last heard (`seen`), without lag or verification.
 pub fn seen_as(
     regions: &Regions,
+    primary: &str,
     name: &str,
     region: &KnownRegion,
     seen: Option<&RegionSeen>,
@@ -290,7 +334,8 @@ pub fn seen_as(
         revision: status.map(|s| s.revision),
         checksum: status.map(|s| s.checksum.clone()),
         leader: status.and_then(|s| s.leader),
-        ..RegionStatus::unheard(name, role(regions, name, witness), false, endpoints)
+        epoch: status.map_or(rampart_core::region::FIRST_EPOCH, |s| s.epoch),
+        ..RegionStatus::unheard(name, role(primary, name, witness), false, endpoints)
     }
 }
 
@@ -378,13 +423,7 @@ fn link_refusal(
     connection: Option<axum::Extension<crate::auth::Connection>>,
 ) -> Option<axum::response::Response> {
     use axum::response::IntoResponse;
-    let linked = connection.is_some_and(|c| c.region_link);
-    if node.tls.is_some() && !linked {
-        let refused = crate::error::ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "region_link_only",
-            "this is served only to another region's node: its node certificate of the cluster CA, on the rampart-region ALPN",
-        );
+    if let Err(refused) = super::region_lease::refuse_outside_link(node, connection) {
         return Some(refused.into_response());
     }
     // Under the rules of data dir format 1 some shipped changes move no revision, so no

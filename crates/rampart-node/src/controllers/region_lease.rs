@@ -1,0 +1,380 @@
+//! The region lease on a node (safety rule 5; the decisions are `core::region::lease`'s).
+//!
+//! The primary region's leader renews the lease every `regions.health_check_interval` from
+//! every region, its own included (`POST /v1/regions/lease`), and `Node::propose` lets a
+//! shipped write through, and acknowledges it, only while a majority's grants count. Every
+//! region's leader is a grantor: it answers renewals and vote requests
+//! (`POST /v1/regions/vote`), making each new promise durable through its own log
+//! (`Op::RegionPromise`) before it answers, and confirming its leadership (a read barrier)
+//! before any other answer, so a deposed leader never grants. A witness is a grantor too
+//! (`witness.rs`), with its promise in a file.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::Json;
+use rampart_core::region::lease::{Decided, Grantor, Holder, RenewAnswer, Renewal, VoteAnswer, VoteFacts, VoteRequest};
+use rampart_core::region::takeover::{better_than, required_silence_ms, Standby, FLAP_WINDOW_MS};
+use rampart_core::region::Regions;
+use rampart_store::{Op, Outcome};
+
+use crate::error::ApiError;
+use crate::node::{now_ms, Shared};
+use crate::soft::RegionSeen;
+
+/// The primary region's leader keeps its lease: a renewal round every
+/// `health_check_interval`, and one at once when it becomes leader or the region epoch
+/// moves (until the first grants it acknowledges nothing).
+pub async fn run(node: Shared) {
+    let regions = node.config.regions.clone();
+    if regions.known.is_empty() {
+        return;
+    }
+    let interval = Duration::from_millis(regions.health_check_interval_ms);
+    let mut metrics = node.raft.metrics();
+    loop {
+        renew_round(&node).await;
+        // The next round after the interval, or at once when leadership moves here.
+        let (state, term) = leadership(&node);
+        let moved = async {
+            while metrics.changed().await.is_ok() {
+                if leadership(&node) != (state, term) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = moved => {}
+        }
+    }
+}
+
+fn leadership(node: &Shared) -> (openraft::ServerState, u64) {
+    let metrics = node.raft.metrics();
+    let metrics = metrics.borrow();
+    (metrics.state, metrics.current_term)
+}
+
+/// One renewal: sends this leader's renewal to every region at once and counts each grant
+/// as it comes (from when it was asked), within half a lease.
+async fn renew_round(node: &Shared) {
+    use futures_util::{FutureExt, StreamExt};
+    let Some(renewal) = next_renewal(node) else { return };
+    let regions = &node.config.regions;
+    let timeout = Duration::from_millis(regions.region_lease_ms / 2);
+    let own = async {
+        let answer = grant(node, |grantor, now| grantor.renew(now, &renewal)).await;
+        (node.config.region.clone(), answer.ok())
+    };
+    let mut answers: futures_util::stream::FuturesUnordered<_> = regions
+        .known
+        .iter()
+        .map(|(name, region)| {
+            let renewal = &renewal;
+            async move {
+                let answer = ask::<_, RenewAnswer>(node, region, "/v1/regions/lease", renewal, timeout).await;
+                (name.clone(), answer)
+            }
+            .boxed()
+        })
+        .collect();
+    answers.push(own.boxed());
+    while let Some((region, answer)) = answers.next().await {
+        let mut lease = node.region_lease.lock().expect("region lease lock");
+        let Some((_, holder)) = lease.holder.as_mut().filter(|(_, h)| h.epoch() == renewal.epoch) else {
+            return;
+        };
+        match answer {
+            Some(RenewAnswer::Granted { seq }) => holder.granted(&region, seq),
+            Some(RenewAnswer::Refused { promise }) => {
+                tracing::warn!(region, epoch = promise.epoch, holder = %promise.region, "region lease refused");
+            }
+            None => {}
+        }
+    }
+}
+
+/// This leader's next renewal, making its holder first if it has none for its term and
+/// the region's epoch; `None` when it is not the primary region's leader.
+fn next_renewal(node: &Shared) -> Option<Renewal> {
+    let metrics = node.raft.metrics().borrow().clone();
+    let leads = metrics.state == openraft::ServerState::Leader;
+    let (primary, epoch) = node.primary_and_epoch();
+    let mut lease = node.region_lease.lock().expect("region lease lock");
+    if !leads || primary != node.config.region {
+        lease.holder = None;
+        return None;
+    }
+    let term = metrics.current_term;
+    let regions = &node.config.regions;
+    if !lease
+        .holder
+        .as_ref()
+        .is_some_and(|(t, h)| *t == term && h.epoch() == epoch)
+    {
+        let holder = Holder::new(
+            &node.config.region,
+            epoch,
+            regions.region_lease_ms,
+            regions.count(),
+            term,
+        );
+        lease.holder = Some((term, holder));
+    }
+    let committed = node.applied.read().expect("state lock").state.revision();
+    let (_, holder) = lease.holder.as_mut().expect("made above");
+    Some(holder.renewal(node.mono_ms(), committed))
+}
+
+/// POSTs `body` to region `region`'s endpoints in turn until one answers, within `timeout`
+/// in all.
+pub async fn ask<B: serde::Serialize, A: serde::de::DeserializeOwned>(
+    node: &Shared,
+    region: &rampart_core::region::KnownRegion,
+    path: &str,
+    body: &B,
+    timeout: Duration,
+) -> Option<A> {
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let deadline = Instant::now() + timeout;
+    for endpoint in &region.endpoints {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let sent = node
+            .region_http
+            .post(format!("{scheme}://{endpoint}{path}"))
+            .json(body)
+            .timeout(left)
+            .send()
+            .await;
+        let Ok(answer) = sent else { continue };
+        if !answer.status().is_success() {
+            continue;
+        }
+        if let Ok(answer) = answer.json::<A>().await {
+            return Some(answer);
+        }
+    }
+    None
+}
+
+/// This region's grantor decides (on its leader, made at the start of its term from the
+/// promise applied), then the promise it made is kept in the log, or its leadership is
+/// confirmed, before the answer goes out.
+pub async fn grant<A>(node: &Shared, decide: impl FnOnce(&mut Grantor, u64) -> Decided<A>) -> Result<A, ApiError> {
+    let metrics = node.raft.metrics().borrow().clone();
+    if metrics.state != openraft::ServerState::Leader {
+        return Err(ApiError::not_leader());
+    }
+    let term = metrics.current_term;
+    let decided = {
+        let mut lease = node.region_lease.lock().expect("region lease lock");
+        let now = node.mono_ms();
+        if lease.grantor.as_ref().is_none_or(|(t, _)| *t != term) {
+            let promise = node.applied.read().expect("state lock").state.local.promise.clone();
+            lease.grantor = Some((term, Grantor::new(now, promise, node.config.regions.region_lease_ms)));
+        }
+        let (_, grantor) = lease.grantor.as_mut().expect("made above");
+        decide(grantor, now)
+    };
+    let Some(promise) = decided.persist else {
+        node.read_barrier().await?;
+        return Ok(decided.answer);
+    };
+    let kept = node
+        .propose(Op::RegionPromise {
+            promise: promise.clone(),
+        })
+        .await;
+    match kept {
+        Ok(Outcome::Promised { promise: kept }) if kept == promise => Ok(decided.answer),
+        other => {
+            // Not kept (or a newer one was): start over from what the log holds.
+            node.region_lease.lock().expect("region lease lock").grantor = None;
+            Err(other.err().unwrap_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "promised_elsewhere",
+                    "this region promised a newer region epoch meanwhile: ask again",
+                )
+            }))
+        }
+    }
+}
+
+/// `POST /v1/regions/lease` (region link only): the primary's renewal, answered by this
+/// region's leader.
+pub async fn renew(
+    State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<RenewAnswer>, ApiError> {
+    refuse_unless_node(&node, connection)?;
+    let renewal: Renewal = crate::error::parse_body(body)?;
+    check_region(&node.config.regions, &node.config.region, "holder", &renewal.holder)?;
+    grant(&node, |grantor, now| grantor.renew(now, &renewal))
+        .await
+        .map(Json)
+}
+
+/// `POST /v1/regions/vote` (region link only): a standby asks this region to promise it
+/// the next region epoch.
+pub async fn vote(
+    State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<VoteAnswer>, ApiError> {
+    refuse_unless_node(&node, connection)?;
+    let request: VoteRequest = crate::error::parse_body(body)?;
+    let regions = &node.config.regions;
+    check_region(regions, &node.config.region, "candidate", &request.candidate)?;
+    let own = (
+        node.config.region.clone(),
+        node.applied.read().expect("state lock").state.revision(),
+    );
+    let recent = recent_failovers(&node);
+    let seen = node.regions.lock().expect("regions lock").clone();
+    let answer = grant(&node, |grantor, now| {
+        let holder = grantor.promise().map(|p| p.region.clone());
+        let facts = vote_facts(regions, &seen, holder.as_deref(), Some(&own), &request, recent);
+        grantor.vote(now, &request, facts.as_facts())
+    })
+    .await?;
+    Ok(Json(answer))
+}
+
+/// The region failovers in the last `FLAP_WINDOW_MS`, by this region's shipped history.
+pub fn recent_failovers(node: &Shared) -> usize {
+    let since = now_ms().saturating_sub(FLAP_WINDOW_MS);
+    let applied = node.applied.read().expect("state lock");
+    applied.state.shipped.epochs.iter().filter(|e| e.at_ms >= since).count()
+}
+
+/// What a voting region sees, owned.
+pub struct Facts {
+    pub primary_lost: bool,
+    pub better: Option<String>,
+}
+
+impl Facts {
+    pub fn as_facts(&self) -> VoteFacts<'_> {
+        VoteFacts {
+            primary_lost: self.primary_lost,
+            better: self.better.as_deref(),
+        }
+    }
+}
+
+/// Whether this region lost the lease holder `holder` (for the silence a failover needs
+/// after `recent` failovers) and which reachable standby, if any, is ahead of the
+/// candidate, from what it last heard of each region (`seen`) and its own standby
+/// (`own`: name and revision; none for a witness).
+pub fn vote_facts(
+    regions: &Regions,
+    seen: &BTreeMap<String, RegionSeen>,
+    holder: Option<&str>,
+    own: Option<&(String, u64)>,
+    request: &VoteRequest,
+    recent: usize,
+) -> Facts {
+    let now = Instant::now();
+    let silence = Duration::from_millis(required_silence_ms(regions.region_timeout_ms, recent));
+    let reachable = Duration::from_millis(regions.region_timeout_ms);
+    let primary_lost = match holder {
+        // This region is (or was) the holder itself: it has not lost itself.
+        Some(holder) if own.is_some_and(|(name, _)| name == holder) => false,
+        Some(holder) => seen.get(holder).is_none_or(|s| !s.contact.reachable(now, silence)),
+        None => true,
+    };
+    let mut standbys: Vec<(String, u64)> = seen
+        .iter()
+        .filter(|(name, s)| {
+            Some(name.as_str()) != holder
+                && !regions.known.get(*name).is_some_and(|r| r.witness)
+                && s.status.as_ref().is_some_and(|st| !st.witness)
+                && s.contact.reachable(now, reachable)
+        })
+        .filter_map(|(name, s)| s.status.as_ref().map(|st| (name.clone(), st.revision)))
+        .collect();
+    if let Some(own) = own.filter(|(name, _)| Some(name.as_str()) != holder) {
+        standbys.push(own.clone());
+    }
+    let others: Vec<Standby<'_>> = standbys
+        .iter()
+        .map(|(name, revision)| Standby {
+            name,
+            revision: *revision,
+        })
+        .collect();
+    let candidate = Standby {
+        name: &request.candidate,
+        revision: request.revision,
+    };
+    Facts {
+        primary_lost,
+        better: better_than(&candidate, &others).map(str::to_string),
+    }
+}
+
+/// A region named in a request must be one of this deployment's, not a witness.
+fn check_region(regions: &Regions, own: &str, field: &str, name: &str) -> Result<(), ApiError> {
+    let known = name == own || regions.known.get(name).is_some_and(|r| !r.witness);
+    if known {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "invalid_field",
+        format!("invalid {field} {name:?}: not a region of this deployment that keeps data"),
+    ))
+}
+
+/// On TLS the lease, the votes, the region log and snapshot are served only on a region
+/// link (a node certificate of the cluster CA on the region ALPN; `server.rs` refuses the
+/// ALPN without one).
+pub fn refuse_outside_link(
+    node: &Shared,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+) -> Result<(), ApiError> {
+    let linked = connection.is_some_and(|c| c.region_link);
+    if node.tls.is_some() && !linked {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "region_link_only",
+            "this is served only to another region's node: its node certificate of the cluster CA, on the rampart-region ALPN",
+        ));
+    }
+    Ok(())
+}
+
+/// On TLS the lease and votes are answered only to nodes: a region link, or a node of this
+/// region forwarding one to its leader (both with a node certificate of the cluster CA).
+fn refuse_unless_node(
+    node: &Shared,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+) -> Result<(), ApiError> {
+    let from_node = connection.is_some_and(|c| c.region_link || c.from_node);
+    if node.tls.is_some() && !from_node {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "region_link_only",
+            "this is served only to nodes: a node certificate of the cluster CA",
+        ));
+    }
+    Ok(())
+}
+
+/// The lease as this node holds it, for `GET /v1/regions`: on the primary's leader only.
+pub fn status(node: &Shared) -> Option<rampart_core::api::LeaseStatus> {
+    let lease = node.region_lease.lock().expect("region lease lock");
+    let (_, holder) = lease.holder.as_ref()?;
+    let now = node.mono_ms();
+    let valid_for_ms = holder.valid_until_ms().map_or(0, |until| until.saturating_sub(now));
+    Some(rampart_core::api::LeaseStatus {
+        held: holder.may_acknowledge(now),
+        valid_for_ms,
+        granted_by: holder.granted_by(now),
+        lease_ms: node.config.regions.region_lease_ms,
+    })
+}
