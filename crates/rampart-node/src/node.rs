@@ -153,7 +153,9 @@ impl Node {
     }
 
     /// The primary region and the region epoch, as this region's shipped history says:
-    /// the configured primary at epoch 1 until a region failover.
+    /// the configured primary at epoch 1 until a region failover. Read-locks the applied
+    /// state: never call it (or `is_standby`, `primary_region`) while holding that lock,
+    /// or a waiting apply deadlocks both.
     pub fn primary_and_epoch(&self) -> (String, u64) {
         let applied = self.applied.read().expect("state lock");
         let shipped = &applied.state.shipped;

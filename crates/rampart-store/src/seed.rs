@@ -55,22 +55,6 @@ pub struct Seeding {
     pub last_key: Option<String>,
 }
 
-/// Takes the encoded step of an install (`Op::Seed`) into `shipped`, as [`step`] does.
-pub fn apply(seeding: &mut Option<Box<Seeding>>, shipped: &mut Shipped, encoded: &[u8]) -> Outcome {
-    // A step a format-2 node wrote lacks the epoch history: read as it was written.
-    let decoded = postcard::from_bytes::<SeedStep>(encoded).or_else(|e| {
-        postcard::from_bytes::<crate::v2::SeedStepV2>(encoded)
-            .map(|v2| v2.migrate())
-            .map_err(|_| e)
-    });
-    match decoded {
-        Ok(decoded) => step(seeding, shipped, &decoded),
-        Err(e) => Outcome::SeedRefused {
-            reason: format!("the step does not decode: {e}"),
-        },
-    }
-}
-
 /// Takes `step` of an install into `shipped` (the standby's shipped part), with the install
 /// under way in `seeding`. `End` replaces `shipped` and answers [`Outcome::Seeded`].
 pub fn step(seeding: &mut Option<Box<Seeding>>, shipped: &mut Shipped, step: &SeedStep) -> Outcome {

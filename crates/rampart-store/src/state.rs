@@ -29,6 +29,18 @@ pub struct State {
     pub seeding: Option<Box<crate::seed::Seeding>>,
 }
 
+impl From<crate::v2::StateV2> for State {
+    /// A format-2 state in the current layout: no region failover yet, nothing promised.
+    fn from(old: crate::v2::StateV2) -> State {
+        let (shipped, local) = old.migrate();
+        State {
+            shipped,
+            local,
+            seeding: None,
+        }
+    }
+}
+
 impl State {
     /// Applies one command; returns its outcome and the watch events it caused.
     pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<WatchEvent>) {
@@ -36,7 +48,10 @@ impl State {
         let applied = if let Op::Replicate { revision, command } = &command.op {
             self.replicate(*revision, command)
         } else if let Op::Seed { step } = &command.op {
-            let outcome = crate::seed::apply(&mut self.seeding, &mut self.shipped, step);
+            let outcome = match crate::v2::decode_seed_step(step) {
+                Ok(step) => crate::seed::step(&mut self.seeding, &mut self.shipped, &step),
+                Err(reason) => Outcome::SeedRefused { reason },
+            };
             if let Outcome::Seeded { .. } = outcome {
                 // An install is no write: the shipped revision takes the primary's at once.
                 return (outcome, Vec::new());

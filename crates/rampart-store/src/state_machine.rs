@@ -182,7 +182,7 @@ pub(crate) fn migrate_snapshot(path: &std::path::Path, from: u32) -> Result<(), 
     } else {
         let (old, (mut rest, scratch)): (StoredSnapshotV2, _) =
             postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
-        let mut state = old.state.migrate();
+        let mut state = State::from(old.state);
         let mut first = [0u8; 1];
         if rest.read(&mut first).map_err(failed)? == 1 {
             let (seeding, _): (crate::v2::SeedingV2, _) =
@@ -724,7 +724,7 @@ mod tests {
             last_membership: StoredMembership::default(),
             snapshot_id: "2-11-7".into(),
         };
-        let (old, seeding) = crate::v2::tests::state_v2(&state);
+        let (old, seeding) = crate::v2::tests::state_v2(&state.shipped, &state.local, state.seeding.as_deref());
         let mut bytes = postcard::to_allocvec(&SnapshotV2 { meta, state: &old }).expect("encode");
         bytes.extend(postcard::to_allocvec(&seeding.expect("an install")).expect("encode"));
         std::fs::write(redb.with_file_name(SNAPSHOT_FILE), bytes).expect("write the snapshot");

@@ -11,7 +11,6 @@ use serde::Deserialize;
 use crate::local::{Local, QuotaStanding, Verdict};
 use crate::seed::{SeedStep, Seeding};
 use crate::shipped::{Hold, Lease, Record, Service, Shipped, Token};
-use crate::state::State;
 
 /// The shipped part as format 2 encodes it.
 #[derive(Deserialize)]
@@ -92,21 +91,19 @@ impl ShippedV2 {
 }
 
 impl StateV2 {
-    /// The same state in the current layout: no region failover yet, nothing promised.
-    pub fn migrate(self) -> State {
+    /// The same state's parts in the current layout: no region failover yet, nothing
+    /// promised (`State::from` puts them together).
+    pub fn migrate(self) -> (Shipped, Local) {
         let local = self.local;
-        State {
-            shipped: self.shipped.migrate(),
-            local: Local {
-                revision: local.revision,
-                events: local.events,
-                next_event_id: local.next_event_id,
-                quotas: local.quotas,
-                verdicts: local.verdicts,
-                promise: None,
-            },
-            seeding: None,
-        }
+        let local = Local {
+            revision: local.revision,
+            events: local.events,
+            next_event_id: local.next_event_id,
+            quotas: local.quotas,
+            verdicts: local.verdicts,
+            promise: None,
+        };
+        (self.shipped.migrate(), local)
     }
 }
 
@@ -121,6 +118,18 @@ impl SeedStepV2 {
             SeedStepV2::End { revision, checksum } => SeedStep::End { revision, checksum },
         }
     }
+}
+
+/// An encoded install step (`Op::Seed`), as this build writes it or, failing that, as a
+/// format-2 node did (a step in a log written before the upgrade lacks the epoch history).
+pub fn decode_seed_step(encoded: &[u8]) -> Result<SeedStep, String> {
+    postcard::from_bytes::<SeedStep>(encoded)
+        .or_else(|e| {
+            postcard::from_bytes::<SeedStepV2>(encoded)
+                .map(SeedStepV2::migrate)
+                .map_err(|_| e)
+        })
+        .map_err(|e| format!("the step does not decode: {e}"))
 }
 
 impl SeedingV2 {
@@ -152,11 +161,14 @@ pub(crate) mod tests {
         }
     }
 
-    /// `state` as format 2 lays it out, and its install under way.
-    pub(crate) fn state_v2(state: &State) -> (StateV2, Option<SeedingV2>) {
-        let local = &state.local;
+    /// A state of these parts as format 2 lays it out, and its install under way.
+    pub(crate) fn state_v2(
+        shipped: &Shipped,
+        local: &Local,
+        seeding: Option<&Seeding>,
+    ) -> (StateV2, Option<SeedingV2>) {
         let v2 = StateV2 {
-            shipped: shipped_v2(&state.shipped),
+            shipped: shipped_v2(shipped),
             local: LocalV2 {
                 revision: local.revision,
                 events: local.events.clone(),
@@ -165,7 +177,7 @@ pub(crate) mod tests {
                 verdicts: local.verdicts.clone(),
             },
         };
-        let seeding = state.seeding.as_ref().map(|s| SeedingV2 {
+        let seeding = seeding.map(|s| SeedingV2 {
             revision: s.revision,
             shipped: shipped_v2(&s.shipped),
             last_key: s.last_key.clone(),
@@ -173,10 +185,8 @@ pub(crate) mod tests {
         (v2, seeding)
     }
 
-    #[test]
-    fn a_format_2_state_reads_as_before_with_no_failover_and_no_promise() {
-        let mut state = State::default();
-        state.apply(&crate::command::Command {
+    fn put() -> crate::command::Command {
+        crate::command::Command {
             at_ms: 5,
             op: crate::command::Op::Put {
                 key: "k".into(),
@@ -184,26 +194,24 @@ pub(crate) mod tests {
                 lease: None,
                 if_revision: None,
             },
-        });
-        let bytes = postcard::to_allocvec(&state_v2(&state).0).expect("encode");
-        assert!(postcard::from_bytes::<State>(&bytes).is_err(), "the layouts differ");
+        }
+    }
+
+    #[test]
+    fn a_format_2_state_reads_as_before_with_no_failover_and_no_promise() {
+        let mut shipped = Shipped::default();
+        shipped.apply(&put());
+        let local = Local::default();
+        let bytes = postcard::to_allocvec(&state_v2(&shipped, &local, None).0).expect("encode");
         let migrated = postcard::from_bytes::<StateV2>(&bytes).expect("decode").migrate();
-        assert_eq!(migrated, state);
-        assert_eq!(migrated.shipped.epoch(), rampart_core::region::FIRST_EPOCH);
+        assert_eq!(migrated, (shipped, local));
+        assert_eq!(migrated.0.epoch(), rampart_core::region::FIRST_EPOCH);
     }
 
     #[test]
     fn an_install_step_a_format_2_node_wrote_is_taken_as_written() {
         let mut source = Shipped::default();
-        source.apply(&crate::command::Command {
-            at_ms: 5,
-            op: crate::command::Op::Put {
-                key: "k".into(),
-                value: "v".into(),
-                lease: None,
-                if_revision: None,
-            },
-        });
+        source.apply(&put());
         let mut rest = source.clone();
         rest.kv.clear();
         let old = SeedStepV2::Begin {
@@ -213,7 +221,9 @@ pub(crate) mod tests {
         let encoded = postcard::to_allocvec(&old).expect("encode");
         let mut seeding = None;
         let mut standby = Shipped::default();
-        let outcome = crate::seed::apply(&mut seeding, &mut standby, &encoded);
+        let step = decode_seed_step(&encoded).expect("a format-2 step decodes");
+        let outcome = crate::seed::step(&mut seeding, &mut standby, &step);
         assert_eq!(outcome, crate::command::Outcome::Seeding { revision: 1 });
+        assert!(decode_seed_step(b"\xff\xff").is_err());
     }
 }

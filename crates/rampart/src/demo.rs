@@ -74,6 +74,13 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let topology = Topology::new().map_err(|e| Failure::message(format!("no free ports: {e}")))?;
     let backup_config = backup_config(work.path(), &topology)
         .map_err(|e| Failure::message(format!("cannot write the demo's config: {e}")))?;
+    // East knows the regions to come: it takes writes while a majority of them (east and
+    // the witness) grant it the region lease, so the witness starts first.
+    let mut witness = start_region(&binary, &topology, work.path(), "witness", vec![topology.witness], true).await?;
+    println!(
+        "a witness (one node, no data) on {}: with east, the majority that grants east the region lease",
+        topology.witness
+    );
     let options = ClusterOptions {
         base_dir: Some(work.path().join("region")),
         addresses: topology.east.clone(),
@@ -184,7 +191,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     service_part(&cluster, &binary, &client).await?;
     backup_part(&binary, &client, &backup_config, work.path()).await?;
-    let (mut west, mut witness) = regions_part(&binary, &client, &topology, work.path(), args.writers.max(1)).await?;
+    let mut west = regions_part(&binary, &client, &topology, work.path(), args.writers.max(1)).await?;
     if args.exit_after_report {
         return Ok(());
     }
@@ -266,42 +273,47 @@ fn backup_config(dir: &std::path::Path, topology: &Topology) -> Result<std::path
     Ok(config)
 }
 
-/// The regions part: a witness and a 3-node standby region start; the standby installs the
-/// primary's state, follows it under writes (its lag printed live) and is verified equal.
+/// Starts region `name` of the demo (a witness when `witness`) on `addresses`, with its
+/// `[regions]` table.
+async fn start_region(
+    binary: &std::path::Path,
+    topology: &Topology,
+    dir: &std::path::Path,
+    name: &str,
+    addresses: Vec<std::net::SocketAddr>,
+    witness: bool,
+) -> Result<Cluster, Failure> {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, topology.regions_table(name)).map_err(Failure::message)?;
+    let options = ClusterOptions {
+        nodes: addresses.len(),
+        base_dir: Some(dir.join(name)),
+        addresses,
+        witness,
+        node_args: vec![
+            "--region".into(),
+            name.into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        ..ClusterOptions::default()
+    };
+    Cluster::start(binary, options)
+        .await
+        .map_err(|e| Failure::message(format!("cannot start region {name}: {e}")))
+}
+
+/// The regions part: a 3-node standby region starts; it installs the primary's state,
+/// follows it under writes (its lag printed live) and is verified equal.
 async fn regions_part(
     binary: &std::path::Path,
     primary: &Arc<Client>,
     topology: &Topology,
     dir: &std::path::Path,
     writers: usize,
-) -> Result<(Cluster, Cluster), Failure> {
-    println!("\n== A standby region: west, 3 more nodes, and a witness ==");
-    let start = |name: &str, addresses: Vec<std::net::SocketAddr>, witness: bool| {
-        let config = dir.join(format!("{name}.toml"));
-        let options = ClusterOptions {
-            nodes: addresses.len(),
-            base_dir: Some(dir.join(name)),
-            addresses,
-            witness,
-            node_args: vec![
-                "--region".into(),
-                name.into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            ..ClusterOptions::default()
-        };
-        let binary = binary.to_path_buf();
-        let text = topology.regions_table(name);
-        async move {
-            std::fs::write(&config, text).map_err(Failure::message)?;
-            Cluster::start(&binary, options)
-                .await
-                .map_err(|e| Failure::message(format!("cannot start region {e}")))
-        }
-    };
-    let witness = start("witness", vec![topology.witness], true).await?;
-    let west = start("west", topology.west.clone(), false).await?;
+) -> Result<Cluster, Failure> {
+    println!("\n== A standby region: west, 3 more nodes (the witness already runs) ==");
+    let west = start_region(binary, topology, dir, "west", topology.west.clone(), false).await?;
     west.wait_for_leader(Duration::from_secs(20)).await;
     let standby = Client::new(&west.endpoints()).map_err(Failure::message)?;
     let joined = Instant::now();
@@ -384,7 +396,7 @@ async fn regions_part(
         Err(e) if e.code() == Some("read_only_region") => println!("a write sent to west: {e}"),
         other => return Err(Failure::message(format!("west took a write: {other:?}"))),
     }
-    Ok((west, witness))
+    Ok(west)
 }
 
 /// The backup part: a backup of the live region, restored into a new region of 3 nodes,

@@ -207,6 +207,8 @@ pub fn view(node: &Shared) -> RegionsResponse {
         shipped.epoch(),
         &seen,
     );
+    // Decided here, once: asking the node again would read-lock the state it holds.
+    let standby = shipped.primary_region().unwrap_or(&regions.primary) != node.config.region;
     let mut own = RegionStatus {
         last_contact_ms: Some(now_ms()),
         revision: Some(own_revision),
@@ -234,7 +236,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
             // This region is the primary: each standby's lag, from the writes kept here.
             // As of its last answer while it answers (what it lacked then, not what was
             // written since), as of now once it stops answering (its lag grows).
-            Some(status) if !node.is_standby() && !region.witness && !status.witness => {
+            Some(status) if !standby && !region.witness && !status.witness => {
                 let now = now_ms();
                 let fresh = 2 * regions.health_check_interval_ms;
                 let as_of = entry
@@ -253,7 +255,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
                 }
             }
             // This region is a standby: its own distance from the primary's last revision.
-            Some(status) if node.is_standby() && *name == primary => {
+            Some(status) if standby && *name == primary => {
                 own.lag_revisions = Some(status.revision.saturating_sub(own_revision));
             }
             _ => {}
