@@ -154,4 +154,7 @@ pub struct RegionLease {
     pub holder: Option<(u64, rampart_core::region::lease::Holder)>,
     /// The Raft term it was made in, and the grantor.
     pub grantor: Option<(u64, rampart_core::region::lease::Grantor)>,
+    /// A region refused this one's renewal naming a newer epoch: another region took over,
+    /// and this one renews no more until its own history reaches that epoch.
+    pub superseded: Option<rampart_core::region::lease::Promise>,
 }

@@ -180,21 +180,13 @@ async fn cluster(State(witness): State<Shared>) -> Json<ClusterStatus> {
     })
 }
 
-/// The primary region and epoch as the witness knows them: whom it promised the newest
-/// epoch, or a region that answered at a newer one.
+/// The primary region and epoch as the witness last heard them from the data regions (the
+/// configured primary at the first epoch until one says otherwise). Never its own promise:
+/// a promise is not a promotion.
 async fn primary_and_epoch(witness: &Witness) -> (String, u64) {
-    let promise = witness.grantor.lock().await.promise().cloned();
-    let (primary, epoch) = promise.map_or_else(
-        || {
-            (
-                witness.config.regions.primary.clone(),
-                rampart_core::region::FIRST_EPOCH,
-            )
-        },
-        |p| (p.region, p.epoch),
-    );
     let seen = witness.seen.lock().expect("regions lock").clone();
-    regions::current_primary(&primary, epoch, &seen)
+    let first = rampart_core::region::FIRST_EPOCH;
+    regions::current_primary(&witness.config.regions.primary, first, &seen)
 }
 
 /// The promise kept in `data_dir`, if any.

@@ -61,7 +61,10 @@ pub fn step(seeding: &mut Option<Box<Seeding>>, shipped: &mut Shipped, step: &Se
     let refused = |reason: String| Outcome::SeedRefused { reason };
     let revision = step.revision();
     if let SeedStep::Begin { rest, .. } = step {
-        if revision <= shipped.revision {
+        // Ahead of the install only after a region failover this region did not take part
+        // in: the writes past it were set aside (a divergence file), the new primary's state
+        // replaces them.
+        if revision <= shipped.revision && rest.epoch() <= shipped.epoch() {
             return refused(format!(
                 "this region is at revision {} already, not behind {revision}",
                 shipped.revision
@@ -205,5 +208,37 @@ pub(crate) mod tests {
         step(&mut seeding, &mut standby, &keys(&source, 0..10));
         step(&mut seeding, &mut standby, &end(10));
         assert_eq!(standby, source);
+    }
+
+    #[test]
+    fn a_region_ahead_installs_a_newer_epochs_state_over_its_own() {
+        // An old primary at revision 8 of epoch 1; the new primary failed over at revision 6.
+        let mut old = primary(8);
+        let mut source = primary(5);
+        source.apply(&crate::command::Command {
+            at_ms: 1,
+            op: crate::command::Op::RegionEpoch {
+                epoch: 2,
+                region: "west".into(),
+            },
+        });
+        assert_eq!((source.revision, source.epoch()), (6, 2));
+        let mut seeding = None;
+        assert_eq!(
+            step(&mut seeding, &mut old, &begin(&source)),
+            Outcome::Seeding { revision: 6 }
+        );
+        step(&mut seeding, &mut old, &keys(&source, 0..5));
+        assert!(matches!(
+            step(&mut seeding, &mut old, &end(6)),
+            Outcome::Seeded { revision: 6, .. }
+        ));
+        assert_eq!(old, source);
+        // At the same epoch, ahead is ahead: refused.
+        let mut ahead = primary(8);
+        assert!(matches!(
+            step(&mut None, &mut ahead, &begin(&primary(5))),
+            Outcome::SeedRefused { .. }
+        ));
     }
 }

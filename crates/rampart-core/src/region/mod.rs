@@ -314,6 +314,16 @@ pub struct EpochStart {
     pub at_ms: u64,
 }
 
+/// Where a region that knows epoch `epoch` and holds shipped revisions up to `revision`
+/// parted from the history `epochs` (another region's), if it did: the revision of the
+/// first failover after its epoch there. A region that wrote at or past it holds writes
+/// the other never had (an old primary's unshipped suffix, or a standby that took them
+/// from it): they must be set aside and the region resynced from before them.
+pub fn divergence(epochs: &[EpochStart], epoch: u64, revision: u64) -> Option<u64> {
+    let next = epochs.iter().find(|e| e.epoch > epoch)?;
+    (revision >= next.revision).then_some(next.revision)
+}
+
 impl Regions {
     /// Every region of the deployment, this one included: the lease and failovers count
     /// majorities of these.
@@ -441,6 +451,26 @@ mod tests {
         assert_eq!(lag_crossed(true, None, 1_000), None, "unknown changes nothing");
         assert_eq!(lag_crossed(true, Some(0), 1_000), Some(false));
         assert_eq!(lag_crossed(false, Some(0), 1_000), None);
+    }
+
+    #[test]
+    fn a_region_parted_from_a_history_where_it_wrote_past_the_next_failover() {
+        let start = |epoch: u64, revision: u64| EpochStart {
+            epoch,
+            region: "west".into(),
+            revision,
+            at_ms: 0,
+        };
+        let history = [start(2, 101), start(3, 250)];
+        // The old primary of epoch 1 shipped up to 100: nothing to set aside.
+        assert_eq!(divergence(&history, 1, 100), None);
+        // It had written 101..=107 that west never received: west's 101 is its failover.
+        assert_eq!(divergence(&history, 1, 107), Some(101));
+        // A region at epoch 2 parts at epoch 3's start.
+        assert_eq!(divergence(&history, 2, 249), None);
+        assert_eq!(divergence(&history, 2, 260), Some(250));
+        assert_eq!(divergence(&history, 3, 900), None, "the same epoch: a plain follower");
+        assert_eq!(divergence(&[], 1, 900), None);
     }
 
     #[test]

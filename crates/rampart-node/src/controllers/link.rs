@@ -24,19 +24,23 @@ const SILENCE_MAX: Duration = Duration::from_secs(6);
 
 pub async fn run(node: Shared) {
     let regions = node.config.regions.clone();
-    let Some(primary) = regions.known.get(&regions.primary).filter(|_| node.is_standby()) else {
+    if regions.known.is_empty() {
         return;
-    };
+    }
     let pause = Duration::from_millis(regions.health_check_interval_ms);
     let mut endpoint = 0;
     loop {
-        if node.known_leader() != Some(node.id) {
+        let Some(primary) = super::regions::following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
             tokio::time::sleep(pause).await;
             continue;
-        }
-        let addr = primary.endpoints[endpoint % primary.endpoints.len()].to_string();
-        if let Err(e) = follow(&node, &addr).await {
-            tracing::warn!(primary = %regions.primary, endpoint = %addr, "region link: {e}");
+        };
+        let Some(known) = regions.known.get(&primary) else {
+            tokio::time::sleep(pause).await;
+            continue;
+        };
+        let addr = known.endpoints[endpoint % known.endpoints.len()].to_string();
+        if let Err(e) = follow(&node, &primary, &addr).await {
+            tracing::warn!(primary = %primary, endpoint = %addr, "region link: {e}");
             endpoint += 1;
             tokio::time::sleep(pause).await;
         }
@@ -44,13 +48,25 @@ pub async fn run(node: Shared) {
 }
 
 /// Follows one endpoint's log until the stream ends (`Ok`: resume at once) or fails.
-async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
-    let from = node.applied.read().expect("state lock").state.revision() + 1;
-    tracing::debug!(endpoint = %addr, from, "region link: following");
-    let mut response = open(node, addr, &format!("/v1/regions/log?from_revision={from}")).await?;
+async fn follow(node: &Shared, primary: &str, addr: &str) -> Result<(), String> {
+    let (from, epoch) = {
+        let applied = node.applied.read().expect("state lock");
+        (applied.state.revision() + 1, applied.state.shipped.epoch())
+    };
+    tracing::debug!(endpoint = %addr, from, epoch, "region link: following");
+    let path = format!("/v1/regions/log?from_revision={from}&epoch={epoch}");
+    let mut response = open(node, addr, &path).await?;
     if response.status() == reqwest::StatusCode::GONE {
         drop(response);
-        return install(node, addr).await;
+        return install(node, primary, addr).await;
+    }
+    if response.status() == reqwest::StatusCode::CONFLICT {
+        let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+        let Some(at) = body["error"]["current"]["divergence_revision"].as_u64() else {
+            return Err(format!("the primary refused to be followed: {body}"));
+        };
+        set_aside(node, primary, epoch, at).await?;
+        return install(node, primary, addr).await;
     }
     if !response.status().is_success() {
         let status = response.status();
@@ -72,7 +88,7 @@ async fn follow(node: &Shared, addr: &str) -> Result<(), String> {
             }
             continue;
         }
-        let write: ShippedWrite = received(&line)?;
+        let write: ShippedWrite = received(&line, epoch)?;
         let bytes = write.command.op.approx_bytes();
         let pending = node
             .submit_replicated(write.revision, write.command)
@@ -130,13 +146,101 @@ impl InFlight {
     }
 }
 
-/// Decodes one line of the link, from a primary at the region epoch this region knows.
-fn received<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, String> {
+/// Where a region's divergence files go, in a node's data dir.
+pub const DIVERGENCE_DIR: &str = "divergence";
+
+/// This region holds shipped writes from revision `at` on that `primary` never had: it was
+/// the primary at `epoch` and had not shipped them when another region took over (or it
+/// took them from such a primary). Before the install replaces them they go to a
+/// divergence file in this node's data dir, one JSON object per line (`revision`,
+/// `time_ms`, `operation`, `key`, `value`, and `command` for what is not a key write), and a
+/// `region.divergence` event says how many, where, and how many were no longer kept here.
+async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<(), String> {
+    let (kept, revision) = {
+        let applied = node.applied.read().expect("state lock");
+        (applied.shipped_from(at).unwrap_or_default(), applied.state.revision())
+    };
+    let kept: Vec<_> = kept.into_iter().filter(|w| w.revision <= revision).collect();
+    let count = revision.saturating_sub(at) + 1;
+    let missing = count.saturating_sub(kept.len() as u64);
+    let mut text = Vec::new();
+    for write in &kept {
+        serde_json::to_writer(&mut text, &divergent_line(write)).expect("a line encodes");
+        text.push(b'\n');
+    }
+    let dir = node.config.data_dir.join(DIVERGENCE_DIR);
+    let path = dir.join(format!("epoch-{epoch}-from-{at}-to-{revision}.jsonl"));
+    if path.exists() {
+        return Ok(()); // Set aside by an earlier try: the install goes on.
+    }
+    let written = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            std::fs::create_dir_all(&dir)?;
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
+    written.map_err(|e| format!("cannot write the divergence file {}: {e}", path.display()))?;
+    let detail = format!(
+        "{count} shipped writes (revisions {at} to {revision}, epoch {epoch}) were never received by the primary region {primary}: saved to {} on node {}{}; this region now resyncs from {primary}",
+        path.display(),
+        node.id,
+        if missing > 0 {
+            format!(" ({missing} of them no longer kept here: counted, not saved)")
+        } else {
+            String::new()
+        }
+    );
+    tracing::warn!(primary, at, revision, "region.divergence: {detail}");
+    let event = rampart_core::api::Event {
+        id: 0,
+        at_ms: 0,
+        kind: "region".into(),
+        action: "region.divergence".into(),
+        actor: format!("node {}", node.id),
+        source: node.config.region.clone(),
+        outcome: "set_aside".into(),
+        detail,
+    };
+    crate::events::record(node, event).await;
+    Ok(())
+}
+
+/// One line of a divergence file.
+fn divergent_line(write: &ShippedWrite) -> serde_json::Value {
+    use rampart_store::Op;
+    let (operation, key, value) = match &write.command.op {
+        Op::Put { key, value, .. } => ("put", Some(key.as_str()), Some(value.as_str())),
+        Op::Delete { key } => ("delete", Some(key.as_str()), None),
+        _ => ("other", None, None),
+    };
+    let mut line = serde_json::json!({
+        "revision": write.revision,
+        "time_ms": write.command.at_ms,
+        "operation": operation,
+        "key": key,
+        "value": value,
+    });
+    if operation == "other" {
+        line["command"] = serde_json::to_value(&write.command.op).expect("a command encodes");
+    }
+    line
+}
+
+/// Decodes one line of the link, from a primary at the region epoch this region knows or a
+/// newer one (a region promoted since: the write that says so is in its stream); a line
+/// from an older epoch is a deposed primary's, and refused.
+fn received<T: serde::de::DeserializeOwned>(line: &[u8], known: u64) -> Result<T, String> {
     let line: LinkLine<T> = serde_json::from_slice(line).map_err(|e| format!("undecodable line: {e}"))?;
-    let known = rampart_core::region::FIRST_EPOCH;
-    if line.epoch != known {
+    if line.epoch < known {
         return Err(format!(
-            "the primary region sends at region epoch {}, and this region knows epoch {known}",
+            "the region sends at region epoch {}, and this region knows epoch {known}: it is no longer the primary",
             line.epoch
         ));
     }
@@ -156,7 +260,8 @@ async fn open(node: &Shared, addr: &str, path: &str) -> Result<reqwest::Response
 
 /// Installs the primary's shipped state from `addr`'s `GET /v1/regions/snapshot`, step by
 /// step through this region's log, then checks it against the primary's checksum.
-async fn install(node: &Shared, addr: &str) -> Result<(), String> {
+async fn install(node: &Shared, primary: &str, addr: &str) -> Result<(), String> {
+    let epoch = node.applied.read().expect("state lock").state.shipped.epoch();
     let mut response = open(node, addr, "/v1/regions/snapshot").await?;
     if !response.status().is_success() {
         let status = response.status();
@@ -168,7 +273,7 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
         if line.is_empty() {
             continue;
         }
-        let step: SeedStep = received(&line)?;
+        let step: SeedStep = received(&line, epoch)?;
         if node.known_leader() != Some(node.id) {
             return Ok(());
         }
@@ -178,7 +283,7 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
         match node.propose(step.to_op()).await.map_err(|e| e.message)? {
             Outcome::Seeding { .. } => {}
             Outcome::Seeded { revision, checksum } => {
-                check_install(node, revision, checksum).await;
+                check_install(node, primary, revision, checksum).await;
                 return Ok(());
             }
             Outcome::SeedRefused { reason } => return Err(format!("install refused: {reason}")),
@@ -190,7 +295,7 @@ async fn install(node: &Shared, addr: &str) -> Result<(), String> {
 
 /// Compares the standby's shipped state just installed at `revision` with the primary's
 /// `checksum` there, and records the result as a verification (a mismatch alerts).
-async fn check_install(node: &Shared, revision: u64, checksum: String) {
+async fn check_install(node: &Shared, primary: &str, revision: u64, checksum: String) {
     let shipped = std::sync::Arc::new(node.applied.read().expect("state lock").state.shipped.clone());
     if shipped.revision != revision {
         return; // Moved on already; the regular verification will compare.
@@ -199,7 +304,6 @@ async fn check_install(node: &Shared, revision: u64, checksum: String) {
         return;
     };
     tracing::info!(revision, matched = verified.matched, "region link: installed");
-    let primary = &node.config.regions.primary;
     super::regions::record_verification(node, primary, verified).await;
 }
 
@@ -249,18 +353,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_line_from_another_region_epoch_is_refused_naming_both() {
+    fn a_line_from_an_older_region_epoch_is_refused_naming_both() {
         let write = r#"{"revision":7,"command":{"at_ms":1,"op":{"Delete":{"key":"k"}}}}"#;
         let at = |epoch: u64| format!(r#"{{"epoch":{epoch},{}"#, &write[1..]);
-        let ok: ShippedWrite = received(at(1).as_bytes()).expect("the known epoch");
+        let ok: ShippedWrite = received(at(2).as_bytes(), 2).expect("the known epoch");
         assert_eq!(ok.revision, 7);
-        let refused = received::<ShippedWrite>(at(2).as_bytes()).expect_err("another epoch");
+        received::<ShippedWrite>(at(3).as_bytes(), 2).expect("a newer primary's");
+        let refused = received::<ShippedWrite>(at(1).as_bytes(), 2).expect_err("a deposed primary's");
         assert!(
-            refused.contains("epoch 2") && refused.contains("knows epoch 1"),
+            refused.contains("epoch 1") && refused.contains("knows epoch 2"),
             "{refused}"
         );
         assert!(
-            received::<ShippedWrite>(write.as_bytes()).is_err(),
+            received::<ShippedWrite>(write.as_bytes(), 1).is_err(),
             "a line without an epoch"
         );
     }

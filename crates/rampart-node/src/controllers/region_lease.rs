@@ -59,7 +59,7 @@ fn leadership(node: &Shared) -> (openraft::ServerState, u64) {
 
 /// One renewal: sends this leader's renewal to every region at once and counts each grant
 /// as it comes (from when it was asked), within half a lease.
-async fn renew_round(node: &Shared) {
+pub async fn renew_round(node: &Shared) {
     use futures_util::{FutureExt, StreamExt};
     let Some(renewal) = next_renewal(node) else { return };
     let regions = &node.config.regions;
@@ -88,8 +88,21 @@ async fn renew_round(node: &Shared) {
         };
         match answer {
             Some(RenewAnswer::Granted { seq }) => holder.granted(&region, seq),
+            Some(RenewAnswer::Refused { promise }) if promise.epoch > renewal.epoch => {
+                tracing::warn!(
+                    region,
+                    epoch = promise.epoch,
+                    holder = %promise.region,
+                    "region lease: {region} promised epoch {} to {}: this region takes no writes and follows it",
+                    promise.epoch,
+                    promise.region
+                );
+                lease.holder = None;
+                lease.superseded = Some(promise);
+                return;
+            }
             Some(RenewAnswer::Refused { promise }) => {
-                tracing::warn!(region, epoch = promise.epoch, holder = %promise.region, "region lease refused");
+                tracing::debug!(region, epoch = promise.epoch, holder = %promise.region, "region lease refused");
             }
             None => {}
         }
@@ -103,7 +116,10 @@ fn next_renewal(node: &Shared) -> Option<Renewal> {
     let leads = metrics.state == openraft::ServerState::Leader;
     let (primary, epoch) = node.primary_and_epoch();
     let mut lease = node.region_lease.lock().expect("region lease lock");
-    if !leads || primary != node.config.region {
+    if lease.superseded.as_ref().is_some_and(|p| p.epoch <= epoch) {
+        lease.superseded = None;
+    }
+    if !leads || primary != node.config.region || lease.superseded.is_some() {
         lease.holder = None;
         return None;
     }

@@ -274,6 +274,16 @@ pub fn view(node: &Shared) -> RegionsResponse {
     }
 }
 
+/// The region this one follows: the primary at the newest epoch this node knows of (from
+/// its own shipped history, or a region that answered at a newer one), unless it is this
+/// region. An old primary that comes back finds the new one this way.
+pub fn following(node: &Shared) -> Option<String> {
+    let (primary, epoch) = node.primary_and_epoch();
+    let seen = node.regions.lock().expect("regions lock").clone();
+    let (primary, _) = current_primary(&primary, epoch, &seen);
+    (primary != node.config.region).then_some(primary)
+}
+
 /// Why the regions do not fail over by themselves, when they do not.
 pub fn failover_note(regions: &Regions) -> Option<String> {
     if regions.auto_failover || regions.known.is_empty() {
@@ -294,9 +304,10 @@ pub fn current_primary(
     epoch: u64,
     seen: &std::collections::BTreeMap<String, RegionSeen>,
 ) -> (String, u64) {
+    // A witness only echoes what it heard: only data regions' word counts.
     let newest = seen
         .values()
-        .filter_map(|s| s.status.as_ref())
+        .filter_map(|s| s.status.as_ref().filter(|s| !s.witness))
         .filter_map(|s| s.primary_region.as_ref().map(|p| (s.epoch, p)))
         .max_by_key(|(e, _)| *e);
     match newest {
@@ -398,12 +409,9 @@ pub struct LinkLine<T> {
     pub body: T,
 }
 
-/// Appends `body` as one JSON line of a region link.
-fn push_line<T: serde::Serialize>(chunk: &mut Vec<u8>, body: &T) {
-    let line = LinkLine {
-        epoch: rampart_core::region::FIRST_EPOCH,
-        body,
-    };
+/// Appends `body` as one JSON line of a region link from a sender at `epoch`.
+fn push_line<T: serde::Serialize>(chunk: &mut Vec<u8>, epoch: u64, body: &T) {
+    let line = LinkLine { epoch, body };
     serde_json::to_writer(&mut *chunk, &line).expect("a line encodes");
     chunk.push(b'\n');
 }
@@ -412,6 +420,8 @@ fn push_line<T: serde::Serialize>(chunk: &mut Vec<u8>, body: &T) {
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     from_revision: u64,
+    /// The region epoch the follower knows: its history is checked against this node's.
+    epoch: Option<u64>,
 }
 
 /// `GET /v1/regions/log?from_revision=N` (admin): the shipped writes from revision N on,
@@ -456,10 +466,18 @@ pub async fn log(
         return refused;
     }
     let from = query.from_revision.max(1);
-    let (missed, feed) = {
+    let (missed, feed, epoch) = {
         let applied = node.applied.read().expect("state lock");
+        let shipped = &applied.state.shipped;
+        let epoch = shipped.epoch();
+        if let Some(refused) = query
+            .epoch
+            .and_then(|known| follower_refused(&shipped.epochs, epoch, known, from))
+        {
+            return refused.into_response();
+        }
         match applied.shipped_from(from) {
-            Ok(missed) => (missed, node.sm.subscribe_shipped()),
+            Ok(missed) => (missed, node.sm.subscribe_shipped(), epoch),
             Err(compacted) => {
                 return crate::error::ApiError::new(
                     axum::http::StatusCode::GONE,
@@ -478,10 +496,10 @@ pub async fn log(
     // Lines go out in chunks of up to LOG_CHUNK_BYTES: one wakeup and one write for every
     // write the feed holds at the time, not one each.
     let batches: Vec<Vec<_>> = missed.chunks(LOG_CHUNK_WRITES).map(<[_]>::to_vec).collect();
-    let replay = futures_util::stream::iter(batches).map(|writes| {
+    let replay = futures_util::stream::iter(batches).map(move |writes| {
         let mut chunk = Vec::new();
         for write in &writes {
-            push_line(&mut chunk, write);
+            push_line(&mut chunk, epoch, write);
         }
         Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(chunk))
     });
@@ -507,7 +525,7 @@ pub async fn log(
                 Ok(write) if write.revision < next => continue,
                 Ok(write) => {
                     next = write.revision + 1;
-                    push_line(&mut chunk, &write);
+                    push_line(&mut chunk, epoch, &write);
                     if chunk.len() >= LOG_CHUNK_BYTES {
                         break;
                     }
@@ -527,6 +545,41 @@ pub async fn log(
         .into_response()
 }
 
+/// Why a follower that knows epoch `known` and asks from revision `from` may not follow
+/// this node's history (`epochs`, this node at `epoch`): 409 `stale_epoch` when it knows a
+/// newer epoch than this node (this one is a deposed primary), 409 `diverged` when it holds
+/// writes past this history's next failover after its epoch (`current.divergence_revision`:
+/// it sets them aside and installs this node's state).
+fn follower_refused(
+    epochs: &[rampart_core::region::EpochStart],
+    epoch: u64,
+    known: u64,
+    from: u64,
+) -> Option<crate::error::ApiError> {
+    use axum::http::StatusCode;
+    if known > epoch {
+        return Some(crate::error::ApiError::new(
+            StatusCode::CONFLICT,
+            "stale_epoch",
+            format!(
+                "this region is at region epoch {epoch} and the follower knows epoch {known}: follow the newer primary"
+            ),
+        ));
+    }
+    let at = rampart_core::region::divergence(epochs, known, from.saturating_sub(1))?;
+    Some(
+        crate::error::ApiError::new(
+            StatusCode::CONFLICT,
+            "diverged",
+            format!(
+                "the follower holds writes from revision {at} on that this region never had (a region failover started epoch {} there): set them aside and install this region's state",
+                epochs.iter().find(|e| e.revision == at).map_or(0, |e| e.epoch)
+            ),
+        )
+        .with_current(serde_json::json!({ "divergence_revision": at })),
+    )
+}
+
 /// How long an on-demand verification may wait for the standby to reach the primary's
 /// last reported revision.
 const VERIFY_NOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -539,13 +592,13 @@ pub async fn verify(
 ) -> Result<Json<rampart_core::api::VerifyResponse>, crate::error::ApiError> {
     use rampart_core::api::{Verification, VerifyResponse};
     let regions = &node.config.regions;
-    if node.is_standby() {
+    if let Some(primary) = following(&node) {
         let region = &node.config.region;
         let deadline = Instant::now() + VERIFY_NOW_TIMEOUT;
         let retry = Duration::from_millis(regions.health_check_interval_ms);
-        let verification = match verify_within(&node, &regions.primary, deadline, retry).await {
+        let verification = match verify_within(&node, &primary, deadline, retry).await {
             Some(verified) => {
-                record_verification(&node, &regions.primary, verified.clone()).await;
+                record_verification(&node, &primary, verified.clone()).await;
                 Verification {
                     region: region.clone(),
                     revision: Some(verified.revision),
@@ -559,8 +612,7 @@ pub async fn verify(
             None => Verification::failed(
                 region,
                 format!(
-                    "no comparison within {VERIFY_NOW_TIMEOUT:?}: the primary region {} has not answered, or this standby did not reach its last reported revision",
-                    regions.primary
+                    "no comparison within {VERIFY_NOW_TIMEOUT:?}: the primary region {primary} has not answered, or this standby did not reach its last reported revision"
                 ),
             ),
         };
@@ -628,7 +680,7 @@ pub async fn snapshot(
         return refused;
     }
     let shipped = std::sync::Arc::new(node.applied.read().expect("state lock").state.shipped.clone());
-    let revision = shipped.revision;
+    let (revision, epoch) = (shipped.revision, shipped.epoch());
     let (lines, receiver) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
     // The checksum is computed beside the keys' encoding, and an empty line goes out every
     // LOG_KEEPALIVE while it is not done: a large state never leaves the stream silent.
@@ -653,7 +705,7 @@ pub async fn snapshot(
             checksum: rampart_store::checksum_text(checksum),
         };
         let mut line = Vec::new();
-        push_line(&mut line, &end);
+        push_line(&mut line, epoch, &end);
         let _ = lines.send(axum::body::Bytes::from(line)).await;
     });
     let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
@@ -671,9 +723,10 @@ pub async fn snapshot(
 /// as a line, until it says stop; false if it did.
 fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body::Bytes) -> bool) -> bool {
     use rampart_store::SeedStep;
+    let epoch = shipped.epoch();
     let line = |step: &SeedStep| {
         let mut line = Vec::new();
-        push_line(&mut line, step);
+        push_line(&mut line, epoch, step);
         axum::body::Bytes::from(line)
     };
     let revision = shipped.revision;
@@ -711,19 +764,20 @@ fn seed_steps(shipped: &rampart_store::Shipped, mut send: impl FnMut(axum::body:
 /// applies it: the state machine keeps a copy of the shipped part at that revision).
 pub async fn run_verify(node: Shared) {
     let regions = node.config.regions.clone();
-    if !node.is_standby() || !regions.known.contains_key(&regions.primary) {
+    if regions.known.is_empty() {
         return;
     }
     let interval = Duration::from_millis(regions.verify_interval_ms);
     let retry = Duration::from_millis(regions.health_check_interval_ms);
     loop {
         tokio::time::sleep(interval).await;
-        if node.known_leader() != Some(node.id) {
+        // The region this one follows now: a failover changes it.
+        let Some(primary) = following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
             continue;
-        }
+        };
         // Within the interval: a primary ahead of this standby's last poll is asked again.
-        if let Some(verified) = verify_within(&node, &regions.primary, Instant::now() + interval, retry).await {
-            record_verification(&node, &regions.primary, verified).await;
+        if let Some(verified) = verify_within(&node, &primary, Instant::now() + interval, retry).await {
+            record_verification(&node, &primary, verified).await;
         }
     }
 }

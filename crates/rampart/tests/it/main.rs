@@ -14,6 +14,7 @@ mod openapi;
 mod partition;
 mod proxy;
 mod proxy_registry;
+mod region_failover;
 mod region_lease;
 mod regions;
 mod security;
