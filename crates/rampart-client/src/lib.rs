@@ -434,6 +434,38 @@ impl Client {
         .await
     }
 
+    /// Makes `request.to` the primary region (`POST /v1/regions/failover`): planned when
+    /// the primary region answers (nothing lost), else refused unless `allow_data_loss`.
+    /// Never repeated once sent: a second failover would move the primary again.
+    pub async fn regions_failover(
+        &self,
+        request: &rampart_core::api::FailoverRequest,
+    ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
+        self.call_within(
+            Duration::from_secs(90),
+            Method::POST,
+            "/v1/regions/failover",
+            Some(request),
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+    }
+
+    /// A planned failover back to `request.to` (`POST /v1/regions/failback`).
+    pub async fn regions_failback(
+        &self,
+        request: &rampart_core::api::FailoverRequest,
+    ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
+        self.call_within(
+            Duration::from_secs(90),
+            Method::POST,
+            "/v1/regions/failback",
+            Some(request),
+            Retry::OnlyIfNotApplied,
+        )
+        .await
+    }
+
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {
         self.get("/v1/cluster/members").await
     }

@@ -168,6 +168,44 @@ pub struct RegionsResponse {
     pub regions: Vec<RegionStatus>,
 }
 
+/// `POST /v1/regions/failover` and `POST /v1/regions/failback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// The region to make the primary.
+    pub to: String,
+    /// With the primary region unreachable, fail over anyway, losing what it did not ship.
+    #[serde(default)]
+    pub allow_data_loss: bool,
+    /// Say what would be done, and the data it would lose, without doing it.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a region failover did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverResponse {
+    pub from: String,
+    pub to: String,
+    /// The primary region answered: writes stopped, the target caught up, checksums
+    /// compared, the lease handed over; nothing lost.
+    pub planned: bool,
+    pub dry_run: bool,
+    /// The region epoch after the failover (or that it would start).
+    pub epoch: u64,
+    /// What it lost (or would lose): revisions known, the last reported revision, and the
+    /// window after it in which more may have been committed.
+    pub rpo: crate::region::takeover::Rpo,
+    /// When the target received its last write from the old primary, ms since the Unix
+    /// epoch on the old primary's clock (a forced failover's plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_shipped_ms: Option<u64>,
+    /// The steps, in words.
+    pub plan: String,
+    /// How long it took, ms (0 for a dry run).
+    pub took_ms: u64,
+}
+
 /// The region lease on the primary region's leader (safety rule 5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseStatus {

@@ -17,7 +17,7 @@ use rampart_store::{Op, Outcome};
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::controllers::{backups, region_lease, regions, switchover, verdicts};
+use crate::controllers::{backups, region_failover, region_lease, regions, switchover, verdicts};
 use crate::error::{check_name, parse_body, unexpected, ApiError};
 use crate::events::audit;
 use crate::node::{now_ms, Shared};
@@ -60,6 +60,9 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/regions/verify", post(regions::verify))
         .route("/v1/regions/lease", post(region_lease::renew))
         .route("/v1/regions/vote", post(region_lease::vote))
+        .route("/v1/regions/failover", post(region_failover::failover))
+        .route("/v1/regions/failback", post(region_failover::failback))
+        .route("/v1/regions/handover", post(region_failover::handover))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/v1/events", get(events::events).post(events::post_event))

@@ -157,4 +157,7 @@ pub struct RegionLease {
     /// A region refused this one's renewal naming a newer epoch: another region took over,
     /// and this one renews no more until its own history reaches that epoch.
     pub superseded: Option<rampart_core::region::lease::Promise>,
+    /// A planned failover is handing the lease over: no renewal until then (or until it is
+    /// called off), so nothing is acknowledged meanwhile.
+    pub handing_over_until: Option<std::time::Instant>,
 }

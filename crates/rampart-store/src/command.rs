@@ -167,6 +167,8 @@ pub enum Op {
     RegionEpoch {
         epoch: u64,
         region: String,
+        /// Won by an operator's forced failover (see `EpochStart::forced`).
+        forced: bool,
     },
 }
 

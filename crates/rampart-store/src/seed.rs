@@ -220,6 +220,7 @@ pub(crate) mod tests {
             op: crate::command::Op::RegionEpoch {
                 epoch: 2,
                 region: "west".into(),
+                forced: false,
             },
         });
         assert_eq!((source.revision, source.epoch()), (6, 2));

@@ -457,7 +457,7 @@ impl Shipped {
                 }
                 Outcome::RulesAdopted { rules: self.rules }
             }
-            Op::RegionEpoch { epoch, region } => {
+            Op::RegionEpoch { epoch, region, forced } => {
                 let started = *epoch > self.epoch();
                 if started {
                     self.bump();
@@ -466,6 +466,7 @@ impl Shipped {
                         region: region.clone(),
                         revision: self.revision,
                         at_ms: command.at_ms,
+                        forced: *forced,
                     });
                 }
                 Outcome::EpochStarted {

@@ -840,6 +840,7 @@ mod tests {
             cmd(Op::RegionEpoch {
                 epoch,
                 region: region.into(),
+                forced: false,
             })
         };
         assert_eq!(primary.shipped.epoch(), rampart_core::region::FIRST_EPOCH);

@@ -110,6 +110,31 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Make another region the primary: planned (writes stop, it catches up, checksums are
+    /// compared, the lease is handed over; nothing lost) when the primary region answers;
+    /// otherwise refused unless --allow-data-loss, and --dry-run prints the plan and what it
+    /// would lose first
+    Failover {
+        /// The region to make the primary
+        #[arg(long)]
+        to: String,
+        /// The primary region does not answer: take over anyway, losing the writes it did
+        /// not ship (stated before and in the failover event)
+        #[arg(long)]
+        allow_data_loss: bool,
+        /// Print the plan and the data it would lose; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Planned failover back to a region (after it resynced as a standby); nothing lost
+    Failback {
+        /// The region to make the primary again
+        #[arg(long)]
+        to: String,
+        /// Print the plan; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run the proxy: the [[proxy.listeners]] of a TOML file, TCP or HTTP, over static
     /// upstreams or a service of the registry (asked of --endpoints); see docs/guide.md, "Proxy"
     Proxy {
@@ -518,6 +543,30 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                     "not every standby region is verified equal to the primary"
                 )));
             }
+            Ok(())
+        }
+        Command::Failover {
+            to,
+            allow_data_loss,
+            dry_run,
+        } => {
+            let request = rampart_core::api::FailoverRequest {
+                to,
+                allow_data_loss,
+                dry_run,
+            };
+            let answer = client()?.regions_failover(&request).await?;
+            print(output, &answer, describe_failover);
+            Ok(())
+        }
+        Command::Failback { to, dry_run } => {
+            let request = rampart_core::api::FailoverRequest {
+                to,
+                allow_data_loss: false,
+                dry_run,
+            };
+            let answer = client()?.regions_failback(&request).await?;
+            print(output, &answer, describe_failover);
             Ok(())
         }
         Command::Regions { command: None } => {
@@ -939,4 +988,28 @@ async fn run_elect(client: Client, output: Output, command: ElectCommand) -> Res
         }
     }
     Ok(())
+}
+
+/// A region failover's answer, for people.
+fn describe_failover(answer: &rampart_core::api::FailoverResponse) -> String {
+    if answer.dry_run {
+        return format!("dry run, nothing changed. {}", answer.plan);
+    }
+    let how = if answer.planned { "planned" } else { "forced" };
+    let rpo = &answer.rpo;
+    let lost = if answer.planned {
+        "nothing lost (RPO 0)".to_string()
+    } else {
+        match rpo.reported_revision {
+            Some(reported) => format!(
+                "RPO: at least {} revisions (the old primary last reported revision {reported}), and any committed in its last {} ms",
+                rpo.revisions, rpo.window_ms
+            ),
+            None => format!("RPO: unknown, any committed in the old primary's last {} ms", rpo.window_ms),
+        }
+    };
+    format!(
+        "{} is the primary region at epoch {} ({how} failover from {}, {} ms); {lost}",
+        answer.to, answer.epoch, answer.from, answer.took_ms
+    )
 }

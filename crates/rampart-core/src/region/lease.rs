@@ -52,11 +52,17 @@ pub fn majority(regions: usize) -> usize {
     regions / 2 + 1
 }
 
-/// The fewest regions every majority shares one with: a forced failover's promises must
-/// come from that many, or the old primary could go on renewing without any of them. With
-/// two regions, one: the standby alone.
+/// The fewest regions every majority shares one with. With two regions, one.
 pub fn blocking(regions: usize) -> usize {
     regions - majority(regions) + 1
+}
+
+/// The promises a forced failover needs so that the primary it replaces, whose lease
+/// needs `quorum` grants, cannot renew without one of them: after a normal epoch (a
+/// majority's lease) a blocking set, with two regions the standby alone; after a forced
+/// one (a blocking set's lease) a majority, so forced failovers cannot flip-flop.
+pub fn forced_needs(regions: usize, quorum: usize) -> usize {
+    regions - quorum + 1
 }
 
 /// A region's durable word: the lease of `epoch` is `region`'s. Given once per epoch, and
@@ -198,6 +204,15 @@ impl Grantor {
         self.promise.as_ref()
     }
 
+    /// The holder's last report (its committed revision) as this region received it, with
+    /// its age at `now_ms`.
+    pub fn report(&self, now_ms: u64) -> Option<Report> {
+        self.report.map(|(revision, at_ms)| Report {
+            committed_revision: revision,
+            age_ms: now_ms.saturating_sub(at_ms),
+        })
+    }
+
     /// How long this region's last grant has left to run at `now_ms`.
     pub fn remaining_ms(&self, now_ms: u64) -> u64 {
         self.grant.as_ref().map_or(0, |g| g.until_ms.saturating_sub(now_ms))
@@ -284,10 +299,7 @@ impl Grantor {
             (VoteKind::Planned { holder, released_seq }, Some(g)) if g.holder == *holder && g.seq <= *released_seq => 0,
             _ => self.remaining_ms(now_ms),
         };
-        let report = self.report.map(|(revision, at_ms)| Report {
-            committed_revision: revision,
-            age_ms: now_ms.saturating_sub(at_ms),
-        });
+        let report = self.report(now_ms);
         let persist = (!already).then(|| asked.clone());
         self.promise = Some(asked);
         Decided {
@@ -304,7 +316,9 @@ pub struct Holder {
     region: String,
     epoch: u64,
     lease_ms: u64,
-    regions: usize,
+    /// Grants needed: a majority of regions, or a blocking set after a forced failover
+    /// (`EpochStart::lease_quorum`).
+    quorum: usize,
     next_seq: u64,
     /// When each recent renewal went out, oldest first.
     sent: VecDeque<(u64, u64)>,
@@ -318,15 +332,16 @@ pub struct Holder {
 const SENT_KEPT: usize = 64;
 
 impl Holder {
-    /// The holder for `region` at `epoch`, in a deployment of `regions` regions, run by a
-    /// leader of Raft term `term`: its renewals count from `term << 32`, so a later
-    /// leader's are always higher than an earlier one's.
-    pub fn new(region: &str, epoch: u64, lease_ms: u64, regions: usize, term: u64) -> Holder {
+    /// The holder for `region` at `epoch`, needing `quorum` regions' grants, run by a leader
+    /// of Raft term `term`: its renewals count from `term << 32`, so a later leader's are
+    /// always higher than an earlier one's.
+    pub fn new(region: &str, epoch: u64, lease_ms: u64, quorum: usize, term: u64) -> Holder {
+        assert!(quorum >= 1, "a lease needs at least one grant");
         Holder {
             region: region.to_string(),
             epoch,
             lease_ms,
-            regions,
+            quorum,
             next_seq: (term << 32) + 1,
             sent: VecDeque::new(),
             granted: BTreeMap::new(),
@@ -336,6 +351,11 @@ impl Holder {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The grants it needs.
+    pub fn quorum(&self) -> usize {
+        self.quorum
     }
 
     /// The renewal to send to every region (its own included) at `now_ms`.
@@ -375,7 +395,7 @@ impl Holder {
             .map(|sent| sent + holder_counts_ms(self.lease_ms))
             .collect();
         ends.sort_unstable_by(|a, b| b.cmp(a));
-        ends.get(majority(self.regions) - 1).copied()
+        ends.get(self.quorum - 1).copied()
     }
 
     /// The regions whose grants still count at `now_ms`, newest renewal first.

@@ -312,6 +312,25 @@ pub struct EpochStart {
     pub revision: u64,
     /// The promoting leader's wall clock, ms since the Unix epoch.
     pub at_ms: u64,
+    /// Taken by an operator's forced failover (`--allow-data-loss`) with the promises of a
+    /// blocking set only: the region holds its lease from as many (see `lease_quorum`).
+    #[serde(default)]
+    pub forced: bool,
+}
+
+impl EpochStart {
+    /// How many regions must grant the lease of this epoch, in a deployment of `regions`:
+    /// a majority; after a forced failover, a blocking set (with two regions, the new
+    /// primary alone: the old one cannot renew without it). Safe against the old primary
+    /// and against any later failover, which needs a majority, and every majority shares a
+    /// region with every blocking set.
+    pub fn lease_quorum(&self, regions: usize) -> usize {
+        if self.forced {
+            lease::blocking(regions)
+        } else {
+            lease::majority(regions)
+        }
+    }
 }
 
 /// Where a region that knows epoch `epoch` and holds shipped revisions up to `revision`
@@ -460,6 +479,7 @@ mod tests {
             region: "west".into(),
             revision,
             at_ms: 0,
+            forced: false,
         };
         let history = [start(2, 101), start(3, 250)];
         // The old primary of epoch 1 shipped up to 100: nothing to set aside.

@@ -20,6 +20,7 @@ pub mod link;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
+pub mod region_failover;
 pub mod region_lease;
 pub mod regions;
 pub mod rules;

@@ -123,6 +123,14 @@ fn next_renewal(node: &Shared) -> Option<Renewal> {
         lease.holder = None;
         return None;
     }
+    // Handing over: no renewal, but the holder stays, so its numbering goes on above the
+    // renewals it released if the handover is called off.
+    if lease
+        .handing_over_until
+        .is_some_and(|until| std::time::Instant::now() < until)
+    {
+        return None;
+    }
     let term = metrics.current_term;
     let regions = &node.config.regions;
     if !lease
@@ -130,18 +138,26 @@ fn next_renewal(node: &Shared) -> Option<Renewal> {
         .as_ref()
         .is_some_and(|(t, h)| *t == term && h.epoch() == epoch)
     {
-        let holder = Holder::new(
-            &node.config.region,
-            epoch,
-            regions.region_lease_ms,
-            regions.count(),
-            term,
-        );
+        let quorum = lease_quorum(node);
+        let holder = Holder::new(&node.config.region, epoch, regions.region_lease_ms, quorum, term);
         lease.holder = Some((term, holder));
     }
     let committed = node.applied.read().expect("state lock").state.revision();
     let (_, holder) = lease.holder.as_mut().expect("made above");
     Some(holder.renewal(node.mono_ms(), committed))
+}
+
+/// The grants this region's lease needs at its current epoch: a majority, or a blocking
+/// set when it won the epoch by a forced failover.
+fn lease_quorum(node: &Shared) -> usize {
+    let count = node.config.regions.count();
+    let applied = node.applied.read().expect("state lock");
+    applied
+        .state
+        .shipped
+        .epochs
+        .last()
+        .map_or(rampart_core::region::lease::majority(count), |e| e.lease_quorum(count))
 }
 
 /// POSTs `body` to region `region`'s endpoints in turn until one answers, within `timeout`
@@ -173,6 +189,92 @@ pub async fn ask<B: serde::Serialize, A: serde::de::DeserializeOwned>(
         }
     }
     None
+}
+
+/// POSTs `body` to region `region` over the region link (its endpoints in turn, within
+/// `timeout` in all) and decodes its answer; its refusal comes back as the same error.
+pub async fn ask_answer<B: serde::Serialize, A: serde::de::DeserializeOwned>(
+    node: &Shared,
+    region: &rampart_core::region::KnownRegion,
+    path: &str,
+    body: &B,
+    timeout: Duration,
+) -> Result<A, ApiError> {
+    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no endpoint");
+    for endpoint in &region.endpoints {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        let sent = node
+            .region_http
+            .post(format!("{scheme}://{endpoint}{path}"))
+            .json(body)
+            .timeout(left)
+            .send()
+            .await;
+        let answer = match sent {
+            Ok(answer) => answer,
+            Err(e) => {
+                last_error = format!("{endpoint}: {e}");
+                continue;
+            }
+        };
+        let status = answer.status();
+        let bytes = answer.bytes().await.unwrap_or_default();
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "region_call_failed",
+                    format!("{endpoint}: {e}"),
+                )
+            });
+        }
+        let Ok(refused) = serde_json::from_slice::<rampart_core::api::ErrorBody>(&bytes) else {
+            last_error = format!("{endpoint}: answered {status}");
+            continue;
+        };
+        let detail = refused.error;
+        let mut error = ApiError::new(
+            axum::http::StatusCode::from_u16(status.as_u16()).unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+            remote_code(&detail.code),
+            detail.message,
+        );
+        error.current = detail.current;
+        return Err(error);
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "region_unreachable",
+        format!("no endpoint of the region answered within {timeout:?}: {last_error}"),
+    ))
+}
+
+/// Another region's error code, as one of ours.
+fn remote_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "already_primary",
+        "data_loss_possible",
+        "primary_unreachable",
+        "not_primary",
+        "checksum_mismatch",
+        "handover_timeout",
+        "region_lease_lost",
+        "invalid_field",
+        "failover_failed",
+        "misdirected",
+        "not_leader",
+        "no_leader",
+        "region_link_only",
+        "forbidden",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("region_call_failed")
 }
 
 /// This region's grantor decides (on its leader, made at the start of its term from the
@@ -366,7 +468,7 @@ pub fn refuse_outside_link(
 
 /// On TLS the lease and votes are answered only to nodes: a region link, or a node of this
 /// region forwarding one to its leader (both with a node certificate of the cluster CA).
-fn refuse_unless_node(
+pub fn refuse_unless_node(
     node: &Shared,
     connection: Option<axum::Extension<crate::auth::Connection>>,
 ) -> Result<(), ApiError> {

@@ -139,6 +139,13 @@ fn region_event(node: &Shared, action: &str, outcome: &str, detail: String) -> E
     }
 }
 
+/// Region `region`'s status now, from the first endpoint that answers within `timeout`.
+pub async fn status_of(node: &Shared, region: &KnownRegion, timeout: Duration) -> Option<ClusterStatus> {
+    ask(&node.region_http, node.tls.is_some(), region, 0, timeout)
+        .await
+        .map(|(_, status)| status)
+}
+
 /// The region's status from the first of its endpoints (from `start` on) that answers
 /// within `timeout`, with that endpoint's index.
 async fn ask(

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use rampart_core::api::Event;
-use rampart_core::region::lease::{majority, VoteAnswer, VoteKind, VoteRequest};
+use rampart_core::region::lease::{forced_needs, majority, VoteAnswer, VoteKind, VoteRequest};
 use rampart_core::region::takeover::{required_silence_ms, Campaign, Rpo, Step};
 use rampart_store::{Op, Outcome};
 
@@ -34,10 +34,43 @@ pub async fn run(node: Shared) {
     loop {
         tokio::time::sleep(interval).await;
         let Some(lost) = primary_lost(&node) else { continue };
-        if let Err(e) = take_over(&node, lost, VoteKind::Lost).await {
+        // Only the standby the voters would choose: another further ahead takes over.
+        let revision = node.applied.read().expect("state lock").state.revision();
+        if let Some(better) = better_standby(&node, &lost.primary, lost.epoch, revision) {
+            tracing::debug!(better, "region failover: another standby is further ahead");
+            continue;
+        }
+        let cause = Cause {
+            description: format!("{} did not answer for {} ms", lost.primary, lost.silent_for.as_millis()),
+            primary: lost.primary,
+            epoch: lost.epoch,
+            since: lost.last_heard,
+        };
+        if let Err(e) = take_over(&node, &cause, VoteKind::Lost).await {
             tracing::warn!("region failover: {e}");
         }
     }
+}
+
+/// A reachable standby further ahead than this region (at `revision`), as this node sees.
+fn better_standby(node: &Shared, primary: &str, epoch: u64, revision: u64) -> Option<String> {
+    let own = node.config.region.clone();
+    let request = VoteRequest {
+        epoch: epoch + 1,
+        candidate: own.clone(),
+        revision,
+        kind: VoteKind::Lost,
+    };
+    let seen = node.regions.lock().expect("regions lock").clone();
+    vote_facts(
+        &node.config.regions,
+        &seen,
+        Some(primary),
+        Some(&(own, revision)),
+        &request,
+        0,
+    )
+    .better
 }
 
 /// The primary region this standby's leader finds lost, and when it was last heard of.
@@ -80,8 +113,28 @@ fn primary_lost(node: &Shared) -> Option<Lost> {
     })
 }
 
-/// One campaign for the epoch after `lost.epoch`, then the promotion.
-pub async fn take_over(node: &Shared, lost: Lost, kind: VoteKind) -> Result<(), String> {
+/// Why a region takes over: the primary it replaces at its epoch, since when (the failure
+/// was last heard of, or the operator asked), and in words.
+pub struct Cause {
+    pub primary: String,
+    pub epoch: u64,
+    pub since: Instant,
+    pub description: String,
+}
+
+/// A region failover done: the new epoch, its timings and what it may have lost.
+#[derive(Debug, Clone)]
+pub struct TakenOver {
+    pub epoch: u64,
+    pub rpo: Rpo,
+    pub detection: Duration,
+    pub decision: Duration,
+    pub promotion: Duration,
+}
+
+/// One campaign for the epoch after `cause.epoch`, then the promotion.
+pub async fn take_over(node: &Shared, cause: &Cause, kind: VoteKind) -> Result<TakenOver, String> {
+    let lost = cause;
     let regions = &node.config.regions;
     let own = node.config.region.clone();
     let revision = node.applied.read().expect("state lock").state.revision();
@@ -91,28 +144,9 @@ pub async fn take_over(node: &Shared, lost: Lost, kind: VoteKind) -> Result<(), 
         revision,
         kind,
     };
-    // An automatic failover only by the standby the voters would choose.
-    if request.kind == VoteKind::Lost {
-        let seen = node.regions.lock().expect("regions lock").clone();
-        let facts = vote_facts(
-            regions,
-            &seen,
-            Some(&lost.primary),
-            Some(&(own.clone(), revision)),
-            &request,
-            0,
-        );
-        if let Some(better) = facts.better {
-            tracing::info!(
-                better,
-                "region failover: another standby is further ahead; leaving it to take over"
-            );
-            return Ok(());
-        }
-    }
     let started = Instant::now();
     let needed = match request.kind {
-        VoteKind::Forced => rampart_core::region::lease::blocking(regions.count()),
+        VoteKind::Forced => forced_needs(regions.count(), replaced_quorum(node, cause.epoch)),
         _ => majority(regions.count()),
     };
     let mut campaign = Campaign::new(
@@ -138,7 +172,8 @@ pub async fn take_over(node: &Shared, lost: Lost, kind: VoteKind) -> Result<(), 
             }
             Step::Promote { rpo } => {
                 let decided = *decided.get_or_insert_with(Instant::now);
-                return promote(node, &lost, request.epoch, rpo, started, decided).await;
+                let forced = request.kind == VoteKind::Forced;
+                return promote(node, cause, request.epoch, forced, rpo, started, decided).await;
             }
             Step::Superseded { promise } => {
                 return Err(format!(
@@ -155,6 +190,19 @@ pub async fn take_over(node: &Shared, lost: Lost, kind: VoteKind) -> Result<(), 
                 ));
             }
         }
+    }
+}
+
+/// The lease quorum of epoch `epoch` (the one a failover replaces), as far as this region
+/// knows how it was won: from its shipped history (the first epoch: a majority), else the
+/// worst (a forced win's blocking set), so a forced failover never needs too few promises.
+fn replaced_quorum(node: &Shared, epoch: u64) -> usize {
+    let count = node.config.regions.count();
+    let applied = node.applied.read().expect("state lock");
+    match applied.state.shipped.epochs.iter().find(|e| e.epoch == epoch) {
+        Some(start) => start.lease_quorum(count),
+        None if epoch == rampart_core::region::FIRST_EPOCH => majority(count),
+        None => rampart_core::region::lease::blocking(count),
     }
 }
 
@@ -208,17 +256,19 @@ async fn ask_votes(node: &Shared, request: &VoteRequest, campaign: &mut Campaign
 /// records the failover.
 async fn promote(
     node: &Shared,
-    lost: &Lost,
+    cause: &Cause,
     epoch: u64,
+    forced: bool,
     rpo: Rpo,
     started: Instant,
     decided: Instant,
-) -> Result<(), String> {
+) -> Result<TakenOver, String> {
     let own = &node.config.region;
     let outcome = node
         .propose(Op::RegionEpoch {
             epoch,
             region: own.clone(),
+            forced,
         })
         .await
         .map_err(|e| e.message)?;
@@ -228,16 +278,22 @@ async fn promote(
     let promoted = Instant::now();
     super::region_lease::renew_round(node).await;
     let revision = node.applied.read().expect("state lock").state.revision();
+    let taken = TakenOver {
+        epoch,
+        rpo,
+        detection: started.duration_since(cause.since),
+        decision: decided.duration_since(started),
+        promotion: promoted.duration_since(decided),
+    };
     let detail = format!(
-        "{own} is the primary region at epoch {epoch} (was {} at epoch {}). Cause: {} did not answer for {} ms. \
+        "{own} is the primary region at epoch {epoch} (was {} at epoch {}). Cause: {}. \
          Detection {} ms, decision {} ms, promotion {} ms. RPO: {}",
-        lost.primary,
-        lost.epoch,
-        lost.primary,
-        lost.silent_for.as_millis(),
-        started.duration_since(lost.last_heard).as_millis(),
-        decided.duration_since(started).as_millis(),
-        promoted.duration_since(decided).as_millis(),
+        cause.primary,
+        cause.epoch,
+        cause.description,
+        taken.detection.as_millis(),
+        taken.decision.as_millis(),
+        taken.promotion.as_millis(),
         describe_rpo(&rpo, revision.saturating_sub(1)),
     );
     tracing::warn!(epoch, "region.failover: {detail}");
@@ -252,7 +308,7 @@ async fn promote(
         detail,
     };
     crate::events::record(node, event).await;
-    Ok(())
+    Ok(taken)
 }
 
 /// The RPO as known plus what cannot be, for a region that had revision `had`.

@@ -204,3 +204,188 @@ async fn a_returning_old_primary_sets_aside_exactly_its_unshipped_writes_and_con
         "west"
     );
 }
+
+/// Writes `pw/N` for N = 0, 1, ... through `client` until `stop`, one at a time; the keys
+/// acknowledged, and the longest time between two acknowledgements.
+async fn write_until(
+    client: std::sync::Arc<Client>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<String>, Duration) {
+    let mut acknowledged = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut gap = Duration::ZERO;
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("pw/{n}");
+        n += 1;
+        if client.put(&key, "v", PutOptions::default()).await.is_ok() {
+            gap = gap.max(last.elapsed());
+            last = std::time::Instant::now();
+            acknowledged.push(key);
+        }
+    }
+    (acknowledged, gap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planned_failover_and_failback_under_writes_lose_no_acknowledged_write() {
+    let regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(std::sync::Arc::new(both(&regions)), stop.clone()));
+    eventually(DEADLINE, "writes going on", || async {
+        (east.cluster().await.ok()?.revision > 20).then_some(())
+    })
+    .await;
+
+    // A dry run changes nothing.
+    let plan = east
+        .regions_failover(&rampart_core::api::FailoverRequest {
+            to: "west".into(),
+            allow_data_loss: false,
+            dry_run: true,
+        })
+        .await
+        .expect("dry run");
+    assert!(
+        plan.dry_run && plan.planned && plan.plan.contains("nothing is lost"),
+        "{plan:?}"
+    );
+    assert_eq!(east.cluster().await.expect("status").epoch, 1);
+
+    // Asked of east's endpoints: passed on to west, which runs it.
+    let answer = east
+        .regions_failover(&rampart_core::api::FailoverRequest {
+            to: "west".into(),
+            allow_data_loss: false,
+            dry_run: false,
+        })
+        .await
+        .expect("planned failover");
+    assert!(
+        answer.planned && answer.epoch == 2 && answer.rpo.revisions == 0,
+        "{answer:?}"
+    );
+    let detail = eventually(DEADLINE, "the failover event", || {
+        event_detail(&west, "region.failover")
+    })
+    .await;
+    assert!(detail.contains("planned failover to west"), "{detail}");
+    eventually(DEADLINE, "writes acknowledged by west", || async {
+        let before = west.cluster().await.ok()?.revision;
+        eventually(DEADLINE, "more", || async {
+            (west.cluster().await.ok()?.revision > before + 20).then_some(())
+        })
+        .await;
+        Some(())
+    })
+    .await;
+    // East follows west without an install or a divergence file, then takes it back.
+    eventually(DEADLINE, "east following west", || async {
+        let status = east.cluster().await.ok()?;
+        (status.epoch == 2 && status.primary_region.as_deref() == Some("west")).then_some(())
+    })
+    .await;
+    let back = west
+        .regions_failback(&rampart_core::api::FailoverRequest {
+            to: "east".into(),
+            allow_data_loss: false,
+            dry_run: false,
+        })
+        .await
+        .expect("fail-back");
+    assert!(back.planned && back.epoch == 3, "{back:?}");
+    let before = east.cluster().await.expect("status").revision;
+    eventually(DEADLINE, "writes acknowledged by east again", || async {
+        (east.cluster().await.ok()?.revision > before + 20).then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acknowledged, gap) = writer.await.expect("writer");
+    eprintln!("longest write gap across two planned failovers: {gap:?}");
+    let dir = regions.region("east").nodes[&1].data_dir.join("divergence");
+    assert!(!dir.exists(), "nothing was set aside");
+    // Every acknowledged write is in the final primary's state.
+    let range = east.range("pw/", false).await.expect("range");
+    let kept: std::collections::BTreeSet<String> = range.items.into_iter().map(|kv| kv.key).collect();
+    let lost: Vec<&String> = acknowledged.iter().filter(|k| !kept.contains(*k)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(acknowledged.len() > 60, "{}", acknowledged.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_regions_without_a_witness_fail_over_only_when_told_to_and_report_the_rpo() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"500ms\"".into(),
+            "region_lease = \"1s\"".into(),
+        ],
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    for i in 0..10 {
+        east.put(&format!("two/{i}"), "v", PutOptions::default())
+            .await
+            .expect("put");
+    }
+    wait_caught_up(&east, &west).await;
+    let view = west.regions().await.expect("view");
+    assert!(
+        !view.auto_failover && view.failover_note.as_deref().is_some_and(|n| n.contains("manual")),
+        "{view:?}"
+    );
+
+    regions.region_mut("east").kill(1);
+    eventually(DEADLINE, "west to see east unreachable", || async {
+        let view = west.regions().await.ok()?;
+        view.regions
+            .iter()
+            .any(|r| r.name == "east" && !r.reachable)
+            .then_some(())
+    })
+    .await;
+    // An observation window, not a synchronisation: ten region timeouts without a failover.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(west.cluster().await.expect("status").epoch, 1, "no failover by itself");
+
+    let ask = |allow_data_loss: bool, dry_run: bool| rampart_core::api::FailoverRequest {
+        to: "west".into(),
+        allow_data_loss,
+        dry_run,
+    };
+    let refused = west
+        .regions_failover(&ask(false, false))
+        .await
+        .expect_err("refused without --allow-data-loss");
+    assert!(refused.to_string().contains("data_loss_possible"), "{refused}");
+    let plan = west.regions_failover(&ask(false, true)).await.expect("dry run");
+    assert!(
+        !plan.planned && plan.dry_run && plan.rpo.reported_revision.is_some(),
+        "{plan:?}"
+    );
+    assert_eq!(west.cluster().await.expect("status").epoch, 1);
+    let forced = west.regions_failover(&ask(true, false)).await.expect("forced failover");
+    assert!(!forced.planned && forced.epoch == 2, "{forced:?}");
+    assert_eq!(forced.rpo.revisions, 0, "west had everything east reported: {forced:?}");
+    west.put("two/after", "v", PutOptions::default())
+        .await
+        .expect("west takes writes");
+    let detail = eventually(DEADLINE, "the failover event", || {
+        event_detail(&west, "region.failover")
+    })
+    .await;
+    assert!(
+        detail.contains("forced failover") && detail.contains("RPO: at least 0 revisions"),
+        "{detail}"
+    );
+}

@@ -27,7 +27,7 @@ fn vote(epoch: u64, candidate: &str, kind: VoteKind) -> VoteRequest {
 
 #[test]
 fn a_holder_acknowledges_only_while_a_majority_grants_counted_from_when_it_asked() {
-    let mut holder = Holder::new("a", 1, LEASE_MS, 3, 1);
+    let mut holder = Holder::new("a", 1, LEASE_MS, majority(3), 1);
     assert!(!holder.may_acknowledge(0), "no grant yet");
     let asked = renewal(&mut holder, 1_000);
     holder.granted("a", asked.seq);
@@ -51,7 +51,7 @@ fn a_holder_acknowledges_only_while_a_majority_grants_counted_from_when_it_asked
 #[test]
 fn a_grantor_promises_each_epoch_once_and_never_goes_back() {
     let mut grantor = Grantor::new(0, None, LEASE_MS);
-    let mut a = Holder::new("a", 1, LEASE_MS, 3, 1);
+    let mut a = Holder::new("a", 1, LEASE_MS, majority(3), 1);
     let first = grantor.renew(0, &renewal(&mut a, 0));
     assert_eq!(
         first.persist,
@@ -67,7 +67,7 @@ fn a_grantor_promises_each_epoch_once_and_never_goes_back() {
 
     // Another region asking for epoch 1 is refused; a vote for epoch 2 is granted, with
     // the time the grant to `a` has left.
-    let mut c = Holder::new("c", 1, LEASE_MS, 3, 1);
+    let mut c = Holder::new("c", 1, LEASE_MS, majority(3), 1);
     assert!(matches!(
         grantor.renew(2_000, &renewal(&mut c, 0)).answer,
         RenewAnswer::Refused { .. }
@@ -163,7 +163,7 @@ fn a_restarted_grantor_assumes_its_last_grant_runs_a_whole_lease_from_its_start(
 
 #[test]
 fn a_planned_handover_waits_for_no_released_grant_but_for_any_later_one() {
-    let mut a = Holder::new("a", 1, LEASE_MS, 3, 1);
+    let mut a = Holder::new("a", 1, LEASE_MS, majority(3), 1);
     let mut grantor = Grantor::new(0, None, LEASE_MS);
     grantor.renew(0, &renewal(&mut a, 0));
     let released = a.release();
@@ -207,8 +207,8 @@ fn a_planned_handover_waits_for_no_released_grant_but_for_any_later_one() {
 
 #[test]
 fn a_later_leaders_renewals_are_numbered_above_an_earlier_ones() {
-    let mut first = Holder::new("a", 1, LEASE_MS, 3, 4);
-    let mut second = Holder::new("a", 1, LEASE_MS, 3, 5);
+    let mut first = Holder::new("a", 1, LEASE_MS, majority(3), 4);
+    let mut second = Holder::new("a", 1, LEASE_MS, majority(3), 5);
     for _ in 0..1_000 {
         first.renewal(0, 0);
     }
@@ -237,6 +237,13 @@ fn majorities_and_blocking_sets() {
     assert_eq!((majority(3), blocking(3)), (2, 2));
     assert_eq!((majority(4), blocking(4)), (3, 2));
     assert_eq!((majority(5), blocking(5)), (3, 3));
+    assert_eq!(forced_needs(2, majority(2)), 1, "two regions: the standby alone");
+    assert_eq!(
+        forced_needs(2, blocking(2)),
+        2,
+        "then no forced failover back without both"
+    );
+    assert_eq!(forced_needs(4, majority(4)), 2);
 }
 
 // The property: over random interleavings of renewals, votes, message delays and losses,
@@ -321,10 +328,15 @@ struct World {
     /// What each region made durable.
     promises: Vec<Option<Promise>>,
     holders: Vec<Option<Holder>>,
-    campaigns: Vec<Option<Campaign>>,
+    /// Each campaign and the lease quorum its win gives (a blocking set when forced).
+    campaigns: Vec<Option<(Campaign, usize)>>,
     terms: Vec<u64>,
     flight: Vec<Message>,
     real: u64,
+    /// Epochs an operator forced a failover for: one operator, one forced failover per
+    /// epoch (two operators forcing two regions, each sure the other is gone, can make two
+    /// primaries when a blocking set is no majority, as with two regions: documented).
+    forced: std::collections::BTreeSet<u64>,
 }
 
 impl World {
@@ -332,7 +344,7 @@ impl World {
         let n = clocks.len();
         let names: Vec<String> = (0..n).map(|r| format!("r{r}")).collect();
         let mut holders = vec![None; n];
-        holders[0] = Some(Holder::new(&names[0], 1, LEASE_MS, n, 1));
+        holders[0] = Some(Holder::new(&names[0], 1, LEASE_MS, majority(n), 1));
         World {
             names,
             clocks,
@@ -343,6 +355,7 @@ impl World {
             terms: vec![1; n],
             flight: Vec::new(),
             real: 0,
+            forced: Default::default(),
         }
     }
 
@@ -397,12 +410,24 @@ impl World {
                         }
                     }
                 };
-                let needed = if kind == VoteKind::Forced {
-                    blocking(n)
-                } else {
-                    majority(n)
+                if kind == VoteKind::Forced && !self.forced.insert(epoch) {
+                    return;
+                }
+                // A forced failover needs enough promises to block the lease it replaces,
+                // as far as the candidate knows how that epoch was won (its own, or the
+                // first); an epoch it only promised may have been forced: the worst is
+                // assumed. Its own lease then needs a blocking set.
+                let replaced = match self.holders[r].as_ref() {
+                    Some(holder) if holder.epoch() == epoch - 1 => holder.quorum(),
+                    _ if epoch - 1 == 1 => majority(n),
+                    _ => blocking(n),
                 };
-                self.campaigns[r] = Some(Campaign::new(epoch, needed, self.now(r), 20_000));
+                let (needed, quorum) = if kind == VoteKind::Forced {
+                    (forced_needs(n, replaced), blocking(n))
+                } else {
+                    (majority(n), majority(n))
+                };
+                self.campaigns[r] = Some((Campaign::new(epoch, needed, self.now(r), 20_000), quorum));
                 let request = VoteRequest {
                     epoch,
                     candidate: self.names[r].clone(),
@@ -425,18 +450,20 @@ impl World {
                 self.terms[r] += 1;
                 let term = self.terms[r];
                 if let Some(holder) = self.holders[r].as_mut() {
-                    *holder = Holder::new(&self.names[r], holder.epoch(), LEASE_MS, n, term);
+                    *holder = Holder::new(&self.names[r], holder.epoch(), LEASE_MS, holder.quorum(), term);
                 }
             }
         }
         // Campaigns that may promote do so now.
         for r in 0..n {
             let now = self.now(r);
-            let Some(campaign) = &self.campaigns[r] else { continue };
+            let Some((campaign, quorum)) = &self.campaigns[r] else {
+                continue;
+            };
             match campaign.step(now, 0) {
                 Step::Promote { .. } => {
                     let epoch = campaign.epoch;
-                    self.holders[r] = Some(Holder::new(&self.names[r], epoch, LEASE_MS, n, self.terms[r]));
+                    self.holders[r] = Some(Holder::new(&self.names[r], epoch, LEASE_MS, *quorum, self.terms[r]));
                     self.campaigns[r] = None;
                 }
                 Step::Superseded { .. } | Step::GaveUp { .. } => self.campaigns[r] = None,
@@ -500,7 +527,7 @@ impl World {
             } => {
                 let now = self.now(to);
                 let name = self.names[from].clone();
-                if let Some(campaign) = self.campaigns[to].as_mut().filter(|c| c.epoch == epoch) {
+                if let Some((campaign, _)) = self.campaigns[to].as_mut().filter(|(c, _)| c.epoch == epoch) {
                     campaign.answered(now, &name, &answer);
                 }
             }
