@@ -36,6 +36,9 @@ pub struct PutRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutResponse {
     pub revision: u64,
+    /// The region epoch that acknowledged the write (also in the `X-Rampart-Epoch` header).
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,6 +99,7 @@ pub fn router(node: Shared) -> Router {
         .route("/metrics/ha", get(metrics_ha))
         .route("/metrics/regions", get(metrics_regions))
         .fallback(|| async { ApiError::not_found("no_route", "no such API path; see docs/api/openapi.yaml") })
+        .layer(axum::middleware::from_fn_with_state(node.clone(), epoch_header))
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::to_leader))
         // Outside forwarding: a follower refuses a bad token itself instead of relaying it.
         .layer(axum::middleware::from_fn_with_state(node.clone(), auth::authenticate))
@@ -174,7 +175,10 @@ async fn put_key(
         if_revision: request.if_revision,
     };
     match node.propose(op).await? {
-        Outcome::Put { revision } => Ok(Json(PutResponse { revision })),
+        Outcome::Put { revision } => Ok(Json(PutResponse {
+            revision,
+            epoch: node.primary_and_epoch().1,
+        })),
         Outcome::RevisionMismatch { current } => Err(ApiError::new(
             StatusCode::CONFLICT,
             "revision_mismatch",
@@ -217,6 +221,26 @@ fn reflects(revision: u64) -> [(&'static str, String); 1] {
 
 /// Response header of key reads: the store revision they reflect.
 pub const REVISION_HEADER: &str = "x-rampart-revision";
+
+/// The region epoch of the node that answered (for a write: the epoch that acknowledged
+/// it), on every `/v1` answer.
+pub const EPOCH_HEADER: &str = "x-rampart-epoch";
+
+async fn epoch_header(
+    State(node): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let v1 = request.uri().path().starts_with("/v1/");
+    let mut response = next.run(request).await;
+    if v1 {
+        let epoch = node.primary_and_epoch().1;
+        response
+            .headers_mut()
+            .insert(EPOCH_HEADER, axum::http::HeaderValue::from(epoch));
+    }
+    response
+}
 
 async fn range(
     State(node): State<Shared>,

@@ -9,7 +9,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -115,6 +115,13 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
     })?;
     let status = answer.status();
     let content_type = answer.headers().get("content-type").cloned();
+    // The revision a read reflects and the epoch that answered travel back as they were.
+    let ours: Vec<(HeaderName, HeaderValue)> = answer
+        .headers()
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-rampart-") && name.as_str() != FORWARDED_HEADER)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
     let bytes = answer
         .bytes()
         .await
@@ -123,6 +130,9 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
     *response.status_mut() = status;
     if let Some(content_type) = content_type {
         response.headers_mut().insert("content-type", content_type);
+    }
+    for (name, value) in ours {
+        response.headers_mut().insert(name, value);
     }
     response
         .headers_mut()

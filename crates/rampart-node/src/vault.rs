@@ -302,7 +302,7 @@ impl Vault {
         created_ms: u64,
         services: Vec<ServicePart>,
     ) -> Result<Manifest, BackupError> {
-        let (revision, local_revision) = (state.revision(), state.local.revision);
+        let (revision, local_revision, epoch) = (state.revision(), state.local.revision, state.shipped.epoch());
         // The shipped part, then the local part: the encoding of the whole state, with the
         // checksum of each part as the API reports it.
         let encode = move |out: &mut ChunkWriter| {
@@ -318,7 +318,7 @@ impl Vault {
             format: FORMAT_VERSION,
             id: id.to_string(),
             region: region.to_string(),
-            epoch: 1,
+            epoch,
             revision,
             log_index,
             created_ms,

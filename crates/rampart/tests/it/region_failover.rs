@@ -83,6 +83,7 @@ async fn the_whole_primary_region_lost_a_standby_takes_over_and_the_old_one_foll
         || async { client.put("fo/after", "after", PutOptions::default()).await.ok() },
     )
     .await;
+    assert_eq!(put.epoch, 2, "the acknowledging epoch is in the answer");
     let view = west.regions().await.expect("west's view");
     assert_eq!((view.primary.as_str(), view.epoch), ("west", 2), "{view:?}");
     assert!(view.lease.is_some_and(|l| l.held), "west holds the lease");

@@ -267,6 +267,11 @@ async fn a_standby_follows_the_primary_under_writes_and_refuses_its_own() {
         read.headers()["x-rampart-revision"].to_str().ok(),
         Some(revision.to_string().as_str())
     );
+    assert_eq!(
+        read.headers()["x-rampart-epoch"].to_str().ok(),
+        Some("1"),
+        "the answering region's epoch"
+    );
     match standby
         .put("link/mine", "no", rampart_client::PutOptions::default())
         .await
