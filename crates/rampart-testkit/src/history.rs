@@ -90,6 +90,37 @@ impl History {
 }
 
 /// Fencing tokens in the order they were won must strictly increase.
+/// One acknowledged write as a client saw it: when it sent it, when the answer came, and
+/// the region epoch that acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochAck {
+    pub sent: std::time::Instant,
+    pub answered: std::time::Instant,
+    pub epoch: u64,
+}
+
+/// Safety rule 5 on a history: two epochs never acknowledged writes in overlapping real
+/// time. A violation is a write acknowledged by an older epoch that was *sent* after a
+/// newer epoch had already acknowledged one (a write in flight across the change may be
+/// answered by either, so only that order is a proof). Returns the first pair found.
+pub fn epochs_overlap(acks: &[EpochAck]) -> Option<(EpochAck, EpochAck)> {
+    // The earliest answer of each epoch.
+    let mut first_answer: BTreeMap<u64, EpochAck> = BTreeMap::new();
+    for ack in acks {
+        let first = first_answer.entry(ack.epoch).or_insert(*ack);
+        if ack.answered < first.answered {
+            *first = *ack;
+        }
+    }
+    acks.iter().find_map(|older| {
+        first_answer
+            .range(older.epoch + 1..)
+            .map(|(_, newer)| newer)
+            .find(|newer| newer.answered < older.sent)
+            .map(|newer| (*older, *newer))
+    })
+}
+
 pub fn tokens_strictly_increase(tokens: &[u64]) -> bool {
     tokens.windows(2).all(|w| w[0] < w[1])
 }
@@ -118,5 +149,21 @@ mod tests {
         assert_eq!(history.revision_order_violations(), vec![(0, 5, 4)]);
         assert!(!tokens_strictly_increase(&[1, 3, 3]));
         assert!(tokens_strictly_increase(&[1, 3, 4]));
+    }
+
+    #[test]
+    fn an_older_epoch_acknowledging_a_write_sent_after_a_newer_ones_answer_is_caught() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + std::time::Duration::from_millis(ms);
+        let ack = |sent, answered, epoch| EpochAck {
+            sent: at(sent),
+            answered: at(answered),
+            epoch,
+        };
+        // Epoch 1 until 100, epoch 2 from 150; a write in flight across the change.
+        let fine = [ack(0, 10, 1), ack(90, 200, 1), ack(150, 160, 2), ack(170, 180, 2)];
+        assert_eq!(epochs_overlap(&fine), None);
+        let split = [ack(0, 10, 1), ack(150, 160, 2), ack(170, 175, 1)];
+        assert_eq!(epochs_overlap(&split), Some((split[2], split[1])));
     }
 }

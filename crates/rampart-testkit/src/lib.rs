@@ -13,7 +13,7 @@ pub mod relay;
 pub mod workload;
 
 pub use cluster::{free_port, Cluster, ClusterOptions, Outsider};
-pub use history::{History, OpOutcome};
+pub use history::{epochs_overlap, EpochAck, History, OpOutcome};
 pub use http_backend::{Answer, HttpBackend};
 pub use regions::{RegionSpec, Regions, RegionsOptions};
 pub use relay::{Relay, RelayMode};

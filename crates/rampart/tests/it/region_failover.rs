@@ -390,3 +390,191 @@ async fn two_regions_without_a_witness_fail_over_only_when_told_to_and_report_th
         "{detail}"
     );
 }
+
+/// Writes `{prefix}/N` through `client` until `stop`, recording every acknowledgement with
+/// its epoch and the keys acknowledged.
+async fn write_epochs(
+    client: Client,
+    prefix: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, rampart_testkit::EpochAck)> {
+    let mut acks = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("{prefix}/{n}");
+        n += 1;
+        let sent = std::time::Instant::now();
+        if let Ok(put) = client.put(&key, "v", PutOptions::default()).await {
+            let ack = rampart_testkit::EpochAck {
+                sent,
+                answered: std::time::Instant::now(),
+                epoch: put.epoch,
+            };
+            acks.push((key, ack));
+        }
+    }
+    acks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_primary_stops_before_a_standby_takes_over_and_no_two_epochs_acknowledge_at_once() {
+    let regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two writers that only know east, two that know both regions.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = if w < 2 {
+            regions.client("east").with_deadline(Duration::from_millis(500))
+        } else {
+            both(&regions).with_deadline(Duration::from_millis(500))
+        };
+        writers.push(tokio::spawn(write_epochs(client, format!("h{w}"), stop.clone())));
+    }
+    eventually(DEADLINE, "writes going on", || async {
+        (east.cluster().await.ok()?.revision > 50).then_some(())
+    })
+    .await;
+    regions.cut("east", "west");
+    regions.cut("east", "judge");
+    eventually(DEADLINE, "west promoted and taking writes", || async {
+        let status = west.cluster().await.ok()?;
+        (status.epoch == 2 && status.primary_region.as_deref() == Some("west")).then_some(())
+    })
+    .await;
+    let promoted = west.cluster().await.expect("status").revision;
+    eventually(DEADLINE, "writes acknowledged at epoch 2", || async {
+        (west.cluster().await.ok()?.revision > promoted + 30).then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acks = Vec::new();
+    for writer in writers {
+        acks.extend(writer.await.expect("writer"));
+    }
+    let epochs: std::collections::BTreeSet<u64> = acks.iter().map(|(_, a)| a.epoch).collect();
+    assert_eq!(epochs, [1, 2].into(), "writes acknowledged at both epochs");
+    let only: Vec<rampart_testkit::EpochAck> = acks.iter().map(|(_, a)| *a).collect();
+    assert_eq!(
+        rampart_testkit::epochs_overlap(&only),
+        None,
+        "two epochs acknowledged at once"
+    );
+
+    // East comes back: every write it acknowledged is in west's state or in its divergence
+    // file.
+    regions.heal("east", "west");
+    regions.heal("east", "judge");
+    eventually(DEADLINE, "east following west", || async {
+        let status = east.cluster().await.ok()?;
+        (status.epoch == 2 && status.checksum == west.cluster().await.ok()?.checksum).then_some(())
+    })
+    .await;
+    let mut set_aside = std::collections::BTreeSet::new();
+    if let Ok(files) = std::fs::read_dir(regions.region("east").nodes[&1].data_dir.join("divergence")) {
+        for file in files {
+            let text = std::fs::read_to_string(file.expect("entry").path()).expect("read");
+            for line in text.lines() {
+                let line: serde_json::Value = serde_json::from_str(line).expect("json");
+                set_aside.insert(line["key"].as_str().expect("key").to_string());
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for (key, _) in acks.iter().filter(|(_, a)| a.epoch == 1) {
+        if west.get_key(key, false).await.expect("read").is_none() && !set_aside.contains(key) {
+            missing.push(key.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes neither kept nor set aside: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_region_paused_past_its_lease_acknowledges_nothing_after_it_resumes() {
+    let mut regions = three_regions().await;
+    let west = regions.client("west");
+    let east_only = regions.client("east").with_deadline(Duration::from_millis(300));
+    for i in 0..10 {
+        east_only
+            .put(&format!("st/{i}"), "v", PutOptions::default())
+            .await
+            .expect("put");
+    }
+    regions.region_mut("east").pause(1);
+    eventually(DEADLINE, "west promoted while east is stopped", || async {
+        (west.cluster().await.ok()?.epoch == 2).then_some(())
+    })
+    .await;
+    regions.region_mut("east").resume(1);
+    // From the moment it runs again until it follows west, nothing it is sent is
+    // acknowledged: its lease ran out while it was stopped.
+    let tries = std::sync::atomic::AtomicU64::new(0);
+    eventually(DEADLINE, "east following west at epoch 2", || async {
+        let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(put) = east_only
+            .put(&format!("st/after-{n}"), "v", PutOptions::default())
+            .await
+        {
+            panic!("east acknowledged a write after it resumed: {put:?}");
+        }
+        (east_only.cluster().await.ok()?.epoch == 2).then_some(())
+    })
+    .await;
+    assert!(tries.into_inner() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_cut_and_healed_every_two_seconds_causes_at_most_one_failover() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![
+            RegionSpec::new("east", 1),
+            RegionSpec::new("west", 1),
+            RegionSpec::witness("judge"),
+        ],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"1s\"".into(),
+            "region_lease = \"1s\"".into(),
+        ],
+        tls: false,
+    };
+    let regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let west = regions.client("west");
+    let east = regions.client("east");
+    // Fifteen rounds: the current primary is cut off from both others for 2 s, then healed
+    // for 2 s. The first round may fail it over; after that the anti-flap rule asks for 4 s
+    // of silence, which no round gives.
+    for _ in 0..15 {
+        let primary = east
+            .regions()
+            .await
+            .ok()
+            .map(|v| v.primary)
+            .unwrap_or_else(|| "east".to_string());
+        let others: Vec<&str> = ["east", "west", "judge"]
+            .into_iter()
+            .filter(|r| *r != primary)
+            .collect();
+        for other in &others {
+            regions.cut(&primary, other);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for other in &others {
+            regions.heal(&primary, other);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let epochs = [
+        east.cluster().await.expect("east").epoch,
+        west.cluster().await.expect("west").epoch,
+    ];
+    assert!(
+        epochs.iter().all(|e| *e <= 2),
+        "more than one failover: epochs {epochs:?}"
+    );
+}
