@@ -143,8 +143,12 @@ impl Node {
 
     /// Whether an instance registered in `region` is a standby instance, promoted only by a
     /// region failover (`core::region::Regions::in_standby_region`).
-    pub fn in_standby_region(&self, region: &str) -> bool {
-        self.config.regions.in_standby_region(&self.config.region, region)
+    /// `primary` is the primary region (`primary_region`), read by the caller before it
+    /// takes the applied state's lock, if it holds it.
+    pub fn in_standby_region(&self, primary: &str, region: &str) -> bool {
+        self.config
+            .regions
+            .in_standby_region(primary, &self.config.region, region)
     }
 
     /// This node's monotonic clock in ms: the only clock the region lease reads.

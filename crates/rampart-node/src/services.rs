@@ -142,7 +142,14 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
     })
 }
 
-fn view(node: &Shared, name: &str, service: &Service, local: &Local, soft: &crate::soft::Soft) -> ServiceView {
+fn view(
+    node: &Shared,
+    primary_region: &str,
+    name: &str,
+    service: &Service,
+    local: &Local,
+    soft: &crate::soft::Soft,
+) -> ServiceView {
     ServiceView {
         name: name.to_string(),
         primary: service.primary.clone(),
@@ -157,7 +164,7 @@ fn view(node: &Shared, name: &str, service: &Service, local: &Local, soft: &crat
                 zone: r.instance.zone.clone(),
                 priority: r.instance.priority,
                 // An instance of a standby region is a standby, whatever it held before.
-                role: if node.in_standby_region(&r.instance.region) {
+                role: if node.in_standby_region(primary_region, &r.instance.region) {
                     InstanceRole::Standby
                 } else {
                     r.role
@@ -235,8 +242,15 @@ fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
         .services
         .get(name)
         .ok_or_else(|| service_not_found(name))?;
+    let primary_region = applied
+        .state
+        .shipped
+        .primary_region()
+        .unwrap_or(&node.config.regions.primary)
+        .to_string();
     let mut view = view(
         node,
+        &primary_region,
         name,
         service,
         &applied.state.local,
@@ -322,6 +336,8 @@ pub fn eligibility_of(node: &Shared, service: &str, id: &str) -> Result<rampart_
 pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
     let name = name.to_string();
     let now = now_ms();
+    // Read before the state's lock is taken below: never twice in one thread.
+    let current_primary = node.primary_region();
     with_service(node, &name, |service, local| {
         let soft = node.soft.lock().expect("soft state lock");
         let primary_region = service
@@ -336,7 +352,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
                 health: local.verdict(&name, id).health,
                 priority: r.instance.priority,
                 in_primary_region: r.instance.region == primary_region,
-                in_standby_region: node.in_standby_region(&r.instance.region),
+                in_standby_region: node.in_standby_region(&current_primary, &r.instance.region),
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
                 lag_revisions: soft.lag_revisions(&name, id),
@@ -358,17 +374,15 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
 /// that the region lacks or holds with another policy, then stops. Every node carries the
 /// same tables in practice; if they differ, the last leader's config wins.
 pub async fn register_configured(node: Shared) {
-    // A standby region's shipped state comes from the primary region alone.
-    if node.is_standby() {
-        return;
-    }
     if node.config.services.is_empty() {
         return;
     }
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if node.known_leader() != Some(node.id) {
+        // A standby region's shipped state comes from the primary region alone (a region
+        // that takes over registers them then).
+        if node.known_leader() != Some(node.id) || node.is_standby() {
             continue;
         }
         let pending: Vec<(String, rampart_core::service::Policy)> = {

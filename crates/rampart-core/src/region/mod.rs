@@ -351,11 +351,12 @@ impl Regions {
     }
 
     /// Whether an instance registered in `region` is a *standby instance* as seen by a
-    /// node of region `own`: it is in a region of this deployment (this one or a known one)
-    /// that is not the primary. Standby instances are never promoted by a service failover,
-    /// only by a region failover. A region name no region goes by is a label, not a region.
-    pub fn in_standby_region(&self, own: &str, region: &str) -> bool {
-        region != self.primary && (region == own || self.known.contains_key(region))
+    /// node of region `own` while `primary` is the primary region: it is in a region of
+    /// this deployment (this one or a known one) that is not the primary. Standby
+    /// instances are never promoted by a service failover, only by a region failover. A
+    /// region name no region goes by is a label, not a region.
+    pub fn in_standby_region(&self, primary: &str, own: &str, region: &str) -> bool {
+        region != primary && (region == own || self.known.contains_key(region))
     }
 
     /// Whether this region's nodes look after an instance registered in `region` (probe
@@ -397,17 +398,23 @@ mod tests {
         let primary = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
         let regions = validate(&primary).expect("valid");
         // Seen from us-west-2, a standby region.
-        assert!(regions.in_standby_region("us-west-2", "us-west-2"));
-        assert!(!regions.in_standby_region("us-west-2", "us-east-1"));
+        assert!(regions.in_standby_region("us-east-1", "us-west-2", "us-west-2"));
+        assert!(!regions.in_standby_region("us-east-1", "us-west-2", "us-east-1"));
         assert!(
-            !regions.in_standby_region("us-west-2", "rack-7"),
+            !regions.in_standby_region("us-east-1", "us-west-2", "rack-7"),
             "a label, not a region"
         );
         assert!(regions.looks_after("us-west-2") && regions.looks_after("rack-7"));
+        // After a region failover to us-west-2 the roles turn round.
+        assert!(!regions.in_standby_region("us-west-2", "us-west-2", "us-west-2"));
+        assert!(regions.in_standby_region("us-west-2", "us-west-2", "us-east-1"));
         assert!(!regions.looks_after("us-east-1"), "the primary region watches its own");
         // A region alone: every name is its own or a label; nothing is a standby.
         let alone = RegionsSpec::default().validate("local", &[]).expect("valid");
-        assert!(!alone.in_standby_region("local", "local") && !alone.in_standby_region("local", "us-east-1"));
+        assert!(
+            !alone.in_standby_region("local", "local", "local")
+                && !alone.in_standby_region("local", "local", "us-east-1")
+        );
         assert!(alone.looks_after("us-east-1"));
     }
 

@@ -14,19 +14,19 @@ use rampart_store::Op;
 use crate::node::Shared;
 
 pub async fn run_expiry(node: Shared) {
-    // A standby region's shipped state comes from the primary region alone.
-    if node.is_standby() {
-        return;
-    }
-    let mut led_term: Option<u64> = None;
+    // The term and region epoch this node last led the leases in.
+    let mut led: Option<(u64, u64)> = None;
     let mut tick = tokio::time::interval(node.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let metrics = node.raft.metrics().borrow().clone();
         let now = Instant::now();
-        if metrics.state != ServerState::Leader {
-            if led_term.take().is_some() {
+        // A standby region's shipped state comes from the primary region alone; a region
+        // that takes over starts every deadline over, as a new leader does.
+        let (primary, epoch) = node.primary_and_epoch();
+        if metrics.state != ServerState::Leader || primary != node.config.region {
+            if led.take().is_some() {
                 node.leases.lock().expect("lease lock").restart_all(now, []);
             }
             continue;
@@ -34,9 +34,9 @@ pub async fn run_expiry(node: Shared) {
         let due = {
             let live = live_leases(&node);
             let mut clock = node.leases.lock().expect("lease lock");
-            if led_term != Some(metrics.current_term) {
+            if led != Some((metrics.current_term, epoch)) {
                 clock.restart_all(now, live);
-                led_term = Some(metrics.current_term);
+                led = Some((metrics.current_term, epoch));
             } else {
                 sync(&mut clock, now, live);
             }

@@ -30,16 +30,14 @@ use crate::node::{now_ms, Shared};
 const TICK: Duration = Duration::from_millis(100);
 
 pub async fn run(node: Shared) {
-    // A standby region's shipped state comes from the primary region alone.
-    if node.is_standby() {
-        return;
-    }
     let mut tick = tokio::time::interval(TICK);
     let mut leader_since: Option<Instant> = None;
     let mut episodes: HashMap<String, Episode> = HashMap::new();
     loop {
         tick.tick().await;
-        if node.known_leader() != Some(node.id) {
+        // A standby region's shipped state comes from the primary region alone; a region
+        // that takes over starts its episodes afresh.
+        if node.known_leader() != Some(node.id) || node.is_standby() {
             leader_since = None;
             episodes.clear();
             continue;
@@ -73,10 +71,27 @@ pub async fn run(node: Shared) {
 
 /// What the leader knows of one service now; `None` once it is gone.
 fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
+    let primary_region = node.primary_region();
     let (mut facts, start_timeout) = {
         let applied = node.applied.read().expect("state lock");
         let s = applied.state.shipped.services.get(name)?;
         let primary = s.primary_record().map(|(id, r)| {
+            // A primary left in a standby region by a region failover: its own region's
+            // nodes demote it as they follow; here it is down and released at once, and
+            // the best instance of this region is promoted.
+            if node
+                .config
+                .regions
+                .in_standby_region(&primary_region, &node.config.region, &r.instance.region)
+            {
+                return Primary {
+                    id: id.to_string(),
+                    health: Health::Down,
+                    health_since_ms: 0,
+                    host: Host::External,
+                    restarting: false,
+                };
+            }
             let host = match r.instance.node {
                 None => Host::External,
                 Some(host) => {

@@ -578,3 +578,54 @@ async fn a_link_cut_and_healed_every_two_seconds_causes_at_most_one_failover() {
         "more than one failover: epochs {epochs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_failover_promotes_each_services_best_instance_in_the_new_primary_region() {
+    use rampart_core::health::Health;
+    use rampart_core::service::{InstanceRole, InstanceSpec, PolicySpec};
+    let mut regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let (near, _near_task) = crate::regions::live_endpoint().await;
+    let (far, _far_task) = crate::regions::live_endpoint().await;
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    east.service_put("db", &policy).await.expect("service");
+    for (id, endpoint, region) in [("near", &near, "east"), ("far", &far, "west")] {
+        let spec = InstanceSpec {
+            endpoint: endpoint.clone(),
+            region: Some(region.into()),
+            node: Some(1),
+            ..InstanceSpec::default()
+        };
+        east.instance_put("db", id, &spec).await.expect("instance");
+    }
+    eventually(DEADLINE, "east to judge its instance up", || async {
+        let view = east.service("db").await.ok()?;
+        (view.instances.iter().find(|i| i.id == "near")?.health == Health::Up).then_some(())
+    })
+    .await;
+    east.switchover("db", "near").await.expect("near is the primary");
+    eventually(DEADLINE, "west to judge its own instance up", || async {
+        let view = west.service("db").await.ok()?;
+        (view.instances.iter().find(|i| i.id == "far")?.health == Health::Up).then_some(())
+    })
+    .await;
+    let token_before = east.service("db").await.expect("view").token;
+
+    regions.region_mut("east").kill(1);
+    // West takes over the region, then the service: its own instance, with a new token.
+    let view = eventually(DEADLINE, "far promoted in west", || async {
+        let view = west.service("db").await.ok()?;
+        (view.primary.as_deref() == Some("far")).then_some(view)
+    })
+    .await;
+    assert!(view.token > token_before, "a new fencing token: {view:?}");
+    let roles: Vec<(&str, InstanceRole)> = view.instances.iter().map(|i| (i.id.as_str(), i.role)).collect();
+    assert!(roles.contains(&("far", InstanceRole::Primary)), "{roles:?}");
+    assert!(
+        roles.contains(&("near", InstanceRole::Standby)),
+        "east's instance is a standby now: {roles:?}"
+    );
+}

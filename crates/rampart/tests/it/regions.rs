@@ -857,7 +857,7 @@ async fn a_witness_keeps_no_data_answers_region_health_and_is_watched() {
 }
 
 /// A TCP endpoint that accepts connections until dropped (a live instance for `tcp` checks).
-async fn live_endpoint() -> (String, tokio::task::JoinHandle<()>) {
+pub async fn live_endpoint() -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let task = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
