@@ -167,6 +167,10 @@ pub struct RegionsResponse {
     /// The region lease, as the answering node holds it: on the primary region's leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseStatus>,
+    /// This region's durable word in the region lease: the newest epoch it promised, and
+    /// to which region (a vote in a failover, or the primary it grants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promise: Option<crate::region::lease::Promise>,
     /// This region first, then the others by name.
     pub regions: Vec<RegionStatus>,
 }

@@ -208,6 +208,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
         .nodes()
         .map(|(_, member)| member.addr.clone())
         .collect();
+    let promise = applied.state.local.promise.clone();
     let shipped = &applied.state.shipped;
     let (primary, epoch) = current_primary(
         shipped.primary_region().unwrap_or(&regions.primary),
@@ -277,6 +278,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
         auto_failover: regions.auto_failover,
         failover_note: failover_note(regions),
         lease: super::region_lease::status(node),
+        promise,
         regions: std::iter::once(own).chain(others).collect(),
     }
 }

@@ -629,3 +629,81 @@ async fn a_region_failover_promotes_each_services_best_instance_in_the_new_prima
         "east's instance is a standby now: {roles:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_standbys_leader_killed_mid_promotion_the_promotion_is_retried_and_never_two_primaries() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![
+            RegionSpec::new("east", 1),
+            RegionSpec::new("west", 3),
+            RegionSpec::witness("judge"),
+        ],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"500ms\"".into(),
+            // Long enough that west's leader is still waiting it out when it is killed.
+            "region_lease = \"3s\"".into(),
+        ],
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    east.put("mid/0", "v", PutOptions::default()).await.expect("put");
+    wait_caught_up(&east, &west).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = [
+        tokio::spawn(write_epochs(
+            regions.client("east").with_deadline(Duration::from_millis(500)),
+            "mid-e".into(),
+            stop.clone(),
+        )),
+        tokio::spawn(write_epochs(
+            both(&regions).with_deadline(Duration::from_millis(500)),
+            "mid-b".into(),
+            stop.clone(),
+        )),
+    ];
+
+    regions.cut("east", "west");
+    regions.cut("east", "judge");
+    // West's leader has promised itself epoch 2 and waits out east's lease: kill it then.
+    let leader = eventually(DEADLINE, "west's leader mid-promotion", || async {
+        let view = west.regions().await.ok()?;
+        let promised = view
+            .promise
+            .as_ref()
+            .is_some_and(|p| p.epoch == 2 && p.region == "west");
+        let status = west.cluster().await.ok()?;
+        (promised && status.epoch == 1).then_some(status.leader?)
+    })
+    .await;
+    regions.region_mut("west").kill(leader);
+    eventually(DEADLINE, "west promoted by its next leader", || async {
+        let status = west.cluster().await.ok()?;
+        (status.epoch == 2 && status.leader.is_some_and(|l| l != leader)).then_some(())
+    })
+    .await;
+    let promoted = west.cluster().await.expect("status").revision;
+    eventually(DEADLINE, "writes acknowledged at epoch 2", || async {
+        (west.cluster().await.ok()?.revision > promoted + 20).then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acks = Vec::new();
+    for writer in writers {
+        acks.extend(writer.await.expect("writer").into_iter().map(|(_, a)| a));
+    }
+    assert_eq!(
+        rampart_testkit::epochs_overlap(&acks),
+        None,
+        "two epochs acknowledged at once"
+    );
+    let view = west.regions().await.expect("view");
+    assert_eq!(
+        (view.primary.as_str(), view.epoch),
+        ("west", 2),
+        "one promotion: {view:?}"
+    );
+}
