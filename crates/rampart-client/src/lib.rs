@@ -115,11 +115,11 @@ fn outcome_unknown(code: &str) -> bool {
 /// `read_only_region`: a standby region refused it; with endpoints of several regions the
 /// client goes on to the next, so writes find the primary region by themselves.
 /// `region_lease_lost`: the primary region is renewing its lease, or lost it while another
-/// region takes over.
+/// region takes over. `rpo_bound`: every standby is further behind than `max_rpo_lag`.
 fn retryable(code: &str) -> bool {
     matches!(
         code,
-        "no_leader" | "not_leader" | "read_only_region" | "region_lease_lost"
+        "no_leader" | "not_leader" | "read_only_region" | "region_lease_lost" | "rpo_bound"
     )
 }
 

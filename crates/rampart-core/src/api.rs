@@ -167,6 +167,10 @@ pub struct RegionsResponse {
     /// The region lease, as the answering node holds it: on the primary region's leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseStatus>,
+    /// On the primary region's leader with `max_rpo_lag`: why it acknowledges no write now
+    /// (every standby is further behind than the bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_bound: Option<String>,
     /// This region's durable word in the region lease: the newest epoch it promised, and
     /// to which region (a vote in a failover, or the primary it grants).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -133,6 +133,8 @@ pub fn role_for(method: &str, path: &str) -> Option<Role> {
                 "/v1/regions/snapshot",
                 "/v1/regions/lease",
                 "/v1/regions/vote",
+                "/v1/regions/handover",
+                "/v1/regions/ack",
             ]
             .iter()
             .any(|p| path.starts_with(p)) =>
@@ -269,6 +271,9 @@ mod tests {
         assert_eq!(role_for("GET", "/v1/regions/snapshot"), Some(Role::Admin));
         assert_eq!(role_for("POST", "/v1/regions/lease"), Some(Role::Admin));
         assert_eq!(role_for("POST", "/v1/regions/vote"), Some(Role::Admin));
+        assert_eq!(role_for("POST", "/v1/regions/handover"), Some(Role::Admin));
+        assert_eq!(role_for("POST", "/v1/regions/ack"), Some(Role::Admin));
+        assert_eq!(role_for("POST", "/v1/regions/failover"), Some(Role::Operator));
         assert_eq!(role_for("GET", "/v1/regions"), Some(Role::Read));
         assert_eq!(role_for("POST", "/v1/services/db/switchover"), Some(Role::Operator));
         assert_eq!(

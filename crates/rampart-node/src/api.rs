@@ -60,6 +60,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/regions/verify", post(regions::verify))
         .route("/v1/regions/lease", post(region_lease::renew))
         .route("/v1/regions/vote", post(region_lease::vote))
+        .route("/v1/regions/ack", post(region_lease::ack))
         .route("/v1/regions/failover", post(region_failover::failover))
         .route("/v1/regions/failback", post(region_failover::failback))
         .route("/v1/regions/handover", post(region_failover::handover))

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub region_reachable: Family<RegionLabels, Gauge>,
     pub region_lag_revisions: Family<RegionLabels, Gauge>,
     pub region_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while the primary's leader acknowledges no write because of `max_rpo_lag`.
+    pub region_rpo_bound_stopped: Gauge,
     /// A standby's verifications that found its shipped checksum differing from the primary's.
     pub region_checksum_mismatches: Family<RegionLabels, Counter>,
     /// Leader-observed: from a primary's down verdict to its replacement's promotion.
@@ -151,6 +153,12 @@ impl Metrics {
         let region_lag_revisions = Family::<RegionLabels, Gauge>::default();
         let region_lag_seconds = Family::<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let region_checksum_mismatches = Family::<RegionLabels, Counter>::default();
+        let region_rpo_bound_stopped = Gauge::default();
+        registry.register(
+            "region_rpo_bound_stopped",
+            "1 while this primary's leader acknowledges no write: every standby is further behind than regions.max_rpo_lag",
+            region_rpo_bound_stopped.clone(),
+        );
         registry.register(
             "region_checksum_mismatches",
             "Verifications in which this standby's shipped checksum differed from the primary region's at the same revision",
@@ -282,6 +290,7 @@ impl Metrics {
             region_reachable,
             region_lag_revisions,
             region_lag_seconds,
+            region_rpo_bound_stopped,
             region_checksum_mismatches,
             failover_seconds,
             alerts_sent,
@@ -338,6 +347,7 @@ impl Metrics {
         self.region_reachable.clear();
         self.region_lag_revisions.clear();
         self.region_lag_seconds.clear();
+        self.region_rpo_bound_stopped.set(i64::from(view.rpo_bound.is_some()));
         for region in &view.regions {
             let labels = RegionLabels {
                 region: region.name.clone(),

@@ -238,6 +238,65 @@ impl Node {
         )
     }
 
+    /// With `[regions] max_rpo_lag`: 503 `rpo_bound` while every standby region is further
+    /// behind than the bound (by what each last said it applied), so a forced failover never
+    /// loses more than it. `applied`: the write is in, but not acknowledged.
+    pub fn rpo_refusal(&self, applied: bool) -> Option<ApiError> {
+        let bound = self.config.regions.max_rpo_lag?;
+        let worst = self.rpo_standing(bound)?;
+        let outcome = if applied {
+            "the write was applied here but is not acknowledged: read the key to know whether it stays"
+        } else {
+            "nothing was written"
+        };
+        let code = if applied { "outcome_unknown" } else { "rpo_bound" };
+        Some(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            format!("every standby region is further behind than regions.max_rpo_lag ({bound}): the closest lacks {worst}; writes resume when one catches up; {outcome}"),
+        ))
+    }
+
+    /// How far the closest standby region is behind, in words, when that is past `bound`;
+    /// `None` when one is within it (or there is no standby to keep within it).
+    pub fn rpo_standing(&self, bound: rampart_core::region::RpoBound) -> Option<String> {
+        let standbys: Vec<&String> = self
+            .config
+            .regions
+            .known
+            .iter()
+            .filter(|(_, r)| !r.witness)
+            .map(|(name, _)| name)
+            .collect();
+        if standbys.is_empty() {
+            return None;
+        }
+        let acked = self.region_lease.lock().expect("region lease lock").acked.clone();
+        let now = now_ms();
+        let applied = self.applied.read().expect("state lock");
+        let committed = applied.state.revision();
+        let mut closest: Option<(u64, u64)> = None;
+        for region in standbys {
+            let had = acked.get(region).copied().unwrap_or(0);
+            let revisions = committed.saturating_sub(had);
+            let age_ms = match applied.shipped_write(had + 1) {
+                Some(oldest) => now.saturating_sub(oldest.command.at_ms),
+                None if revisions == 0 => 0,
+                None => u64::MAX,
+            };
+            if bound.holds(revisions, age_ms) {
+                return None;
+            }
+            closest = Some(closest.map_or((revisions, age_ms), |c| c.min((revisions, age_ms))));
+        }
+        let (revisions, age_ms) = closest.expect("at least one standby");
+        Some(if age_ms == u64::MAX {
+            format!("{revisions} revisions")
+        } else {
+            format!("{revisions} revisions, the oldest committed {age_ms}ms ago")
+        })
+    }
+
     /// Proposes one command and waits for it to be applied, within the request timeout.
     /// Concurrent proposals share Raft entries (see `proposer.rs`). In a standby region a
     /// write of the shipped state is refused here, the one gate every handler and
@@ -256,12 +315,18 @@ impl Node {
         if own_write && leads && !self.holds_region_lease() {
             return Err(self.lease_lost(false));
         }
+        if let Some(refused) = own_write.then(|| self.rpo_refusal(false)).flatten() {
+            return Err(refused);
+        }
         let started = std::time::Instant::now();
         let command = Command { at_ms: now_ms(), op };
         let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
         self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
         if own_write && leads && !self.holds_region_lease() {
             return Err(self.lease_lost(true));
+        }
+        if let Some(refused) = own_write.then(|| self.rpo_refusal(true)).flatten() {
+            return Err(refused);
         }
         Ok(outcome)
     }

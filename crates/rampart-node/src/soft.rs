@@ -154,10 +154,12 @@ pub struct RegionLease {
     pub holder: Option<(u64, rampart_core::region::lease::Holder)>,
     /// The Raft term it was made in, and the grantor.
     pub grantor: Option<(u64, rampart_core::region::lease::Grantor)>,
-    /// A region refused this one's renewal naming a newer epoch: another region took over,
-    /// and this one renews no more until its own history reaches that epoch.
-    pub superseded: Option<rampart_core::region::lease::Promise>,
+    /// The promise each region last refused this one's renewals with (said once each).
+    pub refused_with: std::collections::BTreeMap<String, rampart_core::region::lease::Promise>,
     /// A planned failover is handing the lease over: no renewal until then (or until it is
     /// called off), so nothing is acknowledged meanwhile.
     pub handing_over_until: Option<std::time::Instant>,
+    /// On the primary's leader: the shipped revision each standby region last said it
+    /// applied (`POST /v1/regions/ack`), for the bounded RPO.
+    pub acked: std::collections::BTreeMap<String, u64>,
 }

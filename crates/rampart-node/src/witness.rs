@@ -284,6 +284,7 @@ async fn view(witness: &Witness) -> RegionsResponse {
         auto_failover: config.regions.auto_failover,
         failover_note: regions::failover_note(&config.regions),
         lease: None,
+        rpo_bound: None,
         promise: witness.grantor.lock().await.promise().cloned(),
         regions: std::iter::once(own).chain(others).collect(),
     }

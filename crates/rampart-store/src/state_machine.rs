@@ -102,6 +102,12 @@ impl Applied {
         Ok(self.history.iter().skip(start).cloned().collect())
     }
 
+    /// The shipped write at `revision`, if this node still keeps it.
+    pub fn shipped_write(&self, revision: u64) -> Option<Arc<ShippedWrite>> {
+        let at = self.shipped.partition_point(|w| w.revision < revision);
+        self.shipped.get(at).filter(|w| w.revision == revision).cloned()
+    }
+
     /// Shipped writes with revision >= `from`, or `Err(shipped_compacted)` if some are gone.
     pub fn shipped_from(&self, from: u64) -> Result<Vec<Arc<ShippedWrite>>, u64> {
         if from <= self.shipped_compacted && from <= self.state.revision() {

@@ -37,9 +37,50 @@ pub struct RegionsSpec {
     /// (default: when there are three regions or more, a witness included; two regions
     /// alone never do).
     pub auto_failover: Option<bool>,
+    /// Bounded RPO: the primary stops acknowledging writes while every standby is further
+    /// behind than this, a duration (`"500ms"`) or a number of revisions (`1000`).
+    pub max_rpo_lag: Option<RpoBoundSpec>,
     /// The other regions, by name: never this node's own.
     #[serde(default)]
     pub known: BTreeMap<String, KnownRegionSpec>,
+}
+
+/// `max_rpo_lag` as written: a duration or a revision count.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RpoBoundSpec {
+    Revisions(u64),
+    Duration(String),
+}
+
+/// The bound a primary keeps its standbys within before it acknowledges a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpoBound {
+    /// The oldest write the best standby has not applied is at most this old (the
+    /// primary's clock).
+    Ms(u64),
+    /// The best standby lacks at most this many revisions.
+    Revisions(u64),
+}
+
+impl RpoBound {
+    /// Whether a standby that lacks `revisions` revisions, the oldest committed `age_ms`
+    /// ago, is within the bound.
+    pub fn holds(&self, revisions: u64, age_ms: u64) -> bool {
+        match *self {
+            RpoBound::Ms(ms) => revisions == 0 || age_ms <= ms,
+            RpoBound::Revisions(n) => revisions <= n,
+        }
+    }
+}
+
+impl std::fmt::Display for RpoBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpoBound::Ms(ms) => write!(f, "{ms}ms"),
+            RpoBound::Revisions(n) => write!(f, "{n} revisions"),
+        }
+    }
 }
 
 /// `[regions.known.NAME]`.
@@ -65,6 +106,7 @@ pub struct Regions {
     pub verify_interval_ms: u64,
     pub region_lease_ms: u64,
     pub auto_failover: bool,
+    pub max_rpo_lag: Option<RpoBound>,
     /// The other regions, by name.
     pub known: BTreeMap<String, KnownRegion>,
 }
@@ -230,6 +272,24 @@ impl RegionsSpec {
             verify_interval_ms: ms("verify_interval", &self.verify_interval, 30_000)?,
             region_lease_ms,
             auto_failover,
+            max_rpo_lag: match &self.max_rpo_lag {
+                None => None,
+                Some(RpoBoundSpec::Revisions(0)) => {
+                    return Err(field_error(
+                        "regions.max_rpo_lag",
+                        "0",
+                        "a duration (500ms) or a number of revisions above 0: 0 would stop every write until a standby had it",
+                    ))
+                }
+                Some(RpoBoundSpec::Revisions(n)) => Some(RpoBound::Revisions(*n)),
+                Some(RpoBoundSpec::Duration(text)) => Some(RpoBound::Ms(duration_ms(
+                    "regions.max_rpo_lag",
+                    Some(text),
+                    0,
+                    10,
+                    3_600_000,
+                )?)),
+            },
             known,
         })
     }
@@ -501,6 +561,15 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_on_the_rpo_holds_by_age_or_by_count() {
+        assert!(RpoBound::Ms(500).holds(0, 9_999), "caught up");
+        assert!(RpoBound::Ms(500).holds(40, 500));
+        assert!(!RpoBound::Ms(500).holds(1, 501));
+        assert!(RpoBound::Revisions(100).holds(100, 60_000));
+        assert!(!RpoBound::Revisions(100).holds(101, 0));
+    }
+
+    #[test]
     fn alone_a_region_is_its_own_primary() {
         let regions = validate(&RegionsSpec::default()).expect("valid");
         assert_eq!(regions.primary, "us-west-2");
@@ -552,6 +621,14 @@ mod tests {
         let mut slow = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
         slow.health_check_interval = Some("3s".into());
         assert_eq!(refused(slow).field, "regions.region_timeout");
+
+        let mut rpo = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
+        rpo.max_rpo_lag = Some(RpoBoundSpec::Duration("fast".into()));
+        assert_eq!(refused(rpo.clone()).field, "regions.max_rpo_lag");
+        rpo.max_rpo_lag = Some(RpoBoundSpec::Revisions(0));
+        assert_eq!(refused(rpo.clone()).field, "regions.max_rpo_lag");
+        rpo.max_rpo_lag = Some(RpoBoundSpec::Duration("500ms".into()));
+        assert_eq!(validate(&rpo).expect("valid").max_rpo_lag, Some(RpoBound::Ms(500)));
 
         let mut short = spec("us-east-1", &["us-east-1=127.0.0.1:7001"]);
         short.region_lease = Some("1s".into());

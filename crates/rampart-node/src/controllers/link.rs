@@ -146,6 +146,43 @@ impl InFlight {
     }
 }
 
+/// How often a standby's leader tells the primary what it applied (for the bounded RPO).
+const ACK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A standby's leader tells the primary region which shipped revision it applied, whenever
+/// that moved (`POST /v1/regions/ack`), so a primary with `max_rpo_lag` knows how far
+/// behind it is.
+pub async fn run_acks(node: Shared) {
+    let regions = node.config.regions.clone();
+    // Only a deployment with a bound needs them (every region's nodes share `[regions]`).
+    if regions.known.is_empty() || regions.max_rpo_lag.is_none() {
+        return;
+    }
+    let mut told: Option<(String, u64)> = None;
+    loop {
+        tokio::time::sleep(ACK_INTERVAL).await;
+        let Some(primary) = super::regions::following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
+            continue;
+        };
+        let revision = node.applied.read().expect("state lock").state.revision();
+        if told.as_ref() == Some(&(primary.clone(), revision)) {
+            continue;
+        }
+        let Some(known) = regions.known.get(&primary) else {
+            continue;
+        };
+        let ack = super::region_lease::Ack {
+            region: node.config.region.clone(),
+            revision,
+        };
+        let answer: Option<serde_json::Value> =
+            super::region_lease::ask(&node, known, "/v1/regions/ack", &ack, Duration::from_millis(500)).await;
+        if answer.is_some() {
+            told = Some((primary, revision));
+        }
+    }
+}
+
 /// Where a region's divergence files go, in a node's data dir.
 pub const DIVERGENCE_DIR: &str = "divergence";
 

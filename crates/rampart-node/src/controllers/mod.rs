@@ -44,6 +44,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(regions::run(node.clone())),
         tokio::spawn(region_lease::run(node.clone())),
         tokio::spawn(link::run(node.clone())),
+        tokio::spawn(link::run_acks(node.clone())),
         tokio::spawn(takeover::run(node.clone())),
         tokio::spawn(regions::run_verify(node.clone())),
         tokio::spawn(crate::tokens::run_bootstrap(node.clone())),

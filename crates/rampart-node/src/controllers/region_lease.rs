@@ -88,18 +88,18 @@ pub async fn renew_round(node: &Shared) {
         };
         match answer {
             Some(RenewAnswer::Granted { seq }) => holder.granted(&region, seq),
-            Some(RenewAnswer::Refused { promise }) if promise.epoch > renewal.epoch => {
+            // A newer promise is not a promotion (a campaign may fail): go on renewing
+            // from the others; said once per promise.
+            Some(RenewAnswer::Refused { promise }) if lease.refused_with.get(&region) != Some(&promise) => {
                 tracing::warn!(
                     region,
                     epoch = promise.epoch,
                     holder = %promise.region,
-                    "region lease: {region} promised epoch {} to {}: this region takes no writes and follows it",
+                    "region lease: {region} refuses this region's renewals: it promised epoch {} to {}",
                     promise.epoch,
                     promise.region
                 );
-                lease.holder = None;
-                lease.superseded = Some(promise);
-                return;
+                lease.refused_with.insert(region, promise);
             }
             Some(RenewAnswer::Refused { promise }) => {
                 tracing::debug!(region, epoch = promise.epoch, holder = %promise.region, "region lease refused");
@@ -116,10 +116,7 @@ fn next_renewal(node: &Shared) -> Option<Renewal> {
     let leads = metrics.state == openraft::ServerState::Leader;
     let (primary, epoch) = node.primary_and_epoch();
     let mut lease = node.region_lease.lock().expect("region lease lock");
-    if lease.superseded.as_ref().is_some_and(|p| p.epoch <= epoch) {
-        lease.superseded = None;
-    }
-    if !leads || primary != node.config.region || lease.superseded.is_some() {
+    if !leads || primary != node.config.region {
         lease.holder = None;
         return None;
     }
@@ -334,6 +331,30 @@ pub async fn renew(
     grant(&node, |grantor, now| grantor.renew(now, &renewal))
         .await
         .map(Json)
+}
+
+/// A standby region's word on what it applied, for the bounded RPO.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub region: String,
+    pub revision: u64,
+}
+
+/// `POST /v1/regions/ack` (region link only; on the primary's leader): a standby says which
+/// shipped revision it applied.
+pub async fn ack(
+    State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    refuse_unless_node(&node, connection)?;
+    let ack: Ack = crate::error::parse_body(body)?;
+    check_region(&node.config.regions, &node.config.region, "region", &ack.region)?;
+    let mut lease = node.region_lease.lock().expect("region lease lock");
+    let had = lease.acked.entry(ack.region).or_insert(0);
+    *had = (*had).max(ack.revision);
+    Ok(Json(serde_json::json!({})))
 }
 
 /// `POST /v1/regions/vote` (region link only): a standby asks this region to promise it

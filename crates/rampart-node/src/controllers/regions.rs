@@ -32,11 +32,27 @@ pub async fn run(node: Shared) {
     let mut first = vec![0usize; regions.known.len()];
     // Standbys this (primary region's) node has seen past `max_lag`.
     let mut over: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
+    // Writes stopped by `max_rpo_lag`, as last reported.
+    let mut rpo_stopped_before = false;
     loop {
         tick.tick().await;
         let tls = node.tls.is_some();
         for (name, reach) in poll(&node.region_http, tls, &regions, &node.regions, &mut first).await {
             report(&node, &name, reach, timeout).await;
+        }
+        let stopped = rpo_stopped(&node);
+        if stopped.is_some() != rpo_stopped_before {
+            rpo_stopped_before = stopped.is_some();
+            let (action, outcome, detail) = match stopped {
+                Some(why) => ("region.rpo_bound", "stopped", format!("writes stopped: {why}")),
+                None => (
+                    "region.rpo_bound",
+                    "resumed",
+                    "writes resume: a standby is within regions.max_rpo_lag again".to_string(),
+                ),
+            };
+            tracing::warn!(action, "{detail}");
+            crate::events::record(&node, region_event(&node, action, outcome, detail)).await;
         }
         if !node.is_standby() {
             for standby in view(&node).regions.into_iter().filter(|r| !r.this_region) {
@@ -278,6 +294,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
         auto_failover: regions.auto_failover,
         failover_note: failover_note(regions),
         lease: super::region_lease::status(node),
+        rpo_bound: rpo_stopped(node),
         promise,
         regions: std::iter::once(own).chain(others).collect(),
     }
@@ -291,6 +308,17 @@ pub fn following(node: &Shared) -> Option<String> {
     let seen = node.regions.lock().expect("regions lock").clone();
     let (primary, _) = current_primary(&primary, epoch, &seen);
     (primary != node.config.region).then_some(primary)
+}
+
+/// On the primary region's leader with `max_rpo_lag`: why writes are stopped, if they are.
+pub fn rpo_stopped(node: &Shared) -> Option<String> {
+    let bound = node.config.regions.max_rpo_lag?;
+    if node.known_leader() != Some(node.id) || node.is_standby() {
+        return None;
+    }
+    node.rpo_standing(bound).map(|closest| {
+        format!("every standby is further behind than regions.max_rpo_lag ({bound}): the closest lacks {closest}")
+    })
 }
 
 /// Why the regions do not fail over by themselves, when they do not.

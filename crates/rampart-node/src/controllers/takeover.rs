@@ -296,6 +296,10 @@ async fn promote(
         taken.promotion.as_millis(),
         describe_rpo(&rpo, revision.saturating_sub(1)),
     );
+    let detail = match node.config.regions.max_rpo_lag {
+        Some(bound) => format!("{detail}; the bound regions.max_rpo_lag ({bound}) held: no write was acknowledged while every standby was further behind"),
+        None => detail,
+    };
     tracing::warn!(epoch, "region.failover: {detail}");
     let event = Event {
         id: 0,

@@ -707,3 +707,91 @@ async fn the_standbys_leader_killed_mid_promotion_the_promotion_is_retried_and_n
         "one promotion: {view:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no_more_than_the_bound() {
+    const BOUND: usize = 40;
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![
+            RegionSpec::new("east", 1),
+            RegionSpec::new("west", 1),
+            RegionSpec::witness("judge"),
+        ],
+        settings: vec![
+            // Checks slower than the link's round trip below.
+            "health_check_interval = \"500ms\"".into(),
+            "region_timeout = \"2s\"".into(),
+            "region_lease = \"2s\"".into(),
+            format!("max_rpo_lag = {BOUND}"),
+        ],
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    east.put("rpo/0", "v", PutOptions::default()).await.expect("put");
+    // West reads east's log (and says what it applied) 150 ms late each way: four writers
+    // outrun it, so east keeps stopping at the bound.
+    regions.set_link(
+        "west",
+        "east",
+        rampart_testkit::RelayMode::Delay(Duration::from_millis(150)),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let client = regions.client("east").with_deadline(Duration::from_millis(500));
+            tokio::spawn(write_epochs(client, format!("rpo{w}"), stop.clone()))
+        })
+        .collect();
+    let stopped = eventually(DEADLINE, "east to stop at the bound", || async {
+        let view = east.regions().await.ok()?;
+        view.rpo_bound.filter(|why| why.contains("max_rpo_lag"))
+    })
+    .await;
+    assert!(stopped.contains(&format!("{BOUND} revisions")), "{stopped}");
+    eventually(DEADLINE, "the bound's event", || {
+        event_detail(&east, "region.rpo_bound")
+    })
+    .await;
+    // Writes go on in bursts, as west catches up within the bound.
+    eventually(DEADLINE, "many writes past the bound", || async {
+        (east.cluster().await.ok()?.revision > 6 * BOUND as u64).then_some(())
+    })
+    .await;
+    // East dies with west behind.
+    regions.region_mut("east").kill(1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acks = Vec::new();
+    for writer in writers {
+        acks.extend(writer.await.expect("writer"));
+    }
+    eventually(DEADLINE, "west promoted", || async {
+        (west.cluster().await.ok()?.epoch == 2).then_some(())
+    })
+    .await;
+    let mut missing = 0;
+    for (key, _) in &acks {
+        if west.get_key(key, false).await.expect("read").is_none() {
+            missing += 1;
+        }
+    }
+    assert!(
+        acks.len() > 4 * BOUND,
+        "the load outran the link: {} acknowledged",
+        acks.len()
+    );
+    assert!(
+        missing <= BOUND,
+        "{missing} acknowledged writes lost, over the bound of {BOUND}"
+    );
+    let detail = eventually(DEADLINE, "the failover event", || {
+        event_detail(&west, "region.failover")
+    })
+    .await;
+    assert!(
+        detail.contains(&format!("max_rpo_lag ({BOUND} revisions) held")),
+        "{detail}"
+    );
+}
