@@ -451,6 +451,17 @@ impl Client {
         .await
     }
 
+    /// The divergence files on the answering node, and the region's divergence events.
+    pub async fn regions_divergence(&self) -> Result<rampart_core::api::DivergenceResponse, ClientError> {
+        self.get("/v1/regions/divergence").await
+    }
+
+    /// One divergence file of the answering node: `{"name", "node_id", "writes": [...]}`,
+    /// each write as the file's line holds it.
+    pub async fn regions_divergence_export(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.get(&format!("/v1/regions/divergence/{name}")).await
+    }
+
     /// A planned failover back to `request.to` (`POST /v1/regions/failback`).
     pub async fn regions_failback(
         &self,

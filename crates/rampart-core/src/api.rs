@@ -175,6 +175,10 @@ pub struct RegionsResponse {
     /// to which region (a vote in a failover, or the primary it grants).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promise: Option<crate::region::lease::Promise>,
+    /// Divergence files on the answering node (writes it held as an old primary and never
+    /// shipped): `GET /v1/regions/divergence` lists and exports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub divergence: Vec<DivergenceFile>,
     /// This region first, then the others by name.
     pub regions: Vec<RegionStatus>,
 }
@@ -215,6 +219,29 @@ pub struct FailoverResponse {
     pub plan: String,
     /// How long it took, ms (0 for a dry run).
     pub took_ms: u64,
+}
+
+/// A divergence file: writes an old primary region held and never shipped, set aside on the
+/// node that led it when it resynced from the new primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergenceFile {
+    /// Its name in the node's `divergence/` directory: `epoch-E-from-R1-to-R2.jsonl`.
+    pub name: String,
+    pub node_id: u64,
+    pub epoch: u64,
+    pub from_revision: u64,
+    pub to_revision: u64,
+    /// Lines in it (writes saved).
+    pub writes: u64,
+}
+
+/// `GET /v1/regions/divergence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergenceResponse {
+    /// The files on the answering node.
+    pub files: Vec<DivergenceFile>,
+    /// The region's `region.divergence` events (which node saved what), newest last.
+    pub events: Vec<Event>,
 }
 
 /// The region lease on the primary region's leader (safety rule 5).

@@ -17,7 +17,7 @@ use rampart_store::{Op, Outcome};
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::controllers::{backups, region_failover, region_lease, regions, switchover, verdicts};
+use crate::controllers::{backups, link, region_failover, region_lease, regions, switchover, verdicts};
 use crate::error::{check_name, parse_body, unexpected, ApiError};
 use crate::events::audit;
 use crate::node::{now_ms, Shared};
@@ -54,13 +54,15 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members", get(members).post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
-        .route("/v1/regions", get(regions::list))
+        .route("/v1/regions", get(regions_list))
         .route("/v1/regions/log", get(regions::log))
         .route("/v1/regions/snapshot", get(regions::snapshot))
         .route("/v1/regions/verify", post(regions::verify))
         .route("/v1/regions/lease", post(region_lease::renew))
         .route("/v1/regions/vote", post(region_lease::vote))
         .route("/v1/regions/ack", post(region_lease::ack))
+        .route("/v1/regions/divergence", get(link::divergence))
+        .route("/v1/regions/divergence/{name}", get(link::divergence_export))
         .route("/v1/regions/failover", post(region_failover::failover))
         .route("/v1/regions/failback", post(region_failover::failback))
         .route("/v1/regions/handover", post(region_failover::handover))
@@ -222,6 +224,13 @@ fn reflects(revision: u64) -> [(&'static str, String); 1] {
 
 /// Response header of key reads: the store revision they reflect.
 pub const REVISION_HEADER: &str = "x-rampart-revision";
+
+/// `GET /v1/regions`: every region as this node sees it, and this node's divergence files.
+async fn regions_list(State(node): State<Shared>) -> Json<rampart_core::api::RegionsResponse> {
+    let mut view = regions::view(&node);
+    view.divergence = link::divergence_files(&node);
+    Json(view)
+}
 
 /// The region epoch of the node that answered (for a write: the epoch that acknowledged
 /// it), on every `/v1` answer.

@@ -285,6 +285,7 @@ async fn view(witness: &Witness) -> RegionsResponse {
         failover_note: regions::failover_note(&config.regions),
         lease: None,
         rpo_bound: None,
+        divergence: Vec::new(),
         promise: witness.grantor.lock().await.promise().cloned(),
         regions: std::iter::once(own).chain(others).collect(),
     }

@@ -74,6 +74,14 @@ enum RegionsCommand {
     /// revision, now (given a primary region's endpoints: every standby; a standby's: that
     /// one). Exits 1 if any differs or could not compare.
     Verify,
+    /// Writes an old primary region held and never shipped, set aside when it resynced:
+    /// the files on the answering node (and which node saved each), or with --export NAME
+    /// one file's writes, one JSON object per line, to replay what you choose
+    Divergence {
+        /// A file's name, as listed
+        #[arg(long)]
+        export: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -567,6 +575,41 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             };
             let answer = client()?.regions_failback(&request).await?;
             print(output, &answer, describe_failover);
+            Ok(())
+        }
+        Command::Regions {
+            command: Some(RegionsCommand::Divergence { export: Some(name) }),
+        } => {
+            let answer = client()?.regions_divergence_export(&name).await?;
+            let writes = answer["writes"].as_array().cloned().unwrap_or_default();
+            for write in writes {
+                println!("{write}");
+            }
+            Ok(())
+        }
+        Command::Regions {
+            command: Some(RegionsCommand::Divergence { export: None }),
+        } => {
+            let answer = client()?.regions_divergence().await?;
+            print(output, &answer, |a| {
+                let mut lines: Vec<String> = a
+                    .files
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "{}  node {}  epoch {}  revisions {} to {}  {} writes",
+                            f.name, f.node_id, f.epoch, f.from_revision, f.to_revision, f.writes
+                        )
+                    })
+                    .collect();
+                if lines.is_empty() {
+                    lines.push("no divergence file on this node".to_string());
+                }
+                for event in &a.events {
+                    lines.push(format!("event: {}", event.detail));
+                }
+                lines.join("\n")
+            });
             Ok(())
         }
         Command::Regions { command: None } => {

@@ -249,6 +249,86 @@ async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<
     Ok(())
 }
 
+/// The divergence files in this node's data dir.
+pub fn divergence_files(node: &Shared) -> Vec<rampart_core::api::DivergenceFile> {
+    let dir = node.config.data_dir.join(DIVERGENCE_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<rampart_core::api::DivergenceFile> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let numbers: Vec<u64> = {
+                let parts: Vec<&str> = name.trim_end_matches(".jsonl").split('-').collect();
+                let [_, epoch, _, from, _, to] = parts.as_slice() else {
+                    return None;
+                };
+                vec![epoch.parse().ok()?, from.parse().ok()?, to.parse().ok()?]
+            };
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            Some(rampart_core::api::DivergenceFile {
+                name,
+                node_id: node.id,
+                epoch: numbers[0],
+                from_revision: numbers[1],
+                to_revision: numbers[2],
+                writes: text.lines().count() as u64,
+            })
+        })
+        .collect();
+    files.sort_by(|a, b| (a.epoch, a.from_revision).cmp(&(b.epoch, b.from_revision)));
+    files
+}
+
+/// `GET /v1/regions/divergence` (operator: the writes are user data): the divergence files
+/// on this node and the region's `region.divergence` events, which name the node of each.
+pub async fn divergence(
+    axum::extract::State(node): axum::extract::State<Shared>,
+) -> axum::Json<rampart_core::api::DivergenceResponse> {
+    let events = {
+        let applied = node.applied.read().expect("state lock");
+        applied
+            .state
+            .local
+            .events
+            .iter()
+            .filter(|e| e.action == "region.divergence")
+            .cloned()
+            .collect()
+    };
+    axum::Json(rampart_core::api::DivergenceResponse {
+        files: divergence_files(&node),
+        events,
+    })
+}
+
+/// `GET /v1/regions/divergence/{name}` (operator): one divergence file of this node, its
+/// lines as `writes`, to replay what an operator chooses.
+pub async fn divergence_export(
+    axum::extract::State(node): axum::extract::State<Shared>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<axum::Json<serde_json::Value>, crate::error::ApiError> {
+    let known = divergence_files(&node).into_iter().any(|f| f.name == name);
+    if !known {
+        return Err(crate::error::ApiError::not_found(
+            "divergence_not_found",
+            format!(
+                "no divergence file {name:?} on node {}: GET /v1/regions/divergence lists this node's files and, in its events, the node that saved each",
+                node.id
+            ),
+        ));
+    }
+    let path = node.config.data_dir.join(DIVERGENCE_DIR).join(&name);
+    let text = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| crate::error::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    let writes: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    Ok(axum::Json(
+        serde_json::json!({ "name": name, "node_id": node.id, "writes": writes }),
+    ))
+}
+
 /// One line of a divergence file.
 fn divergent_line(write: &ShippedWrite) -> serde_json::Value {
     use rampart_store::Op;

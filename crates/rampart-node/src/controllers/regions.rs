@@ -206,11 +206,6 @@ async fn report(node: &Shared, name: &str, reach: Reach, timeout: Duration) {
     crate::events::record(node, region_event(node, action, outcome, detail)).await;
 }
 
-/// `GET /v1/regions`: this region, then each other one as this node last heard it.
-pub async fn list(State(node): State<Shared>) -> Json<RegionsResponse> {
-    Json(view(&node))
-}
-
 /// The regions as this node sees them, with the lag it can tell (see `RegionStatus`).
 pub fn view(node: &Shared) -> RegionsResponse {
     let regions = &node.config.regions;
@@ -295,6 +290,7 @@ pub fn view(node: &Shared) -> RegionsResponse {
         failover_note: failover_note(regions),
         lease: super::region_lease::status(node),
         rpo_bound: rpo_stopped(node),
+        divergence: Vec::new(),
         promise,
         regions: std::iter::once(own).chain(others).collect(),
     }

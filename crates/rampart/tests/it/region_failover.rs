@@ -189,6 +189,22 @@ async fn a_returning_old_primary_sets_aside_exactly_its_unshipped_writes_and_con
         .collect();
     assert_eq!(saved, unshipped);
     assert_eq!(saved[0].1, shipped + 1);
+    // The same through the API: listed with its node and counts, exported line by line.
+    let view = east.regions().await.expect("east's view");
+    assert_eq!(view.divergence.len(), 1, "/v1/regions shows it: {view:?}");
+    let listed = east.regions_divergence().await.expect("divergence");
+    let file = listed.files.first().expect("a file listed");
+    assert_eq!(
+        (file.epoch, file.from_revision, file.writes),
+        (1, shipped + 1, unshipped.len() as u64)
+    );
+    assert!(
+        listed.events.iter().any(|e| e.detail.contains(&file.name)),
+        "{listed:?}"
+    );
+    let exported = east.regions_divergence_export(&file.name).await.expect("export");
+    assert_eq!(exported["writes"].as_array().map(Vec::len), Some(unshipped.len()));
+    assert!(east.regions_divergence_export("nothing.jsonl").await.is_err());
     assert!(lines
         .iter()
         .all(|l| l["operation"] == "put" && l["value"] == "unshipped"));
