@@ -277,7 +277,7 @@ pub fn divergence_files(node: &Shared) -> Vec<rampart_core::api::DivergenceFile>
             })
         })
         .collect();
-    files.sort_by(|a, b| (a.epoch, a.from_revision).cmp(&(b.epoch, b.from_revision)));
+    files.sort_by_key(|f| (f.epoch, f.from_revision));
     files
 }
 
