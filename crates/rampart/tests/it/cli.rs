@@ -180,6 +180,15 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("verified: west equals east at revision"), "{out}");
     assert!(out.contains("witness  witness  reachable true"), "{out}");
     assert!(out.contains("(read_only_region, HTTP 503)"), "{out}");
+    // The region outage: west takes over, east comes back and the regions fail back.
+    assert!(out.contains("west is the primary region at epoch 2"), "{out}");
+    assert!(
+        out.contains("region RTO (kill -> first write acknowledged by west)"),
+        "{out}"
+    );
+    assert!(out.contains("east is back as a standby of west at epoch 2"), "{out}");
+    assert!(out.contains("fail-back to east (planned) at epoch 3"), "{out}");
+    assert!(out.contains("acknowledged writes lost: 0 of"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
