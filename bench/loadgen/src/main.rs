@@ -5,7 +5,9 @@
 //!
 //! Usage: rampart-loadgen RAMPART_BIN ETCD_BIN OUT_JSON [quick]
 //!        rampart-loadgen regions RAMPART_BIN ETCD_BIN OUT_JSON [quick]   (see `regions`)
+//!        rampart-loadgen region-failover RAMPART_BIN OUT_JSON [quick]    (see `failover`)
 
+mod failover;
 mod regions;
 
 use std::net::SocketAddr;
@@ -235,6 +237,11 @@ fn put_row(clients: usize, r: &PutStats, e: &PutStats) -> String {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "region-failover") && args.len() >= 4 {
+        let (rampart, out) = (PathBuf::from(&args[2]), PathBuf::from(&args[3]));
+        failover::run(&rampart, &out, args.get(4).is_some_and(|a| a == "quick")).await;
+        return;
+    }
     if args.get(1).is_some_and(|a| a == "regions") && args.len() >= 5 {
         let (rampart, etcd, out) = (PathBuf::from(&args[2]), PathBuf::from(&args[3]), PathBuf::from(&args[4]));
         let quick = args.get(5).is_some_and(|a| a == "quick");
