@@ -200,8 +200,15 @@ fn median(values: &[u64]) -> u64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0)
 }
 
-pub async fn run(binary: &Path, out: &Path, quick: bool) {
-    let rounds = if quick { 2 } else { 5 };
+/// `mode`: "quick" (2 rounds, 5 s of divergence), "failback" (the fail-back alone), or
+/// none (5 rounds, 60 s).
+pub async fn run(binary: &Path, out: &Path, mode: Option<&str>) {
+    let quick = mode == Some("quick");
+    let rounds = match mode {
+        Some("quick") => 2,
+        Some("failback") => 0,
+        _ => 5,
+    };
     let mut report = Report {
         rto_default_ms: Vec::new(),
         rto_tuned_ms: Vec::new(),

@@ -5,7 +5,7 @@
 //!
 //! Usage: rampart-loadgen RAMPART_BIN ETCD_BIN OUT_JSON [quick]
 //!        rampart-loadgen regions RAMPART_BIN ETCD_BIN OUT_JSON [quick]   (see `regions`)
-//!        rampart-loadgen region-failover RAMPART_BIN OUT_JSON [quick]    (see `failover`)
+//!        rampart-loadgen region-failover RAMPART_BIN OUT_JSON [quick|failback]    (see `failover`)
 
 mod failover;
 mod regions;
@@ -239,7 +239,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|a| a == "region-failover") && args.len() >= 4 {
         let (rampart, out) = (PathBuf::from(&args[2]), PathBuf::from(&args[3]));
-        failover::run(&rampart, &out, args.get(4).is_some_and(|a| a == "quick")).await;
+        failover::run(&rampart, &out, args.get(4).map(String::as_str)).await;
         return;
     }
     if args.get(1).is_some_and(|a| a == "regions") && args.len() >= 5 {

@@ -193,14 +193,52 @@ pub const DIVERGENCE_DIR: &str = "divergence";
 /// `time_ms`, `operation`, `key`, `value`, and `command` for what is not a key write), and a
 /// `region.divergence` event says how many, where, and how many were no longer kept here.
 async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<(), String> {
-    let (kept, revision) = {
+    // Each write as applied while this node still keeps it; before that, each key those
+    // writes changed with its last value, from the state itself (its record's revision is
+    // past the divergence point): nothing it holds is dropped, though earlier values of a
+    // key written twice, and deletions, are only in the writes still kept.
+    let (kept, changed, revision) = {
         let applied = node.applied.read().expect("state lock");
-        (applied.shipped_from(at).unwrap_or_default(), applied.state.revision())
+        let revision = applied.state.revision();
+        let kept = match applied.shipped_from(at) {
+            Ok(kept) => kept,
+            Err(_) => applied.shipped_from(revision).unwrap_or_default(),
+        };
+        let oldest_kept = kept.first().map_or(revision + 1, |w| w.revision);
+        let changed: Vec<serde_json::Value> = if oldest_kept > at {
+            let mut changed: Vec<(u64, serde_json::Value)> = applied
+                .state
+                .shipped
+                .kv
+                .iter()
+                .filter(|(_, record)| record.revision >= at && record.revision < oldest_kept)
+                .map(|(key, record)| {
+                    let line = serde_json::json!({
+                        "revision": record.revision,
+                        "time_ms": null,
+                        "operation": "put",
+                        "key": key,
+                        "value": &*record.value,
+                        "last_value": true,
+                    });
+                    (record.revision, line)
+                })
+                .collect();
+            changed.sort_by_key(|(revision, _)| *revision);
+            changed.into_iter().map(|(_, line)| line).collect()
+        } else {
+            Vec::new()
+        };
+        (kept, changed, revision)
     };
     let kept: Vec<_> = kept.into_iter().filter(|w| w.revision <= revision).collect();
     let count = revision.saturating_sub(at) + 1;
     let missing = count.saturating_sub(kept.len() as u64);
     let mut text = Vec::new();
+    for line in &changed {
+        serde_json::to_writer(&mut text, line).expect("a line encodes");
+        text.push(b'\n');
+    }
     for write in &kept {
         serde_json::to_writer(&mut text, &divergent_line(write)).expect("a line encodes");
         text.push(b'\n');
@@ -229,7 +267,11 @@ async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<
         path.display(),
         node.id,
         if missing > 0 {
-            format!(" ({missing} of them no longer kept here: counted, not saved)")
+            format!(
+                " ({} kept one by one; the {missing} before them no longer are: the {} keys they wrote are saved with their last value, deletions among them are counted, not saved)",
+                kept.len(),
+                changed.len()
+            )
         } else {
             String::new()
         }
