@@ -119,6 +119,10 @@ pub struct CampaignRequest {
 pub struct CampaignResponse {
     pub leader: String,
     pub token: u64,
+    /// The region epoch the token was issued at: compare fencing tokens as (epoch, token),
+    /// since a region that takes over counts revisions from its own.
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,6 +525,9 @@ pub struct ServiceView {
     pub primary: Option<String>,
     /// Fencing token of the current primary's term (0 before the first promotion).
     pub token: u64,
+    /// The region epoch the role and token were read at: compare tokens as (epoch, token).
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
     pub instances: Vec<InstanceView>,
     /// Instances that should get traffic now: every healthy one (active-active), or the
     /// primary and the healthy replicas (active-passive; the primary first).

@@ -1838,6 +1838,7 @@ mod tests {
             name: "db".into(),
             primary: primary.map(String::from),
             token: 1,
+            epoch: 1,
             instances: ["a", "b", "c"]
                 .iter()
                 .enumerate()

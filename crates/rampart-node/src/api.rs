@@ -406,7 +406,10 @@ async fn campaign(
                 lease: request.lease,
             };
             match node.propose(op).await? {
-                Outcome::Elected { leader, token } => return Ok(Json(CampaignResponse { leader, token })),
+                Outcome::Elected { leader, token } => {
+                    let epoch = node.primary_and_epoch().1;
+                    return Ok(Json(CampaignResponse { leader, token, epoch }));
+                }
                 Outcome::LeaseNotFound { id } => return Err(lease_not_found(id)),
                 Outcome::Held { leader, token, lease } if tokio::time::Instant::now() >= deadline => {
                     return Err(ApiError::new(

@@ -144,7 +144,7 @@ pub async fn list(State(node): State<Shared>) -> Json<ServicesResponse> {
 
 fn view(
     node: &Shared,
-    primary_region: &str,
+    (primary_region, epoch): (&str, u64),
     name: &str,
     service: &Service,
     local: &Local,
@@ -154,6 +154,7 @@ fn view(
         name: name.to_string(),
         primary: service.primary.clone(),
         token: service.token,
+        epoch,
         instances: service
             .instances
             .iter()
@@ -248,9 +249,10 @@ fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
         .primary_region()
         .unwrap_or(&node.config.regions.primary)
         .to_string();
+    let epoch = applied.state.shipped.epoch();
     let mut view = view(
         node,
-        &primary_region,
+        (&primary_region, epoch),
         name,
         service,
         &applied.state.local,

@@ -8,7 +8,8 @@
 //! - the service's primary changed and its instance is not it: run `on_role_change`.
 //!
 //! Hooks run with `RAMPART_SERVICE`, `RAMPART_INSTANCE`, `RAMPART_ROLE`,
-//! `RAMPART_FENCING_TOKEN` and `RAMPART_PRIMARY_ENDPOINT`, the policy's timeout, and
+//! `RAMPART_FENCING_TOKEN`, `RAMPART_REGION_EPOCH` (compare tokens as (epoch, token) across
+//! region failovers) and `RAMPART_PRIMARY_ENDPOINT`, the policy's timeout, and
 //! bounded captured output; each run is reported to the leader, which records an event.
 //! A node restarted mid-way runs the hooks for the current state again: hooks are at least
 //! once, and must be idempotent for a given fencing token.
@@ -211,6 +212,8 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
         InstanceRole::Replica => "replica",
         InstanceRole::Standby => "standby",
     };
+    // Read before the child starts: compare tokens as (epoch, token) across region failovers.
+    let epoch = node.primary_and_epoch().1;
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -218,6 +221,7 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
         .env("RAMPART_INSTANCE", &due.instance)
         .env("RAMPART_ROLE", role)
         .env("RAMPART_FENCING_TOKEN", due.token.to_string())
+        .env("RAMPART_REGION_EPOCH", epoch.to_string())
         .env("RAMPART_PRIMARY_ENDPOINT", &due.primary_endpoint)
         .env("RAMPART_NODE_ID", node.id.to_string())
         .stdin(Stdio::null())

@@ -638,6 +638,7 @@ async fn a_region_failover_promotes_each_services_best_instance_in_the_new_prima
     })
     .await;
     assert!(view.token > token_before, "a new fencing token: {view:?}");
+    assert_eq!(view.epoch, 2, "issued at the new epoch: compare as (epoch, token)");
     let roles: Vec<(&str, InstanceRole)> = view.instances.iter().map(|i| (i.id.as_str(), i.role)).collect();
     assert!(roles.contains(&("far", InstanceRole::Primary)), "{roles:?}");
     assert!(
