@@ -46,7 +46,7 @@ fn registry_proxy(
 }
 
 /// A connection through the proxy that has read its backend's name.
-async fn connect(proxy: &str) -> Option<(String, tokio::net::TcpStream)> {
+pub(crate) async fn connect(proxy: &str) -> Option<(String, tokio::net::TcpStream)> {
     let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
     Some((read_name(&mut stream).await?, stream))
 }
@@ -58,7 +58,7 @@ async fn echoes(stream: &mut tokio::net::TcpStream) -> bool {
 }
 
 /// Waits until the proxy ends `stream` (end of file or reset), without sending on it.
-async fn wait_closed(stream: &mut tokio::net::TcpStream, what: &str) {
+pub(crate) async fn wait_closed(stream: &mut tokio::net::TcpStream, what: &str) {
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await;
     assert!(

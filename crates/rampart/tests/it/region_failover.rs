@@ -812,3 +812,64 @@ async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no
         "{detail}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
+    use rampart_core::health::Health;
+    use rampart_core::service::{InstanceSpec, PolicySpec};
+    let mut regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let (near, _near_task) = crate::proxy::backend("near");
+    let (far, _far_task) = crate::proxy::backend("far");
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    east.service_put("db", &policy).await.expect("service");
+    for (id, endpoint, region) in [("near", near, "east"), ("far", far, "west")] {
+        let spec = InstanceSpec {
+            endpoint: endpoint.to_string(),
+            region: Some(region.into()),
+            node: Some(1),
+            ..InstanceSpec::default()
+        };
+        east.instance_put("db", id, &spec).await.expect("instance");
+    }
+    eventually(DEADLINE, "east to judge near up", || async {
+        let view = east.service("db").await.ok()?;
+        (view.instances.iter().find(|i| i.id == "near")?.health == Health::Up).then_some(())
+    })
+    .await;
+    east.switchover("db", "near").await.expect("near is the primary");
+    eventually(DEADLINE, "west to judge far up", || async {
+        let view = west.service("db").await.ok()?;
+        (view.instances.iter().find(|i| i.id == "far")?.health == Health::Up).then_some(())
+    })
+    .await;
+    // A proxy given both regions' endpoints.
+    let port = rampart_testkit::cluster::free_port().expect("port");
+    let endpoints: Vec<String> = ["east", "west"]
+        .iter()
+        .flat_map(|r| regions.region(r).endpoints())
+        .collect();
+    let (_proxy, _dir) = crate::proxy::start_proxy_with(
+        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+        &["--endpoints".to_string(), endpoints.join(",")],
+    );
+    let through = port.to_string();
+    eventually(DEADLINE, "near through the proxy", || async {
+        (crate::proxy::ask(&through).await? == "near").then_some(())
+    })
+    .await;
+    let (name, mut to_old) = crate::proxy_registry::connect(&through).await.expect("a connection");
+    assert_eq!(name, "near");
+
+    regions.region_mut("east").kill(1);
+    // The region fails over, the service's primary moves to west's instance: the proxy
+    // closes the connection to the old one and sends new ones to far.
+    crate::proxy_registry::wait_closed(&mut to_old, "the connection to the fenced primary").await;
+    eventually(DEADLINE, "far through the proxy", || async {
+        (crate::proxy::ask(&through).await? == "far").then_some(())
+    })
+    .await;
+}
