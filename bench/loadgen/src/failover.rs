@@ -65,11 +65,7 @@ async fn start(binary: &Path, settings: &[&str]) -> Regions {
 
 /// A client over both data regions' endpoints, east's first.
 fn both(regions: &Regions) -> Client {
-    let endpoints: Vec<String> = ["east", "west"]
-        .iter()
-        .flat_map(|r| regions.region(r).endpoints())
-        .collect();
-    Client::new(&endpoints).expect("client").with_deadline(Duration::from_secs(1))
+    regions.client_over(&["east", "west"]).with_deadline(Duration::from_secs(1))
 }
 
 /// One writer, back to back, until `stop`: every acknowledgement's send and answer times

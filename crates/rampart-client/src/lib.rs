@@ -441,14 +441,25 @@ impl Client {
         &self,
         request: &rampart_core::api::FailoverRequest,
     ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
-        self.call_within(
-            Duration::from_secs(90),
-            Method::POST,
-            "/v1/regions/failover",
-            Some(request),
-            Retry::OnlyIfNotApplied,
-        )
-        .await
+        self.region_move("/v1/regions/failover", request).await
+    }
+
+    /// A planned failover back to `request.to` (`POST /v1/regions/failback`).
+    pub async fn regions_failback(
+        &self,
+        request: &rampart_core::api::FailoverRequest,
+    ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
+        self.region_move("/v1/regions/failback", request).await
+    }
+
+    async fn region_move(
+        &self,
+        path: &str,
+        request: &rampart_core::api::FailoverRequest,
+    ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
+        let deadline = Duration::from_secs(90);
+        self.call_within(deadline, Method::POST, path, Some(request), Retry::OnlyIfNotApplied)
+            .await
     }
 
     /// The divergence files on the answering node, and the region's divergence events.
@@ -460,21 +471,6 @@ impl Client {
     /// each write as the file's line holds it.
     pub async fn regions_divergence_export(&self, name: &str) -> Result<serde_json::Value, ClientError> {
         self.get(&format!("/v1/regions/divergence/{name}")).await
-    }
-
-    /// A planned failover back to `request.to` (`POST /v1/regions/failback`).
-    pub async fn regions_failback(
-        &self,
-        request: &rampart_core::api::FailoverRequest,
-    ) -> Result<rampart_core::api::FailoverResponse, ClientError> {
-        self.call_within(
-            Duration::from_secs(90),
-            Method::POST,
-            "/v1/regions/failback",
-            Some(request),
-            Retry::OnlyIfNotApplied,
-        )
-        .await
     }
 
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {

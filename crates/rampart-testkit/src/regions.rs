@@ -164,6 +164,15 @@ impl Regions {
         region.client_with_token(&region.endpoints(), token.as_deref())
     }
 
+    /// A client over the endpoints of every region in `names`, in that order (as
+    /// [`Regions::client`] for the token): writes find the primary region among them.
+    pub fn client_over(&self, names: &[&str]) -> Client {
+        let endpoints: Vec<String> = names.iter().flat_map(|n| self.region(n).endpoints()).collect();
+        let first = self.region(names[0]);
+        let token = self.region(&self.primary).admin_token();
+        first.client_with_token(&endpoints, token.as_deref())
+    }
+
     /// Waits until every region has a leader (on TLS, the standbys are asked with the
     /// primary's admin token, once it has one).
     pub async fn wait_for_leaders(&self, timeout: Duration) {

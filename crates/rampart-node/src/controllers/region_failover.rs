@@ -277,7 +277,7 @@ pub async fn handover(
     connection: Option<axum::Extension<crate::auth::Connection>>,
     body: Body,
 ) -> Result<Json<HandoverAnswer>, ApiError> {
-    super::region_lease::refuse_unless_node(&node, connection)?;
+    super::region_lease::refuse_unless(&node, connection, super::region_lease::LinkCaller::AnyNode)?;
     let request: HandoverRequest = parse_body(body)?;
     let (primary, epoch) = node.primary_and_epoch();
     if primary != node.config.region || epoch != request.epoch {

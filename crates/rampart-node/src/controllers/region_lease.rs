@@ -325,7 +325,7 @@ pub async fn renew(
     connection: Option<axum::Extension<crate::auth::Connection>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<RenewAnswer>, ApiError> {
-    refuse_unless_node(&node, connection)?;
+    refuse_unless(&node, connection, LinkCaller::AnyNode)?;
     let renewal: Renewal = crate::error::parse_body(body)?;
     check_region(&node.config.regions, &node.config.region, "holder", &renewal.holder)?;
     grant(&node, |grantor, now| grantor.renew(now, &renewal))
@@ -348,7 +348,7 @@ pub async fn ack(
     connection: Option<axum::Extension<crate::auth::Connection>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    refuse_unless_node(&node, connection)?;
+    refuse_unless(&node, connection, LinkCaller::AnyNode)?;
     let ack: Ack = crate::error::parse_body(body)?;
     check_region(&node.config.regions, &node.config.region, "region", &ack.region)?;
     let mut lease = node.region_lease.lock().expect("region lease lock");
@@ -364,7 +364,7 @@ pub async fn vote(
     connection: Option<axum::Extension<crate::auth::Connection>>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<VoteAnswer>, ApiError> {
-    refuse_unless_node(&node, connection)?;
+    refuse_unless(&node, connection, LinkCaller::AnyNode)?;
     let request: VoteRequest = crate::error::parse_body(body)?;
     let regions = &node.config.regions;
     check_region(regions, &node.config.region, "candidate", &request.candidate)?;
@@ -469,36 +469,29 @@ fn check_region(regions: &Regions, own: &str, field: &str, name: &str) -> Result
     ))
 }
 
-/// On TLS the lease, the votes, the region log and snapshot are served only on a region
-/// link (a node certificate of the cluster CA on the region ALPN; `server.rs` refuses the
-/// ALPN without one).
-pub fn refuse_outside_link(
-    node: &Shared,
-    connection: Option<axum::Extension<crate::auth::Connection>>,
-) -> Result<(), ApiError> {
-    let linked = connection.is_some_and(|c| c.region_link);
-    if node.tls.is_some() && !linked {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "region_link_only",
-            "this is served only to another region's node: its node certificate of the cluster CA, on the rampart-region ALPN",
-        ));
-    }
-    Ok(())
+/// Who may call a region-link endpoint on a TLS node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkCaller {
+    /// Another region's node on the region ALPN: the log and the snapshot, which any node
+    /// serves itself (`server.rs` refuses the ALPN without a node certificate).
+    RegionLink,
+    /// That, or a node of this region forwarding it to its leader: the lease, votes, acks
+    /// and handovers, which the leader answers.
+    AnyNode,
 }
 
-/// On TLS the lease and votes are answered only to nodes: a region link, or a node of this
-/// region forwarding one to its leader (both with a node certificate of the cluster CA).
-pub fn refuse_unless_node(
+/// On TLS, 403 `region_link_only` unless the caller is `allowed`; every caller without TLS.
+pub fn refuse_unless(
     node: &Shared,
     connection: Option<axum::Extension<crate::auth::Connection>>,
+    allowed: LinkCaller,
 ) -> Result<(), ApiError> {
-    let from_node = connection.is_some_and(|c| c.region_link || c.from_node);
-    if node.tls.is_some() && !from_node {
+    let ok = connection.is_some_and(|c| c.region_link || (allowed == LinkCaller::AnyNode && c.from_node));
+    if node.tls.is_some() && !ok {
         return Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             "region_link_only",
-            "this is served only to nodes: a node certificate of the cluster CA",
+            "this is served only to another region's node: its node certificate of the cluster CA (on the rampart-region ALPN for the log and the snapshot)",
         ));
     }
     Ok(())

@@ -468,7 +468,9 @@ fn link_refusal(
     connection: Option<axum::Extension<crate::auth::Connection>>,
 ) -> Option<axum::response::Response> {
     use axum::response::IntoResponse;
-    if let Err(refused) = super::region_lease::refuse_outside_link(node, connection) {
+    if let Err(refused) =
+        super::region_lease::refuse_unless(node, connection, super::region_lease::LinkCaller::RegionLink)
+    {
         return Some(refused.into_response());
     }
     // Under the rules of data dir format 1 some shipped changes move no revision, so no

@@ -10,9 +10,15 @@ use rampart_testkit::{eventually, RegionSpec, Regions, RegionsOptions};
 
 use crate::{binary, DEADLINE};
 
-/// East (primary) and west of one node each and the witness "judge", with automatic
-/// failover (three regions) and short timings.
-async fn three_regions() -> Regions {
+/// East (primary) and west of one node each and the witness "judge", with short timings
+/// and `extra` lines under `[regions]`; automatic failover unless they say otherwise.
+pub(crate) async fn east_west_judge(extra: &[&str]) -> Regions {
+    let mut settings = vec![
+        "health_check_interval = \"100ms\"".to_string(),
+        "region_timeout = \"500ms\"".to_string(),
+        "region_lease = \"1s\"".to_string(),
+    ];
+    settings.extend(extra.iter().map(|s| s.to_string()));
     let options = RegionsOptions {
         primary: "east".into(),
         regions: vec![
@@ -20,11 +26,7 @@ async fn three_regions() -> Regions {
             RegionSpec::new("west", 1),
             RegionSpec::witness("judge"),
         ],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-            "region_lease = \"1s\"".into(),
-        ],
+        settings,
         tls: false,
     };
     let regions = Regions::start(binary(), options).await.expect("start the regions");
@@ -32,14 +34,47 @@ async fn three_regions() -> Regions {
     regions
 }
 
+async fn three_regions() -> Regions {
+    east_west_judge(&[]).await
+}
+
+/// Waits until the region `client` asks judges instance `id` of "db" up.
+async fn judged_up(client: &Client, id: &str) {
+    eventually(DEADLINE, &format!("{id} judged up in its region"), || async {
+        let view = client.service("db").await.ok()?;
+        (view.instances.iter().find(|i| i.id == id)?.health == rampart_core::health::Health::Up).then_some(())
+    })
+    .await
+}
+
+/// Service "db" with instance "near" (east, at `near`) and "far" (west, at `far`), fast tcp
+/// checks, near the primary once each region judges its own up; the token then.
+async fn db_in_both(east: &Client, west: &Client, near: String, far: String) -> u64 {
+    use rampart_core::service::{InstanceSpec, PolicySpec};
+    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
+        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+    }))
+    .expect("policy");
+    east.service_put("db", &policy).await.expect("service");
+    for (id, endpoint, region) in [("near", near, "east"), ("far", far, "west")] {
+        let spec = InstanceSpec {
+            endpoint,
+            region: Some(region.into()),
+            node: Some(1),
+            ..InstanceSpec::default()
+        };
+        east.instance_put("db", id, &spec).await.expect("instance");
+    }
+    judged_up(east, "near").await;
+    east.switchover("db", "near").await.expect("near is the primary");
+    judged_up(west, "far").await;
+    east.service("db").await.expect("view").token
+}
+
 /// A client over both data regions' endpoints, east's first: writes find the primary.
 fn both(regions: &Regions) -> Client {
-    let endpoints: Vec<String> = ["east", "west"]
-        .iter()
-        .flat_map(|r| regions.region(r).endpoints())
-        .collect();
-    Client::new(&endpoints)
-        .expect("client")
+    regions
+        .client_over(&["east", "west"])
         .with_deadline(Duration::from_secs(5))
 }
 
@@ -597,38 +632,12 @@ async fn a_link_cut_and_healed_every_two_seconds_causes_at_most_one_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_region_failover_promotes_each_services_best_instance_in_the_new_primary_region() {
-    use rampart_core::health::Health;
-    use rampart_core::service::{InstanceRole, InstanceSpec, PolicySpec};
+    use rampart_core::service::InstanceRole;
     let mut regions = three_regions().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     let (near, _near_task) = crate::regions::live_endpoint().await;
     let (far, _far_task) = crate::regions::live_endpoint().await;
-    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
-        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
-    }))
-    .expect("policy");
-    east.service_put("db", &policy).await.expect("service");
-    for (id, endpoint, region) in [("near", &near, "east"), ("far", &far, "west")] {
-        let spec = InstanceSpec {
-            endpoint: endpoint.clone(),
-            region: Some(region.into()),
-            node: Some(1),
-            ..InstanceSpec::default()
-        };
-        east.instance_put("db", id, &spec).await.expect("instance");
-    }
-    eventually(DEADLINE, "east to judge its instance up", || async {
-        let view = east.service("db").await.ok()?;
-        (view.instances.iter().find(|i| i.id == "near")?.health == Health::Up).then_some(())
-    })
-    .await;
-    east.switchover("db", "near").await.expect("near is the primary");
-    eventually(DEADLINE, "west to judge its own instance up", || async {
-        let view = west.service("db").await.ok()?;
-        (view.instances.iter().find(|i| i.id == "far")?.health == Health::Up).then_some(())
-    })
-    .await;
-    let token_before = east.service("db").await.expect("view").token;
+    let token_before = db_in_both(&east, &west, near, far).await;
 
     regions.region_mut("east").kill(1);
     // West takes over the region, then the service: its own instance, with a new token.
@@ -815,37 +824,11 @@ async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
-    use rampart_core::health::Health;
-    use rampart_core::service::{InstanceSpec, PolicySpec};
     let mut regions = three_regions().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     let (near, _near_task) = crate::proxy::backend("near");
     let (far, _far_task) = crate::proxy::backend("far");
-    let policy: PolicySpec = serde_json::from_value(serde_json::json!({
-        "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
-    }))
-    .expect("policy");
-    east.service_put("db", &policy).await.expect("service");
-    for (id, endpoint, region) in [("near", near, "east"), ("far", far, "west")] {
-        let spec = InstanceSpec {
-            endpoint: endpoint.to_string(),
-            region: Some(region.into()),
-            node: Some(1),
-            ..InstanceSpec::default()
-        };
-        east.instance_put("db", id, &spec).await.expect("instance");
-    }
-    eventually(DEADLINE, "east to judge near up", || async {
-        let view = east.service("db").await.ok()?;
-        (view.instances.iter().find(|i| i.id == "near")?.health == Health::Up).then_some(())
-    })
-    .await;
-    east.switchover("db", "near").await.expect("near is the primary");
-    eventually(DEADLINE, "west to judge far up", || async {
-        let view = west.service("db").await.ok()?;
-        (view.instances.iter().find(|i| i.id == "far")?.health == Health::Up).then_some(())
-    })
-    .await;
+    db_in_both(&east, &west, near.to_string(), far.to_string()).await;
     // A proxy given both regions' endpoints.
     let port = rampart_testkit::cluster::free_port().expect("port");
     let endpoints: Vec<String> = ["east", "west"]

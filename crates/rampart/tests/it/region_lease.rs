@@ -7,31 +7,14 @@
 use std::time::Duration;
 
 use rampart_client::{Client, ClientError, PutOptions};
-use rampart_testkit::{eventually, RegionSpec, Regions, RegionsOptions};
+use rampart_testkit::{eventually, Regions};
 
-use crate::{binary, DEADLINE};
+use crate::DEADLINE;
 
 /// East (primary) and west of one node each, and the witness "judge"; no automatic
 /// failover, so the lease alone is under test.
 async fn three_regions() -> Regions {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![
-            RegionSpec::new("east", 1),
-            RegionSpec::new("west", 1),
-            RegionSpec::witness("judge"),
-        ],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-            "region_lease = \"1s\"".into(),
-            "auto_failover = false".into(),
-        ],
-        tls: false,
-    };
-    let regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
-    regions
+    crate::region_failover::east_west_judge(&["auto_failover = false"]).await
 }
 
 /// A client of region `name` whose calls give up after 300 ms.
