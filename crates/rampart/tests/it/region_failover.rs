@@ -14,19 +14,25 @@ use crate::{binary, DEADLINE};
 /// and `extra` lines under `[regions]`; automatic failover unless they say otherwise.
 pub(crate) async fn east_west_judge(extra: &[&str]) -> Regions {
     let mut settings = vec![
-        "health_check_interval = \"100ms\"".to_string(),
-        "region_timeout = \"500ms\"".to_string(),
-        "region_lease = \"1s\"".to_string(),
+        "health_check_interval = \"100ms\"",
+        "region_timeout = \"500ms\"",
+        "region_lease = \"1s\"",
     ];
-    settings.extend(extra.iter().map(|s| s.to_string()));
+    settings.extend(extra);
+    east_west_judge_with(1, &settings).await
+}
+
+/// East (one node, primary), west of `west_nodes` and the witness "judge", with these
+/// lines under `[regions]`.
+async fn east_west_judge_with(west_nodes: usize, settings: &[&str]) -> Regions {
     let options = RegionsOptions {
         primary: "east".into(),
         regions: vec![
             RegionSpec::new("east", 1),
-            RegionSpec::new("west", 1),
+            RegionSpec::new("west", west_nodes),
             RegionSpec::witness("judge"),
         ],
-        settings,
+        settings: settings.iter().map(|s| s.to_string()).collect(),
         tls: false,
     };
     let regions = Regions::start(binary(), options).await.expect("start the regions");
@@ -579,22 +585,12 @@ async fn a_primary_region_paused_past_its_lease_acknowledges_nothing_after_it_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_cut_and_healed_every_two_seconds_causes_at_most_one_failover() {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![
-            RegionSpec::new("east", 1),
-            RegionSpec::new("west", 1),
-            RegionSpec::witness("judge"),
-        ],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"1s\"".into(),
-            "region_lease = \"1s\"".into(),
-        ],
-        tls: false,
-    };
-    let regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let settings = [
+        "health_check_interval = \"100ms\"",
+        "region_timeout = \"1s\"",
+        "region_lease = \"1s\"",
+    ];
+    let regions = east_west_judge_with(1, &settings).await;
     let west = regions.client("west");
     let east = regions.client("east");
     // Fifteen rounds: the current primary is cut off from both others for 2 s, then healed
@@ -658,23 +654,13 @@ async fn a_region_failover_promotes_each_services_best_instance_in_the_new_prima
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_standbys_leader_killed_mid_promotion_the_promotion_is_retried_and_never_two_primaries() {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![
-            RegionSpec::new("east", 1),
-            RegionSpec::new("west", 3),
-            RegionSpec::witness("judge"),
-        ],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-            // Long enough that west's leader is still waiting it out when it is killed.
-            "region_lease = \"3s\"".into(),
-        ],
-        tls: false,
-    };
-    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let settings = [
+        "health_check_interval = \"100ms\"",
+        "region_timeout = \"500ms\"",
+        // Long enough that west's leader is still waiting it out when it is killed.
+        "region_lease = \"3s\"",
+    ];
+    let mut regions = east_west_judge_with(3, &settings).await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     east.put("mid/0", "v", PutOptions::default()).await.expect("put");
     wait_caught_up(&east, &west).await;
