@@ -492,6 +492,7 @@ async fn a_cut_off_primary_stops_before_a_standby_takes_over_and_no_two_epochs_a
         (east.cluster().await.ok()?.revision > 50).then_some(())
     })
     .await;
+    let cut = std::time::Instant::now();
     regions.cut("east", "west");
     regions.cut("east", "judge");
     eventually(DEADLINE, "west promoted and taking writes", || async {
@@ -538,14 +539,44 @@ async fn a_cut_off_primary_stops_before_a_standby_takes_over_and_no_two_epochs_a
         }
     }
     let mut missing = Vec::new();
-    for (key, _) in acks.iter().filter(|(_, a)| a.epoch == 1) {
-        if west.get_key(key, false).await.expect("read").is_none() && !set_aside.contains(key) {
+    let mut lost_early = Vec::new();
+    let report = Duration::from_millis(100); // health_check_interval: a renewal reports then
+    for (key, ack) in acks.iter().filter(|(_, a)| a.epoch == 1) {
+        if west.get_key(key, false).await.expect("read").is_some() {
+            continue;
+        }
+        if !set_aside.contains(key) {
             missing.push(key.clone());
+        }
+        // Lost in the failover: committed after east's last report to a voter (no earlier
+        // than the cut, less one renewal interval) it is in the report's window; before it,
+        // in the revisions the report counts.
+        if ack.answered + report < cut {
+            lost_early.push(key.clone());
         }
     }
     assert!(
         missing.is_empty(),
         "acknowledged writes neither kept nor set aside: {missing:?}"
+    );
+    // Those committed before east's last report are counted in the report's N.
+    let detail = event_detail(&west, "region.failover")
+        .await
+        .expect("the failover event");
+    let counted: usize = detail
+        .split("at least ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {detail}"));
+    assert!(
+        lost_early.len() <= counted,
+        "{} acknowledged writes lost before east's last report, the report counts {counted}: {detail}",
+        lost_early.len()
+    );
+    assert!(
+        detail.contains("RPO: ") && detail.contains("before contact was lost"),
+        "{detail}"
     );
 }
 
