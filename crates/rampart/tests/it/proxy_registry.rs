@@ -67,7 +67,7 @@ pub(crate) async fn wait_closed(stream: &mut tokio::net::TcpStream, what: &str) 
     );
 }
 
-async fn get_json(url: &str) -> (u16, serde_json::Value) {
+pub(crate) async fn get_json(url: &str) -> (u16, serde_json::Value) {
     let response = reqwest::get(url).await.expect("answer");
     let status = response.status().as_u16();
     (status, response.json().await.expect("JSON"))

@@ -852,8 +852,11 @@ async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
         .iter()
         .flat_map(|r| regions.region(r).endpoints())
         .collect();
+    let admin = rampart_testkit::cluster::free_port().expect("port");
     let (_proxy, _dir) = crate::proxy::start_proxy_with(
-        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+        &format!(
+            "[proxy]\nadmin = \"{admin}\"\n[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"
+        ),
         &["--endpoints".to_string(), endpoints.join(",")],
     );
     let through = port.to_string();
@@ -872,4 +875,7 @@ async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
         (crate::proxy::ask(&through).await? == "far").then_some(())
     })
     .await;
+    // The health oracle on the admin port says so too.
+    let (status, body) = crate::proxy_registry::get_json(&format!("http://{admin}/listeners/db/primary")).await;
+    assert_eq!((status, &body["primary"]), (200, &serde_json::json!("far")), "{body}");
 }
