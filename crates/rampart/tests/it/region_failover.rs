@@ -879,3 +879,84 @@ async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
     let (status, body) = crate::proxy_registry::get_json(&format!("http://{admin}/listeners/db/primary")).await;
     assert_eq!((status, &body["primary"]), (200, &serde_json::json!("far")), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_failover_to_a_region_whose_state_differs_is_called_off_and_writes_resume() {
+    let mut west_spec = RegionSpec::new("west", 1);
+    west_spec.node_args = vec!["--snapshot-logs".into(), "10".into()];
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![RegionSpec::new("east", 1), west_spec, RegionSpec::witness("judge")],
+        settings: vec![
+            "health_check_interval = \"100ms\"".into(),
+            "region_timeout = \"500ms\"".into(),
+            "region_lease = \"1s\"".into(),
+            // No failover by itself while west restarts below.
+            "auto_failover = false".into(),
+        ],
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let marked = "AAAAAAAAAAAAAAAA";
+    east.put("off/x", marked, PutOptions::default()).await.expect("put");
+    // Enough of west's own log entries for a snapshot that holds the value (its link
+    // proposes many writes an entry).
+    let mut i = 0;
+    eventually(DEADLINE, "west's snapshot taken", || {
+        i += 1;
+        let (east, west) = (&east, &west);
+        let n = i;
+        async move {
+            for j in 0..20 {
+                east.put(&format!("off/{n}-{j}"), "v", PutOptions::default())
+                    .await
+                    .ok()?;
+            }
+            wait_caught_up(east, west).await;
+            (west.cluster().await.ok()?.snapshot_index > 0).then_some(())
+        }
+    })
+    .await;
+    // Offline, one value in west's snapshot is changed (same length, still decodes): west
+    // holds east's revisions with other contents.
+    let data_dir = regions.region("west").nodes[&1].data_dir.clone();
+    let snapshot = data_dir.join("snapshot.bin");
+    eventually(DEADLINE, "west's snapshot with the value", || async {
+        let bytes = std::fs::read(&snapshot).ok()?;
+        bytes
+            .windows(marked.len())
+            .any(|w| w == marked.as_bytes())
+            .then_some(())
+    })
+    .await;
+    regions.region_mut("west").kill(1);
+    let mut bytes = std::fs::read(&snapshot).expect("the snapshot");
+    let at = bytes
+        .windows(marked.len())
+        .position(|w| w == marked.as_bytes())
+        .expect("the value");
+    bytes[at..at + marked.len()].copy_from_slice(b"BBBBBBBBBBBBBBBB");
+    std::fs::write(&snapshot, bytes).expect("write the snapshot");
+    regions.region_mut("west").restart(1).expect("restart west");
+    regions.region("west").wait_for_leader(DEADLINE).await;
+    wait_caught_up(&east, &west).await;
+
+    let refused = east
+        .regions_failover(&rampart_core::api::FailoverRequest {
+            to: "west".into(),
+            allow_data_loss: false,
+            dry_run: false,
+        })
+        .await
+        .expect_err("called off");
+    assert!(refused.to_string().contains("checksum_mismatch"), "{refused}");
+    // East takes writes again at the same epoch; west was never promoted.
+    let put = eventually(DEADLINE, "writes resumed on east", || async {
+        east.put("off/after", "v", PutOptions::default()).await.ok()
+    })
+    .await;
+    assert_eq!(put.epoch, 1);
+    assert_eq!(west.cluster().await.expect("west").epoch, 1);
+}
