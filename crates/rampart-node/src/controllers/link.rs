@@ -200,10 +200,11 @@ async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<
     let (kept, changed, revision) = {
         let applied = node.applied.read().expect("state lock");
         let revision = applied.state.revision();
-        let kept = match applied.shipped_from(at) {
-            Ok(kept) => kept,
-            Err(_) => applied.shipped_from(revision).unwrap_or_default(),
-        };
+        // Past what this node keeps from `at`: from the oldest write it still keeps.
+        let kept = applied
+            .shipped_from(at)
+            .or_else(|compacted| applied.shipped_from(compacted + 1))
+            .unwrap_or_default();
         let oldest_kept = kept.first().map_or(revision + 1, |w| w.revision);
         let changed: Vec<serde_json::Value> = if oldest_kept > at {
             let mut changed: Vec<(u64, serde_json::Value)> = applied
@@ -231,7 +232,6 @@ async fn set_aside(node: &Shared, primary: &str, epoch: u64, at: u64) -> Result<
         };
         (kept, changed, revision)
     };
-    let kept: Vec<_> = kept.into_iter().filter(|w| w.revision <= revision).collect();
     let count = revision.saturating_sub(at) + 1;
     let missing = count.saturating_sub(kept.len() as u64);
     let mut text = Vec::new();
