@@ -180,7 +180,7 @@ async fn put_key(
     match node.propose(op).await? {
         Outcome::Put { revision } => Ok(Json(PutResponse {
             revision,
-            epoch: node.primary_and_epoch().1,
+            epoch: node.epoch(),
         })),
         Outcome::RevisionMismatch { current } => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -244,7 +244,7 @@ async fn epoch_header(
     let v1 = request.uri().path().starts_with("/v1/");
     let mut response = next.run(request).await;
     if v1 {
-        let epoch = node.primary_and_epoch().1;
+        let epoch = node.epoch();
         response
             .headers_mut()
             .insert(EPOCH_HEADER, axum::http::HeaderValue::from(epoch));
@@ -407,7 +407,7 @@ async fn campaign(
             };
             match node.propose(op).await? {
                 Outcome::Elected { leader, token } => {
-                    let epoch = node.primary_and_epoch().1;
+                    let epoch = node.epoch();
                     return Ok(Json(CampaignResponse { leader, token, epoch }));
                 }
                 Outcome::LeaseNotFound { id } => return Err(lease_not_found(id)),

@@ -222,20 +222,7 @@ impl Node {
             "region {} does not hold the region lease (no grant from a majority of regions within regions.region_lease): it acknowledges no write until it renews, or another region takes over",
             self.config.region
         );
-        if applied {
-            return ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "outcome_unknown",
-                format!(
-                    "{why}; the write was applied here but is not acknowledged: read the key to know whether it stays"
-                ),
-            );
-        }
-        ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "region_lease_lost",
-            format!("{why}; nothing was written"),
-        )
+        not_acknowledged("region_lease_lost", why, applied)
     }
 
     /// With `[regions] max_rpo_lag`: 503 `rpo_bound` while every standby region is further
@@ -244,17 +231,29 @@ impl Node {
     pub fn rpo_refusal(&self, applied: bool) -> Option<ApiError> {
         let bound = self.config.regions.max_rpo_lag?;
         let worst = self.rpo_standing(bound)?;
-        let outcome = if applied {
-            "the write was applied here but is not acknowledged: read the key to know whether it stays"
-        } else {
-            "nothing was written"
-        };
-        let code = if applied { "outcome_unknown" } else { "rpo_bound" };
-        Some(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            code,
-            format!("every standby region is further behind than regions.max_rpo_lag ({bound}): the closest lacks {worst}; writes resume when one catches up; {outcome}"),
-        ))
+        let why = format!(
+            "every standby region is further behind than regions.max_rpo_lag ({bound}): the closest lacks {worst}; writes resume when one catches up"
+        );
+        Some(not_acknowledged("rpo_bound", why, applied))
+    }
+
+    /// Why a shipped write of this region may not be acknowledged now (`applied`: it is in
+    /// already), if it may not: the region lease (on the leader, which holds it), then the
+    /// bounded RPO.
+    fn unacknowledgeable(&self, leads: bool, applied: bool) -> Option<ApiError> {
+        if leads && !self.holds_region_lease() {
+            return Some(self.lease_lost(applied));
+        }
+        self.rpo_refusal(applied)
+    }
+
+    /// The region epoch: from the shipped history, or the first one for a region alone
+    /// (it has no other to fail over to), without reading the state.
+    pub fn epoch(&self) -> u64 {
+        if self.config.regions.known.is_empty() {
+            return rampart_core::region::FIRST_EPOCH;
+        }
+        self.primary_and_epoch().1
     }
 
     /// How far the closest standby region is behind, in words, when that is past `bound`;
@@ -307,25 +306,21 @@ impl Node {
     pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
         let own_write =
             !op.is_local() && !matches!(op, Op::Replicate { .. } | Op::Seed { .. } | Op::RegionEpoch { .. });
-        if own_write && self.is_standby() {
+        // The region rules apply only among regions: a region alone is its own primary.
+        let regional = own_write && !self.config.regions.known.is_empty();
+        if regional && self.is_standby() {
             return Err(self.read_only());
         }
         // A follower's proposal fails as not the leader's, below: only the leader holds it.
-        let leads = self.raft.metrics().borrow().state == ServerState::Leader;
-        if own_write && leads && !self.holds_region_lease() {
-            return Err(self.lease_lost(false));
-        }
-        if let Some(refused) = own_write.then(|| self.rpo_refusal(false)).flatten() {
+        let leads = regional && self.raft.metrics().borrow().state == ServerState::Leader;
+        if let Some(refused) = regional.then(|| self.unacknowledgeable(leads, false)).flatten() {
             return Err(refused);
         }
         let started = std::time::Instant::now();
         let command = Command { at_ms: now_ms(), op };
         let outcome = self.proposer.propose(command, self.config.request_timeout).await?;
         self.metrics.proposal_seconds.observe(started.elapsed().as_secs_f64());
-        if own_write && leads && !self.holds_region_lease() {
-            return Err(self.lease_lost(true));
-        }
-        if let Some(refused) = own_write.then(|| self.rpo_refusal(true)).flatten() {
+        if let Some(refused) = regional.then(|| self.unacknowledgeable(leads, true)).flatten() {
             return Err(refused);
         }
         Ok(outcome)
@@ -363,4 +358,22 @@ impl Node {
             )),
         }
     }
+}
+
+/// 503 for a write not acknowledged for `why`: `code` when nothing was written (safe to
+/// retry), `outcome_unknown` when it was applied here already.
+fn not_acknowledged(code: &'static str, why: String, applied: bool) -> ApiError {
+    let (code, outcome) = if applied {
+        (
+            "outcome_unknown",
+            "the write was applied here but is not acknowledged: read the key to know whether it stays",
+        )
+    } else {
+        (code, "nothing was written")
+    };
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        code,
+        format!("{why}; {outcome}"),
+    )
 }

@@ -213,7 +213,7 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
         InstanceRole::Standby => "standby",
     };
     // Read before the child starts: compare tokens as (epoch, token) across region failovers.
-    let epoch = node.primary_and_epoch().1;
+    let epoch = node.epoch();
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)

@@ -158,7 +158,7 @@ fn lease_quorum(node: &Shared) -> usize {
 }
 
 /// POSTs `body` to region `region`'s endpoints in turn until one answers, within `timeout`
-/// in all.
+/// in all; a refusal counts as no answer (the next endpoint is tried).
 pub async fn ask<B: serde::Serialize, A: serde::de::DeserializeOwned>(
     node: &Shared,
     region: &rampart_core::region::KnownRegion,
@@ -166,26 +166,7 @@ pub async fn ask<B: serde::Serialize, A: serde::de::DeserializeOwned>(
     body: &B,
     timeout: Duration,
 ) -> Option<A> {
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
-    let deadline = Instant::now() + timeout;
-    for endpoint in &region.endpoints {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let sent = node
-            .region_http
-            .post(format!("{scheme}://{endpoint}{path}"))
-            .json(body)
-            .timeout(left)
-            .send()
-            .await;
-        let Ok(answer) = sent else { continue };
-        if !answer.status().is_success() {
-            continue;
-        }
-        if let Ok(answer) = answer.json::<A>().await {
-            return Some(answer);
-        }
-    }
-    None
+    post_each(node, region, path, body, timeout, false).await.ok()
 }
 
 /// POSTs `body` to region `region` over the region link (its endpoints in turn, within
@@ -197,7 +178,19 @@ pub async fn ask_answer<B: serde::Serialize, A: serde::de::DeserializeOwned>(
     body: &B,
     timeout: Duration,
 ) -> Result<A, ApiError> {
-    let scheme = if node.tls.is_some() { "https" } else { "http" };
+    post_each(node, region, path, body, timeout, true).await
+}
+
+/// The region-link POST behind [`ask`] and [`ask_answer`]: endpoints in turn until one
+/// answers (or, with `refusal_answers`, refuses with an error it explains).
+async fn post_each<B: serde::Serialize, A: serde::de::DeserializeOwned>(
+    node: &Shared,
+    region: &rampart_core::region::KnownRegion,
+    path: &str,
+    body: &B,
+    timeout: Duration,
+    refusal_answers: bool,
+) -> Result<A, ApiError> {
     let deadline = Instant::now() + timeout;
     let mut last_error = String::from("no endpoint");
     for endpoint in &region.endpoints {
@@ -206,7 +199,7 @@ pub async fn ask_answer<B: serde::Serialize, A: serde::de::DeserializeOwned>(
         };
         let sent = node
             .region_http
-            .post(format!("{scheme}://{endpoint}{path}"))
+            .post(crate::forward::url(node, &endpoint.to_string(), path))
             .json(body)
             .timeout(left)
             .send()
@@ -221,18 +214,29 @@ pub async fn ask_answer<B: serde::Serialize, A: serde::de::DeserializeOwned>(
         let status = answer.status();
         let bytes = answer.bytes().await.unwrap_or_default();
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
-                    "region_call_failed",
-                    format!("{endpoint}: {e}"),
-                )
-            });
+            match serde_json::from_slice(&bytes) {
+                Ok(answer) => return Ok(answer),
+                Err(e) if refusal_answers => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::BAD_GATEWAY,
+                        "region_call_failed",
+                        format!("{endpoint}: {e}"),
+                    ))
+                }
+                Err(e) => {
+                    last_error = format!("{endpoint}: {e}");
+                    continue;
+                }
+            }
         }
         let Ok(refused) = serde_json::from_slice::<rampart_core::api::ErrorBody>(&bytes) else {
             last_error = format!("{endpoint}: answered {status}");
             continue;
         };
+        if !refusal_answers {
+            last_error = format!("{endpoint}: {}", refused.error.message);
+            continue;
+        }
         let detail = refused.error;
         let mut error = ApiError::new(
             axum::http::StatusCode::from_u16(status.as_u16()).unwrap_or(axum::http::StatusCode::BAD_GATEWAY),

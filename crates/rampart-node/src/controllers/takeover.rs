@@ -33,19 +33,13 @@ pub async fn run(node: Shared) {
     let interval = Duration::from_millis(regions.health_check_interval_ms);
     loop {
         tokio::time::sleep(interval).await;
-        let Some(lost) = primary_lost(&node) else { continue };
+        let Some(cause) = primary_lost(&node) else { continue };
         // Only the standby the voters would choose: another further ahead takes over.
         let revision = node.applied.read().expect("state lock").state.revision();
-        if let Some(better) = better_standby(&node, &lost.primary, lost.epoch, revision) {
+        if let Some(better) = better_standby(&node, &cause.primary, cause.epoch, revision) {
             tracing::debug!(better, "region failover: another standby is further ahead");
             continue;
         }
-        let cause = Cause {
-            description: format!("{} did not answer for {} ms", lost.primary, lost.silent_for.as_millis()),
-            primary: lost.primary,
-            epoch: lost.epoch,
-            since: lost.last_heard,
-        };
         if let Err(e) = take_over(&node, &cause, VoteKind::Lost).await {
             tracing::warn!("region failover: {e}");
         }
@@ -73,18 +67,10 @@ fn better_standby(node: &Shared, primary: &str, epoch: u64, revision: u64) -> Op
     .better
 }
 
-/// The primary region this standby's leader finds lost, and when it was last heard of.
-pub struct Lost {
-    pub primary: String,
-    pub epoch: u64,
-    /// When it last answered this node (or this node started asking).
-    pub last_heard: Instant,
-    pub silent_for: Duration,
-}
-
-/// The primary region, if this node leads a standby region that has not heard from it for
-/// the failover's silence.
-fn primary_lost(node: &Shared) -> Option<Lost> {
+/// The primary region as a failover's cause, if this node leads a standby region that has
+/// not heard from it for the failover's silence (since it last answered, or since this node
+/// started asking).
+fn primary_lost(node: &Shared) -> Option<Cause> {
     if node.known_leader() != Some(node.id) {
         return None;
     }
@@ -104,12 +90,15 @@ fn primary_lost(node: &Shared) -> Option<Lost> {
     if contact.reachable(now, silence) {
         return None;
     }
-    let last_heard = contact.last_answer().unwrap_or(now - silence);
-    Some(Lost {
+    let since = contact.last_answer().unwrap_or(now - silence);
+    Some(Cause {
+        description: format!(
+            "{primary} did not answer for {} ms",
+            now.duration_since(since).as_millis()
+        ),
         primary,
         epoch,
-        last_heard,
-        silent_for: now.duration_since(last_heard),
+        since,
     })
 }
 
@@ -134,12 +123,11 @@ pub struct TakenOver {
 
 /// One campaign for the epoch after `cause.epoch`, then the promotion.
 pub async fn take_over(node: &Shared, cause: &Cause, kind: VoteKind) -> Result<TakenOver, String> {
-    let lost = cause;
     let regions = &node.config.regions;
     let own = node.config.region.clone();
     let revision = node.applied.read().expect("state lock").state.revision();
     let request = VoteRequest {
-        epoch: lost.epoch + 1,
+        epoch: cause.epoch + 1,
         candidate: own.clone(),
         revision,
         kind,

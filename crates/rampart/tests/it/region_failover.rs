@@ -24,7 +24,7 @@ pub(crate) async fn east_west_judge(extra: &[&str]) -> Regions {
 
 /// East (one node, primary), west of `west_nodes` and the witness "judge", with these
 /// lines under `[regions]`.
-async fn east_west_judge_with(west_nodes: usize, settings: &[&str]) -> Regions {
+pub(crate) async fn east_west_judge_with(west_nodes: usize, settings: &[&str]) -> Regions {
     let options = RegionsOptions {
         primary: "east".into(),
         regions: vec![
@@ -754,24 +754,15 @@ async fn the_standbys_leader_killed_mid_promotion_the_promotion_is_retried_and_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no_more_than_the_bound() {
     const BOUND: usize = 40;
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![
-            RegionSpec::new("east", 1),
-            RegionSpec::new("west", 1),
-            RegionSpec::witness("judge"),
-        ],
-        settings: vec![
-            // Checks slower than the link's round trip below.
-            "health_check_interval = \"500ms\"".into(),
-            "region_timeout = \"2s\"".into(),
-            "region_lease = \"2s\"".into(),
-            format!("max_rpo_lag = {BOUND}"),
-        ],
-        tls: false,
-    };
-    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let bound = format!("max_rpo_lag = {BOUND}");
+    let settings = [
+        // Checks slower than the link's round trip below.
+        "health_check_interval = \"500ms\"",
+        "region_timeout = \"2s\"",
+        "region_lease = \"2s\"",
+        &bound,
+    ];
+    let mut regions = east_west_judge_with(1, &settings).await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     east.put("rpo/0", "v", PutOptions::default()).await.expect("put");
     // West reads east's log (and says what it applied) 150 ms late each way: four writers

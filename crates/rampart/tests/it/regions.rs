@@ -798,21 +798,8 @@ async fn the_region_link_is_mutual_tls_and_a_node_of_another_ca_cannot_open_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_witness_keeps_no_data_answers_region_health_and_is_watched() {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![
-            RegionSpec::new("east", 1),
-            RegionSpec::new("west", 1),
-            RegionSpec::witness("judge"),
-        ],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-        ],
-        tls: false,
-    };
-    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let settings = ["health_check_interval = \"100ms\"", "region_timeout = \"500ms\""];
+    let mut regions = crate::region_failover::east_west_judge_with(1, &settings).await;
     let (primary, witness) = (regions.client("east"), regions.client("judge"));
     primary
         .put("judge/k", "v", rampart_client::PutOptions::default())
