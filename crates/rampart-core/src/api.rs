@@ -261,6 +261,14 @@ pub struct LeaseStatus {
     pub lease_ms: u64,
 }
 
+/// `POST /v1/regions/lease/left` (node to its own leader): how long the region lease of
+/// `epoch` has left on the leader's clock (0: none held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseLeft {
+    pub epoch: u64,
+    pub remaining_ms: u64,
+}
+
 /// `POST /v1/regions/verify`: a verification made now by each standby region (from a
 /// primary region's node: every standby; from a standby's: its own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

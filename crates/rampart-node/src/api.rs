@@ -59,6 +59,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/regions/snapshot", get(regions::snapshot))
         .route("/v1/regions/verify", post(regions::verify))
         .route("/v1/regions/lease", post(region_lease::renew))
+        .route("/v1/regions/lease/left", post(region_lease::left))
         .route("/v1/regions/vote", post(region_lease::vote))
         .route("/v1/regions/ack", post(region_lease::ack))
         .route("/v1/regions/divergence", get(link::divergence))

@@ -214,6 +214,25 @@ impl Node {
             .is_some_and(|(_, holder)| holder.may_acknowledge(now))
     }
 
+    /// Whether this node, in the primary region of several, must treat its region's lease
+    /// as ending: it fences the service primaries it hosts and does not serve its registry
+    /// as current (`core::region::fence`). Reads the applied state: never call it while
+    /// holding that lock.
+    pub fn region_fenced(&self) -> bool {
+        if self.config.regions.known.is_empty() {
+            return false;
+        }
+        let (primary, epoch) = self.primary_and_epoch();
+        if primary != self.config.region {
+            return false;
+        }
+        let now = self.mono_ms();
+        let mut lease = self.region_lease.lock().expect("region lease lock");
+        lease
+            .end_at(epoch, now, self.config.regions.region_lease_ms)
+            .must_fence(now)
+    }
+
     /// 503 `region_lease_lost` (nothing was written: safe to retry), or, once the write was
     /// applied, `outcome_unknown`: the primary region could not renew its lease from a
     /// majority of regions, so it acknowledges no write (another region may be taking over).

@@ -228,7 +228,30 @@ pub struct ShowQuery {
     index: Option<u64>,
     /// How long to wait for a change (default 60s, at most 10m).
     wait: Option<String>,
+    /// `stale`: answer even from a primary region whose lease may be ending.
+    consistency: Option<String>,
 }
+
+/// 503 `region_lease_lost` for a registry read on a node of a primary region whose lease
+/// may be ending (`Node::region_fenced`): another region may be promoting its own
+/// instances, so this view's primary may be fenced. A client given several regions'
+/// endpoints (a proxy) goes on to the next.
+fn refuse_if_fenced(node: &Shared, stale: bool) -> Result<(), ApiError> {
+    if stale || !node.region_fenced() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "region_lease_lost",
+        format!(
+            "region {} may be losing its region lease (not renewed from a majority of regions): its service primaries are fenced and another region may take over; ask another region, or read with ?consistency=stale",
+            node.config.region
+        ),
+    ))
+}
+
+/// How often a blocking read checks that its node may still serve the view.
+const FENCED_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Longest a blocking read of a service waits before answering an unchanged view.
 const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
@@ -278,6 +301,17 @@ pub async fn show(
             .map_err(|e| ApiError::bad_request("bad_query", format!("wait={text:?}: {e}")))?
             .min(WAIT_MAX),
     };
+    let stale = match query.consistency.as_deref() {
+        None => false,
+        Some("stale") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad_query",
+                format!("consistency={other:?}: only \"stale\" is accepted"),
+            ))
+        }
+    };
+    refuse_if_fenced(&node, stale)?;
     let mut changes = node.sm.services_changes();
     let first = current(&node, &name)?;
     let Some(index) = query.index else {
@@ -287,13 +321,15 @@ pub async fn show(
         return Ok(Json(first));
     }
     // A node cut off from its leader would hold a watcher on a view nobody updates: it
-    // answers no_leader instead (checked each second), and the caller moves to another node.
+    // answers no_leader instead, and a node of a region losing its lease region_lease_lost
+    // (checked each tick); the caller moves to another node.
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if node.known_leader().is_none() {
             return Err(ApiError::no_leader());
         }
-        let tick = deadline.min(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        refuse_if_fenced(&node, stale)?;
+        let tick = deadline.min(tokio::time::Instant::now() + FENCED_TICK);
         match tokio::time::timeout_at(tick, changes.changed()).await {
             Ok(Ok(())) => {
                 let now = current(&node, &name)?;

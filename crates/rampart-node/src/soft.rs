@@ -162,4 +162,20 @@ pub struct RegionLease {
     /// On the primary's leader: the shipped revision each standby region last said it
     /// applied (`POST /v1/regions/ack`), for the bounded RPO.
     pub acked: std::collections::BTreeMap<String, u64>,
+    /// On every node of the primary region: the latest end of the lease its leader told it
+    /// of, for fencing the service primaries it hosts (`core::region::fence`).
+    pub end: Option<rampart_core::region::fence::LeaseEnd>,
+}
+
+impl RegionLease {
+    /// The view of the lease end at `epoch`, started afresh at `now_ms` when there is none
+    /// yet or it is of another epoch (the region just took over, or the node just started).
+    pub fn end_at(&mut self, epoch: u64, now_ms: u64, lease_ms: u64) -> &mut rampart_core::region::fence::LeaseEnd {
+        use rampart_core::region::fence::LeaseEnd;
+        let end = self.end.get_or_insert_with(|| LeaseEnd::new(now_ms, epoch, lease_ms));
+        if end.epoch() != epoch {
+            *end = LeaseEnd::new(now_ms, epoch, lease_ms);
+        }
+        end
+    }
 }

@@ -4,7 +4,11 @@
 //!
 //! The registry is followed with `Client::service_watch` (one watch per service, shared by
 //! its listeners). While the control plane cannot be reached the last view stays in force:
-//! a proxy that lost its control plane keeps routing as it last knew.
+//! a proxy that lost its control plane keeps routing as it last knew. Given several
+//! regions' endpoints, it follows the region that answers, and never goes back to a view
+//! of an older region epoch than one it has applied; a primary region that may be losing
+//! its lease refuses to answer (`region_lease_lost`), so the proxy moves on to the region
+//! that takes over.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -106,9 +110,17 @@ pub async fn follow_all(client: Arc<Client>, targets: Vec<Arc<Target>>) {
 async fn follow(client: Arc<Client>, service: String, targets: Vec<Arc<Target>>) {
     let mut index = 0;
     let mut pause = RETRY_FIRST;
+    // The newest region epoch a view came from: a region that lost a failover may still
+    // answer for a while, and its view must not send traffic back to its fenced primary.
+    let mut newest_epoch = 0;
     loop {
         match client.service_watch(&service, index, WATCH_WAIT).await {
+            Ok(view) if view.epoch < newest_epoch => {
+                tracing::warn!(%service, epoch = view.epoch, newest_epoch, "ignoring a view from an older region epoch (keeping the last view)");
+                index = 0;
+            }
             Ok(view) => {
+                newest_epoch = view.epoch;
                 if index == 0 || view.index != index {
                     tracing::debug!(%service, primary = ?view.primary, serving = ?view.serving, "registry view");
                 }

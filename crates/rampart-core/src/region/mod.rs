@@ -5,6 +5,7 @@
 //!
 //! `primary` only seeds a new deployment; afterwards the replicated region epoch decides.
 
+pub mod fence;
 pub mod lease;
 pub mod takeover;
 

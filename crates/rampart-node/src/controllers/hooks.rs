@@ -11,6 +11,8 @@
 //! `RAMPART_FENCING_TOKEN`, `RAMPART_REGION_EPOCH` (compare tokens as (epoch, token) across
 //! region failovers) and `RAMPART_PRIMARY_ENDPOINT`, the policy's timeout, and
 //! bounded captured output; each run is reported to the leader, which records an event.
+//! A node that must let go of a primary it hosts (cut off from its region's majority, or
+//! its region's lease about to end) runs `on_demote` by itself: self-fencing.
 //! A node restarted mid-way runs the hooks for the current state again: hooks are at least
 //! once, and must be idempotent for a given fencing token.
 
@@ -69,7 +71,10 @@ pub async fn run(node: Shared) {
 }
 
 /// Safety rule 4: a node cut off from the region's majority fences the primaries it hosts
-/// (`on_demote`) before their hold can run out at the leader.
+/// (`on_demote`) before their hold can run out at the leader; and, with rule 5, a node of a
+/// primary region that may be losing its region lease fences them before that lease can
+/// end, since another region promotes its own instances only after it ended
+/// (`core::region::fence`).
 async fn fence(node: Shared) {
     let mut fenced: HashMap<(String, String), u64> = HashMap::new();
     let mut tick = tokio::time::interval(FENCE_TICK);
@@ -88,11 +93,16 @@ async fn fence(node: Shared) {
         if !hosts_primary.1 {
             continue;
         }
-        let contact_age = node.majority_contact_age().await.min(started.elapsed());
-        if !node.hold().must_fence(contact_age) {
-            continue;
-        }
-        for due in self_fence(&node, &mut fenced) {
+        let why = if node.region_fenced() {
+            "the region's lease may end (not renewed from a majority of regions): fencing the primary (on_demote)"
+        } else {
+            let contact_age = node.majority_contact_age().await.min(started.elapsed());
+            if !node.hold().must_fence(contact_age) {
+                continue;
+            }
+            "cut off from the region's majority: fencing the primary (on_demote)"
+        };
+        for due in self_fence(&node, &mut fenced, why) {
             let node = node.clone();
             tokio::spawn(async move {
                 let report = run_hook(&node, &due).await;
@@ -112,7 +122,7 @@ fn hosts_a_primary(node: &Shared) -> bool {
 }
 
 /// `on_demote` for every primary this node hosts and has not fenced yet for its token.
-fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec<Due> {
+fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>, why: &str) -> Vec<Due> {
     let applied = node.applied.read().expect("state lock");
     let mut due = Vec::new();
     for (service_name, service) in &applied.state.shipped.services {
@@ -130,7 +140,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>) -> Vec
             service = %service_name,
             instance = %primary,
             token = service.token,
-            "cut off from the region's majority: fencing the primary (on_demote)"
+            "{why}"
         );
         fenced.insert(key, service.token);
         due.push(Due {

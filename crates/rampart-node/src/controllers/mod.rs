@@ -1,6 +1,6 @@
 //! The node's loops, one module each, and what they decide with (`rampart-core`) and act on.
 //! Every node runs `elector` (pre-vote elections), `raft_metrics` (the engine's gauges),
-//! `regions` (asks the other regions how they are), `region_lease` (the primary's leader renews the region lease; every leader grants it), `link` (a standby's leader follows the
+//! `regions` (asks the other regions how they are), `region_lease` (the primary's leader renews the region lease, and every node of the primary region asks it how long the lease has left; every leader grants it), `link` (a standby's leader follows the
 //! primary region's shipped writes), `takeover` (a standby's leader takes over a lost primary region), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
 //! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
@@ -43,6 +43,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(rules::run(node.clone())),
         tokio::spawn(regions::run(node.clone())),
         tokio::spawn(region_lease::run(node.clone())),
+        tokio::spawn(region_lease::run_end(node.clone())),
         tokio::spawn(link::run(node.clone())),
         tokio::spawn(link::run_acks(node.clone())),
         tokio::spawn(takeover::run(node.clone())),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::Json;
+use rampart_core::api::LeaseLeft;
 use rampart_core::region::lease::{Decided, Grantor, Holder, RenewAnswer, Renewal, VoteAnswer, VoteFacts, VoteRequest};
 use rampart_core::region::takeover::{better_than, required_silence_ms, Standby, FLAP_WINDOW_MS};
 use rampart_core::region::Regions;
@@ -499,6 +500,77 @@ pub fn refuse_unless(
         ));
     }
     Ok(())
+}
+
+/// Every node of the primary region keeps the latest end of its leader's lease, on its own
+/// clock, asking each `health_check_interval` (the leader reads its own holder): the
+/// service primaries it hosts are fenced before that end can pass (`hooks.rs`), and its
+/// registry is not served as current meanwhile (`Node::region_fenced`).
+pub async fn run_end(node: Shared) {
+    let regions = node.config.regions.clone();
+    if regions.known.is_empty() {
+        return;
+    }
+    let interval = Duration::from_millis(regions.health_check_interval_ms);
+    let timeout = Duration::from_millis(regions.region_lease_ms / 2);
+    loop {
+        let (primary, epoch) = node.primary_and_epoch();
+        if primary == node.config.region {
+            let asked = node.mono_ms();
+            let left = if node.known_leader() == Some(node.id) {
+                Some(lease_left(&node))
+            } else {
+                let body = serde_json::json!({});
+                let answer = crate::forward::call(
+                    &node,
+                    crate::forward::To::Leader,
+                    "/v1/regions/lease/left",
+                    &body,
+                    Some(timeout),
+                )
+                .await;
+                answer
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<LeaseLeft>(&bytes).ok())
+            };
+            let now = node.mono_ms();
+            let mut lease = node.region_lease.lock().expect("region lease lock");
+            let end = lease.end_at(epoch, now, regions.region_lease_ms);
+            if let Some(left) = left {
+                end.told(left.epoch, asked, left.remaining_ms);
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// How long this leader's lease has left now, at the epoch it holds it for.
+fn lease_left(node: &Shared) -> LeaseLeft {
+    let now = node.mono_ms();
+    let lease = node.region_lease.lock().expect("region lease lock");
+    match &lease.holder {
+        Some((_, holder)) => LeaseLeft {
+            epoch: holder.epoch(),
+            remaining_ms: holder.valid_until_ms().map_or(0, |until| until.saturating_sub(now)),
+        },
+        None => LeaseLeft {
+            epoch: 0,
+            remaining_ms: 0,
+        },
+    }
+}
+
+/// `POST /v1/regions/lease/left` (a node of this region to its leader): how long the
+/// lease this leader holds has left.
+pub async fn left(
+    State(node): State<Shared>,
+    connection: Option<axum::Extension<crate::auth::Connection>>,
+) -> Result<Json<LeaseLeft>, ApiError> {
+    refuse_unless(&node, connection, LinkCaller::AnyNode)?;
+    if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
+        return Err(ApiError::not_leader());
+    }
+    Ok(Json(lease_left(&node)))
 }
 
 /// The lease as this node holds it, for `GET /v1/regions`: on the primary's leader only.

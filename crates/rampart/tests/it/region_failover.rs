@@ -54,11 +54,13 @@ async fn judged_up(client: &Client, id: &str) {
 }
 
 /// Service "db" with instance "near" (east, at `near`) and "far" (west, at `far`), fast tcp
-/// checks, near the primary once each region judges its own up; the token then.
-async fn db_in_both(east: &Client, west: &Client, near: String, far: String) -> u64 {
+/// checks and these `hooks`, near the primary once each region judges its own up; the
+/// token then.
+async fn db_in_both(east: &Client, west: &Client, near: String, far: String, hooks: serde_json::Value) -> u64 {
     use rampart_core::service::{InstanceSpec, PolicySpec};
     let policy: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "tcp", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 2}],
+        "hooks": hooks,
     }))
     .expect("policy");
     east.service_put("db", &policy).await.expect("service");
@@ -664,7 +666,7 @@ async fn a_region_failover_promotes_each_services_best_instance_in_the_new_prima
     let (east, west) = (regions.client("east"), regions.client("west"));
     let (near, _near_task) = crate::regions::live_endpoint().await;
     let (far, _far_task) = crate::regions::live_endpoint().await;
-    let token_before = db_in_both(&east, &west, near, far).await;
+    let token_before = db_in_both(&east, &west, near, far, serde_json::json!({})).await;
 
     regions.region_mut("east").kill(1);
     // West takes over the region, then the service: its own instance, with a new token.
@@ -830,14 +832,27 @@ async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no
     );
 }
 
+/// The primary region cut off from the others but alive: its node fences the service's
+/// primary (`on_demote`) before the new primary region promotes its own (`on_promote`),
+/// and a proxy given both regions' endpoints, the old one first, moves to the new region's
+/// instance and closes its connection to the fenced one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
-    let mut regions = three_regions().await;
+async fn a_cut_off_primary_region_fences_its_service_primary_first_and_a_proxy_moves_to_the_new_one() {
+    let regions = three_regions().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    // Both regions' nodes append to one file: its order is the order the hooks ran in.
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_REGION_EPOCH" >> {}"#,
+            log.display()
+        )
+    };
     let (near, _near_task) = crate::proxy::backend("near");
     let (far, _far_task) = crate::proxy::backend("far");
-    db_in_both(&east, &west, near.to_string(), far.to_string()).await;
-    // A proxy given both regions' endpoints.
+    let hooks = serde_json::json!({"on_promote": hook("promote"), "on_demote": hook("demote")});
+    db_in_both(&east, &west, near.to_string(), far.to_string(), hooks).await;
     let port = rampart_testkit::cluster::free_port().expect("port");
     let endpoints: Vec<String> = ["east", "west"]
         .iter()
@@ -858,17 +873,36 @@ async fn a_proxy_follows_the_services_primary_into_the_new_primary_region() {
     let (name, mut to_old) = crate::proxy_registry::connect(&through).await.expect("a connection");
     assert_eq!(name, "near");
 
-    regions.region_mut("east").kill(1);
-    // The region fails over, the service's primary moves to west's instance: the proxy
-    // closes the connection to the old one and sends new ones to far.
+    // East loses the other regions, not the proxy.
+    regions.cut("east", "west");
+    regions.cut("east", "judge");
     crate::proxy_registry::wait_closed(&mut to_old, "the connection to the fenced primary").await;
     eventually(DEADLINE, "far through the proxy", || async {
         (crate::proxy::ask(&through).await? == "far").then_some(())
     })
     .await;
-    // The health oracle on the admin port says so too.
     let (status, body) = crate::proxy_registry::get_json(&format!("http://{admin}/listeners/db/primary")).await;
     assert_eq!((status, &body["primary"]), (200, &serde_json::json!("far")), "{body}");
+
+    let lines = eventually(DEADLINE, "far's on_promote at epoch 2", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines.iter().any(|l| l == "promote far 2").then_some(lines)
+    })
+    .await;
+    let demoted = lines
+        .iter()
+        .position(|l| l == "demote near 1")
+        .unwrap_or_else(|| panic!("near was never fenced: {lines:?}"));
+    let promoted = lines.iter().position(|l| l == "promote far 2").expect("found above");
+    assert!(
+        demoted < promoted,
+        "east's primary let go before west's took over: {lines:?}"
+    );
+    // East still answers, but not with its registry as current.
+    let east_only = east.with_deadline(Duration::from_millis(500));
+    let refused = east_only.service("db").await.expect_err("east's view is not current");
+    assert!(refused.to_string().contains("region_lease_lost"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
