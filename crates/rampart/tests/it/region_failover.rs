@@ -985,3 +985,40 @@ async fn a_planned_failover_to_a_region_whose_state_differs_is_called_off_and_wr
     assert_eq!(put.epoch, 1);
     assert_eq!(west.cluster().await.expect("west").epoch, 1);
 }
+
+/// A planned failover whose target never shows it has the last revision (the primary cannot
+/// reach it, while the target still reaches the primary): the primary calls the handover
+/// off after its catch-up timeout, the operator gets `handover_timeout`, and the primary
+/// takes writes again at the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_failover_that_times_out_is_called_off_and_writes_resume() {
+    let regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    east.put("late/0", "v", PutOptions::default()).await.expect("put");
+    wait_caught_up(&east, &west).await;
+    // One way only: west still follows east and reaches it; east hears nothing from west
+    // (the judge and east itself keep granting its lease).
+    regions.set_link("east", "west", rampart_testkit::RelayMode::Blackhole);
+    let refused = west
+        .with_deadline(Duration::from_secs(60))
+        .regions_failover(&rampart_core::api::FailoverRequest {
+            to: "west".into(),
+            allow_data_loss: false,
+            dry_run: false,
+        })
+        .await
+        .expect_err("called off");
+    assert!(refused.to_string().contains("handover_timeout"), "{refused}");
+    let put = eventually(DEADLINE, "writes resumed on east", || async {
+        east.put("late/after", "v", PutOptions::default()).await.ok()
+    })
+    .await;
+    assert_eq!(put.epoch, 1);
+    let west = regions.client("west");
+    assert_eq!(west.cluster().await.expect("west").epoch, 1, "west was never promoted");
+    assert_eq!(
+        east.regions().await.expect("east").primary,
+        "east",
+        "east is still the primary region"
+    );
+}
