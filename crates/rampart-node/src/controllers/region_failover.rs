@@ -2,8 +2,9 @@
 //! --to REGION`) and `POST /v1/regions/failback`, run by the target region's leader (a node
 //! of another region passes the request on over the region link).
 //!
-//! With the primary region reachable it is *planned* (RPO 0): the primary's leader stops
-//! acknowledging (it releases its lease: `Holder::release`, and renews no more), waits
+//! With the primary region reachable it is *planned* (RPO 0): the primary's leader first
+//! has each service primary of its region let go (`on_demote`, then the role released, as
+//! a switchover's first step), then stops acknowledging (it releases its lease: `Holder::release`, and renews no more), waits
 //! until the target has applied its last revision, compares their checksums there, and
 //! answers with the last renewal it released (`POST /v1/regions/handover`); the target
 //! then gathers planned promises (voters count no released grant, so nothing is waited
@@ -299,6 +300,17 @@ pub async fn handover(
             ),
         ));
     };
+    if !node.holds_region_lease() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "region_lease_lost",
+            "this region does not hold the region lease: nothing to hand over",
+        ));
+    }
+    // Each service primary of this region lets go first, while the lease still holds (its
+    // on_demote ran, the role is released), and none is promoted here again until the
+    // handover is done: the target promotes its own once it took over.
+    let _letting_go = let_go_of_primaries(&node).await?;
     let released_seq = {
         let mut lease = node.region_lease.lock().expect("region lease lock");
         let Some((_, holder)) = lease.holder.as_mut() else {
@@ -324,6 +336,54 @@ pub async fn handover(
             Err(e)
         }
     }
+}
+
+/// Every service whose primary is in this region lets it go (`switchover::let_go`), one
+/// after another; the guards keep this region's failover from promoting them again. A
+/// primary that does not let go calls the handover off (those already released are
+/// promoted again here once the guards drop).
+async fn let_go_of_primaries(node: &Shared) -> Result<Vec<super::switchover::InProgress>, ApiError> {
+    let primaries: Vec<(String, String, bool, u64)> = {
+        let applied = node.applied.read().expect("state lock");
+        applied
+            .state
+            .shipped
+            .services
+            .iter()
+            .filter_map(|(name, service)| {
+                let (id, record) = service.primary_record()?;
+                node.config.regions.looks_after(&record.instance.region).then(|| {
+                    (
+                        name.clone(),
+                        id.to_string(),
+                        record.instance.node.is_some(),
+                        service.policy.hooks.timeout_ms,
+                    )
+                })
+            })
+            .collect()
+    };
+    let mut guards = Vec::new();
+    for (service, id, hosted, hooks_timeout_ms) in primaries {
+        let guard = super::switchover::InProgress::start(node, &service).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "switchover_in_progress",
+                format!("a switchover of service {service:?} is running: retry the failover when it is done"),
+            )
+        })?;
+        guards.push(guard);
+        if let Err(e) = super::switchover::let_go(node, &service, &id, hosted, hooks_timeout_ms).await {
+            tracing::warn!(%service, instance = %id, "region handover called off: the primary did not let go: {}", e.message);
+            return Err(ApiError::new(
+                e.status,
+                e.code,
+                format!("service {service:?}: {}; the handover is called off", e.message),
+            ));
+        }
+        tracing::info!(%service, instance = %id, "region handover: the primary let go");
+    }
+    Ok(guards)
 }
 
 /// Waits until `target` has applied this region's last revision (which moves no more: it

@@ -143,13 +143,13 @@ pub async fn switchover(
 
 /// Marks a service as being switched over for as long as it lives: the failover controller
 /// must not promote anyone while the role is between its old and new holder.
-struct InProgress {
+pub(crate) struct InProgress {
     node: Shared,
     service: String,
 }
 
 impl InProgress {
-    fn start(node: &Shared, service: &str) -> Option<InProgress> {
+    pub(crate) fn start(node: &Shared, service: &str) -> Option<InProgress> {
         let fresh = node
             .switchovers
             .lock()
@@ -228,59 +228,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
 
     // 1. The old primary lets go: its node runs on_demote, then the leader releases it.
     if let Some(old) = &previous {
-        let op = if previous_hosted {
-            Op::Demote {
-                service: service.to_string(),
-                id: old.clone(),
-            }
-        } else {
-            Op::Release {
-                service: service.to_string(),
-                id: old.clone(),
-            }
-        };
-        match node.propose(op).await? {
-            Outcome::Demoting | Outcome::Released => {}
-            other => return Err(unexpected(other)),
-        }
-        let deadline = Instant::now() + Duration::from_millis(hooks_timeout_ms) + Duration::from_secs(5);
-        loop {
-            let (primary, demoting) = {
-                let applied = node.applied.read().expect("state lock");
-                let s = &applied.state.shipped.services[service];
-                (s.primary.clone(), s.demoting)
-            };
-            if primary.is_none() {
-                break;
-            }
-            if !demoting {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "demotion_failed",
-                    format!("{old:?}'s on_demote hook failed; it stays primary (see rampart events --kind hook)"),
-                ));
-            }
-            if Instant::now() >= deadline {
-                // Call the demotion off, so the service is not left half-way and a later
-                // switchover can ask again.
-                let cancel = Op::CancelDemote {
-                    service: service.to_string(),
-                    id: old.clone(),
-                };
-                if let Err(e) = node.propose(cancel).await {
-                    tracing::warn!(%service, "could not call off an unconfirmed demotion: {}", e.message);
-                }
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "demotion_unconfirmed",
-                    format!(
-                        "{old:?}'s node did not confirm on_demote within {}ms; it stays primary and nothing was promoted",
-                        hooks_timeout_ms + 5000
-                    ),
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let_go(node, service, old, previous_hosted, hooks_timeout_ms).await?;
     }
 
     // 2. The target catches up (its reported lag reaches 0).
@@ -329,5 +277,72 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
             format!("{primary:?} became primary meanwhile"),
         )),
         other => Err(unexpected(other)),
+    }
+}
+
+/// The primary `old` of `service` lets go, on the leader: its node runs `on_demote` and the
+/// role is released on its report (at once for an instance no node hosts, `hosted` false).
+/// Called off (the demotion cancelled, `old` still primary) when the hook fails or is not
+/// confirmed within the hooks' timeout and 5 s. A planned switchover's first step, and a
+/// planned region failover's for each primary of the region it leaves.
+pub(crate) async fn let_go(
+    node: &Shared,
+    service: &str,
+    old: &str,
+    hosted: bool,
+    hooks_timeout_ms: u64,
+) -> Result<(), ApiError> {
+    let op = if hosted {
+        Op::Demote {
+            service: service.to_string(),
+            id: old.to_string(),
+        }
+    } else {
+        Op::Release {
+            service: service.to_string(),
+            id: old.to_string(),
+        }
+    };
+    match node.propose(op).await? {
+        Outcome::Demoting | Outcome::Released => {}
+        other => return Err(unexpected(other)),
+    }
+    let deadline = Instant::now() + Duration::from_millis(hooks_timeout_ms) + Duration::from_secs(5);
+    loop {
+        let (primary, demoting) = {
+            let applied = node.applied.read().expect("state lock");
+            let s = &applied.state.shipped.services[service];
+            (s.primary.clone(), s.demoting)
+        };
+        if primary.is_none() {
+            return Ok(());
+        }
+        if !demoting {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "demotion_failed",
+                format!("{old:?}'s on_demote hook failed; it stays primary (see rampart events --kind hook)"),
+            ));
+        }
+        if Instant::now() >= deadline {
+            // Call the demotion off, so the service is not left half-way and a later
+            // switchover can ask again.
+            let cancel = Op::CancelDemote {
+                service: service.to_string(),
+                id: old.to_string(),
+            };
+            if let Err(e) = node.propose(cancel).await {
+                tracing::warn!(%service, "could not call off an unconfirmed demotion: {}", e.message);
+            }
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "demotion_unconfirmed",
+                format!(
+                    "{old:?}'s node did not confirm on_demote within {}ms; it stays primary and nothing was promoted",
+                    hooks_timeout_ms + 5000
+                ),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }

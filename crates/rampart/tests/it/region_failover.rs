@@ -832,6 +832,66 @@ async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no
     );
 }
 
+/// The hook log a test's hooks append to (both regions' nodes write one file, so its order
+/// is the order the hooks ran in), and the hooks that write "HOOK INSTANCE EPOCH" lines.
+fn hook_log() -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("hooks.log");
+    let hook = |name: &str| {
+        format!(
+            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_REGION_EPOCH" >> {}"#,
+            log.display()
+        )
+    };
+    let hooks = serde_json::json!({"on_promote": hook("promote"), "on_demote": hook("demote")});
+    (dir, log, hooks)
+}
+
+/// Waits for `line` in the hook log, then asserts that `before` is there ahead of it.
+async fn ran_before(log: &std::path::Path, before: &str, line: &str) {
+    let lines = eventually(DEADLINE, line, || async {
+        let text = std::fs::read_to_string(log).ok()?;
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines.iter().any(|l| l == line).then_some(lines)
+    })
+    .await;
+    let first = lines
+        .iter()
+        .position(|l| l == before)
+        .unwrap_or_else(|| panic!("never ran: {before:?}: {lines:?}"));
+    let then = lines.iter().position(|l| l == line).expect("found above");
+    assert!(first < then, "{before:?} must run before {line:?}: {lines:?}");
+}
+
+/// A planned failover and its fail-back move a service's primary with it, the old one
+/// letting go (`on_demote`) before the new region promotes its own (`on_promote`), both
+/// ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_failover_and_failback_demote_the_services_primary_before_promoting_the_other() {
+    let regions = three_regions().await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let (_dir, log, hooks) = hook_log();
+    let (near, _near_task) = crate::regions::live_endpoint().await;
+    let (far, _far_task) = crate::regions::live_endpoint().await;
+    db_in_both(&east, &west, near, far, hooks).await;
+    let to = |region: &str| rampart_core::api::FailoverRequest {
+        to: region.into(),
+        allow_data_loss: false,
+        dry_run: false,
+    };
+    let moved = west.regions_failover(&to("west")).await.expect("planned failover");
+    assert!(moved.planned && moved.epoch == 2, "{moved:?}");
+    ran_before(&log, "demote near 1", "promote far 2").await;
+    // East follows west; once it judges near up again it can take the primary back.
+    eventually(DEADLINE, "east following west", || async {
+        (east.cluster().await.ok()?.epoch == 2).then_some(())
+    })
+    .await;
+    let back = east.regions_failback(&to("east")).await.expect("fail-back");
+    assert!(back.planned && back.epoch == 3, "{back:?}");
+    ran_before(&log, "demote far 2", "promote near 3").await;
+}
+
 /// The primary region cut off from the others but alive: its node fences the service's
 /// primary (`on_demote`) before the new primary region promotes its own (`on_promote`),
 /// and a proxy given both regions' endpoints, the old one first, moves to the new region's
@@ -840,18 +900,9 @@ async fn with_max_rpo_lag_a_failover_under_a_load_that_outruns_the_link_loses_no
 async fn a_cut_off_primary_region_fences_its_service_primary_first_and_a_proxy_moves_to_the_new_one() {
     let regions = three_regions().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let log = dir.path().join("hooks.log");
-    // Both regions' nodes append to one file: its order is the order the hooks ran in.
-    let hook = |name: &str| {
-        format!(
-            r#"echo "{name} $RAMPART_INSTANCE $RAMPART_REGION_EPOCH" >> {}"#,
-            log.display()
-        )
-    };
+    let (_dir, log, hooks) = hook_log();
     let (near, _near_task) = crate::proxy::backend("near");
     let (far, _far_task) = crate::proxy::backend("far");
-    let hooks = serde_json::json!({"on_promote": hook("promote"), "on_demote": hook("demote")});
     db_in_both(&east, &west, near.to_string(), far.to_string(), hooks).await;
     let port = rampart_testkit::cluster::free_port().expect("port");
     let endpoints: Vec<String> = ["east", "west"]
@@ -884,21 +935,8 @@ async fn a_cut_off_primary_region_fences_its_service_primary_first_and_a_proxy_m
     let (status, body) = crate::proxy_registry::get_json(&format!("http://{admin}/listeners/db/primary")).await;
     assert_eq!((status, &body["primary"]), (200, &serde_json::json!("far")), "{body}");
 
-    let lines = eventually(DEADLINE, "far's on_promote at epoch 2", || async {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        lines.iter().any(|l| l == "promote far 2").then_some(lines)
-    })
-    .await;
-    let demoted = lines
-        .iter()
-        .position(|l| l == "demote near 1")
-        .unwrap_or_else(|| panic!("near was never fenced: {lines:?}"));
-    let promoted = lines.iter().position(|l| l == "promote far 2").expect("found above");
-    assert!(
-        demoted < promoted,
-        "east's primary let go before west's took over: {lines:?}"
-    );
+    // East's primary let go before west's took over.
+    ran_before(&log, "demote near 1", "promote far 2").await;
     // East still answers, but not with its registry as current.
     let east_only = east.with_deadline(Duration::from_millis(500));
     let refused = east_only.service("db").await.expect_err("east's view is not current");
