@@ -26,7 +26,14 @@ pub struct Soft {
     pub restarts: HashMap<InstanceKey, Restart>,
     /// When this node last became leader: heartbeat deadlines count from no earlier.
     pub leader_since: Option<Instant>,
+    /// Hook runs this leader recorded an event for (service, instance, hook, token,
+    /// outcome): a report sent again (a self-fence's, retried until its region can commit)
+    /// is recorded once. Cleared when it grows past [`HOOK_EVENTS_KEPT`].
+    pub hook_events: std::collections::BTreeSet<(String, String, String, u64, String)>,
 }
+
+/// How many recorded hook runs a leader remembers, to record each once.
+pub const HOOK_EVENTS_KEPT: usize = 4096;
 
 /// One node's latest probe view of an instance, and when it arrived.
 #[derive(Debug, Clone, Copy)]

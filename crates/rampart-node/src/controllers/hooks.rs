@@ -93,6 +93,12 @@ async fn fence(node: Shared) {
         if !hosts_primary.1 {
             continue;
         }
+        // About to fence for the region lease: ask once more first, within an eighth of
+        // the lease (half the margin), in case it was renewed since the last ask.
+        if node.region_fenced() {
+            let lease_ms = node.config.regions.region_lease_ms;
+            super::region_lease::ask_end(&node, Duration::from_millis(lease_ms / 8)).await;
+        }
         let why = if node.region_fenced() {
             "the region's lease may end (not renewed from a majority of regions): fencing the primary (on_demote)"
         } else {
@@ -106,7 +112,7 @@ async fn fence(node: Shared) {
             let node = node.clone();
             tokio::spawn(async move {
                 let report = run_hook(&node, &due).await;
-                deliver(&node, &due, report).await;
+                deliver_fence(&node, &due, report).await;
             });
         }
     }
@@ -295,4 +301,34 @@ async fn deliver(node: &Shared, due: &Due, report: HookReport) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::warn!(service = %due.service, instance = %due.instance, hook = due.hook, "hook result not delivered");
+}
+
+/// Sends a self-fence's `on_demote` result until a leader takes it (it then releases the
+/// role), for as long as the registry still names the instance primary with that token,
+/// with no other bound: a region that cannot commit (cut off, or without its region lease)
+/// may stay so for long, and until the report is taken its registry names a primary that
+/// let go.
+async fn deliver_fence(node: &Shared, due: &Due, report: HookReport) {
+    tracing::info!(
+        service = %due.service,
+        instance = %due.instance,
+        token = due.token,
+        outcome = %report.outcome,
+        "self-fence hook ran"
+    );
+    let still_primary = || {
+        let applied = node.applied.read().expect("state lock");
+        applied
+            .state
+            .shipped
+            .services
+            .get(&due.service)
+            .is_some_and(|s| s.primary.as_deref() == Some(due.instance.as_str()) && s.token == due.token)
+    };
+    while still_primary() {
+        if crate::controllers::switchover::hook_reported(node, &due.service, &due.instance, &report).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -42,6 +42,11 @@ pub async fn run(node: Shared) {
             episodes.clear();
             continue;
         }
+        // A primary region whose lease may end promotes nobody: its nodes would fence the
+        // new primary at once (and another region may be taking over).
+        if node.region_fenced() {
+            continue;
+        }
         let since = *leader_since.get_or_insert_with(Instant::now);
         let names: Vec<String> = node
             .applied

@@ -517,33 +517,41 @@ pub async fn run_end(node: Shared) {
     let interval = Duration::from_millis(regions.health_check_interval_ms);
     let timeout = Duration::from_millis(regions.region_lease_ms / 2);
     loop {
-        let (primary, epoch) = node.primary_and_epoch();
-        if primary == node.config.region {
-            let asked = node.mono_ms();
-            let left = if node.known_leader() == Some(node.id) {
-                Some(lease_left(&node))
-            } else {
-                let body = serde_json::json!({});
-                let answer = crate::forward::call(
-                    &node,
-                    crate::forward::To::Leader,
-                    "/v1/regions/lease/left",
-                    &body,
-                    Some(timeout),
-                )
-                .await;
-                answer
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<LeaseLeft>(&bytes).ok())
-            };
-            let now = node.mono_ms();
-            let mut lease = node.region_lease.lock().expect("region lease lock");
-            let end = lease.end_at(epoch, now, regions.region_lease_ms);
-            if let Some(left) = left {
-                end.told(left.epoch, asked, left.remaining_ms);
-            }
-        }
+        ask_end(&node, timeout).await;
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Asks the leader (or reads this leader's holder) how long the lease has left, within
+/// `timeout`, and keeps the answer; nothing outside the primary region. Also called by a
+/// node about to fence, so that a lease renewed since its last ask is seen first.
+pub async fn ask_end(node: &Shared, timeout: Duration) {
+    let (primary, epoch) = node.primary_and_epoch();
+    if primary != node.config.region {
+        return;
+    }
+    let asked = node.mono_ms();
+    let left = if node.known_leader() == Some(node.id) {
+        Some(lease_left(node))
+    } else {
+        let body = serde_json::json!({});
+        let answer = crate::forward::call(
+            node,
+            crate::forward::To::Leader,
+            "/v1/regions/lease/left",
+            &body,
+            Some(timeout),
+        )
+        .await;
+        answer
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<LeaseLeft>(&bytes).ok())
+    };
+    let now = node.mono_ms();
+    let mut lease = node.region_lease.lock().expect("region lease lock");
+    let end = lease.end_at(epoch, now, node.config.regions.region_lease_ms);
+    if let Some(left) = left {
+        end.told(left.epoch, asked, left.remaining_ms);
     }
 }
 

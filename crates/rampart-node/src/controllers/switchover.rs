@@ -79,7 +79,23 @@ async fn take_report(node: &Shared, service: &str, id: &str, report: HookReport)
             report.output.chars().take(512).collect::<String>()
         ),
     };
-    record(node, event).await;
+    let seen = (
+        service.to_string(),
+        id.to_string(),
+        report.hook.clone(),
+        report.token,
+        report.outcome.clone(),
+    );
+    let first = {
+        let mut soft = node.soft.lock().expect("soft state lock");
+        if soft.hook_events.len() >= crate::soft::HOOK_EVENTS_KEPT {
+            soft.hook_events.clear();
+        }
+        soft.hook_events.insert(seen)
+    };
+    if first {
+        record(node, event).await;
+    }
     let (still_primary, demoting) = {
         let applied = node.applied.read().expect("state lock");
         applied.state.shipped.services.get(service).map_or((false, false), |s| {

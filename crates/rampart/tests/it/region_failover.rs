@@ -10,14 +10,22 @@ use rampart_testkit::{eventually, RegionSpec, Regions, RegionsOptions};
 
 use crate::{binary, DEADLINE};
 
+/// The short timings under `[regions]` the tests run with.
+const FAST: [&str; 3] = [
+    "health_check_interval = \"100ms\"",
+    "region_timeout = \"500ms\"",
+    "region_lease = \"1s\"",
+];
+
+/// `FAST` and `extra` as `[regions]` lines.
+fn fast_with(extra: &[&str]) -> Vec<String> {
+    FAST.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// East (primary) and west of one node each and the witness "judge", with short timings
 /// and `extra` lines under `[regions]`; automatic failover unless they say otherwise.
 pub(crate) async fn east_west_judge(extra: &[&str]) -> Regions {
-    let mut settings = vec![
-        "health_check_interval = \"100ms\"",
-        "region_timeout = \"500ms\"",
-        "region_lease = \"1s\"",
-    ];
+    let mut settings = FAST.to_vec();
     settings.extend(extra);
     east_west_judge_with(1, &settings).await
 }
@@ -77,6 +85,31 @@ async fn db_in_both(east: &Client, west: &Client, near: String, far: String, hoo
     east.switchover("db", "near").await.expect("near is the primary");
     judged_up(west, "far").await;
     east.service("db").await.expect("view").token
+}
+
+/// A planned failover (or fail-back) to `region`.
+fn planned(region: &str) -> rampart_core::api::FailoverRequest {
+    rampart_core::api::FailoverRequest {
+        to: region.into(),
+        allow_data_loss: false,
+        dry_run: false,
+    }
+}
+
+/// West asked (through `through`) to take over from east (planned), which calls it off
+/// with `code`: east then takes writes again at epoch 1, and west was never promoted.
+async fn called_off(through: &Client, east: &Client, west: &Client, code: &str) {
+    let refused = through
+        .regions_failover(&planned("west"))
+        .await
+        .expect_err("called off");
+    assert!(refused.to_string().contains(code), "{refused}");
+    let put = eventually(DEADLINE, "writes resumed on east", || async {
+        east.put("called-off/after", "v", PutOptions::default()).await.ok()
+    })
+    .await;
+    assert_eq!(put.epoch, 1);
+    assert_eq!(west.cluster().await.expect("west").epoch, 1, "west was never promoted");
 }
 
 /// A client over both data regions' endpoints, east's first: writes find the primary.
@@ -314,14 +347,7 @@ async fn planned_failover_and_failback_under_writes_lose_no_acknowledged_write()
     assert_eq!(east.cluster().await.expect("status").epoch, 1);
 
     // Asked of east's endpoints: passed on to west, which runs it.
-    let answer = east
-        .regions_failover(&rampart_core::api::FailoverRequest {
-            to: "west".into(),
-            allow_data_loss: false,
-            dry_run: false,
-        })
-        .await
-        .expect("planned failover");
+    let answer = east.regions_failover(&planned("west")).await.expect("planned failover");
     assert!(
         answer.planned && answer.epoch == 2 && answer.rpo.revisions == 0,
         "{answer:?}"
@@ -346,14 +372,7 @@ async fn planned_failover_and_failback_under_writes_lose_no_acknowledged_write()
         (status.epoch == 2 && status.primary_region.as_deref() == Some("west")).then_some(())
     })
     .await;
-    let back = west
-        .regions_failback(&rampart_core::api::FailoverRequest {
-            to: "east".into(),
-            allow_data_loss: false,
-            dry_run: false,
-        })
-        .await
-        .expect("fail-back");
+    let back = west.regions_failback(&planned("east")).await.expect("fail-back");
     assert!(back.planned && back.epoch == 3, "{back:?}");
     let before = east.cluster().await.expect("status").revision;
     eventually(DEADLINE, "writes acknowledged by east again", || async {
@@ -383,11 +402,7 @@ async fn two_regions_without_a_witness_fail_over_only_when_told_to_and_report_th
     let options = RegionsOptions {
         primary: "east".into(),
         regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-            "region_lease = \"1s\"".into(),
-        ],
+        settings: fast_with(&[]),
         tls: false,
     };
     let mut regions = Regions::start(binary(), options).await.expect("start the regions");
@@ -874,12 +889,7 @@ async fn a_planned_failover_and_failback_demote_the_services_primary_before_prom
     let (near, _near_task) = crate::regions::live_endpoint().await;
     let (far, _far_task) = crate::regions::live_endpoint().await;
     db_in_both(&east, &west, near, far, hooks).await;
-    let to = |region: &str| rampart_core::api::FailoverRequest {
-        to: region.into(),
-        allow_data_loss: false,
-        dry_run: false,
-    };
-    let moved = west.regions_failover(&to("west")).await.expect("planned failover");
+    let moved = west.regions_failover(&planned("west")).await.expect("planned failover");
     assert!(moved.planned && moved.epoch == 2, "{moved:?}");
     ran_before(&log, "demote near 1", "promote far 2").await;
     // East follows west; once it judges near up again it can take the primary back.
@@ -887,9 +897,57 @@ async fn a_planned_failover_and_failback_demote_the_services_primary_before_prom
         (east.cluster().await.ok()?.epoch == 2).then_some(())
     })
     .await;
-    let back = east.regions_failback(&to("east")).await.expect("fail-back");
+    let back = east.regions_failback(&planned("east")).await.expect("fail-back");
     assert!(back.planned && back.epoch == 3, "{back:?}");
     ran_before(&log, "demote far 2", "promote near 3").await;
+}
+
+/// A primary region that loses its lease and renews it in time (two regions, the standby
+/// killed and restarted): its service primary, fenced meanwhile, is released on the fence's
+/// report once the region can commit again, and promoted again with a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_primary_fenced_while_its_region_lacked_the_lease_is_promoted_again_once_it_renews() {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
+        settings: fast_with(&[]),
+        tls: false,
+    };
+    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let (_dir, log, hooks) = hook_log();
+    let (near, _near_task) = crate::regions::live_endpoint().await;
+    let (far, _far_task) = crate::regions::live_endpoint().await;
+    let token = db_in_both(&east, &west, near, far, hooks).await;
+
+    // Without west, east's lease (both regions' grants) runs out: near is fenced.
+    regions.region_mut("west").kill(1);
+    let fenced = |lines: &[String]| lines.iter().filter(|l| *l == "demote near 1").count();
+    let hook_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    eventually(DEADLINE, "near fenced", || async {
+        (fenced(&hook_lines()) == 1).then_some(())
+    })
+    .await;
+    regions.region_mut("west").restart(1).expect("restart west");
+    let view = eventually(DEADLINE, "near promoted again with a new token", || async {
+        let view = east.service("db").await.ok()?;
+        (view.primary.as_deref() == Some("near") && view.token > token).then_some(view)
+    })
+    .await;
+    assert_eq!(view.epoch, 1, "no region failover: {view:?}");
+    let promoted = |lines: &[String]| lines.iter().filter(|l| *l == "promote near 1").count();
+    eventually(DEADLINE, "near's on_promote again", || async {
+        (promoted(&hook_lines()) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(fenced(&hook_lines()), 1, "fenced once: {:?}", hook_lines());
 }
 
 /// The primary region cut off from the others but alive: its node fences the service's
@@ -950,13 +1008,8 @@ async fn a_planned_failover_to_a_region_whose_state_differs_is_called_off_and_wr
     let options = RegionsOptions {
         primary: "east".into(),
         regions: vec![RegionSpec::new("east", 1), west_spec, RegionSpec::witness("judge")],
-        settings: vec![
-            "health_check_interval = \"100ms\"".into(),
-            "region_timeout = \"500ms\"".into(),
-            "region_lease = \"1s\"".into(),
-            // No failover by itself while west restarts below.
-            "auto_failover = false".into(),
-        ],
+        // No failover by itself while west restarts below.
+        settings: fast_with(&["auto_failover = false"]),
         tls: false,
     };
     let mut regions = Regions::start(binary(), options).await.expect("start the regions");
@@ -1006,22 +1059,7 @@ async fn a_planned_failover_to_a_region_whose_state_differs_is_called_off_and_wr
     regions.region("west").wait_for_leader(DEADLINE).await;
     wait_caught_up(&east, &west).await;
 
-    let refused = east
-        .regions_failover(&rampart_core::api::FailoverRequest {
-            to: "west".into(),
-            allow_data_loss: false,
-            dry_run: false,
-        })
-        .await
-        .expect_err("called off");
-    assert!(refused.to_string().contains("checksum_mismatch"), "{refused}");
-    // East takes writes again at the same epoch; west was never promoted.
-    let put = eventually(DEADLINE, "writes resumed on east", || async {
-        east.put("off/after", "v", PutOptions::default()).await.ok()
-    })
-    .await;
-    assert_eq!(put.epoch, 1);
-    assert_eq!(west.cluster().await.expect("west").epoch, 1);
+    called_off(&east, &east, &west, "checksum_mismatch").await;
 }
 
 /// A planned failover whose target never shows it has the last revision (the primary cannot
@@ -1037,23 +1075,7 @@ async fn a_planned_failover_that_times_out_is_called_off_and_writes_resume() {
     // One way only: west still follows east and reaches it; east hears nothing from west
     // (the judge and east itself keep granting its lease).
     regions.set_link("east", "west", rampart_testkit::RelayMode::Blackhole);
-    let refused = west
-        .with_deadline(Duration::from_secs(60))
-        .regions_failover(&rampart_core::api::FailoverRequest {
-            to: "west".into(),
-            allow_data_loss: false,
-            dry_run: false,
-        })
-        .await
-        .expect_err("called off");
-    assert!(refused.to_string().contains("handover_timeout"), "{refused}");
-    let put = eventually(DEADLINE, "writes resumed on east", || async {
-        east.put("late/after", "v", PutOptions::default()).await.ok()
-    })
-    .await;
-    assert_eq!(put.epoch, 1);
-    let west = regions.client("west");
-    assert_eq!(west.cluster().await.expect("west").epoch, 1, "west was never promoted");
+    called_off(&west, &east, &west, "handover_timeout").await;
     assert_eq!(
         east.regions().await.expect("east").primary,
         "east",
