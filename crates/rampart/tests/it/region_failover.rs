@@ -48,6 +48,19 @@ pub(crate) async fn east_west_judge_with(west_nodes: usize, settings: &[&str]) -
     regions
 }
 
+/// East (primary) and west of one node each, without a witness, with the short timings.
+async fn east_west() -> Regions {
+    let options = RegionsOptions {
+        primary: "east".into(),
+        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
+        settings: fast_with(&[]),
+        tls: false,
+    };
+    let regions = Regions::start(binary(), options).await.expect("start the regions");
+    regions.wait_for_leaders(DEADLINE).await;
+    regions
+}
+
 async fn three_regions() -> Regions {
     east_west_judge(&[]).await
 }
@@ -399,14 +412,7 @@ async fn planned_failover_and_failback_under_writes_lose_no_acknowledged_write()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_regions_without_a_witness_fail_over_only_when_told_to_and_report_the_rpo() {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
-        settings: fast_with(&[]),
-        tls: false,
-    };
-    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let mut regions = east_west().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     for i in 0..10 {
         east.put(&format!("two/{i}"), "v", PutOptions::default())
@@ -907,14 +913,7 @@ async fn a_planned_failover_and_failback_demote_the_services_primary_before_prom
 /// report once the region can commit again, and promoted again with a new token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_primary_fenced_while_its_region_lacked_the_lease_is_promoted_again_once_it_renews() {
-    let options = RegionsOptions {
-        primary: "east".into(),
-        regions: vec![RegionSpec::new("east", 1), RegionSpec::new("west", 1)],
-        settings: fast_with(&[]),
-        tls: false,
-    };
-    let mut regions = Regions::start(binary(), options).await.expect("start the regions");
-    regions.wait_for_leaders(DEADLINE).await;
+    let mut regions = east_west().await;
     let (east, west) = (regions.client("east"), regions.client("west"));
     let (_dir, log, hooks) = hook_log();
     let (near, _near_task) = crate::regions::live_endpoint().await;
