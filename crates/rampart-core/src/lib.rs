@@ -17,6 +17,7 @@ pub mod failover;
 pub mod health;
 pub mod lease;
 pub mod limits;
+pub mod postgres;
 pub mod proxy;
 pub mod region;
 pub mod service;

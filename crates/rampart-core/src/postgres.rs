@@ -1,0 +1,438 @@
+//! PostgreSQL as a service kind (`kind = "postgres"`, `[services.NAME.postgres]`): the
+//! settings as written and validated by field path, and the pure pieces a node needs to
+//! run an instance: WAL positions and lag in bytes, the `synchronous_standby_names` that
+//! synchronous mode asks for, and the connection strings it writes
+//! (`primary_conninfo`). No process is started here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::service::{field_error, FieldError};
+
+/// The PostgreSQL port when none is given.
+pub const PORT_DEFAULT: u16 = 5432;
+
+/// Settings Rampart writes itself; a policy's `parameters` may not set them.
+pub const MANAGED_PARAMETERS: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "hot_standby",
+    "primary_conninfo",
+    "primary_slot_name",
+    "synchronous_standby_names",
+    "synchronous_commit",
+    "archive_mode",
+    "archive_command",
+    "restore_command",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "data_directory",
+];
+
+/// A role and where its password comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSpec {
+    pub name: Option<String>,
+    /// A file holding the password (its first line).
+    pub password_file: Option<String>,
+    /// An environment variable of the node holding the password.
+    pub password_env: Option<String>,
+}
+
+/// `[services.NAME.postgres]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSpec {
+    /// Where PostgreSQL's programs are (`initdb`, `pg_ctl`, `pg_basebackup`, `pg_rewind`).
+    pub bin_dir: Option<String>,
+    /// Each instance's data directory; `{instance}` is replaced by the instance's id.
+    pub data_dir: Option<String>,
+    pub port: Option<u16>,
+    pub superuser: Option<CredentialsSpec>,
+    pub replication_user: Option<CredentialsSpec>,
+    /// `off` (default), `on` or `quorum`.
+    pub synchronous: Option<String>,
+    /// With no healthy synchronous replica: `block` (default) or `async`.
+    pub synchronous_fallback: Option<String>,
+    /// A replica further behind than this is not promoted.
+    pub max_lag_bytes: Option<u64>,
+    /// More `postgresql.conf` settings.
+    pub parameters: Option<BTreeMap<String, String>>,
+}
+
+/// Synchronous replication as Rampart manages it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Commits are acknowledged by the primary alone.
+    Off,
+    /// A commit waits for the first replica Rampart would promote.
+    On,
+    /// A commit waits for any one of the replicas Rampart would promote.
+    Quorum,
+}
+
+/// What a primary does while no replica it may wait for is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Commits wait (writes stop) until a synchronous replica is back.
+    Block,
+    /// Commits go on unreplicated, said in an event and `/health/ha`.
+    Async,
+}
+
+/// A role and where its password comes from, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub name: String,
+    pub password: PasswordSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PasswordSource {
+    File(String),
+    Env(String),
+}
+
+/// `[services.NAME.postgres]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Postgres {
+    pub bin_dir: String,
+    pub data_dir: String,
+    pub port: u16,
+    pub superuser: Credentials,
+    pub replication_user: Credentials,
+    pub synchronous: Synchronous,
+    pub fallback: Fallback,
+    pub max_lag_bytes: Option<u64>,
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl Postgres {
+    /// Instance `id`'s data directory.
+    pub fn data_dir_of(&self, id: &str) -> String {
+        self.data_dir.replace("{instance}", id)
+    }
+}
+
+fn absolute_path(field: &str, value: Option<&str>) -> Result<String, FieldError> {
+    match value {
+        None => Err(field_error(field, "(missing)", "an absolute path")),
+        Some(path) if !path.starts_with('/') || path.contains('\n') => {
+            Err(field_error(field, path, "an absolute path"))
+        }
+        Some(path) => Ok(path.to_string()),
+    }
+}
+
+/// A PostgreSQL role name Rampart can quote anywhere: letters, digits, `_`, 1 to 63 bytes.
+fn role_name(field: &str, name: &str) -> Result<String, FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(field_error(
+            field,
+            name,
+            "a role name: letters, digits and _, 1 to 63 bytes",
+        ))
+    }
+}
+
+impl CredentialsSpec {
+    fn validate(spec: Option<&CredentialsSpec>, at: &str, default_name: &str) -> Result<Credentials, FieldError> {
+        let Some(spec) = spec else {
+            return Err(field_error(
+                at,
+                "(missing)",
+                "a table with name and one of password_file or password_env",
+            ));
+        };
+        let name = role_name(&format!("{at}.name"), spec.name.as_deref().unwrap_or(default_name))?;
+        let password = match (&spec.password_file, &spec.password_env) {
+            (Some(file), None) => PasswordSource::File(absolute_path(&format!("{at}.password_file"), Some(file))?),
+            (None, Some(env)) if !env.is_empty() && env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                PasswordSource::Env(env.clone())
+            }
+            (None, Some(env)) => {
+                return Err(field_error(
+                    format!("{at}.password_env"),
+                    env,
+                    "an environment variable name",
+                ))
+            }
+            _ => {
+                return Err(field_error(
+                    format!("{at}.password_file"),
+                    "(both or neither)",
+                    "exactly one of password_file or password_env",
+                ))
+            }
+        };
+        Ok(Credentials { name, password })
+    }
+}
+
+impl PostgresSpec {
+    /// Validates the settings; errors name the field under `postgres.`.
+    pub fn validate(&self) -> Result<Postgres, FieldError> {
+        let bin_dir = absolute_path("postgres.bin_dir", self.bin_dir.as_deref())?;
+        let data_dir = absolute_path("postgres.data_dir", self.data_dir.as_deref())?;
+        let port = match self.port {
+            Some(0) => return Err(field_error("postgres.port", "0", "1 to 65535")),
+            Some(port) => port,
+            None => PORT_DEFAULT,
+        };
+        let superuser = CredentialsSpec::validate(self.superuser.as_ref(), "postgres.superuser", "postgres")?;
+        let replication_user = CredentialsSpec::validate(
+            self.replication_user.as_ref(),
+            "postgres.replication_user",
+            "replicator",
+        )?;
+        if superuser.name == replication_user.name {
+            return Err(field_error(
+                "postgres.replication_user.name",
+                &replication_user.name,
+                "a role other than the superuser",
+            ));
+        }
+        let synchronous = match self.synchronous.as_deref() {
+            None | Some("off") => Synchronous::Off,
+            Some("on") => Synchronous::On,
+            Some("quorum") => Synchronous::Quorum,
+            Some(other) => return Err(field_error("postgres.synchronous", other, "off, on or quorum")),
+        };
+        let fallback = match self.synchronous_fallback.as_deref() {
+            None | Some("block") => Fallback::Block,
+            Some("async") => Fallback::Async,
+            Some(other) => return Err(field_error("postgres.synchronous_fallback", other, "block or async")),
+        };
+        let parameters = self.parameters.clone().unwrap_or_default();
+        for (name, value) in &parameters {
+            let field = format!("postgres.parameters.{name}");
+            let well_formed = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+            if !well_formed {
+                return Err(field_error(field, name, "a postgresql.conf setting name"));
+            }
+            if MANAGED_PARAMETERS.contains(&name.as_str()) {
+                return Err(field_error(field, name, "a setting Rampart does not manage itself"));
+            }
+            if value.contains('\n') || value.contains('\r') {
+                return Err(field_error(field, value, "a value on one line"));
+            }
+        }
+        Ok(Postgres {
+            bin_dir,
+            data_dir,
+            port,
+            superuser,
+            replication_user,
+            synchronous,
+            fallback,
+            max_lag_bytes: self.max_lag_bytes,
+            parameters,
+        })
+    }
+}
+
+/// A WAL position (`pg_lsn`), written `X/Y` in hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// How many bytes of WAL `self` is behind `ahead` (0 when it is not behind).
+    pub fn behind(self, ahead: Lsn) -> u64 {
+        ahead.0.saturating_sub(self.0)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Lsn, String> {
+        let (high, low) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a WAL position (X/Y in hex)"))?;
+        let part = |p: &str| {
+            if p.is_empty() || p.len() > 8 {
+                return Err(format!("{text:?} is not a WAL position (X/Y in hex)"));
+            }
+            u32::from_str_radix(p, 16).map_err(|_| format!("{text:?} is not a WAL position (X/Y in hex)"))
+        };
+        Ok(Lsn((u64::from(part(high)?) << 32) | u64::from(part(low)?)))
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// An identifier quoted for SQL and `synchronous_standby_names`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The `synchronous_standby_names` a primary gets: the replicas it may wait for, best
+/// first (`standbys`: the healthy replicas Rampart would promote, in its order). `on`
+/// waits for the first of them that is connected (`FIRST 1`), `quorum` for any one (`ANY
+/// 1`). With none, `block` waits for a replica that is not there (`*`: commits wait until
+/// one connects) and `async` waits for none (empty). `off` never waits.
+pub fn synchronous_standby_names(mode: Synchronous, fallback: Fallback, standbys: &[&str]) -> String {
+    if mode == Synchronous::Off {
+        return String::new();
+    }
+    if standbys.is_empty() {
+        return match fallback {
+            Fallback::Block => "*".to_string(),
+            Fallback::Async => String::new(),
+        };
+    }
+    let names: Vec<String> = standbys.iter().map(|s| quote_ident(s)).collect();
+    let how = match mode {
+        Synchronous::On => "FIRST",
+        Synchronous::Quorum => "ANY",
+        Synchronous::Off => unreachable!("returned above"),
+    };
+    format!("{how} 1 ({})", names.join(", "))
+}
+
+/// A libpq connection string from `(keyword, value)` pairs, every value quoted.
+pub fn conninfo(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(key, value)| format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> PostgresSpec {
+        let credentials = |name: &str| CredentialsSpec {
+            name: Some(name.into()),
+            password_file: Some(format!("/etc/rampart/{name}.pw")),
+            password_env: None,
+        };
+        PostgresSpec {
+            bin_dir: Some("/usr/lib/postgresql/15/bin".into()),
+            data_dir: Some("/var/lib/rampart/pg/{instance}".into()),
+            superuser: Some(credentials("postgres")),
+            replication_user: Some(credentials("replicator")),
+            ..PostgresSpec::default()
+        }
+    }
+
+    fn refused(spec: &PostgresSpec) -> String {
+        spec.validate().expect_err("refused").field
+    }
+
+    #[test]
+    fn defaults_and_the_data_dir_of_each_instance() {
+        let pg = spec().validate().expect("valid");
+        assert_eq!(pg.port, PORT_DEFAULT);
+        assert_eq!((pg.synchronous, pg.fallback), (Synchronous::Off, Fallback::Block));
+        assert_eq!(pg.data_dir_of("pg-1"), "/var/lib/rampart/pg/pg-1");
+        assert_eq!(
+            pg.superuser.password,
+            PasswordSource::File("/etc/rampart/postgres.pw".into())
+        );
+    }
+
+    #[test]
+    fn each_bad_setting_is_refused_naming_its_field() {
+        let mut s = spec();
+        s.bin_dir = None;
+        assert_eq!(refused(&s), "postgres.bin_dir");
+        let mut s = spec();
+        s.data_dir = Some("relative/dir".into());
+        assert_eq!(refused(&s), "postgres.data_dir");
+        let mut s = spec();
+        s.synchronous = Some("always".into());
+        assert_eq!(refused(&s), "postgres.synchronous");
+        let mut s = spec();
+        s.synchronous_fallback = Some("drop".into());
+        assert_eq!(refused(&s), "postgres.synchronous_fallback");
+        let mut s = spec();
+        s.port = Some(0);
+        assert_eq!(refused(&s), "postgres.port");
+        let mut s = spec();
+        s.superuser = None;
+        assert_eq!(refused(&s), "postgres.superuser");
+        let mut s = spec();
+        s.replication_user.as_mut().unwrap().password_env = Some("PW".into());
+        assert_eq!(refused(&s), "postgres.replication_user.password_file");
+        let mut s = spec();
+        s.replication_user.as_mut().unwrap().name = Some("postgres".into());
+        assert_eq!(refused(&s), "postgres.replication_user.name");
+        let mut s = spec();
+        s.superuser.as_mut().unwrap().name = Some("bad name".into());
+        assert_eq!(refused(&s), "postgres.superuser.name");
+        let mut s = spec();
+        s.parameters = Some([("port".to_string(), "6000".to_string())].into());
+        assert_eq!(refused(&s), "postgres.parameters.port");
+        let mut s = spec();
+        s.parameters = Some([("work_mem".to_string(), "4MB\nfsync = off".to_string())].into());
+        assert_eq!(refused(&s), "postgres.parameters.work_mem");
+    }
+
+    #[test]
+    fn wal_positions_parse_print_and_give_lag_in_bytes() {
+        let lsn: Lsn = "16/B374D848".parse().expect("lsn");
+        assert_eq!(lsn, Lsn(0x16_B374_D848));
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert_eq!("0/0".parse::<Lsn>(), Ok(Lsn(0)));
+        let behind: Lsn = "16/B3740000".parse().expect("lsn");
+        assert_eq!(behind.behind(lsn), 0xD848);
+        assert_eq!(lsn.behind(behind), 0, "ahead is not behind");
+        for bad in ["", "16", "/1", "1/", "G/1", "1/2/3", "123456789/0"] {
+            assert!(bad.parse::<Lsn>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn synchronous_standby_names_follow_the_mode_and_the_fallback() {
+        use Fallback::*;
+        use Synchronous::*;
+        assert_eq!(synchronous_standby_names(Off, Block, &["a"]), "");
+        assert_eq!(
+            synchronous_standby_names(On, Block, &["pg-2", "pg-3"]),
+            "FIRST 1 (\"pg-2\", \"pg-3\")"
+        );
+        assert_eq!(
+            synchronous_standby_names(Quorum, Async, &["pg-2", "pg-3"]),
+            "ANY 1 (\"pg-2\", \"pg-3\")"
+        );
+        // No replica to wait for: block waits for one that is not there, async for none.
+        assert_eq!(synchronous_standby_names(On, Block, &[]), "*");
+        assert_eq!(synchronous_standby_names(On, Async, &[]), "");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn connection_strings_quote_every_value() {
+        let info = conninfo(&[
+            ("host", "10.0.0.1"),
+            ("password", "it's \\ here"),
+            ("application_name", "pg-2"),
+        ]);
+        assert_eq!(
+            info,
+            "host='10.0.0.1' password='it\\'s \\\\ here' application_name='pg-2'"
+        );
+    }
+}
