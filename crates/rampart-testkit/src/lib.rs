@@ -2,12 +2,14 @@
 //! N `rampart node` processes on ephemeral loopback ports, faults (SIGKILL, SIGSTOP/SIGCONT,
 //! restart on the same data dir, partitions through a fault-injecting TCP relay), several
 //! regions with a relay on each link between them (`regions`), operation histories with
-//! checkers for the safety rules, and a scripted HTTP backend.
+//! checkers for the safety rules, a scripted HTTP backend, and a real PostgreSQL server
+//! (`postgres`).
 
 pub mod bench;
 pub mod cluster;
 pub mod history;
 pub mod http_backend;
+pub mod postgres;
 pub mod regions;
 pub mod relay;
 pub mod workload;

@@ -12,6 +12,7 @@ mod leases;
 mod membership;
 mod openapi;
 mod partition;
+mod postgres;
 mod proxy;
 mod proxy_registry;
 mod region_failover;
