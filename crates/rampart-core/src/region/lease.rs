@@ -398,6 +398,11 @@ impl Holder {
         ends.get(self.quorum - 1).copied()
     }
 
+    /// How long from `now_ms` a majority's grants still count (0: none do).
+    pub fn valid_for_ms(&self, now_ms: u64) -> u64 {
+        self.valid_until_ms().map_or(0, |until| until.saturating_sub(now_ms))
+    }
+
     /// The regions whose grants still count at `now_ms`, newest renewal first.
     pub fn granted_by(&self, now_ms: u64) -> Vec<String> {
         let counts = holder_counts_ms(self.lease_ms);

@@ -562,7 +562,7 @@ fn lease_left(node: &Shared) -> LeaseLeft {
     match &lease.holder {
         Some((_, holder)) => LeaseLeft {
             epoch: holder.epoch(),
-            remaining_ms: holder.valid_until_ms().map_or(0, |until| until.saturating_sub(now)),
+            remaining_ms: holder.valid_for_ms(now),
         },
         None => LeaseLeft {
             epoch: 0,
@@ -589,10 +589,9 @@ pub fn status(node: &Shared) -> Option<rampart_core::api::LeaseStatus> {
     let lease = node.region_lease.lock().expect("region lease lock");
     let (_, holder) = lease.holder.as_ref()?;
     let now = node.mono_ms();
-    let valid_for_ms = holder.valid_until_ms().map_or(0, |until| until.saturating_sub(now));
     Some(rampart_core::api::LeaseStatus {
         held: holder.may_acknowledge(now),
-        valid_for_ms,
+        valid_for_ms: holder.valid_for_ms(now),
         granted_by: holder.granted_by(now),
         lease_ms: node.config.regions.region_lease_ms,
     })
