@@ -81,16 +81,17 @@ async fn fence(node: Shared) {
     // A restarted node counts its start as contact: a primary whose node merely restarted
     // is fenced only if the node cannot reach the majority soon after.
     let started = Instant::now();
-    let mut hosts_primary = (None, false);
+    // Whether this node hosts a primary it has not fenced for its token, as of a registry
+    // version: only then is there anything to fence. The checks below cost a round trip to
+    // Raft's core (and, for the region lease, to the leader), so they are skipped otherwise.
+    let mut unfenced = (None, false);
     loop {
         tick.tick().await;
-        // Only a node hosting a primary has anything to fence; the check costs a round trip
-        // to Raft's core, so it is skipped on the others.
         let version = node.services_version();
-        if hosts_primary.0 != Some(version) {
-            hosts_primary = (Some(version), hosts_a_primary(&node));
+        if unfenced.0 != Some(version) {
+            unfenced = (Some(version), hosts_unfenced_primary(&node, &fenced));
         }
-        if !hosts_primary.1 {
+        if !unfenced.1 {
             continue;
         }
         // About to fence for the region lease: ask once more first, within an eighth of
@@ -115,15 +116,17 @@ async fn fence(node: Shared) {
                 deliver_fence(&node, &due, report).await;
             });
         }
+        // Every primary it hosts is fenced now, until the registry changes.
+        unfenced.1 = false;
     }
 }
 
-fn hosts_a_primary(node: &Shared) -> bool {
+fn hosts_unfenced_primary(node: &Shared, fenced: &HashMap<(String, String), u64>) -> bool {
     let applied = node.applied.read().expect("state lock");
-    applied.state.shipped.services.values().any(|service| {
-        service
-            .primary_record()
-            .is_some_and(|(_, record)| node.hosts(&record.instance))
+    applied.state.shipped.services.iter().any(|(name, service)| {
+        service.primary_record().is_some_and(|(id, record)| {
+            node.hosts(&record.instance) && fenced.get(&(name.clone(), id.to_string())) != Some(&service.token)
+        })
     })
 }
 
