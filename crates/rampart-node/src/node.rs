@@ -162,9 +162,14 @@ impl Node {
     /// or a waiting apply deadlocks both.
     pub fn primary_and_epoch(&self) -> (String, u64) {
         let applied = self.applied.read().expect("state lock");
-        let shipped = &applied.state.shipped;
+        let (primary, epoch) = self.primary_and_epoch_in(&applied.state.shipped);
+        (primary.to_string(), epoch)
+    }
+
+    /// The same, from a shipped state the caller holds (under the applied state's lock).
+    pub fn primary_and_epoch_in<'a>(&'a self, shipped: &'a rampart_store::Shipped) -> (&'a str, u64) {
         let primary = shipped.primary_region().unwrap_or(&self.config.regions.primary);
-        (primary.to_string(), shipped.epoch())
+        (primary, shipped.epoch())
     }
 
     /// The primary region, as this region's shipped history says.
@@ -248,12 +253,18 @@ impl Node {
     /// behind than the bound (by what each last said it applied), so a forced failover never
     /// loses more than it. `applied`: the write is in, but not acknowledged.
     pub fn rpo_refusal(&self, applied: bool) -> Option<ApiError> {
-        let bound = self.config.regions.max_rpo_lag?;
-        let worst = self.rpo_standing(bound)?;
-        let why = format!(
-            "every standby region is further behind than regions.max_rpo_lag ({bound}): the closest lacks {worst}; writes resume when one catches up"
-        );
+        let why = format!("{}; writes resume when one catches up", self.rpo_stop()?);
         Some(not_acknowledged("rpo_bound", why, applied))
+    }
+
+    /// With `[regions] max_rpo_lag`: why writes are stopped, while every standby region is
+    /// further behind than the bound.
+    pub fn rpo_stop(&self) -> Option<String> {
+        let bound = self.config.regions.max_rpo_lag?;
+        let closest = self.rpo_standing(bound)?;
+        Some(format!(
+            "every standby region is further behind than regions.max_rpo_lag ({bound}): the closest lacks {closest}"
+        ))
     }
 
     /// Why a shipped write of this region may not be acknowledged now (`applied`: it is in
@@ -277,7 +288,7 @@ impl Node {
 
     /// How far the closest standby region is behind, in words, when that is past `bound`;
     /// `None` when one is within it (or there is no standby to keep within it).
-    pub fn rpo_standing(&self, bound: rampart_core::region::RpoBound) -> Option<String> {
+    fn rpo_standing(&self, bound: rampart_core::region::RpoBound) -> Option<String> {
         let standbys: Vec<&String> = self
             .config
             .regions

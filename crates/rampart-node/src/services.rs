@@ -266,16 +266,9 @@ fn current(node: &Shared, name: &str) -> Result<ServiceView, ApiError> {
         .services
         .get(name)
         .ok_or_else(|| service_not_found(name))?;
-    let primary_region = applied
-        .state
-        .shipped
-        .primary_region()
-        .unwrap_or(&node.config.regions.primary)
-        .to_string();
-    let epoch = applied.state.shipped.epoch();
     let mut view = view(
         node,
-        (&primary_region, epoch),
+        node.primary_and_epoch_in(&applied.state.shipped),
         name,
         service,
         &applied.state.local,

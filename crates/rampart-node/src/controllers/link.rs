@@ -30,7 +30,7 @@ pub async fn run(node: Shared) {
     let pause = Duration::from_millis(regions.health_check_interval_ms);
     let mut endpoint = 0;
     loop {
-        let Some(primary) = super::regions::following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
+        let Some(primary) = super::regions::leader_following(&node) else {
             tokio::time::sleep(pause).await;
             continue;
         };
@@ -161,7 +161,7 @@ pub async fn run_acks(node: Shared) {
     let mut told: Option<(String, u64)> = None;
     loop {
         tokio::time::sleep(ACK_INTERVAL).await;
-        let Some(primary) = super::regions::following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
+        let Some(primary) = super::regions::leader_following(&node) else {
             continue;
         };
         let revision = node.applied.read().expect("state lock").state.revision();

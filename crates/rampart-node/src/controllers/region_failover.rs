@@ -105,11 +105,7 @@ async fn run(
         }
         return pass_on(node, &to, path, &request).await;
     }
-    let (primary, epoch) = {
-        let (primary, epoch) = node.primary_and_epoch();
-        let seen = node.regions.lock().expect("regions lock").clone();
-        super::regions::current_primary(&primary, epoch, &seen)
-    };
+    let (primary, epoch) = super::regions::newest_primary(node);
     if primary == own {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

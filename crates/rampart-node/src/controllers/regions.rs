@@ -220,20 +220,16 @@ pub fn view(node: &Shared) -> RegionsResponse {
         .map(|(_, member)| member.addr.clone())
         .collect();
     let promise = applied.state.local.promise.clone();
-    let shipped = &applied.state.shipped;
-    let (primary, epoch) = current_primary(
-        shipped.primary_region().unwrap_or(&regions.primary),
-        shipped.epoch(),
-        &seen,
-    );
     // Decided here, once: asking the node again would read-lock the state it holds.
-    let standby = shipped.primary_region().unwrap_or(&regions.primary) != node.config.region;
+    let (own_primary, own_epoch) = node.primary_and_epoch_in(&applied.state.shipped);
+    let (primary, epoch) = current_primary(own_primary, own_epoch, &seen);
+    let standby = own_primary != node.config.region;
     let mut own = RegionStatus {
         last_contact_ms: Some(now_ms()),
         revision: Some(own_revision),
         checksum: Some(rampart_store::checksum_text(applied.state.checksum())),
         leader: node.known_leader(),
-        epoch: shipped.epoch(),
+        epoch: own_epoch,
         ..RegionStatus::unheard(
             &node.config.region,
             role(&primary, &node.config.region, false),
@@ -300,21 +296,34 @@ pub fn view(node: &Shared) -> RegionsResponse {
 /// its own shipped history, or a region that answered at a newer one), unless it is this
 /// region. An old primary that comes back finds the new one this way.
 pub fn following(node: &Shared) -> Option<String> {
-    let (primary, epoch) = node.primary_and_epoch();
-    let seen = node.regions.lock().expect("regions lock").clone();
-    let (primary, _) = current_primary(&primary, epoch, &seen);
+    let (primary, _) = newest_primary(node);
     (primary != node.config.region).then_some(primary)
+}
+
+/// [`following`], on this region's leader alone (which runs the link, its acks and its
+/// verifications).
+pub fn leader_following(node: &Shared) -> Option<String> {
+    if node.known_leader() != Some(node.id) {
+        return None;
+    }
+    following(node)
+}
+
+/// The primary region and its epoch, the newest this node knows of: from its own shipped
+/// history, or a region that answered at a newer epoch (`current_primary`).
+pub fn newest_primary(node: &Shared) -> (String, u64) {
+    let (primary, epoch) = node.primary_and_epoch();
+    let seen = node.regions.lock().expect("regions lock");
+    current_primary(&primary, epoch, &seen)
 }
 
 /// On the primary region's leader with `max_rpo_lag`: why writes are stopped, if they are.
 pub fn rpo_stopped(node: &Shared) -> Option<String> {
-    let bound = node.config.regions.max_rpo_lag?;
-    if node.known_leader() != Some(node.id) || node.is_standby() {
+    let bounded = node.config.regions.max_rpo_lag.is_some();
+    if !bounded || node.known_leader() != Some(node.id) || node.is_standby() {
         return None;
     }
-    node.rpo_standing(bound).map(|closest| {
-        format!("every standby is further behind than regions.max_rpo_lag ({bound}): the closest lacks {closest}")
-    })
+    node.rpo_stop()
 }
 
 /// Why the regions do not fail over by themselves, when they do not.
@@ -807,7 +816,7 @@ pub async fn run_verify(node: Shared) {
     loop {
         tokio::time::sleep(interval).await;
         // The region this one follows now: a failover changes it.
-        let Some(primary) = following(&node).filter(|_| node.known_leader() == Some(node.id)) else {
+        let Some(primary) = leader_following(&node) else {
             continue;
         };
         // Within the interval: a primary ahead of this standby's last poll is asked again.

@@ -80,13 +80,12 @@ fn primary_lost(node: &Shared) -> Option<Cause> {
     }
     let regions = &node.config.regions;
     let silence = Duration::from_millis(required_silence_ms(regions.region_timeout_ms, recent_failovers(node)));
-    let seen = node.regions.lock().expect("regions lock").clone();
     // A newer epoch elsewhere: this region has not caught up with a failover yet.
-    if super::regions::current_primary(&primary, epoch, &seen).1 > epoch {
+    if super::regions::newest_primary(node).1 > epoch {
         return None;
     }
     let now = Instant::now();
-    let contact = seen.get(&primary)?.contact;
+    let contact = node.regions.lock().expect("regions lock").get(&primary)?.contact;
     if contact.reachable(now, silence) {
         return None;
     }
