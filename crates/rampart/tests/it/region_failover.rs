@@ -1057,6 +1057,16 @@ async fn a_planned_failover_to_a_region_whose_state_differs_is_called_off_and_wr
     regions.region_mut("west").restart(1).expect("restart west");
     regions.region("west").wait_for_leader(DEADLINE).await;
     wait_caught_up(&east, &west).await;
+    // The restarted west decides planned or forced by its own contact with east: until
+    // its first health poll of east answers, it would take east for lost.
+    eventually(DEADLINE, "west to hear from east again", || async {
+        let view = west.regions().await.ok()?;
+        view.regions
+            .iter()
+            .any(|r| r.name == "east" && r.reachable)
+            .then_some(())
+    })
+    .await;
 
     called_off(&east, &east, &west, "checksum_mismatch").await;
 }
