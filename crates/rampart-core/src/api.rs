@@ -541,6 +541,10 @@ pub struct ServiceView {
     /// primary and the healthy replicas (active-passive; the primary first).
     pub serving: Vec<String>,
     pub policy: crate::service::Policy,
+    /// What its instances are: `"generic"` or `{"postgres": {...}}` (the settings, never a
+    /// password: only where each node reads it).
+    #[serde(default)]
+    pub kind: crate::service::Kind,
     /// This node's registry change index when the view was read: pass it back as
     /// `?index=` to wait until the view changes (a blocking read, as Consul's). Local to
     /// the node that answered; another node's index is unrelated (a mismatch answers at once).

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{duration_ms, field_error, FieldError};
+use crate::field::{duration_ms, field_error, FieldError};
 
 /// The manifest format this build writes; it reads formats 1 and 2 too. It follows the data
 /// dir's format: 3 holds the state with the region epoch history and promise; format 2
 /// records the shipped and the local part of the state with a checksum each (`checksum`,
 /// `local_checksum`, split at `shipped_bytes`); format 1 held the state before the split.
 /// A restore migrates an older state as a node migrates its data dir.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Bytes of state per chunk before compression: memory per chunk in flight.
 pub const CHUNK_BYTES: usize = 8 << 20;
 

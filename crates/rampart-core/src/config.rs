@@ -128,7 +128,7 @@ pub struct NodeConfig {
     /// A witness: a one-node region that keeps no data (`--witness`).
     pub witness: bool,
     /// Services declared in the config file (`[services.NAME]`), registered by the leader.
-    pub services: BTreeMap<String, crate::service::Policy>,
+    pub services: BTreeMap<String, crate::service::Definition>,
     /// URLs that receive alerts as JSON (the event), from the leader.
     pub alert_webhooks: Vec<String>,
     /// Slack incoming-webhook URLs that receive alerts as `{"text": ...}`.

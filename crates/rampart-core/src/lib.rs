@@ -14,6 +14,7 @@ pub mod config;
 pub mod duration;
 pub mod election;
 pub mod failover;
+pub mod field;
 pub mod health;
 pub mod lease;
 pub mod limits;

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{field_error, FieldError};
+use crate::field::{field_error, FieldError};
 
 /// The PostgreSQL port when none is given.
 pub const PORT_DEFAULT: u16 = 5432;

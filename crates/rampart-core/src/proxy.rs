@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{duration_ms, field_error, number_in, FieldError};
+use crate::field::{duration_ms, field_error, number_in, FieldError};
 
 const LISTENERS_MAX: usize = 256;
 const UPSTREAMS_MAX: usize = 1024;
@@ -1858,6 +1858,7 @@ mod tests {
                 .collect(),
             serving: serving.iter().map(|s| s.to_string()).collect(),
             policy: spec.validate().unwrap(),
+            kind: Default::default(),
             index: 0,
         }
     }

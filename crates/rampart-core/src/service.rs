@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::duration::parse_duration;
+pub use crate::field::FieldError;
+use crate::field::{duration_ms, field_error, number_in};
 use crate::health::{Confirm, Thresholds};
 
 /// The service policy's rules for automatic promotion.
@@ -28,28 +29,6 @@ pub struct Rules {
 pub struct Damping {
     pub losses_max: u32,
     pub window_ms: u64,
-}
-
-/// A field that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field} {value:?}: {allowed}")]
-pub struct FieldError {
-    /// Path of the field, e.g. `checks[0].interval`.
-    pub field: String,
-    pub value: String,
-    pub allowed: String,
-}
-
-pub(crate) fn field_error(
-    field: impl Into<String>,
-    value: impl Into<String>,
-    allowed: impl Into<String>,
-) -> FieldError {
-    FieldError {
-        field: field.into(),
-        value: value.into(),
-        allowed: allowed.into(),
-    }
 }
 
 /// Bounds that keep a policy sane: probes neither hammer an instance nor go blind.
@@ -102,6 +81,11 @@ pub struct PolicySpec {
     /// The service's own data in the region's backups: `command` runs on the primary's
     /// node and its output is stored beside the state; `restore` reads it back on stdin.
     pub backup: Option<ServiceBackupSpec>,
+    /// `generic` (default: any program, checked by `checks`) or `postgres` (the node runs
+    /// PostgreSQL itself, see [`crate::postgres`]).
+    pub kind: Option<String>,
+    /// `[services.NAME.postgres]`: required with `kind = "postgres"`, refused otherwise.
+    pub postgres: Option<crate::postgres::PostgresSpec>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +250,27 @@ pub struct Hooks {
     pub timeout_ms: u64,
 }
 
+/// What a service's instances are, as the region stores it (beside the policy, data dir
+/// format 4). Externally tagged: `"generic"` or `{"postgres": {...}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Any program: Rampart checks it with the policy's `checks` and runs its hooks.
+    #[default]
+    Generic,
+    /// PostgreSQL, run by the nodes that host its instances.
+    Postgres(Box<crate::postgres::Postgres>),
+}
+
+impl Kind {
+    pub fn postgres(&self) -> Option<&crate::postgres::Postgres> {
+        match self {
+            Kind::Generic => None,
+            Kind::Postgres(postgres) => Some(postgres),
+        }
+    }
+}
+
 /// A validated policy, as the region stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -288,42 +293,6 @@ impl Policy {
             lag_revisions_max: self.max_lag_on_failover,
             synchronous_only: self.synchronous,
         }
-    }
-}
-
-/// A whole-number setting within `allowed`, refused as "LOW to HIGH".
-pub(crate) fn number_in<T>(field: &str, value: T, allowed: std::ops::RangeInclusive<T>) -> Result<T, FieldError>
-where
-    T: PartialOrd + std::fmt::Display,
-{
-    if allowed.contains(&value) {
-        Ok(value)
-    } else {
-        Err(field_error(
-            field,
-            value.to_string(),
-            format!("{} to {}", allowed.start(), allowed.end()),
-        ))
-    }
-}
-
-/// A duration setting in ms: `default_ms` when absent, else within `min_ms..=max_ms`.
-pub(crate) fn duration_ms(
-    field: &str,
-    text: Option<&str>,
-    default_ms: u64,
-    min_ms: u64,
-    max_ms: u64,
-) -> Result<u64, FieldError> {
-    let Some(text) = text else { return Ok(default_ms) };
-    let allowed = || format!("a duration from {min_ms}ms to {max_ms}ms, written like 500ms, 5s or 1m");
-    let ms = parse_duration(text)
-        .map_err(|_| field_error(field, text, allowed()))?
-        .as_millis() as u64;
-    if (min_ms..=max_ms).contains(&ms) {
-        Ok(ms)
-    } else {
-        Err(field_error(field, text, allowed()))
     }
 }
 
@@ -439,7 +408,39 @@ impl CheckSpec {
     }
 }
 
+/// A service as declared: its policy and what its instances are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    pub policy: Policy,
+    pub kind: Kind,
+}
+
 impl PolicySpec {
+    /// The policy and the kind, both validated.
+    pub fn define(&self) -> Result<Definition, FieldError> {
+        Ok(Definition {
+            policy: self.validate()?,
+            kind: self.validate_kind()?,
+        })
+    }
+
+    /// The service's kind: `postgres` needs its `[postgres]` table, and only it may have one.
+    pub fn validate_kind(&self) -> Result<Kind, FieldError> {
+        match (self.kind.as_deref(), &self.postgres) {
+            (None | Some("generic"), None) => Ok(Kind::Generic),
+            (None | Some("generic"), Some(_)) => {
+                Err(field_error("postgres", "(a table)", "only with kind = \"postgres\""))
+            }
+            (Some("postgres"), Some(spec)) => Ok(Kind::Postgres(Box::new(spec.validate()?))),
+            (Some("postgres"), None) => Err(field_error(
+                "postgres",
+                "(missing)",
+                "a [postgres] table with at least bin_dir and data_dir",
+            )),
+            (Some(other), _) => Err(field_error("kind", other, "generic or postgres")),
+        }
+    }
+
     pub fn validate(&self) -> Result<Policy, FieldError> {
         let mode = match self.mode.as_deref() {
             None | Some("active-passive") => Mode::ActivePassive,
@@ -722,6 +723,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("checkz"));
+    }
+
+    #[test]
+    fn a_kind_needs_its_table_and_only_postgres_has_one() {
+        let kind = |json: &str| serde_json::from_str::<PolicySpec>(json).unwrap().validate_kind();
+        assert_eq!(kind("{}"), Ok(Kind::Generic));
+        assert_eq!(kind(r#"{"kind": "generic"}"#), Ok(Kind::Generic));
+        let field = |json: &str| kind(json).unwrap_err().field;
+        assert_eq!(field(r#"{"kind": "mysql"}"#), "kind");
+        assert_eq!(field(r#"{"kind": "postgres"}"#), "postgres");
+        assert_eq!(field(r#"{"postgres": {"bin_dir": "/usr/bin"}}"#), "postgres");
+        assert_eq!(
+            field(r#"{"kind": "postgres", "postgres": {"data_dir": "/d/{instance}"}}"#),
+            "postgres.bin_dir"
+        );
+        let full = r#"{"kind": "postgres", "postgres": {"bin_dir": "/usr/lib/postgresql/15/bin",
+            "data_dir": "/var/lib/rampart/{instance}", "synchronous": "on",
+            "superuser": {"password_env": "PGPASS"}, "replication_user": {"password_env": "REPLPASS"}}}"#;
+        let Ok(Kind::Postgres(pg)) = kind(full) else {
+            panic!("a valid postgres kind")
+        };
+        assert_eq!(pg.data_dir_of("db-1"), "/var/lib/rampart/db-1");
+        assert_eq!(pg.synchronous, crate::postgres::Synchronous::On);
+        let bad_sync = full.replace(r#""on""#, r#""always""#);
+        assert_eq!(field(&bad_sync), "postgres.synchronous");
     }
 
     #[test]

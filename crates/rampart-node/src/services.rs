@@ -37,11 +37,12 @@ pub async fn put_service(
 ) -> Result<Json<Stored>, ApiError> {
     check_name("name", &name).map_err(|e| invalid("bad_name", e))?;
     let spec: PolicySpec = parse_body(body)?;
-    let policy = spec.validate().map_err(|e| invalid("bad_policy", e))?;
+    let definition = spec.define().map_err(|e| invalid("bad_policy", e))?;
     let result = match node
-        .propose(Op::ServicePut {
+        .propose(Op::ServiceKindPut {
             name: name.clone(),
-            policy,
+            policy: definition.policy,
+            kind: definition.kind,
         })
         .await
     {
@@ -184,6 +185,7 @@ fn view(
             .collect(),
         serving: serving(name, service, local),
         policy: service.policy.clone(),
+        kind: service.kind.clone(),
         index: 0,
     }
 }
@@ -416,23 +418,27 @@ pub async fn register_configured(node: Shared) {
         if node.known_leader() != Some(node.id) || node.is_standby() {
             continue;
         }
-        let pending: Vec<(String, rampart_core::service::Policy)> = {
+        let pending: Vec<(String, rampart_core::service::Definition)> = {
             let applied = node.applied.read().expect("state lock");
             node.config
                 .services
                 .iter()
-                .filter(|(name, policy)| applied.state.shipped.services.get(*name).map(|s| &s.policy) != Some(*policy))
-                .map(|(name, policy)| (name.clone(), policy.clone()))
+                .filter(|(name, declared)| {
+                    applied.state.shipped.services.get(*name).map(|s| (&s.policy, &s.kind))
+                        != Some((&declared.policy, &declared.kind))
+                })
+                .map(|(name, declared)| (name.clone(), declared.clone()))
                 .collect()
         };
         if pending.is_empty() {
             return;
         }
-        for (name, policy) in pending {
+        for (name, declared) in pending {
             let result = match node
-                .propose(Op::ServicePut {
+                .propose(Op::ServiceKindPut {
                     name: name.clone(),
-                    policy,
+                    policy: declared.policy,
+                    kind: declared.kind,
                 })
                 .await
             {

@@ -1224,6 +1224,7 @@ fn decode_state(format: u32, encoded: &[u8]) -> Result<State, String> {
     let decoded = match format {
         1 => postcard::from_bytes::<rampart_store::v1::StateV1>(encoded).map(rampart_store::v1::StateV1::migrate),
         2 => postcard::from_bytes::<rampart_store::v2::StateV2>(encoded).map(State::from),
+        3 => postcard::from_bytes::<rampart_store::v3::StateV3>(encoded).map(State::from),
         _ => postcard::from_bytes::<State>(encoded),
     };
     decoded.map_err(|e| format!("the bytes are not a format-{format} state: {e}"))

@@ -170,6 +170,13 @@ pub enum Op {
         /// Won by an operator's forced failover (see `EpochStart::forced`).
         forced: bool,
     },
+    /// Creates a service or replaces its policy and kind (data dir format 4; its instances
+    /// stay). `ServicePut`, from before kinds, stores a generic service.
+    ServiceKindPut {
+        name: String,
+        policy: Policy,
+        kind: rampart_core::service::Kind,
+    },
 }
 
 /// What applying a command may change: the region-local part of the state (else the
@@ -212,6 +219,7 @@ impl Op {
             | Op::AdoptRules { .. }
             | Op::RegionEpoch { .. } => SHIPPED,
             Op::ServicePut { .. }
+            | Op::ServiceKindPut { .. }
             | Op::ServiceDelete { .. }
             | Op::InstancePut { .. }
             | Op::InstanceDelete { .. }
@@ -259,7 +267,9 @@ impl Op {
                         + event.detail.len()
                 }
                 // Policies and registrations are small; a generous flat size bounds them.
-                Op::ServicePut { name, .. } | Op::ServiceDelete { name } => name.len() + 4096,
+                Op::ServicePut { name, .. } | Op::ServiceKindPut { name, .. } | Op::ServiceDelete { name } => {
+                    name.len() + 4096
+                }
                 Op::InstancePut { service, id, .. } | Op::InstanceDelete { service, id } => {
                     service.len() + id.len() + 4096
                 }

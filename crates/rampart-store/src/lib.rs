@@ -22,6 +22,7 @@ pub mod state;
 pub mod state_machine;
 pub mod v1;
 pub mod v2;
+pub mod v3;
 
 pub use command::{Batch, Command, Op, Outcome, Outcomes};
 pub use local::{Local, Verdict};

@@ -41,8 +41,8 @@ const FORMAT_KEY: &str = "format_version";
 /// migration. Version 2 split the state into its shipped and local parts; a version-1 data
 /// dir is migrated when it is opened ([`crate::v1`]). Version 3 added the region epoch
 /// history to the shipped part and the region's lease promise to the local part
-/// ([`crate::v2`]).
-pub const FORMAT_VERSION: u32 = 3;
+/// ([`crate::v2`]). Version 4 added each service's kind (`Service::kind`, [`crate::v3`]).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The oldest format version this binary migrates from.
 pub const FORMAT_VERSION_MIGRATED: u32 = 1;

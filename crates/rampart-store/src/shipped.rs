@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rampart_core::api::{KeyValue, WatchEvent};
 use rampart_core::auth::Role;
-use rampart_core::service::{Instance, InstanceRole, Policy};
+use rampart_core::service::{Instance, InstanceRole, Kind, Policy};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Op, Outcome};
@@ -70,6 +70,8 @@ pub struct Service {
     /// Fencing token of the current primary's term (the revision-like counter of
     /// promotions); 0 before the first.
     pub token: u64,
+    /// What its instances are (data dir format 4).
+    pub kind: Kind,
 }
 
 impl Service {
@@ -314,26 +316,8 @@ impl Shipped {
                 }
                 Outcome::TokenRevoked { found }
             }
-            Op::ServicePut { name, policy } => match self.wrote().services.get_mut(name) {
-                Some(service) => {
-                    service.policy = policy.clone();
-                    Outcome::ServiceStored { created: false }
-                }
-                None => {
-                    self.services.insert(
-                        name.clone(),
-                        Service {
-                            policy: policy.clone(),
-                            instances: BTreeMap::new(),
-                            primary: None,
-                            demoting: false,
-                            promotions: 0,
-                            token: 0,
-                        },
-                    );
-                    Outcome::ServiceStored { created: true }
-                }
-            },
+            Op::ServicePut { name, policy } => self.put_service(name, policy, &Kind::Generic),
+            Op::ServiceKindPut { name, policy, kind } => self.put_service(name, policy, kind),
             Op::ServiceDelete { name } => {
                 let found = self.services.remove(name).is_some();
                 if found {
@@ -525,6 +509,32 @@ impl Shipped {
     /// configured primary).
     pub fn primary_region(&self) -> Option<&str> {
         self.epochs.last().map(|e| e.region.as_str())
+    }
+
+    /// Creates service `name` or replaces its policy and kind; its instances and roles stay.
+    fn put_service(&mut self, name: &str, policy: &Policy, kind: &Kind) -> Outcome {
+        match self.wrote().services.get_mut(name) {
+            Some(service) => {
+                service.policy = policy.clone();
+                service.kind = kind.clone();
+                Outcome::ServiceStored { created: false }
+            }
+            None => {
+                self.services.insert(
+                    name.to_string(),
+                    Service {
+                        policy: policy.clone(),
+                        instances: BTreeMap::new(),
+                        primary: None,
+                        demoting: false,
+                        promotions: 0,
+                        token: 0,
+                        kind: kind.clone(),
+                    },
+                );
+                Outcome::ServiceStored { created: true }
+            }
+        }
     }
 
     /// A change of this part that is not a key write, an election or a promotion: it moves

@@ -29,6 +29,30 @@ pub struct State {
     pub seeding: Option<Box<crate::seed::Seeding>>,
 }
 
+/// An encoded install step (`Op::Seed`), as this build writes it or, failing that, as a
+/// format-3 or format-2 node did (a step in a log written before an upgrade).
+fn decode_seed_step(encoded: &[u8]) -> Result<crate::seed::SeedStep, String> {
+    postcard::from_bytes::<crate::seed::SeedStep>(encoded)
+        .or_else(|e| {
+            crate::v3::decode_seed_step(encoded)
+                .or_else(|_| crate::v2::decode_seed_step(encoded))
+                .map_err(|_| e)
+        })
+        .map_err(|e| format!("the step does not decode: {e}"))
+}
+
+impl From<crate::v3::StateV3> for State {
+    /// A format-3 state in the current layout: every service generic.
+    fn from(old: crate::v3::StateV3) -> State {
+        let (shipped, local) = old.migrate();
+        State {
+            shipped,
+            local,
+            seeding: None,
+        }
+    }
+}
+
 impl From<crate::v2::StateV2> for State {
     /// A format-2 state in the current layout: no region failover yet, nothing promised.
     fn from(old: crate::v2::StateV2) -> State {
@@ -48,7 +72,7 @@ impl State {
         let applied = if let Op::Replicate { revision, command } = &command.op {
             self.replicate(*revision, command)
         } else if let Op::Seed { step } = &command.op {
-            let outcome = match crate::v2::decode_seed_step(step) {
+            let outcome = match decode_seed_step(step) {
                 Ok(step) => crate::seed::step(&mut self.seeding, &mut self.shipped, &step),
                 Err(reason) => Outcome::SeedRefused { reason },
             };

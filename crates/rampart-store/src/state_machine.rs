@@ -147,25 +147,18 @@ struct StoredSnapshot {
     state: State,
 }
 
-/// A snapshot as data dir format 1 wrote it.
+/// A snapshot as an older data dir format wrote it: the state in that format's layout
+/// (`S`), then (formats 2 and 3) an install under way if any.
 #[derive(Deserialize)]
-struct StoredSnapshotV1 {
+struct StoredSnapshotOf<S> {
     meta: SnapshotMeta<NodeId, BasicNode>,
-    state: crate::v1::StateV1,
-}
-
-/// A snapshot as data dir format 2 wrote it: the state, then an install under way if any.
-#[derive(Deserialize)]
-struct StoredSnapshotV2 {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    state: crate::v2::StateV2,
+    state: S,
 }
 
 /// Writes the snapshot of data dir format `from` at `path` (if there is one) in the
 /// current layout beside it, durably; [`StateMachineStore::new`] puts it in place once the
 /// data dir records the new format.
 pub(crate) fn migrate_snapshot(path: &std::path::Path, from: u32) -> Result<(), StorageError> {
-    use std::io::Read;
     let failed = |e: std::io::Error| -> StorageError { StorageIOError::read_snapshot(None, &e).into() };
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
@@ -179,23 +172,17 @@ pub(crate) fn migrate_snapshot(path: &std::path::Path, from: u32) -> Result<(), 
     };
     let mut scratch = vec![0u8; DECODE_SCRATCH_BYTES];
     let reader = std::io::BufReader::new(file);
-    let stored = if from == 1 {
-        let (old, _): (StoredSnapshotV1, _) = postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
-        StoredSnapshot {
-            meta: old.meta,
-            state: old.state.migrate(),
+    let stored = match from {
+        1 => {
+            let (old, _): (StoredSnapshotOf<crate::v1::StateV1>, _) =
+                postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
+            StoredSnapshot {
+                meta: old.meta,
+                state: old.state.migrate(),
+            }
         }
-    } else {
-        let (old, (mut rest, scratch)): (StoredSnapshotV2, _) =
-            postcard::from_io((reader, &mut scratch)).map_err(undecodable)?;
-        let mut state = State::from(old.state);
-        let mut first = [0u8; 1];
-        if rest.read(&mut first).map_err(failed)? == 1 {
-            let (seeding, _): (crate::v2::SeedingV2, _) =
-                postcard::from_io((std::io::Cursor::new(first).chain(rest), scratch)).map_err(undecodable)?;
-            state.seeding = Some(Box::new(seeding.migrate()));
-        }
-        StoredSnapshot { meta: old.meta, state }
+        2 => with_seeding::<crate::v2::StateV2, crate::v2::SeedingV2>(reader, &mut scratch, failed, undecodable)?,
+        _ => with_seeding::<crate::v3::StateV3, crate::v3::SeedingV3>(reader, &mut scratch, failed, undecodable)?,
     };
     let migrated = path.with_file_name(MIGRATED_FILE);
     let write = || -> std::io::Result<()> {
@@ -208,6 +195,31 @@ pub(crate) fn migrate_snapshot(path: &std::path::Path, from: u32) -> Result<(), 
         writer.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
     write().map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+}
+
+/// An older format's snapshot whose state (`S`) may be followed by an install under way
+/// (`D`), both migrated.
+fn with_seeding<S, D>(
+    reader: impl std::io::Read,
+    scratch: &mut [u8],
+    failed: impl Fn(std::io::Error) -> StorageError,
+    undecodable: impl Fn(postcard::Error) -> StorageError,
+) -> Result<StoredSnapshot, StorageError>
+where
+    S: serde::de::DeserializeOwned + Into<State>,
+    D: serde::de::DeserializeOwned + Into<crate::seed::Seeding>,
+{
+    use std::io::Read;
+    let (old, (mut rest, scratch)): (StoredSnapshotOf<S>, _) =
+        postcard::from_io((reader, scratch)).map_err(&undecodable)?;
+    let mut state: State = old.state.into();
+    let mut first = [0u8; 1];
+    if rest.read(&mut first).map_err(failed)? == 1 {
+        let (seeding, _): (D, _) =
+            postcard::from_io((std::io::Cursor::new(first).chain(rest), scratch)).map_err(undecodable)?;
+        state.seeding = Some(Box::new(seeding.into()));
+    }
+    Ok(StoredSnapshot { meta: old.meta, state })
 }
 
 /// The opening bytes of a snapshot file for a region restored from a backup: its members
@@ -747,6 +759,45 @@ mod tests {
             let state = sm.applied.read().unwrap().state.clone();
             assert_eq!(state, expected);
             assert!(state.seeding.is_some(), "the install under way is kept");
+        }
+        assert_eq!(format_of(&redb), crate::FORMAT_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_format_3_data_dir_is_migrated_with_its_services_generic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redb = dir.path().join("n.redb");
+        let mut expected = State {
+            shipped: crate::v3::tests::with_a_service(),
+            local: crate::local::Local::default(),
+            seeding: None,
+        };
+        expected.seeding = Some(Box::new(crate::seed::Seeding {
+            revision: 40,
+            shipped: crate::v3::tests::with_a_service(),
+            last_key: Some("k".into()),
+        }));
+        crate::stamp_format_version(&redb, 3).expect("stamp format 3");
+        #[derive(Serialize)]
+        struct SnapshotV3<'a> {
+            meta: SnapshotMeta<NodeId, BasicNode>,
+            state: &'a crate::v3::StateV3,
+        }
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 11)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "2-11-7".into(),
+        };
+        let (old, seeding) =
+            crate::v3::tests::state_v3(&expected.shipped, &expected.local, expected.seeding.as_deref());
+        let mut bytes = postcard::to_allocvec(&SnapshotV3 { meta, state: &old }).expect("encode");
+        bytes.extend(postcard::to_allocvec(&seeding.expect("an install")).expect("encode"));
+        std::fs::write(redb.with_file_name(SNAPSHOT_FILE), bytes).expect("write the snapshot");
+        {
+            let (_log, sm) = crate::open(&redb, 100, None).expect("open and migrate");
+            let state = sm.applied.read().unwrap().state.clone();
+            assert_eq!(state, expected);
+            assert_eq!(state.shipped.services["db"].kind, rampart_core::service::Kind::Generic);
         }
         assert_eq!(format_of(&redb), crate::FORMAT_VERSION);
     }

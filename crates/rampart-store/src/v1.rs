@@ -86,6 +86,7 @@ impl StateV1 {
                 demoting: old.demoting,
                 promotions: old.promotions,
                 token: old.token,
+                kind: rampart_core::service::Kind::Generic,
             };
             services.insert(name, service);
         }

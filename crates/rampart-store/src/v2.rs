@@ -1,7 +1,7 @@
 //! Data dir format 2: the state before the region epoch history (`Shipped::epochs`) and the
 //! region's promise in the region lease (`Local::promise`), kept to read what a format-2
 //! node, backup or install step wrote, and its migration to the current layout: no region
-//! failover yet, nothing promised.
+//! failover yet, nothing promised, every service generic (as in format 3, [`crate::v3`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use crate::local::{Local, QuotaStanding, Verdict};
 use crate::seed::{SeedStep, Seeding};
-use crate::shipped::{Hold, Lease, Record, Service, Shipped, Token};
+use crate::shipped::{Hold, Lease, Record, Shipped, Token};
+use crate::v3::ServiceV3;
 
 /// The shipped part as format 2 encodes it.
 #[derive(Deserialize)]
@@ -24,7 +25,7 @@ pub struct ShippedV2 {
     next_lease_id: u64,
     tokens: BTreeMap<String, Token>,
     auth_bootstrapped: bool,
-    services: BTreeMap<String, Service>,
+    services: BTreeMap<String, ServiceV3>,
 }
 
 /// The local part as format 2 encodes it.
@@ -84,7 +85,7 @@ impl ShippedV2 {
             next_lease_id: self.next_lease_id,
             tokens: self.tokens,
             auth_bootstrapped: self.auth_bootstrapped,
-            services: self.services,
+            services: crate::v3::migrate_services(self.services),
             epochs: Vec::new(),
         }
     }
@@ -120,16 +121,17 @@ impl SeedStepV2 {
     }
 }
 
-/// An encoded install step (`Op::Seed`), as this build writes it or, failing that, as a
-/// format-2 node did (a step in a log written before the upgrade lacks the epoch history).
-pub fn decode_seed_step(encoded: &[u8]) -> Result<SeedStep, String> {
-    postcard::from_bytes::<SeedStep>(encoded)
-        .or_else(|e| {
-            postcard::from_bytes::<SeedStepV2>(encoded)
-                .map(SeedStepV2::migrate)
-                .map_err(|_| e)
-        })
-        .map_err(|e| format!("the step does not decode: {e}"))
+/// An encoded install step (`Op::Seed`) as a format-2 node wrote it (a step in a log
+/// written before the upgrade lacks the epoch history); `State::apply` tries the newer
+/// layouts first.
+pub fn decode_seed_step(encoded: &[u8]) -> Result<SeedStep, postcard::Error> {
+    postcard::from_bytes::<SeedStepV2>(encoded).map(SeedStepV2::migrate)
+}
+
+impl From<SeedingV2> for Seeding {
+    fn from(old: SeedingV2) -> Seeding {
+        old.migrate()
+    }
 }
 
 impl SeedingV2 {
@@ -157,7 +159,7 @@ pub(crate) mod tests {
             next_lease_id: shipped.next_lease_id,
             tokens: shipped.tokens.clone(),
             auth_bootstrapped: shipped.auth_bootstrapped,
-            services: shipped.services.clone(),
+            services: crate::v3::tests::services_v3(&shipped.services),
         }
     }
 

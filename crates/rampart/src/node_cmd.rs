@@ -139,7 +139,7 @@ impl NodeArgs {
 }
 
 /// Services declared in the config file (`[services.NAME]` tables), validated.
-type ConfiguredServices = BTreeMap<String, rampart_core::service::Policy>;
+type ConfiguredServices = BTreeMap<String, rampart_core::service::Definition>;
 
 /// Reads `[services.NAME]` tables; a bad one is refused naming `services.NAME.FIELD`.
 fn file_services(path: &std::path::Path, value: toml::Value) -> Result<ConfiguredServices, Failure> {
@@ -152,14 +152,14 @@ fn file_services(path: &std::path::Path, value: toml::Value) -> Result<Configure
         rampart_core::service::check_name(&format!("services.{name}"), &name).map_err(|e| bad(e.to_string()))?;
         let spec: rampart_core::service::PolicySpec =
             body.try_into().map_err(|e| bad(format!("[services.{name}]: {e}")))?;
-        let policy = spec.validate().map_err(|e| {
+        let definition = spec.define().map_err(|e| {
             bad(rampart_core::service::FieldError {
                 field: format!("services.{name}.{}", e.field),
                 ..e
             }
             .to_string())
         })?;
-        services.insert(name, policy);
+        services.insert(name, definition);
     }
     Ok(services)
 }

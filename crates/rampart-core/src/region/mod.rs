@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use crate::service::{duration_ms, field_error, FieldError};
+use crate::field::{duration_ms, field_error, FieldError};
 
 /// `[regions]` as written in a node's config file, or gathered from `--primary-region` and
 /// `--known-region` (which replace the file's values).

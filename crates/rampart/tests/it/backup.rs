@@ -104,7 +104,7 @@ async fn a_backup_under_writes_restores_a_new_region_with_the_manifests_revision
     let revision = manifest["revision"].as_u64().expect("revision");
     let checksum = manifest["checksum"].as_str().expect("checksum").to_string();
     // Both parts of the state, each with its checksum, and where they meet.
-    assert_eq!(manifest["format"], 3);
+    assert_eq!(manifest["format"], rampart_store::FORMAT_VERSION);
     assert!(manifest["local_checksum"].is_string(), "{manifest}");
     let shipped_bytes = manifest["shipped_bytes"].as_u64().expect("shipped_bytes");
     assert!(shipped_bytes > 0 && shipped_bytes < manifest["state_bytes"].as_u64().expect("state_bytes"));
