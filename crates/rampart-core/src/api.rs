@@ -572,6 +572,10 @@ pub struct InstanceView {
     /// On the leader: each node's latest view of this instance (the inputs of `health`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub reports: std::collections::BTreeMap<u64, crate::health::Health>,
+    /// On the leader: how far behind it last was, as eligibility counts it (revisions its
+    /// heartbeats reported; bytes of WAL for a `postgres` instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -621,6 +625,20 @@ pub struct ObservationsRequest {
     /// Instances this node's supervisor has just restarted, or given up on.
     #[serde(default)]
     pub restarts: Vec<RestartReport>,
+    /// How far the WAL of each `postgres` instance this node runs goes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<WalPosition>,
+}
+
+/// A `postgres` instance's WAL position as its node last read it: a primary's current
+/// one, a replica's received one. The leader ranks replicas by it (the most WAL first) and
+/// counts each one's lag in bytes against the newest position of the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalPosition {
+    pub service: String,
+    pub instance: String,
+    pub lsn: crate::postgres::Lsn,
 }
 
 /// A supervised instance exited and its node restarted it (`gave_up`: the restart budget

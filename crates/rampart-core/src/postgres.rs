@@ -318,6 +318,107 @@ pub fn conninfo(pairs: &[(&str, &str)]) -> String {
         .join(" ")
 }
 
+/// Where an instance registered at `endpoint` listens: the endpoint's port, or the
+/// policy's `port` when it names none.
+pub fn listen_port(pg: &Postgres, endpoint: &str) -> u16 {
+    endpoint
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.trim_end_matches('/').parse().ok())
+        .unwrap_or(pg.port)
+}
+
+/// The host part of `HOST:PORT` (`[::1]:5432` gives `::1`).
+pub fn host_of(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The physical replication slot a primary keeps for instance `id`: `rampart_` and the id
+/// in lowercase, anything but letters, digits and `_` as `_` (PostgreSQL's slot names),
+/// at most 63 bytes.
+pub fn slot_name(id: &str) -> String {
+    let mut name: String = format!("rampart_{id}")
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+/// A `postgresql.conf` value, quoted.
+fn quoted(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// The settings Rampart writes for an instance (`rampart.conf`, included at the end of its
+/// `postgresql.conf`): replication-ready defaults, then the policy's `parameters` (which
+/// may change the defaults), then what Rampart manages. `upstream` is the
+/// `primary_conninfo` and slot of a replica (none for a primary, or a replica with nobody
+/// to follow yet); `synchronous_standby_names` is the primary's.
+pub fn settings(
+    pg: &Postgres,
+    port: u16,
+    socket_dir: &str,
+    upstream: Option<(&str, &str)>,
+    synchronous_standby_names: &str,
+) -> String {
+    let mut lines = vec!["# Written by Rampart for this instance: edits are overwritten.".to_string()];
+    let defaults = [
+        ("wal_level", "replica"),
+        ("max_wal_senders", "10"),
+        ("max_replication_slots", "10"),
+        ("wal_log_hints", "on"),
+        ("max_slot_wal_keep_size", "1GB"),
+        ("wal_keep_size", "128MB"),
+        ("unix_socket_directories", socket_dir),
+    ];
+    for (name, value) in defaults {
+        if !pg.parameters.contains_key(name) {
+            lines.push(format!("{name} = {}", quoted(value)));
+        }
+    }
+    for (name, value) in &pg.parameters {
+        lines.push(format!("{name} = {}", quoted(value)));
+    }
+    let port = port.to_string();
+    let mut managed = vec![
+        ("port", port.as_str()),
+        ("listen_addresses", "*"),
+        ("hot_standby", "on"),
+        ("synchronous_standby_names", synchronous_standby_names),
+    ];
+    if let Some((conninfo, slot)) = upstream {
+        managed.push(("primary_conninfo", conninfo));
+        managed.push(("primary_slot_name", slot));
+    }
+    for (name, value) in managed {
+        lines.push(format!("{name} = {}", quoted(value)));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// The `pg_hba.conf` Rampart writes: password (SCRAM) logins for every role from anywhere,
+/// replication connections for the replication role.
+pub fn hba(pg: &Postgres) -> String {
+    let replication = quote_ident(&pg.replication_user.name);
+    format!(
+        "# Written by Rampart: edits are overwritten.\n\
+         local all all scram-sha-256\n\
+         host all all 0.0.0.0/0 scram-sha-256\n\
+         host all all ::/0 scram-sha-256\n\
+         host replication {replication} 0.0.0.0/0 scram-sha-256\n\
+         host replication {replication} ::/0 scram-sha-256\n"
+    )
+}
+
+/// A SQL string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +522,37 @@ mod tests {
         assert_eq!(synchronous_standby_names(On, Block, &[]), "*");
         assert_eq!(synchronous_standby_names(On, Async, &[]), "");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn ports_hosts_and_slot_names_of_instances() {
+        let pg = spec().validate().expect("valid");
+        assert_eq!(listen_port(&pg, "10.0.0.1:6543"), 6543);
+        assert_eq!(listen_port(&pg, "db.example"), PORT_DEFAULT);
+        assert_eq!(host_of("10.0.0.1:6543"), "10.0.0.1");
+        assert_eq!(host_of("[::1]:5432"), "::1");
+        assert_eq!(slot_name("PG-1.east"), "rampart_pg_1_east");
+        assert_eq!(slot_name(&"x".repeat(100)).len(), 63);
+    }
+
+    #[test]
+    fn settings_put_the_managed_ones_last_and_let_parameters_replace_defaults() {
+        let mut s = spec();
+        s.parameters = Some([("wal_keep_size".to_string(), "1GB".to_string())].into());
+        let pg = s.validate().expect("valid");
+        let text = settings(&pg, 6000, "/d", Some(("host='p' user='r'", "rampart_b")), "");
+        assert!(text.contains("wal_keep_size = '1GB'\n"), "{text}");
+        assert!(!text.contains("wal_keep_size = '128MB'"), "{text}");
+        assert!(text.contains("primary_conninfo = 'host=''p'' user=''r'''\n"), "{text}");
+        assert!(text.ends_with("primary_slot_name = 'rampart_b'\n"), "{text}");
+        let primary = settings(&pg, 6000, "/d", None, "FIRST 1 (\"b\")");
+        assert!(!primary.contains("primary_conninfo"), "{primary}");
+        assert!(
+            primary.contains("synchronous_standby_names = 'FIRST 1 (\"b\")'"),
+            "{primary}"
+        );
+        assert!(hba(&pg).contains("host replication \"replicator\" 0.0.0.0/0 scram-sha-256"));
+        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     #[test]

@@ -1854,6 +1854,7 @@ mod tests {
                     node: None,
                     tags: Default::default(),
                     reports: Default::default(),
+                    lag: None,
                 })
                 .collect(),
             serving: serving.iter().map(|s| s.to_string()).collect(),

@@ -209,6 +209,11 @@ pub enum Probe {
     Heartbeat {
         ttl_ms: u64,
     },
+    /// A `postgres` service's SQL check (added last: no new data dir format): the node
+    /// logs in as the superuser and asks `SELECT pg_is_in_recovery()`; healthy when the
+    /// answer fits the role the registry gives the instance (a primary not in recovery, a
+    /// replica in recovery).
+    Postgres,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,7 +393,14 @@ impl CheckSpec {
                     None => return Err(field_error(f("ttl"), "", "required for kind \"heartbeat\", e.g. 3s")),
                 },
             },
-            other => return Err(field_error(f("kind"), other, "one of http, tcp, exec, heartbeat")),
+            "postgres" => Probe::Postgres,
+            other => {
+                return Err(field_error(
+                    f("kind"),
+                    other,
+                    "one of http, tcp, exec, heartbeat, postgres",
+                ))
+            }
         };
         let purpose = match self.purpose.as_deref() {
             None | Some("both") => Purpose::Both,
@@ -416,12 +428,31 @@ pub struct Definition {
 }
 
 impl PolicySpec {
-    /// The policy and the kind, both validated.
+    /// The policy and the kind, both validated. A `postgres` service without checks gets
+    /// the SQL check (`{kind = "postgres"}`, every second, down after 3 failures); only a
+    /// `postgres` service may have one.
     pub fn define(&self) -> Result<Definition, FieldError> {
-        Ok(Definition {
-            policy: self.validate()?,
-            kind: self.validate_kind()?,
-        })
+        let mut policy = self.validate()?;
+        let kind = self.validate_kind()?;
+        let sql_check = policy.checks.iter().position(|c| c.probe == Probe::Postgres);
+        match (&kind, sql_check) {
+            (Kind::Generic, Some(i)) => {
+                return Err(field_error(
+                    format!("checks[{i}].kind"),
+                    "postgres",
+                    "only in a service of kind \"postgres\"",
+                ))
+            }
+            (Kind::Postgres(_), None) if policy.checks.is_empty() => {
+                let check = CheckSpec {
+                    kind: "postgres".into(),
+                    ..CheckSpec::default()
+                };
+                policy.checks.push(check.validate("checks[0]")?);
+            }
+            _ => {}
+        }
+        Ok(Definition { policy, kind })
     }
 
     /// The service's kind: `postgres` needs its `[postgres]` table, and only it may have one.

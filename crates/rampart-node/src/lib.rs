@@ -18,6 +18,7 @@ mod http_probe;
 mod metrics;
 mod node;
 mod peer;
+mod pg;
 mod pipe;
 mod proposer;
 mod quotas;

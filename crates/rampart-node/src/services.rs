@@ -181,6 +181,7 @@ fn view(
                     .get(&(name.to_string(), id.clone()))
                     .map(|seen| seen.iter().map(|(node, report)| (*node, report.health)).collect())
                     .unwrap_or_default(),
+                lag: soft.lag_revisions(name, id),
             })
             .collect(),
         serving: serving(name, service, local),
@@ -398,7 +399,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
         EligibilityResponse {
             service: name.clone(),
             primary: service.primary.clone(),
-            instances: eligibility(&candidates, service.policy.rules()),
+            instances: eligibility(&candidates, service.rules()),
         }
     })
 }

@@ -30,6 +30,8 @@ pub struct Soft {
     /// outcome): a report sent again (a self-fence's, retried until its region can commit)
     /// is recorded once. Cleared when it grows past [`HOOK_EVENTS_KEPT`].
     pub hook_events: std::collections::BTreeSet<(String, String, String, u64, String)>,
+    /// Each `postgres` instance's WAL position as its node last reported it.
+    pub positions: HashMap<InstanceKey, rampart_core::postgres::Lsn>,
 }
 
 /// How many recorded hook runs a leader remembers, to record each once.
@@ -108,11 +110,22 @@ impl Confirmation {
 }
 
 impl Soft {
-    /// The lag an instance last reported with its heartbeat, if any.
+    /// The lag an instance last reported with its heartbeat, if any; for a `postgres`
+    /// instance, the bytes of WAL between its position and the newest one reported for
+    /// its service (the primary's while it reports, else the replica furthest ahead).
     pub fn lag_revisions(&self, service: &str, instance: &str) -> Option<u64> {
-        self.heartbeats
-            .get(&(service.to_string(), instance.to_string()))
-            .and_then(|beat| beat.lag_revisions)
+        let key = (service.to_string(), instance.to_string());
+        if let Some(lag) = self.heartbeats.get(&key).and_then(|beat| beat.lag_revisions) {
+            return Some(lag);
+        }
+        let own = self.positions.get(&key)?;
+        let newest = self
+            .positions
+            .iter()
+            .filter(|((s, _), _)| s == service)
+            .map(|(_, lsn)| *lsn)
+            .max()?;
+        Some(own.behind(newest))
     }
 
     /// Whether the instance's node restarted it less than `start_timeout` ago and has not

@@ -81,6 +81,17 @@ impl Service {
         Some((id, self.instances.get(id)?))
     }
 
+    /// The rules for promoting an instance: the policy's; a `postgres` service's lag is in
+    /// bytes of WAL, bounded by its `max_lag_bytes` (else unbounded: the replica with the
+    /// most WAL is promoted).
+    pub fn rules(&self) -> rampart_core::service::Rules {
+        let mut rules = self.policy.rules();
+        if let Some(pg) = self.kind.postgres() {
+            rules.lag_revisions_max = pg.max_lag_bytes.unwrap_or(u64::MAX);
+        }
+        rules
+    }
+
     /// Ends the primary's term: nobody is primary, `id` is a replica again.
     fn step_down(&mut self, id: &str) -> Option<&mut InstanceRecord> {
         self.primary = None;

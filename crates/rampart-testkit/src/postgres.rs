@@ -29,6 +29,24 @@ pub fn bin_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| "no PostgreSQL: run scripts/test (or scripts/install-test-tools) first".to_string())
 }
 
+/// Runs `sql` with `psql` over the connection string `conninfo` (as this process's user:
+/// a client may be root) and gives its unaligned, tuples-only output, trimmed.
+pub fn psql(conninfo: &str, sql: &str) -> Result<String, String> {
+    let program = bin_dir()?.join("psql");
+    let output = Command::new(&program)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-Atc", sql])
+        .output()
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "psql {sql:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
 /// One running PostgreSQL server.
 pub struct Postgres {
     bin: PathBuf,

@@ -45,6 +45,8 @@ struct Due {
     token: u64,
     primary_endpoint: String,
     timeout: Duration,
+    /// A `postgres` instance's settings and endpoint: its built-in action runs first.
+    postgres: Option<(Box<rampart_core::postgres::Postgres>, String)>,
 }
 
 pub async fn run(node: Shared) {
@@ -161,6 +163,7 @@ fn self_fence(node: &Shared, fenced: &mut HashMap<(String, String), u64>, why: &
             token: service.token,
             primary_endpoint: String::new(),
             timeout: Duration::from_millis(service.policy.hooks.timeout_ms),
+            postgres: postgres_of(service, &record.instance),
         });
     }
     due
@@ -193,6 +196,7 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) ->
                 token: service.token,
                 primary_endpoint: primary_endpoint.clone(),
                 timeout: Duration::from_millis(hooks.timeout_ms),
+                postgres: postgres_of(service, &record.instance),
             };
             let key = (service_name.clone(), id.clone());
             let is_primary = service.primary.as_deref() == Some(id.as_str());
@@ -211,7 +215,31 @@ fn due_hooks(node: &Shared, seen: &mut HashMap<(String, String), HookMemory>) ->
     due
 }
 
-/// Runs one hook (or, without a command, reports success at once).
+fn postgres_of(
+    service: &rampart_store::shipped::Service,
+    instance: &rampart_core::service::Instance,
+) -> Option<(Box<rampart_core::postgres::Postgres>, String)> {
+    let pg = service.kind.postgres()?;
+    Some((Box::new(pg.clone()), instance.endpoint.clone()))
+}
+
+/// A `postgres` instance's own part of a hook: `on_promote` promotes its server,
+/// `on_demote` stops it; `on_role_change` has none (its node re-points it).
+async fn builtin(due: &Due) -> Result<(), String> {
+    let Some((pg, endpoint)) = &due.postgres else {
+        return Ok(());
+    };
+    if due.hook == Hook::OnPromote.name() {
+        super::postgres::promote(pg, endpoint, due.timeout).await
+    } else if due.hook == Hook::OnDemote.name() {
+        super::postgres::demote(pg, &due.instance).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs one hook (or, without a command, reports success at once); a `postgres`
+/// instance's own part first.
 async fn run_hook(node: &Shared, due: &Due) -> HookReport {
     let started = Instant::now();
     let report = |exit_code: Option<i32>, outcome: String, output: String| HookReport {
@@ -223,6 +251,9 @@ async fn run_hook(node: &Shared, due: &Due) -> HookReport {
         duration_ms: started.elapsed().as_millis() as u64,
         output,
     };
+    if let Err(e) = builtin(due).await {
+        return report(None, format!("failed: {e}"), String::new());
+    }
     let Some(command) = &due.command else {
         return report(Some(0), "ok".into(), String::new());
     };

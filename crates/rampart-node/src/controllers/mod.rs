@@ -3,7 +3,7 @@
 //! `regions` (asks the other regions how they are), `region_lease` (the primary's leader renews the region lease, and every node of the primary region asks it how long the lease has left; every leader grants it), `link` (a standby's leader follows the
 //! primary region's shipped writes), `takeover` (a standby's leader takes over a lost primary region), `prober` (probes the instances of every
 //! service and reports its views), `hooks` (the role hooks of the instances it hosts, and
-//! self-fencing when cut off) and `supervisor` (restarts the instances it hosts). The leader
+//! self-fencing when cut off) `supervisor` (restarts the instances it hosts) and `postgres` (runs the PostgreSQL instances it hosts). The leader
 //! alone runs `rules` (adopts this build's apply rules in a region migrated from data dir
 //! format 1), `leases` (lease expiry), `verdicts` (committed health verdicts from every
 //! node's views and heartbeats), `primaries` (automatic failover), `switchover` (planned
@@ -17,6 +17,7 @@ pub mod elector;
 pub mod hooks;
 pub mod leases;
 pub mod link;
+pub mod postgres;
 pub mod primaries;
 pub mod prober;
 pub mod raft_metrics;
@@ -55,6 +56,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(primaries::run(node.clone())),
         tokio::spawn(crate::alerts::run(node.clone(), alert_queue)),
         tokio::spawn(supervisor::run(node.clone())),
+        tokio::spawn(postgres::run(node.clone())),
         tokio::spawn(crate::services::register_configured(node.clone())),
         tokio::spawn(backups::run(node.clone())),
         tokio::spawn(backups::archive(node.clone())),

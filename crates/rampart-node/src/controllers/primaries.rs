@@ -126,7 +126,8 @@ fn facts(node: &Shared, name: &str, leader_since: Instant) -> Option<Facts> {
             switchover_running: false,
             primary,
             demoting: s.demoting,
-            had_primary: s.token > 0,
+            // A postgres service's first primary is the instance its nodes initialized.
+            had_primary: s.token > 0 || s.kind.postgres().is_some(),
             best: None,
         };
         (facts, Duration::from_millis(s.policy.recovery.start_timeout_ms))

@@ -66,6 +66,8 @@ impl Views {
 struct ProbeSpec {
     check: Check,
     endpoint: String,
+    /// A `postgres` service's settings (its SQL check logs in with them).
+    postgres: Option<Box<rampart_core::postgres::Postgres>>,
 }
 
 /// A thread of its own, with a single-threaded runtime, runs every probe: probes are many
@@ -191,6 +193,7 @@ fn desired_probes(node: &Shared) -> HashMap<(InstanceKey, usize), ProbeSpec> {
                     ProbeSpec {
                         check: check.clone(),
                         endpoint: record.instance.endpoint.clone(),
+                        postgres: service.kind.postgres().map(|pg| Box::new(pg.clone())),
                     },
                 );
             }
@@ -254,10 +257,15 @@ enum Client {
     Plain(http_probe::Target, http_probe::HttpProbe),
     /// HTTPS, through the node's general client, to this URL (empty: not an HTTP check).
     General(String),
+    /// A `postgres` check's login, kept while it works.
+    Postgres(Option<tokio_postgres::Client>),
 }
 
 impl Client {
     fn for_spec(spec: &ProbeSpec) -> Client {
+        if spec.check.probe == Probe::Postgres {
+            return Client::Postgres(None);
+        }
         let url = http_url(spec);
         match http_probe::Target::parse(&url) {
             Some(target) => Client::Plain(target, http_probe::HttpProbe::default()),
@@ -296,6 +304,7 @@ async fn probe(node: &Shared, instance: &InstanceKey, spec: &ProbeSpec, client: 
                     return http.check(target, expect).await;
                 }
                 Client::General(url) => url.as_str(),
+                Client::Postgres(_) => return false,
             };
             let Ok(response) = node.probe_http.get(url).send().await else {
                 return false;
@@ -339,6 +348,31 @@ async fn probe(node: &Shared, instance: &InstanceKey, spec: &ProbeSpec, client: 
             child.wait().await.is_ok_and(|s| s.success())
         }
         Probe::Heartbeat { .. } => true,
+        Probe::Postgres => {
+            let (Some(pg), Client::Postgres(kept)) = (&spec.postgres, client) else {
+                return false;
+            };
+            let is_primary = {
+                let applied = node.applied.read().expect("state lock");
+                applied
+                    .state
+                    .shipped
+                    .services
+                    .get(&instance.0)
+                    .is_some_and(|s| s.primary.as_deref() == Some(instance.1.as_str()))
+            };
+            if kept.as_ref().is_none_or(|c| c.is_closed()) {
+                *kept = crate::pg::connect(pg, &spec.endpoint).await.ok();
+            }
+            let Some(sql) = kept.as_ref() else { return false };
+            match crate::pg::status(sql).await {
+                Ok(status) => status.in_recovery != is_primary,
+                Err(_) => {
+                    *kept = None;
+                    false
+                }
+            }
+        }
     }
 }
 
@@ -348,6 +382,7 @@ async fn report(node: &Shared, batch: &[Observation]) -> bool {
         node: node.id,
         observations: batch.to_vec(),
         restarts: Vec::new(),
+        positions: Vec::new(),
     };
     send(node, body).await
 }

@@ -156,14 +156,20 @@ fn desired(node: &Shared) -> HashMap<InstanceKey, Spec> {
     desired
 }
 
-fn start(node: &Shared, key: &InstanceKey, spec: &Spec) -> std::io::Result<Child> {
+/// An instance's output file, `<data-dir>/instances/SERVICE.INSTANCE.log`, opened to
+/// append (the previous one kept as `.log.1` once it passed [`LOG_BYTES_MAX`]).
+pub fn log_file(node: &Shared, key: &InstanceKey) -> std::io::Result<std::fs::File> {
     let dir = node.config.data_dir.join("instances");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{}.{}.log", key.0, key.1));
     if std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_BYTES_MAX) {
         let _ = std::fs::rename(&path, path.with_extension("log.1"));
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    std::fs::OpenOptions::new().create(true).append(true).open(&path)
+}
+
+fn start(node: &Shared, key: &InstanceKey, spec: &Spec) -> std::io::Result<Child> {
+    let log = log_file(node, key)?;
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -213,6 +219,7 @@ fn tell_leader(node: &Shared, key: &InstanceKey, gave_up: bool) {
     let body = ObservationsRequest {
         node: node.id,
         observations: Vec::new(),
+        positions: Vec::new(),
         restarts: vec![RestartReport {
             service: key.0.clone(),
             instance: key.1.clone(),

@@ -56,6 +56,10 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
             };
             soft.restarts.insert((restart.service, restart.instance), at);
         }
+        for position in request.positions {
+            soft.positions
+                .insert((position.service, position.instance), position.lsn);
+        }
         request
             .observations
             .into_iter()
@@ -175,6 +179,7 @@ fn forget_unknown(state: &rampart_store::State, soft: &mut Soft) {
     soft.ready.retain(known);
     soft.heartbeats.retain(|k, _| known(k));
     soft.restarts.retain(|k, _| known(k));
+    soft.positions.retain(|k, _| known(k));
 }
 
 /// Computes the verdict of each instance in `keys` and commits the ones that changed.

@@ -3,7 +3,10 @@
 //! value as written, the WAL positions PostgreSQL prints parse and give lag in bytes, and
 //! every `synchronous_standby_names` it gives is one PostgreSQL accepts as written.
 
+use std::time::Duration;
+
 use rampart_core::postgres::{conninfo, synchronous_standby_names, Fallback, Lsn, Synchronous};
+use rampart_core::service::{InstanceSpec, Kind, PolicySpec};
 use rampart_testkit::postgres::Postgres;
 
 /// `text` as an SQL string literal.
@@ -56,4 +59,169 @@ fn the_core_postgres_pieces_hold_against_a_real_postgresql() {
     // And PostgreSQL does refuse a malformed one: the check above can fail.
     let refused = pg.psql(&info, "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ('");
     assert!(refused.is_err(), "{refused:?}");
+}
+
+/// A `kind = "postgres"` service of three instances on a three-node region, each node
+/// running one (`node = N`), in a temporary directory PostgreSQL's user can reach.
+struct PgCluster {
+    cluster: rampart_testkit::Cluster,
+    client: rampart_client::Client,
+    dir: tempfile::TempDir,
+    /// (id, port) of each instance.
+    instances: Vec<(String, u16)>,
+}
+
+const SUPERUSER_PASSWORD: &str = "it's-super";
+
+impl PgCluster {
+    async fn start(extra: serde_json::Value) -> PgCluster {
+        let cluster = crate::cluster(3).await;
+        cluster.wait_for_leader(crate::DEADLINE).await;
+        let client = cluster.client();
+        let dir = tempfile::tempdir().expect("temp dir");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(dir.path().join("super.pw"), format!("{SUPERUSER_PASSWORD}\n")).expect("password");
+        std::fs::write(dir.path().join("repl.pw"), "repl-secret\n").expect("password");
+        let bin = rampart_testkit::postgres::bin_dir().expect("PostgreSQL");
+        let mut policy = serde_json::json!({
+            "kind": "postgres",
+            "postgres": {
+                "bin_dir": bin,
+                "data_dir": dir.path().join("{instance}"),
+                "superuser": {"password_file": dir.path().join("super.pw")},
+                "replication_user": {"password_file": dir.path().join("repl.pw")},
+                "parameters": {"fsync": "off", "shared_buffers": "16MB"},
+            },
+        });
+        for (key, value) in extra.as_object().cloned().unwrap_or_default() {
+            policy[key] = value;
+        }
+        let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
+        client.service_put("db", &spec).await.expect("service");
+        let mut instances = Vec::new();
+        for node in 1..=3u64 {
+            let port = rampart_testkit::free_port().expect("port").port();
+            let id = format!("pg-{node}");
+            let spec = InstanceSpec {
+                endpoint: format!("127.0.0.1:{port}"),
+                node: Some(node),
+                ..InstanceSpec::default()
+            };
+            client.instance_put("db", &id, &spec).await.expect("instance");
+            instances.push((id, port));
+        }
+        PgCluster {
+            cluster,
+            client,
+            dir,
+            instances,
+        }
+    }
+
+    fn port(&self, id: &str) -> u16 {
+        self.instances.iter().find(|(i, _)| i == id).expect("an instance").1
+    }
+
+    fn conninfo(&self, id: &str) -> String {
+        conninfo(&[
+            ("host", "127.0.0.1"),
+            ("port", &self.port(id).to_string()),
+            ("user", "postgres"),
+            ("password", SUPERUSER_PASSWORD),
+            ("dbname", "postgres"),
+            ("connect_timeout", "2"),
+        ])
+    }
+
+    fn sql(&self, id: &str, sql: &str) -> Result<String, String> {
+        rampart_testkit::postgres::psql(&self.conninfo(id), sql)
+    }
+
+    /// Waits until `wanted` is the primary, it runs as one, and every other instance runs
+    /// as its replica; returns the primary.
+    async fn wait_serving(&self, wanted: impl Fn(&str) -> bool) -> String {
+        rampart_testkit::eventually(Duration::from_secs(120), "a primary and two replicas", || async {
+            let view = self.client.service("db").await.ok()?;
+            let primary = view.primary.clone().filter(|p| wanted(p))?;
+            for (id, _) in &self.instances {
+                let in_recovery = self.sql(id, "SELECT pg_is_in_recovery()").ok()?;
+                if in_recovery != if *id == primary { "f" } else { "t" } {
+                    return None;
+                }
+            }
+            Some(primary)
+        })
+        .await
+    }
+
+    /// The postmaster's pid of instance `id`, from its `postmaster.pid`.
+    fn postmaster_pid(&self, id: &str) -> i32 {
+        let text = std::fs::read_to_string(self.dir.path().join(id).join("postmaster.pid")).expect("postmaster.pid");
+        text.lines().next().expect("a pid").trim().parse().expect("a pid")
+    }
+
+    /// Waits until `id` holds `value` in `t` (a replica replaying its primary's WAL).
+    async fn wait_has(&self, id: &str, value: i64) {
+        let sql = format!("SELECT count(*) FROM t WHERE v = {value}");
+        rampart_testkit::eventually(Duration::from_secs(60), &format!("{id} has {value}"), || async {
+            (self.sql(id, &sql).ok()? == "1").then_some(())
+        })
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_service_comes_up_fails_over_and_takes_its_old_primary_back_by_rewind() {
+    let pg = PgCluster::start(serde_json::json!({})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(
+        &first,
+        "CREATE TABLE t (v bigint PRIMARY KEY); INSERT INTO t VALUES (1)",
+    )
+    .expect("a write on the primary");
+    for (id, _) in &pg.instances {
+        pg.wait_has(id, 1).await;
+    }
+    // Replicas report their lag in bytes of WAL (to the leader), and may be promoted.
+    let leader = pg.cluster.wait_for_leader(crate::DEADLINE).await;
+    let on_leader = pg.cluster.client_of(leader);
+    rampart_testkit::eventually(crate::DEADLINE, "lag reported", || async {
+        let view = on_leader.service("db").await.ok()?;
+        view.instances.iter().all(|i| i.lag == Some(0)).then_some(())
+    })
+    .await;
+    rampart_testkit::eventually(crate::DEADLINE, "both replicas promotable", || async {
+        let report = pg.client.eligibility("db").await.ok()?;
+        let mut replicas = report.instances.iter().filter(|e| e.id != first);
+        replicas.all(|e| e.rank.is_some()).then_some(())
+    })
+    .await;
+    let service = pg.client.service("db").await.expect("view");
+    assert!(matches!(service.kind, Kind::Postgres(_)), "{:?}", service.kind);
+
+    // SIGKILL of the primary's postmaster: a replica is promoted, the other follows it.
+    let token = service.token;
+    // SAFETY: kill(2) of a process this test's region started.
+    unsafe {
+        libc::kill(pg.postmaster_pid(&first), libc::SIGKILL);
+    }
+    let second = pg.wait_serving(|p| p != first).await;
+    let view = pg.client.service("db").await.expect("view");
+    assert!(view.token > token, "a new fencing token");
+    pg.sql(&second, "INSERT INTO t VALUES (2)")
+        .expect("a write on the new primary");
+    // Every instance, the old primary included (rewound), follows the new primary.
+    for (id, _) in &pg.instances {
+        pg.wait_has(id, 2).await;
+    }
+    pg.wait_has(&first, 1).await;
+    let events = pg.client.events(Some("postgres"), None).await.expect("events").events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "postgres.rewound" && e.detail.contains(&first)),
+        "{events:?}"
+    );
+    drop(pg.cluster);
 }

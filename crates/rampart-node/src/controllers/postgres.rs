@@ -1,0 +1,761 @@
+//! `kind = "postgres"`: every node runs the PostgreSQL instances it hosts (`node = N` in
+//! their registration), one task each, following the registry:
+//!
+//! - **The first instance** (nobody was ever primary, and it comes first by priority, then
+//!   id): `initdb` with the superuser's password, `pg_hba.conf` and the replication role
+//!   written, then started as a replica with nobody to follow (read-only). The leader
+//!   promotes it like any failover (`primaries`), and its `on_promote` is `pg_promote()`.
+//! - **A replica without data**: `pg_basebackup` from the primary into a new directory,
+//!   renamed into place once whole; then started with `standby.signal`, `primary_conninfo`
+//!   and the replication slot the primary keeps for it (`rampart.conf`, included by
+//!   `postgresql.conf`).
+//! - **An old primary**, once another instance is primary: crash recovery in single-user
+//!   mode if it stopped uncleanly, `pg_rewind` from the new primary, then started as its
+//!   replica; when rewind fails, a fresh `pg_basebackup` (event `postgres.rebuild`). While
+//!   nobody is primary it runs read-only with nobody to follow (it may hold the most WAL,
+//!   and be promoted again), marked (`rampart.rewind`) to be rewound before it follows.
+//! - **Running**: its WAL position is reported to the leader (`positions`: lag in bytes and
+//!   the promotion order); a replica is re-pointed to a new primary by rewriting
+//!   `rampart.conf` and a reload (no restart); a primary keeps a slot for every other
+//!   instance. An instance that runs as a primary while the registry names another is
+//!   stopped at once.
+//!
+//! An instance the registry names primary is never started by its node: a primary that
+//! went down is replaced by failover, and comes back as a replica. `on_demote` (from
+//! `hooks`, also when fencing) stops PostgreSQL with a fast shutdown. If the node dies,
+//! the kernel stops its PostgreSQL too (`PR_SET_PDEATHSIG`, immediate shutdown).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rampart_core::api::{Event, ObservationsRequest, WalPosition};
+use rampart_core::postgres::{hba, listen_port, quote_ident, quote_literal, settings, slot_name, Lsn, Postgres};
+use rampart_core::service::InstanceRole;
+use tokio::process::Child;
+use tokio::sync::watch;
+
+use crate::node::Shared;
+use crate::pg;
+use crate::soft::InstanceKey;
+
+const TICK: Duration = Duration::from_millis(250);
+/// How long PostgreSQL may take to stop after a fast shutdown before an immediate one.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long `initdb`, crash recovery or `pg_rewind` may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `pg_basebackup` may take.
+const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A WAL position is sent again after this long even when it did not move.
+const POSITION_EVERY: Duration = Duration::from_secs(2);
+/// A primary checks its replication slots this often (and when the registry changes).
+const SLOTS_EVERY: Duration = Duration::from_secs(5);
+/// The file of settings Rampart writes into each data dir.
+const SETTINGS_FILE: &str = "rampart.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'rampart.conf'";
+/// Marks an old primary that runs read-only with nobody primary: it is rewound before it
+/// follows another instance.
+const REWIND_FILE: &str = "rampart.rewind";
+
+/// What the registry asks of one instance this node hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    pg: Postgres,
+    endpoint: String,
+    /// The registry names it primary.
+    primary: bool,
+    /// The registry's primary, when another instance: (id, endpoint).
+    upstream: Option<(String, String)>,
+    /// Nobody was ever primary and this instance is the one to initialize.
+    bootstrap: bool,
+    /// The service's other instances (a primary keeps a slot for each).
+    others: Vec<String>,
+}
+
+pub async fn run(node: Shared) {
+    let mut tasks: HashMap<InstanceKey, watch::Sender<Option<View>>> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut seen_version = None;
+    loop {
+        tick.tick().await;
+        let version = node.services_version();
+        if seen_version == Some(version) {
+            continue;
+        }
+        seen_version = Some(version);
+        let mut views = views(&node);
+        tasks.retain(|key, sender| match views.remove(key) {
+            Some(view) => {
+                sender.send_if_modified(|current| {
+                    let changed = current.as_ref() != Some(&view);
+                    *current = Some(view);
+                    changed
+                });
+                true
+            }
+            None => {
+                // Its task stops PostgreSQL and ends.
+                let _ = sender.send(None);
+                false
+            }
+        });
+        for (key, view) in views {
+            let (sender, receiver) = watch::channel(Some(view));
+            tokio::spawn(manage(node.clone(), key.clone(), receiver));
+            tasks.insert(key, sender);
+        }
+    }
+}
+
+/// Every `postgres` instance this node hosts, as the registry has it now.
+fn views(node: &Shared) -> HashMap<InstanceKey, View> {
+    let applied = node.applied.read().expect("state lock");
+    let mut views = HashMap::new();
+    for (name, service) in &applied.state.shipped.services {
+        let Some(pg) = service.kind.postgres() else { continue };
+        let upstream_of = |id: &str| {
+            service
+                .primary_record()
+                .filter(|(primary, _)| *primary != id)
+                .map(|(primary, r)| (primary.to_string(), r.instance.endpoint.clone()))
+        };
+        // The first instance: highest priority, then the first id, never a standby's.
+        let first = service
+            .instances
+            .iter()
+            .filter(|(_, r)| r.role != InstanceRole::Standby && r.instance.priority > 0)
+            .max_by(|a, b| a.1.instance.priority.cmp(&b.1.instance.priority).then(b.0.cmp(a.0)))
+            .map(|(id, _)| id.clone());
+        for (id, record) in &service.instances {
+            if !node.hosts(&record.instance) {
+                continue;
+            }
+            let view = View {
+                pg: pg.clone(),
+                endpoint: record.instance.endpoint.clone(),
+                primary: service.primary.as_deref() == Some(id.as_str()),
+                upstream: upstream_of(id),
+                bootstrap: service.token == 0 && service.primary.is_none() && first.as_deref() == Some(id.as_str()),
+                others: service.instances.keys().filter(|other| *other != id).cloned().collect(),
+            };
+            views.insert((name.clone(), id.clone()), view);
+        }
+    }
+    views
+}
+
+/// One instance's PostgreSQL as this node runs it.
+struct Managed {
+    node: Shared,
+    key: InstanceKey,
+    child: Option<Child>,
+    sql: Option<tokio_postgres::Client>,
+    /// The `rampart.conf` last written.
+    written: Option<String>,
+    /// The last position sent, and when.
+    sent: Option<(Lsn, Instant)>,
+    slots_checked: Option<(Vec<String>, Instant)>,
+    /// The last reason it waits, said once.
+    waiting: Option<&'static str>,
+    /// The last failure, said once.
+    failed: Option<String>,
+}
+
+async fn manage(node: Shared, key: InstanceKey, mut views: watch::Receiver<Option<View>>) {
+    let mut managed = Managed {
+        node,
+        key,
+        child: None,
+        sql: None,
+        written: None,
+        sent: None,
+        slots_checked: None,
+        waiting: None,
+        failed: None,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = views.changed() => if changed.is_err() { break },
+        }
+        let Some(view) = views.borrow_and_update().clone() else {
+            break;
+        };
+        match managed.step(&view).await {
+            Ok(()) => managed.failed = None,
+            Err(e) => {
+                tracing::warn!(service = %managed.key.0, instance = %managed.key.1, "postgres: {e}");
+                // Said once while it fails the same way.
+                if managed.failed.as_deref() != Some(e.as_str()) {
+                    managed.event("postgres.error", &format!("failed: {e}")).await;
+                    managed.failed = Some(e);
+                }
+                // Not at once again: whatever failed gets time to change.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    if let Some(child) = managed.child.take() {
+        stop_child(child).await;
+    }
+}
+
+impl Managed {
+    async fn step(&mut self, view: &View) -> Result<(), String> {
+        let data = PathBuf::from(view.pg.data_dir_of(&self.key.1));
+        let running = match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        };
+        if !running {
+            if self.child.take().is_some() {
+                self.sql = None;
+                self.event("postgres.stopped", "ok: PostgreSQL exited").await;
+            }
+            return self.start(view, &data).await;
+        }
+        self.waiting = None;
+        if self.sql.as_ref().is_none_or(|c| c.is_closed()) {
+            // Still starting, or gone: the next tick tells.
+            self.sql = pg::connect(&view.pg, &view.endpoint).await.ok();
+        }
+        let Some(sql) = &self.sql else { return Ok(()) };
+        let status = match pg::status(sql).await {
+            Ok(status) => status,
+            Err(_) => {
+                self.sql = None;
+                return Ok(());
+            }
+        };
+        self.report(status.lsn).await;
+        if view.primary {
+            self.write_settings(view, &data, None).await?;
+            if !status.in_recovery {
+                // Its own history is the service's now: nothing to rewind.
+                let _ = std::fs::remove_file(data.join(REWIND_FILE));
+                self.keep_slots(view).await?;
+            }
+            return Ok(());
+        }
+        if !status.in_recovery && !self.named_primary() {
+            // Writable while another is primary (or nobody is): never let it serve.
+            if let Some(child) = self.child.take() {
+                stop_child(child).await;
+            }
+            self.sql = None;
+            let outcome = "ok: stopped: it ran as a primary while the registry names another";
+            self.event("postgres.fenced", outcome).await;
+            return Ok(());
+        }
+        if let Some(upstream) = &view.upstream {
+            if data.join(REWIND_FILE).exists() {
+                // An old primary that waited read-only: stopped, to be rewound first.
+                if let Some(child) = self.child.take() {
+                    stop_child(child).await;
+                }
+                self.sql = None;
+                return Ok(());
+            }
+            self.write_settings(view, &data, Some(upstream)).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the registry names this instance primary now (the view may be a tick old,
+    /// and its `on_promote` may have run since).
+    fn named_primary(&self) -> bool {
+        let applied = self.node.applied.read().expect("state lock");
+        applied
+            .state
+            .shipped
+            .services
+            .get(&self.key.0)
+            .is_some_and(|s| s.primary.as_deref() == Some(self.key.1.as_str()))
+    }
+
+    /// Brings a stopped instance up as a replica, after whatever it needs first.
+    async fn start(&mut self, view: &View, data: &Path) -> Result<(), String> {
+        if view.primary {
+            return self.wait("named primary while down: failover replaces it, and it comes back as a replica");
+        }
+        if let Some((id, endpoint)) = &view.upstream {
+            // Copied or rewound only from a primary that finished its promotion: a source
+            // still in recovery has not forked its new timeline yet.
+            if !upstream_writable(&view.pg, endpoint).await {
+                tracing::debug!(service = %self.key.0, instance = %self.key.1, upstream = %id, "postgres: the primary is not writable yet");
+                return Ok(());
+            }
+        }
+        if !data.join("PG_VERSION").exists() {
+            if let Some(upstream) = &view.upstream {
+                self.copy_from(view, data, upstream).await?;
+            } else if view.bootstrap {
+                self.initialize(view, data).await?;
+            } else {
+                return self.wait("no data yet: waiting for a primary to copy from");
+            }
+        } else if !data.join("standby.signal").exists() || data.join(REWIND_FILE).exists() {
+            // It ran as a primary: it may follow another only once rewound. With nobody
+            // primary, it waits read-only (and may be promoted again: it may hold the most
+            // WAL), marked to be rewound before it follows anyone.
+            match &view.upstream {
+                Some(upstream) => {
+                    self.rewind(view, data, upstream).await?;
+                    let _ = std::fs::remove_file(data.join(REWIND_FILE));
+                }
+                None => pg::write_file(&data.join(REWIND_FILE), "")?,
+            }
+        }
+        self.waiting = None;
+        pg::write_file(&data.join("pg_hba.conf"), &hba(&view.pg))?;
+        pg::write_file(&data.join("standby.signal"), "")?;
+        self.written = None;
+        self.write_settings(view, data, view.upstream.as_ref()).await?;
+        make_socket_dir(data)?;
+        self.child = Some(self.spawn(view, data)?);
+        self.event("postgres.started", "ok: started as a replica").await;
+        Ok(())
+    }
+
+    fn wait(&mut self, why: &'static str) -> Result<(), String> {
+        if self.waiting != Some(why) {
+            tracing::info!(service = %self.key.0, instance = %self.key.1, "postgres: {why}");
+            self.waiting = Some(why);
+        }
+        Ok(())
+    }
+
+    /// `initdb` into a new directory, the roles and files Rampart needs, then renamed into
+    /// place.
+    async fn initialize(&mut self, view: &View, data: &Path) -> Result<(), String> {
+        let pg = &view.pg;
+        let superuser = pg::password(&pg.superuser.password)?;
+        let replication = pg::password(&pg.replication_user.password)?;
+        let fresh = fresh_dir(data)?;
+        let pwfile = fresh.with_extension("pw");
+        pg::write_file(&pwfile, &superuser)?;
+        let fresh_text = fresh.to_string_lossy().to_string();
+        let pwfile_text = format!("--pwfile={}", pwfile.display());
+        let result = pg::run(
+            pg,
+            "initdb",
+            &[
+                "-D",
+                &fresh_text,
+                "-U",
+                &pg.superuser.name,
+                &pwfile_text,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+            ],
+            &[],
+            None,
+            SETUP_TIMEOUT,
+        )
+        .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        include_settings(&fresh)?;
+        let port = listen_port(pg, &view.endpoint);
+        pg::write_file(
+            &fresh.join(SETTINGS_FILE),
+            &settings(pg, port, &socket_dir(data), None, ""),
+        )?;
+        let role = format!(
+            "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {};\n",
+            quote_ident(&pg.replication_user.name),
+            quote_literal(&replication)
+        );
+        pg::run(
+            pg,
+            "postgres",
+            &["--single", "-D", &fresh_text, "postgres"],
+            &[],
+            Some(&role),
+            SETUP_TIMEOUT,
+        )
+        .await?;
+        std::fs::rename(&fresh, data).map_err(|e| format!("cannot move the new data dir into place: {e}"))?;
+        self.event("postgres.initialized", "ok: initdb; the first instance")
+            .await;
+        Ok(())
+    }
+
+    /// `pg_basebackup` from the primary into a new directory, renamed into place once whole.
+    async fn copy_from(&mut self, view: &View, data: &Path, upstream: &(String, String)) -> Result<(), String> {
+        let pg = &view.pg;
+        let password = pg::password(&pg.replication_user.password)?;
+        let fresh = fresh_dir(data)?;
+        let conninfo = pg::conninfo_to(pg, &upstream.1, &pg.replication_user.name, "", &self.key.1);
+        let fresh_text = fresh.to_string_lossy().to_string();
+        pg::run(
+            pg,
+            "pg_basebackup",
+            &[
+                "-D",
+                &fresh_text,
+                "-d",
+                &conninfo,
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-password",
+            ],
+            &[("PGPASSWORD", &password)],
+            None,
+            COPY_TIMEOUT,
+        )
+        .await?;
+        std::fs::rename(&fresh, data).map_err(|e| format!("cannot move the copy into place: {e}"))?;
+        self.event("postgres.copied", &format!("ok: pg_basebackup from {}", upstream.0))
+            .await;
+        Ok(())
+    }
+
+    /// An old primary made a replica of the new one: crash recovery if it stopped
+    /// uncleanly, then `pg_rewind`; a fresh copy when that fails.
+    async fn rewind(&mut self, view: &View, data: &Path, upstream: &(String, String)) -> Result<(), String> {
+        let pg = &view.pg;
+        let data_text = data.to_string_lossy().to_string();
+        let rewound = async {
+            let control = pg::run(pg, "pg_controldata", &["-D", &data_text], &[], None, SETUP_TIMEOUT).await?;
+            let clean = control
+                .lines()
+                .find_map(|line| line.strip_prefix("Database cluster state:"))
+                .is_some_and(|state| matches!(state.trim(), "shut down" | "shut down in recovery"));
+            if !clean {
+                // Single-user mode replays its WAL to a consistent end, then shuts down cleanly.
+                pg::run(
+                    pg,
+                    "postgres",
+                    &["--single", "-D", &data_text, "postgres"],
+                    &[],
+                    Some(""),
+                    SETUP_TIMEOUT,
+                )
+                .await?;
+            }
+            // pg_rewind reads the source's timeline from its last checkpoint: a primary
+            // just promoted may not have had one on its new timeline yet, and would look
+            // like the target's ("no rewind required").
+            let source_sql = pg::connect(pg, &upstream.1).await?;
+            source_sql
+                .batch_execute("CHECKPOINT")
+                .await
+                .map_err(|e| format!("CHECKPOINT on {}: {e}", upstream.0))?;
+            let password = pg::password(&pg.superuser.password)?;
+            let source = pg::conninfo_to(pg, &upstream.1, &pg.superuser.name, "", "rampart");
+            let source = format!("--source-server={source}");
+            pg::run(
+                pg,
+                "pg_rewind",
+                &["-D", &data_text, &source, "--no-sync"],
+                &[("PGPASSWORD", &password)],
+                None,
+                SETUP_TIMEOUT,
+            )
+            .await
+        }
+        .await;
+        match rewound {
+            Ok(output) => {
+                let said = output.lines().last().unwrap_or_default();
+                let outcome = format!("ok: pg_rewind from {}: {said}", upstream.0);
+                self.event("postgres.rewound", &outcome).await;
+                Ok(())
+            }
+            Err(e) => {
+                let outcome = format!("ok: pg_rewind from {} failed, copying afresh: {e}", upstream.0);
+                self.event("postgres.rebuild", &outcome).await;
+                let aside = data.with_extension("rampart-old");
+                let _ = std::fs::remove_dir_all(&aside);
+                std::fs::rename(data, &aside).map_err(|e| format!("cannot move the old data dir aside: {e}"))?;
+                self.copy_from(view, data, upstream).await?;
+                let _ = std::fs::remove_dir_all(&aside);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `rampart.conf` if it changed, and has a running server reload it.
+    async fn write_settings(
+        &mut self,
+        view: &View,
+        data: &Path,
+        upstream: Option<&(String, String)>,
+    ) -> Result<(), String> {
+        let pg = &view.pg;
+        let conninfo = match upstream {
+            Some((_, endpoint)) => {
+                let password = pg::password(&pg.replication_user.password)?;
+                Some(pg::conninfo_to(
+                    pg,
+                    endpoint,
+                    &pg.replication_user.name,
+                    &password,
+                    &self.key.1,
+                ))
+            }
+            None => None,
+        };
+        let slot = slot_name(&self.key.1);
+        let upstream = conninfo.as_deref().map(|c| (c, slot.as_str()));
+        let port = listen_port(pg, &view.endpoint);
+        let text = settings(pg, port, &socket_dir(data), upstream, "");
+        if self.written.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        pg::write_file(&data.join(SETTINGS_FILE), &text)?;
+        self.written = Some(text);
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGHUP);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a physical replication slot for every other instance, and drops Rampart's
+    /// slots of instances that left (unless in use).
+    async fn keep_slots(&mut self, view: &View) -> Result<(), String> {
+        let fresh = self
+            .slots_checked
+            .as_ref()
+            .is_some_and(|(others, at)| *others == view.others && at.elapsed() < SLOTS_EVERY);
+        let Some(sql) = &self.sql else { return Ok(()) };
+        if fresh {
+            return Ok(());
+        }
+        let rows = sql
+            .query(
+                "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical'",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let wanted: Vec<String> = view.others.iter().map(|id| slot_name(id)).collect();
+        for slot in &wanted {
+            if !existing.iter().any(|(name, _)| name == slot) {
+                sql.execute("SELECT pg_create_physical_replication_slot($1, true)", &[slot])
+                    .await
+                    .map_err(|e| format!("cannot create the replication slot {slot}: {e}"))?;
+            }
+        }
+        for (name, active) in &existing {
+            if name.starts_with("rampart_") && !wanted.contains(name) && !active {
+                let _ = sql.execute("SELECT pg_drop_replication_slot($1)", &[name]).await;
+            }
+        }
+        self.slots_checked = Some((view.others.clone(), Instant::now()));
+        Ok(())
+    }
+
+    /// Sends its WAL position to the leader when it moved, or every [`POSITION_EVERY`].
+    async fn report(&mut self, lsn: Lsn) {
+        if self
+            .sent
+            .is_some_and(|(sent, at)| sent == lsn && at.elapsed() < POSITION_EVERY)
+        {
+            return;
+        }
+        let body = ObservationsRequest {
+            node: self.node.id,
+            observations: Vec::new(),
+            restarts: Vec::new(),
+            positions: vec![WalPosition {
+                service: self.key.0.clone(),
+                instance: self.key.1.clone(),
+                lsn,
+            }],
+        };
+        if super::prober::send(&self.node, body).await {
+            self.sent = Some((lsn, Instant::now()));
+        }
+    }
+
+    /// Starts the postmaster as this node's child, its output in
+    /// `<data-dir>/instances/SERVICE.INSTANCE.log`.
+    fn spawn(&self, view: &View, data: &Path) -> Result<Child, String> {
+        let log = super::supervisor::log_file(&self.node, &self.key).map_err(|e| format!("the log file: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut command = pg::command(&view.pg, "postgres");
+        command
+            .arg("-D")
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: prctl(2) is async-signal-safe and touches only the child being exec'd
+        // (after its user changed, which would clear it). A node that dies takes its
+        // PostgreSQL down at once (immediate shutdown): no primary outlives its node.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| format!("cannot start postgres: {e}"))?;
+        tracing::info!(service = %self.key.0, instance = %self.key.1, pid = child.id(), "postgres started");
+        Ok(child)
+    }
+
+    async fn event(&self, action: &str, outcome: &str) {
+        tracing::info!(service = %self.key.0, instance = %self.key.1, action, outcome, "postgres");
+        let event = Event {
+            id: 0,
+            at_ms: 0,
+            kind: "postgres".to_string(),
+            action: action.to_string(),
+            actor: "-".to_string(),
+            source: format!("node {}", self.node.id),
+            outcome: outcome.to_string(),
+            detail: format!("service={} instance={}", self.key.0, self.key.1),
+        };
+        crate::events::record_anywhere(&self.node, event).await;
+    }
+}
+
+/// Whether the instance at `endpoint` answers as a primary (out of recovery).
+async fn upstream_writable(pg: &Postgres, endpoint: &str) -> bool {
+    let Ok(sql) = pg::connect(pg, endpoint).await else {
+        return false;
+    };
+    pg::status(&sql).await.is_ok_and(|status| !status.in_recovery)
+}
+
+/// An empty directory beside `data` for a new data dir, owned by PostgreSQL's user.
+fn fresh_dir(data: &Path) -> Result<PathBuf, String> {
+    let fresh = data.with_extension("rampart-new");
+    if let Some(parent) = data.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&fresh);
+    std::fs::create_dir(&fresh).map_err(|e| format!("cannot create {}: {e}", fresh.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+    pg::own(&fresh)?;
+    Ok(fresh)
+}
+
+/// Has `postgresql.conf` include Rampart's settings last.
+fn include_settings(data: &Path) -> Result<(), String> {
+    let path = data.join("postgresql.conf");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.lines().any(|line| line.trim() == INCLUDE_LINE) {
+        return Ok(());
+    }
+    pg::write_file(&path, &format!("{text}\n{INCLUDE_LINE}\n"))
+}
+
+/// Where the server's Unix socket goes: a directory beside its data dir (`DATA.run`; a
+/// socket inside the data dir would be copied by `pg_rewind`, which cannot), when the
+/// socket's path fits (108 bytes); else none (TCP only).
+fn socket_dir(data: &Path) -> String {
+    let text = format!("{}.run", data.display());
+    if text.len() + "/.s.PGSQL.65535.lock".len() < 100 {
+        text
+    } else {
+        String::new()
+    }
+}
+
+/// Creates the socket directory, owned by PostgreSQL's user.
+fn make_socket_dir(data: &Path) -> Result<(), String> {
+    let dir = socket_dir(data);
+    if dir.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    pg::own(Path::new(&dir))
+}
+
+/// A fast shutdown, then an immediate one after [`STOP_GRACE`].
+async fn stop_child(mut child: Child) {
+    let signal = |child: &Child, signal: i32| {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on our own child, not yet reaped (we hold it).
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    };
+    signal(&child, libc::SIGINT);
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        signal(&child, libc::SIGQUIT);
+        let _ = child.wait().await;
+    }
+}
+
+/// `on_promote` of a `postgres` instance (run by `hooks` before the policy's own hook):
+/// `pg_promote()` and wait until it leaves recovery.
+pub async fn promote(pg: &Postgres, endpoint: &str, timeout: Duration) -> Result<(), String> {
+    let sql = pg::connect(pg, endpoint).await?;
+    if !pg::status(&sql).await?.in_recovery {
+        return Ok(());
+    }
+    let seconds = timeout.as_secs().clamp(1, 3600) as i32;
+    let promoted: bool = sql
+        .query_one("SELECT pg_promote(true, $1)", &[&seconds])
+        .await
+        .map_err(|e| format!("pg_promote: {e}"))?
+        .get(0);
+    if promoted {
+        // A checkpoint on the new timeline at once: `pg_rewind` of the old primary reads
+        // the timeline from it.
+        sql.batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| format!("CHECKPOINT: {e}"))
+    } else {
+        Err(format!("pg_promote did not finish within {seconds}s"))
+    }
+}
+
+/// `on_demote` of a `postgres` instance (run by `hooks` before the policy's own hook, and
+/// when fencing): a fast shutdown of its server, immediate if that takes too long; done
+/// when no server runs on its data dir.
+pub async fn demote(pg: &Postgres, instance: &str) -> Result<(), String> {
+    let data = pg.data_dir_of(instance);
+    if !postmaster_alive(Path::new(&data)) {
+        return Ok(());
+    }
+    let grace = STOP_GRACE.as_secs().to_string();
+    let fast = ["stop", "-D", data.as_str(), "-m", "fast", "-w", "-t", grace.as_str()];
+    if pg::run(pg, "pg_ctl", &fast, &[], None, STOP_GRACE * 2).await.is_ok() {
+        return Ok(());
+    }
+    let immediate = [
+        "stop",
+        "-D",
+        data.as_str(),
+        "-m",
+        "immediate",
+        "-w",
+        "-t",
+        grace.as_str(),
+    ];
+    match pg::run(pg, "pg_ctl", &immediate, &[], None, STOP_GRACE * 2).await {
+        Ok(_) => Ok(()),
+        Err(_) if !postmaster_alive(Path::new(&data)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the server named by the data dir's `postmaster.pid` still runs (the file stays
+/// behind a server that was killed).
+fn postmaster_alive(data: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) else {
+        return false;
+    };
+    let Some(pid) = text.lines().next().and_then(|line| line.trim().parse::<i32>().ok()) else {
+        return false;
+    };
+    // SAFETY: signal 0 only asks whether the process exists.
+    let answer = unsafe { libc::kill(pid, 0) };
+    answer == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
