@@ -545,6 +545,11 @@ pub struct ServiceView {
     /// password: only where each node reads it).
     #[serde(default)]
     pub kind: crate::service::Kind,
+    /// A `postgres` service in synchronous mode: the replica its primary waits for, the
+    /// only one that may be promoted (none: commits wait, or go on alone with
+    /// `synchronous_fallback = "async"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous_standby: Option<String>,
     /// This node's registry change index when the view was read: pass it back as
     /// `?index=` to wait until the view changes (a blocking read, as Consul's). Local to
     /// the node that answered; another node's index is unrelated (a mismatch answers at once).

@@ -285,18 +285,22 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// A standby name no instance has (ids have no spaces): waiting for it blocks commits.
+pub const NO_STANDBY: &str = "rampart: no synchronous replica";
+
 /// The `synchronous_standby_names` a primary gets: the replicas it may wait for, best
-/// first (`standbys`: the healthy replicas Rampart would promote, in its order). `on`
+/// first (`standbys`: the synchronous standbys Rampart would promote, in its order). `on`
 /// waits for the first of them that is connected (`FIRST 1`), `quorum` for any one (`ANY
-/// 1`). With none, `block` waits for a replica that is not there (`*`: commits wait until
-/// one connects) and `async` waits for none (empty). `off` never waits.
+/// 1`). With none, `block` waits for a name no replica has (commits wait until Rampart
+/// names one: a replica that merely connects must not acknowledge what only a promotable
+/// one may) and `async` waits for none (empty). `off` never waits.
 pub fn synchronous_standby_names(mode: Synchronous, fallback: Fallback, standbys: &[&str]) -> String {
     if mode == Synchronous::Off {
         return String::new();
     }
     if standbys.is_empty() {
         return match fallback {
-            Fallback::Block => "*".to_string(),
+            Fallback::Block => format!("FIRST 1 ({})", quote_ident(NO_STANDBY)),
             Fallback::Async => String::new(),
         };
     }
@@ -519,7 +523,10 @@ mod tests {
             "ANY 1 (\"pg-2\", \"pg-3\")"
         );
         // No replica to wait for: block waits for one that is not there, async for none.
-        assert_eq!(synchronous_standby_names(On, Block, &[]), "*");
+        assert_eq!(
+            synchronous_standby_names(On, Block, &[]),
+            "FIRST 1 (\"rampart: no synchronous replica\")"
+        );
         assert_eq!(synchronous_standby_names(On, Async, &[]), "");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }

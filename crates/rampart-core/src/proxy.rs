@@ -1860,6 +1860,7 @@ mod tests {
             serving: serving.iter().map(|s| s.to_string()).collect(),
             policy: spec.validate().unwrap(),
             kind: Default::default(),
+            synchronous_standby: None,
             index: 0,
         }
     }

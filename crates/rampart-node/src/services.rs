@@ -187,6 +187,7 @@ fn view(
         serving: serving(name, service, local),
         policy: service.policy.clone(),
         kind: service.kind.clone(),
+        synchronous_standby: local.synchronous.get(name).cloned(),
         index: 0,
     }
 }
@@ -390,7 +391,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
                 lag_revisions: soft.lag_revisions(&name, id),
-                synchronous: r.instance.synchronous,
+                synchronous: r.instance.synchronous || local.synchronous.get(&name) == Some(id),
                 fenced: local.verdict(&name, id).fenced,
                 damped: damped(&r.losses_ms, now, service.policy.damping),
                 is_primary: service.primary.as_deref() == Some(id.as_str()),

@@ -177,6 +177,12 @@ pub enum Op {
         policy: Policy,
         kind: rampart_core::service::Kind,
     },
+    /// The synchronous standby of a `postgres` service in synchronous mode (none: nobody
+    /// may be promoted). Region-local: decided by this region's leader from its verdicts.
+    SynchronousStandby {
+        service: String,
+        standby: Option<String>,
+    },
 }
 
 /// What applying a command may change: the region-local part of the state (else the
@@ -232,6 +238,7 @@ impl Op {
             | Op::Seed { .. } => REGISTRY,
             Op::InstanceHealth { .. } | Op::InstanceReadiness { .. } => VERDICTS,
             Op::Record { .. } | Op::QuotaTake { .. } | Op::RegionPromise { .. } => LOCAL,
+            Op::SynchronousStandby { .. } => VERDICTS,
         }
     }
 
@@ -286,6 +293,7 @@ impl Op {
                 Op::Seed { step } => 8 + step.len(),
                 Op::RegionPromise { promise } => 8 + promise.region.len(),
                 Op::RegionEpoch { region, .. } => 8 + region.len(),
+                Op::SynchronousStandby { service, standby } => service.len() + standby.as_ref().map_or(0, String::len),
             }
     }
 }
@@ -421,5 +429,9 @@ pub enum Outcome {
     EpochStarted {
         epoch: u64,
         started: bool,
+    },
+    /// The synchronous standby now recorded.
+    SynchronousStandby {
+        standby: Option<String>,
     },
 }

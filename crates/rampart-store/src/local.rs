@@ -78,6 +78,9 @@ pub struct Local {
     /// This region's word in the region lease (data dir format 3): whose the lease of the
     /// newest epoch it promised is.
     pub promise: Option<rampart_core::region::lease::Promise>,
+    /// Each `postgres` service's synchronous standby in synchronous mode (data dir format
+    /// 4): the replica its primary waits for, and the only one that may be promoted.
+    pub synchronous: BTreeMap<String, String>,
 }
 
 impl Local {
@@ -142,6 +145,25 @@ impl Local {
                 let kept = self.promise.clone().expect("set above or before");
                 (Outcome::Promised { promise: kept }, newer)
             }
+            Op::SynchronousStandby { service, standby } => {
+                let before = self.synchronous.get(service).cloned();
+                match standby {
+                    Some(id) if shipped.is_registered(service, id) => {
+                        self.synchronous.insert(service.clone(), id.clone());
+                    }
+                    Some(_) => return Outcome::InstanceNotFound,
+                    None => {
+                        self.synchronous.remove(service);
+                    }
+                }
+                let changed = before.as_ref() != self.synchronous.get(service);
+                (
+                    Outcome::SynchronousStandby {
+                        standby: standby.clone(),
+                    },
+                    changed,
+                )
+            }
             other => unreachable!("a command of the shipped part: {other:?}"),
         };
         self.changed(shipped, changed);
@@ -178,13 +200,20 @@ impl Local {
             (Op::InstancePut { service, id, .. }, Outcome::InstanceStored { .. }) => {
                 self.set_fence(service, id, at_ms, false)
             }
-            (Op::InstanceDelete { service, id }, _) => self
-                .verdicts
-                .get_mut(service)
-                .is_some_and(|instances| instances.remove(id).is_some()),
-            (Op::ServiceDelete { name }, Outcome::ServiceDeleted { found: true }) => {
-                self.verdicts.remove(name).is_some()
+            (Op::InstanceDelete { service, id }, _) => {
+                let standby = self.forget_synchronous(service, id);
+                let verdict = self
+                    .verdicts
+                    .get_mut(service)
+                    .is_some_and(|instances| instances.remove(id).is_some());
+                standby || verdict
             }
+            (Op::ServiceDelete { name }, Outcome::ServiceDeleted { found: true }) => {
+                let standby = self.synchronous.remove(name).is_some();
+                self.verdicts.remove(name).is_some() || standby
+            }
+            // A synchronous standby promoted is the primary: its successor is chosen anew.
+            (Op::Promote { service, id }, Outcome::Promoted { .. }) => self.forget_synchronous(service, id),
             (Op::PromotionFailed { service, id, .. }, Outcome::Released) => self.set_fence(service, id, at_ms, true),
             _ => false,
         };
@@ -193,6 +222,14 @@ impl Local {
 
     /// Sets or lifts the fence of `id` (a verdict unknown since `at_ms` if it had none);
     /// whether that changed anything.
+    fn forget_synchronous(&mut self, service: &str, id: &str) -> bool {
+        let is_it = self.synchronous.get(service).is_some_and(|standby| standby == id);
+        if is_it {
+            self.synchronous.remove(service);
+        }
+        is_it
+    }
+
     fn set_fence(&mut self, service: &str, id: &str, at_ms: u64, fenced: bool) -> bool {
         let known = self.verdicts.get(service).is_some_and(|v| v.contains_key(id));
         let verdict = self.verdict_mut(service, id, at_ms);

@@ -83,11 +83,15 @@ impl Service {
 
     /// The rules for promoting an instance: the policy's; a `postgres` service's lag is in
     /// bytes of WAL, bounded by its `max_lag_bytes` (else unbounded: the replica with the
-    /// most WAL is promoted).
+    /// most WAL is promoted), and in synchronous mode only its synchronous standby
+    /// (`Local::synchronous`) may be promoted.
     pub fn rules(&self) -> rampart_core::service::Rules {
         let mut rules = self.policy.rules();
         if let Some(pg) = self.kind.postgres() {
             rules.lag_revisions_max = pg.max_lag_bytes.unwrap_or(u64::MAX);
+            // Synchronous mode: only the synchronous standby has every acknowledged commit
+            // (before the first primary there is none).
+            rules.synchronous_only |= pg.synchronous != rampart_core::postgres::Synchronous::Off && self.token > 0;
         }
         rules
     }
@@ -473,7 +477,8 @@ impl Shipped {
             | Op::QuotaTake { .. }
             | Op::InstanceHealth { .. }
             | Op::InstanceReadiness { .. }
-            | Op::RegionPromise { .. } => {
+            | Op::RegionPromise { .. }
+            | Op::SynchronousStandby { .. } => {
                 unreachable!("a command of the local part: {:?}", command.op)
             }
             Op::Replicate { .. } | Op::Seed { .. } => {

@@ -110,6 +110,7 @@ impl StateV1 {
                 quotas: self.quotas,
                 verdicts,
                 promise: None,
+                synchronous: BTreeMap::new(),
             },
             seeding: None,
         }

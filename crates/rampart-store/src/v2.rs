@@ -103,6 +103,7 @@ impl StateV2 {
             quotas: local.quotas,
             verdicts: local.verdicts,
             promise: None,
+            synchronous: BTreeMap::new(),
         };
         (self.shipped.migrate(), local)
     }

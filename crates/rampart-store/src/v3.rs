@@ -1,6 +1,7 @@
-//! Data dir format 3: the state before service kinds (`Service::kind`), kept to read what a
-//! format-3 node, backup or install step wrote, and its migration to the current layout:
-//! every service generic, as it was.
+//! Data dir format 3: the state before service kinds (`Service::kind`) and synchronous
+//! standbys (`Local::synchronous`), kept to read what a format-3 node, backup or install
+//! step wrote, and its migration to the current layout: every service generic, as it was,
+//! and no synchronous standby.
 
 use std::collections::BTreeMap;
 
@@ -39,12 +40,24 @@ pub struct ShippedV3 {
     epochs: Vec<rampart_core::region::EpochStart>,
 }
 
-/// The state as format 3 encodes it (its local part is laid out as today's).
+/// The local part as format 3 encodes it (before `Local::synchronous`).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct LocalV3 {
+    revision: u64,
+    events: std::collections::VecDeque<rampart_core::api::Event>,
+    next_event_id: u64,
+    quotas: BTreeMap<(String, String), crate::local::QuotaStanding>,
+    verdicts: BTreeMap<String, BTreeMap<String, crate::local::Verdict>>,
+    promise: Option<rampart_core::region::lease::Promise>,
+}
+
+/// The state as format 3 encodes it.
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct StateV3 {
     shipped: ShippedV3,
-    local: Local,
+    local: LocalV3,
 }
 
 /// An install step as format 3 encodes it (in a log written before the upgrade).
@@ -113,7 +126,17 @@ impl ShippedV3 {
 impl StateV3 {
     /// The same state's parts in the current layout (`State::from` puts them together).
     pub fn migrate(self) -> (Shipped, Local) {
-        (self.shipped.migrate(), self.local)
+        let local = self.local;
+        let local = Local {
+            revision: local.revision,
+            events: local.events,
+            next_event_id: local.next_event_id,
+            quotas: local.quotas,
+            verdicts: local.verdicts,
+            promise: local.promise,
+            synchronous: BTreeMap::new(),
+        };
+        (self.shipped.migrate(), local)
     }
 }
 
@@ -194,9 +217,17 @@ pub(crate) mod tests {
         local: &Local,
         seeding: Option<&Seeding>,
     ) -> (StateV3, Option<SeedingV3>) {
+        assert!(local.synchronous.is_empty(), "format 3 has no synchronous standbys");
         let v3 = StateV3 {
             shipped: shipped_v3(shipped),
-            local: local.clone(),
+            local: LocalV3 {
+                revision: local.revision,
+                events: local.events.clone(),
+                next_event_id: local.next_event_id,
+                quotas: local.quotas.clone(),
+                verdicts: local.verdicts.clone(),
+                promise: local.promise.clone(),
+            },
         };
         let seeding = seeding.map(|s| SeedingV3 {
             revision: s.revision,

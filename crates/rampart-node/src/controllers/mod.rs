@@ -57,6 +57,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(crate::alerts::run(node.clone(), alert_queue)),
         tokio::spawn(supervisor::run(node.clone())),
         tokio::spawn(postgres::run(node.clone())),
+        tokio::spawn(postgres::run_synchronous(node.clone())),
         tokio::spawn(crate::services::register_configured(node.clone())),
         tokio::spawn(backups::run(node.clone())),
         tokio::spawn(backups::archive(node.clone())),

@@ -31,8 +31,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rampart_core::api::{Event, ObservationsRequest, WalPosition};
-use rampart_core::postgres::{hba, listen_port, quote_ident, quote_literal, settings, slot_name, Lsn, Postgres};
+use rampart_core::health::Health;
+use rampart_core::postgres::{
+    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Lsn,
+    Postgres, Synchronous,
+};
 use rampart_core::service::InstanceRole;
+use rampart_store::command::Op;
 use tokio::process::Child;
 use tokio::sync::watch;
 
@@ -71,6 +76,8 @@ struct View {
     bootstrap: bool,
     /// The service's other instances (a primary keeps a slot for each).
     others: Vec<String>,
+    /// The `synchronous_standby_names` a primary gets.
+    synchronous_names: String,
 }
 
 pub async fn run(node: Shared) {
@@ -127,11 +134,14 @@ fn views(node: &Shared) -> HashMap<InstanceKey, View> {
             .filter(|(_, r)| r.role != InstanceRole::Standby && r.instance.priority > 0)
             .max_by(|a, b| a.1.instance.priority.cmp(&b.1.instance.priority).then(b.0.cmp(a.0)))
             .map(|(id, _)| id.clone());
+        let standby = applied.state.local.synchronous.get(name).map(String::as_str);
+        let synchronous_names = names_for(pg, standby);
         for (id, record) in &service.instances {
             if !node.hosts(&record.instance) {
                 continue;
             }
             let view = View {
+                synchronous_names: synchronous_names.clone(),
                 pg: pg.clone(),
                 endpoint: record.instance.endpoint.clone(),
                 primary: service.primary.as_deref() == Some(id.as_str()),
@@ -505,7 +515,12 @@ impl Managed {
         let slot = slot_name(&self.key.1);
         let upstream = conninfo.as_deref().map(|c| (c, slot.as_str()));
         let port = listen_port(pg, &view.endpoint);
-        let text = settings(pg, port, &socket_dir(data), upstream, "");
+        let names = if upstream.is_none() {
+            view.synchronous_names.as_str()
+        } else {
+            ""
+        };
+        let text = settings(pg, port, &socket_dir(data), upstream, names);
         if self.written.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
@@ -619,6 +634,103 @@ impl Managed {
         };
         crate::events::record_anywhere(&self.node, event).await;
     }
+}
+
+/// The `synchronous_standby_names` of a primary whose synchronous standby is `standby`.
+fn names_for(pg: &Postgres, standby: Option<&str>) -> String {
+    synchronous_standby_names(pg.synchronous, pg.fallback, standby.as_slice())
+}
+
+/// Leader: keeps the synchronous standby of every `postgres` service in synchronous mode
+/// (`Op::SynchronousStandby`): while the service has a primary, its standby stays as long
+/// as it is up; one that is not is replaced by the best replica that is (highest
+/// priority, then least lag, then id), or by none (the primary then blocks commits, or
+/// goes on alone with `synchronous_fallback = "async"`: an event says which). Without a
+/// primary it never changes: the standby is the one to promote.
+pub async fn run_synchronous(node: Shared) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if node.known_leader() != Some(node.id) || node.is_standby() {
+            continue;
+        }
+        for (service, standby, fallback) in synchronous_changes(&node) {
+            let op = Op::SynchronousStandby {
+                service: service.clone(),
+                standby: standby.clone(),
+            };
+            if node.propose(op).await.is_err() {
+                continue;
+            }
+            let (outcome, detail) = match (&standby, fallback) {
+                (Some(id), _) => ("ok".to_string(), format!("service={service} standby={id}")),
+                (None, Fallback::Block) => (
+                    "failed: no synchronous replica is healthy: commits wait until one is (synchronous_fallback = block)"
+                        .to_string(),
+                    format!("service={service} standby=none"),
+                ),
+                (None, Fallback::Async) => (
+                    "failed: no synchronous replica is healthy: commits go on unreplicated (synchronous_fallback = async)"
+                        .to_string(),
+                    format!("service={service} standby=none"),
+                ),
+            };
+            let event = Event {
+                id: 0,
+                at_ms: 0,
+                kind: "postgres".to_string(),
+                action: "postgres.synchronous".to_string(),
+                actor: "-".to_string(),
+                source: format!("node {}", node.id),
+                outcome,
+                detail,
+            };
+            crate::events::record(&node, event).await;
+        }
+    }
+}
+
+/// The synchronous standbys to commit: (service, new standby, fallback).
+fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)> {
+    let applied = node.applied.read().expect("state lock");
+    let soft = node.soft.lock().expect("soft state lock");
+    let local = &applied.state.local;
+    let mut changes = Vec::new();
+    for (name, service) in &applied.state.shipped.services {
+        let Some(pg) = service.kind.postgres() else { continue };
+        if pg.synchronous == Synchronous::Off {
+            continue;
+        }
+        let Some(primary) = service.primary.as_deref() else {
+            continue;
+        };
+        let up = |id: &str| {
+            let verdict = local.verdict(name, id);
+            let record = &service.instances[id];
+            id != primary
+                && verdict.health == Health::Up
+                && !verdict.fenced
+                && record.role == InstanceRole::Replica
+                && record.instance.priority > 0
+        };
+        let current = local.synchronous.get(name);
+        if current.is_some_and(|id| service.instances.contains_key(id) && up(id)) {
+            continue;
+        }
+        let best = service
+            .instances
+            .iter()
+            .filter(|(id, _)| up(id))
+            .min_by_key(|(id, r)| {
+                let lag = soft.lag_revisions(name, id).unwrap_or(u64::MAX);
+                (std::cmp::Reverse(r.instance.priority), lag, (*id).clone())
+            })
+            .map(|(id, _)| id.clone());
+        if best.as_ref() != current {
+            changes.push((name.clone(), best, pg.fallback));
+        }
+    }
+    changes
 }
 
 /// Whether the instance at `endpoint` answers as a primary (out of recovery).

@@ -62,7 +62,8 @@ fn the_core_postgres_pieces_hold_against_a_real_postgresql() {
 }
 
 /// A `kind = "postgres"` service of three instances on a three-node region, each node
-/// running one (`node = N`), in a temporary directory PostgreSQL's user can reach.
+/// running one (`node = N`), in a temporary directory PostgreSQL's user can reach;
+/// `extra` adds to its `[postgres]` settings.
 struct PgCluster {
     cluster: rampart_testkit::Cluster,
     client: rampart_client::Client,
@@ -95,7 +96,7 @@ impl PgCluster {
             },
         });
         for (key, value) in extra.as_object().cloned().unwrap_or_default() {
-            policy[key] = value;
+            policy["postgres"][key] = value;
         }
         let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
         client.service_put("db", &spec).await.expect("service");
@@ -224,4 +225,142 @@ async fn a_postgres_service_comes_up_fails_over_and_takes_its_old_primary_back_b
         "{events:?}"
     );
     drop(pg.cluster);
+}
+
+/// Clients inserting unique ids through `proxy` until stopped; each keeps the ids whose
+/// INSERT was acknowledged (committed) and those whose outcome is unknown.
+struct Inserts {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Inserts {
+    fn start(proxy: std::net::SocketAddr, clients: i64) -> Inserts {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..clients)
+            .map(|client| {
+                let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+                tokio::spawn(async move {
+                    let mut next = client * 1_000_000;
+                    // Bounded: a client never writes more than this many rows.
+                    let last = next + 100_000;
+                    let mut connection: Option<tokio_postgres::Client> = None;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && next < last {
+                        if connection.as_ref().is_none_or(|c| c.is_closed()) {
+                            connection = connect_to(proxy).await;
+                            if connection.is_none() {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        }
+                        let sql = connection.as_ref().expect("connected");
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
+                        let insert = sql.execute("INSERT INTO t VALUES ($1)", &params);
+                        match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                            Ok(Ok(_)) => acknowledged.lock().expect("lock").push(next),
+                            // Unknown: neither acknowledged nor reused.
+                            _ => connection = None,
+                        }
+                        next += 1;
+                    }
+                })
+            })
+            .collect();
+        Inserts {
+            stop,
+            acknowledged,
+            tasks,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acknowledged.lock().expect("lock").len()
+    }
+
+    async fn wait_more(&self, more: usize) {
+        let target = self.count() + more;
+        rampart_testkit::eventually(Duration::from_secs(90), "acknowledged inserts", || async {
+            (self.count() >= target).then_some(())
+        })
+        .await
+    }
+
+    async fn stop(self) -> Vec<i64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("client");
+        }
+        let acknowledged = self.acknowledged.lock().expect("lock").clone();
+        acknowledged
+    }
+}
+
+async fn connect_to(proxy: std::net::SocketAddr) -> Option<tokio_postgres::Client> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(proxy.ip().to_string())
+        .port(proxy.port())
+        .user("postgres")
+        .password(SUPERUSER_PASSWORD)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synchronous_mode_keeps_every_committed_row_through_five_primary_kills() {
+    let pg = PgCluster::start(serde_json::json!({"synchronous": "on"})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
+    let port = rampart_testkit::free_port().expect("port");
+    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
+        &pg.cluster,
+        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+    );
+    let inserts = Inserts::start(port, 4);
+    let mut primary = first;
+    for round in 0..5 {
+        // A synchronous standby named, and rows committed through the proxy.
+        rampart_testkit::eventually(Duration::from_secs(90), "a synchronous standby", || async {
+            let view = pg.client.service("db").await.ok()?;
+            (view.primary.as_deref() == Some(primary.as_str()) && view.synchronous_standby.is_some()).then_some(())
+        })
+        .await;
+        inserts.wait_more(50).await;
+        let view = pg.client.service("db").await.expect("view");
+        let standby = view.synchronous_standby.clone().expect("a standby");
+        // SAFETY: kill(2) of a process this test's region started.
+        unsafe {
+            libc::kill(pg.postmaster_pid(&primary), libc::SIGKILL);
+        }
+        let old = primary.clone();
+        let next = wait_primary_not(&pg, &old).await;
+        assert_eq!(next, standby, "round {round}: only the synchronous standby is promoted");
+        primary = next;
+    }
+    inserts.wait_more(50).await;
+    let acknowledged = inserts.stop().await;
+    let primary = pg.wait_serving(|_| true).await;
+    let rows: std::collections::HashSet<i64> = pg
+        .sql(&primary, "SELECT v FROM t")
+        .expect("rows")
+        .lines()
+        .map(|v| v.parse().expect("a row"))
+        .collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|v| !rows.contains(v)).collect();
+    assert!(acknowledged.len() >= 300, "{} acknowledged", acknowledged.len());
+    assert!(lost.is_empty(), "{} committed rows lost: {lost:?}", lost.len());
+}
+
+/// Waits until the registry names a primary other than `old`.
+async fn wait_primary_not(pg: &PgCluster, old: &str) -> String {
+    rampart_testkit::eventually(Duration::from_secs(90), "a new primary", || async {
+        let view = pg.client.service("db").await.ok()?;
+        view.primary.filter(|p| p != old)
+    })
+    .await
 }

@@ -33,7 +33,7 @@ async fn register(client: &rampart_client::Client, service: &str, instances: &[(
 
 /// A proxy with `[proxy] admin` and `listeners` (TOML), following the registry of
 /// `cluster`; the admin address comes back with it.
-fn registry_proxy(
+pub(crate) fn registry_proxy(
     cluster: &rampart_testkit::Cluster,
     listeners: &str,
 ) -> (crate::proxy::ProxyProcess, tempfile::TempDir, std::net::SocketAddr) {
