@@ -23,6 +23,8 @@ pub fn alerting(event: &Event) -> bool {
         "failover" | "switchover" | "region" => true,
         "health" => event.action == "instance.down",
         "hook" | "backup" => event.outcome != "ok",
+        // A rebuild, a failure, or no synchronous replica (writes wait or go unreplicated).
+        "postgres" => event.outcome != "ok" || event.action == "postgres.rebuild",
         _ => false,
     }
 }

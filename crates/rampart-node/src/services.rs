@@ -467,8 +467,9 @@ pub async fn register_configured(node: Shared) {
     }
 }
 
-/// `/health/ha`: 200 when every active-passive service has a primary that is up, else 503
-/// with each problem; for load balancers and monitoring (like Patroni's `/health`).
+/// `/health/ha`: 200 when every active-passive service has a primary that is up (and a
+/// `postgres` one in synchronous mode its synchronous standby), else 503 with each
+/// problem; for load balancers and monitoring (like Patroni's `/health`).
 pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let problems: Vec<String> = {
@@ -489,7 +490,18 @@ pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
                         Some(format!("{name}: primary {p} is {health:?}").to_lowercase())
                     }
                     Some(_) if s.demoting => Some(format!("{name}: primary is stepping down")),
-                    Some(_) => None,
+                    Some(_) => s.kind.postgres().and_then(|pg| {
+                        let synchronous = pg.synchronous != rampart_core::postgres::Synchronous::Off;
+                        let standby = applied.state.local.synchronous.get(name);
+                        (synchronous && standby.is_none()).then(|| match pg.fallback {
+                            rampart_core::postgres::Fallback::Block => {
+                                format!("{name}: no synchronous replica: commits wait")
+                            }
+                            rampart_core::postgres::Fallback::Async => {
+                                format!("{name}: no synchronous replica: commits are not replicated")
+                            }
+                        })
+                    }),
                 }
             })
             .collect()

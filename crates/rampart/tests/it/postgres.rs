@@ -70,13 +70,20 @@ struct PgCluster {
     dir: tempfile::TempDir,
     /// (id, port) of each instance.
     instances: Vec<(String, u16)>,
+    /// The service's policy as put.
+    policy: serde_json::Value,
 }
 
 const SUPERUSER_PASSWORD: &str = "it's-super";
 
 impl PgCluster {
     async fn start(extra: serde_json::Value) -> PgCluster {
-        let cluster = crate::cluster(3).await;
+        PgCluster::start_on(3, extra).await
+    }
+
+    /// The same on a region of `nodes` nodes (instances on nodes 1 to 3).
+    async fn start_on(nodes: usize, extra: serde_json::Value) -> PgCluster {
+        let cluster = crate::cluster(nodes).await;
         cluster.wait_for_leader(crate::DEADLINE).await;
         let client = cluster.client();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -98,7 +105,7 @@ impl PgCluster {
         for (key, value) in extra.as_object().cloned().unwrap_or_default() {
             policy["postgres"][key] = value;
         }
-        let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
+        let spec: PolicySpec = serde_json::from_value(policy.clone()).expect("policy");
         client.service_put("db", &spec).await.expect("service");
         let mut instances = Vec::new();
         for node in 1..=3u64 {
@@ -117,6 +124,7 @@ impl PgCluster {
             client,
             dir,
             instances,
+            policy,
         }
     }
 
@@ -363,4 +371,71 @@ async fn wait_primary_not(pg: &PgCluster, old: &str) -> String {
         view.primary.filter(|p| p != old)
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_synchronous_replica_commits_wait_and_it_is_said_until_async_lets_them_through() {
+    // Five nodes: the region keeps its majority with the two replicas' nodes gone.
+    let mut pg = PgCluster::start_on(5, serde_json::json!({"synchronous": "on"})).await;
+    let primary = pg.wait_serving(|_| true).await;
+    pg.sql(&primary, "CREATE TABLE t (v bigint PRIMARY KEY)")
+        .expect("table");
+    rampart_testkit::eventually(Duration::from_secs(60), "a synchronous standby", || async {
+        pg.client.service("db").await.ok()?.synchronous_standby
+    })
+    .await;
+    let health_ha = format!("http://{}/health/ha", pg.cluster.endpoints()[0]);
+    for (id, _) in pg.instances.clone() {
+        if id != primary {
+            let node: u64 = id.trim_start_matches("pg-").parse().expect("node");
+            pg.cluster.kill(node);
+        }
+    }
+    // Said: no standby in the registry, an event, and /health/ha.
+    rampart_testkit::eventually(Duration::from_secs(60), "no synchronous standby", || async {
+        let view = pg.client.service("db").await.ok()?;
+        view.synchronous_standby.is_none().then_some(())
+    })
+    .await;
+    rampart_testkit::eventually(crate::DEADLINE, "/health/ha says so", || async {
+        let answer = reqwest::get(&health_ha).await.ok()?;
+        let body = answer.text().await.ok()?;
+        body.contains("db: no synchronous replica: commits wait").then_some(())
+    })
+    .await;
+    let events = pg.client.events(Some("postgres"), None).await.expect("events").events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "postgres.synchronous" && e.outcome.contains("commits wait")),
+        "{events:?}"
+    );
+    // Blocked: a commit is not acknowledged.
+    let conninfo = pg.conninfo(&primary);
+    let config: tokio_postgres::Config = conninfo.parse().expect("conninfo");
+    let (sql, connection) = config.connect(tokio_postgres::NoTls).await.expect("login");
+    tokio::spawn(connection);
+    let insert = sql.execute("INSERT INTO t VALUES (1)", &[]);
+    let blocked = tokio::time::timeout(Duration::from_secs(3), insert).await;
+    assert!(
+        blocked.is_err(),
+        "a commit went through with no synchronous replica: {blocked:?}"
+    );
+    drop(sql);
+
+    // synchronous_fallback = "async": commits go on, unreplicated, and it is said.
+    let mut policy = pg.policy.clone();
+    policy["postgres"]["synchronous_fallback"] = "async".into();
+    let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
+    pg.client.service_put("db", &spec).await.expect("policy");
+    rampart_testkit::eventually(crate::DEADLINE, "commits go on", || async {
+        pg.sql(&primary, "INSERT INTO t VALUES (2)").ok()
+    })
+    .await;
+    rampart_testkit::eventually(crate::DEADLINE, "/health/ha says so", || async {
+        let body = reqwest::get(&health_ha).await.ok()?.text().await.ok()?;
+        body.contains("db: no synchronous replica: commits are not replicated")
+            .then_some(())
+    })
+    .await;
 }
