@@ -439,3 +439,60 @@ async fn with_no_synchronous_replica_commits_wait_and_it_is_said_until_async_let
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_takes_its_primary_down_the_proxy_moves_and_the_old_primary_rejoins_by_rewind() {
+    let mut pg = PgCluster::start(serde_json::json!({})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(
+        &first,
+        "CREATE TABLE t (v bigint PRIMARY KEY); INSERT INTO t VALUES (1)",
+    )
+    .expect("table");
+    let port = rampart_testkit::free_port().expect("port");
+    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
+        &pg.cluster,
+        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+    );
+    // Through the proxy: the primary, writable.
+    let served_by = |expected: String| async move {
+        let sql = connect_to(port).await?;
+        let row = sql
+            .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+            .await
+            .ok()?;
+        let (server_port, in_recovery): (i32, bool) = (row.get(0), row.get(1));
+        (server_port.to_string() == expected && !in_recovery).then_some(())
+    };
+    let first_port = pg.port(&first).to_string();
+    rampart_testkit::eventually(crate::DEADLINE, "the proxy reaches the primary", || {
+        served_by(first_port.clone())
+    })
+    .await;
+
+    let node: u64 = first.trim_start_matches("pg-").parse().expect("node");
+    pg.cluster.kill(node);
+    let second = wait_primary_not(&pg, &first).await;
+    let second_port = pg.port(&second).to_string();
+    rampart_testkit::eventually(crate::DEADLINE, "the proxy reaches the new primary", || {
+        served_by(second_port.clone())
+    })
+    .await;
+    let sql = connect_to(port).await.expect("through the proxy");
+    sql.execute("INSERT INTO t VALUES (2)", &[])
+        .await
+        .expect("a write through the proxy");
+
+    // The old primary's node comes back: its PostgreSQL is rewound and follows.
+    pg.cluster.restart(node).expect("restart");
+    let serving = pg.wait_serving(|p| p == second).await;
+    assert_eq!(serving, second);
+    pg.wait_has(&first, 2).await;
+    let events = pg.client.events(Some("postgres"), None).await.expect("events").events;
+    assert!(
+        events
+            .iter()
+            .any(|e| (e.action == "postgres.rewound" || e.action == "postgres.rebuild") && e.detail.contains(&first)),
+        "{events:?}"
+    );
+}
