@@ -496,3 +496,85 @@ async fn a_killed_node_takes_its_primary_down_the_proxy_moves_and_the_old_primar
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_under_load_loses_nothing_and_never_has_two_writable_primaries() {
+    let pg = PgCluster::start(serde_json::json!({})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
+    let port = rampart_testkit::free_port().expect("port");
+    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
+        &pg.cluster,
+        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+    );
+    // Every instance sampled for pg_is_in_recovery() over and over: the most found
+    // writable in one pass.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let conninfos: Vec<String> = pg.instances.iter().map(|(id, _)| pg.conninfo(id)).collect();
+        tokio::spawn(async move {
+            let mut most = 0;
+            let mut passes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut writable = 0;
+                for conninfo in &conninfos {
+                    let config: tokio_postgres::Config = conninfo.parse().expect("conninfo");
+                    let Ok(Ok((sql, connection))) =
+                        tokio::time::timeout(Duration::from_secs(1), config.connect(tokio_postgres::NoTls)).await
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(connection);
+                    if let Ok(row) = sql.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                        writable += usize::from(!row.get::<_, bool>(0));
+                    }
+                }
+                most = most.max(writable);
+                passes += 1;
+            }
+            (most, passes)
+        })
+    };
+    let inserts = Inserts::start(port, 4);
+    inserts.wait_more(100).await;
+    let mut tokens = vec![pg.client.service("db").await.expect("view").token];
+    for target in ["pg-2", "pg-3"] {
+        let target = if target == first { "pg-1" } else { target };
+        rampart_testkit::eventually(crate::DEADLINE, "the target promotable", || async {
+            let report = pg.client.eligibility("db").await.ok()?;
+            report
+                .instances
+                .iter()
+                .any(|e| e.id == target && e.rank.is_some())
+                .then_some(())
+        })
+        .await;
+        let done = pg.client.switchover("db", target).await.expect("switchover");
+        tokens.push(done.token);
+        pg.wait_serving(|p| p == target).await;
+        inserts.wait_more(100).await;
+    }
+    let acknowledged = inserts.stop().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, passes) = sampler.await.expect("sampler");
+    assert!(passes > 10, "{passes} sampling passes");
+    assert_eq!(most, 1, "never two writable primaries at once");
+    assert!(
+        tokens.windows(2).all(|w| w[1] > w[0]),
+        "fencing tokens grow: {tokens:?}"
+    );
+    let primary = pg.client.service("db").await.expect("view").primary.expect("a primary");
+    let rows: std::collections::HashSet<i64> = pg
+        .sql(&primary, "SELECT v FROM t")
+        .expect("rows")
+        .lines()
+        .map(|v| v.parse().expect("a row"))
+        .collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|v| !rows.contains(v)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} committed rows lost in a switchover: {lost:?}",
+        lost.len()
+    );
+}
