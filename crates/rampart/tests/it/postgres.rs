@@ -209,6 +209,54 @@ async fn a_postgres_service_comes_up_fails_over_and_takes_its_old_primary_back_b
     let service = pg.client.service("db").await.expect("view");
     assert!(matches!(service.kind, Kind::Postgres(_)), "{:?}", service.kind);
 
+    // The proxy: reads balanced over the replicas, and the admin oracle HAProxy checks.
+    let primary_port = rampart_testkit::free_port().expect("port");
+    let replicas_port = rampart_testkit::free_port().expect("port");
+    let (_proxy, _dir, admin) = crate::proxy_registry::registry_proxy(
+        &pg.cluster,
+        &format!(
+            "[[proxy.listeners]]\nname = \"db\"\nbind = \"{primary_port}\"\nservice = \"db\"\nroute = \"primary\"\n\
+             [[proxy.listeners]]\nname = \"db-ro\"\nbind = \"{replicas_port}\"\nservice = \"db\"\nroute = \"replicas\"\n"
+        ),
+    );
+    let replica_ports: std::collections::HashSet<String> = pg
+        .instances
+        .iter()
+        .filter(|(id, _)| *id != first)
+        .map(|(_, port)| port.to_string())
+        .collect();
+    let mut reached = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let answer = rampart_testkit::eventually(crate::DEADLINE, "a read through the replicas listener", || async {
+            let sql = connect_to(replicas_port).await?;
+            let row = sql
+                .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+                .await
+                .ok()?;
+            Some((row.get::<_, i32>(0).to_string(), row.get::<_, bool>(1)))
+        })
+        .await;
+        assert!(answer.1, "a read landed on a writable instance: {answer:?}");
+        reached.insert(answer.0);
+    }
+    assert_eq!(reached, replica_ports, "reads are balanced over both replicas");
+    let oracle = |path: String| async move {
+        reqwest::get(format!("http://{admin}{path}"))
+            .await
+            .expect("admin")
+            .status()
+    };
+    let second_id = pg
+        .instances
+        .iter()
+        .map(|(id, _)| id.clone())
+        .find(|id| *id != first)
+        .expect("a replica");
+    assert_eq!(oracle(format!("/listeners/db/primary?instance={first}")).await, 200);
+    assert_eq!(oracle(format!("/listeners/db/replica?instance={first}")).await, 503);
+    assert_eq!(oracle(format!("/listeners/db/replica?instance={second_id}")).await, 200);
+    assert_eq!(oracle(format!("/listeners/db/primary?instance={second_id}")).await, 503);
+
     // SIGKILL of the primary's postmaster: a replica is promoted, the other follows it.
     let token = service.token;
     // SAFETY: kill(2) of a process this test's region started.
