@@ -30,8 +30,9 @@ pub struct Soft {
     /// outcome): a report sent again (a self-fence's, retried until its region can commit)
     /// is recorded once. Cleared when it grows past [`HOOK_EVENTS_KEPT`].
     pub hook_events: std::collections::BTreeSet<(String, String, String, u64, String)>,
-    /// Each `postgres` instance's WAL position as its node last reported it.
-    pub positions: HashMap<InstanceKey, rampart_core::postgres::Lsn>,
+    /// Each `postgres` instance's WAL position as its node last reported it, and when it
+    /// arrived (wall-clock ms).
+    pub positions: HashMap<InstanceKey, (rampart_core::postgres::Lsn, u64)>,
 }
 
 /// How many recorded hook runs a leader remembers, to record each once.
@@ -49,6 +50,17 @@ pub struct Report {
 pub struct Heartbeat {
     pub at: Instant,
     pub lag_revisions: Option<u64>,
+}
+
+/// The WAL a promoted `postgres` replica was known to lack: the old primary's last
+/// reported position minus its own, and when that position arrived (the old primary may
+/// have written more since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalRpo {
+    pub bytes: u64,
+    pub primary: rampart_core::postgres::Lsn,
+    pub promoted: rampart_core::postgres::Lsn,
+    pub seen_ms: u64,
 }
 
 /// A supervised instance its node last restarted (when this leader heard it), or gave up on.
@@ -118,14 +130,27 @@ impl Soft {
         if let Some(lag) = self.heartbeats.get(&key).and_then(|beat| beat.lag_revisions) {
             return Some(lag);
         }
-        let own = self.positions.get(&key)?;
+        let (own, _) = self.positions.get(&key)?;
         let newest = self
             .positions
             .iter()
             .filter(|((s, _), _)| s == service)
-            .map(|(_, lsn)| *lsn)
+            .map(|(_, (lsn, _))| *lsn)
             .max()?;
         Some(own.behind(newest))
+    }
+
+    /// What a promotion of `promoted` in place of `previous` may have lost, as far as the
+    /// WAL positions tell; none without both positions.
+    pub fn wal_rpo(&self, service: &str, previous: &str, promoted: &str) -> Option<WalRpo> {
+        let (primary, seen_ms) = *self.positions.get(&(service.to_string(), previous.to_string()))?;
+        let (promoted, _) = *self.positions.get(&(service.to_string(), promoted.to_string()))?;
+        Some(WalRpo {
+            bytes: promoted.behind(primary),
+            primary,
+            promoted,
+            seen_ms,
+        })
     }
 
     /// Whether the instance's node restarted it less than `start_timeout` ago and has not

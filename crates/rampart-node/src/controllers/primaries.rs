@@ -210,6 +210,25 @@ async fn carry_out(
                     failover.promoted_ms,
                     failover.promoted_ms.saturating_sub(failover.detected_ms),
                 );
+                // A postgres service: the WAL the new primary was known to lack, and how long
+                // the old one had not been seen (the window it may have written more in).
+                let rpo = failover.previous.as_deref().and_then(|previous| {
+                    node.soft
+                        .lock()
+                        .expect("soft state lock")
+                        .wal_rpo(name, previous, &instance)
+                });
+                let detail = match rpo {
+                    Some(rpo) => format!(
+                        "{detail} rpo_bytes={} primary_lsn={} promoted_lsn={} primary_seen_ms={} rpo_window_ms={}",
+                        rpo.bytes,
+                        rpo.primary,
+                        rpo.promoted,
+                        rpo.seen_ms,
+                        failover.promoted_ms.saturating_sub(rpo.seen_ms)
+                    ),
+                    None => detail,
+                };
                 tracing::info!(service = %name, to = %instance, token, "failover: promoted");
                 if let Some(ms) = failover.duration_ms() {
                     node.metrics.failover_seconds.observe(ms as f64 / 1000.0);

@@ -57,8 +57,9 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
             soft.restarts.insert((restart.service, restart.instance), at);
         }
         for position in request.positions {
+            let at_ms = crate::node::now_ms();
             soft.positions
-                .insert((position.service, position.instance), position.lsn);
+                .insert((position.service, position.instance), (position.lsn, at_ms));
         }
         request
             .observations

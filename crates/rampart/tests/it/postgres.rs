@@ -287,7 +287,8 @@ async fn a_postgres_service_comes_up_fails_over_and_takes_its_old_primary_back_b
 /// INSERT was acknowledged (committed) and those whose outcome is unknown.
 struct Inserts {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    /// Each acknowledged id, and when (wall-clock ms).
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<(i64, u64)>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -315,7 +316,7 @@ impl Inserts {
                         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
                         let insert = sql.execute("INSERT INTO t VALUES ($1)", &params);
                         match tokio::time::timeout(Duration::from_secs(5), insert).await {
-                            Ok(Ok(_)) => acknowledged.lock().expect("lock").push(next),
+                            Ok(Ok(_)) => acknowledged.lock().expect("lock").push((next, wall_ms())),
                             // Unknown: neither acknowledged nor reused.
                             _ => connection = None,
                         }
@@ -343,7 +344,7 @@ impl Inserts {
         .await
     }
 
-    async fn stop(self) -> Vec<i64> {
+    async fn stop(self) -> Vec<(i64, u64)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for task in self.tasks {
             task.await.expect("client");
@@ -407,9 +408,16 @@ async fn synchronous_mode_keeps_every_committed_row_through_five_primary_kills()
         .lines()
         .map(|v| v.parse().expect("a row"))
         .collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|v| !rows.contains(v)).collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
     assert!(acknowledged.len() >= 300, "{} acknowledged", acknowledged.len());
     assert!(lost.is_empty(), "{} committed rows lost: {lost:?}", lost.len());
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
 }
 
 /// Waits until the registry names a primary other than `old`.
@@ -619,10 +627,75 @@ async fn a_switchover_under_load_loses_nothing_and_never_has_two_writable_primar
         .lines()
         .map(|v| v.parse().expect("a row"))
         .collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|v| !rows.contains(v)).collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
     assert!(
         lost.is_empty(),
         "{} committed rows lost in a switchover: {lost:?}",
         lost.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn asynchronous_mode_counts_lost_rows_and_the_failover_event_states_what_may_be_lost() {
+    let pg = PgCluster::start(serde_json::json!({})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
+    let port = rampart_testkit::free_port().expect("port");
+    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
+        &pg.cluster,
+        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+    );
+    let inserts = Inserts::start(port, 4);
+    inserts.wait_more(200).await;
+    // SAFETY: kill(2) of a process this test's region started.
+    unsafe {
+        libc::kill(pg.postmaster_pid(&first), libc::SIGKILL);
+    }
+    let second = wait_primary_not(&pg, &first).await;
+    inserts.wait_more(50).await;
+    let acknowledged = inserts.stop().await;
+    pg.wait_serving(|p| p == second).await;
+    let rows: std::collections::HashSet<i64> = pg
+        .sql(&second, "SELECT v FROM t")
+        .expect("rows")
+        .lines()
+        .map(|v| v.parse().expect("a row"))
+        .collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
+    // The failover event states the RPO: the WAL the new primary was known to lack and
+    // the window since the old primary's position was last seen.
+    let events = pg.client.events(Some("failover"), None).await.expect("events").events;
+    let promote = events
+        .iter()
+        .rev()
+        .find(|e| e.action == "failover.promote" && e.detail.contains(&format!("to={second}")))
+        .unwrap_or_else(|| panic!("no failover event: {events:?}"));
+    let field = |name: &str| -> u64 {
+        let at = promote
+            .detail
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name} in {}", promote.detail));
+        let rest = &promote.detail[at + name.len() + 2..];
+        rest.split(' ').next().expect("a value").parse().expect("a number")
+    };
+    let (rpo_bytes, seen_ms, promoted_ms) = (field("rpo_bytes"), field("primary_seen_ms"), field("promoted_ms"));
+    assert!(field("rpo_window_ms") == promoted_ms - seen_ms);
+    // A row lost though acknowledged before the old primary's last position was seen
+    // (with a second for that report to arrive) is within the bytes the event names.
+    let before_window = lost.iter().filter(|(_, at)| *at + 1000 < seen_ms).count();
+    assert!(
+        before_window == 0 || rpo_bytes > 0,
+        "{before_window} rows lost before the window, but rpo_bytes = 0: {}",
+        promote.detail
+    );
+    assert!(
+        lost.iter().all(|(_, at)| *at <= promoted_ms),
+        "lost rows acknowledged after the promotion"
+    );
+    eprintln!(
+        "asynchronous failover: {} acknowledged, {} lost; event: {}",
+        acknowledged.len(),
+        lost.len(),
+        promote.detail
     );
 }
