@@ -1,9 +1,14 @@
 """Patroni's side of bench/patroni-vs-rampart: a 3-member Patroni 3 cluster of PostgreSQL
-on loopback (etcd as its DCS, Patroni's default timings), SIGKILL of the primary's node
-(its Patroni and its PostgreSQL), time to the first INSERT a new primary accepts.
+on loopback (etcd as its DCS, Patroni's default timings, synchronous_mode on), HAProxy in
+front with Patroni's documented health check (OPTIONS /primary on the REST port, inter 3s
+fall 3 rise 2, on-marked-down shutdown-sessions); SIGKILL of the primary's node (its
+Patroni and its PostgreSQL), time to the first INSERT a new primary accepts through
+HAProxy. Meanwhile clients insert unique ids through HAProxy; at the end every
+acknowledged id is looked for on the final primary (lost rows counted).
 
 Run by bench/patroni-vs-rampart as root; Patroni and PostgreSQL run as user postgres.
-Prints one JSON line: {"rounds_ms": [...]}. Every process it starts is stopped by PID.
+Prints one JSON line: {"rounds_ms": [...], "acknowledged": N, "lost": N}. Every process it
+starts is stopped by PID.
 """
 
 import json
@@ -13,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -23,6 +29,7 @@ MEMBERS = 3
 PG_PORT = 25432
 API_PORT = 28008
 ETCD_CLIENT, ETCD_PEER = 22379, 22380
+HAPROXY_PORT = 25500
 DEADLINE = int(os.environ.get("PATRONI_BENCH_DEADLINE", "180"))
 
 
@@ -48,6 +55,7 @@ etcd:
   host: 127.0.0.1:{ETCD_CLIENT}
 bootstrap:
   dcs:
+    synchronous_mode: true
     postgresql:
       use_pg_rewind: true
       parameters:
@@ -117,6 +125,77 @@ def write(i):
     return sql(i, "INSERT INTO bench (at) VALUES (now())")
 
 
+def haproxy_config(root):
+    servers = "\n".join(
+        f"    server pg{i} 127.0.0.1:{PG_PORT + i} maxconn 100 check port {API_PORT + i}" for i in range(MEMBERS))
+    return f"""global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 4s
+    timeout client 30m
+    timeout server 30m
+    timeout check 5s
+listen primary
+    bind 127.0.0.1:{HAPROXY_PORT}
+    option httpchk OPTIONS /primary
+    http-check expect status 200
+    default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions
+{servers}
+"""
+
+
+def through_haproxy(statement, args=None):
+    """Runs one statement through HAProxy; true when it was acknowledged."""
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=HAPROXY_PORT, user="postgres",
+                                password="postgres", dbname="postgres", connect_timeout=1)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = 1000")
+            cur.execute(statement, args)
+        conn.close()
+        return True
+    except Exception:
+        return False
+
+
+class Writers:
+    """Clients inserting unique ids through HAProxy, keeping the acknowledged ones."""
+
+    def __init__(self, clients=4):
+        self.stop = False
+        self.acknowledged = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, args=(c,), daemon=True) for c in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, client):
+        next_id, conn = client * 10_000_000, None
+        while not self.stop:
+            try:
+                if conn is None:
+                    conn = psycopg2.connect(host="127.0.0.1", port=HAPROXY_PORT, user="postgres",
+                                            password="postgres", dbname="postgres", connect_timeout=1)
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = 5000")
+                    cur.execute("INSERT INTO ids VALUES (%s)", (next_id,))
+                with self.lock:
+                    self.acknowledged.append(next_id)
+            except Exception:
+                conn = None
+                time.sleep(0.02)
+            next_id += 1
+
+    def finish(self):
+        self.stop = True
+        for t in self.threads:
+            t.join()
+        return self.acknowledged
+
+
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     root = tempfile.mkdtemp(prefix="patroni-bench-")
@@ -142,7 +221,13 @@ def main():
          "--initial-advertise-peer-urls", f"http://127.0.0.1:{ETCD_PEER}",
          "--initial-cluster", f"e=http://127.0.0.1:{ETCD_PEER}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    haproxy_path = os.path.join(root, "haproxy.cfg")
+    with open(haproxy_path, "w") as f:
+        f.write(haproxy_config(root))
+    haproxy = None
     try:
+        haproxy = subprocess.Popen(["haproxy", "-f", haproxy_path, "-db"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for i in range(MEMBERS):
             start_member(i)
             if i == 0:
@@ -150,8 +235,11 @@ def main():
         eventually("every replica streaming", all_streaming)
         first = leader_index()
         eventually("the bench table", lambda: sql(first, "CREATE TABLE IF NOT EXISTS bench (at timestamptz)"))
+        eventually("the ids table", lambda: sql(first, "CREATE TABLE IF NOT EXISTS ids (v bigint PRIMARY KEY)"))
         for i in range(MEMBERS):
             eventually(f"the bench table on pg{i}", lambda: sql(i, "SELECT 1 FROM bench LIMIT 1"))
+        eventually("a write through HAProxy", lambda: through_haproxy("SELECT 1"))
+        writers = Writers()
         rounds_ms = []
         for _ in range(rounds):
             eventually("every replica streaming", all_streaming)
@@ -166,14 +254,27 @@ def main():
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            others = [i for i in range(MEMBERS) if i != old]
-            eventually("a write on a new primary", lambda: any(write(i) for i in others),
+            # The old primary died with its node: a write through HAProxy that succeeds is
+            # on a new one.
+            eventually("a write on a new primary", lambda: through_haproxy("INSERT INTO bench (at) VALUES (now())"),
                        timeout=DEADLINE, every=0.05)
             rounds_ms.append(round((time.monotonic() - killed) * 1000))
             procs[old].wait()
             start_member(old)
-        print(json.dumps({"rounds_ms": rounds_ms}))
+        eventually("every replica streaming", all_streaming)
+        acknowledged = writers.finish()
+        final = leader_index()
+        conn = psycopg2.connect(host="127.0.0.1", port=PG_PORT + final, user="postgres", password="postgres",
+                                dbname="postgres", connect_timeout=2)
+        with conn.cursor() as cur:
+            cur.execute("SELECT v FROM ids")
+            rows = {r[0] for r in cur.fetchall()}
+        lost = sum(1 for v in acknowledged if v not in rows)
+        print(json.dumps({"rounds_ms": rounds_ms, "acknowledged": len(acknowledged), "lost": lost}))
     finally:
+        if haproxy:
+            haproxy.kill()
+            haproxy.wait()
         for p in procs.values():
             for pid in child_pids(p.pid):
                 try:
