@@ -18,11 +18,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 import psycopg2
+
+import pg_clients
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 MEMBERS = 3
@@ -146,54 +147,7 @@ listen primary
 
 
 def through_haproxy(statement, args=None):
-    """Runs one statement through HAProxy; true when it was acknowledged."""
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=HAPROXY_PORT, user="postgres",
-                                password="postgres", dbname="postgres", connect_timeout=1)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SET statement_timeout = 1000")
-            cur.execute(statement, args)
-        conn.close()
-        return True
-    except Exception:
-        return False
-
-
-class Writers:
-    """Clients inserting unique ids through HAProxy, keeping the acknowledged ones."""
-
-    def __init__(self, clients=4):
-        self.stop = False
-        self.acknowledged = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(c,), daemon=True) for c in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def run(self, client):
-        next_id, conn = client * 10_000_000, None
-        while not self.stop:
-            try:
-                if conn is None:
-                    conn = psycopg2.connect(host="127.0.0.1", port=HAPROXY_PORT, user="postgres",
-                                            password="postgres", dbname="postgres", connect_timeout=1)
-                    conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = 5000")
-                    cur.execute("INSERT INTO ids VALUES (%s)", (next_id,))
-                with self.lock:
-                    self.acknowledged.append(next_id)
-            except Exception:
-                conn = None
-                time.sleep(0.02)
-            next_id += 1
-
-    def finish(self):
-        self.stop = True
-        for t in self.threads:
-            t.join()
-        return self.acknowledged
+    return pg_clients.run_once(HAPROXY_PORT, "postgres", statement, args)
 
 
 def main():
@@ -239,7 +193,7 @@ def main():
         for i in range(MEMBERS):
             eventually(f"the bench table on pg{i}", lambda: sql(i, "SELECT 1 FROM bench LIMIT 1"))
         eventually("a write through HAProxy", lambda: through_haproxy("SELECT 1"))
-        writers = Writers()
+        writers = pg_clients.Writers(HAPROXY_PORT, "postgres", "ids")
         rounds_ms = []
         for _ in range(rounds):
             eventually("every replica streaming", all_streaming)
@@ -263,13 +217,7 @@ def main():
             start_member(old)
         eventually("every replica streaming", all_streaming)
         acknowledged = writers.finish()
-        final = leader_index()
-        conn = psycopg2.connect(host="127.0.0.1", port=PG_PORT + final, user="postgres", password="postgres",
-                                dbname="postgres", connect_timeout=2)
-        with conn.cursor() as cur:
-            cur.execute("SELECT v FROM ids")
-            rows = {r[0] for r in cur.fetchall()}
-        lost = sum(1 for v in acknowledged if v not in rows)
+        lost = pg_clients.lost(PG_PORT + leader_index(), "postgres", "ids", acknowledged)
         print(json.dumps({"rounds_ms": rounds_ms, "acknowledged": len(acknowledged), "lost": lost}))
     finally:
         if haproxy:

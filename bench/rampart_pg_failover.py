@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
-import psycopg2
+import pg_clients
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 NODES = 3
@@ -55,24 +54,8 @@ def api(method, path, body=None):
     return None
 
 
-def connect(port, timeout=1):
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=PASSWORD,
-                            dbname="postgres", connect_timeout=timeout)
-    conn.autocommit = True
-    return conn
-
-
 def through_proxy(statement, args=None):
-    """Runs one statement through the proxy; true when it was acknowledged."""
-    try:
-        conn = connect(PROXY_PORT)
-        with conn.cursor() as cur:
-            cur.execute("SET statement_timeout = 1000")
-            cur.execute(statement, args)
-        conn.close()
-        return True
-    except Exception:
-        return False
+    return pg_clients.run_once(PROXY_PORT, PASSWORD, statement, args)
 
 
 def serving():
@@ -87,40 +70,6 @@ def serving():
     if not all(e["rank"] for e in report["instances"] if e["id"] != primary):
         return None
     return primary
-
-
-class Writers:
-    """Clients inserting unique ids through the proxy, keeping the acknowledged ones."""
-
-    def __init__(self, clients=4):
-        self.stop = False
-        self.acknowledged = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(c,), daemon=True) for c in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def run(self, client):
-        next_id, conn = client * 10_000_000, None
-        while not self.stop:
-            try:
-                if conn is None:
-                    conn = connect(PROXY_PORT)
-                with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = 5000")
-                    cur.execute("INSERT INTO t VALUES (%s)", (next_id,))
-                with self.lock:
-                    self.acknowledged.append(next_id)
-            except Exception:
-                conn = None
-                time.sleep(0.02)
-            next_id += 1
-
-    def finish(self):
-        self.stop = True
-        for t in self.threads:
-            t.join()
-        return self.acknowledged
 
 
 def main():
@@ -167,7 +116,7 @@ def main():
                                  stdout=open(os.path.join(root, "proxy.log"), "a"), stderr=subprocess.STDOUT)
         eventually("the first primary", serving, timeout=180)
         eventually("the table", lambda: through_proxy("CREATE TABLE IF NOT EXISTS t (v bigint PRIMARY KEY)"))
-        writers = Writers()
+        writers = pg_clients.Writers(PROXY_PORT, PASSWORD, "t")
         rounds_ms = []
         for _ in range(rounds):
             old = eventually("every instance serving", serving, timeout=180)
@@ -184,11 +133,7 @@ def main():
         eventually("every instance serving", serving, timeout=180)
         acknowledged = writers.finish()
         primary = serving()
-        conn = connect(PG_PORT + int(primary.split("-")[1]))
-        with conn.cursor() as cur:
-            cur.execute("SELECT v FROM t")
-            rows = {r[0] for r in cur.fetchall()}
-        lost = sum(1 for v in acknowledged if v not in rows)
+        lost = pg_clients.lost(PG_PORT + int(primary.split("-")[1]), PASSWORD, "t", acknowledged)
         print(json.dumps({"label": label, "rounds_ms": rounds_ms, "acknowledged": len(acknowledged), "lost": lost}))
     finally:
         if proxy:

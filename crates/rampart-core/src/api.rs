@@ -577,6 +577,9 @@ pub struct InstanceView {
     /// On the leader: each node's latest view of this instance (the inputs of `health`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub reports: std::collections::BTreeMap<u64, crate::health::Health>,
+    /// Registered as the synchronous standby of a `synchronous = true` policy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub synchronous: bool,
     /// On the leader: how far behind it last was, as eligibility counts it (revisions its
     /// heartbeats reported; bytes of WAL for a `postgres` instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -644,6 +647,10 @@ pub struct WalPosition {
     pub service: String,
     pub instance: String,
     pub lsn: crate::postgres::Lsn,
+    /// A replica streams from its primary (a primary: true). Only a streaming replica is
+    /// named synchronous standby.
+    #[serde(default)]
+    pub streaming: bool,
 }
 
 /// A supervised instance exited and its node restarted it (`gave_up`: the restart budget

@@ -1854,6 +1854,7 @@ mod tests {
                     node: None,
                     tags: Default::default(),
                     reports: Default::default(),
+                    synchronous: false,
                     lag: None,
                 })
                 .collect(),

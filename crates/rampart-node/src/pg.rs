@@ -181,6 +181,8 @@ pub async fn connect(pg: &Postgres, endpoint: &str) -> Result<tokio_postgres::Cl
 pub struct Status {
     pub in_recovery: bool,
     pub lsn: Lsn,
+    /// A replica's WAL receiver streams from its primary now (a primary: always).
+    pub streaming: bool,
 }
 
 pub async fn status(client: &tokio_postgres::Client) -> Result<Status, String> {
@@ -188,7 +190,8 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<Status, String> {
         .query_one(
             "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
              THEN coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) \
-             ELSE pg_current_wal_lsn() END)::text",
+             ELSE pg_current_wal_lsn() END)::text, \
+             NOT pg_is_in_recovery() OR coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)",
             &[],
         )
         .await
@@ -199,5 +202,10 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<Status, String> {
         Some(text) => text.parse()?,
         None => Lsn::default(),
     };
-    Ok(Status { in_recovery, lsn })
+    let streaming: bool = row.try_get(2).map_err(|e| e.to_string())?;
+    Ok(Status {
+        in_recovery,
+        lsn,
+        streaming,
+    })
 }

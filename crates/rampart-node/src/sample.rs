@@ -8,6 +8,11 @@
 //!   heartbeat, honestly: the primary's head minus what they applied.
 //! - `GET /kv/{key}`, `GET /health` (role, token, applied sequence, lag).
 //!
+//! - `--synchronous`: a write is acknowledged only once a replica that Rampart would promote
+//!   (registered `synchronous = true`, in a policy with `synchronous = true`) has pulled it;
+//!   otherwise, after [`SYNC_WAIT`], it answers 503 `not_replicated` (the write stays in the
+//!   log, unacknowledged, as PostgreSQL's does when a synchronous wait is cancelled).
+//!
 //! Its role comes from the heartbeat answers (`POST /v1/services/.../heartbeat`), so it
 //! needs no hooks; the log lives in memory (a restarted instance pulls it again).
 
@@ -29,6 +34,8 @@ use serde::{Deserialize, Serialize};
 const LOG_PAGE_MAX: usize = 1000;
 /// A value's largest size.
 const VALUE_BYTES_MAX: usize = 64 * 1024;
+/// How long a synchronous write waits for a synchronous replica to have it.
+pub const SYNC_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the sample service serves and whom it reports to.
 #[derive(Debug, Clone)]
@@ -41,6 +48,8 @@ pub struct SampleOptions {
     pub token: Option<String>,
     /// How often it heartbeats; writes stop once the last good one is older than 3 of these.
     pub heartbeat: Duration,
+    /// Acknowledge a write only once a synchronous replica has it.
+    pub synchronous: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +69,10 @@ struct Replica {
     confirmed: Option<Instant>,
     primary: Option<String>,
     primary_head: u64,
+    /// On a primary: how far each replica has pulled, by instance id.
+    pulled: BTreeMap<String, u64>,
+    /// The instances registered synchronous (read from the registry by the puller loop).
+    synchronous: Vec<String>,
 }
 
 impl Replica {
@@ -85,7 +98,7 @@ impl Replica {
     }
 }
 
-type Shared = Arc<(SampleOptions, Mutex<Replica>, reqwest::Client)>;
+type Shared = Arc<(SampleOptions, Mutex<Replica>, reqwest::Client, tokio::sync::Notify)>;
 
 /// Runs the sample service until the process is stopped.
 pub async fn run(options: SampleOptions) -> std::io::Result<()> {
@@ -101,7 +114,12 @@ pub async fn run(options: SampleOptions) -> std::io::Result<()> {
         .build()
         .map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
-    let shared: Shared = Arc::new((options, Mutex::new(Replica::default()), http));
+    let shared: Shared = Arc::new((
+        options,
+        Mutex::new(Replica::default()),
+        http,
+        tokio::sync::Notify::new(),
+    ));
     tokio::spawn(heartbeat_loop(shared.clone()));
     tokio::spawn(pull_loop(shared.clone()));
     let router = Router::new()
@@ -143,24 +161,58 @@ async fn write(State(shared): State<Shared>, Path(key): Path<String>, value: Str
     if value.len() > VALUE_BYTES_MAX {
         return (StatusCode::PAYLOAD_TOO_LARGE, "value over 64 KiB").into_response();
     }
-    let mut replica = shared.1.lock().expect("replica lock");
-    if !may_write(&shared, &replica) {
-        let body = serde_json::json!({"error": "not_primary", "primary": replica.primary});
+    let (seq, token) = {
+        let mut replica = shared.1.lock().expect("replica lock");
+        if !may_write(&shared, &replica) {
+            let body = serde_json::json!({"error": "not_primary", "primary": replica.primary});
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+        let seq = replica.head() + 1;
+        replica.apply(Entry { seq, key, value });
+        replica.primary_head = seq;
+        (seq, replica.token)
+    };
+    if shared.0.synchronous && !replicated(&shared, seq).await {
+        let body = serde_json::json!({
+            "error": "not_replicated",
+            "message": format!("no synchronous replica had seq {seq} within {}ms: not acknowledged", SYNC_WAIT.as_millis()),
+        });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    let seq = replica.head() + 1;
-    replica.apply(Entry { seq, key, value });
-    replica.primary_head = seq;
-    Json(serde_json::json!({ "seq": seq, "token": replica.token })).into_response()
+    Json(serde_json::json!({ "seq": seq, "token": token })).into_response()
+}
+
+/// Waits until a synchronous replica has pulled `seq`, at most [`SYNC_WAIT`].
+async fn replicated(shared: &Shared, seq: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+    loop {
+        let notified = shared.3.notified();
+        {
+            let replica = shared.1.lock().expect("replica lock");
+            let has = |id: &String| replica.pulled.get(id).is_some_and(|pulled| *pulled >= seq);
+            if replica.synchronous.iter().any(has) {
+                return true;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return false;
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct LogQuery {
     from: u64,
+    /// The replica pulling, which has every entry before `from`.
+    instance: Option<String>,
 }
 
 async fn log(State(shared): State<Shared>, Query(query): Query<LogQuery>) -> Json<serde_json::Value> {
-    let replica = shared.1.lock().expect("replica lock");
+    let mut replica = shared.1.lock().expect("replica lock");
+    if let Some(instance) = &query.instance {
+        replica.pulled.insert(instance.clone(), query.from.saturating_sub(1));
+        shared.3.notify_waiters();
+    }
     let start = query.from.saturating_sub(1) as usize;
     let entries: Vec<&Entry> = replica.log.iter().skip(start).take(LOG_PAGE_MAX).collect();
     Json(serde_json::json!({ "head": replica.head(), "entries": entries }))
@@ -168,7 +220,7 @@ async fn log(State(shared): State<Shared>, Query(query): Query<LogQuery>) -> Jso
 
 /// Heartbeats with the honest lag; the answer sets the role.
 async fn heartbeat_loop(shared: Shared) {
-    let (options, _, http) = &*shared;
+    let (options, _, http, _) = &*shared;
     let mut tick = tokio::time::interval(options.heartbeat);
     let mut next = 0usize;
     loop {
@@ -205,25 +257,38 @@ async fn heartbeat_loop(shared: Shared) {
     }
 }
 
-/// A replica pulls the primary's log.
+/// A replica pulls the primary's log (at once again while there is more; a primary learns
+/// from the registry which replicas are synchronous).
 async fn pull_loop(shared: Shared) {
-    let (options, _, http) = &*shared;
+    let (options, _, http, _) = &*shared;
     let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(options.heartbeat / 2);
+    let mut more = false;
     loop {
-        tick.tick().await;
-        let (primary, from) = {
+        if !more {
+            tick.tick().await;
+        }
+        more = false;
+        let (primary, from, is_primary) = {
             let replica = shared.1.lock().expect("replica lock");
-            if replica.role == Some(InstanceRole::Primary) {
-                continue;
-            }
-            (replica.primary.clone(), replica.head() + 1)
+            let is_primary = replica.role == Some(InstanceRole::Primary);
+            (replica.primary.clone(), replica.head() + 1, is_primary)
         };
+        if is_primary && !options.synchronous {
+            continue;
+        }
         let Some(primary) = primary else { continue };
-        if !endpoints.contains_key(&primary) {
+        if is_primary || !endpoints.contains_key(&primary) {
             for endpoint in &options.endpoints {
                 let url = format!("{endpoint}/v1/services/{}", options.service);
                 if let Ok(view) = async { http.get(&url).send().await?.json::<ServiceView>().await }.await {
+                    let synchronous = view
+                        .instances
+                        .iter()
+                        .filter(|i| i.synchronous)
+                        .map(|i| i.id.clone())
+                        .collect();
+                    shared.1.lock().expect("replica lock").synchronous = synchronous;
                     for instance in view.instances {
                         endpoints.insert(instance.id, instance.endpoint);
                     }
@@ -231,10 +296,13 @@ async fn pull_loop(shared: Shared) {
                 }
             }
         }
+        if is_primary {
+            continue;
+        }
         let Some(address) = endpoints.get(&primary) else {
             continue;
         };
-        let url = format!("http://{address}/log?from={from}");
+        let url = format!("http://{address}/log?from={from}&instance={}", options.instance);
         let Ok(page) = async { http.get(&url).send().await?.json::<serde_json::Value>().await }.await else {
             continue;
         };
@@ -245,6 +313,7 @@ async fn pull_loop(shared: Shared) {
             replica.truncate(head);
         }
         replica.primary_head = head;
+        more = !entries.is_empty() && options.synchronous;
         for entry in entries {
             replica.apply(entry);
         }

@@ -181,6 +181,7 @@ fn view(
                     .get(&(name.to_string(), id.clone()))
                     .map(|seen| seen.iter().map(|(node, report)| (*node, report.health)).collect())
                     .unwrap_or_default(),
+                synchronous: r.instance.synchronous,
                 lag: soft.lag_revisions(name, id),
             })
             .collect(),

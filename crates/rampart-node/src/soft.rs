@@ -31,8 +31,8 @@ pub struct Soft {
     /// is recorded once. Cleared when it grows past [`HOOK_EVENTS_KEPT`].
     pub hook_events: std::collections::BTreeSet<(String, String, String, u64, String)>,
     /// Each `postgres` instance's WAL position as its node last reported it, and when it
-    /// arrived (wall-clock ms).
-    pub positions: HashMap<InstanceKey, (rampart_core::postgres::Lsn, u64)>,
+    /// arrived (wall-clock ms), and whether it streamed from its primary then.
+    pub positions: HashMap<InstanceKey, Position>,
 }
 
 /// How many recorded hook runs a leader remembers, to record each once.
@@ -50,6 +50,15 @@ pub struct Report {
 pub struct Heartbeat {
     pub at: Instant,
     pub lag_revisions: Option<u64>,
+}
+
+/// A `postgres` instance's WAL position as its node last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub lsn: rampart_core::postgres::Lsn,
+    /// When it arrived (wall-clock ms).
+    pub at_ms: u64,
+    pub streaming: bool,
 }
 
 /// The WAL a promoted `postgres` replica was known to lack: the old primary's last
@@ -130,12 +139,12 @@ impl Soft {
         if let Some(lag) = self.heartbeats.get(&key).and_then(|beat| beat.lag_revisions) {
             return Some(lag);
         }
-        let (own, _) = self.positions.get(&key)?;
+        let own = self.positions.get(&key)?.lsn;
         let newest = self
             .positions
             .iter()
             .filter(|((s, _), _)| s == service)
-            .map(|(_, (lsn, _))| *lsn)
+            .map(|(_, position)| position.lsn)
             .max()?;
         Some(own.behind(newest))
     }
@@ -143,14 +152,21 @@ impl Soft {
     /// What a promotion of `promoted` in place of `previous` may have lost, as far as the
     /// WAL positions tell; none without both positions.
     pub fn wal_rpo(&self, service: &str, previous: &str, promoted: &str) -> Option<WalRpo> {
-        let (primary, seen_ms) = *self.positions.get(&(service.to_string(), previous.to_string()))?;
-        let (promoted, _) = *self.positions.get(&(service.to_string(), promoted.to_string()))?;
+        let old = self.positions.get(&(service.to_string(), previous.to_string()))?;
+        let new = self.positions.get(&(service.to_string(), promoted.to_string()))?;
         Some(WalRpo {
-            bytes: promoted.behind(primary),
-            primary,
-            promoted,
-            seen_ms,
+            bytes: new.lsn.behind(old.lsn),
+            primary: old.lsn,
+            promoted: new.lsn,
+            seen_ms: old.at_ms,
         })
+    }
+
+    /// Whether instance `id`'s last reported position says it streams from its primary.
+    pub fn streaming(&self, service: &str, id: &str) -> bool {
+        self.positions
+            .get(&(service.to_string(), id.to_string()))
+            .is_some_and(|position| position.streaming)
     }
 
     /// Whether the instance's node restarted it less than `start_timeout` ago and has not

@@ -67,7 +67,19 @@ pub async fn measure(
         let addr = rampart_testkit::cluster::free_port()
             .map_err(Failure::message)?
             .to_string();
-        sample_fleet::register(&client, binary, &endpoints, "kv", &format!("s-{node}"), node, &addr, 0).await?;
+        let id = format!("s-{node}");
+        sample_fleet::register(
+            &client,
+            binary,
+            &endpoints,
+            "kv",
+            &id,
+            node,
+            &addr,
+            0,
+            Default::default(),
+        )
+        .await?;
         addrs.push(addr);
     }
     sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
@@ -128,6 +140,7 @@ pub async fn measure(
             index as u64 + 1,
             &addrs[index],
             round,
+            Default::default(),
         )
         .await?;
         sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;

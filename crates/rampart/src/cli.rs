@@ -165,6 +165,10 @@ enum Command {
         /// How often it heartbeats (writes stop 3 missed heartbeats after losing Rampart)
         #[arg(long, default_value = "200ms", value_parser = duration_arg)]
         heartbeat: Duration,
+        /// Acknowledge a write only once a replica Rampart would promote has it (one
+        /// registered synchronous, in a policy with synchronous = true); else 503 after 5s
+        #[arg(long)]
+        synchronous: bool,
     },
     /// Create API tokens, list and revoke them (admin role)
     #[command(subcommand)]
@@ -665,6 +669,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             service,
             instance,
             heartbeat,
+            synchronous,
         } => {
             let endpoints = client()?.endpoints().to_vec();
             let options = rampart_node::sample::SampleOptions {
@@ -674,6 +679,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 endpoints,
                 token: token.clone(),
                 heartbeat,
+                synchronous,
             };
             rampart_node::sample::run(options)
                 .await
@@ -858,14 +864,22 @@ async fn run_service(client: Client, output: Output, command: ServiceCommand) ->
             let answer = client.service(&name).await?;
             print(output, &answer, |s| {
                 let mut text = format!(
-                    "{} primary {} token {}\n",
+                    "{} primary {} token {}",
                     s.name,
                     s.primary.as_deref().unwrap_or("none"),
                     s.token
                 );
+                if let Some(pg) = s.kind.postgres() {
+                    text.push_str(&format!(" postgres synchronous {}", label(&pg.synchronous)));
+                    if pg.synchronous != rampart_core::postgres::Synchronous::Off {
+                        let standby = s.synchronous_standby.as_deref().unwrap_or("none");
+                        text.push_str(&format!(" standby {standby}"));
+                    }
+                }
+                text.push('\n');
                 for i in &s.instances {
                     text.push_str(&format!(
-                        "  {} {} {} {} priority {} region {}\n",
+                        "  {} {} {} {} priority {} region {}",
                         i.id,
                         i.endpoint,
                         label(&i.role),
@@ -873,6 +887,15 @@ async fn run_service(client: Client, output: Output, command: ServiceCommand) ->
                         i.priority,
                         i.region
                     ));
+                    if let Some(lag) = i.lag {
+                        let unit = if s.kind.postgres().is_some() {
+                            "bytes"
+                        } else {
+                            "revisions"
+                        };
+                        text.push_str(&format!(" lag {lag} {unit}"));
+                    }
+                    text.push('\n');
                 }
                 text.trim_end().to_string()
             });

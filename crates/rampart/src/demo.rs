@@ -189,7 +189,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             &lost[..lost.len().min(5)]
         )));
     }
-    service_part(&cluster, &binary, &client).await?;
+    service_part(&cluster, &binary, &client, false).await?;
+    service_part(&cluster, &binary, &client, true).await?;
     backup_part(&binary, &client, &backup_config, work.path()).await?;
     let mut west = regions_part(&binary, &client, &topology, work.path(), args.writers.max(1)).await?;
     region_outage_part(&mut cluster, &west, args.writers.max(1)).await?;
@@ -467,16 +468,29 @@ async fn backup_part(
     Ok(())
 }
 
-/// The service part: supervised sample services, a primary killed under writes.
-async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Client) -> Result<(), Failure> {
+/// The service part: supervised sample services, a primary killed under writes;
+/// asynchronous (RPO as measured), then `synchronous` (one synchronous standby, s-2: a
+/// write is acknowledged once it has it, and only it may be promoted: RPO 0).
+async fn service_part(
+    cluster: &Cluster,
+    binary: &std::path::Path,
+    client: &Client,
+    synchronous: bool,
+) -> Result<(), Failure> {
     use rampart_core::service::PolicySpec;
-    println!("\n== A service kept available: 3 sample-service instances, one per node ==");
+    let service = if synchronous { "kv-sync" } else { "kv" };
+    if synchronous {
+        println!("\n== The same, synchronous: s-2 is the synchronous standby (sample-service --synchronous) ==");
+    } else {
+        println!("\n== A service kept available: 3 sample-service instances, one per node ==");
+    }
     let policy: PolicySpec = serde_json::from_value(serde_json::json!({
         "checks": [{"kind": "heartbeat", "ttl": "1s"}],
-        "max_lag_on_failover": 0,
+        "max_lag_on_failover": if synchronous { u64::MAX } else { 0 },
+        "synchronous": synchronous,
     }))
     .map_err(Failure::message)?;
-    client.service_put("kv", &policy).await.map_err(Failure::message)?;
+    client.service_put(service, &policy).await.map_err(Failure::message)?;
     let endpoints = cluster.endpoints().join(",");
     let mut addrs = BTreeMap::new();
     for node in 1..=3u64 {
@@ -484,12 +498,18 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
         let addr = rampart_testkit::cluster::free_port()
             .map_err(Failure::message)?
             .to_string();
-        crate::sample_fleet::register(client, binary, &endpoints, "kv", &id, node, &addr, 0).await?;
+        let mode = crate::sample_fleet::Mode {
+            synchronous,
+            // s-1, the first primary, and s-2, its synchronous standby: the instances a
+            // synchronous policy may promote.
+            standby: synchronous && node <= 2,
+        };
+        crate::sample_fleet::register(client, binary, &endpoints, service, &id, node, &addr, 0, mode).await?;
         println!("  instance {id} on node {node}, serving {addr}");
         addrs.insert(id, addr);
     }
-    crate::sample_fleet::wait_all_up(client, "kv", Duration::from_secs(30)).await;
-    client.switchover("kv", "s-1").await.map_err(Failure::message)?;
+    crate::sample_fleet::wait_all_up(client, service, Duration::from_secs(30)).await;
+    client.switchover(service, "s-1").await.map_err(Failure::message)?;
     println!("switchover: s-1 is the primary");
 
     let http = reqwest::Client::builder()
@@ -532,6 +552,20 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
         "SIGKILL the primary s-1 (pid {pid}) after {} acknowledged writes",
         acknowledged.len()
     );
+    if synchronous {
+        // The standby was promoted: name the remaining replica synchronous, as Rampart's
+        // PostgreSQL services do by themselves, so that writes can be acknowledged again.
+        rampart_testkit::eventually(Duration::from_secs(30), "a new primary", || async {
+            let view = client.service(service).await.ok()?;
+            view.primary.filter(|p| p != "s-1")
+        })
+        .await;
+        let mode = crate::sample_fleet::Mode {
+            synchronous,
+            standby: true,
+        };
+        crate::sample_fleet::register(client, binary, &endpoints, service, "s-3", 3, &addrs["s-3"], 0, mode).await?;
+    }
     // Write to whichever instance takes writes, until one does.
     let (new_primary, first_write) =
         rampart_testkit::eventually(Duration::from_secs(30), "a write on a new primary", || async {
@@ -553,6 +587,11 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
         .events(Some("failover"), Some(1))
         .await
         .map_err(Failure::message)?;
+    if synchronous && new_primary != "s-2" {
+        return Err(Failure::message(format!(
+            "{new_primary} was promoted, not the synchronous standby s-2"
+        )));
+    }
     let detail = events.events.last().map(|e| e.detail.clone()).unwrap_or_default();
     let field = |name: &str| {
         detail
@@ -586,6 +625,14 @@ async fn service_part(cluster: &Cluster, binary: &std::path::Path, client: &Clie
         first_write.duration_since(killed_at).as_millis(),
         acknowledged.len()
     );
+    if synchronous && lost > 0 {
+        return Err(Failure::message(format!(
+            "synchronous mode lost {lost} acknowledged writes"
+        )));
+    }
+    if synchronous {
+        println!("  (synchronous: every acknowledged write was on s-2 before it was acknowledged)");
+    }
     if lost > 0 {
         // The sample service replicates asynchronously: writes its primary acknowledged in
         // the last moments before the kill may not have reached a replica. That is the

@@ -8,6 +8,16 @@ use rampart_core::service::InstanceSpec;
 
 use crate::outcome::Failure;
 
+/// How the instances of a fleet run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// `sample-service --synchronous`: a write is acknowledged once a synchronous replica
+    /// has it.
+    pub synchronous: bool,
+    /// This instance is registered as the synchronous standby.
+    pub standby: bool,
+}
+
 /// Registers instance `id` of `service`, run by node `node` (supervised) and serving on
 /// `addr`. A different `generation` changes the command, so registering again restarts
 /// an instance that was killed.
@@ -21,15 +31,18 @@ pub async fn register(
     node: u64,
     addr: &str,
     generation: usize,
+    mode: Mode,
 ) -> Result<(), Failure> {
+    let synchronous = if mode.synchronous { " --synchronous" } else { "" };
     let command = format!(
-        "exec {} --endpoints {endpoints} sample-service --listen {addr} --service {service} --instance {id} --heartbeat 100ms # {generation}",
+        "exec {} --endpoints {endpoints} sample-service --listen {addr} --service {service} --instance {id} --heartbeat 100ms{synchronous} # {generation}",
         binary.display()
     );
     let spec = InstanceSpec {
         endpoint: addr.to_string(),
         node: Some(node),
         command: Some(command),
+        synchronous: mode.standby.then_some(true),
         ..InstanceSpec::default()
     };
     client

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
-    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Lsn,
-    Postgres, Synchronous,
+    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Postgres,
+    Synchronous,
 };
 use rampart_core::service::InstanceRole;
 use rampart_store::command::Op;
@@ -54,6 +54,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
 const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A WAL position is sent again after this long even when it did not move.
 const POSITION_EVERY: Duration = Duration::from_secs(2);
+/// A replica that has not streamed from a writable primary this long is rewound.
+const STUCK: Duration = Duration::from_secs(10);
 /// A primary checks its replication slots this often (and when the registry changes).
 const SLOTS_EVERY: Duration = Duration::from_secs(5);
 /// The file of settings Rampart writes into each data dir.
@@ -163,8 +165,10 @@ struct Managed {
     sql: Option<tokio_postgres::Client>,
     /// The `rampart.conf` last written.
     written: Option<String>,
-    /// The last position sent, and when.
-    sent: Option<(Lsn, Instant)>,
+    /// The last status sent, and when.
+    sent: Option<(pg::Status, Instant)>,
+    /// Since when a replica with a writable primary has not streamed from it.
+    not_streaming: Option<Instant>,
     slots_checked: Option<(Vec<String>, Instant)>,
     /// The last reason it waits, said once.
     waiting: Option<&'static str>,
@@ -180,6 +184,7 @@ async fn manage(node: Shared, key: InstanceKey, mut views: watch::Receiver<Optio
         sql: None,
         written: None,
         sent: None,
+        not_streaming: None,
         slots_checked: None,
         waiting: None,
         failed: None,
@@ -239,7 +244,7 @@ impl Managed {
                 return Ok(());
             }
         };
-        self.report(status.lsn).await;
+        self.report(status).await;
         if view.primary {
             self.write_settings(view, &data, None).await?;
             if !status.in_recovery {
@@ -260,6 +265,20 @@ impl Managed {
             return Ok(());
         }
         if let Some(upstream) = &view.upstream {
+            if status.streaming {
+                self.not_streaming = None;
+            } else if self.stuck(view, upstream).await {
+                // Following a primary it cannot stream from (a timeline it does not have):
+                // stopped, to be rewound from it.
+                let outcome = format!(
+                    "ok: not streaming from {} for {}s: rewinding",
+                    upstream.0,
+                    STUCK.as_secs()
+                );
+                self.event("postgres.stuck", &outcome).await;
+                pg::write_file(&data.join(REWIND_FILE), "")?;
+                self.not_streaming = None;
+            }
             if data.join(REWIND_FILE).exists() {
                 // An old primary that waited read-only: stopped, to be rewound first.
                 if let Some(child) = self.child.take() {
@@ -271,6 +290,17 @@ impl Managed {
             self.write_settings(view, &data, Some(upstream)).await?;
         }
         Ok(())
+    }
+
+    /// Whether this replica has not streamed for [`STUCK`] while its primary was writable
+    /// all along (a replica whose primary is down is never stuck: it is to be promoted).
+    async fn stuck(&mut self, view: &View, upstream: &(String, String)) -> bool {
+        if !upstream_writable(&view.pg, &upstream.1).await {
+            self.not_streaming = None;
+            return false;
+        }
+        let since = *self.not_streaming.get_or_insert_with(Instant::now);
+        since.elapsed() >= STUCK
     }
 
     /// Whether the registry names this instance primary now (the view may be a tick old,
@@ -572,10 +602,10 @@ impl Managed {
     }
 
     /// Sends its WAL position to the leader when it moved, or every [`POSITION_EVERY`].
-    async fn report(&mut self, lsn: Lsn) {
+    async fn report(&mut self, status: pg::Status) {
         if self
             .sent
-            .is_some_and(|(sent, at)| sent == lsn && at.elapsed() < POSITION_EVERY)
+            .is_some_and(|(sent, at)| sent == status && at.elapsed() < POSITION_EVERY)
         {
             return;
         }
@@ -586,11 +616,12 @@ impl Managed {
             positions: vec![WalPosition {
                 service: self.key.0.clone(),
                 instance: self.key.1.clone(),
-                lsn,
+                lsn: status.lsn,
+                streaming: status.streaming,
             }],
         };
         if super::prober::send(&self.node, body).await {
-            self.sent = Some((lsn, Instant::now()));
+            self.sent = Some((status, Instant::now()));
         }
     }
 
@@ -708,6 +739,7 @@ fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)>
             let verdict = local.verdict(name, id);
             let record = &service.instances[id];
             id != primary
+                && soft.streaming(name, id)
                 && verdict.health == Health::Up
                 && !verdict.fenced
                 && record.role == InstanceRole::Replica

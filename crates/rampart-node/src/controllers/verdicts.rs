@@ -57,9 +57,12 @@ pub async fn receive(node: &Shared, request: ObservationsRequest) {
             soft.restarts.insert((restart.service, restart.instance), at);
         }
         for position in request.positions {
-            let at_ms = crate::node::now_ms();
-            soft.positions
-                .insert((position.service, position.instance), (position.lsn, at_ms));
+            let seen = crate::soft::Position {
+                lsn: position.lsn,
+                at_ms: crate::node::now_ms(),
+                streaming: position.streaming,
+            };
+            soft.positions.insert((position.service, position.instance), seen);
         }
         request
             .observations

@@ -176,6 +176,10 @@ fn demo_reports_failover_and_no_lost_writes() {
     assert!(out.contains("all 3 nodes caught up"), "{out}");
     assert!(out.contains("new primary: s-"), "{out}");
     assert!(out.contains("service RTO"), "{out}");
+    assert!(
+        out.contains("(synchronous: every acknowledged write was on s-2 before it was acknowledged)"),
+        "{out}"
+    );
     assert!(out.contains("restored state matches the backup"), "{out}");
     assert!(out.contains("verified: west equals east at revision"), "{out}");
     assert!(out.contains("witness  witness  reachable true"), "{out}");

@@ -164,6 +164,28 @@ impl PgCluster {
         .await
     }
 
+    /// A proxy with a `route = "primary"` listener for the service: its address, and the
+    /// proxy (stopped when dropped).
+    fn primary_proxy(&self) -> (std::net::SocketAddr, (crate::proxy::ProxyProcess, tempfile::TempDir)) {
+        let port = rampart_testkit::free_port().expect("port");
+        let (proxy, dir, _admin) = crate::proxy_registry::registry_proxy(
+            &self.cluster,
+            &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
+        );
+        (port, (proxy, dir))
+    }
+
+    /// The acknowledged rows (id, when) that instance `id`'s table `t` lacks.
+    fn lost<'a>(&self, id: &str, acknowledged: &'a [(i64, u64)]) -> Vec<&'a (i64, u64)> {
+        let rows: std::collections::HashSet<i64> = self
+            .sql(id, "SELECT v FROM t")
+            .expect("rows")
+            .lines()
+            .map(|v| v.parse().expect("a row"))
+            .collect();
+        acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect()
+    }
+
     /// The postmaster's pid of instance `id`, from its `postmaster.pid`.
     fn postmaster_pid(&self, id: &str) -> i32 {
         let text = std::fs::read_to_string(self.dir.path().join(id).join("postmaster.pid")).expect("postmaster.pid");
@@ -373,11 +395,7 @@ async fn synchronous_mode_keeps_every_committed_row_through_five_primary_kills()
     let pg = PgCluster::start(serde_json::json!({"synchronous": "on"})).await;
     let first = pg.wait_serving(|_| true).await;
     pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
-    let port = rampart_testkit::free_port().expect("port");
-    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
-        &pg.cluster,
-        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
-    );
+    let (port, _proxy) = pg.primary_proxy();
     let inserts = Inserts::start(port, 4);
     let mut primary = first;
     for round in 0..5 {
@@ -402,13 +420,7 @@ async fn synchronous_mode_keeps_every_committed_row_through_five_primary_kills()
     inserts.wait_more(50).await;
     let acknowledged = inserts.stop().await;
     let primary = pg.wait_serving(|_| true).await;
-    let rows: std::collections::HashSet<i64> = pg
-        .sql(&primary, "SELECT v FROM t")
-        .expect("rows")
-        .lines()
-        .map(|v| v.parse().expect("a row"))
-        .collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
+    let lost = pg.lost(&primary, &acknowledged);
     assert!(acknowledged.len() >= 300, "{} acknowledged", acknowledged.len());
     assert!(lost.is_empty(), "{} committed rows lost: {lost:?}", lost.len());
 }
@@ -505,11 +517,7 @@ async fn a_killed_node_takes_its_primary_down_the_proxy_moves_and_the_old_primar
         "CREATE TABLE t (v bigint PRIMARY KEY); INSERT INTO t VALUES (1)",
     )
     .expect("table");
-    let port = rampart_testkit::free_port().expect("port");
-    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
-        &pg.cluster,
-        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
-    );
+    let (port, _proxy) = pg.primary_proxy();
     // Through the proxy: the primary, writable.
     let served_by = |expected: String| async move {
         let sql = connect_to(port).await?;
@@ -558,11 +566,7 @@ async fn a_switchover_under_load_loses_nothing_and_never_has_two_writable_primar
     let pg = PgCluster::start(serde_json::json!({})).await;
     let first = pg.wait_serving(|_| true).await;
     pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
-    let port = rampart_testkit::free_port().expect("port");
-    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
-        &pg.cluster,
-        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
-    );
+    let (port, _proxy) = pg.primary_proxy();
     // Every instance sampled for pg_is_in_recovery() over and over: the most found
     // writable in one pass.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -621,13 +625,7 @@ async fn a_switchover_under_load_loses_nothing_and_never_has_two_writable_primar
         "fencing tokens grow: {tokens:?}"
     );
     let primary = pg.client.service("db").await.expect("view").primary.expect("a primary");
-    let rows: std::collections::HashSet<i64> = pg
-        .sql(&primary, "SELECT v FROM t")
-        .expect("rows")
-        .lines()
-        .map(|v| v.parse().expect("a row"))
-        .collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
+    let lost = pg.lost(&primary, &acknowledged);
     assert!(
         lost.is_empty(),
         "{} committed rows lost in a switchover: {lost:?}",
@@ -640,11 +638,7 @@ async fn asynchronous_mode_counts_lost_rows_and_the_failover_event_states_what_m
     let pg = PgCluster::start(serde_json::json!({})).await;
     let first = pg.wait_serving(|_| true).await;
     pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
-    let port = rampart_testkit::free_port().expect("port");
-    let (_proxy, _dir, _admin) = crate::proxy_registry::registry_proxy(
-        &pg.cluster,
-        &format!("[[proxy.listeners]]\nname = \"db\"\nbind = \"{port}\"\nservice = \"db\"\nroute = \"primary\"\n"),
-    );
+    let (port, _proxy) = pg.primary_proxy();
     let inserts = Inserts::start(port, 4);
     inserts.wait_more(200).await;
     // SAFETY: kill(2) of a process this test's region started.
@@ -655,13 +649,7 @@ async fn asynchronous_mode_counts_lost_rows_and_the_failover_event_states_what_m
     inserts.wait_more(50).await;
     let acknowledged = inserts.stop().await;
     pg.wait_serving(|p| p == second).await;
-    let rows: std::collections::HashSet<i64> = pg
-        .sql(&second, "SELECT v FROM t")
-        .expect("rows")
-        .lines()
-        .map(|v| v.parse().expect("a row"))
-        .collect();
-    let lost: Vec<_> = acknowledged.iter().filter(|(v, _)| !rows.contains(v)).collect();
+    let lost = pg.lost(&second, &acknowledged);
     // The failover event states the RPO: the WAL the new primary was known to lack and
     // the window since the old primary's position was last seen.
     let events = pg.client.events(Some("failover"), None).await.expect("events").events;
@@ -698,4 +686,37 @@ async fn asynchronous_mode_counts_lost_rows_and_the_failover_event_states_what_m
         lost.len(),
         promote.detail
     );
+}
+
+#[test]
+fn a_bad_postgres_policy_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = |config: &str| {
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, config).expect("config");
+        let out = std::process::Command::new(crate::binary())
+            .args(["node", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir"])
+            .arg(dir.path().join("unused"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run node");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let table =
+        "[services.db.postgres]\nbin_dir = \"/usr/lib/postgresql/15/bin\"\ndata_dir = \"/var/lib/pg/{instance}\"\n\
+                 superuser = { password_env = \"PGPW\" }\nreplication_user = { password_env = \"REPLPW\" }\n";
+    let (code, stderr) = node(&format!(
+        "[services.db]\nkind = \"postgres\"\n{}synchronous = \"always\"\n",
+        table
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("services.db.postgres.synchronous"), "{stderr}");
+    let without_bin = table.replace("bin_dir = \"/usr/lib/postgresql/15/bin\"\n", "");
+    let (code, stderr) = node(&format!("[services.db]\nkind = \"postgres\"\n{without_bin}"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("services.db.postgres.bin_dir"), "{stderr}");
+    let (code, stderr) = node("[services.db]\nkind = \"mysql\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("services.db.kind"), "{stderr}");
 }
