@@ -673,9 +673,9 @@ fn names_for(pg: &Postgres, standby: Option<&str>) -> String {
 }
 
 /// Leader: keeps the synchronous standby of every `postgres` service in synchronous mode
-/// (`Op::SynchronousStandby`): while the service has a primary, its standby stays as long
-/// as it is up; one that is not is replaced by the best replica that is (highest
-/// priority, then least lag, then id), or by none (the primary then blocks commits, or
+/// (`Op::SynchronousStandby`): while the service has a primary that is up, its standby
+/// stays as long as it is up; one that is not is replaced by the best replica that is up
+/// and streams (highest priority, then least lag, then id), or by none (the primary then blocks commits, or
 /// goes on alone with `synchronous_fallback = "async"`: an event says which). Without a
 /// primary it never changes: the standby is the one to promote.
 pub async fn run_synchronous(node: Shared) {
@@ -732,27 +732,35 @@ fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)>
         if pg.synchronous == Synchronous::Off {
             continue;
         }
+        // Only while a primary runs: when it is down (or stepping down), its replicas stop
+        // streaming, and the standby is the one to promote.
         let Some(primary) = service.primary.as_deref() else {
             continue;
         };
+        if service.demoting || local.verdict(name, primary).health != Health::Up {
+            continue;
+        }
         let up = |id: &str| {
             let verdict = local.verdict(name, id);
             let record = &service.instances[id];
             id != primary
-                && soft.streaming(name, id)
                 && verdict.health == Health::Up
                 && !verdict.fenced
                 && record.role == InstanceRole::Replica
                 && record.instance.priority > 0
         };
+        // The standby stays while it is up: it stops streaming for a moment whenever the
+        // primary does (before the primary is found down); one that cannot stream at all
+        // is rewound by its node, and down meanwhile.
         let current = local.synchronous.get(name);
         if current.is_some_and(|id| service.instances.contains_key(id) && up(id)) {
             continue;
         }
+        // A new one must stream now: naming a replica that does not would stop commits.
         let best = service
             .instances
             .iter()
-            .filter(|(id, _)| up(id))
+            .filter(|(id, _)| up(id) && soft.streaming(name, id))
             .min_by_key(|(id, r)| {
                 let lag = soft.lag_revisions(name, id).unwrap_or(u64::MAX);
                 (std::cmp::Reverse(r.instance.priority), lag, (*id).clone())
