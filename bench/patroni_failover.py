@@ -102,9 +102,16 @@ def leader_index():
 
 
 def all_streaming():
+    """Every member up, and every replica on the leader's timeline and caught up (a
+    replica still to be rewound is not ready to take over)."""
     ms = members()
-    replicas = [m for m in ms if m["role"] == "replica" and m["state"] in ("streaming", "running")]
-    return len(ms) == MEMBERS and len(replicas) == MEMBERS - 1 and leader_index() is not None
+    leaders = [m for m in ms if m["role"] == "leader" and m["state"] == "running"]
+    if len(ms) != MEMBERS or len(leaders) != 1:
+        return False
+    timeline = leaders[0].get("timeline")
+    replicas = [m for m in ms if m["role"] in ("replica", "sync_standby") and m["state"] in ("streaming", "running")
+                and m.get("timeline") == timeline and (m.get("lag") or 0) < 1 << 20]
+    return len(replicas) == MEMBERS - 1
 
 
 def sql(i, statement):
