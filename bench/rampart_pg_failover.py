@@ -66,6 +66,22 @@ def try_lost(acknowledged):
         return None
 
 
+def writable_instance():
+    """The id of the one instance out of recovery, if exactly one is."""
+    found = []
+    for i in range(1, NODES + 1):
+        try:
+            conn = pg_clients.connect(PG_PORT + i, PASSWORD)
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_is_in_recovery()")
+                if not cur.fetchone()[0]:
+                    found.append(f"pg-{i}")
+            conn.close()
+        except Exception:
+            pass
+    return found[0] if len(found) == 1 else None
+
+
 def serving():
     """The primary's id once every instance serves and a replica may be promoted (in
     synchronous mode, only the synchronous standby may)."""
@@ -128,7 +144,9 @@ def main():
         writers = pg_clients.Writers(PROXY_PORT, PASSWORD, "t")
         rounds_ms = []
         for _ in range(rounds):
-            old = eventually("every instance serving", serving, timeout=180)
+            eventually("every instance serving", serving, timeout=180)
+            # The primary as PostgreSQL itself says (the one out of recovery).
+            old = eventually("the primary", writable_instance)
             eventually("a write through the proxy", lambda: through_proxy("SELECT 1"))
             node = int(old.split("-")[1])
             killed = time.monotonic()

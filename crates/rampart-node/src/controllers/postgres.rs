@@ -54,8 +54,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
 const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A WAL position is sent again after this long even when it did not move.
 const POSITION_EVERY: Duration = Duration::from_secs(2);
-/// A replica that has not streamed from a writable primary this long is rewound.
-const STUCK: Duration = Duration::from_secs(10);
+/// A replica that has not streamed from a writable primary this long is rewound (a
+/// replica that received more of the old primary's WAL than the one promoted cannot follow
+/// it; a rewind that finds nothing to do costs a restart).
+const STUCK: Duration = Duration::from_secs(3);
 /// A primary checks its replication slots this often (and when the registry changes).
 const SLOTS_EVERY: Duration = Duration::from_secs(5);
 /// The file of settings Rampart writes into each data dir.
