@@ -114,6 +114,12 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// Whether a primary waits for a synchronous standby (`synchronous` is `on` or
+    /// `quorum`): only that standby may be promoted.
+    pub fn is_synchronous(&self) -> bool {
+        self.synchronous != Synchronous::Off
+    }
+
     /// Instance `id`'s data directory.
     pub fn data_dir_of(&self, id: &str) -> String {
         self.data_dir.replace("{instance}", id)

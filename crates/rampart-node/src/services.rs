@@ -492,9 +492,8 @@ pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
                     }
                     Some(_) if s.demoting => Some(format!("{name}: primary is stepping down")),
                     Some(_) => s.kind.postgres().and_then(|pg| {
-                        let synchronous = pg.synchronous != rampart_core::postgres::Synchronous::Off;
                         let standby = applied.state.local.synchronous.get(name);
-                        (synchronous && standby.is_none()).then(|| match pg.fallback {
+                        (pg.is_synchronous() && standby.is_none()).then(|| match pg.fallback {
                             rampart_core::postgres::Fallback::Block => {
                                 format!("{name}: no synchronous replica: commits wait")
                             }

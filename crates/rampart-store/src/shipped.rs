@@ -91,7 +91,7 @@ impl Service {
             rules.lag_revisions_max = pg.max_lag_bytes.unwrap_or(u64::MAX);
             // Synchronous mode: only the synchronous standby has every acknowledged commit
             // (before the first primary there is none).
-            rules.synchronous_only |= pg.synchronous != rampart_core::postgres::Synchronous::Off && self.token > 0;
+            rules.synchronous_only |= pg.is_synchronous() && self.token > 0;
         }
         rules
     }

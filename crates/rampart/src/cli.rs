@@ -871,7 +871,7 @@ async fn run_service(client: Client, output: Output, command: ServiceCommand) ->
                 );
                 if let Some(pg) = s.kind.postgres() {
                     text.push_str(&format!(" postgres synchronous {}", label(&pg.synchronous)));
-                    if pg.synchronous != rampart_core::postgres::Synchronous::Off {
+                    if pg.is_synchronous() {
                         let standby = s.synchronous_standby.as_deref().unwrap_or("none");
                         text.push_str(&format!(" standby {standby}"));
                     }

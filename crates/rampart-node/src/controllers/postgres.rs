@@ -34,7 +34,6 @@ use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
     hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Postgres,
-    Synchronous,
 };
 use rampart_core::service::InstanceRole;
 use rampart_store::command::Op;
@@ -731,7 +730,7 @@ fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)>
     let mut changes = Vec::new();
     for (name, service) in &applied.state.shipped.services {
         let Some(pg) = service.kind.postgres() else { continue };
-        if pg.synchronous == Synchronous::Off {
+        if !pg.is_synchronous() {
             continue;
         }
         // Only while a primary runs: when it is down (or stepping down), its replicas stop
