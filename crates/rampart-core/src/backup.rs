@@ -245,6 +245,27 @@ pub struct ServicePart {
     /// The policy's `backup.restore` when the backup was taken.
     pub restore: Option<String>,
     pub chunks: Vec<Chunk>,
+    /// A `postgres` service's part: a base backup (`pg_basebackup`'s tar), which the
+    /// service's archived WAL continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PgBase>,
+}
+
+/// What a restore of a PostgreSQL base backup needs to know beside its tar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgBase {
+    /// The policy's `bin_dir` when it was taken: where a restore looks for PostgreSQL.
+    pub bin_dir: String,
+    /// The superuser's name (a restore logs in as it to watch the recovery).
+    pub superuser: String,
+    /// The WAL segment the primary wrote when the backup started: archived WAL from this
+    /// segment on continues the base backup.
+    pub start_wal: String,
+    /// The primary's WAL position once the backup had finished: a restore to a later
+    /// position can start from this backup.
+    pub end_lsn: String,
+    /// When the backup had finished (ms since the epoch): likewise for a restore to a time.
+    pub end_ms: u64,
 }
 
 impl Manifest {

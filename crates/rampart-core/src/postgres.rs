@@ -368,23 +368,41 @@ fn quoted(value: &str) -> String {
 /// may change the defaults), then what Rampart manages. `upstream` is the
 /// `primary_conninfo` and slot of a replica (none for a primary, or a replica with nobody
 /// to follow yet); `synchronous_standby_names` is the primary's.
-pub fn settings(
-    pg: &Postgres,
-    port: u16,
-    socket_dir: &str,
-    upstream: Option<(&str, &str)>,
-    synchronous_standby_names: &str,
-) -> String {
+/// Where one instance stands, as `rampart.conf` says beside the policy's settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement<'a> {
+    pub port: u16,
+    /// The Unix socket's directory (empty: none).
+    pub socket_dir: &'a str,
+    /// A replica's `primary_conninfo` and slot.
+    pub upstream: Option<(&'a str, &'a str)>,
+    /// Whom a primary waits for.
+    pub synchronous_standby_names: &'a str,
+    /// Where finished WAL goes (`archive_mode = on`), when this node backs up.
+    pub archive_command: Option<&'a str>,
+}
+
+/// How long a WAL segment may stay unarchived while the primary writes little (a
+/// point-in-time restore reaches only archived WAL); a policy's `parameters` may say
+/// otherwise.
+pub const ARCHIVE_TIMEOUT: &str = "60s";
+
+/// The text of `rampart.conf`: the policy's parameters over Rampart's defaults, then the
+/// settings Rampart manages (which a policy may not set).
+pub fn settings(pg: &Postgres, at: &Placement) -> String {
     let mut lines = vec!["# Written by Rampart for this instance: edits are overwritten.".to_string()];
-    let defaults = [
+    let mut defaults = vec![
         ("wal_level", "replica"),
         ("max_wal_senders", "10"),
         ("max_replication_slots", "10"),
         ("wal_log_hints", "on"),
         ("max_slot_wal_keep_size", "1GB"),
         ("wal_keep_size", "128MB"),
-        ("unix_socket_directories", socket_dir),
+        ("unix_socket_directories", at.socket_dir),
     ];
+    if at.archive_command.is_some() {
+        defaults.push(("archive_timeout", ARCHIVE_TIMEOUT));
+    }
     for (name, value) in defaults {
         if !pg.parameters.contains_key(name) {
             lines.push(format!("{name} = {}", quoted(value)));
@@ -393,14 +411,18 @@ pub fn settings(
     for (name, value) in &pg.parameters {
         lines.push(format!("{name} = {}", quoted(value)));
     }
-    let port = port.to_string();
+    let port = at.port.to_string();
     let mut managed = vec![
         ("port", port.as_str()),
         ("listen_addresses", "*"),
         ("hot_standby", "on"),
-        ("synchronous_standby_names", synchronous_standby_names),
+        ("synchronous_standby_names", at.synchronous_standby_names),
     ];
-    if let Some((conninfo, slot)) = upstream {
+    if let Some(command) = at.archive_command {
+        managed.push(("archive_mode", "on"));
+        managed.push(("archive_command", command));
+    }
+    if let Some((conninfo, slot)) = at.upstream {
         managed.push(("primary_conninfo", conninfo));
         managed.push(("primary_slot_name", slot));
     }
@@ -408,6 +430,29 @@ pub fn settings(
         lines.push(format!("{name} = {}", quoted(value)));
     }
     lines.join("\n") + "\n"
+}
+
+/// Where a WAL file stands in the WAL, whatever its timeline: the 16 hex digits after the
+/// timeline of a segment (`000000020000000A000000FF`), of its `.partial` copy or of a
+/// `.backup` label; none for a timeline's `.history` file.
+pub fn wal_position(name: &str) -> Option<&str> {
+    let head = name.get(..24)?;
+    if !head.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(&head[8..])
+}
+
+/// Whether `name` is a whole WAL segment (24 hex digits), which recovery replays.
+pub fn is_wal_segment(name: &str) -> bool {
+    name.len() == 24 && wal_position(name).is_some()
+}
+
+/// Whether `name` is a timeline history file (`00000002.history`), which recovery needs
+/// to follow a failover.
+pub fn is_timeline_history(name: &str) -> bool {
+    name.strip_suffix(".history")
+        .is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The `pg_hba.conf` Rampart writes: password (SCRAM) logins for every role from anywhere,
@@ -553,12 +598,35 @@ mod tests {
         let mut s = spec();
         s.parameters = Some([("wal_keep_size".to_string(), "1GB".to_string())].into());
         let pg = s.validate().expect("valid");
-        let text = settings(&pg, 6000, "/d", Some(("host='p' user='r'", "rampart_b")), "");
+        let text = settings(
+            &pg,
+            &Placement {
+                port: 6000,
+                socket_dir: "/d",
+                upstream: Some(("host='p' user='r'", "rampart_b")),
+                ..Placement::default()
+            },
+        );
         assert!(text.contains("wal_keep_size = '1GB'\n"), "{text}");
         assert!(!text.contains("wal_keep_size = '128MB'"), "{text}");
         assert!(text.contains("primary_conninfo = 'host=''p'' user=''r'''\n"), "{text}");
         assert!(text.ends_with("primary_slot_name = 'rampart_b'\n"), "{text}");
-        let primary = settings(&pg, 6000, "/d", None, "FIRST 1 (\"b\")");
+        let primary = settings(
+            &pg,
+            &Placement {
+                port: 6000,
+                socket_dir: "/d",
+                synchronous_standby_names: "FIRST 1 (\"b\")",
+                archive_command: Some("rampart backup wal-push %p %f"),
+                ..Placement::default()
+            },
+        );
+        assert!(!text.contains("archive"), "{text}");
+        assert!(
+            primary.contains("archive_mode = 'on'\narchive_command = 'rampart backup wal-push %p %f'\n"),
+            "{primary}"
+        );
+        assert!(primary.contains("archive_timeout = '60s'\n"), "{primary}");
         assert!(!primary.contains("primary_conninfo"), "{primary}");
         assert!(
             primary.contains("synchronous_standby_names = 'FIRST 1 (\"b\")'"),
@@ -566,6 +634,22 @@ mod tests {
         );
         assert!(hba(&pg).contains("host replication \"replicator\" 0.0.0.0/0 scram-sha-256"));
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn wal_file_names_place_segments_across_timelines() {
+        assert_eq!(wal_position("000000020000000A000000FF"), Some("0000000A000000FF"));
+        assert_eq!(
+            wal_position("000000010000000000000003.partial"),
+            Some("0000000000000003")
+        );
+        assert_eq!(wal_position("00000002.history"), None);
+        assert!(is_wal_segment("000000020000000A000000FF"));
+        assert!(!is_wal_segment("000000010000000000000003.partial"));
+        assert!(!is_wal_segment("000000010000000000000003.00000028.backup"));
+        assert!(is_timeline_history("00000002.history"));
+        assert!(!is_timeline_history("0002.history"));
+        assert!(!is_timeline_history("000000020000000A000000FF"));
     }
 
     #[test]

@@ -443,6 +443,13 @@ impl PolicySpec {
                     "only in a service of kind \"postgres\"",
                 ))
             }
+            (Kind::Postgres(_), _) if policy.backup.is_some() => {
+                return Err(field_error(
+                    "backup",
+                    "(a table)",
+                    "none in a service of kind \"postgres\": pg_basebackup and WAL archiving back it up",
+                ))
+            }
             (Kind::Postgres(_), None) if policy.checks.is_empty() => {
                 let check = CheckSpec {
                     kind: "postgres".into(),
@@ -779,6 +786,11 @@ mod tests {
         assert_eq!(pg.synchronous, crate::postgres::Synchronous::On);
         let bad_sync = full.replace(r#""on""#, r#""always""#);
         assert_eq!(field(&bad_sync), "postgres.synchronous");
+        let define = |json: &str| serde_json::from_str::<PolicySpec>(json).unwrap().define();
+        let defined = define(full).expect("valid");
+        assert_eq!(defined.policy.checks.len(), 1, "the SQL check by default");
+        let with_command = full.replacen('{', r#"{"backup": {"command": "pg_dump"}, "#, 1);
+        assert_eq!(define(&with_command).unwrap_err().field, "backup");
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod metrics;
 mod node;
 mod peer;
 mod pg;
+pub mod pg_backup;
 mod pipe;
 mod proposer;
 mod quotas;

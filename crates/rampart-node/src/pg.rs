@@ -76,9 +76,9 @@ pub fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::rename(&temporary, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// `program` from the policy's `bin_dir`, as PostgreSQL's user.
-pub fn command(pg: &Postgres, program: &str) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(PathBuf::from(&pg.bin_dir).join(program));
+/// `program` from `bin_dir` (the policy's), as PostgreSQL's user.
+pub fn command(bin_dir: &str, program: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(PathBuf::from(bin_dir).join(program));
     if let Some((uid, gid)) = os_user() {
         command.uid(uid).gid(gid);
     }
@@ -90,7 +90,7 @@ pub fn command(pg: &Postgres, program: &str) -> tokio::process::Command {
 /// Runs `program` with `args` (and `stdin`, if any) to its end within `timeout`; its
 /// output, or why it failed with the output.
 pub async fn run(
-    pg: &Postgres,
+    bin_dir: &str,
     program: &str,
     args: &[&str],
     env: &[(&str, &str)],
@@ -98,7 +98,7 @@ pub async fn run(
     timeout: Duration,
 ) -> Result<String, String> {
     use tokio::io::AsyncWriteExt;
-    let mut command = command(pg, program);
+    let mut command = command(bin_dir, program);
     command
         .args(args)
         .envs(env.iter().copied())

@@ -348,11 +348,37 @@ impl Vault {
         instance: &str,
         backup: &rampart_core::service::ServiceBackup,
     ) -> Result<ServicePart, BackupError> {
-        let failed = |message: String| BackupError::Io(format!("service {service}: backup command: {message}"));
-        let mut child = tokio::process::Command::new("sh")
+        let mut command = tokio::process::Command::new("sh");
+        command
             .args(["-c", &backup.command])
             .env("RAMPART_SERVICE", service)
-            .env("RAMPART_INSTANCE", instance)
+            .env("RAMPART_INSTANCE", instance);
+        let source = ServiceSource {
+            command,
+            what: "backup command".to_string(),
+            timeout: Duration::from_millis(backup.timeout_ms),
+            restore: backup.restore.clone(),
+        };
+        self.stream_service(id, service, instance, source).await
+    }
+
+    /// Runs `source`'s program to its end (within its timeout) and stores its output as the
+    /// part of `service` (whose `instance` it reads) in backup `id`.
+    pub async fn stream_service(
+        &self,
+        id: &str,
+        service: &str,
+        instance: &str,
+        source: ServiceSource,
+    ) -> Result<ServicePart, BackupError> {
+        let ServiceSource {
+            mut command,
+            what,
+            timeout,
+            restore,
+        } = source;
+        let failed = |message: String| BackupError::Io(format!("service {service}: {what}: {message}"));
+        let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -366,7 +392,6 @@ impl Vault {
             let mut reader = blocking_reader(runtime, stdout);
             std::io::copy(&mut reader, out).map(|_| ())
         };
-        let timeout = Duration::from_millis(backup.timeout_ms);
         let kind = format!("services/{service}");
         let uploaded = tokio::time::timeout(timeout, async {
             // stderr is drained while stdout streams: a chatty command must not block on it.
@@ -391,8 +416,9 @@ impl Vault {
             instance: instance.to_string(),
             bytes: uploaded.bytes,
             checksum: rampart_store::checksum_text(uploaded.checksum),
-            restore: backup.restore.clone(),
+            restore,
             chunks: uploaded.chunks,
+            postgres: None,
         })
     }
 
@@ -654,9 +680,10 @@ impl Vault {
 
     /// Restores backup `id` (or the newest) into a temporary directory, checking every
     /// chunk's hash and the state's checksum as it streams, then decodes the written state
-    /// entry by entry (never whole into memory: this runs on the leader); records the
-    /// verification beside the backup.
-    pub async fn verify(&self, id: Option<&str>, now_ms: u64) -> Result<Manifest, BackupError> {
+    /// entry by entry (never whole into memory: this runs on the leader); reads every
+    /// service part, checking its hashes and checksum. Records nothing: see
+    /// [`Vault::record_verified`].
+    pub async fn check(&self, id: Option<&str>) -> Result<Manifest, BackupError> {
         let manifest = self.manifest(id).await?;
         let dir = tempfile::tempdir().map_err(io_error("making a temporary directory"))?;
         let path = dir.path().join("state");
@@ -685,14 +712,18 @@ impl Vault {
         for part in &manifest.services {
             self.read_service(&manifest, &part.service, std::io::sink()).await?;
         }
+        Ok(manifest)
+    }
+
+    /// Records beside `manifest` that it was verified at `now_ms` (retention counts it).
+    pub async fn record_verified(&self, manifest: &Manifest, now_ms: u64) -> Result<(), BackupError> {
         let record = Verification {
             verified_ms: now_ms,
             checksum: manifest.checksum.clone(),
         };
         let json = serde_json::to_vec(&record).expect("a verification encodes");
         self.put(&format!("backups/{}/verified.json", manifest.id), Bytes::from(json))
-            .await?;
-        Ok(manifest)
+            .await
     }
 
     /// The state of `manifest`, decoded into memory in this build's layout (a format-1
@@ -879,6 +910,65 @@ impl Vault {
         Ok(deleted)
     }
 
+    /// Stores one file of a PostgreSQL service's WAL archive (a segment, a timeline's
+    /// history, ...) under `pg/SERVICE/wal/NAME`, sealed like a chunk.
+    pub async fn put_wal(&self, service: &str, name: &str, plain: Vec<u8>) -> Result<(), BackupError> {
+        let place = wal_place(service, name);
+        let sealer = self.sealer(place.clone());
+        let sealed = tokio::task::spawn_blocking(move || sealer.seal(0, &plain))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))?;
+        self.put(&place, Bytes::from(sealed)).await
+    }
+
+    /// The names of a PostgreSQL service's archived WAL files, sorted.
+    pub async fn wal_files(&self, service: &str) -> Result<Vec<String>, BackupError> {
+        let mut objects = self.store.list(Some(&self.path(&format!("pg/{service}/wal"))));
+        let mut names = Vec::new();
+        while let Some(object) = objects.next().await {
+            let object = object.map_err(|e| self.store_error(e))?;
+            if let Some(name) = object.location.filename() {
+                names.push(name.to_string());
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    /// One archived WAL file of a PostgreSQL service, opened.
+    pub async fn get_wal(&self, service: &str, name: &str) -> Result<Vec<u8>, BackupError> {
+        let place = wal_place(service, name);
+        let stored = self
+            .get(&place)
+            .await?
+            .ok_or_else(|| BackupError::Io(format!("the archived WAL file {place} is missing")))?;
+        let sealer = self.sealer(place.clone());
+        tokio::task::spawn_blocking(move || sealer.open_whole(0, stored.to_vec()))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))?
+            .map_err(|()| {
+                BackupError::Io(format!(
+                    "the archived WAL file {place} does not open with this key, or is damaged"
+                ))
+            })
+    }
+
+    /// Deletes the archived WAL of a PostgreSQL service that lies before `position` (see
+    /// [`rampart_core::postgres::wal_position`]); timeline histories stay.
+    pub async fn prune_wal(&self, service: &str, position: &str) -> Result<usize, BackupError> {
+        let mut deleted = 0;
+        for name in self.wal_files(service).await? {
+            if rampart_core::postgres::wal_position(&name).is_some_and(|at| at < position) {
+                let path = self.path(&wal_place(service, &name));
+                match self.store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                    Err(e) => return Err(self.store_error(e)),
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Writes the snapshot of a new region into the first data dir (head, then the encoded
     /// state), fsyncs and places it, and copies it to the others. Nothing is left behind on
     /// failure.
@@ -968,6 +1058,21 @@ impl Vault {
         }
         Ok(())
     }
+}
+
+/// A program whose output becomes a service's part of a backup.
+pub struct ServiceSource {
+    pub command: tokio::process::Command,
+    /// What it is, for errors: `backup command`, `pg_basebackup`.
+    pub what: String,
+    pub timeout: Duration,
+    /// The restore command recorded beside the part.
+    pub restore: Option<String>,
+}
+
+/// Where one archived WAL file of a PostgreSQL service is stored.
+fn wal_place(service: &str, name: &str) -> String {
+    format!("pg/{service}/wal/{name}")
 }
 
 /// A node's backup machinery: its destination and key, one run at a time.
@@ -1200,21 +1305,27 @@ impl Sealer {
         stored
     }
 
+    /// A chunk (at most [`CHUNK_BYTES`] once opened).
     fn open(&self, index: usize, mut stored: Vec<u8>) -> Result<Vec<u8>, ()> {
-        let compressed = match &self.key {
-            None => &stored[..],
-            Some(key) => {
-                if stored.len() < NONCE_LEN {
-                    return Err(());
-                }
-                let (nonce, sealed) = stored.split_at_mut(NONCE_LEN);
-                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ())?;
-                &*key
-                    .open_in_place(nonce, Aad::from(self.aad(index).as_bytes()), sealed)
-                    .map_err(|_| ())?
-            }
-        };
-        zstd::bulk::decompress(compressed, CHUNK_BYTES).map_err(|_| ())
+        zstd::bulk::decompress(self.unseal(index, &mut stored)?, CHUNK_BYTES).map_err(|_| ())
+    }
+
+    /// A sealed object of any size (an archived WAL segment).
+    fn open_whole(&self, index: usize, mut stored: Vec<u8>) -> Result<Vec<u8>, ()> {
+        zstd::stream::decode_all(self.unseal(index, &mut stored)?).map_err(|_| ())
+    }
+
+    /// The compressed bytes inside `stored`, decrypted in place when there is a key.
+    fn unseal<'a>(&self, index: usize, stored: &'a mut [u8]) -> Result<&'a [u8], ()> {
+        let Some(key) = &self.key else { return Ok(stored) };
+        if stored.len() < NONCE_LEN {
+            return Err(());
+        }
+        let (nonce, sealed) = stored.split_at_mut(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ())?;
+        key.open_in_place(nonce, Aad::from(self.aad(index).as_bytes()), sealed)
+            .map(|plain| &*plain)
+            .map_err(|_| ())
     }
 }
 

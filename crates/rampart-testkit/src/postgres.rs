@@ -73,6 +73,13 @@ fn command(program: &Path, args: &[&str]) -> Command {
     }
 }
 
+/// Runs PostgreSQL's `program` (from [`bin_dir`], as the `postgres` user when root) with
+/// `args` to its end; its output, or why it failed.
+pub fn program(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = run(&bin_dir()?.join(program), args)?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
 fn run(program: &Path, args: &[&str]) -> Result<Output, String> {
     let output = command(program, args)
         .output()

@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use rampart_client::Client;
 use rampart_core::backup::{Backup, BackupSpec, BackupsResponse, Listed, Manifest, Point, S3Spec};
+use rampart_core::postgres::Lsn;
+use rampart_node::pg_backup::{self, Restore, Target};
 use rampart_node::vault::Vault;
 
 use crate::outcome::{print, Failure, Output};
@@ -59,18 +61,52 @@ pub enum BackupCommand {
         #[arg(long, conflicts_with = "id", value_parser = time_arg)]
         to_time: Option<u64>,
     },
-    /// Feed a service's data from a backup (the newest by default) to its restore command
-    /// on stdin, here: run it on the machine of the service's new primary
+    /// Restore a service's data from a backup (the newest by default). A PostgreSQL service:
+    /// its base backup into --data-dir, then the archived WAL replayed by PostgreSQL to
+    /// --to-time, --to-lsn or the end of the archive; the server is stopped after, ready to
+    /// start. Any other service: its data fed to its restore command on stdin, here (run it
+    /// on the machine of the service's new primary)
     RestoreService {
         /// The service
         service: String,
-        /// Backup id (see `backup list`)
+        /// Backup id (see `backup list`); left out, the newest that can reach the target
         id: Option<String>,
         #[command(flatten)]
         destination: DestinationArgs,
         /// Run this instead of the restore command the policy had when the backup was taken
         #[arg(long)]
         command: Option<String>,
+        /// PostgreSQL: the new (absent or empty) data directory to restore into
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// PostgreSQL, point in time: every transaction committed at or before this time,
+        /// RFC 3339 (2026-11-23T06:00:00Z) or ms since the epoch
+        #[arg(long, value_parser = time_arg, conflicts_with = "to_lsn")]
+        to_time: Option<u64>,
+        /// PostgreSQL, point in time: every transaction up to this WAL position (0/3000060)
+        #[arg(long, value_parser = lsn_arg)]
+        to_lsn: Option<Lsn>,
+        /// PostgreSQL: the port the restored server is set to listen on
+        #[arg(long, default_value_t = rampart_core::postgres::PORT_DEFAULT)]
+        port: u16,
+        /// PostgreSQL: where its programs are, when not at the backed-up policy's bin_dir
+        #[arg(long)]
+        bin_dir: Option<String>,
+    },
+    /// PostgreSQL's archive_command on a node that backs up (Rampart writes it): hands a
+    /// finished WAL file to the node through the instance's spool directory and waits
+    /// until the node has stored it at the backup destination
+    WalPush {
+        /// The instance's spool directory (beside its data dir: DATA.archive)
+        #[arg(long)]
+        spool: PathBuf,
+        /// The WAL file (PostgreSQL's %p)
+        path: PathBuf,
+        /// Its name (PostgreSQL's %f)
+        name: String,
+        /// How long to wait for the node before failing (PostgreSQL then tries again)
+        #[arg(long, default_value = "60s", value_parser = crate::outcome::duration_arg)]
+        timeout: Duration,
     },
 }
 
@@ -182,26 +218,88 @@ pub async fn run(
             });
         }
         BackupCommand::Verify { id, destination, wait } => {
-            let manifest = match destination.vault()? {
-                Some(vault) => vault.verify(id.as_deref(), now_ms()).await.map_err(failed)?,
-                None => client()?.backup_verify(id.as_deref(), wait).await?,
+            let (manifest, databases) = match destination.vault()? {
+                Some(vault) => pg_backup::verify(&vault, id.as_deref(), now_ms())
+                    .await
+                    .map_err(failed)?,
+                None => (client()?.backup_verify(id.as_deref(), wait).await?, Vec::new()),
             };
-            print(output, &manifest, |m| format!("verified {}", summary(m)));
+            print(output, &manifest, |m| {
+                let mut lines = vec![format!("verified {}", summary(m))];
+                lines.extend(databases.iter().map(|r| {
+                    format!(
+                        "PostgreSQL {}: restored and recovered through {} archived WAL files",
+                        r.service, r.wal_files
+                    )
+                }));
+                lines.join("\n")
+            });
+        }
+        BackupCommand::WalPush {
+            spool,
+            path,
+            name,
+            timeout,
+        } => {
+            pg_backup::push(&spool, &path, &name, timeout).map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
         }
         BackupCommand::RestoreService {
             service,
             id,
             destination,
             command,
+            data_dir,
+            to_time,
+            to_lsn,
+            port,
+            bin_dir,
         } => {
             let vault = destination.required_vault("restore-service")?;
-            let manifest = vault.manifest(id.as_deref()).await.map_err(failed)?;
+            let target = match (to_time, to_lsn) {
+                (Some(ms), _) => Some(Target::Time(ms)),
+                (None, Some(lsn)) => Some(Target::Lsn(lsn)),
+                (None, None) => None,
+            };
+            let manifest = match (&id, target) {
+                (None, Some(target)) => pg_backup::backup_for(&vault, &service, target).await,
+                _ => vault.manifest(id.as_deref()).await,
+            }
+            .map_err(failed)?;
             let part = manifest.services.iter().find(|p| p.service == service).ok_or_else(|| {
                 Failure::failed(anyhow::anyhow!(
                     "backup {} holds no data of service {service}",
                     manifest.id
                 ))
             })?;
+            if part.postgres.is_some() {
+                let data_dir = data_dir.ok_or_else(|| {
+                    Failure::usage(anyhow::anyhow!(
+                        "service {service} is PostgreSQL: give --data-dir, a new directory to restore into"
+                    ))
+                })?;
+                let request = Restore {
+                    service: &service,
+                    data_dir: &data_dir,
+                    target: target.unwrap_or(Target::End),
+                    port,
+                    bin_dir,
+                };
+                let restored = pg_backup::restore(&vault, &manifest, &request).await.map_err(failed)?;
+                print(output, &restored, |r| {
+                    let mut lines = vec![format!(
+                        "restored PostgreSQL {} from backup {} into {} ({} archived WAL files replayed); start it with: pg_ctl -D {} start",
+                        r.service, r.backup, r.data_dir, r.wal_files, r.data_dir
+                    )];
+                    lines.extend(r.recovery.iter().cloned());
+                    lines.join("\n")
+                });
+                return Ok(());
+            }
+            if target.is_some() || data_dir.is_some() {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "--data-dir, --to-time and --to-lsn are for PostgreSQL services; {service} is restored by its restore command"
+                )));
+            }
             let command = command.or_else(|| part.restore.clone()).ok_or_else(|| {
                 Failure::usage(anyhow::anyhow!(
                     "service {service} had no backup.restore command: give --command"
@@ -301,6 +399,11 @@ fn listed(l: &Listed) -> String {
         None => "not verified".to_string(),
     };
     format!("{}  {verified}", summary(&l.manifest))
+}
+
+/// A WAL position as PostgreSQL writes it (0/3000060).
+fn lsn_arg(text: &str) -> Result<Lsn, String> {
+    text.parse()
 }
 
 /// RFC 3339 or ms since the epoch.

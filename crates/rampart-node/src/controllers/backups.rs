@@ -19,6 +19,8 @@ use croner::Cron;
 use openraft::ServerState;
 use rampart_core::api::Event;
 use rampart_core::backup::{Backup, BackupsResponse, Kept, Manifest, ServicePart, VerifyRequest};
+use rampart_core::postgres::Postgres;
+use rampart_core::service::ServiceBackup;
 
 use crate::error::ApiError;
 use crate::node::{now_ms, Shared};
@@ -152,9 +154,56 @@ async fn take(node: &Shared, backups: &Backups, actor: &str) -> Result<Manifest,
     taken
 }
 
-/// The data of every service whose policy has `backup = {...}`: its command runs on the
-/// node of the primary (or, active-active, of a ready instance): here, or asked of that
-/// node.
+/// How a service's data goes into a backup.
+#[derive(Clone)]
+enum PartSource {
+    /// Its policy's `backup = {...}` command.
+    Command(ServiceBackup),
+    /// A `postgres` service: a base backup of its primary.
+    Postgres(Box<Postgres>),
+}
+
+/// How long a base backup of PostgreSQL may take.
+const BASE_BACKUP_TIMEOUT_MS: u64 = 24 * 3_600_000;
+
+impl PartSource {
+    fn of(service: &rampart_store::shipped::Service) -> Option<PartSource> {
+        match (service.kind.postgres(), &service.policy.backup) {
+            (Some(pg), _) => Some(PartSource::Postgres(Box::new(pg.clone()))),
+            (None, Some(backup)) => Some(PartSource::Command(backup.clone())),
+            (None, None) => None,
+        }
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        match self {
+            PartSource::Command(backup) => backup.timeout_ms,
+            PartSource::Postgres(_) => BASE_BACKUP_TIMEOUT_MS,
+        }
+    }
+
+    /// Runs here, on the node of `instance` (at `endpoint`), into backup `id`.
+    async fn run(
+        &self,
+        backups: &Backups,
+        id: &str,
+        service: &str,
+        instance: &str,
+        endpoint: &str,
+    ) -> Result<ServicePart, ApiError> {
+        let part = match self {
+            PartSource::Command(backup) => backups.vault.back_up_service(id, service, instance, backup).await,
+            PartSource::Postgres(pg) => {
+                crate::pg_backup::base_backup(&backups.vault, id, service, instance, pg, endpoint).await
+            }
+        };
+        part.map_err(api_error)
+    }
+}
+
+/// The data of every service whose policy has `backup = {...}`, and of every `postgres`
+/// service: it runs on the node of the primary (or, active-active, of a ready instance):
+/// here, or asked of that node.
 async fn service_parts(
     node: &Shared,
     backups: &Backups,
@@ -163,7 +212,9 @@ async fn service_parts(
 ) -> Result<Vec<ServicePart>, ApiError> {
     let mut parts = Vec::new();
     for (name, service) in &state.shipped.services {
-        let Some(backup) = &service.policy.backup else { continue };
+        let Some(source) = PartSource::of(service) else {
+            continue;
+        };
         let Some((instance, record)) = state.backup_source(name) else {
             let wanted = match service.policy.mode {
                 rampart_core::service::Mode::ActiveActive => "no instance up and ready on a node",
@@ -172,31 +223,29 @@ async fn service_parts(
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "backup_no_primary",
-                format!("service {name} has a backup command but {wanted} to run it"),
+                format!("service {name} is backed up but has {wanted} to back it up from"),
             ));
         };
         let host = record.instance.node.ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "backup_no_node",
-                format!("service {name}: its primary {instance} names no node to run the backup command on"),
+                format!("service {name}: its primary {instance} names no node to run the backup on"),
             )
         })?;
         let part = if host == node.id {
-            backups
-                .vault
-                .back_up_service(id, name, instance, backup)
-                .await
-                .map_err(api_error)?
+            source
+                .run(backups, id, name, instance, &record.instance.endpoint)
+                .await?
         } else {
-            ask_node(node, host, id, name, backup.timeout_ms).await?
+            ask_node(node, host, id, name, source.timeout_ms()).await?
         };
         parts.push(part);
     }
     Ok(parts)
 }
 
-/// Asks node `host` to run a service's backup command for backup `id`.
+/// Asks node `host` to back up a service's data into backup `id`.
 async fn ask_node(node: &Shared, host: u64, id: &str, service: &str, timeout_ms: u64) -> Result<ServicePart, ApiError> {
     let path = format!("/v1/backups/{id}/services/{service}");
     let timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(60);
@@ -208,14 +257,14 @@ async fn ask_node(node: &Shared, host: u64, id: &str, service: &str, timeout_ms:
 }
 
 /// `POST /v1/backups/{id}/services/{name}`: the leader asks the node hosting a service's
-/// backup source (its primary, or an active-active service's ready instance) to run its
-/// backup command into backup `id`.
+/// backup source (its primary, or an active-active service's ready instance) to back its
+/// data up into backup `id` (its backup command, or a PostgreSQL base backup).
 pub(crate) async fn service_part(
     State(node): State<Shared>,
     axum::extract::Path((id, name)): axum::extract::Path<(String, String)>,
 ) -> Result<Json<ServicePart>, ApiError> {
     let backups = configured(&node)?;
-    let (instance, backup) = {
+    let (instance, endpoint, source) = {
         let applied = node.applied.read().expect("state lock");
         let service = applied
             .state
@@ -223,7 +272,7 @@ pub(crate) async fn service_part(
             .services
             .get(&name)
             .ok_or_else(|| ApiError::not_found("service_not_found", format!("no service {name}")))?;
-        let backup = service.policy.backup.clone().ok_or_else(|| {
+        let source = PartSource::of(service).ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "backup_not_configured",
@@ -234,8 +283,8 @@ pub(crate) async fn service_part(
             .state
             .backup_source(&name)
             .filter(|(_, record)| node.hosts(&record.instance))
-            .map(|(instance, _)| instance.to_string());
-        let instance = hosted.ok_or_else(|| {
+            .map(|(instance, record)| (instance.to_string(), record.instance.endpoint.clone()));
+        let (instance, endpoint) = hosted.ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "not_hosted",
@@ -245,33 +294,39 @@ pub(crate) async fn service_part(
                 ),
             )
         })?;
-        (instance, backup)
+        (instance, endpoint, source)
     };
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(ApiError::bad_request("bad_id", format!("{id:?} is not a backup id")));
     }
-    backups
-        .vault
-        .back_up_service(&id, &name, &instance, &backup)
-        .await
-        .map(Json)
-        .map_err(api_error)
+    source.run(backups, &id, &name, &instance, &endpoint).await.map(Json)
 }
 
 /// Verifies a backup (the newest by default), then applies retention; records the outcome.
 async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) -> Result<Manifest, ApiError> {
     let _one = one_at_a_time(backups)?;
-    let verified = backups.vault.verify(id, now_ms()).await.map_err(api_error);
+    let verified = crate::pg_backup::verify(&backups.vault, id, now_ms())
+        .await
+        .map_err(api_error);
     let metrics = &node.metrics.backup;
     let event = match &verified {
-        Ok(manifest) => {
+        Ok((manifest, databases)) => {
             metrics.verify_last_success.set(now_ms() as f64 / 1000.0);
+            let databases: String = databases
+                .iter()
+                .map(|r| {
+                    format!(
+                        "; PostgreSQL {} restored and recovered through {} archived WAL files",
+                        r.service, r.wal_files
+                    )
+                })
+                .collect();
             backup_event(
                 "backup.verify",
                 actor,
                 "ok".into(),
                 format!(
-                    "{} restored at revision {}, checksum {}",
+                    "{} restored at revision {}, checksum {}{databases}",
                     manifest.id, manifest.revision, manifest.checksum
                 ),
             )
@@ -290,7 +345,7 @@ async fn check(node: &Shared, backups: &Backups, id: Option<&str>, actor: &str) 
     if verified.is_ok() {
         prune(node, backups).await;
     }
-    verified
+    verified.map(|(manifest, _)| manifest)
 }
 
 /// Deletes what retention lets go (only behind a newer verified backup).
@@ -324,6 +379,15 @@ async fn prune(node: &Shared, backups: &Backups) {
         if let Err(e) = backups.vault.prune_log(oldest.log_index + 1).await {
             tracing::warn!("retention: cannot prune the log archive: {e}");
         }
+    }
+    // Likewise PostgreSQL's archived WAL older than the oldest base backup kept.
+    let kept: Vec<&Manifest> = listed
+        .iter()
+        .map(|l| &l.manifest)
+        .filter(|m| !doomed.contains(&m.id))
+        .collect();
+    if let Err(e) = crate::pg_backup::prune_archive(&backups.vault, &kept).await {
+        tracing::warn!("retention: cannot prune PostgreSQL's WAL archive: {e}");
     }
 }
 

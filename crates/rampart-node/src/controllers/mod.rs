@@ -58,6 +58,7 @@ pub fn spawn(node: &Shared, alert_queue: mpsc::Receiver<rampart_core::api::Event
         tokio::spawn(supervisor::run(node.clone())),
         tokio::spawn(postgres::run(node.clone())),
         tokio::spawn(postgres::run_synchronous(node.clone())),
+        tokio::spawn(postgres::run_archive(node.clone())),
         tokio::spawn(crate::services::register_configured(node.clone())),
         tokio::spawn(backups::run(node.clone())),
         tokio::spawn(backups::archive(node.clone())),

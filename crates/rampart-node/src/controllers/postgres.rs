@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
-    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Postgres,
+    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Placement,
+    Postgres,
 };
 use rampart_core::service::InstanceRole;
 use rampart_store::command::Op;
@@ -41,8 +42,8 @@ use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::node::Shared;
-use crate::pg;
 use crate::soft::InstanceKey;
+use crate::{pg, pg_backup};
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long PostgreSQL may take to stop after a fast shutdown before an immediate one.
@@ -355,6 +356,7 @@ impl Managed {
         self.written = None;
         self.write_settings(view, data, view.upstream.as_ref()).await?;
         make_socket_dir(data)?;
+        pg_backup::make_spool(data)?;
         self.child = Some(self.spawn(view, data)?);
         self.event("postgres.started", "ok: started as a replica").await;
         Ok(())
@@ -380,7 +382,7 @@ impl Managed {
         let fresh_text = fresh.to_string_lossy().to_string();
         let pwfile_text = format!("--pwfile={}", pwfile.display());
         let result = pg::run(
-            pg,
+            &pg.bin_dir,
             "initdb",
             &[
                 "-D",
@@ -401,17 +403,20 @@ impl Managed {
         result?;
         include_settings(&fresh)?;
         let port = listen_port(pg, &view.endpoint);
-        pg::write_file(
-            &fresh.join(SETTINGS_FILE),
-            &settings(pg, port, &socket_dir(data), None, ""),
-        )?;
+        let socket_dir = socket_dir(data);
+        let placement = Placement {
+            port,
+            socket_dir: &socket_dir,
+            ..Placement::default()
+        };
+        pg::write_file(&fresh.join(SETTINGS_FILE), &settings(pg, &placement))?;
         let role = format!(
             "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {};\n",
             quote_ident(&pg.replication_user.name),
             quote_literal(&replication)
         );
         pg::run(
-            pg,
+            &pg.bin_dir,
             "postgres",
             &["--single", "-D", &fresh_text, "postgres"],
             &[],
@@ -433,7 +438,7 @@ impl Managed {
         let conninfo = pg::conninfo_to(pg, &upstream.1, &pg.replication_user.name, "", &self.key.1);
         let fresh_text = fresh.to_string_lossy().to_string();
         pg::run(
-            pg,
+            &pg.bin_dir,
             "pg_basebackup",
             &[
                 "-D",
@@ -463,7 +468,15 @@ impl Managed {
         let pg = &view.pg;
         let data_text = data.to_string_lossy().to_string();
         let rewound = async {
-            let control = pg::run(pg, "pg_controldata", &["-D", &data_text], &[], None, SETUP_TIMEOUT).await?;
+            let control = pg::run(
+                &pg.bin_dir,
+                "pg_controldata",
+                &["-D", &data_text],
+                &[],
+                None,
+                SETUP_TIMEOUT,
+            )
+            .await?;
             let clean = control
                 .lines()
                 .find_map(|line| line.strip_prefix("Database cluster state:"))
@@ -471,7 +484,7 @@ impl Managed {
             if !clean {
                 // Single-user mode replays its WAL to a consistent end, then shuts down cleanly.
                 pg::run(
-                    pg,
+                    &pg.bin_dir,
                     "postgres",
                     &["--single", "-D", &data_text, "postgres"],
                     &[],
@@ -492,7 +505,7 @@ impl Managed {
             let source = pg::conninfo_to(pg, &upstream.1, &pg.superuser.name, "", "rampart");
             let source = format!("--source-server={source}");
             pg::run(
-                pg,
+                &pg.bin_dir,
                 "pg_rewind",
                 &["-D", &data_text, &source, "--no-sync"],
                 &[("PGPASSWORD", &password)],
@@ -551,7 +564,23 @@ impl Managed {
         } else {
             ""
         };
-        let text = settings(pg, port, &socket_dir(data), upstream, names);
+        // Only a node that backs up archives WAL: elsewhere PostgreSQL would keep every
+        // segment, waiting for a store that never comes.
+        let archive_command = match self.node.backups {
+            Some(_) => Some(pg_backup::archive_command(data)?),
+            None => None,
+        };
+        let socket_dir = socket_dir(data);
+        let text = settings(
+            pg,
+            &Placement {
+                port,
+                socket_dir: &socket_dir,
+                upstream,
+                synchronous_standby_names: names,
+                archive_command: archive_command.as_deref(),
+            },
+        );
         if self.written.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
@@ -631,7 +660,7 @@ impl Managed {
     fn spawn(&self, view: &View, data: &Path) -> Result<Child, String> {
         let log = super::supervisor::log_file(&self.node, &self.key).map_err(|e| format!("the log file: {e}"))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let mut command = pg::command(&view.pg, "postgres");
+        let mut command = pg::command(&view.pg.bin_dir, "postgres");
         command
             .arg("-D")
             .arg(data)
@@ -654,17 +683,52 @@ impl Managed {
 
     async fn event(&self, action: &str, outcome: &str) {
         tracing::info!(service = %self.key.0, instance = %self.key.1, action, outcome, "postgres");
-        let event = Event {
-            id: 0,
-            at_ms: 0,
-            kind: "postgres".to_string(),
-            action: action.to_string(),
-            actor: "-".to_string(),
-            source: format!("node {}", self.node.id),
-            outcome: outcome.to_string(),
-            detail: format!("service={} instance={}", self.key.0, self.key.1),
-        };
+        let event = postgres_event(&self.node, &self.key, action, outcome);
         crate::events::record_anywhere(&self.node, event).await;
+    }
+}
+
+/// On a node that backs up: stores the WAL that the PostgreSQL instances it hosts hand over
+/// for archiving (`rampart backup wal-push`, their `archive_command`) under the backup
+/// destination, oldest first, and answers each once stored. A failure is an event (and an
+/// alert), said once while it fails the same way; PostgreSQL keeps the WAL and tries again.
+pub async fn run_archive(node: Shared) {
+    let Some(backups) = &node.backups else { return };
+    let mut failed: HashMap<InstanceKey, String> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        for (key, view) in views(&node) {
+            let data = PathBuf::from(view.pg.data_dir_of(&key.1));
+            match pg_backup::store_spooled(&backups.vault, &key.0, &data).await {
+                Ok(_) => {
+                    failed.remove(&key);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if failed.get(&key) != Some(&message) {
+                        tracing::warn!(service = %key.0, instance = %key.1, "postgres: archiving WAL: {message}");
+                        let event = postgres_event(&node, &key, "postgres.archive", &format!("failed: {message}"));
+                        crate::events::record_anywhere(&node, event).await;
+                        failed.insert(key, message);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An event of kind `postgres` about one instance this node hosts.
+fn postgres_event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str) -> Event {
+    Event {
+        id: 0,
+        at_ms: 0,
+        kind: "postgres".to_string(),
+        action: action.to_string(),
+        actor: "-".to_string(),
+        source: format!("node {}", node.id),
+        outcome: outcome.to_string(),
+        detail: format!("service={} instance={}", key.0, key.1),
     }
 }
 
@@ -879,7 +943,10 @@ pub async fn demote(pg: &Postgres, instance: &str) -> Result<(), String> {
     }
     let grace = STOP_GRACE.as_secs().to_string();
     let fast = ["stop", "-D", data.as_str(), "-m", "fast", "-w", "-t", grace.as_str()];
-    if pg::run(pg, "pg_ctl", &fast, &[], None, STOP_GRACE * 2).await.is_ok() {
+    if pg::run(&pg.bin_dir, "pg_ctl", &fast, &[], None, STOP_GRACE * 2)
+        .await
+        .is_ok()
+    {
         return Ok(());
     }
     let immediate = [
@@ -892,7 +959,7 @@ pub async fn demote(pg: &Postgres, instance: &str) -> Result<(), String> {
         "-t",
         grace.as_str(),
     ];
-    match pg::run(pg, "pg_ctl", &immediate, &[], None, STOP_GRACE * 2).await {
+    match pg::run(&pg.bin_dir, "pg_ctl", &immediate, &[], None, STOP_GRACE * 2).await {
         Ok(_) => Ok(()),
         Err(_) if !postmaster_alive(Path::new(&data)) => Ok(()),
         Err(e) => Err(e),

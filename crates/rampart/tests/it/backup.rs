@@ -418,13 +418,13 @@ fn a_node_with_an_unusable_backup_key_does_not_start() {
 /// moto's S3-compatible server, installed by `scripts/install-test-tools` (which
 /// `scripts/test` runs and names in `RAMPART_TEST_S3_SERVER`), on a loopback port; killed
 /// by its PID when dropped.
-struct S3Server {
+pub(crate) struct S3Server {
     child: std::process::Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl S3Server {
-    async fn start(bucket: &str) -> S3Server {
+    pub(crate) async fn start(bucket: &str) -> S3Server {
         let program = std::env::var("RAMPART_TEST_S3_SERVER").unwrap_or_else(|_| {
             let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/tools/venv/bin/moto_server");
             assert!(
@@ -454,7 +454,7 @@ impl S3Server {
         server
     }
 
-    fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         [
             ("AWS_ACCESS_KEY_ID", "rampart-test"),
             ("AWS_SECRET_ACCESS_KEY", "rampart-test-secret"),

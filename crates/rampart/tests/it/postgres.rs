@@ -83,7 +83,18 @@ impl PgCluster {
 
     /// The same on a region of `nodes` nodes (instances on nodes 1 to 3).
     async fn start_on(nodes: usize, extra: serde_json::Value) -> PgCluster {
-        let cluster = crate::cluster(nodes).await;
+        let options = rampart_testkit::ClusterOptions {
+            nodes,
+            ..rampart_testkit::ClusterOptions::default()
+        };
+        PgCluster::start_with(options, extra).await
+    }
+
+    /// The same on a region started with `options` (instances on nodes 1 to 3).
+    async fn start_with(options: rampart_testkit::ClusterOptions, extra: serde_json::Value) -> PgCluster {
+        let cluster = rampart_testkit::Cluster::start(crate::binary(), options)
+            .await
+            .expect("start cluster");
         cluster.wait_for_leader(crate::DEADLINE).await;
         let client = cluster.client();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -719,4 +730,216 @@ fn a_bad_postgres_policy_exits_2_naming_the_field() {
     let (code, stderr) = node("[services.db]\nkind = \"mysql\"\n");
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("services.db.kind"), "{stderr}");
+}
+
+/// A backup destination on a real S3-compatible server, and a node config naming it.
+struct PgBackups {
+    s3: crate::backup::S3Server,
+    /// Holds the key and the config until the test ends.
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+impl PgBackups {
+    async fn start() -> PgBackups {
+        let s3 = crate::backup::S3Server::start("pg-backups").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("backup.key");
+        std::fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("key");
+        let config = dir.path().join("node.toml");
+        let text = format!(
+            "[backup]\ndestination = \"s3://pg-backups/east\"\nkey_file = \"{}\"\n\n[backup.s3]\nendpoint = \"{}\"\nallow_http = true\n",
+            key.display(),
+            s3.endpoint
+        );
+        std::fs::write(&config, text).expect("config");
+        PgBackups { s3, _dir: dir, config }
+    }
+
+    fn config(&self) -> String {
+        self.config.display().to_string()
+    }
+
+    /// `rampart ARGS` with the S3 credentials; its output, or why it failed.
+    fn rampart(&self, args: &[&str]) -> Result<String, String> {
+        let output = std::process::Command::new(crate::binary())
+            .args(args)
+            .envs(self.s3.env())
+            .output()
+            .expect("run rampart");
+        let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+}
+
+/// PostgreSQL on a restored data dir, on `port`, its socket in `socket_dir`; stopped
+/// (immediate) when dropped.
+struct Started(String);
+
+impl Started {
+    fn on(data: &std::path::Path, socket_dir: &std::path::Path) -> Started {
+        let data = data.display().to_string();
+        let options = format!("-k {}", socket_dir.display());
+        let log = format!("{data}.log");
+        rampart_testkit::postgres::program(
+            "pg_ctl",
+            &["-D", &data, "-o", &options, "-l", &log, "-w", "-t", "60", "start"],
+        )
+        .expect("the restored data dir starts");
+        Started(data)
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = rampart_testkit::postgres::program("pg_ctl", &["-D", &self.0, "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+/// The WAL file `lsn` lies in, once the primary `id` has archived it.
+async fn wait_archived(pg: &PgCluster, id: &str, lsn: &str) {
+    let file = pg
+        .sql(id, &format!("SELECT pg_walfile_name('{lsn}')"))
+        .expect("a WAL file name");
+    let sql = "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver";
+    rampart_testkit::eventually(Duration::from_secs(60), &format!("{file} archived"), || async {
+        let archived = pg.sql(id, sql).ok()?;
+        (archived.as_str() >= file.as_str()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first() {
+    let backups = PgBackups::start().await;
+    let options = rampart_testkit::ClusterOptions {
+        nodes: 3,
+        node_args: vec!["--config".into(), backups.config()],
+        env: backups.s3.env(),
+        ..rampart_testkit::ClusterOptions::default()
+    };
+    let pg = PgCluster::start_with(options, serde_json::json!({})).await;
+    let primary = pg.wait_serving(|_| true).await;
+    pg.sql(&primary, "CREATE TABLE t (v bigint PRIMARY KEY)")
+        .expect("table");
+
+    // The base backup, taken on the primary's node by the leader's backup.
+    let manifest = pg
+        .client
+        .backup_create(Duration::from_secs(300))
+        .await
+        .expect("a backup");
+    let part = manifest
+        .services
+        .iter()
+        .find(|p| p.service == "db")
+        .expect("the service's part");
+    let base = part.postgres.as_ref().expect("a PostgreSQL base backup");
+    assert_eq!(part.instance, primary);
+    assert!(part.bytes > 1 << 20, "a whole data dir: {} bytes", part.bytes);
+
+    // Row 1; a time after its commit (PostgreSQL's clock); row 2 strictly later.
+    pg.sql(&primary, "INSERT INTO t VALUES (1)").expect("row 1");
+    let between: u64 = pg
+        .sql(
+            &primary,
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        )
+        .expect("the time")
+        .parse()
+        .expect("ms");
+    rampart_testkit::eventually(Duration::from_secs(10), "the clock to move on", || async {
+        let now: u64 = pg
+            .sql(
+                &primary,
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            )
+            .ok()?
+            .parse()
+            .ok()?;
+        (now > between + 1).then_some(())
+    })
+    .await;
+    pg.sql(&primary, "INSERT INTO t VALUES (2)").expect("row 2");
+    let after_both = pg.sql(&primary, "SELECT pg_current_wal_lsn()").expect("lsn");
+    let switched = pg.sql(&primary, "SELECT pg_switch_wal()").expect("switch");
+    wait_archived(&pg, &primary, &switched).await;
+
+    let restore = |dir: &std::path::Path, target: &[&str]| {
+        let dir = dir.display().to_string();
+        let port = rampart_testkit::free_port().expect("port").port().to_string();
+        let config = backups.config();
+        let mut args = vec![
+            "backup",
+            "restore-service",
+            "db",
+            "--config",
+            &config,
+            "--data-dir",
+            &dir,
+            "--port",
+            &port,
+        ];
+        args.extend_from_slice(target);
+        (backups.rampart(&args), port)
+    };
+    let rows = |port: &str| {
+        let info = conninfo(&[
+            ("host", "127.0.0.1"),
+            ("port", port),
+            ("user", "postgres"),
+            ("password", SUPERUSER_PASSWORD),
+            ("dbname", "postgres"),
+        ]);
+        rampart_testkit::postgres::psql(&info, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t").expect("rows")
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+
+    // To the time between the two commits: row 1 alone.
+    let to_time = scratch.path().join("to-time");
+    let (said, port) = restore(&to_time, &["--to-time", &between.to_string()]);
+    let said = said.expect("a restore to a time");
+    assert!(said.contains(&manifest.id), "{said}");
+    assert!(said.contains("recovery stopping before commit"), "{said}");
+    {
+        let _server = Started::on(&to_time, scratch.path());
+        assert_eq!(rows(&port), "1", "{said}");
+    }
+
+    // To a WAL position after both: both rows.
+    let to_lsn = scratch.path().join("to-lsn");
+    let (said, port) = restore(&to_lsn, &["--to-lsn", &after_both]);
+    let said = said.expect("a restore to a position");
+    {
+        let _server = Started::on(&to_lsn, scratch.path());
+        assert_eq!(rows(&port), "1,2", "{said}");
+    }
+
+    // A time the archive does not reach yet: refused, and nothing is left behind.
+    let future = scratch.path().join("future");
+    let (refused, _) = restore(&future, &["--to-time", &(between + 3_600_000).to_string()]);
+    let refused = refused.expect_err("the archive ends before the target");
+    assert!(
+        refused.contains("recovery ended before configured recovery target was reached"),
+        "{refused}"
+    );
+    assert!(!future.exists(), "a failed restore leaves nothing");
+    // A target before the only backup ended: no backup can reach it.
+    let (early, _) = restore(&future, &["--to-time", &(base.end_ms - 60_000).to_string()]);
+    assert!(early.expect_err("too early").contains("ended before the target"));
+
+    // Verification restores the base backup and replays the archive in a scratch dir.
+    let verified = backups
+        .rampart(&["backup", "verify", "--config", &backups.config()])
+        .expect("verified");
+    assert!(
+        verified.contains("PostgreSQL db: restored and recovered through"),
+        "{verified}"
+    );
 }
