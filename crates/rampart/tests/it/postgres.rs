@@ -887,16 +887,18 @@ async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first(
         args.extend_from_slice(target);
         (backups.rampart(&args), port)
     };
-    let rows = |port: &str| {
+    let rows_at = |port: &str| {
         let info = conninfo(&[
             ("host", "127.0.0.1"),
             ("port", port),
             ("user", "postgres"),
             ("password", SUPERUSER_PASSWORD),
             ("dbname", "postgres"),
+            ("connect_timeout", "2"),
         ]);
-        rampart_testkit::postgres::psql(&info, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t").expect("rows")
+        rampart_testkit::postgres::psql(&info, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t")
     };
+    let rows = |port: &str| rows_at(port).expect("rows");
     let scratch = tempfile::tempdir().expect("tempdir");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
@@ -911,6 +913,34 @@ async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first(
         let _server = Started::on(&to_time, scratch.path());
         assert_eq!(rows(&port), "1", "{said}");
     }
+
+    // The restored data dir becomes a service again: its node starts it, the leader
+    // promotes it, and a new replica copies from it.
+    let mut policy = pg.policy.clone();
+    policy["postgres"]["data_dir"] = serde_json::json!(scratch.path().join("{instance}"));
+    let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
+    pg.client.service_put("db2", &spec).await.expect("service");
+    let mut ports = Vec::new();
+    for (id, node) in [("to-time", 1), ("copy", 2)] {
+        let port = rampart_testkit::free_port().expect("port").port();
+        let spec = InstanceSpec {
+            endpoint: format!("127.0.0.1:{port}"),
+            node: Some(node),
+            ..InstanceSpec::default()
+        };
+        pg.client.instance_put("db2", id, &spec).await.expect("instance");
+        ports.push(port.to_string());
+    }
+    rampart_testkit::eventually(
+        Duration::from_secs(120),
+        "db2 serving from the restored dir",
+        || async {
+            let view = pg.client.service("db2").await.ok()?;
+            (view.primary.as_deref() == Some("to-time")).then_some(())?;
+            (rows_at(&ports[0]).ok()? == "1" && rows_at(&ports[1]).ok()? == "1").then_some(())
+        },
+    )
+    .await;
 
     // To a WAL position after both: both rows.
     let to_lsn = scratch.path().join("to-lsn");
