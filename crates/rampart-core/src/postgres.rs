@@ -358,6 +358,124 @@ pub fn slot_name(id: &str) -> String {
     name
 }
 
+/// The slot a primary keeps for another region (`rampart_region_` and its name, as
+/// [`slot_name`] spells it): whichever instance leads that region streams through it.
+pub fn region_slot_name(region: &str) -> String {
+    slot_name(&format!("region_{region}"))
+}
+
+/// One instance of a `postgres` service, as the choice of whom it streams from sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member<'a> {
+    pub id: &'a str,
+    pub region: &'a str,
+    pub priority: u32,
+    /// Healthy by its own region's verdict (another region's verdicts are not known here).
+    pub up: bool,
+}
+
+/// Whom an instance streams WAL from, and through which of that instance's slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream<'a> {
+    pub id: &'a str,
+    pub slot: String,
+    /// Another replica (in its own region), not the primary.
+    pub cascade: bool,
+}
+
+/// Who streams from whom in a `postgres` service: the instances of the primary's region
+/// from the primary; in every other region, one *lead* (its healthy instance with the
+/// highest priority, then the first id; the first by priority when none is healthy) from
+/// the primary, through that region's slot on it, and the region's other instances from
+/// the lead (cascading replication): WAL crosses to each region once.
+#[derive(Debug, Clone)]
+pub struct Topology<'a> {
+    pub members: Vec<Member<'a>>,
+    pub primary: Option<&'a str>,
+}
+
+impl<'a> Topology<'a> {
+    fn member(&self, id: &str) -> Option<&Member<'a>> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    fn primary_region(&self) -> Option<&'a str> {
+        self.primary.and_then(|id| self.member(id)).map(|m| m.region)
+    }
+
+    /// The instance of `region` that streams from the primary for the whole region.
+    pub fn lead(&self, region: &str) -> Option<&'a str> {
+        let rank = |m: &&Member<'a>| (m.priority, std::cmp::Reverse(m.id));
+        let of_region = || self.members.iter().filter(|m| m.region == region && m.priority > 0);
+        of_region()
+            .filter(|m| m.up)
+            .max_by_key(rank)
+            .or_else(|| of_region().max_by_key(rank))
+            .map(|m| m.id)
+    }
+
+    /// Whom instance `id` streams from: none for the primary, or with no primary.
+    pub fn upstream(&self, id: &str) -> Option<Upstream<'a>> {
+        let primary = self.primary?;
+        let member = self.member(id)?;
+        if id == primary {
+            return None;
+        }
+        if Some(member.region) == self.primary_region() {
+            return Some(Upstream {
+                id: primary,
+                slot: slot_name(id),
+                cascade: false,
+            });
+        }
+        match self.lead(member.region) {
+            Some(lead) if lead != id => Some(Upstream {
+                id: lead,
+                slot: slot_name(id),
+                cascade: true,
+            }),
+            _ => Some(Upstream {
+                id: primary,
+                slot: region_slot_name(member.region),
+                cascade: false,
+            }),
+        }
+    }
+
+    /// The slots instance `id` keeps for those that stream from it: the primary, one per
+    /// instance of its region and one per other region; a region's lead, one per other
+    /// instance of its region; anyone else, none. (The primary keeps every region's slot,
+    /// not the slot of whichever instance leads it: that region's health is not known here.)
+    pub fn slots_kept_by(&self, id: &str) -> Vec<String> {
+        let Some(member) = self.member(id) else {
+            return Vec::new();
+        };
+        let mut slots = Vec::new();
+        if self.primary == Some(id) {
+            for other in &self.members {
+                if other.id == id {
+                    continue;
+                }
+                let slot = if other.region == member.region {
+                    slot_name(other.id)
+                } else {
+                    region_slot_name(other.region)
+                };
+                if !slots.contains(&slot) {
+                    slots.push(slot);
+                }
+            }
+        } else {
+            for other in &self.members {
+                if other.id != id && self.upstream(other.id).is_some_and(|u| u.id == id) {
+                    slots.push(slot_name(other.id));
+                }
+            }
+        }
+        slots
+    }
+}
+
 /// A `postgresql.conf` value, quoted.
 fn quoted(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
@@ -650,6 +768,66 @@ mod tests {
         assert!(is_timeline_history("00000002.history"));
         assert!(!is_timeline_history("0002.history"));
         assert!(!is_timeline_history("000000020000000A000000FF"));
+    }
+
+    #[test]
+    fn each_region_streams_once_from_the_primary_and_cascades_inside() {
+        let member = |id, region, priority, up| Member {
+            id,
+            region,
+            priority,
+            up,
+        };
+        let mut topology = Topology {
+            members: vec![
+                member("a1", "east", 100, true),
+                member("a2", "east", 100, true),
+                member("b1", "west", 100, false),
+                member("b2", "west", 50, true),
+                member("b3", "west", 100, true),
+                member("c1", "south", 0, true),
+            ],
+            primary: Some("a1"),
+        };
+        let up = |t: &Topology, id: &str| t.upstream(id).map(|u| (u.id.to_string(), u.slot, u.cascade));
+        assert_eq!(up(&topology, "a1"), None);
+        assert_eq!(up(&topology, "a2"), Some(("a1".into(), "rampart_a2".into(), false)));
+        // West's lead: the healthy one with the highest priority (b1 is down).
+        assert_eq!(topology.lead("west"), Some("b3"));
+        assert_eq!(
+            up(&topology, "b3"),
+            Some(("a1".into(), "rampart_region_west".into(), false))
+        );
+        assert_eq!(up(&topology, "b1"), Some(("b3".into(), "rampart_b1".into(), true)));
+        assert_eq!(up(&topology, "b2"), Some(("b3".into(), "rampart_b2".into(), true)));
+        // Priority 0 never leads: south's only instance follows the primary itself.
+        assert_eq!(topology.lead("south"), None);
+        assert_eq!(
+            up(&topology, "c1"),
+            Some(("a1".into(), "rampart_region_south".into(), false))
+        );
+        assert_eq!(
+            topology.slots_kept_by("a1"),
+            ["rampart_a2", "rampart_region_west", "rampart_region_south"]
+        );
+        assert_eq!(topology.slots_kept_by("b3"), ["rampart_b1", "rampart_b2"]);
+        assert!(topology.slots_kept_by("b1").is_empty());
+
+        // Nobody healthy in west: the first by priority, then id, leads.
+        for m in topology.members.iter_mut().filter(|m| m.region == "west") {
+            m.up = false;
+        }
+        assert_eq!(topology.lead("west"), Some("b1"));
+        // A region failover: west's instance is the primary, east cascades from its lead.
+        topology.primary = Some("b3");
+        assert_eq!(up(&topology, "b1"), Some(("b3".into(), "rampart_b1".into(), false)));
+        assert_eq!(
+            up(&topology, "a1"),
+            Some(("b3".into(), "rampart_region_east".into(), false))
+        );
+        assert_eq!(up(&topology, "a2"), Some(("a1".into(), "rampart_a2".into(), true)));
+        topology.primary = None;
+        assert_eq!(up(&topology, "a2"), None);
     }
 
     #[test]

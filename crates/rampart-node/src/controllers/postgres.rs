@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
-    hba, listen_port, quote_ident, quote_literal, settings, slot_name, synchronous_standby_names, Fallback, Placement,
-    Postgres,
+    hba, listen_port, quote_ident, quote_literal, settings, synchronous_standby_names, Fallback, Member, Placement,
+    Postgres, Topology,
 };
 use rampart_core::service::InstanceRole;
 use rampart_store::command::Op;
@@ -67,6 +67,18 @@ const INCLUDE_LINE: &str = "include_if_exists = 'rampart.conf'";
 /// follows another instance.
 const REWIND_FILE: &str = "rampart.rewind";
 
+/// The instance a replica streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Follow {
+    id: String,
+    endpoint: String,
+    /// Its slot on that instance.
+    slot: String,
+    /// Another replica (a region's lead), not the primary: it is ready to copy from once it
+    /// streams, not once it is writable.
+    cascade: bool,
+}
+
 /// What the registry asks of one instance this node hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct View {
@@ -74,12 +86,12 @@ struct View {
     endpoint: String,
     /// The registry names it primary.
     primary: bool,
-    /// The registry's primary, when another instance: (id, endpoint).
-    upstream: Option<(String, String)>,
+    /// Whom it streams from (`core::postgres::Topology`), when it is a replica.
+    upstream: Option<Follow>,
     /// Nobody was ever primary and this instance is the one to initialize.
     bootstrap: bool,
-    /// The service's other instances (a primary keeps a slot for each).
-    others: Vec<String>,
+    /// The replication slots it keeps for those that stream from it.
+    slots: Vec<String>,
     /// The `synchronous_standby_names` a primary gets.
     synchronous_names: String,
 }
@@ -122,20 +134,42 @@ pub async fn run(node: Shared) {
 /// Every `postgres` instance this node hosts, as the registry has it now.
 fn views(node: &Shared) -> HashMap<InstanceKey, View> {
     let applied = node.applied.read().expect("state lock");
+    let (primary_region, _) = node.primary_and_epoch_in(&applied.state.shipped);
     let mut views = HashMap::new();
     for (name, service) in &applied.state.shipped.services {
         let Some(pg) = service.kind.postgres() else { continue };
-        let upstream_of = |id: &str| {
-            service
-                .primary_record()
-                .filter(|(primary, _)| *primary != id)
-                .map(|(primary, r)| (primary.to_string(), r.instance.endpoint.clone()))
+        let topology = Topology {
+            members: service
+                .instances
+                .iter()
+                .map(|(id, r)| Member {
+                    id,
+                    region: &r.instance.region,
+                    priority: r.instance.priority,
+                    up: applied.state.local.verdict(name, id).health == Health::Up,
+                })
+                .collect(),
+            primary: service.primary.as_deref(),
         };
-        // The first instance: highest priority, then the first id, never a standby's.
+        let upstream_of = |id: &str| {
+            let upstream = topology.upstream(id)?;
+            Some(Follow {
+                id: upstream.id.to_string(),
+                endpoint: service.instances.get(upstream.id)?.instance.endpoint.clone(),
+                slot: upstream.slot,
+                cascade: upstream.cascade,
+            })
+        };
+        // The first instance: highest priority, then the first id, never a standby's (nor
+        // one of a standby region: only a region failover promotes those).
         let first = service
             .instances
             .iter()
-            .filter(|(_, r)| r.role != InstanceRole::Standby && r.instance.priority > 0)
+            .filter(|(_, r)| {
+                r.role != InstanceRole::Standby
+                    && r.instance.priority > 0
+                    && !node.in_standby_region(primary_region, &r.instance.region)
+            })
             .max_by(|a, b| a.1.instance.priority.cmp(&b.1.instance.priority).then(b.0.cmp(a.0)))
             .map(|(id, _)| id.clone());
         let standby = applied.state.local.synchronous.get(name).map(String::as_str);
@@ -151,7 +185,7 @@ fn views(node: &Shared) -> HashMap<InstanceKey, View> {
                 primary: service.primary.as_deref() == Some(id.as_str()),
                 upstream: upstream_of(id),
                 bootstrap: service.token == 0 && service.primary.is_none() && first.as_deref() == Some(id.as_str()),
-                others: service.instances.keys().filter(|other| *other != id).cloned().collect(),
+                slots: topology.slots_kept_by(id),
             };
             views.insert((name.clone(), id.clone()), view);
         }
@@ -256,6 +290,10 @@ impl Managed {
             }
             return Ok(());
         }
+        if status.in_recovery {
+            // A region's lead keeps the slots of the replicas that cascade from it.
+            self.keep_slots(view).await?;
+        }
         if !status.in_recovery && !self.named_primary() {
             // Writable while another is primary (or nobody is): never let it serve.
             if let Some(child) = self.child.take() {
@@ -274,7 +312,7 @@ impl Managed {
                 // stopped, to be rewound from it.
                 let outcome = format!(
                     "ok: not streaming from {} for {}s: rewinding",
-                    upstream.0,
+                    upstream.id,
                     STUCK.as_secs()
                 );
                 self.event("postgres.stuck", &outcome).await;
@@ -294,10 +332,10 @@ impl Managed {
         Ok(())
     }
 
-    /// Whether this replica has not streamed for [`STUCK`] while its primary was writable
+    /// Whether this replica has not streamed for [`STUCK`] while its upstream was ready
     /// all along (a replica whose primary is down is never stuck: it is to be promoted).
-    async fn stuck(&mut self, view: &View, upstream: &(String, String)) -> bool {
-        if !upstream_writable(&view.pg, &upstream.1).await {
+    async fn stuck(&mut self, view: &View, upstream: &Follow) -> bool {
+        if !upstream_ready(&view.pg, upstream).await {
             self.not_streaming = None;
             return false;
         }
@@ -322,11 +360,12 @@ impl Managed {
         if view.primary {
             return self.wait("named primary while down: failover replaces it, and it comes back as a replica");
         }
-        if let Some((id, endpoint)) = &view.upstream {
-            // Copied or rewound only from a primary that finished its promotion: a source
-            // still in recovery has not forked its new timeline yet.
-            if !upstream_writable(&view.pg, endpoint).await {
-                tracing::debug!(service = %self.key.0, instance = %self.key.1, upstream = %id, "postgres: the primary is not writable yet");
+        if let Some(upstream) = &view.upstream {
+            // Copied or rewound only from a primary that finished its promotion (a source
+            // still in recovery has not forked its new timeline yet), or from a region's
+            // lead that streams from it.
+            if !upstream_ready(&view.pg, upstream).await {
+                tracing::debug!(service = %self.key.0, instance = %self.key.1, upstream = %upstream.id, "postgres: the upstream is not ready yet");
                 return Ok(());
             }
         }
@@ -431,11 +470,11 @@ impl Managed {
     }
 
     /// `pg_basebackup` from the primary into a new directory, renamed into place once whole.
-    async fn copy_from(&mut self, view: &View, data: &Path, upstream: &(String, String)) -> Result<(), String> {
+    async fn copy_from(&mut self, view: &View, data: &Path, upstream: &Follow) -> Result<(), String> {
         let pg = &view.pg;
         let password = pg::password(&pg.replication_user.password)?;
         let fresh = fresh_dir(data)?;
-        let conninfo = pg::conninfo_to(pg, &upstream.1, &pg.replication_user.name, "", &self.key.1);
+        let conninfo = pg::conninfo_to(pg, &upstream.endpoint, &pg.replication_user.name, "", &self.key.1);
         let fresh_text = fresh.to_string_lossy().to_string();
         pg::run(
             &pg.bin_dir,
@@ -457,14 +496,14 @@ impl Managed {
         )
         .await?;
         std::fs::rename(&fresh, data).map_err(|e| format!("cannot move the copy into place: {e}"))?;
-        self.event("postgres.copied", &format!("ok: pg_basebackup from {}", upstream.0))
+        self.event("postgres.copied", &format!("ok: pg_basebackup from {}", upstream.id))
             .await;
         Ok(())
     }
 
     /// An old primary made a replica of the new one: crash recovery if it stopped
     /// uncleanly, then `pg_rewind`; a fresh copy when that fails.
-    async fn rewind(&mut self, view: &View, data: &Path, upstream: &(String, String)) -> Result<(), String> {
+    async fn rewind(&mut self, view: &View, data: &Path, upstream: &Follow) -> Result<(), String> {
         let pg = &view.pg;
         let data_text = data.to_string_lossy().to_string();
         let rewound = async {
@@ -496,13 +535,13 @@ impl Managed {
             // pg_rewind reads the source's timeline from its last checkpoint: a primary
             // just promoted may not have had one on its new timeline yet, and would look
             // like the target's ("no rewind required").
-            let source_sql = pg::connect(pg, &upstream.1).await?;
+            let source_sql = pg::connect(pg, &upstream.endpoint).await?;
             source_sql
                 .batch_execute("CHECKPOINT")
                 .await
-                .map_err(|e| format!("CHECKPOINT on {}: {e}", upstream.0))?;
+                .map_err(|e| format!("CHECKPOINT on {}: {e}", upstream.id))?;
             let password = pg::password(&pg.superuser.password)?;
-            let source = pg::conninfo_to(pg, &upstream.1, &pg.superuser.name, "", "rampart");
+            let source = pg::conninfo_to(pg, &upstream.endpoint, &pg.superuser.name, "", "rampart");
             let source = format!("--source-server={source}");
             pg::run(
                 &pg.bin_dir,
@@ -518,12 +557,12 @@ impl Managed {
         match rewound {
             Ok(output) => {
                 let said = output.lines().last().unwrap_or_default();
-                let outcome = format!("ok: pg_rewind from {}: {said}", upstream.0);
+                let outcome = format!("ok: pg_rewind from {}: {said}", upstream.id);
                 self.event("postgres.rewound", &outcome).await;
                 Ok(())
             }
             Err(e) => {
-                let outcome = format!("ok: pg_rewind from {} failed, copying afresh: {e}", upstream.0);
+                let outcome = format!("ok: pg_rewind from {} failed, copying afresh: {e}", upstream.id);
                 self.event("postgres.rebuild", &outcome).await;
                 let aside = data.with_extension("rampart-old");
                 let _ = std::fs::remove_dir_all(&aside);
@@ -536,28 +575,23 @@ impl Managed {
     }
 
     /// Writes `rampart.conf` if it changed, and has a running server reload it.
-    async fn write_settings(
-        &mut self,
-        view: &View,
-        data: &Path,
-        upstream: Option<&(String, String)>,
-    ) -> Result<(), String> {
+    async fn write_settings(&mut self, view: &View, data: &Path, upstream: Option<&Follow>) -> Result<(), String> {
         let pg = &view.pg;
         let conninfo = match upstream {
-            Some((_, endpoint)) => {
+            Some(upstream) => {
                 let password = pg::password(&pg.replication_user.password)?;
-                Some(pg::conninfo_to(
+                let conninfo = pg::conninfo_to(
                     pg,
-                    endpoint,
+                    &upstream.endpoint,
                     &pg.replication_user.name,
                     &password,
                     &self.key.1,
-                ))
+                );
+                Some((conninfo, upstream.slot.as_str()))
             }
             None => None,
         };
-        let slot = slot_name(&self.key.1);
-        let upstream = conninfo.as_deref().map(|c| (c, slot.as_str()));
+        let upstream = conninfo.as_ref().map(|(c, slot)| (c.as_str(), *slot));
         let port = listen_port(pg, &view.endpoint);
         let names = if upstream.is_none() {
             view.synchronous_names.as_str()
@@ -601,7 +635,7 @@ impl Managed {
         let fresh = self
             .slots_checked
             .as_ref()
-            .is_some_and(|(others, at)| *others == view.others && at.elapsed() < SLOTS_EVERY);
+            .is_some_and(|(slots, at)| *slots == view.slots && at.elapsed() < SLOTS_EVERY);
         let Some(sql) = &self.sql else { return Ok(()) };
         if fresh {
             return Ok(());
@@ -614,8 +648,8 @@ impl Managed {
             .await
             .map_err(|e| e.to_string())?;
         let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let wanted: Vec<String> = view.others.iter().map(|id| slot_name(id)).collect();
-        for slot in &wanted {
+        let wanted = &view.slots;
+        for slot in wanted {
             if !existing.iter().any(|(name, _)| name == slot) {
                 sql.execute("SELECT pg_create_physical_replication_slot($1, true)", &[slot])
                     .await
@@ -627,7 +661,7 @@ impl Managed {
                 let _ = sql.execute("SELECT pg_drop_replication_slot($1)", &[name]).await;
             }
         }
-        self.slots_checked = Some((view.others.clone(), Instant::now()));
+        self.slots_checked = Some((view.slots.clone(), Instant::now()));
         Ok(())
     }
 
@@ -844,6 +878,21 @@ async fn upstream_writable(pg: &Postgres, endpoint: &str) -> bool {
         return false;
     };
     pg::status(&sql).await.is_ok_and(|status| !status.in_recovery)
+}
+
+/// Whether `upstream` can be copied, rewound or streamed from: the primary once writable,
+/// a region's lead once it streams from its own upstream (so it is on the primary's
+/// timeline).
+async fn upstream_ready(pg: &Postgres, upstream: &Follow) -> bool {
+    if !upstream.cascade {
+        return upstream_writable(pg, &upstream.endpoint).await;
+    }
+    let Ok(sql) = pg::connect(pg, &upstream.endpoint).await else {
+        return false;
+    };
+    pg::status(&sql)
+        .await
+        .is_ok_and(|status| status.in_recovery && status.streaming)
 }
 
 /// An empty directory beside `data` for a new data dir, owned by PostgreSQL's user.

@@ -973,3 +973,135 @@ async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first(
         "{verified}"
     );
 }
+
+/// Connection string to the instance on `port` as the superuser.
+fn conninfo_on(port: u16) -> String {
+    conninfo(&[
+        ("host", "127.0.0.1"),
+        ("port", &port.to_string()),
+        ("user", "postgres"),
+        ("password", SUPERUSER_PASSWORD),
+        ("dbname", "postgres"),
+        ("connect_timeout", "2"),
+    ])
+}
+
+fn sql_on(port: u16, sql: &str) -> Option<String> {
+    rampart_testkit::postgres::psql(&conninfo_on(port), sql).ok()
+}
+
+/// Waits until the instance on `port` replays `value` into `t`, streaming from the instance
+/// on `from` (a replica's WAL receiver names its sender).
+async fn wait_streams(port: u16, from: u16, value: i64) {
+    let what = format!("the instance on {port} has {value}, streaming from {from}");
+    rampart_testkit::eventually(Duration::from_secs(120), &what, || async {
+        let has = sql_on(port, &format!("SELECT count(*) FROM t WHERE v = {value}"))?;
+        let sender = sql_on(port, "SELECT coalesce(sender_port, 0) FROM pg_stat_wal_receiver")?;
+        (has == "1" && sender == from.to_string()).then_some(())
+    })
+    .await
+}
+
+/// Waits until the registry's primary of "db" (as `client`'s region has it) is `id` and it
+/// takes writes; writes `value` there.
+async fn write_on_primary(client: &rampart_client::Client, id: &str, port: u16, value: i64) {
+    rampart_testkit::eventually(
+        Duration::from_secs(120),
+        &format!("{id} primary and writable"),
+        || async {
+            let view = client.service("db").await.ok()?;
+            (view.primary.as_deref() == Some(id)).then_some(())?;
+            sql_on(port, &format!("INSERT INTO t VALUES ({value})"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_region_failover() {
+    let regions = crate::region_failover::east_west_judge(&[]).await;
+    let (east, west) = (regions.client("east"), regions.client("west"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(dir.path().join("super.pw"), format!("{SUPERUSER_PASSWORD}\n")).expect("password");
+    std::fs::write(dir.path().join("repl.pw"), "repl-secret\n").expect("password");
+    let policy = serde_json::json!({
+        "kind": "postgres",
+        "postgres": {
+            "bin_dir": rampart_testkit::postgres::bin_dir().expect("PostgreSQL"),
+            "data_dir": dir.path().join("{instance}"),
+            "superuser": {"password_file": dir.path().join("super.pw")},
+            "replication_user": {"password_file": dir.path().join("repl.pw")},
+            "parameters": {"fsync": "off", "shared_buffers": "16MB"},
+        },
+    });
+    let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
+    east.service_put("db", &spec).await.expect("service");
+    // Two instances per region, each region's on its own (only) node; west's lead is w1.
+    let mut ports = std::collections::HashMap::new();
+    for (id, region, priority) in [
+        ("e1", "east", 100),
+        ("e2", "east", 50),
+        ("w1", "west", 100),
+        ("w2", "west", 50),
+    ] {
+        let port = rampart_testkit::free_port().expect("port").port();
+        let spec = InstanceSpec {
+            endpoint: format!("127.0.0.1:{port}"),
+            region: Some(region.into()),
+            node: Some(1),
+            priority: Some(priority),
+            ..InstanceSpec::default()
+        };
+        east.instance_put("db", id, &spec).await.expect("instance");
+        ports.insert(id, port);
+    }
+    let port = |id: &str| ports[id];
+
+    // East's e1 is initialized and promoted; e2 streams from it, west's lead w1 from it
+    // too (through west's slot), and w2 cascades from w1.
+    rampart_testkit::eventually(Duration::from_secs(120), "e1 writable", || async {
+        (sql_on(port("e1"), "SELECT pg_is_in_recovery()")? == "f").then_some(())
+    })
+    .await;
+    sql_on(port("e1"), "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
+    write_on_primary(&east, "e1", port("e1"), 1).await;
+    wait_streams(port("e2"), port("e1"), 1).await;
+    wait_streams(port("w1"), port("e1"), 1).await;
+    wait_streams(port("w2"), port("w1"), 1).await;
+    let slots = sql_on(
+        port("e1"),
+        "SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots WHERE active",
+    )
+    .expect("slots");
+    assert_eq!(slots, "rampart_e2,rampart_region_west", "one slot per region crossed");
+
+    // A planned region failover: west's best instance is promoted, east follows it (its
+    // old primary rewound), e2 cascading from east's new lead.
+    west.regions_failover(&crate::region_failover::planned("west"))
+        .await
+        .expect("planned failover");
+    write_on_primary(&west, "w1", port("w1"), 2).await;
+    wait_streams(port("w2"), port("w1"), 2).await;
+    wait_streams(port("e1"), port("w1"), 2).await;
+    wait_streams(port("e2"), port("e1"), 2).await;
+    for id in ["e1", "e2", "w2"] {
+        assert_eq!(
+            sql_on(port(id), "SELECT pg_is_in_recovery()").as_deref(),
+            Some("t"),
+            "{id}"
+        );
+    }
+
+    // And back: east's e1 is the primary again, west follows.
+    east.regions_failback(&crate::region_failover::planned("east"))
+        .await
+        .expect("fail-back");
+    write_on_primary(&east, "e1", port("e1"), 3).await;
+    wait_streams(port("e2"), port("e1"), 3).await;
+    wait_streams(port("w1"), port("e1"), 3).await;
+    wait_streams(port("w2"), port("w1"), 3).await;
+    let rows = sql_on(port("w2"), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t");
+    assert_eq!(rows.as_deref(), Some("1,2,3"));
+}

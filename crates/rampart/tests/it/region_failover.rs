@@ -101,7 +101,7 @@ async fn db_in_both(east: &Client, west: &Client, near: String, far: String, hoo
 }
 
 /// A planned failover (or fail-back) to `region`.
-fn planned(region: &str) -> rampart_core::api::FailoverRequest {
+pub(crate) fn planned(region: &str) -> rampart_core::api::FailoverRequest {
     rampart_core::api::FailoverRequest {
         to: region.into(),
         allow_data_loss: false,
