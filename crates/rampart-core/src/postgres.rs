@@ -358,6 +358,116 @@ pub fn slot_name(id: &str) -> String {
     name
 }
 
+/// The name of the WAL segment file that holds `lsn` on `timeline`, with segments of
+/// `segment_bytes` (16 MiB unless `initdb --wal-segsize` said otherwise).
+pub fn wal_file_name(timeline: u32, lsn: Lsn, segment_bytes: u64) -> String {
+    let segment = lsn.0 / segment_bytes.max(1);
+    let per_id = 0x1_0000_0000 / segment_bytes.max(1);
+    format!("{timeline:08X}{:08X}{:08X}", segment / per_id, segment % per_id)
+}
+
+/// One transaction in a stretch of WAL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalTransaction {
+    pub xid: u64,
+    pub records: u64,
+    /// `COMMIT <time>` or `ABORT <time>` as `pg_waldump` writes it; none when the WAL ends
+    /// before it does (the transaction never finished there).
+    pub end: Option<String>,
+    /// The relations it changed, as `tablespace/database/relfilenode`.
+    pub relations: std::collections::BTreeSet<String>,
+}
+
+/// What a stretch of WAL holds, read from `pg_waldump`'s output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalSummary {
+    pub records: u64,
+    /// In the order each first appears.
+    pub transactions: Vec<WalTransaction>,
+}
+
+impl WalSummary {
+    /// Reads `pg_waldump`'s lines (`rmgr: Heap len (rec/tot): 59/59, tx: 735, lsn: ...,
+    /// desc: INSERT off 2 ..., blkref #0: rel 1663/5/16388 blk 0`); anything else is skipped.
+    pub fn read(text: &str) -> WalSummary {
+        let mut summary = WalSummary::default();
+        for line in text.lines().filter(|l| l.starts_with("rmgr: ")) {
+            summary.records += 1;
+            let xid = line
+                .split_once(" tx: ")
+                .and_then(|(_, rest)| rest.split(',').next())
+                .and_then(|xid| xid.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if xid == 0 {
+                continue;
+            }
+            let at = match summary.transactions.iter().position(|t| t.xid == xid) {
+                Some(at) => at,
+                None => {
+                    summary.transactions.push(WalTransaction {
+                        xid,
+                        ..WalTransaction::default()
+                    });
+                    summary.transactions.len() - 1
+                }
+            };
+            let transaction = &mut summary.transactions[at];
+            transaction.records += 1;
+            let desc = line.split_once("desc: ").map_or("", |(_, desc)| desc);
+            if line.starts_with("rmgr: Transaction") && (desc.starts_with("COMMIT") || desc.starts_with("ABORT")) {
+                transaction.end = Some(desc.split(';').next().unwrap_or(desc).trim().to_string());
+            }
+            for part in desc.split("rel ").skip(1) {
+                if let Some(relation) = part.split_whitespace().next() {
+                    transaction.relations.insert(relation.trim_end_matches(',').to_string());
+                }
+            }
+        }
+        summary
+    }
+
+    /// Transactions that committed.
+    pub fn committed(&self) -> usize {
+        self.transactions
+            .iter()
+            .filter(|t| t.end.as_deref().is_some_and(|end| end.starts_with("COMMIT")))
+            .count()
+    }
+
+    /// Every relation changed, once each.
+    pub fn relations(&self) -> std::collections::BTreeSet<&str> {
+        self.transactions
+            .iter()
+            .flat_map(|t| t.relations.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// One line per transaction: its id, how it ended, its records and relations (each
+    /// with its name where `names` has one: `public.t (1663/5/16384)`).
+    pub fn lines(&self, names: &BTreeMap<String, String>) -> Vec<String> {
+        self.transactions
+            .iter()
+            .map(|t| {
+                let relations: Vec<String> = t
+                    .relations
+                    .iter()
+                    .map(|r| match names.get(r) {
+                        Some(name) => format!("{name} ({r})"),
+                        None => r.clone(),
+                    })
+                    .collect();
+                format!(
+                    "xid {}: {}, {} records, relations {}",
+                    t.xid,
+                    t.end.as_deref().unwrap_or("unfinished"),
+                    t.records,
+                    relations.join(" ")
+                )
+            })
+            .collect()
+    }
+}
+
 /// The slot a primary keeps for another region (`rampart_region_` and its name, as
 /// [`slot_name`] spells it): whichever instance leads that region streams through it.
 pub fn region_slot_name(region: &str) -> String {
@@ -828,6 +938,42 @@ mod tests {
         assert_eq!(up(&topology, "a2"), Some(("a1".into(), "rampart_a2".into(), true)));
         topology.primary = None;
         assert_eq!(up(&topology, "a2"), None);
+    }
+
+    #[test]
+    fn wal_file_names_and_waldump_summaries() {
+        let lsn: Lsn = "0/3055100".parse().unwrap();
+        assert_eq!(wal_file_name(1, lsn, 16 << 20), "000000010000000000000003");
+        let far: Lsn = "1A/FF000000".parse().unwrap();
+        assert_eq!(wal_file_name(2, far, 16 << 20), "000000020000001A000000FF");
+        assert_eq!(wal_file_name(2, far, 64 << 20), "000000020000001A0000003F");
+        let dump = "\
+rmgr: Standby     len (rec/tot):     50/    50, tx:          0, lsn: 0/03000028, prev 0/00000000, desc: RUNNING_XACTS
+rmgr: Heap        len (rec/tot):     59/    59, tx:        735, lsn: 0/03055000, prev 0/03054FB8, desc: INSERT+INIT off 1 flags 0x00, blkref #0: rel 1663/5/16388 blk 0
+rmgr: Btree       len (rec/tot):     64/    64, tx:        735, lsn: 0/030533C8, prev 0/03053380, desc: INSERT_LEAF off 113, blkref #0: rel 1663/5/16391 blk 10
+rmgr: Transaction len (rec/tot):     34/    34, tx:        735, lsn: 0/03055080, prev 0/03055040, desc: COMMIT 2026-12-07 21:52:30.009784 UTC
+rmgr: Heap        len (rec/tot):     59/    59, tx:        736, lsn: 0/03055100, prev 0/03055080, desc: INSERT off 2 flags 0x00, blkref #0: rel 1663/5/16388 blk 0
+rmgr: Transaction len (rec/tot):     70/    70, tx:        736, lsn: 0/03055140, prev 0/03055100, desc: ABORT 2026-12-07 21:52:31.000001 UTC; rels: base/5/16388
+rmgr: Heap        len (rec/tot):     59/    59, tx:        737, lsn: 0/03055180, prev 0/03055140, desc: INSERT off 3 flags 0x00, blkref #0: rel 1663/5/16388 blk 0
+pg_waldump: error: error in WAL record at 0/30551C0: invalid record length at 0/3055200: wanted 24, got 0
+";
+        let summary = WalSummary::read(dump);
+        assert_eq!(summary.records, 7);
+        assert_eq!(summary.transactions.len(), 3);
+        assert_eq!(summary.committed(), 1);
+        assert_eq!(
+            summary.relations().into_iter().collect::<Vec<_>>(),
+            ["1663/5/16388", "1663/5/16391"]
+        );
+        let names = [("1663/5/16391".to_string(), "public.t_pkey".to_string())].into();
+        assert_eq!(
+            summary.lines(&names),
+            [
+                "xid 735: COMMIT 2026-12-07 21:52:30.009784 UTC, 3 records, relations 1663/5/16388 public.t_pkey (1663/5/16391)",
+                "xid 736: ABORT 2026-12-07 21:52:31.000001 UTC, 2 records, relations 1663/5/16388",
+                "xid 737: unfinished, 1 records, relations 1663/5/16388",
+            ]
+        );
     }
 
     #[test]

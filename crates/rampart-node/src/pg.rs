@@ -154,6 +154,11 @@ pub fn conninfo_to(pg: &Postgres, endpoint: &str, user: &str, password: &str, ap
 
 /// Logs in to the instance at `endpoint` as the superuser.
 pub async fn connect(pg: &Postgres, endpoint: &str) -> Result<tokio_postgres::Client, String> {
+    connect_database(pg, endpoint, "postgres").await
+}
+
+/// Logs in to `database` of the instance at `endpoint` as the superuser.
+pub async fn connect_database(pg: &Postgres, endpoint: &str, database: &str) -> Result<tokio_postgres::Client, String> {
     let password = password(&pg.superuser.password)?;
     let mut config = tokio_postgres::Config::new();
     config
@@ -161,7 +166,7 @@ pub async fn connect(pg: &Postgres, endpoint: &str) -> Result<tokio_postgres::Cl
         .port(listen_port(pg, endpoint))
         .user(&pg.superuser.name)
         .password(password)
-        .dbname("postgres")
+        .dbname(database)
         .application_name("rampart")
         .connect_timeout(CONNECT_TIMEOUT);
     let connect = config.connect(tokio_postgres::NoTls);

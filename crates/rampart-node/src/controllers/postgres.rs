@@ -25,7 +25,7 @@
 //! `hooks`, also when fencing) stops PostgreSQL with a fast shutdown. If the node dies,
 //! the kernel stops its PostgreSQL too (`PR_SET_PDEATHSIG`, immediate shutdown).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
-    hba, listen_port, quote_ident, quote_literal, settings, synchronous_standby_names, Fallback, Member, Placement,
-    Postgres, Topology,
+    hba, is_timeline_history, is_wal_segment, listen_port, quote_ident, quote_literal, settings,
+    synchronous_standby_names, wal_file_name, wal_position, Fallback, Lsn, Member, Placement, Postgres, Topology,
+    WalSummary,
 };
 use rampart_core::service::InstanceRole;
 use rampart_store::command::Op;
@@ -502,11 +503,16 @@ impl Managed {
     }
 
     /// An old primary made a replica of the new one: crash recovery if it stopped
-    /// uncleanly, then `pg_rewind`; a fresh copy when that fails.
+    /// uncleanly, the WAL the upstream never had set aside (below), then `pg_rewind`; a
+    /// fresh copy when that fails.
     async fn rewind(&mut self, view: &View, data: &Path, upstream: &Follow) -> Result<(), String> {
         let pg = &view.pg;
         let data_text = data.to_string_lossy().to_string();
-        let rewound = async {
+        let password = pg::password(&pg.superuser.password)?;
+        let source = pg::conninfo_to(pg, &upstream.endpoint, &pg.superuser.name, "", "rampart");
+        let source = format!("--source-server={source}");
+        let env = [("PGPASSWORD", password.as_str())];
+        let recovered = async {
             let control = pg::run(
                 &pg.bin_dir,
                 "pg_controldata",
@@ -540,20 +546,26 @@ impl Managed {
                 .batch_execute("CHECKPOINT")
                 .await
                 .map_err(|e| format!("CHECKPOINT on {}: {e}", upstream.id))?;
-            let password = pg::password(&pg.superuser.password)?;
-            let source = pg::conninfo_to(pg, &upstream.endpoint, &pg.superuser.name, "", "rampart");
-            let source = format!("--source-server={source}");
-            pg::run(
-                &pg.bin_dir,
-                "pg_rewind",
-                &["-D", &data_text, &source, "--no-sync"],
-                &[("PGPASSWORD", &password)],
-                None,
-                SETUP_TIMEOUT,
-            )
-            .await
+            Ok::<String, String>(control)
         }
         .await;
+        let rewound = match recovered {
+            Ok(control) => {
+                // Whatever the rewind does next, the WAL it would drop is kept first; if
+                // that fails, nothing is dropped (the next attempt tries again).
+                self.set_aside(view, data, upstream, &control, &source, &env).await?;
+                pg::run(
+                    &pg.bin_dir,
+                    "pg_rewind",
+                    &["-D", &data_text, &source, "--no-sync"],
+                    &env,
+                    None,
+                    SETUP_TIMEOUT,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         match rewound {
             Ok(output) => {
                 let said = output.lines().last().unwrap_or_default();
@@ -572,6 +584,126 @@ impl Managed {
                 Ok(())
             }
         }
+    }
+
+    /// Keeps the WAL this instance has and its upstream never had (an old primary's
+    /// unshipped transactions, which `pg_rewind` drops) beside the region's divergence
+    /// files, in `divergence/postgres/SERVICE.INSTANCE.MS/`: the WAL files from where the
+    /// two diverged (`wal/`, readable with `pg_waldump`), `pg_waldump`'s reading of them
+    /// (`waldump.txt`) and a summary, one line per transaction (`summary.txt`); an event
+    /// (`postgres.divergence`) says where and how many committed. Nothing when `pg_rewind`
+    /// finds nothing to drop.
+    async fn set_aside(
+        &self,
+        view: &View,
+        data: &Path,
+        upstream: &Follow,
+        control: &str,
+        source: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let pg = &view.pg;
+        let data_text = data.to_string_lossy().to_string();
+        let dry = pg::run(
+            &pg.bin_dir,
+            "pg_rewind",
+            &["-D", &data_text, source, "--dry-run"],
+            env,
+            None,
+            SETUP_TIMEOUT,
+        )
+        .await?;
+        if dry.contains("no rewind required") {
+            return Ok(());
+        }
+        // "servers diverged at WAL location 0/3055100 on timeline 1"
+        let Some((lsn, timeline)) = dry.lines().find_map(|line| {
+            let rest = line.split_once("diverged at WAL location ")?.1;
+            let (lsn, timeline) = rest.split_once(" on timeline ")?;
+            Some((lsn.parse::<Lsn>().ok()?, timeline.trim().parse::<u32>().ok()?))
+        }) else {
+            return Ok(());
+        };
+        let segment_bytes = control
+            .lines()
+            .find_map(|line| line.strip_prefix("Bytes per WAL segment:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(16 << 20);
+        let first = wal_file_name(timeline, lsn, segment_bytes);
+        let dir = self
+            .node
+            .config
+            .data_dir
+            .join(super::link::DIVERGENCE_DIR)
+            .join("postgres")
+            .join(format!("{}.{}.{}", self.key.0, self.key.1, crate::node::now_ms()));
+        let wal_dir = dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(|e| format!("cannot create {}: {e}", wal_dir.display()))?;
+        let copy = || -> std::io::Result<usize> {
+            let mut copied = 0;
+            for entry in std::fs::read_dir(data.join("pg_wal"))? {
+                let name = entry?.file_name().to_string_lossy().to_string();
+                let diverged = is_wal_segment(&name) && wal_position(&name) >= wal_position(&first);
+                if diverged || is_timeline_history(&name) {
+                    std::fs::copy(data.join("pg_wal").join(&name), wal_dir.join(&name))?;
+                    copied += 1;
+                }
+            }
+            Ok(copied)
+        };
+        let files = copy().map_err(|e| format!("cannot keep the divergent WAL in {}: {e}", wal_dir.display()))?;
+        let dump_path = dir.join("waldump.txt");
+        let dump = std::fs::File::create(&dump_path).map_err(|e| format!("{}: {e}", dump_path.display()))?;
+        let wal = data.join("pg_wal");
+        let start = lsn.to_string();
+        let timeline_text = timeline.to_string();
+        let mut waldump = pg::command(&pg.bin_dir, "pg_waldump");
+        waldump
+            .arg("-p")
+            .arg(&wal)
+            .args(["-t", &timeline_text, "-s", &start])
+            .stdin(Stdio::null())
+            .stdout(dump)
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        // It ends with an error where the WAL ends: its output is what counts.
+        let ran = tokio::time::timeout(SETUP_TIMEOUT, waldump.status()).await;
+        if !matches!(ran, Ok(Ok(_))) {
+            return Err(format!("pg_waldump of {} did not run: {ran:?}", wal.display()));
+        }
+        let text = std::fs::read_to_string(&dump_path).map_err(|e| format!("{}: {e}", dump_path.display()))?;
+        let summary = WalSummary::read(&text);
+        if summary.transactions.is_empty() {
+            // Only a shutdown checkpoint or the like: no data to keep.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(());
+        }
+        let mut lines = vec![
+            format!(
+                "PostgreSQL instance {} of service {} diverged from {} at {lsn} on timeline {timeline}.",
+                self.key.1, self.key.0, upstream.id
+            ),
+            format!(
+                "Its WAL from there ({files} files in wal/; pg_waldump -p wal -t {timeline} -s {lsn}) holds {} records, {} transactions, {} committed; pg_rewind then dropped it.",
+                summary.records,
+                summary.transactions.len(),
+                summary.committed()
+            ),
+            "Relations are named as the upstream names them now; as tablespace/database/relfilenode where it does not.".to_string(),
+        ];
+        let names = relation_names(pg, &upstream.endpoint, &summary).await;
+        lines.extend(summary.lines(&names));
+        let summary_path = dir.join("summary.txt");
+        std::fs::write(&summary_path, lines.join("\n") + "\n")
+            .map_err(|e| format!("{}: {e}", summary_path.display()))?;
+        let outcome = format!(
+            "ok: WAL from {lsn} on timeline {timeline} that {} never had kept in {}: {} transactions committed there",
+            upstream.id,
+            dir.display(),
+            summary.committed()
+        );
+        self.event("postgres.divergence", &outcome).await;
+        Ok(())
     }
 
     /// Writes `rampart.conf` if it changed, and has a running server reload it.
@@ -764,6 +896,51 @@ fn postgres_event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str)
         outcome: outcome.to_string(),
         detail: format!("service={} instance={}", key.0, key.1),
     }
+}
+
+/// The names the instance at `endpoint` gives the relations of `summary`
+/// (`tablespace/database/relfilenode` to `schema.table`), as far as it knows them (a
+/// relation created in the divergent WAL alone it does not).
+async fn relation_names(pg: &Postgres, endpoint: &str, summary: &WalSummary) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    let Ok(sql) = pg::connect(pg, endpoint).await else {
+        return names;
+    };
+    let Ok(rows) = sql
+        .query("SELECT oid::bigint, datname::text FROM pg_database", &[])
+        .await
+    else {
+        return names;
+    };
+    let databases: HashMap<String, String> = rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0).to_string(), r.get(1)))
+        .collect();
+    for relation in summary.relations() {
+        let mut parts = relation.split('/');
+        let (Some(space), Some(database), Some(node)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Some(datname), Ok(space), Ok(node)) = (databases.get(database), space.parse::<i64>(), node.parse::<i64>())
+        else {
+            continue;
+        };
+        let Ok(db) = pg::connect_database(pg, endpoint, datname).await else {
+            continue;
+        };
+        // 1663 is pg_default, which a database's own relations list as 0.
+        let space = if space == 1663 { 0 } else { space };
+        let named = db
+            .query_one(
+                "SELECT pg_filenode_relation($1::bigint::oid, $2::bigint::oid)::regclass::text",
+                &[&space, &node],
+            )
+            .await;
+        if let Ok(Some(name)) = named.map(|row| row.get::<_, Option<String>>(0)) {
+            names.insert(relation.to_string(), name);
+        }
+    }
+    names
 }
 
 /// The `synchronous_standby_names` of a primary whose synchronous standby is `standby`.

@@ -1105,3 +1105,77 @@ async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_regi
     let rows = sql_on(port("w2"), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t");
     assert_eq!(rows.as_deref(), Some("1,2,3"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_primary_keeps_the_wal_it_never_shipped_with_a_summary_of_its_transactions() {
+    let pg = PgCluster::start(serde_json::json!({})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(
+        &first,
+        "CREATE TABLE t (v bigint PRIMARY KEY); INSERT INTO t VALUES (1)",
+    )
+    .expect("table");
+    for (id, _) in &pg.instances {
+        pg.wait_has(id, 1).await;
+    }
+    // Its WAL senders stopped, the primary commits five rows no replica receives.
+    let senders: Vec<i32> = pg
+        .sql(&first, "SELECT pid FROM pg_stat_replication")
+        .expect("senders")
+        .lines()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect();
+    assert_eq!(senders.len(), 2, "both replicas stream");
+    for pid in &senders {
+        // SAFETY: kill(2) of processes this test's region started.
+        unsafe {
+            libc::kill(*pid, libc::SIGSTOP);
+        }
+    }
+    for v in 100..105 {
+        pg.sql(&first, &format!("INSERT INTO t VALUES ({v})"))
+            .expect("committed");
+    }
+    let postmaster = pg.postmaster_pid(&first);
+    for pid in senders.iter().chain([&postmaster]) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+    }
+    let second = wait_primary_not(&pg, &first).await;
+    // The old primary comes back as a replica (rewound), its five commits set aside.
+    pg.wait_serving(|p| p == second).await;
+    let rows = pg.sql(&second, "SELECT count(*) FROM t WHERE v >= 100").expect("rows");
+    assert_eq!(rows, "0", "the five rows never left the old primary");
+    let events = pg.client.events(Some("postgres"), None).await.expect("events").events;
+    let kept = events
+        .iter()
+        .find(|e| e.action == "postgres.divergence" && e.detail.contains(&format!("instance={first}")))
+        .unwrap_or_else(|| panic!("no postgres.divergence event: {events:?}"));
+    let dir = kept
+        .outcome
+        .split_once(" kept in ")
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .map(|(dir, _)| std::path::PathBuf::from(dir))
+        .expect("the directory in the event");
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).expect("summary.txt");
+    let commits = summary
+        .lines()
+        .filter(|l| l.starts_with("xid ") && l.contains(": COMMIT "))
+        .count();
+    assert!(commits >= 5, "the five committed inserts: {summary}");
+    assert!(summary.contains(&format!("diverged from {second}")), "{summary}");
+    assert!(
+        summary.contains(" t (1663/"),
+        "relations named by the new primary: {summary}"
+    );
+    let wal_files = std::fs::read_dir(dir.join("wal")).expect("wal/").count();
+    assert!(wal_files >= 1, "the WAL itself is kept");
+    // The kept WAL reads back with pg_waldump, as the summary says.
+    let dump = std::fs::read_to_string(dir.join("waldump.txt")).expect("waldump.txt");
+    assert!(
+        dump.lines().filter(|l| l.contains("desc: COMMIT")).count() >= 5,
+        "{dump}"
+    );
+}
