@@ -612,7 +612,18 @@ impl Managed {
             None,
             SETUP_TIMEOUT,
         )
-        .await?;
+        .await;
+        let dry = match dry {
+            Ok(output) => output,
+            // The upstream did not answer: nothing is dropped now, it is tried again.
+            Err(e) if e.contains("connection to server") => return Err(e),
+            // Another database altogether, or no common history: nothing to compare, and
+            // the rewind that follows fails the same way (a fresh copy then).
+            Err(e) => {
+                tracing::warn!(service = %self.key.0, instance = %self.key.1, "postgres: no divergence point: {e}");
+                return Ok(());
+            }
+        };
         if dry.contains("no rewind required") {
             return Ok(());
         }

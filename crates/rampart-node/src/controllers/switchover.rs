@@ -1,5 +1,6 @@
 //! Planned switchover (`POST /v1/services/{name}/switchover`, `rampart switchover`), run
-//! by the leader: refuse with the reasons when the target may not be promoted; ask the old
+//! by the leader: refuse with the reasons when the target may not be promoted (or, for a
+//! PostgreSQL service, when it does not stream from the primary within 5 s); ask the old
 //! primary to step down and wait for its node's `on_demote` to succeed (only then is the
 //! role released); wait for the target's reported lag to reach 0; promote it with a new
 //! fencing token. At no point are there two primaries: the role moves only after the old
@@ -32,6 +33,9 @@ use crate::node::Shared;
 
 /// How long a switchover waits for the target to catch up once the old primary let go.
 const CATCH_UP_MS_MAX: u64 = 30_000;
+/// How long a switchover of a PostgreSQL service waits for the target to stream from the
+/// primary before anything moves.
+const STREAMING_MS_MAX: u64 = 5_000;
 const POLL: Duration = Duration::from_millis(50);
 
 fn conflict(code: &'static str, message: String) -> ApiError {
@@ -192,7 +196,7 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
     if node.known_leader() != Some(node.id) {
         return Err(ApiError::not_leader());
     }
-    let (previous, hooks_timeout_ms, previous_hosted) = {
+    let (previous, hooks_timeout_ms, previous_hosted, postgres_primary_up) = {
         let applied = node.applied.read().expect("state lock");
         let s = applied
             .state
@@ -219,7 +223,16 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
             ));
         }
         let hosted = s.primary_record().is_some_and(|(_, r)| r.instance.node.is_some());
-        (s.primary.clone(), s.policy.hooks.timeout_ms, hosted)
+        let postgres_primary_up = s.kind.postgres().is_some()
+            && s.primary
+                .as_deref()
+                .is_some_and(|p| applied.state.local.verdict(service, p).health == rampart_core::health::Health::Up);
+        (
+            s.primary.clone(),
+            s.policy.hooks.timeout_ms,
+            hosted,
+            postgres_primary_up,
+        )
     };
     if previous.as_deref() == Some(to) {
         let token = node.applied.read().expect("state lock").state.shipped.services[service].token;
@@ -240,6 +253,25 @@ async fn run(node: &Shared, service: &str, to: &str, started: Instant) -> Result
             format!("{to:?} cannot be promoted now: {reasons}"),
         )
         .with_current(serde_json::json!({ "reasons": reasons })));
+    }
+
+    // 0. A PostgreSQL target streams from the running primary first: the primary's fast
+    //    shutdown (its on_demote) then hands it every last WAL record. One that does not
+    //    would lack what the primary wrote since, and nobody else has it.
+    if postgres_primary_up {
+        let deadline = Instant::now() + Duration::from_millis(STREAMING_MS_MAX);
+        while !node.soft.lock().expect("soft state lock").streaming(service, to) {
+            if Instant::now() >= deadline {
+                return Err(conflict(
+                    "target_not_streaming",
+                    format!(
+                        "{to:?} has not streamed WAL from the primary within {STREAMING_MS_MAX}ms; the primary stays: \
+                         retry once it streams (rampart service show {service})"
+                    ),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     // 1. The old primary lets go: its node runs on_demote, then the leader releases it.

@@ -921,11 +921,13 @@ async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first(
     let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
     pg.client.service_put("db2", &spec).await.expect("service");
     let mut ports = Vec::new();
-    for (id, node) in [("to-time", 1), ("copy", 2)] {
+    // The restored one first (the highest priority): the others copy from it.
+    for (id, node, priority) in [("to-time", 1, 200), ("copy", 2, 100)] {
         let port = rampart_testkit::free_port().expect("port").port();
         let spec = InstanceSpec {
             endpoint: format!("127.0.0.1:{port}"),
             node: Some(node),
+            priority: Some(priority),
             ..InstanceSpec::default()
         };
         pg.client.instance_put("db2", id, &spec).await.expect("instance");
