@@ -218,7 +218,14 @@ impl PostgresSpec {
         };
         let fallback = match self.synchronous_fallback.as_deref() {
             None | Some("block") => Fallback::Block,
-            Some("async") => Fallback::Async,
+            Some("async") if synchronous != Synchronous::Quorum => Fallback::Async,
+            Some("async") => {
+                return Err(field_error(
+                    "postgres.synchronous_fallback",
+                    "async",
+                    "block with synchronous = \"quorum\" (commits wait for their quorum)",
+                ))
+            }
             Some(other) => return Err(field_error("postgres.synchronous_fallback", other, "block or async")),
         };
         let parameters = self.parameters.clone().unwrap_or_default();
@@ -311,12 +318,43 @@ pub fn synchronous_standby_names(mode: Synchronous, fallback: Fallback, standbys
         };
     }
     let names: Vec<String> = standbys.iter().map(|s| quote_ident(s)).collect();
-    let how = match mode {
-        Synchronous::On => "FIRST",
-        Synchronous::Quorum => "ANY",
+    let (how, count) = match mode {
+        Synchronous::On => ("FIRST", 1),
+        Synchronous::Quorum => ("ANY", quorum_size(standbys.len())),
         Synchronous::Off => unreachable!("returned above"),
     };
-    format!("{how} 1 ({})", names.join(", "))
+    format!("{how} {count} ({})", names.join(", "))
+}
+
+/// How many of its `members` replicas a primary in quorum mode waits for with each
+/// commit: half, rounded up (1 of 1 or 2, 2 of 3 or 4, 3 of 5).
+pub fn quorum_size(members: usize) -> usize {
+    members.div_ceil(2).max(1)
+}
+
+/// One member of a quorum-mode primary's replicas, as promotion sees it once the primary
+/// is gone: its final WAL position when it is up and no longer streams, else none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuorumMember<'a> {
+    pub id: &'a str,
+    pub settled: Option<Lsn>,
+}
+
+/// Quorum mode's promotion rule. The primary waited for any `k = quorum_size(N)` of its N
+/// members before it acknowledged a commit, so any `N - k + 1` of them hold every
+/// acknowledged commit between them, and the one with the most WAL among those holds all
+/// of it. `candidate` may be promoted only when at least `N - k + 1` members are settled
+/// and none of them has more WAL than it.
+pub fn quorum_promotable(members: &[QuorumMember], candidate: &str) -> bool {
+    let n = members.len();
+    if n == 0 {
+        return false;
+    }
+    let settled: Vec<(&str, Lsn)> = members.iter().filter_map(|m| Some((m.id, m.settled?))).collect();
+    let Some(own) = settled.iter().find(|(id, _)| *id == candidate).map(|(_, lsn)| *lsn) else {
+        return false;
+    };
+    settled.len() > n - quorum_size(n) && settled.iter().all(|(_, lsn)| *lsn <= own)
 }
 
 /// A libpq connection string from `(keyword, value)` pairs, every value quoted.
@@ -511,6 +549,16 @@ impl<'a> Topology<'a> {
 
     fn primary_region(&self) -> Option<&'a str> {
         self.primary.and_then(|id| self.member(id)).map(|m| m.region)
+    }
+
+    /// The replicas a quorum-mode `primary` waits for: the instances of `region` (the
+    /// primary region) that may be promoted (priority above 0), but itself.
+    pub fn quorum_members(&self, region: &str, primary: Option<&str>) -> Vec<&'a str> {
+        self.members
+            .iter()
+            .filter(|m| m.region == region && m.priority > 0 && Some(m.id) != primary)
+            .map(|m| m.id)
+            .collect()
     }
 
     /// The instance of `region` that streams from the primary for the whole region.
@@ -751,6 +799,9 @@ mod tests {
         let mut s = spec();
         s.synchronous_fallback = Some("drop".into());
         assert_eq!(refused(&s), "postgres.synchronous_fallback");
+        s.synchronous_fallback = Some("async".into());
+        s.synchronous = Some("quorum".into());
+        assert_eq!(refused(&s), "postgres.synchronous_fallback", "quorum mode blocks");
         let mut s = spec();
         s.port = Some(0);
         assert_eq!(refused(&s), "postgres.port");
@@ -798,8 +849,17 @@ mod tests {
             "FIRST 1 (\"pg-2\", \"pg-3\")"
         );
         assert_eq!(
-            synchronous_standby_names(Quorum, Async, &["pg-2", "pg-3"]),
+            synchronous_standby_names(Quorum, Block, &["pg-2", "pg-3"]),
             "ANY 1 (\"pg-2\", \"pg-3\")"
+        );
+        assert_eq!(
+            synchronous_standby_names(Quorum, Block, &["a", "b", "c"]),
+            "ANY 2 (\"a\", \"b\", \"c\")"
+        );
+        assert_eq!(
+            [1, 2, 3, 4, 5].map(quorum_size),
+            [1, 1, 2, 2, 3],
+            "half the replicas, rounded up"
         );
         // No replica to wait for: block waits for one that is not there, async for none.
         assert_eq!(
@@ -808,6 +868,65 @@ mod tests {
         );
         assert_eq!(synchronous_standby_names(On, Async, &[]), "");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn quorum_mode_promotes_the_most_wal_among_enough_settled_members() {
+        let at = |text: &str| Some(text.parse::<Lsn>().unwrap());
+        let member = |id, settled| QuorumMember { id, settled };
+        // Two members, any 1 acknowledges: both must be settled, the one with more WAL wins.
+        let both = [member("a", at("0/500")), member("b", at("0/400"))];
+        assert!(quorum_promotable(&both, "a"));
+        assert!(!quorum_promotable(&both, "b"), "b may lack what a acknowledged");
+        let one = [member("a", at("0/500")), member("b", None)];
+        assert!(!quorum_promotable(&one, "a"), "b may hold a commit a lacks");
+        // Three members, any 2 acknowledge: any 2 settled are enough.
+        let three = [member("a", None), member("b", at("0/700")), member("c", at("0/700"))];
+        assert!(quorum_promotable(&three, "b") && quorum_promotable(&three, "c"));
+        assert!(!quorum_promotable(&three, "a"), "not settled");
+        let lone = [member("a", None), member("b", at("0/700")), member("c", None)];
+        assert!(!quorum_promotable(&lone, "b"));
+        assert!(!quorum_promotable(&[], "a"));
+        assert!(!quorum_promotable(&both, "z"), "not a member");
+    }
+
+    /// Over random histories: a commit acknowledged by any k of N members, then the
+    /// primary lost and any N - k + 1 members settled: whoever the rule lets be promoted
+    /// holds every acknowledged commit.
+    #[test]
+    fn a_quorum_promotion_never_loses_an_acknowledged_commit() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let ids = ["a", "b", "c", "d", "e"];
+        for _ in 0..5_000 {
+            let n = 1 + next(5) as usize;
+            let k = quorum_size(n);
+            // Each member's received WAL; the acknowledged end is the k-th highest.
+            let received: Vec<u64> = (0..n).map(|_| next(1_000)).collect();
+            let mut sorted = received.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            let acknowledged = sorted[k - 1];
+            let members: Vec<QuorumMember> = (0..n)
+                .map(|i| QuorumMember {
+                    id: ids[i],
+                    settled: (next(3) > 0).then_some(Lsn(received[i])),
+                })
+                .collect();
+            for (i, id) in ids.iter().enumerate().take(n) {
+                if quorum_promotable(&members, id) {
+                    assert!(
+                        received[i] >= acknowledged,
+                        "{id} promoted with {} of {acknowledged} acknowledged: {members:?}",
+                        received[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

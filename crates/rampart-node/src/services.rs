@@ -10,6 +10,8 @@ use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use rampart_core::api::{EligibilityResponse, InstanceView, ServiceSummary, ServiceView, ServicesResponse, Stored};
 use rampart_core::failover::{damped, eligibility, Candidate};
+use rampart_core::health::Health;
+use rampart_core::postgres::{quorum_promotable, Member, QuorumMember, Synchronous, Topology};
 use rampart_core::service::{check_name, FieldError, InstanceRole, InstanceSpec, PolicySpec};
 use rampart_store::state::Service;
 use rampart_store::Local;
@@ -369,6 +371,76 @@ pub fn eligibility_of(node: &Shared, service: &str, id: &str) -> Result<rampart_
         })
 }
 
+/// Who streams from whom in a `postgres` service (`core::postgres::Topology`), with each
+/// instance's health as this region judges it.
+pub(crate) fn pg_topology<'a>(name: &str, service: &'a Service, local: &Local) -> Topology<'a> {
+    Topology {
+        members: service
+            .instances
+            .iter()
+            .map(|(id, r)| Member {
+                id,
+                region: &r.instance.region,
+                priority: r.instance.priority,
+                up: local.verdict(name, id).health == Health::Up,
+            })
+            .collect(),
+        primary: service.primary.as_deref(),
+    }
+}
+
+/// Which instances of a service in quorum mode (`synchronous = "quorum"`) may be
+/// promoted: while its primary is up (a switchover, which first stops it), any member of
+/// its quorum; once it is gone, only as `core::postgres::quorum_promotable` says, from each
+/// member's settled WAL position (up, no longer streaming). None for any other service.
+fn quorum_promotable_members(
+    name: &str,
+    service: &Service,
+    local: &Local,
+    soft: &crate::soft::Soft,
+    primary_region: &str,
+) -> Option<Vec<String>> {
+    let pg = service.kind.postgres()?;
+    if pg.synchronous != Synchronous::Quorum {
+        return None;
+    }
+    // The quorum of the last primary: the one named, or once released the one that lost
+    // the role last.
+    let last_primary = service.primary.as_deref().or_else(|| {
+        service
+            .instances
+            .iter()
+            .filter_map(|(id, r)| r.losses_ms.last().map(|at| (*at, id.as_str())))
+            .max()
+            .map(|(_, id)| id)
+    });
+    let members = pg_topology(name, service, local).quorum_members(primary_region, last_primary);
+    let primary_up = !service.demoting
+        && service
+            .primary
+            .as_deref()
+            .is_some_and(|p| local.verdict(name, p).health == Health::Up);
+    if primary_up {
+        return Some(members.iter().map(|m| m.to_string()).collect());
+    }
+    let settled: Vec<QuorumMember> = members
+        .iter()
+        .map(|id| QuorumMember {
+            id,
+            settled: (local.verdict(name, id).health == Health::Up && !soft.streaming(name, id))
+                .then(|| soft.lsn(name, id))
+                .flatten(),
+        })
+        .collect();
+    Some(
+        members
+            .iter()
+            .filter(|id| quorum_promotable(&settled, id))
+            .map(|id| id.to_string())
+            .collect(),
+    )
+}
+
 pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, ApiError> {
     let name = name.to_string();
     let now = now_ms();
@@ -379,6 +451,7 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
         let primary_region = service
             .primary_record()
             .map_or(node.config.region.as_str(), |(_, r)| r.instance.region.as_str());
+        let quorum = quorum_promotable_members(&name, service, local, &soft, &current_primary);
         let candidates: Vec<Candidate> = service
             .instances
             .iter()
@@ -392,7 +465,10 @@ pub(crate) fn report(node: &Shared, name: &str) -> Result<EligibilityResponse, A
                 // Reported with heartbeats: leader-local soft state (this call is
                 // answered by the leader).
                 lag_revisions: soft.lag_revisions(&name, id),
-                synchronous: r.instance.synchronous || local.synchronous.get(&name) == Some(id),
+                synchronous: match &quorum {
+                    Some(promotable) => promotable.contains(id),
+                    None => r.instance.synchronous || local.synchronous.get(&name) == Some(id),
+                },
                 fenced: local.verdict(&name, id).fenced,
                 damped: damped(&r.losses_ms, now, service.policy.damping),
                 is_primary: service.primary.as_deref() == Some(id.as_str()),
@@ -469,10 +545,13 @@ pub async fn register_configured(node: Shared) {
 }
 
 /// `/health/ha`: 200 when every active-passive service has a primary that is up (and a
-/// `postgres` one in synchronous mode its synchronous standby), else 503 with each
+/// `postgres` one in synchronous mode its synchronous standby, in quorum mode enough of
+/// its quorum up), else 503 with each
 /// problem; for load balancers and monitoring (like Patroni's `/health`).
 pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
     use axum::response::IntoResponse;
+    // Read before the state's lock is taken below: never twice in one thread.
+    let primary_region = node.primary_region();
     let problems: Vec<String> = {
         let applied = node.applied.read().expect("state lock");
         applied
@@ -492,6 +571,22 @@ pub async fn health_ha(State(node): State<Shared>) -> axum::response::Response {
                     }
                     Some(_) if s.demoting => Some(format!("{name}: primary is stepping down")),
                     Some(_) => s.kind.postgres().and_then(|pg| {
+                        if pg.synchronous == Synchronous::Quorum {
+                            let local = &applied.state.local;
+                            let members =
+                                pg_topology(name, s, local).quorum_members(&primary_region, s.primary.as_deref());
+                            let up = members
+                                .iter()
+                                .filter(|m| local.verdict(name, m).health == Health::Up)
+                                .count();
+                            let wanted = rampart_core::postgres::quorum_size(members.len());
+                            return (up < wanted).then(|| {
+                                format!(
+                                    "{name}: {up} of {} quorum replicas up, commits wait for {wanted}: commits wait",
+                                    members.len()
+                                )
+                            });
+                        }
                         let standby = applied.state.local.synchronous.get(name);
                         (pg.is_synchronous() && standby.is_none()).then(|| match pg.fallback {
                             rampart_core::postgres::Fallback::Block => {

@@ -163,6 +163,13 @@ impl Soft {
     }
 
     /// Whether instance `id`'s last reported position says it streams from its primary.
+    /// The WAL position a `postgres` instance last reported.
+    pub fn lsn(&self, service: &str, id: &str) -> Option<rampart_core::postgres::Lsn> {
+        self.positions
+            .get(&(service.to_string(), id.to_string()))
+            .map(|position| position.lsn)
+    }
+
     pub fn streaming(&self, service: &str, id: &str) -> bool {
         self.positions
             .get(&(service.to_string(), id.to_string()))

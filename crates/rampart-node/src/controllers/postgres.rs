@@ -34,7 +34,7 @@ use rampart_core::api::{Event, ObservationsRequest, WalPosition};
 use rampart_core::health::Health;
 use rampart_core::postgres::{
     hba, is_timeline_history, is_wal_segment, listen_port, quote_ident, quote_literal, settings,
-    synchronous_standby_names, wal_file_name, wal_position, Fallback, Lsn, Member, Placement, Postgres, Topology,
+    synchronous_standby_names, wal_file_name, wal_position, Fallback, Lsn, Placement, Postgres, Synchronous,
     WalSummary,
 };
 use rampart_core::service::InstanceRole;
@@ -139,19 +139,7 @@ fn views(node: &Shared) -> HashMap<InstanceKey, View> {
     let mut views = HashMap::new();
     for (name, service) in &applied.state.shipped.services {
         let Some(pg) = service.kind.postgres() else { continue };
-        let topology = Topology {
-            members: service
-                .instances
-                .iter()
-                .map(|(id, r)| Member {
-                    id,
-                    region: &r.instance.region,
-                    priority: r.instance.priority,
-                    up: applied.state.local.verdict(name, id).health == Health::Up,
-                })
-                .collect(),
-            primary: service.primary.as_deref(),
-        };
+        let topology = crate::services::pg_topology(name, service, &applied.state.local);
         let upstream_of = |id: &str| {
             let upstream = topology.upstream(id)?;
             Some(Follow {
@@ -173,8 +161,16 @@ fn views(node: &Shared) -> HashMap<InstanceKey, View> {
             })
             .max_by(|a, b| a.1.instance.priority.cmp(&b.1.instance.priority).then(b.0.cmp(a.0)))
             .map(|(id, _)| id.clone());
-        let standby = applied.state.local.synchronous.get(name).map(String::as_str);
-        let synchronous_names = names_for(pg, standby);
+        // Whom the primary waits for: the committed standby, or in quorum mode enough of
+        // the primary region's other instances.
+        let synchronous_names = match pg.synchronous {
+            Synchronous::Quorum => synchronous_standby_names(
+                pg.synchronous,
+                pg.fallback,
+                &topology.quorum_members(primary_region, service.primary.as_deref()),
+            ),
+            _ => names_for(pg, applied.state.local.synchronous.get(name).map(String::as_str)),
+        };
         for (id, record) in &service.instances {
             if !node.hosts(&record.instance) {
                 continue;
@@ -897,16 +893,7 @@ pub async fn run_archive(node: Shared) {
 
 /// An event of kind `postgres` about one instance this node hosts.
 fn postgres_event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str) -> Event {
-    Event {
-        id: 0,
-        at_ms: 0,
-        kind: "postgres".to_string(),
-        action: action.to_string(),
-        actor: "-".to_string(),
-        source: format!("node {}", node.id),
-        outcome: outcome.to_string(),
-        detail: format!("service={} instance={}", key.0, key.1),
-    }
+    super::supervisor::instance_event(node, key, "postgres", action, outcome)
 }
 
 /// The names the instance at `endpoint` gives the relations of `summary`
@@ -1016,7 +1003,9 @@ fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)>
     let mut changes = Vec::new();
     for (name, service) in &applied.state.shipped.services {
         let Some(pg) = service.kind.postgres() else { continue };
-        if !pg.is_synchronous() {
+        // Quorum mode names no standby: the primary waits for enough of its region's
+        // replicas, whichever they are.
+        if pg.synchronous != Synchronous::On {
             continue;
         }
         // Only while a primary runs: when it is down (or stepping down), its replicas stop

@@ -242,15 +242,20 @@ fn tell_leader(node: &Shared, key: &InstanceKey, gave_up: bool) {
 
 async fn event(node: &Shared, key: &InstanceKey, action: &str, outcome: &str) {
     tracing::info!(service = %key.0, instance = %key.1, action, outcome, "supervision");
-    let event = Event {
+    let event = instance_event(node, key, "supervision", action, outcome);
+    crate::events::record_anywhere(node, event).await;
+}
+
+/// An event of `kind` about one instance this node hosts.
+pub(crate) fn instance_event(node: &Shared, key: &InstanceKey, kind: &str, action: &str, outcome: &str) -> Event {
+    Event {
         id: 0,
         at_ms: 0,
-        kind: "supervision".to_string(),
+        kind: kind.to_string(),
         action: action.to_string(),
         actor: "-".to_string(),
         source: format!("node {}", node.id),
         outcome: outcome.to_string(),
         detail: format!("service={} instance={}", key.0, key.1),
-    };
-    crate::events::record_anywhere(node, event).await;
+    }
 }

@@ -436,6 +436,46 @@ async fn synchronous_mode_keeps_every_committed_row_through_five_primary_kills()
     assert!(lost.is_empty(), "{} committed rows lost: {lost:?}", lost.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_mode_waits_for_any_of_its_replicas_and_keeps_every_committed_row_through_three_kills() {
+    let pg = PgCluster::start(serde_json::json!({"synchronous": "quorum"})).await;
+    let first = pg.wait_serving(|_| true).await;
+    pg.sql(&first, "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
+    let (port, _proxy) = pg.primary_proxy();
+    let inserts = Inserts::start(port, 4);
+    let mut primary = first;
+    for round in 0..3 {
+        // Every instance back in its role, and the primary waiting for any one of the
+        // other two (no standby is named: whichever answers first).
+        pg.wait_serving(|p| p == primary).await;
+        let others: Vec<String> = pg
+            .instances
+            .iter()
+            .map(|(id, _)| id.clone())
+            .filter(|id| *id != primary)
+            .collect();
+        let wanted = format!("ANY 1 (\"{}\", \"{}\")", others[0], others[1]);
+        rampart_testkit::eventually(Duration::from_secs(60), &wanted, || async {
+            (pg.sql(&primary, "SHOW synchronous_standby_names").ok()? == wanted).then_some(())
+        })
+        .await;
+        inserts.wait_more(50).await;
+        // SAFETY: kill(2) of a process this test's region started.
+        unsafe {
+            libc::kill(pg.postmaster_pid(&primary), libc::SIGKILL);
+        }
+        let next = wait_primary_not(&pg, &primary).await;
+        assert!(others.contains(&next), "round {round}: {next}");
+        primary = next;
+    }
+    inserts.wait_more(50).await;
+    let acknowledged = inserts.stop().await;
+    let primary = pg.wait_serving(|_| true).await;
+    let lost = pg.lost(&primary, &acknowledged);
+    assert!(acknowledged.len() >= 200, "{} acknowledged", acknowledged.len());
+    assert!(lost.is_empty(), "{} committed rows lost: {lost:?}", lost.len());
+}
+
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1004,19 +1044,18 @@ async fn wait_streams(port: u16, from: u16, value: i64) {
     .await
 }
 
-/// Waits until the registry's primary of "db" (as `client`'s region has it) is `id` and it
-/// takes writes; writes `value` there.
-async fn write_on_primary(client: &rampart_client::Client, id: &str, port: u16, value: i64) {
-    rampart_testkit::eventually(
-        Duration::from_secs(120),
-        &format!("{id} primary and writable"),
-        || async {
-            let view = client.service("db").await.ok()?;
-            (view.primary.as_deref() == Some(id)).then_some(())?;
-            sql_on(port, &format!("INSERT INTO t VALUES ({value})"))
-        },
-    )
-    .await;
+/// Waits until the registry's primary of "db" (as `client`'s region has it) is one of
+/// `ids` (id, port) and it takes writes; writes `value` there; which one it is.
+async fn write_on_primary(client: &rampart_client::Client, ids: &[(&str, u16)], value: i64) -> (String, u16) {
+    let what = format!("one of {ids:?} primary and writable");
+    rampart_testkit::eventually(Duration::from_secs(120), &what, || async {
+        let view = client.service("db").await.ok()?;
+        let primary = view.primary?;
+        let (id, port) = ids.iter().find(|(id, _)| *id == primary)?;
+        sql_on(*port, &format!("INSERT INTO t VALUES ({value})"))?;
+        Some((id.to_string(), *port))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1068,7 +1107,7 @@ async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_regi
     })
     .await;
     sql_on(port("e1"), "CREATE TABLE t (v bigint PRIMARY KEY)").expect("table");
-    write_on_primary(&east, "e1", port("e1"), 1).await;
+    write_on_primary(&east, &[("e1", port("e1"))], 1).await;
     wait_streams(port("e2"), port("e1"), 1).await;
     wait_streams(port("w1"), port("e1"), 1).await;
     wait_streams(port("w2"), port("w1"), 1).await;
@@ -1084,11 +1123,14 @@ async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_regi
     west.regions_failover(&crate::region_failover::planned("west"))
         .await
         .expect("planned failover");
-    write_on_primary(&west, "w1", port("w1"), 2).await;
-    wait_streams(port("w2"), port("w1"), 2).await;
-    wait_streams(port("e1"), port("w1"), 2).await;
+    // West's best instance (w1, unless it was not up at that moment).
+    let west_pair = [("w1", port("w1")), ("w2", port("w2"))];
+    let (west_primary, west_port) = write_on_primary(&west, &west_pair, 2).await;
+    let west_other = if west_primary == "w1" { "w2" } else { "w1" };
+    wait_streams(port(west_other), west_port, 2).await;
+    wait_streams(port("e1"), west_port, 2).await;
     wait_streams(port("e2"), port("e1"), 2).await;
-    for id in ["e1", "e2", "w2"] {
+    for id in ["e1", "e2", west_other] {
         assert_eq!(
             sql_on(port(id), "SELECT pg_is_in_recovery()").as_deref(),
             Some("t"),
@@ -1100,9 +1142,11 @@ async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_regi
     east.regions_failback(&crate::region_failover::planned("east"))
         .await
         .expect("fail-back");
-    write_on_primary(&east, "e1", port("e1"), 3).await;
-    wait_streams(port("e2"), port("e1"), 3).await;
-    wait_streams(port("w1"), port("e1"), 3).await;
+    let east_pair = [("e1", port("e1")), ("e2", port("e2"))];
+    let (east_primary, east_port) = write_on_primary(&east, &east_pair, 3).await;
+    let east_other = if east_primary == "e1" { "e2" } else { "e1" };
+    wait_streams(port(east_other), east_port, 3).await;
+    wait_streams(port("w1"), east_port, 3).await;
     wait_streams(port("w2"), port("w1"), 3).await;
     let rows = sql_on(port("w2"), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t");
     assert_eq!(rows.as_deref(), Some("1,2,3"));
@@ -1150,11 +1194,14 @@ async fn an_old_primary_keeps_the_wal_it_never_shipped_with_a_summary_of_its_tra
     pg.wait_serving(|p| p == second).await;
     let rows = pg.sql(&second, "SELECT count(*) FROM t WHERE v >= 100").expect("rows");
     assert_eq!(rows, "0", "the five rows never left the old primary");
-    let events = pg.client.events(Some("postgres"), None).await.expect("events").events;
-    let kept = events
-        .iter()
-        .find(|e| e.action == "postgres.divergence" && e.detail.contains(&format!("instance={first}")))
-        .unwrap_or_else(|| panic!("no postgres.divergence event: {events:?}"));
+    // It may serve read-only a moment before it is rewound: the event says when.
+    let kept = rampart_testkit::eventually(Duration::from_secs(60), "a postgres.divergence event", || async {
+        let events = pg.client.events(Some("postgres"), None).await.ok()?.events;
+        events
+            .into_iter()
+            .find(|e| e.action == "postgres.divergence" && e.detail.contains(&format!("instance={first}")))
+    })
+    .await;
     let dir = kept
         .outcome
         .split_once(" kept in ")
@@ -1180,4 +1227,67 @@ async fn an_old_primary_keeps_the_wal_it_never_shipped_with_a_summary_of_its_tra
         dump.lines().filter(|l| l.contains("desc: COMMIT")).count() >= 5,
         "{dump}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wal_archiving_that_cannot_store_says_so_keeps_the_wal_and_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!("[backup]\ndestination = \"file://{}\"\n", store.display()),
+    )
+    .expect("config");
+    let options = rampart_testkit::ClusterOptions {
+        nodes: 3,
+        node_args: vec!["--config".into(), config.display().to_string()],
+        ..rampart_testkit::ClusterOptions::default()
+    };
+    let pg = PgCluster::start_with(options, serde_json::json!({})).await;
+    let primary = pg.wait_serving(|_| true).await;
+    pg.sql(
+        &primary,
+        "CREATE TABLE t (v bigint PRIMARY KEY); INSERT INTO t VALUES (1)",
+    )
+    .expect("table");
+    let switched = pg.sql(&primary, "SELECT pg_switch_wal()").expect("switch");
+    wait_archived(&pg, &primary, &switched).await;
+
+    // The destination breaks: where WAL files go is a file now, not a directory.
+    let wal = store.join("pg/db/wal");
+    let aside = store.join("pg/db/wal.aside");
+    std::fs::rename(&wal, &aside).expect("move the archive aside");
+    std::fs::write(&wal, b"in the way").expect("block it");
+    pg.sql(&primary, "INSERT INTO t VALUES (2)").expect("row 2");
+    let blocked = pg.sql(&primary, "SELECT pg_switch_wal()").expect("switch");
+    let file = pg
+        .sql(&primary, &format!("SELECT pg_walfile_name('{blocked}')"))
+        .expect("name");
+    rampart_testkit::eventually(Duration::from_secs(60), "a postgres.archive event", || async {
+        let events = pg.client.events(Some("postgres"), None).await.ok()?;
+        events
+            .events
+            .into_iter()
+            .find(|e| e.action == "postgres.archive" && e.outcome.starts_with("failed: "))
+    })
+    .await;
+    let archived = pg
+        .sql(&primary, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+        .expect("archiver");
+    assert!(archived < file, "{archived} archived while the destination was broken");
+    // The WAL file waits on the primary meanwhile.
+    let kept = pg
+        .sql(
+            &primary,
+            &format!("SELECT count(*) FROM pg_ls_waldir() WHERE name = '{file}'"),
+        )
+        .expect("pg_wal");
+    assert_eq!(kept, "1", "{file} kept in pg_wal");
+
+    // Mended: archiving catches up by itself.
+    std::fs::remove_file(&wal).expect("unblock");
+    std::fs::rename(&aside, &wal).expect("move the archive back");
+    wait_archived(&pg, &primary, &blocked).await;
+    assert!(wal.join(&file).exists(), "{file} stored at the destination");
 }
