@@ -459,6 +459,22 @@ async fn quorum_mode_waits_for_any_of_its_replicas_and_keeps_every_committed_row
             (pg.sql(&primary, "SHOW synchronous_standby_names").ok()? == wanted).then_some(())
         })
         .await;
+        // Both replicas stream (an old primary serves read-only a moment before it is
+        // rewound): a failover needs both settled.
+        let primary_port = pg.port(&primary).to_string();
+        rampart_testkit::eventually(Duration::from_secs(90), "both replicas streaming", || async {
+            for id in &others {
+                let sender = pg
+                    .sql(
+                        id,
+                        "SELECT coalesce(sender_port, 0) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                    )
+                    .ok()?;
+                (sender == primary_port).then_some(())?;
+            }
+            Some(())
+        })
+        .await;
         inserts.wait_more(50).await;
         // SAFETY: kill(2) of a process this test's region started.
         unsafe {
