@@ -11,6 +11,7 @@ pub mod auth;
 pub mod backup;
 pub mod compaction;
 pub mod config;
+pub mod drill;
 pub mod duration;
 pub mod election;
 pub mod failover;

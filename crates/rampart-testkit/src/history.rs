@@ -89,7 +89,6 @@ impl History {
     }
 }
 
-/// Fencing tokens in the order they were won must strictly increase.
 /// One acknowledged write as a client saw it: when it sent it, when the answer came, and
 /// the region epoch that acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +120,126 @@ pub fn epochs_overlap(acks: &[EpochAck]) -> Option<(EpochAck, EpochAck)> {
     })
 }
 
+/// One write a service's primary acknowledged, as a client saw it: when it was sent and
+/// answered, which instance answered and under which fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryAck {
+    pub instance: String,
+    pub token: u64,
+    pub sent: std::time::Instant,
+    pub answered: std::time::Instant,
+}
+
+/// Safety rule 4 on one service's history: at most one primary at a time. A violation is
+/// one token acknowledged by two instances, or a write acknowledged under an older token
+/// that was *sent* after a write under a newer token had been answered (the old primary
+/// still took writes once the new one did). Returns the first pair found.
+pub fn two_primaries(acks: &[PrimaryAck]) -> Option<(PrimaryAck, PrimaryAck)> {
+    let mut holder: BTreeMap<u64, &PrimaryAck> = BTreeMap::new();
+    for ack in acks {
+        let first = holder.entry(ack.token).or_insert(ack);
+        if first.instance != ack.instance {
+            return Some(((*first).clone(), ack.clone()));
+        }
+        if ack.answered < first.answered {
+            *first = ack;
+        }
+    }
+    acks.iter().find_map(|older| {
+        holder
+            .range(older.token + 1..)
+            .map(|(_, newer)| *newer)
+            .find(|newer| newer.answered < older.sent)
+            .map(|newer| (older.clone(), newer.clone()))
+    })
+}
+
+/// One operation on a register (one key) as a client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterOp {
+    pub call: RegisterCall,
+    /// When it was sent (any clock shared by every client of the history, e.g. ms).
+    pub sent: u64,
+    /// When its answer came; none when the outcome is unknown (a write that may or may not
+    /// have taken effect; a read without an answer says nothing and is left out).
+    pub answered: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterCall {
+    /// Values are unique per history, so a read names the write it saw.
+    Write(String),
+    /// What it returned (none: the key did not exist).
+    Read(Option<String>),
+}
+
+/// The most operations [`linearizable`] checks in one history.
+pub const REGISTER_OPS_MAX: usize = 64;
+
+/// Whether a register's history is linearizable (Wing and Gong's search, with the states
+/// already tried remembered): some order of the operations, each placed between its
+/// sending and its answer, in which every read returns the last value written (`initial`
+/// before any). A write with an unknown outcome may be placed anywhere after it was sent,
+/// or not at all. Refuses histories of more than [`REGISTER_OPS_MAX`] operations.
+pub fn linearizable(initial: Option<&str>, ops: &[RegisterOp]) -> Result<bool, String> {
+    let ops: Vec<&RegisterOp> = ops
+        .iter()
+        .filter(|op| op.answered.is_some() || matches!(op.call, RegisterCall::Write(_)))
+        .collect();
+    if ops.len() > REGISTER_OPS_MAX {
+        return Err(format!(
+            "{} operations: at most {REGISTER_OPS_MAX} per register",
+            ops.len()
+        ));
+    }
+    let required: u64 = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| op.answered.is_some())
+        .fold(0, |mask, (i, _)| mask | 1 << i);
+    let mut tried = std::collections::HashSet::new();
+    Ok(place(&ops, required, 0, initial, &mut tried))
+}
+
+/// Places the next operation of `ops` after those in `done`, with the register at `value`.
+fn place<'a>(
+    ops: &[&'a RegisterOp],
+    required: u64,
+    done: u64,
+    value: Option<&'a str>,
+    tried: &mut std::collections::HashSet<(u64, Option<&'a str>)>,
+) -> bool {
+    if done & required == required {
+        return true;
+    }
+    if !tried.insert((done, value)) {
+        return false;
+    }
+    // An operation may come next only if it was sent before every remaining one answered.
+    let horizon = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| done & 1 << i == 0)
+        .filter_map(|(_, op)| op.answered)
+        .min()
+        .unwrap_or(u64::MAX);
+    for (i, op) in ops.iter().enumerate() {
+        if done & 1 << i != 0 || op.sent > horizon {
+            continue;
+        }
+        let next = match &op.call {
+            RegisterCall::Write(written) => Some(written.as_str()),
+            RegisterCall::Read(read) if read.as_deref() == value => value,
+            RegisterCall::Read(_) => continue,
+        };
+        if place(ops, required, done | 1 << i, next, tried) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Fencing tokens in the order they were won must strictly increase.
 pub fn tokens_strictly_increase(tokens: &[u64]) -> bool {
     tokens.windows(2).all(|w| w[0] < w[1])
 }
@@ -128,6 +247,80 @@ pub fn tokens_strictly_increase(tokens: &[u64]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_primaries_are_found_by_token_and_by_real_time() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let ack = |instance: &str, token, sent, answered| PrimaryAck {
+            instance: instance.into(),
+            token,
+            sent: at(sent),
+            answered: at(answered),
+        };
+        // A clean handover: a's writes end before b's begin; one in flight across it
+        // answered by a is no proof.
+        let clean = [
+            ack("a", 1, 0, 5),
+            ack("a", 1, 10, 30),
+            ack("b", 2, 20, 25),
+            ack("b", 2, 40, 45),
+        ];
+        assert_eq!(two_primaries(&clean), None);
+        // a answers a write sent after b had answered one: two primaries.
+        let late = [ack("b", 2, 20, 25), ack("a", 1, 30, 35)];
+        assert_eq!(two_primaries(&late), Some((late[1].clone(), late[0].clone())));
+        // One token, two instances.
+        let shared = [ack("a", 3, 0, 5), ack("b", 3, 10, 15)];
+        assert!(two_primaries(&shared).is_some());
+    }
+
+    #[test]
+    fn a_register_history_is_linearizable_or_not() {
+        let write = |v: &str, sent, answered| RegisterOp {
+            call: RegisterCall::Write(v.into()),
+            sent,
+            answered,
+        };
+        let read = |v: Option<&str>, sent, answered| RegisterOp {
+            call: RegisterCall::Read(v.map(str::to_string)),
+            sent,
+            answered: Some(answered),
+        };
+        // Sequential and right.
+        let ok = [
+            write("1", 0, Some(1)),
+            read(Some("1"), 2, 3),
+            write("2", 4, Some(5)),
+            read(Some("2"), 6, 7),
+        ];
+        assert_eq!(linearizable(None, &ok), Ok(true));
+        // A stale read: 2 was written before the read began, yet it returned 1.
+        let stale = [write("1", 0, Some(1)), write("2", 2, Some(3)), read(Some("1"), 4, 5)];
+        assert_eq!(linearizable(None, &stale), Ok(false));
+        // Concurrent: the read overlaps the write, either value is fine.
+        let overlapping = [write("1", 0, Some(1)), write("2", 2, Some(6)), read(Some("1"), 3, 4)];
+        assert_eq!(linearizable(None, &overlapping), Ok(true));
+        // A write with an unknown outcome may have happened...
+        let maybe = [write("1", 0, Some(1)), write("2", 2, None), read(Some("2"), 10, 11)];
+        assert_eq!(linearizable(None, &maybe), Ok(true));
+        // ...or not.
+        let not = [write("1", 0, Some(1)), write("2", 2, None), read(Some("1"), 10, 11)];
+        assert_eq!(linearizable(None, &not), Ok(true));
+        // But a value read once cannot be unread: 2 then 1 again is not linearizable.
+        let flip = [
+            write("1", 0, Some(1)),
+            write("2", 2, None),
+            read(Some("2"), 10, 11),
+            read(Some("1"), 12, 13),
+        ];
+        assert_eq!(linearizable(None, &flip), Ok(false));
+        // A read of a value nobody wrote.
+        assert_eq!(linearizable(None, &[read(Some("9"), 0, 1)]), Ok(false));
+        assert_eq!(linearizable(Some("0"), &[read(Some("0"), 0, 1)]), Ok(true));
+        let many: Vec<RegisterOp> = (0..65).map(|i| write(&i.to_string(), i, Some(i))).collect();
+        assert!(linearizable(None, &many).is_err());
+    }
 
     #[test]
     fn finds_a_lost_acknowledged_write() {

@@ -5,6 +5,7 @@ mod backup_cmd;
 mod bench_service;
 mod cli;
 mod demo;
+mod drill_cmd;
 mod node_cmd;
 mod outcome;
 mod sample_fleet;

@@ -406,3 +406,21 @@ fn a_witness_with_data_or_as_the_primary_exits_2_naming_the_field() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("regions.primary") && err.contains("witness"), "{err}");
 }
+
+#[test]
+fn drill_list_names_every_scenario_and_an_unknown_subcommand_exits_2() {
+    let (code, out, err) = run(&["drill", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names.len(), 15, "{out}");
+    assert!(
+        names.contains(&"postgres-primary-kill") && names.contains(&"leader-kill"),
+        "{out}"
+    );
+    let (code, out, err) = run(&["--output", "json", "drill", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<rampart_core::drill::ScenarioInfo> = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed, rampart_core::drill::catalogue());
+    let (code, _, err) = run(&["drill", "explode"]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -1,0 +1,190 @@
+//! DR drills (`rampart drill`): the scenarios by their fixed names, which schedules and
+//! scripts rely on, and what each breaks and how it is undone. Running them is
+//! `rampart-testkit`'s and the binary's; this module only names and describes them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// One fault with its undo. The names are fixed (`rampart drill list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    LeaderKill,
+    LeaderPause,
+    PartitionMinority,
+    PartitionMajority,
+    PrimaryKill,
+    NodeKill,
+    ZoneLoss,
+    RegionOutage,
+    LinkCut,
+    LinkSlow,
+    Switchover,
+    RegionFailover,
+    Failback,
+    BackupRestore,
+    PostgresPrimaryKill,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 15] = [
+        Scenario::LeaderKill,
+        Scenario::LeaderPause,
+        Scenario::PartitionMinority,
+        Scenario::PartitionMajority,
+        Scenario::PrimaryKill,
+        Scenario::NodeKill,
+        Scenario::ZoneLoss,
+        Scenario::RegionOutage,
+        Scenario::LinkCut,
+        Scenario::LinkSlow,
+        Scenario::Switchover,
+        Scenario::RegionFailover,
+        Scenario::Failback,
+        Scenario::BackupRestore,
+        Scenario::PostgresPrimaryKill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::LeaderKill => "leader-kill",
+            Scenario::LeaderPause => "leader-pause",
+            Scenario::PartitionMinority => "partition-minority",
+            Scenario::PartitionMajority => "partition-majority",
+            Scenario::PrimaryKill => "primary-kill",
+            Scenario::NodeKill => "node-kill",
+            Scenario::ZoneLoss => "zone-loss",
+            Scenario::RegionOutage => "region-outage",
+            Scenario::LinkCut => "link-cut",
+            Scenario::LinkSlow => "link-slow",
+            Scenario::Switchover => "switchover",
+            Scenario::RegionFailover => "region-failover",
+            Scenario::Failback => "failback",
+            Scenario::BackupRestore => "backup-restore",
+            Scenario::PostgresPrimaryKill => "postgres-primary-kill",
+        }
+    }
+
+    /// What it breaks, in a sentence.
+    pub fn fault(self) -> &'static str {
+        match self {
+            Scenario::LeaderKill => "SIGKILL of the primary region's Raft leader",
+            Scenario::LeaderPause => "SIGSTOP of the primary region's Raft leader, past its election timeout",
+            Scenario::PartitionMinority => "one node cut off from the rest of its region",
+            Scenario::PartitionMajority => "a majority of the region's nodes cut off from the rest",
+            Scenario::PrimaryKill => "SIGKILL of the sample service's primary process",
+            Scenario::NodeKill => "SIGKILL of the node hosting the sample service's primary",
+            Scenario::ZoneLoss => "every node and instance labelled with one zone killed at once",
+            Scenario::RegionOutage => "every node of the primary region killed",
+            Scenario::LinkCut => "the link between the primary region and a standby cut",
+            Scenario::LinkSlow => "the link between the primary region and a standby delayed",
+            Scenario::Switchover => "a planned switchover of the sample service's primary",
+            Scenario::RegionFailover => "a planned failover to a standby region",
+            Scenario::Failback => "a planned fail-back to the original primary region",
+            Scenario::BackupRestore => "the newest backup restored into a scratch region, checksums compared",
+            Scenario::PostgresPrimaryKill => "SIGKILL of the PostgreSQL primary's postmaster",
+        }
+    }
+
+    /// How the drill undoes it.
+    pub fn undo(self) -> &'static str {
+        match self {
+            Scenario::LeaderKill
+            | Scenario::PrimaryKill
+            | Scenario::NodeKill
+            | Scenario::ZoneLoss
+            | Scenario::RegionOutage
+            | Scenario::PostgresPrimaryKill => "the killed processes are started again",
+            Scenario::LeaderPause => "SIGCONT",
+            Scenario::PartitionMinority | Scenario::PartitionMajority | Scenario::LinkCut | Scenario::LinkSlow => {
+                "the links are healed"
+            }
+            Scenario::Switchover => "nothing: the new primary stays",
+            Scenario::RegionFailover => "nothing: a failback scenario takes it back",
+            Scenario::Failback => "nothing: the original primary region is primary again",
+            Scenario::BackupRestore => "the scratch region is stopped and removed",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scenario, String> {
+        Scenario::ALL.into_iter().find(|s| s.name() == text).ok_or_else(|| {
+            let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown scenario {text:?}: one of {}", names.join(", "))
+        })
+    }
+}
+
+/// One scenario as `rampart drill list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScenarioInfo {
+    pub name: Scenario,
+    pub fault: String,
+    pub undo: String,
+}
+
+/// Every scenario, in the order of [`Scenario::ALL`].
+pub fn catalogue() -> Vec<ScenarioInfo> {
+    Scenario::ALL
+        .into_iter()
+        .map(|s| ScenarioInfo {
+            name: s,
+            fault: s.fault().to_string(),
+            undo: s.undo().to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixed_names_read_back_and_serialize_as_written() {
+        let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "leader-kill",
+                "leader-pause",
+                "partition-minority",
+                "partition-majority",
+                "primary-kill",
+                "node-kill",
+                "zone-loss",
+                "region-outage",
+                "link-cut",
+                "link-slow",
+                "switchover",
+                "region-failover",
+                "failback",
+                "backup-restore",
+                "postgres-primary-kill",
+            ]
+        );
+        for scenario in Scenario::ALL {
+            assert_eq!(scenario.name().parse::<Scenario>(), Ok(scenario));
+            assert_eq!(
+                serde_json::to_string(&scenario).unwrap(),
+                format!("\"{}\"", scenario.name())
+            );
+        }
+        let refused = "leader-kil".parse::<Scenario>().unwrap_err();
+        assert!(
+            refused.contains("unknown scenario \"leader-kil\": one of leader-kill, "),
+            "{refused}"
+        );
+        assert_eq!(catalogue().len(), 15);
+    }
+}
