@@ -23,6 +23,9 @@ pub struct WriteRecord {
     pub key: String,
     pub value: String,
     pub outcome: OpOutcome,
+    /// When it was sent, and when its outcome was known.
+    pub sent: std::time::Instant,
+    pub answered: std::time::Instant,
 }
 
 /// A thread-safe log of writes.
@@ -33,12 +36,29 @@ pub struct History {
 
 impl History {
     pub fn record(&self, client: usize, key: &str, value: &str, outcome: OpOutcome) {
+        self.record_sent(client, key, value, outcome, std::time::Instant::now());
+    }
+
+    /// The same, for a write sent at `sent` (its outcome is known now).
+    pub fn record_sent(&self, client: usize, key: &str, value: &str, outcome: OpOutcome, sent: std::time::Instant) {
         self.writes.lock().expect("history lock").push(WriteRecord {
             client,
             key: key.to_string(),
             value: value.to_string(),
             outcome,
+            sent,
+            answered: std::time::Instant::now(),
         });
+    }
+
+    /// How long after `at` the first write sent after it was acknowledged (what a client
+    /// saw as downtime from then on); none if none was.
+    pub fn first_ack_after(&self, at: std::time::Instant) -> Option<std::time::Duration> {
+        self.writes()
+            .iter()
+            .filter(|w| w.sent >= at && matches!(w.outcome, OpOutcome::Acknowledged { .. }))
+            .map(|w| w.answered.duration_since(at))
+            .min()
     }
 
     pub fn writes(&self) -> Vec<WriteRecord> {

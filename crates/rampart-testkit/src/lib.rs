@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod drill;
 pub mod history;
 pub mod http_backend;
 pub mod postgres;

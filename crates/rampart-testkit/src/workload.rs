@@ -31,6 +31,7 @@ impl Workload {
                         seq += 1;
                         let key = format!("{prefix}/w{writer}/{seq:07}");
                         let value = format!("{writer}-{seq}");
+                        let sent = std::time::Instant::now();
                         let outcome = match client.put(&key, &value, PutOptions::default()).await {
                             Ok(answer) => OpOutcome::Acknowledged {
                                 revision: answer.revision,
@@ -38,7 +39,7 @@ impl Workload {
                             Err(e) if e.is_definite() => OpOutcome::Failed,
                             Err(_) => OpOutcome::Unknown,
                         };
-                        history.record(writer, &key, &value, outcome);
+                        history.record_sent(writer, &key, &value, outcome, sent);
                     }
                 })
             })

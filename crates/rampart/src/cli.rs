@@ -188,7 +188,8 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Disaster-recovery drills: `drill list` names the scenarios
+    /// Disaster-recovery drills: `drill list` names the scenarios, `drill run` runs them
+    /// against a local region and reports RTO, RPO and the safety checks
     #[command(subcommand)]
     Drill(crate::drill_cmd::DrillCommand),
     /// Start a 3-node region locally, kill its leader under load, and report what happened
@@ -500,7 +501,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
-        Command::Drill(command) => crate::drill_cmd::run(output, command),
+        Command::Drill(command) => crate::drill_cmd::run(output, command).await,
         Command::Bench(bench_args) => run_bench(bench_args, output).await,
         Command::Status => {
             let status = client()?.cluster().await?;

@@ -424,3 +424,50 @@ fn drill_list_names_every_scenario_and_an_unknown_subcommand_exits_2() {
     let (code, _, err) = run(&["drill", "explode"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_drill_reports_rto_and_rpo_and_exits_1_when_a_budget_cannot_be_met() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reports = dir.path().join("reports");
+    let reports_text = reports.display().to_string();
+    // An RTO budget of 1 ms no failover meets: exit 1, and the report says why.
+    let (code, out, err) = run(&[
+        "--output",
+        "json",
+        "drill",
+        "run",
+        "leader-kill",
+        "--rto-budget",
+        "1ms",
+        "--report-dir",
+        &reports_text,
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("a budget was missed"), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json report");
+    let step = &report["steps"][0];
+    assert_eq!(step["scenario"], "leader-kill");
+    assert!(step["rto_ms"].as_u64().expect("recovered") > 1, "{step}");
+    assert_eq!(step["lost"], 0, "{step}");
+    assert_eq!(step["within_budget"], false);
+    assert!(
+        step["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .all(|c| c["passed"] == true),
+        "{step}"
+    );
+    assert_eq!(report["passed"], false);
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reports.join("report.json")).expect("report.json")).expect("json");
+    assert_eq!(written, report);
+    let markdown = std::fs::read_to_string(reports.join("report.md")).expect("report.md");
+    assert!(markdown.contains("| leader-kill |"), "{markdown}");
+    // A scenario not built yet, or unknown, is refused before anything starts: exit 2.
+    let (code, _, err) = run(&["drill", "run", "zone-loss"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not built yet"), "{err}");
+    let (code, _, err) = run(&["drill", "run", "zone-lost"]);
+    assert_eq!(code, 2, "{err}");
+}
