@@ -242,7 +242,10 @@ impl Client {
                             last_error = format!("{url}: {e}");
                             continue;
                         }
-                        Err(e) => return Err(ClientError::Unknown(format!("{url}: {e}"))),
+                        Err(e) => {
+                            self.pass_over(index);
+                            return Err(ClientError::Unknown(format!("{url}: {e}")));
+                        }
                     };
                     if status.is_success() {
                         self.preferred.store(index, Ordering::Relaxed);
@@ -272,6 +275,9 @@ impl Client {
                     if e.is_connect() || retry == Retry::Idempotent {
                         last_error = format!("{url}: {described}");
                     } else {
+                        // Its outcome is unknown, but the next call starts elsewhere: a node
+                        // that hangs (paused, cut off) must not take every write to it.
+                        self.pass_over(index);
                         return Err(ClientError::Unknown(format!("{url}: {described}")));
                     }
                 }
@@ -282,6 +288,15 @@ impl Client {
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
         }
+    }
+
+    /// The next call starts with the endpoint after `index` (unless another call has
+    /// moved on already).
+    fn pass_over(&self, index: usize) {
+        let next = (index + 1) % self.endpoints.len();
+        let _ = self
+            .preferred
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

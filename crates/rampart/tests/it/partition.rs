@@ -159,3 +159,28 @@ async fn rejoining_follower_does_not_depose_a_healthy_leader() {
         "the term moved: the rejoining follower disrupted the region"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_node_hangs_sends_its_next_write_elsewhere() {
+    let mut cluster = cluster(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    // The leader first: the client's first write goes there and it stays preferred.
+    let mut endpoints = vec![cluster.nodes[&leader].endpoint()];
+    endpoints.extend(cluster.nodes.values().filter(|n| n.id != leader).map(|n| n.endpoint()));
+    let client = rampart_client::Client::new(&endpoints)
+        .expect("client")
+        .with_deadline(Duration::from_secs(2));
+    client.put("hang/0", "v", PutOptions::default()).await.expect("write");
+    cluster.pause(leader);
+    let new_leader = cluster.wait_for_leader(DEADLINE).await;
+    assert_ne!(new_leader, leader);
+    // The paused node takes the write and never answers: its outcome is unknown...
+    let hung = client.put("hang/1", "v", PutOptions::default()).await;
+    assert!(hung.is_err(), "{hung:?}");
+    // ...but the next write starts with another node and is acknowledged.
+    client
+        .put("hang/2", "v", PutOptions::default())
+        .await
+        .expect("the next write went elsewhere");
+    cluster.resume(leader);
+}
