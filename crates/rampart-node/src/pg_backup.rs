@@ -17,6 +17,7 @@ use rampart_core::backup::{Manifest, PgBase, ServicePart};
 use rampart_core::postgres::{is_timeline_history, is_wal_segment, wal_position, Lsn, Postgres};
 use serde::Serialize;
 
+use crate::node::now_ms;
 use crate::vault::{BackupError, ServiceSource, Vault};
 
 /// Beside the data dir: where `wal-push` leaves WAL files for the node.
@@ -580,12 +581,6 @@ fn pg_time(ms: u64) -> String {
         .unwrap_or_default()
         .format("%Y-%m-%d %H:%M:%S%.3f+00")
         .to_string()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

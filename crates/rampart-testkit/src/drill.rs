@@ -13,7 +13,6 @@ use futures_util::FutureExt;
 use rampart_core::drill::Scenario;
 use serde::Serialize;
 
-use crate::history::OpOutcome;
 use crate::{Cluster, ClusterOptions, RelayMode, Workload};
 
 /// The scenarios `run_local` can run so far.
@@ -149,11 +148,7 @@ async fn step(cluster: &mut Cluster, scenario: Scenario, started: Instant, budge
     let lost = history.lost_acknowledged_writes(&state);
     let failed_applied = history.failed_but_applied(&state);
     let order = history.revision_order_violations();
-    let acknowledged = history
-        .writes()
-        .iter()
-        .filter(|w| matches!(w.outcome, OpOutcome::Acknowledged { .. }))
-        .count();
+    let acknowledged = history.acknowledged();
     let checks = vec![
         Check {
             name: "no acknowledged write lost".into(),

@@ -868,22 +868,35 @@ impl Managed {
 pub async fn run_archive(node: Shared) {
     let Some(backups) = &node.backups else { return };
     let mut failed: HashMap<InstanceKey, String> = HashMap::new();
+    let mut hosted: Vec<(InstanceKey, PathBuf)> = Vec::new();
+    let mut seen_version = None;
     let mut tick = tokio::time::interval(TICK);
     loop {
         tick.tick().await;
-        for (key, view) in views(&node) {
-            let data = PathBuf::from(view.pg.data_dir_of(&key.1));
-            match pg_backup::store_spooled(&backups.vault, &key.0, &data).await {
+        // The data dirs change only with the registry.
+        let version = node.services_version();
+        if seen_version != Some(version) {
+            seen_version = Some(version);
+            hosted = views(&node)
+                .into_iter()
+                .map(|(key, view)| {
+                    let data = PathBuf::from(view.pg.data_dir_of(&key.1));
+                    (key, data)
+                })
+                .collect();
+        }
+        for (key, data) in &hosted {
+            match pg_backup::store_spooled(&backups.vault, &key.0, data).await {
                 Ok(_) => {
-                    failed.remove(&key);
+                    failed.remove(key);
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    if failed.get(&key) != Some(&message) {
+                    if failed.get(key) != Some(&message) {
                         tracing::warn!(service = %key.0, instance = %key.1, "postgres: archiving WAL: {message}");
-                        let event = postgres_event(&node, &key, "postgres.archive", &format!("failed: {message}"));
+                        let event = postgres_event(&node, key, "postgres.archive", &format!("failed: {message}"));
                         crate::events::record_anywhere(&node, event).await;
-                        failed.insert(key, message);
+                        failed.insert(key.clone(), message);
                     }
                 }
             }
@@ -1049,27 +1062,18 @@ fn synchronous_changes(node: &Shared) -> Vec<(String, Option<String>, Fallback)>
     changes
 }
 
-/// Whether the instance at `endpoint` answers as a primary (out of recovery).
-async fn upstream_writable(pg: &Postgres, endpoint: &str) -> bool {
-    let Ok(sql) = pg::connect(pg, endpoint).await else {
-        return false;
-    };
-    pg::status(&sql).await.is_ok_and(|status| !status.in_recovery)
-}
-
-/// Whether `upstream` can be copied, rewound or streamed from: the primary once writable,
-/// a region's lead once it streams from its own upstream (so it is on the primary's
+/// Whether `upstream` can be copied, rewound or streamed from: the primary once writable
+/// (out of recovery: a source still in recovery has not forked its new timeline yet), a
+/// region's lead once it streams from its own upstream (so it is on the primary's
 /// timeline).
 async fn upstream_ready(pg: &Postgres, upstream: &Follow) -> bool {
-    if !upstream.cascade {
-        return upstream_writable(pg, &upstream.endpoint).await;
-    }
     let Ok(sql) = pg::connect(pg, &upstream.endpoint).await else {
         return false;
     };
-    pg::status(&sql)
-        .await
-        .is_ok_and(|status| status.in_recovery && status.streaming)
+    pg::status(&sql).await.is_ok_and(|status| match upstream.cascade {
+        false => !status.in_recovery,
+        true => status.in_recovery && status.streaming,
+    })
 }
 
 /// An empty directory beside `data` for a new data dir, owned by PostgreSQL's user.

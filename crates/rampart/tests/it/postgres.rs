@@ -76,6 +76,27 @@ struct PgCluster {
 
 const SUPERUSER_PASSWORD: &str = "it's-super";
 
+/// A `kind = "postgres"` policy whose data dirs and password files are in a temporary
+/// directory PostgreSQL's user can reach (kept until the directory is dropped).
+fn policy_with_passwords() -> (tempfile::TempDir, serde_json::Value) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(dir.path().join("super.pw"), format!("{SUPERUSER_PASSWORD}\n")).expect("password");
+    std::fs::write(dir.path().join("repl.pw"), "repl-secret\n").expect("password");
+    let policy = serde_json::json!({
+        "kind": "postgres",
+        "postgres": {
+            "bin_dir": rampart_testkit::postgres::bin_dir().expect("PostgreSQL"),
+            "data_dir": dir.path().join("{instance}"),
+            "superuser": {"password_file": dir.path().join("super.pw")},
+            "replication_user": {"password_file": dir.path().join("repl.pw")},
+            "parameters": {"fsync": "off", "shared_buffers": "16MB"},
+        },
+    });
+    (dir, policy)
+}
+
 impl PgCluster {
     async fn start(extra: serde_json::Value) -> PgCluster {
         PgCluster::start_on(3, extra).await
@@ -97,22 +118,7 @@ impl PgCluster {
             .expect("start cluster");
         cluster.wait_for_leader(crate::DEADLINE).await;
         let client = cluster.client();
-        let dir = tempfile::tempdir().expect("temp dir");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::write(dir.path().join("super.pw"), format!("{SUPERUSER_PASSWORD}\n")).expect("password");
-        std::fs::write(dir.path().join("repl.pw"), "repl-secret\n").expect("password");
-        let bin = rampart_testkit::postgres::bin_dir().expect("PostgreSQL");
-        let mut policy = serde_json::json!({
-            "kind": "postgres",
-            "postgres": {
-                "bin_dir": bin,
-                "data_dir": dir.path().join("{instance}"),
-                "superuser": {"password_file": dir.path().join("super.pw")},
-                "replication_user": {"password_file": dir.path().join("repl.pw")},
-                "parameters": {"fsync": "off", "shared_buffers": "16MB"},
-            },
-        });
+        let (dir, mut policy) = policy_with_passwords();
         for (key, value) in extra.as_object().cloned().unwrap_or_default() {
             policy["postgres"][key] = value;
         }
@@ -144,14 +150,7 @@ impl PgCluster {
     }
 
     fn conninfo(&self, id: &str) -> String {
-        conninfo(&[
-            ("host", "127.0.0.1"),
-            ("port", &self.port(id).to_string()),
-            ("user", "postgres"),
-            ("password", SUPERUSER_PASSWORD),
-            ("dbname", "postgres"),
-            ("connect_timeout", "2"),
-        ])
+        conninfo_on(self.port(id))
     }
 
     fn sql(&self, id: &str, sql: &str) -> Result<String, String> {
@@ -944,15 +943,8 @@ async fn a_point_in_time_restore_to_between_two_inserts_holds_exactly_the_first(
         (backups.rampart(&args), port)
     };
     let rows_at = |port: &str| {
-        let info = conninfo(&[
-            ("host", "127.0.0.1"),
-            ("port", port),
-            ("user", "postgres"),
-            ("password", SUPERUSER_PASSWORD),
-            ("dbname", "postgres"),
-            ("connect_timeout", "2"),
-        ]);
-        rampart_testkit::postgres::psql(&info, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t")
+        let port = port.parse().expect("a port");
+        rampart_testkit::postgres::psql(&conninfo_on(port), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t")
     };
     let rows = |port: &str| rows_at(port).expect("rows");
     let scratch = tempfile::tempdir().expect("tempdir");
@@ -1078,21 +1070,7 @@ async fn write_on_primary(client: &rampart_client::Client, ids: &[(&str, u16)], 
 async fn a_standby_region_cascades_from_its_lead_and_takes_over_and_back_by_region_failover() {
     let regions = crate::region_failover::east_west_judge(&[]).await;
     let (east, west) = (regions.client("east"), regions.client("west"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::write(dir.path().join("super.pw"), format!("{SUPERUSER_PASSWORD}\n")).expect("password");
-    std::fs::write(dir.path().join("repl.pw"), "repl-secret\n").expect("password");
-    let policy = serde_json::json!({
-        "kind": "postgres",
-        "postgres": {
-            "bin_dir": rampart_testkit::postgres::bin_dir().expect("PostgreSQL"),
-            "data_dir": dir.path().join("{instance}"),
-            "superuser": {"password_file": dir.path().join("super.pw")},
-            "replication_user": {"password_file": dir.path().join("repl.pw")},
-            "parameters": {"fsync": "off", "shared_buffers": "16MB"},
-        },
-    });
+    let (_dir, policy) = policy_with_passwords();
     let spec: PolicySpec = serde_json::from_value(policy).expect("policy");
     east.service_put("db", &spec).await.expect("service");
     // Two instances per region, each region's on its own (only) node; west's lead is w1.
