@@ -109,6 +109,56 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Whether it needs a standby region (and a witness) beside the primary region.
+    pub fn needs_regions(self) -> bool {
+        matches!(
+            self,
+            Scenario::RegionOutage
+                | Scenario::LinkCut
+                | Scenario::LinkSlow
+                | Scenario::RegionFailover
+                | Scenario::Failback
+        )
+    }
+
+    /// Whether the safety rules promise that no acknowledged write is lost through it.
+    /// A region outage is the exception: writes the lost region acknowledged but had not
+    /// shipped are lost, within the RPO its failover event reports.
+    pub fn promises_no_loss(self) -> bool {
+        self != Scenario::RegionOutage
+    }
+}
+
+/// Refuses a sequence of scenarios that cannot run in that order: a fail-back needs the
+/// primary region moved by an earlier `region-failover` or `region-outage`, and the two
+/// cannot both run without a fail-back between them (the second would have no standby
+/// holding the original primary's data to move to).
+pub fn check_sequence(scenarios: &[Scenario]) -> Result<(), String> {
+    let mut moved = false;
+    for (i, scenario) in scenarios.iter().enumerate() {
+        match scenario {
+            Scenario::RegionFailover | Scenario::RegionOutage if moved => {
+                return Err(format!(
+                    "scenario {} (step {}): the primary region has already moved; run failback first",
+                    scenario,
+                    i + 1
+                ))
+            }
+            Scenario::RegionFailover | Scenario::RegionOutage => moved = true,
+            Scenario::Failback if !moved => {
+                return Err(format!(
+                    "scenario failback (step {}) needs region-failover or region-outage before it",
+                    i + 1
+                ))
+            }
+            Scenario::Failback => moved = false,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -186,5 +236,21 @@ mod tests {
             "{refused}"
         );
         assert_eq!(catalogue().len(), 15);
+    }
+
+    #[test]
+    fn a_failback_needs_the_primary_moved_first_and_a_move_needs_a_failback_before_the_next() {
+        use Scenario::*;
+        assert_eq!(
+            check_sequence(&[LeaderKill, RegionFailover, Failback, RegionOutage, Failback]),
+            Ok(())
+        );
+        let refused = check_sequence(&[LeaderKill, Failback]).unwrap_err();
+        assert!(refused.contains("failback (step 2) needs region-failover"), "{refused}");
+        let refused = check_sequence(&[RegionFailover, RegionOutage]).unwrap_err();
+        assert!(refused.contains("region-outage (step 2)"), "{refused}");
+        assert!(check_sequence(&[RegionFailover, Failback, Failback]).is_err());
+        assert!(RegionOutage.needs_regions() && !LeaderKill.needs_regions());
+        assert!(!RegionOutage.promises_no_loss() && LinkCut.promises_no_loss());
     }
 }

@@ -224,9 +224,10 @@ pub struct RegionLease {
     pub grantor: Option<(u64, rampart_core::region::lease::Grantor)>,
     /// The promise each region last refused this one's renewals with (said once each).
     pub refused_with: std::collections::BTreeMap<String, rampart_core::region::lease::Promise>,
-    /// A planned failover is handing the lease over: no renewal until then (or until it is
-    /// called off), so nothing is acknowledged meanwhile.
-    pub handing_over_until: Option<std::time::Instant>,
+    /// A planned failover is handing over the lease of this epoch: no renewal at that epoch
+    /// until then (or until it is called off), so nothing is acknowledged meanwhile. A
+    /// later epoch (the region made primary again, by a fail-back) renews at once.
+    pub handing_over: Option<(u64, std::time::Instant)>,
     /// On the primary's leader: the shipped revision each standby region last said it
     /// applied (`POST /v1/regions/ack`), for the bounded RPO.
     pub acked: std::collections::BTreeMap<String, u64>,

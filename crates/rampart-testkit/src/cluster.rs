@@ -141,6 +141,31 @@ pub(crate) fn certs_init(binary: &Path, dir: &Path, ids: &str) -> std::io::Resul
     Ok(())
 }
 
+/// The leader every one of `statuses` names, if they all name the same one.
+pub fn agreed_leader(statuses: &[ClusterStatus]) -> Option<u64> {
+    let first = statuses.first()?.leader?;
+    statuses.iter().all(|s| s.leader == Some(first)).then_some(first)
+}
+
+/// The revision and checksum every one of `statuses` has applied, if they all have the
+/// same (shipped and local state both).
+pub fn converged(statuses: &[ClusterStatus]) -> Option<(u64, String)> {
+    let first = statuses.first()?;
+    let same = |s: &ClusterStatus| {
+        (s.revision, &s.checksum, s.local_revision, &s.local_checksum)
+            == (
+                first.revision,
+                &first.checksum,
+                first.local_revision,
+                &first.local_checksum,
+            )
+    };
+    statuses
+        .iter()
+        .all(same)
+        .then(|| (first.revision, first.checksum.clone()))
+}
+
 fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a PID this process spawned and has not reaped yet.
     unsafe {
@@ -369,13 +394,15 @@ impl Cluster {
     pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
         crate::eventually(timeout, "one leader agreed by every running node", || async {
             self.assert_running();
-            let mut leaders = Vec::new();
+            let mut statuses = Vec::new();
             for node in self.nodes.values().filter(|n| n.is_running()) {
-                leaders.push(self.status_of(node.id).await?.leader?);
+                statuses.push(self.status_of(node.id).await?);
             }
-            let first = *leaders.first()?;
-            let agreed = leaders.iter().all(|l| *l == first);
-            (agreed && self.nodes.get(&first).is_some_and(|n| n.is_running())).then_some(first)
+            let leader = agreed_leader(&statuses)?;
+            self.nodes
+                .get(&leader)
+                .is_some_and(|n| n.is_running())
+                .then_some(leader)
         })
         .await
     }
@@ -383,22 +410,19 @@ impl Cluster {
     /// Waits until every running node has applied the same revision with the same checksum,
     /// and returns them.
     pub async fn wait_converged(&self, timeout: Duration) -> (u64, String) {
-        let (revision, checksum, _, _) = crate::eventually(
+        crate::eventually(
             timeout,
             "every running node at the same revisions and checksums (shipped and local)",
             || async {
                 self.assert_running();
-                let mut seen = Vec::new();
+                let mut statuses = Vec::new();
                 for node in self.nodes.values().filter(|n| n.is_running()) {
-                    let s = self.status_of(node.id).await?;
-                    seen.push((s.revision, s.checksum, s.local_revision, s.local_checksum));
+                    statuses.push(self.status_of(node.id).await?);
                 }
-                let first = seen.first()?.clone();
-                seen.iter().all(|s| *s == first).then_some(first)
+                converged(&statuses)
             },
         )
-        .await;
-        (revision, checksum)
+        .await
     }
 
     /// SIGKILLs a node; its data dir stays for [`Cluster::restart`].

@@ -26,6 +26,8 @@ pub struct WriteRecord {
     /// When it was sent, and when its outcome was known.
     pub sent: std::time::Instant,
     pub answered: std::time::Instant,
+    /// The region epoch that acknowledged it, when the answer said.
+    pub epoch: Option<u64>,
 }
 
 /// A thread-safe log of writes.
@@ -41,6 +43,19 @@ impl History {
 
     /// The same, for a write sent at `sent` (its outcome is known now).
     pub fn record_sent(&self, client: usize, key: &str, value: &str, outcome: OpOutcome, sent: std::time::Instant) {
+        self.record_epoch(client, key, value, outcome, sent, None);
+    }
+
+    /// The same, with the region epoch that acknowledged it.
+    pub fn record_epoch(
+        &self,
+        client: usize,
+        key: &str,
+        value: &str,
+        outcome: OpOutcome,
+        sent: std::time::Instant,
+        epoch: Option<u64>,
+    ) {
         self.writes.lock().expect("history lock").push(WriteRecord {
             client,
             key: key.to_string(),
@@ -48,6 +63,7 @@ impl History {
             outcome,
             sent,
             answered: std::time::Instant::now(),
+            epoch,
         });
     }
 
@@ -59,6 +75,27 @@ impl History {
             .filter(|w| w.sent >= at && matches!(w.outcome, OpOutcome::Acknowledged { .. }))
             .map(|w| w.answered.duration_since(at))
             .min()
+    }
+
+    /// The longest time within `from..=to` that no write was acknowledged: what a client
+    /// saw as the outage, whether it began at `from` (a kill) or later (a planned
+    /// handover, when writes stop for a moment after the operation began).
+    pub fn longest_gap_without_ack(&self, from: std::time::Instant, to: std::time::Instant) -> std::time::Duration {
+        let mut acks: Vec<std::time::Instant> = self
+            .writes()
+            .iter()
+            .filter(|w| matches!(w.outcome, OpOutcome::Acknowledged { .. }))
+            .map(|w| w.answered)
+            .filter(|at| *at > from && *at < to)
+            .collect();
+        acks.sort();
+        let mut longest = std::time::Duration::ZERO;
+        let mut last = from;
+        for at in acks.into_iter().chain([to]) {
+            longest = longest.max(at.duration_since(last));
+            last = at;
+        }
+        longest
     }
 
     pub fn writes(&self) -> Vec<WriteRecord> {
@@ -116,6 +153,23 @@ pub struct EpochAck {
     pub sent: std::time::Instant,
     pub answered: std::time::Instant,
     pub epoch: u64,
+}
+
+impl History {
+    /// The acknowledged writes that carry their epoch, for [`epochs_overlap`].
+    pub fn epoch_acks(&self) -> Vec<EpochAck> {
+        self.writes()
+            .iter()
+            .filter(|w| matches!(w.outcome, OpOutcome::Acknowledged { .. }))
+            .filter_map(|w| {
+                Some(EpochAck {
+                    sent: w.sent,
+                    answered: w.answered,
+                    epoch: w.epoch?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Safety rule 5 on a history: two epochs never acknowledged writes in overlapping real
@@ -267,6 +321,39 @@ pub fn tokens_strictly_increase(tokens: &[u64]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_gap_without_an_acknowledgement_is_found_wherever_it_falls() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let history = History::default();
+        let write = |sent: u64, answered: u64, outcome: OpOutcome| {
+            let mut writes = history.writes.lock().unwrap();
+            writes.push(WriteRecord {
+                client: 0,
+                key: format!("k{sent}"),
+                value: String::new(),
+                outcome,
+                sent: at(sent),
+                answered: at(answered),
+                epoch: None,
+            });
+        };
+        let ok = || OpOutcome::Acknowledged { revision: 1 };
+        // Acknowledged at 10 and 20, refused until 300, then acknowledged again at 310.
+        write(5, 10, ok());
+        write(15, 20, ok());
+        write(25, 300, OpOutcome::Failed);
+        write(301, 310, ok());
+        write(311, 320, ok());
+        let ms = |d: std::time::Duration| d.as_millis();
+        // From 0: the gap from 20 to 310, not the first acknowledgement's 10 ms.
+        assert_eq!(ms(history.longest_gap_without_ack(at(0), at(320))), 290);
+        // A kill at 100 recovered at 310.
+        assert_eq!(ms(history.longest_gap_without_ack(at(100), at(310))), 210);
+        // Nothing acknowledged in the window: all of it.
+        assert_eq!(ms(history.longest_gap_without_ack(at(30), at(90))), 60);
+    }
 
     #[test]
     fn two_primaries_are_found_by_token_and_by_real_time() {

@@ -10,7 +10,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// What the relay does with traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RelayMode {
     Pass,
     /// Pass bytes on `Duration` after they arrived (a fixed one-way latency, each way).
@@ -31,7 +32,12 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on an ephemeral loopback port forwarding to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Relay::start_on("127.0.0.1:0".parse().expect("an address"), target).await
+    }
+
+    /// Starts a relay on `listen` forwarding to `target`.
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> std::io::Result<Relay> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(RelayMode::Pass);
         let mode = Arc::new(mode);

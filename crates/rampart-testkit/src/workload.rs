@@ -32,14 +32,17 @@ impl Workload {
                         let key = format!("{prefix}/w{writer}/{seq:07}");
                         let value = format!("{writer}-{seq}");
                         let sent = std::time::Instant::now();
-                        let outcome = match client.put(&key, &value, PutOptions::default()).await {
-                            Ok(answer) => OpOutcome::Acknowledged {
-                                revision: answer.revision,
-                            },
-                            Err(e) if e.is_definite() => OpOutcome::Failed,
-                            Err(_) => OpOutcome::Unknown,
+                        let (outcome, epoch) = match client.put(&key, &value, PutOptions::default()).await {
+                            Ok(answer) => (
+                                OpOutcome::Acknowledged {
+                                    revision: answer.revision,
+                                },
+                                Some(answer.epoch),
+                            ),
+                            Err(e) if e.is_definite() => (OpOutcome::Failed, None),
+                            Err(_) => (OpOutcome::Unknown, None),
                         };
-                        history.record_sent(writer, &key, &value, outcome, sent);
+                        history.record_epoch(writer, &key, &value, outcome, sent, epoch);
                     }
                 })
             })
@@ -57,12 +60,19 @@ impl Workload {
     }
 
     /// Stops every writer and returns the history.
-    pub async fn stop(self) -> Arc<History> {
+    pub async fn stop(mut self) -> Arc<History> {
         self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
-        self.history
+        self.history.clone()
+    }
+}
+
+impl Drop for Workload {
+    /// Writers left running (a drill step that failed) stop after their current write.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

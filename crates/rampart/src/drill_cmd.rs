@@ -1,15 +1,18 @@
 //! `rampart drill`: disaster-recovery drills. `list` names the scenarios (their names are
 //! fixed: schedules and scripts rely on them) with what each breaks and how it is undone;
-//! `run` runs some against a region it starts itself (`--local`) and reports RTO, RPO and
-//! the safety checks, exiting 1 when a budget is missed or a check fails
-//! (docs/design/drills.md).
+//! `run` runs some against a topology it starts itself (`--local`) and reports RTO, RPO and
+//! the safety checks, exiting 1 when a budget is missed or a check fails; `cleanup` undoes
+//! what a killed drill left; `history` lists past reports (docs/design/drills.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
 use rampart_core::drill::{catalogue, Scenario};
-use rampart_testkit::drill::{markdown, run_local, Budgets};
+use rampart_testkit::drill::local::TopologyPlan;
+use rampart_testkit::drill::report::{html, markdown};
+use rampart_testkit::drill::{cleanup, default_plan, run_local, Budgets, Cleanup, Report};
+use serde::Serialize;
 
 use crate::outcome::{print, Failure, Output};
 
@@ -17,15 +20,25 @@ use crate::outcome::{print, Failure, Output};
 pub enum DrillCommand {
     /// The scenarios a drill can run: each name, the fault it injects and its undo
     List,
-    /// Run scenarios in turn against a local region of three nodes it starts and stops
-    /// itself; built so far: leader-kill, leader-pause, partition-minority
+    /// Run scenarios in turn against a topology of local nodes it starts and stops itself
+    /// (one region of three, or with a region scenario two regions and a witness); built
+    /// so far: leader-kill, leader-pause, partition-minority, partition-majority,
+    /// region-outage, link-cut, link-slow, region-failover, failback
     Run {
-        /// Scenario names (see `drill list`)
+        /// Scenario names (see `drill list`), run in this order
         #[arg(required = true, value_parser = scenario_arg)]
         scenarios: Vec<Scenario>,
-        /// Write report.json and report.md here
+        /// The drill's directory: its journal, its topology while it runs, and
+        /// report.json, report.md and report.html [default: DATA_DIR/drills/TIME-SCENARIO]
         #[arg(long)]
         report_dir: Option<PathBuf>,
+        /// Where drills are kept when --report-dir is not given
+        #[arg(long, env = "RAMPART_DATA_DIR", default_value = "./rampart-data")]
+        data_dir: PathBuf,
+        /// A topology file (TOML, `[[regions]]` with name, nodes, witness, zones) instead
+        /// of the default one
+        #[arg(long)]
+        topology: Option<PathBuf>,
         /// Each scenario's recovery (fault to the first write sent after it and
         /// acknowledged) must take at most this long
         #[arg(long, default_value = "5s", value_parser = crate::outcome::duration_arg)]
@@ -34,10 +47,126 @@ pub enum DrillCommand {
         #[arg(long, default_value_t = 0)]
         rpo_budget: u64,
     },
+    /// Undo whatever a drill that was killed left: faults it recorded and never undid
+    /// (healed links, SIGCONT, killed nodes started again); then check that its topology
+    /// is healthy and stop it
+    Cleanup {
+        /// One drill's directory [default: every drill under DATA_DIR/drills]
+        dir: Option<PathBuf>,
+        #[arg(long, env = "RAMPART_DATA_DIR", default_value = "./rampart-data")]
+        data_dir: PathBuf,
+        /// Leave the drill's topology running once it is healthy
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Past drills and their results, newest first
+    History {
+        /// A directory of drills (or one drill's) [default: DATA_DIR/drills]
+        dir: Option<PathBuf>,
+        #[arg(long, env = "RAMPART_DATA_DIR", default_value = "./rampart-data")]
+        data_dir: PathBuf,
+    },
+    /// Run the relays of a drill's topology (started by `drill run`, not by hand)
+    #[command(hide = true)]
+    Relays { dir: PathBuf },
 }
 
 fn scenario_arg(text: &str) -> Result<Scenario, String> {
     text.parse()
+}
+
+/// Reads a topology file, naming the field at fault.
+fn read_topology(path: &Path) -> Result<TopologyPlan, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
+    let plan: TopologyPlan =
+        toml::from_str(&text).map_err(|e| Failure::usage(anyhow::anyhow!("{}: {}", path.display(), e.message())))?;
+    plan.check()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    Ok(plan)
+}
+
+/// Writes report.json, report.md and report.html into `dir`.
+fn write_report(dir: &Path, report: &Report) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_vec_pretty(report).expect("a report encodes"),
+    )?;
+    std::fs::write(dir.join("report.md"), markdown(report))?;
+    std::fs::write(dir.join("report.html"), html(report))
+}
+
+/// One drill in `drill history`.
+#[derive(Debug, Serialize)]
+struct Past {
+    dir: PathBuf,
+    started_ms: u64,
+    scenarios: Vec<Scenario>,
+    passed: bool,
+    worst_rto_ms: Option<u64>,
+    lost: usize,
+}
+
+/// The drills under `dir` (or `dir` itself when it holds a report), newest first.
+fn past_drills(dir: &Path) -> Result<Vec<Past>, Failure> {
+    let read = |path: &Path| -> Option<Past> {
+        let report: Report = serde_json::from_slice(&std::fs::read(path.join("report.json")).ok()?).ok()?;
+        Some(Past {
+            dir: path.to_path_buf(),
+            started_ms: report.started_ms,
+            worst_rto_ms: report.steps.iter().filter_map(|s| s.rto_ms).max(),
+            lost: report.steps.iter().map(|s| s.lost).sum(),
+            scenarios: report.scenarios,
+            passed: report.passed,
+        })
+    };
+    if let Some(one) = read(dir) {
+        return Ok(vec![one]);
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Failure::failed(anyhow::anyhow!("cannot read {}: {e}", dir.display()))),
+    };
+    let mut past: Vec<Past> = entries.flatten().filter_map(|e| read(&e.path())).collect();
+    past.sort_by_key(|p| std::cmp::Reverse(p.started_ms));
+    Ok(past)
+}
+
+/// The drills under `dir` that may have something to clean up: a journal or a topology.
+fn drill_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("journal.jsonl").exists() || p.join("topology").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn cleanup_text(dir: &Path, done: &Cleanup) -> String {
+    let mut lines = vec![format!("{}:", dir.display())];
+    if done.undone.is_empty() {
+        lines.push("  no fault left to undo".into());
+    }
+    for fault in &done.undone {
+        lines.push(format!("  undone: {fault}"));
+    }
+    match (done.topology_found, done.healthy) {
+        (false, _) => lines.push("  no topology of its own still running".into()),
+        (true, Some(true)) => lines.push("  its topology is healthy".into()),
+        (true, _) => lines.push(format!(
+            "  its topology is NOT healthy: {}",
+            done.unhealthy.as_deref().unwrap_or("unknown")
+        )),
+    }
+    if done.stopped {
+        lines.push("  its topology was stopped".into());
+    }
+    lines.join("\n")
 }
 
 pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
@@ -55,37 +184,120 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
         DrillCommand::Run {
             scenarios,
             report_dir,
+            data_dir,
+            topology,
             rto_budget,
             rpo_budget,
         } => {
+            let plan = match &topology {
+                Some(path) => read_topology(path)?,
+                None => default_plan(&scenarios),
+            };
+            rampart_testkit::drill::check_local(&scenarios, &plan).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
             let binary = std::env::current_exe().map_err(|e| Failure::failed(e.into()))?;
+            let dir = report_dir.unwrap_or_else(|| {
+                data_dir.join("drills").join(format!(
+                    "{}-{}",
+                    chrono::Utc::now().format("%Y%m%d-%H%M%S"),
+                    scenarios[0]
+                ))
+            });
             let budgets = Budgets {
                 rto_ms: rto_budget.as_millis() as u64,
                 rpo_writes: rpo_budget,
             };
-            let report = run_local(&binary, &scenarios, budgets)
-                .await
-                .map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
-            let text = markdown(&report);
-            if let Some(dir) = &report_dir {
-                let written = std::fs::create_dir_all(dir)
-                    .and_then(|()| {
-                        std::fs::write(
-                            dir.join("report.json"),
-                            serde_json::to_vec_pretty(&report).expect("a report encodes"),
-                        )
-                    })
-                    .and_then(|()| std::fs::write(dir.join("report.md"), &text));
-                written.map_err(|e| {
-                    Failure::failed(anyhow::anyhow!("cannot write the report into {}: {e}", dir.display()))
-                })?;
+            eprintln!("drill in {}", dir.display());
+            let progress = |line: &str| eprintln!("{line}");
+            let report = tokio::select! {
+                report = run_local(&binary, &plan, &scenarios, budgets, &dir, &progress) => {
+                    report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted: undoing every fault and stopping the topology");
+                    let done = cleanup(&dir, false).await.map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
+                    eprintln!("{}", cleanup_text(&dir, &done));
+                    return Err(Failure::failed(anyhow::anyhow!("the drill was interrupted")));
+                }
+            };
+            write_report(&dir, &report)
+                .map_err(|e| Failure::failed(anyhow::anyhow!("cannot write the report into {}: {e}", dir.display())))?;
+            if report.passed {
+                // The topology's data is not needed once everything passed.
+                let _ = std::fs::remove_dir_all(dir.join("topology"));
             }
-            print(output, &report, |_| text.trim_end().to_string());
+            let text = markdown(&report);
+            print(output, &report, |_| {
+                format!("{}\nreport: {}", text.trim_end(), dir.join("report.html").display())
+            });
             if !report.passed {
                 return Err(Failure::failed(anyhow::anyhow!(
-                    "the drill failed: a budget was missed or a safety check failed"
+                    "the drill failed: a budget was missed, a safety check failed or a step could not finish (nodes' logs kept under {})",
+                    dir.join("topology").display()
                 )));
             }
+        }
+        DrillCommand::Cleanup { dir, data_dir, keep } => {
+            let dirs = match dir {
+                Some(dir) => vec![dir],
+                None => drill_dirs(&data_dir.join("drills")),
+            };
+            let mut all = Vec::new();
+            let mut unhealthy = false;
+            for dir in dirs {
+                let done = cleanup(&dir, keep)
+                    .await
+                    .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", dir.display())))?;
+                unhealthy |= done.healthy == Some(false);
+                all.push((dir, done));
+            }
+            let shown: Vec<serde_json::Value> = all
+                .iter()
+                .map(|(dir, done)| serde_json::json!({"dir": dir, "cleanup": done}))
+                .collect();
+            print(output, &shown, |_| {
+                if all.is_empty() {
+                    "no drill to clean up".to_string()
+                } else {
+                    all.iter()
+                        .map(|(dir, done)| cleanup_text(dir, done))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            });
+            if unhealthy {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "a drill's topology is not healthy after the clean-up"
+                )));
+            }
+        }
+        DrillCommand::History { dir, data_dir } => {
+            let past = past_drills(&dir.unwrap_or_else(|| data_dir.join("drills")))?;
+            print(output, &past, |all| {
+                if all.is_empty() {
+                    return "no drill reports".to_string();
+                }
+                all.iter()
+                    .map(|p| {
+                        let started = chrono::DateTime::from_timestamp_millis(p.started_ms as i64)
+                            .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string());
+                        let names: Vec<&str> = p.scenarios.iter().map(|s| s.name()).collect();
+                        format!(
+                            "{started}  {:6}  worst RTO {:>9}  lost {:>3}  {}  {}",
+                            if p.passed { "passed" } else { "FAILED" },
+                            p.worst_rto_ms.map_or("none".into(), |ms| format!("{ms} ms")),
+                            p.lost,
+                            names.join(","),
+                            p.dir.display()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DrillCommand::Relays { dir } => {
+            rampart_testkit::drill::local::run_relays(&dir)
+                .await
+                .map_err(|e| Failure::failed(anyhow::anyhow!("the relays stopped: {e}")))?;
         }
     }
     Ok(())

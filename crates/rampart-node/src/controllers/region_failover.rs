@@ -317,7 +317,7 @@ pub async fn handover(
             ));
         };
         let released = holder.release();
-        lease.handing_over_until = Some(Instant::now() + HANDOVER_CATCH_UP + HANDOVER_PROMOTION);
+        lease.handing_over = Some((epoch, Instant::now() + HANDOVER_CATCH_UP + HANDOVER_PROMOTION));
         released
     };
     tracing::info!(to = %request.to, released_seq, "region handover: writes stopped");
@@ -327,7 +327,7 @@ pub async fn handover(
             Ok(Json(HandoverAnswer { released_seq, revision }))
         }
         Err(e) => {
-            node.region_lease.lock().expect("region lease lock").handing_over_until = None;
+            node.region_lease.lock().expect("region lease lock").handing_over = None;
             tracing::warn!(to = %request.to, "region handover called off, writes resume: {}", e.message);
             Err(e)
         }

@@ -124,8 +124,8 @@ fn next_renewal(node: &Shared) -> Option<Renewal> {
     // Handing over: no renewal, but the holder stays, so its numbering goes on above the
     // renewals it released if the handover is called off.
     if lease
-        .handing_over_until
-        .is_some_and(|until| std::time::Instant::now() < until)
+        .handing_over
+        .is_some_and(|(from, until)| from == epoch && std::time::Instant::now() < until)
     {
         return None;
     }

@@ -4,6 +4,7 @@
 
 mod backup;
 mod cli;
+mod drills;
 mod elections;
 mod failover;
 mod input;

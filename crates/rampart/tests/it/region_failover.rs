@@ -410,6 +410,33 @@ async fn planned_failover_and_failback_under_writes_lose_no_acknowledged_write()
     assert!(acknowledged.len() > 60, "{}", acknowledged.len());
 }
 
+/// Found by a drill (`rampart drill run region-failover failback`): a region failed back
+/// to right after it handed its lease over kept refusing writes for the rest of that
+/// handover's window (20 s), its new epoch's lease never renewed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_failed_back_to_right_after_it_handed_over_renews_its_new_lease_at_once() {
+    let regions = east_west_judge(&[]).await;
+    let west = regions.client("west");
+    // One client deadline, far inside the handover's window.
+    let east = regions.client("east").with_deadline(Duration::from_secs(5));
+    east.put("fb/before", "v", PutOptions::default())
+        .await
+        .expect("east takes writes");
+    let away = east.regions_failover(&planned("west")).await.expect("planned failover");
+    assert_eq!(away.epoch, 2, "{away:?}");
+    eventually(DEADLINE, "east following west at epoch 2", || async {
+        (east.cluster().await.ok()?.epoch == 2).then_some(())
+    })
+    .await;
+    let back = west.regions_failback(&planned("east")).await.expect("fail-back");
+    assert_eq!(back.epoch, 3, "{back:?}");
+    let put = east
+        .put("fb/after", "v", PutOptions::default())
+        .await
+        .expect("east acknowledges at its new epoch within one client deadline");
+    assert_eq!(put.epoch, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_regions_without_a_witness_fail_over_only_when_told_to_and_report_the_rpo() {
     let mut regions = east_west().await;

@@ -1,0 +1,354 @@
+//! A drill's report as Markdown and as one self-contained HTML page: inline style, inline
+//! SVG timelines, no script and nothing fetched, so it opens anywhere and can be attached
+//! to a change ticket as it is.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use super::{Report, Step, BUCKET_MS};
+
+/// The report as Markdown.
+pub fn markdown(report: &Report) -> String {
+    let mut lines = vec![
+        "# Rampart drill".to_string(),
+        String::new(),
+        format!(
+            "Budgets: RTO {} ms, RPO {} acknowledged writes. Result: **{}**.",
+            report.budgets.rto_ms,
+            report.budgets.rpo_writes,
+            verdict(report)
+        ),
+    ];
+    if let Some(why) = &report.aborted {
+        lines.push(String::new());
+        lines.push(format!("Stopped early: {why}"));
+    }
+    lines.extend([
+        String::new(),
+        "| scenario | fault | RTO | acknowledged | lost | within budget | checks |".to_string(),
+        "|---|---|---|---|---|---|---|".to_string(),
+    ]);
+    for step in &report.steps {
+        let checks: Vec<String> = step
+            .checks
+            .iter()
+            .map(|c| format!("{} {}", if c.passed { "✓" } else { "✗" }, c.name))
+            .collect();
+        lines.push(format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            step.scenario,
+            step.fault,
+            rto_text(step),
+            step.acknowledged,
+            step.lost,
+            if step.within_budget { "yes" } else { "no" },
+            checks.join("; ")
+        ));
+    }
+    for step in report.steps.iter().filter(|s| s.reported_rpo.is_some()) {
+        lines.push(String::new());
+        lines.push(format!(
+            "{}: the failover said: {}",
+            step.scenario,
+            step.reported_rpo.as_deref().unwrap_or_default()
+        ));
+    }
+    lines.join("\n") + "\n"
+}
+
+fn verdict(report: &Report) -> &'static str {
+    if report.passed {
+        "passed"
+    } else {
+        "failed"
+    }
+}
+
+fn rto_text(step: &Step) -> String {
+    step.rto_ms.map_or("no recovery".to_string(), |ms| format!("{ms} ms"))
+}
+
+/// Escapes text for HTML and SVG.
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const WIDTH: f64 = 900.0;
+const LEFT: f64 = 110.0;
+const PLOT: f64 = WIDTH - LEFT - 20.0;
+const PALETTE: [&str; 7] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
+];
+
+/// The report as one HTML page.
+pub fn html(report: &Report) -> String {
+    let mut page = String::new();
+    let status_class = if report.passed { "pass" } else { "fail" };
+    let _ = write!(
+        page,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Rampart drill: {}</title>\n<style>{STYLE}</style></head><body>\n",
+        verdict(report)
+    );
+    let _ = write!(
+        page,
+        "<h1>Rampart drill <span class=\"{status_class}\">{}</span></h1>\n<p>Scenarios: {}. Budgets: RTO {} ms, RPO {} acknowledged writes.</p>\n",
+        verdict(report),
+        esc(&report
+            .scenarios
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")),
+        report.budgets.rto_ms,
+        report.budgets.rpo_writes
+    );
+    if let Some(why) = &report.aborted {
+        let _ = writeln!(page, "<p class=\"fail\">Stopped early: {}</p>", esc(why));
+    }
+    page.push_str("<table><tr><th>scenario</th><th>fault</th><th>RTO</th><th>acknowledged</th><th>lost</th><th>within budget</th><th>checks</th></tr>\n");
+    for step in &report.steps {
+        let failed = step.checks.iter().filter(|c| !c.passed).count();
+        let _ = writeln!(
+            page,
+            "<tr><td><a href=\"#{0}-{1}\">{0}</a></td><td>{2}</td><td>{3}</td><td>{4}</td><td>{5}</td><td class=\"{6}\">{7}</td><td class=\"{8}\">{9}</td></tr>",
+            step.scenario,
+            step.injected_at_ms,
+            esc(&step.fault),
+            rto_text(step),
+            step.acknowledged,
+            step.lost,
+            if step.within_budget { "pass" } else { "fail" },
+            if step.within_budget { "yes" } else { "no" },
+            if failed == 0 { "pass" } else { "fail" },
+            if failed == 0 {
+                format!("{} passed", step.checks.len())
+            } else {
+                format!("{failed} failed")
+            }
+        );
+    }
+    page.push_str("</table>\n");
+    for step in &report.steps {
+        page.push_str(&step_section(step, report.budgets.rto_ms));
+    }
+    page.push_str("</body></html>\n");
+    page
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:960px}\
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
+.pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}\
+svg{display:block;margin:0.5em 0;background:#fafafa;border:1px solid #eee}\
+svg text{font-size:11px;fill:#333}h2{margin-top:2em}";
+
+fn step_section(step: &Step, budget_ms: u64) -> String {
+    let end_ms = step
+        .marks
+        .iter()
+        .map(|m| m.at_ms)
+        .chain(step.samples.iter().map(|s| s.at_ms))
+        .chain(step.writes.last().map(|b| b.at_ms + BUCKET_MS))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let x = |ms: u64| LEFT + PLOT * ms as f64 / end_ms as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<h2 id=\"{}-{}\">{}</h2>\n<p>{}. RTO <b>{}</b> (budget {} ms); {} of {} acknowledged writes lost.</p>",
+        step.scenario,
+        step.injected_at_ms,
+        step.scenario,
+        esc(&step.fault),
+        rto_text(step),
+        budget_ms,
+        step.lost,
+        step.acknowledged
+    );
+    if let Some(rpo) = &step.reported_rpo {
+        let _ = writeln!(out, "<p>The failover said: {}</p>", esc(rpo));
+    }
+    out.push_str("<ul>");
+    for check in &step.checks {
+        let _ = write!(
+            out,
+            "<li class=\"{}\">{} {}: <span style=\"font-weight:normal\">{}</span></li>",
+            if check.passed { "pass" } else { "fail" },
+            if check.passed { "✓" } else { "✗" },
+            esc(&check.name),
+            esc(&check.detail)
+        );
+    }
+    out.push_str("</ul>\n");
+    out.push_str(&writes_chart(step, &x));
+    out.push_str(&bands_chart(step, &x, "leader (term at each change)", |s| {
+        s.leader.map(|l| (format!("node {l}"), format!("t{}", s.term)))
+    }));
+    out.push_str(&bands_chart(step, &x, "region epoch (primary)", |s| {
+        (s.epoch > 0).then(|| {
+            let primary = s.primary.clone().unwrap_or_default();
+            (format!("{} {primary}", s.epoch), format!("epoch {} {primary}", s.epoch))
+        })
+    }));
+    out.push_str(&rto_chart(step, budget_ms));
+    out
+}
+
+/// Writes per slice: acknowledged up, failed and unknown stacked above, with the marks.
+fn writes_chart(step: &Step, x: &dyn Fn(u64) -> f64) -> String {
+    let height = 160.0;
+    let top = 20.0;
+    let plot_h = height - top - 25.0;
+    let most = step
+        .writes
+        .iter()
+        .map(|b| b.acknowledged + b.failed + b.unknown)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let per_second = 1000.0 / BUCKET_MS as f64;
+    let mut svg = format!(
+        "<svg width=\"{WIDTH}\" height=\"{height}\" role=\"img\" aria-label=\"canary writes per second\"><text x=\"4\" y=\"14\">canary writes/s (max {:.0}): acknowledged, failed, unknown</text>",
+        most * per_second
+    );
+    let bar_w = (x(BUCKET_MS) - x(0)).max(1.0) - 0.5;
+    for bucket in &step.writes {
+        let mut y = top + plot_h;
+        for (count, colour) in [
+            (bucket.acknowledged, "#59a14f"),
+            (bucket.failed, "#e15759"),
+            (bucket.unknown, "#f28e2b"),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            let h = plot_h * count as f64 / most;
+            y -= h;
+            let _ = write!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{h:.1}\" fill=\"{colour}\"/>",
+                x(bucket.at_ms)
+            );
+        }
+    }
+    svg.push_str(&marks_overlay(step, x, top, top + plot_h));
+    let _ = writeln!(
+        svg,
+        "<text x=\"{LEFT}\" y=\"{:.0}\">0 s</text><text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{:.1} s</text></svg>",
+        height - 5.0,
+        LEFT + PLOT,
+        height - 5.0,
+        step.writes.len() as f64 * BUCKET_MS as f64 / 1000.0
+    );
+    svg
+}
+
+/// One band per region, coloured by the value `pick` gives each sample (grey: none), its
+/// label written where it changes.
+fn bands_chart(
+    step: &Step,
+    x: &dyn Fn(u64) -> f64,
+    title: &str,
+    pick: impl Fn(&super::Sample) -> Option<(String, String)>,
+) -> String {
+    let mut regions: BTreeMap<&str, Vec<&super::Sample>> = BTreeMap::new();
+    for sample in &step.samples {
+        regions.entry(sample.region.as_str()).or_default().push(sample);
+    }
+    let row = 26.0;
+    let top = 20.0;
+    let height = top + row * regions.len().max(1) as f64 + 8.0;
+    let mut colours: BTreeMap<String, &str> = BTreeMap::new();
+    let mut svg = format!(
+        "<svg width=\"{WIDTH}\" height=\"{height:.0}\" role=\"img\" aria-label=\"{}\"><text x=\"4\" y=\"14\">{}</text>",
+        esc(title),
+        esc(title)
+    );
+    for (i, (region, samples)) in regions.iter().enumerate() {
+        let y = top + row * i as f64;
+        let _ = write!(svg, "<text x=\"4\" y=\"{:.0}\">{}</text>", y + 16.0, esc(region));
+        let mut last_label: Option<String> = None;
+        for (j, sample) in samples.iter().enumerate() {
+            let until = samples.get(j + 1).map_or(sample.at_ms + 250, |n| n.at_ms);
+            let picked = pick(sample);
+            let colour = match &picked {
+                Some((key, _)) => {
+                    let next = PALETTE[colours.len() % PALETTE.len()];
+                    *colours.entry(key.clone()).or_insert(next)
+                }
+                None => "#ccc",
+            };
+            let _ = write!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{y:.0}\" width=\"{:.1}\" height=\"{:.0}\" fill=\"{colour}\"/>",
+                x(sample.at_ms),
+                (x(until) - x(sample.at_ms)).max(0.5),
+                row - 6.0
+            );
+            let label = picked.map(|(_, label)| label);
+            if label != last_label {
+                if let Some(text) = &label {
+                    let _ = write!(
+                        svg,
+                        "<text x=\"{:.1}\" y=\"{:.0}\" style=\"fill:#fff\">{}</text>",
+                        x(sample.at_ms) + 2.0,
+                        y + 14.0,
+                        esc(text)
+                    );
+                }
+                last_label = label;
+            }
+        }
+    }
+    svg.push_str(&marks_overlay(step, x, top, height - 8.0));
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The step's marks as dashed vertical lines, labelled at the top.
+fn marks_overlay(step: &Step, x: &dyn Fn(u64) -> f64, top: f64, bottom: f64) -> String {
+    let mut svg = String::new();
+    for mark in &step.marks {
+        let at = x(mark.at_ms);
+        let colour = if mark.label.starts_with("fault") {
+            "#cf222e"
+        } else {
+            "#555"
+        };
+        let _ = write!(
+            svg,
+            "<line x1=\"{at:.1}\" y1=\"{top:.0}\" x2=\"{at:.1}\" y2=\"{bottom:.0}\" stroke=\"{colour}\" stroke-dasharray=\"4 3\"><title>{}</title></line>",
+            esc(&mark.label)
+        );
+    }
+    svg
+}
+
+/// The measured RTO against the budget, as two bars.
+fn rto_chart(step: &Step, budget_ms: u64) -> String {
+    let most = step.rto_ms.unwrap_or(budget_ms).max(budget_ms).max(1) as f64;
+    let bar = |ms: u64| PLOT * ms as f64 / most;
+    let mut svg = format!("<svg width=\"{WIDTH}\" height=\"64\" role=\"img\" aria-label=\"RTO against budget\">");
+    let (measured, colour) = match step.rto_ms {
+        Some(ms) if ms <= budget_ms => (ms, "#59a14f"),
+        Some(ms) => (ms, "#e15759"),
+        None => (budget_ms, "#e15759"),
+    };
+    let _ = write!(
+        svg,
+        "<text x=\"4\" y=\"20\">RTO</text><rect x=\"{LEFT}\" y=\"8\" width=\"{:.1}\" height=\"18\" fill=\"{colour}\"/><text x=\"{:.1}\" y=\"21\">{}</text>",
+        bar(measured).max(1.0),
+        LEFT + bar(measured).max(1.0) + 4.0,
+        esc(&rto_text(step))
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"4\" y=\"52\">budget</text><rect x=\"{LEFT}\" y=\"38\" width=\"{:.1}\" height=\"18\" fill=\"#bbb\"/><text x=\"{:.1}\" y=\"51\">{budget_ms} ms</text></svg>",
+        bar(budget_ms).max(1.0),
+        LEFT + bar(budget_ms).max(1.0) + 4.0
+    );
+    svg
+}

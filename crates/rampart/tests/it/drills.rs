@@ -1,0 +1,242 @@
+//! `rampart drill` end to end: each scenario against a topology the drill starts itself,
+//! with the figures its report holds; the HTML report opened in headless Chromium; a drill
+//! SIGKILLed half-way, its faults undone by `drill cleanup` and its topology healthy after.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rampart_testkit::drill::journal::{self, Fault};
+use rampart_testkit::drill::local::LocalTopology;
+use rampart_testkit::drill::Report;
+
+use crate::cli::run;
+use crate::{binary, DEADLINE};
+
+/// Runs `rampart drill run SCENARIOS` into `dir` with a generous RTO budget (the tests check
+/// the figures are there and the checks pass, not how fast a loaded machine recovers).
+fn drill(dir: &Path, scenarios: &[&str]) -> Report {
+    let dir_text = dir.display().to_string();
+    let mut args = vec!["--output", "json", "drill", "run"];
+    args.extend_from_slice(scenarios);
+    args.extend(["--rto-budget", "60s", "--report-dir", &dir_text]);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: Report = serde_json::from_str(&out).expect("a json report");
+    assert!(report.passed && report.aborted.is_none(), "{out}");
+    let names: Vec<&str> = report.steps.iter().map(|s| s.scenario.name()).collect();
+    assert_eq!(names, scenarios);
+    for step in &report.steps {
+        assert!(step.rto_ms.is_some(), "{step:?}");
+        assert!(step.acknowledged >= 40, "{step:?}");
+        assert!(step.checks.iter().all(|c| c.passed), "{step:?}");
+        assert!(!step.samples.is_empty() && !step.writes.is_empty(), "{step:?}");
+        assert!(step.marks.iter().any(|m| m.label.starts_with("fault")), "{step:?}");
+        assert!(step.marks.iter().any(|m| m.label.starts_with("recovered")), "{step:?}");
+    }
+    // A passed drill keeps its report and journal, not its topology's data.
+    assert!(dir.join("report.html").exists() && dir.join("report.md").exists());
+    assert!(!dir.join("topology").exists());
+    assert!(journal::pending(dir).expect("journal").is_empty());
+    report
+}
+
+/// Debian's Chromium, installed by scripts/install-test-tools.
+fn chromium() -> &'static str {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "no chromium: run scripts/test (or scripts/install-test-tools) first"
+    );
+    "chromium"
+}
+
+/// Opens `page` in headless Chromium: its DOM after loading, and what Chromium logged.
+fn open_headless(page: &Path, extra: &[String]) -> (String, String) {
+    let profile = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
+        .args(["--enable-logging=stderr", "--v=0", "--window-size=1000,2400"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn each_single_region_scenario_is_measured_and_the_html_report_renders_in_chromium() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("drills").join("first");
+    let report = drill(
+        &dir,
+        &[
+            "leader-kill",
+            "leader-pause",
+            "partition-minority",
+            "partition-majority",
+        ],
+    );
+    assert!(
+        report.steps[0].fault.starts_with("SIGKILL east-"),
+        "{}",
+        report.steps[0].fault
+    );
+
+    // The page loads with nothing missing (it fetches nothing) and draws every timeline.
+    let page = dir.join("report.html");
+    let (dom, log) = open_headless(&page, &["--dump-dom".to_string()]);
+    assert!(dom.contains("Rampart drill"), "{dom}");
+    assert_eq!(dom.matches("<svg").count(), 4 * report.steps.len(), "{dom}");
+    for bad in ["Failed to load resource", "Uncaught", "CONSOLE("] {
+        assert!(!log.contains(bad), "{bad} in Chromium's log:\n{log}");
+    }
+    let shot = dir.join("report.png");
+    open_headless(&page, &[format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+
+    // `drill history` lists it from the directory of drills.
+    let drills = root.path().join("drills").display().to_string();
+    let (code, out, err) = run(&["drill", "history", &drills]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("passed") && out.contains("leader-kill,leader-pause,partition-minority,partition-majority"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        "--output",
+        "json",
+        "drill",
+        "history",
+        "--data-dir",
+        &root.path().display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{out}");
+}
+
+#[test]
+fn the_region_scenarios_are_measured_and_a_region_outage_reports_its_rpo() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let report = drill(
+        root.path(),
+        &[
+            "link-cut",
+            "link-slow",
+            "region-outage",
+            "failback",
+            "region-failover",
+            "failback",
+        ],
+    );
+    let outage = &report.steps[2];
+    let said = outage.reported_rpo.as_deref().expect("the failover's words");
+    assert!(
+        said.contains("west is the primary region") && said.contains("RPO"),
+        "{said}"
+    );
+    // Each planned move reports what its failover said, and ends where it should.
+    assert!(report.steps[3]
+        .reported_rpo
+        .as_deref()
+        .unwrap_or_default()
+        .contains("east is the primary"));
+    assert!(report.steps[4]
+        .reported_rpo
+        .as_deref()
+        .unwrap_or_default()
+        .contains("west is the primary"));
+    assert!(report.steps[5]
+        .reported_rpo
+        .as_deref()
+        .unwrap_or_default()
+        .contains("east is the primary"));
+    let epochs: Vec<u64> = report.steps[5].samples.iter().map(|s| s.epoch).collect();
+    assert!(epochs.iter().max() >= Some(&5), "{epochs:?}");
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `DEADLINE`.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The state letter of process `pid` (`T`: stopped).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().next()?.chars().next()
+}
+
+#[test]
+fn a_drill_killed_half_way_leaves_faults_that_cleanup_undoes_and_the_topology_is_healthy_after() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("killed");
+    let mut drill = Command::new(binary())
+        .args(["drill", "run", "partition-minority", "leader-pause", "--report-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the drill");
+    // Killed once the leader is paused: the partition before it was undone, the pause not.
+    let paused = std::cell::Cell::new(None);
+    wait_until("the drill to pause a leader", || {
+        let pending = journal::pending(&dir).unwrap_or_default();
+        let found = pending.iter().find_map(|(_, _, fault)| match fault {
+            Fault::Pause { node, pid } => Some((node.clone(), *pid)),
+            _ => None,
+        });
+        let stopped = found.as_ref().is_some_and(|(_, pid)| process_state(*pid) == Some('T'));
+        if stopped {
+            paused.set(found);
+        }
+        stopped
+    });
+    drill.kill().expect("SIGKILL the drill");
+    drill.wait().expect("reap the drill");
+    let (node, pid) = paused.take().expect("a paused node");
+    assert_eq!(process_state(pid), Some('T'), "{node} stays paused");
+    assert_eq!(journal::pending(&dir).expect("journal").len(), 1);
+
+    let dir_text = dir.display().to_string();
+    let (code, out, err) = run(&["drill", "cleanup", &dir_text, "--keep"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("undone: leader-pause") && out.contains("healthy"), "{out}");
+    assert_ne!(process_state(pid), Some('T'), "{node} resumed");
+    assert!(journal::pending(&dir).expect("journal").is_empty());
+
+    // Healthy by its own processes too: every node answers, one leader, one state.
+    let topology = LocalTopology::load(&dir.join("topology")).expect("the topology");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime
+        .block_on(topology.wait_healthy(DEADLINE))
+        .expect("healthy after the clean-up");
+    let pids: Vec<u32> = topology.nodes.iter().filter_map(|n| n.pid).collect();
+    assert_eq!(pids.len(), 3);
+
+    // A second clean-up has nothing to undo and stops the topology.
+    let (code, out, err) = run(&["drill", "cleanup", &dir_text]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("no fault left to undo") && out.contains("stopped"),
+        "{out}"
+    );
+    wait_until("every node of the topology to exit", || {
+        pids.iter()
+            .all(|pid| !matches!(process_state(*pid), Some(s) if s != 'Z'))
+    });
+}
