@@ -122,6 +122,22 @@ impl Scenario {
         )
     }
 
+    /// Whether it breaks the drill's sample service (and so needs it running).
+    pub fn needs_service(self) -> bool {
+        matches!(
+            self,
+            Scenario::PrimaryKill | Scenario::NodeKill | Scenario::ZoneLoss | Scenario::Switchover
+        )
+    }
+
+    /// Whether it moves the primary region.
+    pub fn moves_primary_region(self) -> bool {
+        matches!(
+            self,
+            Scenario::RegionOutage | Scenario::RegionFailover | Scenario::Failback
+        )
+    }
+
     /// Whether the safety rules promise that no acknowledged write is lost through it.
     /// A region outage is the exception: writes the lost region acknowledged but had not
     /// shipped are lost, within the RPO its failover event reports.
@@ -133,8 +149,17 @@ impl Scenario {
 /// Refuses a sequence of scenarios that cannot run in that order: a fail-back needs the
 /// primary region moved by an earlier `region-failover` or `region-outage`, and the two
 /// cannot both run without a fail-back between them (the second would have no standby
-/// holding the original primary's data to move to).
+/// holding the original primary's data to move to). Scenarios that break the sample
+/// service and scenarios that move the primary region are drilled apart.
 pub fn check_sequence(scenarios: &[Scenario]) -> Result<(), String> {
+    let service = scenarios.iter().find(|s| s.needs_service());
+    let region = scenarios.iter().find(|s| s.moves_primary_region());
+    if let (Some(service), Some(region)) = (service, region) {
+        // The drill's service has its instances in the first primary region only.
+        return Err(format!(
+            "scenarios {service} and {region} cannot run in one drill: run the service scenarios and the region scenarios as two drills"
+        ));
+    }
     let mut moved = false;
     for (i, scenario) in scenarios.iter().enumerate() {
         match scenario {
@@ -250,6 +275,12 @@ mod tests {
         let refused = check_sequence(&[RegionFailover, RegionOutage]).unwrap_err();
         assert!(refused.contains("region-outage (step 2)"), "{refused}");
         assert!(check_sequence(&[RegionFailover, Failback, Failback]).is_err());
+        let refused = check_sequence(&[PrimaryKill, RegionFailover, Failback]).unwrap_err();
+        assert!(refused.contains("as two drills"), "{refused}");
+        assert_eq!(
+            check_sequence(&[PrimaryKill, NodeKill, ZoneLoss, Switchover, LinkCut]),
+            Ok(())
+        );
         assert!(RegionOutage.needs_regions() && !LeaderKill.needs_regions());
         assert!(!RegionOutage.promises_no_loss() && LinkCut.promises_no_loss());
     }

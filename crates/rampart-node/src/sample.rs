@@ -6,6 +6,7 @@
 //!   cut off from Rampart stops taking writes by itself (it fences on its own token).
 //! - Replicas pull the primary's log (`GET /log?from=N`) and report their lag with every
 //!   heartbeat, honestly: the primary's head minus what they applied.
+//!   Its answer names the sequence, the fencing token it wrote under and the instance.
 //! - `GET /kv/{key}`, `GET /health` (role, token, applied sequence, lag).
 //!
 //! - `--synchronous`: a write is acknowledged only once a replica that Rampart would promote
@@ -179,7 +180,7 @@ async fn write(State(shared): State<Shared>, Path(key): Path<String>, value: Str
         });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    Json(serde_json::json!({ "seq": seq, "token": token })).into_response()
+    Json(serde_json::json!({ "seq": seq, "token": token, "instance": shared.0.instance })).into_response()
 }
 
 /// Waits until a synchronous replica has pulled `seq`, at most [`SYNC_WAIT`].

@@ -13,6 +13,7 @@ pub mod http_backend;
 pub mod postgres;
 pub mod regions;
 pub mod relay;
+pub mod sample_fleet;
 pub mod workload;
 
 pub use cluster::{free_port, Cluster, ClusterOptions, Outsider};

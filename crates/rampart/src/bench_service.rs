@@ -21,7 +21,7 @@ pub struct ServiceFailover {
     pub median_ms: u64,
 }
 
-use crate::sample_fleet::{self, json};
+use rampart_testkit::sample_fleet::{self, json};
 
 async fn writable(http: &reqwest::Client, addr: &str) -> bool {
     http.put(format!("http://{addr}/kv/bench"))
@@ -79,7 +79,8 @@ pub async fn measure(
             0,
             Default::default(),
         )
-        .await?;
+        .await
+        .map_err(Failure::message)?;
         addrs.push(addr);
     }
     sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
@@ -142,7 +143,8 @@ pub async fn measure(
             round,
             Default::default(),
         )
-        .await?;
+        .await
+        .map_err(Failure::message)?;
         sample_fleet::wait_all_up(&client, "kv", Duration::from_secs(60)).await;
     }
     let mut sorted = rounds_ms.clone();

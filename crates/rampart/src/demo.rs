@@ -498,17 +498,20 @@ async fn service_part(
         let addr = rampart_testkit::cluster::free_port()
             .map_err(Failure::message)?
             .to_string();
-        let mode = crate::sample_fleet::Mode {
+        let mode = rampart_testkit::sample_fleet::Mode {
             synchronous,
             // s-1, the first primary, and s-2, its synchronous standby: the instances a
             // synchronous policy may promote.
             standby: synchronous && node <= 2,
+            zone: None,
         };
-        crate::sample_fleet::register(client, binary, &endpoints, service, &id, node, &addr, 0, mode).await?;
+        rampart_testkit::sample_fleet::register(client, binary, &endpoints, service, &id, node, &addr, 0, mode)
+            .await
+            .map_err(Failure::message)?;
         println!("  instance {id} on node {node}, serving {addr}");
         addrs.insert(id, addr);
     }
-    crate::sample_fleet::wait_all_up(client, service, Duration::from_secs(30)).await;
+    rampart_testkit::sample_fleet::wait_all_up(client, service, Duration::from_secs(30)).await;
     client.switchover(service, "s-1").await.map_err(Failure::message)?;
     println!("switchover: s-1 is the primary");
 
@@ -519,7 +522,7 @@ async fn service_part(
     let primary_addr = |id: &str| addrs[id].clone();
     // Wait until s-1 takes writes, then write for a second.
     rampart_testkit::eventually(Duration::from_secs(10), "s-1 writable", || async {
-        let health = crate::sample_fleet::json(&http, &primary_addr("s-1"), "/health").await?;
+        let health = rampart_testkit::sample_fleet::json(&http, &primary_addr("s-1"), "/health").await?;
         (health["writable"] == true).then_some(())
     })
     .await;
@@ -539,7 +542,7 @@ async fn service_part(
             acknowledged.push(key);
         }
     }
-    let pid = crate::sample_fleet::json(&http, &primary_addr("s-1"), "/health")
+    let pid = rampart_testkit::sample_fleet::json(&http, &primary_addr("s-1"), "/health")
         .await
         .and_then(|h| h["pid"].as_i64())
         .ok_or_else(|| Failure::message("cannot read the primary's pid"))? as i32;
@@ -560,11 +563,14 @@ async fn service_part(
             view.primary.filter(|p| p != "s-1")
         })
         .await;
-        let mode = crate::sample_fleet::Mode {
+        let mode = rampart_testkit::sample_fleet::Mode {
             synchronous,
             standby: true,
+            zone: None,
         };
-        crate::sample_fleet::register(client, binary, &endpoints, service, "s-3", 3, &addrs["s-3"], 0, mode).await?;
+        rampart_testkit::sample_fleet::register(client, binary, &endpoints, service, "s-3", 3, &addrs["s-3"], 0, mode)
+            .await
+            .map_err(Failure::message)?;
     }
     // Write to whichever instance takes writes, until one does.
     let (new_primary, first_write) =

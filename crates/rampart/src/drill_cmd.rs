@@ -11,8 +11,8 @@ use clap::Subcommand;
 use rampart_core::drill::{catalogue, Scenario};
 use rampart_testkit::drill::local::TopologyPlan;
 use rampart_testkit::drill::report::{html, markdown};
-use rampart_testkit::drill::{cleanup, default_plan, run_local, Budgets, Cleanup, Report};
-use serde::Serialize;
+use rampart_testkit::drill::{cleanup, default_plan, run_local, Budgets, Cleanup, PlannedStep, Report};
+use serde::{Deserialize, Serialize};
 
 use crate::outcome::{print, Failure, Output};
 
@@ -21,13 +21,17 @@ pub enum DrillCommand {
     /// The scenarios a drill can run: each name, the fault it injects and its undo
     List,
     /// Run scenarios in turn against a topology of local nodes it starts and stops itself
-    /// (one region of three, or with a region scenario two regions and a witness); built
-    /// so far: leader-kill, leader-pause, partition-minority, partition-majority,
-    /// region-outage, link-cut, link-slow, region-failover, failback
+    /// (one region of three, or with a region scenario two regions and a witness; with a
+    /// service scenario a sample service behind a proxy too); built so far: every
+    /// scenario but backup-restore and postgres-primary-kill
     Run {
         /// Scenario names (see `drill list`), run in this order
-        #[arg(required = true, value_parser = scenario_arg)]
+        #[arg(required_unless_present = "plan", conflicts_with = "plan", value_parser = scenario_arg)]
         scenarios: Vec<Scenario>,
+        /// A drill plan (TOML): `[drill]` with budgets and a topology file, and its
+        /// `[[drill.steps]]` (scenario, and optionally rto_budget, rpo_budget, settle)
+        #[arg(long)]
+        plan: Option<PathBuf>,
         /// The drill's directory: its journal, its topology while it runs, and
         /// report.json, report.md and report.html [default: DATA_DIR/drills/TIME-SCENARIO]
         #[arg(long)]
@@ -39,13 +43,15 @@ pub enum DrillCommand {
         /// of the default one
         #[arg(long)]
         topology: Option<PathBuf>,
-        /// Each scenario's recovery (fault to the first write sent after it and
-        /// acknowledged) must take at most this long
-        #[arg(long, default_value = "5s", value_parser = crate::outcome::duration_arg)]
-        rto_budget: Duration,
-        /// At most this many acknowledged writes may be lost
-        #[arg(long, default_value_t = 0)]
-        rpo_budget: u64,
+        /// Each scenario's recovery (the longest time without an acknowledged write, from
+        /// the fault until a write sent after it is acknowledged) must take at most this
+        /// long [default: the plan's, else 5s]
+        #[arg(long, value_parser = crate::outcome::duration_arg)]
+        rto_budget: Option<Duration>,
+        /// At most this many acknowledged writes may be lost in a scenario [default: the
+        /// plan's, else 0]
+        #[arg(long)]
+        rpo_budget: Option<u64>,
     },
     /// Undo whatever a drill that was killed left: faults it recorded and never undid
     /// (healed links, SIGCONT, killed nodes started again); then check that its topology
@@ -74,6 +80,97 @@ pub enum DrillCommand {
 fn scenario_arg(text: &str) -> Result<Scenario, String> {
     text.parse()
 }
+
+/// A drill plan file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    drill: PlanTable,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanTable {
+    /// A topology file, relative to the plan's directory.
+    topology: Option<PathBuf>,
+    rto_budget: Option<String>,
+    rpo_budget: Option<u64>,
+    #[serde(default)]
+    steps: Vec<PlanStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanStep {
+    scenario: String,
+    rto_budget: Option<String>,
+    rpo_budget: Option<u64>,
+    /// How long to let the topology settle before this step.
+    settle: Option<String>,
+}
+
+fn plan_duration(field: &str, text: &str) -> Result<Duration, Failure> {
+    rampart_core::duration::parse_duration(text)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{field}: {text:?} is not a duration ({e})")))
+}
+
+/// The steps, budgets and topology file a plan gives; `--rto-budget`/`--rpo-budget`
+/// replace the plan's defaults, a step's own budget wins for that step.
+fn read_plan(
+    path: &Path,
+    rto: Option<Duration>,
+    rpo: Option<u64>,
+) -> Result<(Vec<PlannedStep>, Budgets, Option<PathBuf>), Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
+    let file: PlanFile =
+        toml::from_str(&text).map_err(|e| Failure::usage(anyhow::anyhow!("{}: {}", path.display(), e.message())))?;
+    let table = file.drill;
+    let in_file = |e: Failure| Failure::usage(anyhow::anyhow!("{}: {}", path.display(), e.error));
+    let defaults = Budgets {
+        rto_ms: match (rto, &table.rto_budget) {
+            (Some(d), _) => d.as_millis() as u64,
+            (None, Some(text)) => plan_duration("drill.rto_budget", text).map_err(in_file)?.as_millis() as u64,
+            (None, None) => DEFAULT_RTO.as_millis() as u64,
+        },
+        rpo_writes: rpo.or(table.rpo_budget).unwrap_or(0),
+    };
+    if table.steps.is_empty() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "{}: drill.steps: a plan needs at least one [[drill.steps]]",
+            path.display()
+        )));
+    }
+    let mut steps = Vec::new();
+    for (i, step) in table.steps.iter().enumerate() {
+        let field = |name: &str| format!("drill.steps[{i}].{name}");
+        let scenario: Scenario = step
+            .scenario
+            .parse()
+            .map_err(|e: String| Failure::usage(anyhow::anyhow!("{}: {}: {e}", path.display(), field("scenario"))))?;
+        let rto_ms = match &step.rto_budget {
+            Some(text) => plan_duration(&field("rto_budget"), text).map_err(in_file)?.as_millis() as u64,
+            None => defaults.rto_ms,
+        };
+        let settle = match &step.settle {
+            Some(text) => plan_duration(&field("settle"), text).map_err(in_file)?,
+            None => Duration::ZERO,
+        };
+        steps.push(PlannedStep {
+            scenario,
+            budgets: Budgets {
+                rto_ms,
+                rpo_writes: step.rpo_budget.unwrap_or(defaults.rpo_writes),
+            },
+            settle,
+        });
+    }
+    let topology = table.topology.map(|t| path.parent().unwrap_or(Path::new(".")).join(t));
+    Ok((steps, defaults, topology))
+}
+
+/// The RTO budget when neither a flag nor a plan gives one.
+const DEFAULT_RTO: Duration = Duration::from_secs(5);
 
 /// Reads a topology file, naming the field at fault.
 fn read_topology(path: &Path) -> Result<TopologyPlan, Failure> {
@@ -183,14 +280,34 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
         }
         DrillCommand::Run {
             scenarios,
+            plan: plan_file,
             report_dir,
             data_dir,
             topology,
             rto_budget,
             rpo_budget,
         } => {
-            let plan = match &topology {
-                Some(path) => read_topology(path)?,
+            let (steps, budgets, planned_topology) = match &plan_file {
+                Some(path) => read_plan(path, rto_budget, rpo_budget)?,
+                None => {
+                    let budgets = Budgets {
+                        rto_ms: rto_budget.unwrap_or(DEFAULT_RTO).as_millis() as u64,
+                        rpo_writes: rpo_budget.unwrap_or(0),
+                    };
+                    let steps = scenarios
+                        .iter()
+                        .map(|scenario| PlannedStep {
+                            scenario: *scenario,
+                            budgets,
+                            settle: Duration::ZERO,
+                        })
+                        .collect();
+                    (steps, budgets, None)
+                }
+            };
+            let scenarios: Vec<Scenario> = steps.iter().map(|s| s.scenario).collect();
+            let plan = match topology.or(planned_topology) {
+                Some(path) => read_topology(&path)?,
                 None => default_plan(&scenarios),
             };
             rampart_testkit::drill::check_local(&scenarios, &plan).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
@@ -202,14 +319,10 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
                     scenarios[0]
                 ))
             });
-            let budgets = Budgets {
-                rto_ms: rto_budget.as_millis() as u64,
-                rpo_writes: rpo_budget,
-            };
             eprintln!("drill in {}", dir.display());
             let progress = |line: &str| eprintln!("{line}");
             let report = tokio::select! {
-                report = run_local(&binary, &plan, &scenarios, budgets, &dir, &progress) => {
+                report = run_local(&binary, &plan, &steps, budgets, &dir, &progress) => {
                     report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?
                 }
                 _ = tokio::signal::ctrl_c() => {

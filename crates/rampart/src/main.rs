@@ -8,7 +8,6 @@ mod demo;
 mod drill_cmd;
 mod node_cmd;
 mod outcome;
-mod sample_fleet;
 
 use std::process::ExitCode;
 

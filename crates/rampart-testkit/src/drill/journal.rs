@@ -20,14 +20,16 @@ pub enum Fault {
     Pause { node: String, pid: u32 },
     /// Relays set to `mode`: undone by setting them to pass.
     Links { relays: Vec<usize>, mode: RelayMode },
-    /// A service instance's process SIGKILLed: its node starts it again by itself.
+    /// A service instance's process SIGKILLed: undone by registering it again (its node
+    /// starts it).
     KillInstance {
         service: String,
         instance: String,
         pid: u32,
     },
-    /// Nothing to undo (a planned operation).
-    None { what: String },
+    /// A planned operation (a switchover, a region failover or fail-back) to `to`:
+    /// nothing to undo.
+    Planned { what: String, to: String },
 }
 
 /// One line of the journal.

@@ -17,6 +17,7 @@ use rampart_client::Client;
 use rampart_core::api::ClusterStatus;
 use serde::{Deserialize, Serialize};
 
+use super::service::{self, InstanceRecord, ServiceRecord, SERVICE};
 use crate::cluster::{agreed_leader, converged, free_port};
 use crate::relay::{Relay, RelayMode};
 
@@ -152,6 +153,9 @@ pub struct LocalTopology {
     pub nodes: Vec<NodeRecord>,
     pub relays: Vec<RelayRecord>,
     pub relays_pid: Option<u32>,
+    /// The drill's service and its proxy, once started.
+    #[serde(default)]
+    pub service: Option<ServiceRecord>,
     /// Set once everything was stopped.
     pub stopped: bool,
     /// Processes this process started, to reap them.
@@ -193,6 +197,7 @@ impl LocalTopology {
             nodes,
             relays,
             relays_pid: None,
+            service: None,
             stopped: false,
             children: BTreeMap::new(),
         };
@@ -296,6 +301,106 @@ impl LocalTopology {
             ));
         }
         text
+    }
+
+    /// Starts the drill's service: an instance on each node of the primary region, then
+    /// a proxy following its primary; returns once a write through the proxy is
+    /// acknowledged.
+    pub async fn start_service(&mut self) -> Result<(), String> {
+        let primary = self.plan.primary().to_string();
+        let client = self.region_client(&primary);
+        client
+            .service_put(SERVICE, &service::policy())
+            .await
+            .map_err(|e| format!("cannot register service {SERVICE}: {e}"))?;
+        let endpoints = self.endpoints(&primary).join(",");
+        let mut instances = Vec::new();
+        for node in self.region_nodes(&primary) {
+            instances.push(InstanceRecord {
+                id: format!("s-{}", node.id),
+                node: node.name.clone(),
+                node_id: node.id,
+                addr: free_port().map_err(|e| e.to_string())?,
+                zone: node.zone.clone(),
+                generation: 0,
+            });
+        }
+        for instance in &instances {
+            service::register(&client, &self.binary, &endpoints, instance).await?;
+        }
+        let config = self.dir.join("proxy.toml");
+        let proxy = free_port().map_err(|e| e.to_string())?;
+        std::fs::write(
+            &config,
+            format!(
+                "[[proxy.listeners]]\nname = \"{SERVICE}\"\nbind = \"{proxy}\"\nmode = \"http\"\nservice = \"{SERVICE}\"\nroute = \"primary\"\n"
+            ),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let proxy_args: Vec<String> = vec![
+            "--endpoints".into(),
+            endpoints,
+            "proxy".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        self.service = Some(ServiceRecord {
+            instances,
+            proxy,
+            proxy_args,
+            proxy_pid: None,
+            proxy_config: config,
+        });
+        self.start_proxy().map_err(|e| format!("cannot start the proxy: {e}"))?;
+        // Every instance up, then the first made primary.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let first = format!("s-{}", self.region_nodes(&primary).next().expect("a node").id);
+        let mut asked = false;
+        loop {
+            match service::serving(&client).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) if !asked && e.ends_with("has no primary") => {
+                    asked = client.switchover(SERVICE, &first).await.is_ok();
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Starts the proxy (again), unless it runs.
+    pub fn start_proxy(&mut self) -> std::io::Result<()> {
+        let Some(record) = self.service.clone() else {
+            return Ok(());
+        };
+        if record.proxy_pid.is_some_and(|pid| is_ours(pid, &record.proxy_config)) {
+            return Ok(());
+        }
+        let pid = self.spawn(&record.proxy_args, &self.dir.join("proxy.log"))?;
+        if let Some(service) = self.service.as_mut() {
+            service.proxy_pid = Some(pid);
+        }
+        self.save()
+    }
+
+    /// Starts instance `id` of the drill's service again (registered anew with the next
+    /// generation: its node restarts it).
+    pub async fn restart_instance(&mut self, id: &str) -> Result<(), String> {
+        let primary = self.plan.primary().to_string();
+        let endpoints = self.endpoints(&primary).join(",");
+        let client = self.client();
+        let binary = self.binary.clone();
+        let Some(instance) = self
+            .service
+            .as_mut()
+            .and_then(|s| s.instances.iter_mut().find(|i| i.id == id))
+        else {
+            return Err(format!("no instance {id} of {SERVICE}"));
+        };
+        instance.generation += 1;
+        let instance = instance.clone();
+        self.save().map_err(|e| e.to_string())?;
+        service::register(&client, &binary, &endpoints, &instance).await
     }
 
     fn spawn(&mut self, args: &[String], log: &Path) -> std::io::Result<u32> {
@@ -509,6 +614,12 @@ impl LocalTopology {
         if primaries.len() > 1 {
             return Err(format!("the regions disagree on the primary region: {primaries:?}"));
         }
+        if let Some(record) = &self.service {
+            if !record.proxy_pid.is_some_and(|pid| is_ours(pid, &record.proxy_config)) {
+                return Err("the proxy is not running".into());
+            }
+            service::serving(&self.client().with_deadline(Duration::from_millis(500))).await?;
+        }
         Ok(())
     }
 
@@ -529,6 +640,16 @@ impl LocalTopology {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for name in names {
             self.kill_node(&name)?;
+        }
+        if let Some(record) = self.service.as_mut() {
+            if let Some(pid) = record.proxy_pid.take() {
+                if is_ours(pid, &record.proxy_config) {
+                    signal(pid, libc::SIGKILL);
+                }
+                if let Some(mut child) = self.children.remove(&pid) {
+                    let _ = child.wait();
+                }
+            }
         }
         if let Some(pid) = self.relays_pid.take() {
             if is_ours(pid, &self.dir) {
@@ -584,20 +705,20 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temp, path)
 }
 
-/// Whether `pid` is alive, not a zombie, and runs with `marker` (a data dir) on its
-/// command line: a PID reused by another process is never signalled.
-fn is_ours(pid: u32, marker: &Path) -> bool {
+/// Whether `pid` is alive, not a zombie, and runs with `marker` (a data dir, a config
+/// file, an address) as one of its arguments: a PID reused by another process is never signalled.
+pub(crate) fn is_ours(pid: u32, marker: impl AsRef<std::ffi::OsStr>) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
     if stat.is_empty() || state == Some("Z") {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let marker = marker.display().to_string();
-    cmdline.split(|b| *b == 0).any(|arg| arg == marker.as_bytes())
+    let marker = marker.as_ref().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|arg| arg == marker)
 }
 
-fn signal(pid: u32, signal: i32) {
+pub(crate) fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a PID checked to be one of this topology's processes.
     unsafe {
         libc::kill(pid as i32, signal);

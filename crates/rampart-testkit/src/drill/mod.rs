@@ -12,6 +12,7 @@
 pub mod journal;
 pub mod local;
 pub mod report;
+pub mod service;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -23,21 +24,25 @@ use rampart_core::api::FailoverRequest;
 use rampart_core::drill::Scenario;
 use serde::{Deserialize, Serialize};
 
-use crate::history::{epochs_overlap, History, OpOutcome};
+use crate::history::{epochs_overlap, two_primaries, History, OpOutcome, PrimaryAck};
 use crate::relay::RelayMode;
 use crate::Workload;
 use journal::{Fault, Journal};
 use local::{LocalTopology, TopologyPlan};
 
 /// The scenarios `run_local` can run so far.
-pub const LOCAL_SCENARIOS: [Scenario; 9] = [
+pub const LOCAL_SCENARIOS: [Scenario; 13] = [
     Scenario::LeaderKill,
     Scenario::LeaderPause,
     Scenario::PartitionMinority,
     Scenario::PartitionMajority,
+    Scenario::PrimaryKill,
+    Scenario::NodeKill,
+    Scenario::ZoneLoss,
     Scenario::RegionOutage,
     Scenario::LinkCut,
     Scenario::LinkSlow,
+    Scenario::Switchover,
     Scenario::RegionFailover,
     Scenario::Failback,
 ];
@@ -59,6 +64,15 @@ pub struct Budgets {
     pub rto_ms: u64,
     /// Acknowledged writes that may be lost.
     pub rpo_writes: u64,
+}
+
+/// One step of a drill: a scenario, the budgets it is held to, and how long to let the
+/// topology settle before it (a drill plan's `settle`).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedStep {
+    pub scenario: Scenario,
+    pub budgets: Budgets,
+    pub settle: Duration,
 }
 
 /// One safety check's verdict.
@@ -111,11 +125,14 @@ pub struct Step {
     pub fault_at_ms: u64,
     /// What was broken, in words.
     pub fault: String,
+    /// What this step was held to.
+    pub budgets: Budgets,
     /// The longest time from the fault until a write sent after it (after a planned
-    /// operation's answer) was acknowledged, that no write was (none: no recovery).
+    /// operation's answer) was acknowledged, that no write was, on the slowest path (none:
+    /// no recovery).
     pub rto_ms: Option<u64>,
     pub acknowledged: usize,
-    /// Acknowledged writes missing from the final state.
+    /// Acknowledged writes missing from the final state, on every path.
     pub lost: usize,
     /// The RPO the failover said, when the scenario moved the primary region.
     pub reported_rpo: Option<String>,
@@ -123,7 +140,51 @@ pub struct Step {
     pub within_budget: bool,
     pub marks: Vec<Mark>,
     pub samples: Vec<Sample>,
+    /// Each way the canary wrote: `api`, and `proxy` (the sample service through the
+    /// proxy) when the drill runs the service.
+    pub paths: Vec<PathFigures>,
+}
+
+/// One canary path's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathFigures {
+    pub path: String,
+    pub rto_ms: Option<u64>,
+    pub acknowledged: usize,
+    pub lost: usize,
     pub writes: Vec<Bucket>,
+    /// Through the proxy: which instance acknowledged, under which fencing token, from
+    /// when (one entry per change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Holder>,
+}
+
+/// The service primary that acknowledged the proxy canary's writes from `at_ms` on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Holder {
+    pub at_ms: u64,
+    pub instance: String,
+    pub token: u64,
+}
+
+/// The changes of acknowledging instance and token, in the order of the answers.
+fn holders(acks: &[PrimaryAck], zero: Instant) -> Vec<Holder> {
+    let mut sorted: Vec<&PrimaryAck> = acks.iter().collect();
+    sorted.sort_by_key(|a| a.answered);
+    let mut out: Vec<Holder> = Vec::new();
+    for ack in sorted {
+        if out
+            .last()
+            .is_none_or(|h| h.instance != ack.instance || h.token != ack.token)
+        {
+            out.push(Holder {
+                at_ms: ack.answered.saturating_duration_since(zero).as_millis() as u64,
+                instance: ack.instance.clone(),
+                token: ack.token,
+            });
+        }
+    }
+    out
 }
 
 /// A whole drill.
@@ -177,14 +238,15 @@ pub fn default_plan(scenarios: &[Scenario]) -> TopologyPlan {
 pub async fn run_local(
     binary: &Path,
     plan: &TopologyPlan,
-    scenarios: &[Scenario],
+    planned: &[PlannedStep],
     budgets: Budgets,
     dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Report, String> {
-    check_local(scenarios, plan)?;
+    let scenarios: Vec<Scenario> = planned.iter().map(|p| p.scenario).collect();
+    check_local(&scenarios, plan)?;
     let started_ms = now_ms();
-    let outcome = std::panic::AssertUnwindSafe(run_steps(binary, plan, scenarios, budgets, dir, progress))
+    let outcome = std::panic::AssertUnwindSafe(run_steps(binary, plan, planned, dir, progress))
         .catch_unwind()
         .await;
     let (steps, aborted) = match outcome {
@@ -206,7 +268,7 @@ pub async fn run_local(
     };
     Ok(Report {
         started_ms,
-        scenarios: scenarios.to_vec(),
+        scenarios,
         budgets,
         steps,
         passed,
@@ -219,8 +281,7 @@ type Partial = (Vec<Step>, String);
 async fn run_steps(
     binary: &Path,
     plan: &TopologyPlan,
-    scenarios: &[Scenario],
-    budgets: Budgets,
+    planned: &[PlannedStep],
     dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<Step>, Partial> {
@@ -240,15 +301,37 @@ async fn run_steps(
         .wait_healthy(HEALTHY_DEADLINE)
         .await
         .map_err(|e| fail(&steps, format!("the topology did not come up: {e}")))?;
-    let started = Instant::now();
-    for (i, scenario) in scenarios.iter().enumerate() {
+    if planned.iter().any(|p| p.scenario.needs_service()) {
         progress(&format!(
-            "[{}/{}] {scenario}: {}",
-            i + 1,
-            scenarios.len(),
-            scenario.fault()
+            "starting the service {}: an instance on each node of {}, behind a proxy",
+            service::SERVICE,
+            plan.primary()
         ));
-        let ran = std::panic::AssertUnwindSafe(step(&mut topology, &mut journal, *scenario, i, started, budgets))
+        topology
+            .start_service()
+            .await
+            .map_err(|e| fail(&steps, format!("the service did not come up: {e}")))?;
+    }
+    let started = Instant::now();
+    let total = planned.len();
+    for (
+        i,
+        PlannedStep {
+            scenario,
+            budgets,
+            settle,
+        },
+    ) in planned.iter().enumerate()
+    {
+        if !settle.is_zero() {
+            progress(&format!(
+                "[{}/{total}] letting the topology settle for {settle:?}",
+                i + 1
+            ));
+            tokio::time::sleep(*settle).await;
+        }
+        progress(&format!("[{}/{total}] {scenario}: {}", i + 1, scenario.fault()));
+        let ran = std::panic::AssertUnwindSafe(step(&mut topology, &mut journal, *scenario, i, started, *budgets))
             .catch_unwind()
             .await;
         let done = match ran {
@@ -258,9 +341,8 @@ async fn run_steps(
         match done {
             Ok(step) => {
                 progress(&format!(
-                    "[{}/{}] {scenario}: RTO {}, {} of {} acknowledged writes lost, checks {}",
+                    "[{}/{total}] {scenario}: RTO {}, {} of {} acknowledged writes lost, checks {}",
                     i + 1,
-                    scenarios.len(),
                     step.rto_ms.map_or("none (no recovery)".into(), |ms| format!("{ms} ms")),
                     step.lost,
                     step.acknowledged,
@@ -286,9 +368,41 @@ fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a step panicked".into())
 }
 
-/// The fault `scenario` injects now, with `primary` the primary region and `leader` its
-/// Raft leader.
-fn plan_fault(topology: &LocalTopology, scenario: Scenario, primary: &str, leader: &str) -> Result<Fault, String> {
+/// Where the primaries are when a step begins.
+struct Now {
+    region: String,
+    leader: String,
+    /// The drill's service's primary, when it runs.
+    instance: Option<service::InstanceRecord>,
+}
+
+async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
+    let region = current_primary(client).await?;
+    let leader = wait_leader(topology, &region).await?;
+    let instance = match &topology.service {
+        Some(record) => {
+            let id = service::serving(client).await?;
+            Some(
+                record
+                    .instances
+                    .iter()
+                    .find(|i| i.id == id)
+                    .cloned()
+                    .ok_or(format!("the primary {id} is not one of the drill's instances"))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Now {
+        region,
+        leader,
+        instance,
+    })
+}
+
+/// The fault `scenario` injects now.
+async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> Result<Fault, String> {
+    let (primary, leader) = (now.region.as_str(), now.leader.as_str());
     let standby = topology
         .data_regions()
         .into_iter()
@@ -311,6 +425,7 @@ fn plan_fault(topology: &LocalTopology, scenario: Scenario, primary: &str, leade
                 && ((r.from_region == a && r.to_region == b) || (r.from_region == b && r.to_region == a))
         })
     };
+    let instance = || now.instance.clone().ok_or("the drill's service is not running");
     Ok(match scenario {
         Scenario::LeaderKill => Fault::Kill {
             nodes: vec![leader.to_string()],
@@ -339,6 +454,46 @@ fn plan_fault(topology: &LocalTopology, scenario: Scenario, primary: &str, leade
                 mode: RelayMode::Blackhole,
             }
         }
+        Scenario::PrimaryKill => {
+            let instance = instance()?;
+            Fault::KillInstance {
+                service: service::SERVICE.into(),
+                pid: service::instance_pid(instance.addr)
+                    .await
+                    .ok_or(format!("instance {} does not say its pid", instance.id))?,
+                instance: instance.id,
+            }
+        }
+        Scenario::NodeKill => Fault::Kill {
+            nodes: vec![instance()?.node],
+        },
+        Scenario::ZoneLoss => {
+            let zone = instance()?
+                .zone
+                .ok_or("the primary's node has no zone: give the topology's regions zones")?;
+            Fault::Kill {
+                nodes: topology
+                    .nodes
+                    .iter()
+                    .filter(|n| n.zone.as_deref() == Some(zone.as_str()))
+                    .map(|n| n.name.clone())
+                    .collect(),
+            }
+        }
+        Scenario::Switchover => {
+            let from = instance()?.id;
+            let record = topology.service.as_ref().ok_or("the drill's service is not running")?;
+            let to = record
+                .instances
+                .iter()
+                .map(|i| i.id.clone())
+                .find(|id| *id != from)
+                .ok_or("the service has no other instance")?;
+            Fault::Planned {
+                what: format!("switchover of {} from {from} to {to}", service::SERVICE),
+                to,
+            }
+        }
         Scenario::RegionOutage => Fault::Kill {
             nodes: topology.region_nodes(primary).map(|n| n.name.clone()).collect(),
         },
@@ -350,11 +505,13 @@ fn plan_fault(topology: &LocalTopology, scenario: Scenario, primary: &str, leade
             relays: between(primary, &standby),
             mode: RelayMode::Delay(SLOW_LINK),
         },
-        Scenario::RegionFailover => Fault::None {
+        Scenario::RegionFailover => Fault::Planned {
             what: format!("planned failover from {primary} to {standby}"),
+            to: standby,
         },
-        Scenario::Failback => Fault::None {
+        Scenario::Failback => Fault::Planned {
             what: format!("planned fail-back from {primary} to {}", topology.plan.primary()),
+            to: topology.plan.primary().to_string(),
         },
         other => return Err(format!("scenario {other} is not built yet")),
     })
@@ -376,21 +533,27 @@ async fn inject(topology: &mut LocalTopology, scenario: Scenario, fault: &Fault,
         Fault::Links { relays, mode } => topology
             .set_links(relays, *mode)
             .map_err(|e| format!("cannot set the links: {e}"))?,
-        Fault::KillInstance { pid, .. } => {
-            // SAFETY: the PID the instance's own health answer gave, a moment ago.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
+        Fault::KillInstance { instance, pid, .. } => {
+            let addr = topology
+                .service
+                .as_ref()
+                .and_then(|s| s.instances.iter().find(|i| i.id == *instance))
+                .map(|i| i.addr.to_string())
+                .ok_or(format!("no instance {instance}"))?;
+            // Only while the PID still serves that instance's address.
+            if !local::is_ours(*pid, &addr) {
+                return Err(format!("pid {pid} is no longer instance {instance}"));
             }
+            local::signal(*pid, libc::SIGKILL);
         }
-        Fault::None { .. } => {
-            let to = match scenario {
-                Scenario::Failback => topology.plan.primary().to_string(),
-                _ => topology
-                    .data_regions()
-                    .into_iter()
-                    .find(|r| r != primary)
-                    .ok_or("no standby region")?,
-            };
+        Fault::Planned { to, .. } if scenario == Scenario::Switchover => {
+            topology
+                .client()
+                .switchover(service::SERVICE, to)
+                .await
+                .map_err(|e| format!("the switchover to {to} was refused: {e}"))?;
+        }
+        Fault::Planned { to, .. } => {
             let request = FailoverRequest {
                 to: to.clone(),
                 allow_data_loss: false,
@@ -410,16 +573,21 @@ async fn inject(topology: &mut LocalTopology, scenario: Scenario, fault: &Fault,
 }
 
 /// Undoes `fault` on `topology`.
-pub fn undo(topology: &mut LocalTopology, fault: &Fault) -> std::io::Result<()> {
+pub async fn undo(topology: &mut LocalTopology, fault: &Fault) -> Result<(), String> {
     match fault {
         Fault::Kill { nodes } => {
             for node in nodes {
-                topology.start_node(node)?;
+                topology
+                    .start_node(node)
+                    .map_err(|e| format!("cannot start {node}: {e}"))?;
             }
         }
         Fault::Pause { node, pid } => topology.resume_node(node, *pid),
-        Fault::Links { relays, .. } => topology.set_links(relays, RelayMode::Pass)?,
-        Fault::KillInstance { .. } | Fault::None { .. } => {}
+        Fault::Links { relays, .. } => topology
+            .set_links(relays, RelayMode::Pass)
+            .map_err(|e| format!("cannot heal the links: {e}"))?,
+        Fault::KillInstance { instance, .. } => topology.restart_instance(instance).await?,
+        Fault::Planned { .. } => {}
     }
     Ok(())
 }
@@ -512,6 +680,58 @@ async fn wait_leader(topology: &LocalTopology, region: &str) -> Result<String, S
     }
 }
 
+/// The canary's paths: the API always, the drill's service through the proxy when it runs.
+struct Canaries {
+    api: Workload,
+    service: Option<service::ServiceCanary>,
+}
+
+impl Canaries {
+    fn histories(&self) -> Vec<(&'static str, &History)> {
+        let mut all = vec![("api", self.api.history.as_ref())];
+        if let Some(service) = &self.service {
+            all.push(("proxy", service.history.as_ref()));
+        }
+        all
+    }
+
+    /// Waits until every path has `more` further acknowledged writes.
+    async fn wait_progress(&self, more: usize) -> Result<(), String> {
+        let targets: Vec<usize> = self.histories().iter().map(|(_, h)| h.acknowledged() + more).collect();
+        let deadline = Instant::now() + RECOVERY_DEADLINE;
+        loop {
+            let behind: Vec<&str> = self
+                .histories()
+                .iter()
+                .zip(&targets)
+                .filter(|((_, h), target)| h.acknowledged() < **target)
+                .map(|((path, _), _)| *path)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no {more} more acknowledged writes through {} within {} s",
+                    behind.join(" and "),
+                    RECOVERY_DEADLINE.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// When every path has acknowledged a write sent after `at`: the latest of those.
+    fn recovered_after(&self, at: Instant) -> Option<Instant> {
+        self.histories()
+            .iter()
+            .map(|(_, h)| h.first_ack_after(at).map(|d| at + d))
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    }
+}
+
 async fn step(
     topology: &mut LocalTopology,
     journal: &mut Journal,
@@ -531,126 +751,205 @@ async fn step(
     let (samples, _monitor) = start_monitor(topology, zero);
     let client = Arc::new(topology.client().with_deadline(Duration::from_secs(2)));
     let prefix = format!("drill/{:02}-{}", index + 1, scenario.name());
-    let canary = Workload::start(client.clone(), CANARY_WRITERS, &prefix);
-    canary.wait_progress(20, RECOVERY_DEADLINE).await;
-    let primary = current_primary(&client).await?;
-    let leader = wait_leader(topology, &primary).await?;
-    let fault = plan_fault(topology, scenario, &primary, &leader)?;
+    let canaries = Canaries {
+        api: Workload::start(client.clone(), CANARY_WRITERS, &prefix),
+        service: topology
+            .service
+            .as_ref()
+            .map(|s| service::ServiceCanary::start(s.proxy, CANARY_WRITERS, &prefix)),
+    };
+    canaries.wait_progress(20).await?;
+    let before = now(topology, &client).await?;
+    let fault = plan_fault(topology, scenario, &before).await?;
     let number = journal
         .injecting(scenario, &fault)
         .map_err(|e| format!("cannot write the journal: {e}"))?;
     let injected = Instant::now();
     mark(&mut marks, &format!("fault: {}", describe(&fault)));
-    let injected_result = inject(topology, scenario, &fault, &primary).await;
+    let injected_result = inject(topology, scenario, &fault, &before.region).await;
     // A planned operation is done when its call returns; a fault at once.
     let done = Instant::now();
-    if matches!(fault, Fault::None { .. }) {
+    if matches!(fault, Fault::Planned { .. }) {
         mark(&mut marks, "operation answered");
     }
-    // Recovery: a write sent after that acknowledged. The RTO is the longest time from the
-    // fault to then that nothing was acknowledged.
+    // Recovery: on every path, a write sent after that acknowledged.
     let deadline = injected + RECOVERY_DEADLINE;
     let recovered = loop {
         if injected_result.is_err() {
             break None;
         }
-        if let Some(after) = canary.history.first_ack_after(done) {
-            break Some(done + after);
+        if let Some(at) = canaries.recovered_after(done) {
+            break Some(at);
         }
         if Instant::now() >= deadline {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let rto = recovered.map(|at| canary.history.longest_gap_without_ack(injected, at));
     if let Some(at) = recovered {
         marks.push(Mark {
             at_ms: at.duration_since(zero).as_millis() as u64,
-            label: "recovered: a write sent after it acknowledged".into(),
+            label: "recovered: a write sent after it acknowledged on every path".into(),
         });
     }
     // Undo, whatever happened.
-    undo(topology, &fault).map_err(|e| format!("cannot undo the fault: {e}"))?;
+    undo(topology, &fault)
+        .await
+        .map_err(|e| format!("cannot undo the fault: {e}"))?;
     journal
         .undone(number)
         .map_err(|e| format!("cannot write the journal: {e}"))?;
     mark(&mut marks, "undone");
     injected_result?;
-    canary.wait_progress(20, RECOVERY_DEADLINE).await;
-    let history = canary.stop().await;
+    canaries.wait_progress(20).await?;
+    // Each path's RTO: the longest gap without an acknowledgement from the fault until
+    // it recovered.
+    let rto_of = |history: &History| {
+        history
+            .first_ack_after(done)
+            .map(|d| history.longest_gap_without_ack(injected, done + d).as_millis() as u64)
+    };
+    let api_rto = rto_of(&canaries.api.history);
+    let service_rto = canaries.service.as_ref().map(|c| rto_of(&c.history));
+    let api_history = canaries.api.stop().await;
+    let service_run = match canaries.service {
+        Some(canary) => Some(canary.stop().await),
+        None => None,
+    };
     topology.wait_healthy(HEALTHY_DEADLINE).await?;
     mark(&mut marks, "healthy");
-    let primary_now = current_primary(&client).await?;
-    let reader = topology.region_client(&primary_now);
+    let after = now(topology, &client).await?;
+    let reader = topology.region_client(&after.region);
+
     let state = crate::workload::final_state(&reader, &prefix).await;
-    let lost = history.lost_acknowledged_writes(&state);
-    let failed_applied = history.failed_but_applied(&state);
-    let order = history.revision_order_violations();
-    let overlap = epochs_overlap(&history.epoch_acks());
-    let acknowledged = history.acknowledged();
-    let reported_rpo = if primary_now != primary {
+    let lost = api_history.lost_acknowledged_writes(&state);
+    let failed_applied = api_history.failed_but_applied(&state);
+    let order = api_history.revision_order_violations();
+    let overlap = epochs_overlap(&api_history.epoch_acks());
+    let reported_rpo = if after.region != before.region {
         failover_event(&reader).await
     } else {
         None
     };
+    let mut paths = vec![PathFigures {
+        path: "api".into(),
+        rto_ms: api_rto,
+        acknowledged: api_history.acknowledged(),
+        lost: lost.len(),
+        writes: buckets(&api_history, zero),
+        holders: Vec::new(),
+    }];
     let mut checks = vec![
         if scenario.promises_no_loss() {
             Check {
-                name: "no acknowledged write lost".into(),
+                name: "no acknowledged write lost (API)".into(),
                 passed: lost.is_empty(),
-                detail: format!("{} of {acknowledged} missing", lost.len()),
+                detail: format!("{} of {} missing", lost.len(), api_history.acknowledged()),
             }
         } else {
             Check {
-                name: "acknowledged writes lost, within what the failover reported".into(),
+                name: "acknowledged writes lost (API), within what the failover reported".into(),
                 passed: true,
                 detail: format!(
-                    "{} of {acknowledged} missing; the failover said: {}",
+                    "{} of {} missing; the failover said: {}",
                     lost.len(),
+                    api_history.acknowledged(),
                     reported_rpo.as_deref().unwrap_or("nothing")
                 ),
             }
         },
         Check {
-            name: "no refused write applied".into(),
+            name: "no refused write applied (API)".into(),
             passed: failed_applied.is_empty(),
             detail: format!("{} refused writes found applied", failed_applied.len()),
         },
         Check {
-            name: "each writer's acknowledged revisions increase".into(),
+            name: "each writer's acknowledged revisions increase (API)".into(),
             passed: order.is_empty() || !scenario.promises_no_loss(),
             detail: format!("{} out of order", order.len()),
         },
-    ];
-    checks.push(Check {
-        name: "no two writable regions (epochs)".into(),
-        passed: overlap.is_none(),
-        detail: match overlap {
-            Some((older, newer)) => format!(
-                "epoch {} acknowledged a write sent after epoch {} had acknowledged one",
-                older.epoch, newer.epoch
-            ),
-            None => "no older epoch acknowledged a write sent after a newer one answered".into(),
+        Check {
+            name: "no two writable regions (epochs)".into(),
+            passed: overlap.is_none(),
+            detail: match overlap {
+                Some((older, newer)) => format!(
+                    "epoch {} acknowledged a write sent after epoch {} had acknowledged one",
+                    older.epoch, newer.epoch
+                ),
+                None => "no older epoch acknowledged a write sent after a newer one answered".into(),
+            },
         },
-    });
-    let rto_ms = rto.map(|d| d.as_millis() as u64);
-    let within_budget = rto_ms.is_some_and(|ms| ms <= budgets.rto_ms) && lost.len() as u64 <= budgets.rpo_writes;
+    ];
+    if let (Some((history, acks)), Some(rto_ms), Some(primary)) = (service_run, service_rto, &after.instance) {
+        let state = service::final_state(primary.addr).await?;
+        let lost = history.lost_acknowledged_writes(&state);
+        let applied = history.failed_but_applied(&state);
+        checks.extend(service_checks(&history, &acks, lost.len(), applied.len()));
+        paths.push(PathFigures {
+            path: "proxy".into(),
+            rto_ms,
+            acknowledged: history.acknowledged(),
+            lost: lost.len(),
+            writes: buckets(&history, zero),
+            holders: holders(&acks, zero),
+        });
+    }
+    let rto_ms = paths
+        .iter()
+        .map(|p| p.rto_ms)
+        .collect::<Option<Vec<u64>>>()
+        .and_then(|all| all.into_iter().max());
+    let lost_total: usize = paths.iter().map(|p| p.lost).sum();
+    let within_budget = rto_ms.is_some_and(|ms| ms <= budgets.rto_ms) && lost_total as u64 <= budgets.rpo_writes;
     let samples = samples.lock().expect("samples lock").clone();
     Ok(Step {
         scenario,
         injected_at_ms: injected.duration_since(started).as_millis() as u64,
         fault_at_ms: injected.duration_since(zero).as_millis() as u64,
         fault: describe(&fault),
+        budgets,
         rto_ms,
-        acknowledged,
-        lost: lost.len(),
+        acknowledged: paths.iter().map(|p| p.acknowledged).sum(),
+        lost: lost_total,
         reported_rpo,
         checks,
         within_budget,
         marks,
         samples,
-        writes: buckets(&history, zero),
+        paths,
     })
+}
+
+/// The checks on the service path: no two primaries by fencing token, and what its
+/// asynchronous replication lost (counted against the RPO budget, not a broken rule).
+fn service_checks(history: &History, acks: &[PrimaryAck], lost: usize, applied: usize) -> Vec<Check> {
+    let two = two_primaries(acks);
+    vec![
+        Check {
+            name: "no two primaries of the service (fencing tokens)".into(),
+            passed: two.is_none(),
+            detail: match two {
+                Some((a, b)) => format!(
+                    "{} under token {} and {} under token {} both acknowledged",
+                    a.instance, a.token, b.instance, b.token
+                ),
+                None => format!(
+                    "{} acknowledgements, each token held by one instance and none after a newer one answered",
+                    acks.len()
+                ),
+            },
+        },
+        Check {
+            name: "acknowledged writes lost (proxy; asynchronous replication)".into(),
+            passed: true,
+            detail: format!("{lost} of {} missing from the new primary", history.acknowledged()),
+        },
+        Check {
+            name: "no refused write applied (proxy)".into(),
+            passed: applied == 0,
+            detail: format!("{applied} refused writes found applied"),
+        },
+    ]
 }
 
 /// The newest region failover event's words, as the new primary region keeps them.
@@ -670,7 +969,7 @@ pub fn describe(fault: &Fault) -> String {
         Fault::Pause { node, pid } => format!("SIGSTOP {node} (pid {pid})"),
         Fault::Links { relays, mode } => format!("{} links set to {mode:?}", relays.len()),
         Fault::KillInstance { service, instance, pid } => format!("SIGKILL {service}/{instance} (pid {pid})"),
-        Fault::None { what } => what.clone(),
+        Fault::Planned { what, .. } => what.clone(),
     }
 }
 
@@ -708,8 +1007,10 @@ pub async fn cleanup(dir: &Path, keep: bool) -> Result<Cleanup, String> {
     };
     for (number, scenario, fault) in pending {
         match topology.as_mut() {
-            Some(topology) => undo(topology, &fault).map_err(|e| format!("cannot undo step {number}: {e}"))?,
-            None if matches!(fault, Fault::None { .. } | Fault::KillInstance { .. }) => {}
+            Some(topology) => undo(topology, &fault)
+                .await
+                .map_err(|e| format!("cannot undo step {number}: {e}"))?,
+            None if matches!(fault, Fault::Planned { .. }) => {}
             None => {
                 return Err(format!(
                     "step {number} ({scenario}: {}) cannot be undone: its topology is gone",

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::{Report, Step, BUCKET_MS};
+use super::{PathFigures, Report, Step, BUCKET_MS};
 
 /// The report as Markdown.
 pub fn markdown(report: &Report) -> String {
@@ -41,7 +41,7 @@ pub fn markdown(report: &Report) -> String {
             rto_text(step),
             step.acknowledged,
             step.lost,
-            if step.within_budget { "yes" } else { "no" },
+            budget_text(step),
             checks.join("; ")
         ));
     }
@@ -62,6 +62,15 @@ fn verdict(report: &Report) -> &'static str {
     } else {
         "failed"
     }
+}
+
+fn budget_text(step: &Step) -> String {
+    format!(
+        "{} (RTO ≤ {} ms, RPO ≤ {})",
+        if step.within_budget { "yes" } else { "no" },
+        step.budgets.rto_ms,
+        step.budgets.rpo_writes
+    )
 }
 
 fn rto_text(step: &Step) -> String {
@@ -132,7 +141,7 @@ pub fn html(report: &Report) -> String {
     }
     page.push_str("</table>\n");
     for step in &report.steps {
-        page.push_str(&step_section(step, report.budgets.rto_ms));
+        page.push_str(&step_section(step));
     }
     page.push_str("</body></html>\n");
     page
@@ -144,13 +153,19 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 svg{display:block;margin:0.5em 0;background:#fafafa;border:1px solid #eee}\
 svg text{font-size:11px;fill:#333}h2{margin-top:2em}";
 
-fn step_section(step: &Step, budget_ms: u64) -> String {
+fn step_section(step: &Step) -> String {
+    let budget_ms = step.budgets.rto_ms;
     let end_ms = step
         .marks
         .iter()
         .map(|m| m.at_ms)
         .chain(step.samples.iter().map(|s| s.at_ms))
-        .chain(step.writes.last().map(|b| b.at_ms + BUCKET_MS))
+        .chain(
+            step.paths
+                .iter()
+                .filter_map(|p| p.writes.last())
+                .map(|b| b.at_ms + BUCKET_MS),
+        )
         .max()
         .unwrap_or(1)
         .max(1);
@@ -183,7 +198,30 @@ fn step_section(step: &Step, budget_ms: u64) -> String {
         );
     }
     out.push_str("</ul>\n");
-    out.push_str(&writes_chart(step, &x));
+    if step.paths.len() > 1 {
+        out.push_str("<p>By path: ");
+        let each: Vec<String> = step
+            .paths
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} RTO {}, {} of {} lost",
+                    esc(&p.path),
+                    p.rto_ms.map_or("none".to_string(), |ms| format!("{ms} ms")),
+                    p.lost,
+                    p.acknowledged
+                )
+            })
+            .collect();
+        out.push_str(&each.join("; "));
+        out.push_str(".</p>\n");
+    }
+    for path in &step.paths {
+        out.push_str(&writes_chart(step, path, &x));
+        if !path.holders.is_empty() {
+            out.push_str(&holders_chart(step, path, &x, end_ms));
+        }
+    }
     out.push_str(&bands_chart(step, &x, "leader (term at each change)", |s| {
         s.leader.map(|l| (format!("node {l}"), format!("t{}", s.term)))
     }));
@@ -197,12 +235,13 @@ fn step_section(step: &Step, budget_ms: u64) -> String {
     out
 }
 
-/// Writes per slice: acknowledged up, failed and unknown stacked above, with the marks.
-fn writes_chart(step: &Step, x: &dyn Fn(u64) -> f64) -> String {
+/// One path's writes per slice: acknowledged up, failed and unknown stacked above, with
+/// the marks.
+fn writes_chart(step: &Step, path: &PathFigures, x: &dyn Fn(u64) -> f64) -> String {
     let height = 160.0;
     let top = 20.0;
     let plot_h = height - top - 25.0;
-    let most = step
+    let most = path
         .writes
         .iter()
         .map(|b| b.acknowledged + b.failed + b.unknown)
@@ -211,11 +250,12 @@ fn writes_chart(step: &Step, x: &dyn Fn(u64) -> f64) -> String {
         .max(1) as f64;
     let per_second = 1000.0 / BUCKET_MS as f64;
     let mut svg = format!(
-        "<svg width=\"{WIDTH}\" height=\"{height}\" role=\"img\" aria-label=\"canary writes per second\"><text x=\"4\" y=\"14\">canary writes/s (max {:.0}): acknowledged, failed, unknown</text>",
+        "<svg width=\"{WIDTH}\" height=\"{height}\" role=\"img\" aria-label=\"canary writes per second through {0}\"><text x=\"4\" y=\"14\">canary writes/s through {0} (max {1:.0}): acknowledged, failed, unknown</text>",
+        esc(&path.path),
         most * per_second
     );
     let bar_w = (x(BUCKET_MS) - x(0)).max(1.0) - 0.5;
-    for bucket in &step.writes {
+    for bucket in &path.writes {
         let mut y = top + plot_h;
         for (count, colour) in [
             (bucket.acknowledged, "#59a14f"),
@@ -241,8 +281,35 @@ fn writes_chart(step: &Step, x: &dyn Fn(u64) -> f64) -> String {
         height - 5.0,
         LEFT + PLOT,
         height - 5.0,
-        step.writes.len() as f64 * BUCKET_MS as f64 / 1000.0
+        path.writes.len() as f64 * BUCKET_MS as f64 / 1000.0
     );
+    svg
+}
+
+/// The service primary (instance and fencing token) that acknowledged the writes through
+/// `path`, as one band: a new colour at each change.
+fn holders_chart(step: &Step, path: &PathFigures, x: &dyn Fn(u64) -> f64, end_ms: u64) -> String {
+    let (top, height) = (20.0, 48.0);
+    let mut svg = format!(
+        "<svg width=\"{WIDTH}\" height=\"{height:.0}\" role=\"img\" aria-label=\"service primary and token\"><text x=\"4\" y=\"14\">service primary (fencing token) acknowledging through {}</text>",
+        esc(&path.path)
+    );
+    for (i, holder) in path.holders.iter().enumerate() {
+        let until = path.holders.get(i + 1).map_or(end_ms, |h| h.at_ms);
+        let _ = write!(
+            svg,
+            "<rect x=\"{:.1}\" y=\"{top:.0}\" width=\"{:.1}\" height=\"20\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.0}\" style=\"fill:#fff\">{} t{}</text>",
+            x(holder.at_ms),
+            (x(until) - x(holder.at_ms)).max(0.5),
+            PALETTE[i % PALETTE.len()],
+            x(holder.at_ms) + 2.0,
+            top + 14.0,
+            esc(&holder.instance),
+            holder.token
+        );
+    }
+    svg.push_str(&marks_overlay(step, x, top, top + 20.0));
+    svg.push_str("</svg>\n");
     svg
 }
 

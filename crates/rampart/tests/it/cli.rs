@@ -465,9 +465,34 @@ fn a_drill_reports_rto_and_rpo_and_exits_1_when_a_budget_cannot_be_met() {
     let markdown = std::fs::read_to_string(reports.join("report.md")).expect("report.md");
     assert!(markdown.contains("| leader-kill |"), "{markdown}");
     // A scenario not built yet, or unknown, is refused before anything starts: exit 2.
-    let (code, _, err) = run(&["drill", "run", "zone-loss"]);
+    let (code, _, err) = run(&["drill", "run", "backup-restore"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not built yet"), "{err}");
     let (code, _, err) = run(&["drill", "run", "zone-lost"]);
     assert_eq!(code, 2, "{err}");
+    // A plan that cannot run is refused naming the field, before anything starts.
+    let plan = dir.path().join("plan.toml");
+    let refused = |text: &str| {
+        std::fs::write(&plan, text).expect("write the plan");
+        let (code, _, err) = run(&["drill", "run", "--plan", &plan.display().to_string()]);
+        assert_eq!(code, 2, "{err}");
+        err
+    };
+    let err =
+        refused("[drill]\n[[drill.steps]]\nscenario = \"leader-kill\"\n[[drill.steps]]\nscenario = \"leader-kil\"\n");
+    assert!(
+        err.contains("drill.steps[1].scenario") && err.contains("unknown scenario"),
+        "{err}"
+    );
+    let err = refused("[drill]\n[[drill.steps]]\nscenario = \"leader-kill\"\nsettle = \"soon\"\n");
+    assert!(err.contains("drill.steps[0].settle"), "{err}");
+    let err = refused("[drill]\nrto = \"5s\"\n[[drill.steps]]\nscenario = \"leader-kill\"\n");
+    assert!(err.contains("rto"), "{err}");
+    let err = refused("[drill]\n");
+    assert!(err.contains("drill.steps"), "{err}");
+    let err = refused("[drill]\n[[drill.steps]]\nscenario = \"failback\"\n");
+    assert!(err.contains("needs region-failover or region-outage"), "{err}");
+    std::fs::write(dir.path().join("bad.toml"), "[[regions]]\nname = \"east\"\nnodes = 9\n").expect("write");
+    let err = refused("[drill]\ntopology = \"bad.toml\"\n[[drill.steps]]\nscenario = \"leader-kill\"\n");
+    assert!(err.contains("regions[0].nodes"), "{err}");
 }

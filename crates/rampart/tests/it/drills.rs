@@ -15,11 +15,19 @@ use crate::{binary, DEADLINE};
 
 /// Runs `rampart drill run SCENARIOS` into `dir` with a generous RTO budget (the tests check
 /// the figures are there and the checks pass, not how fast a loaded machine recovers).
-fn drill(dir: &Path, scenarios: &[&str]) -> Report {
+fn drill(dir: &Path, scenarios: &[&str], extra: &[&str]) -> Report {
+    let mut args: Vec<&str> = scenarios.to_vec();
+    args.extend(["--rto-budget", "60s"]);
+    args.extend_from_slice(extra);
+    drill_with(dir, &args, scenarios)
+}
+
+/// Runs `rampart drill run ARGS` into `dir`; the report must have passed with `scenarios`.
+fn drill_with(dir: &Path, run_args: &[&str], scenarios: &[&str]) -> Report {
     let dir_text = dir.display().to_string();
     let mut args = vec!["--output", "json", "drill", "run"];
-    args.extend_from_slice(scenarios);
-    args.extend(["--rto-budget", "60s", "--report-dir", &dir_text]);
+    args.extend_from_slice(run_args);
+    args.extend(["--report-dir", &dir_text]);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     let report: Report = serde_json::from_str(&out).expect("a json report");
@@ -30,7 +38,11 @@ fn drill(dir: &Path, scenarios: &[&str]) -> Report {
         assert!(step.rto_ms.is_some(), "{step:?}");
         assert!(step.acknowledged >= 40, "{step:?}");
         assert!(step.checks.iter().all(|c| c.passed), "{step:?}");
-        assert!(!step.samples.is_empty() && !step.writes.is_empty(), "{step:?}");
+        assert!(!step.samples.is_empty() && !step.paths.is_empty(), "{step:?}");
+        assert!(
+            step.paths.iter().all(|p| p.rto_ms.is_some() && !p.writes.is_empty()),
+            "{step:?}"
+        );
         assert!(step.marks.iter().any(|m| m.label.starts_with("fault")), "{step:?}");
         assert!(step.marks.iter().any(|m| m.label.starts_with("recovered")), "{step:?}");
     }
@@ -77,14 +89,54 @@ fn open_headless(page: &Path, extra: &[String]) -> (String, String) {
 fn each_single_region_scenario_is_measured_and_the_html_report_renders_in_chromium() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("drills").join("first");
-    let report = drill(
+    // A plan with its own topology file (five nodes) and a budget of its own for one step.
+    std::fs::write(
+        root.path().join("five.toml"),
+        "[[regions]]\nname = \"east\"\nnodes = 5\nzones = [\"a\", \"b\", \"c\"]\n",
+    )
+    .expect("write the topology");
+    let plan = root.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        r#"[drill]
+topology = "five.toml"
+rto_budget = "60s"
+
+[[drill.steps]]
+scenario = "leader-kill"
+
+[[drill.steps]]
+scenario = "leader-pause"
+rto_budget = "90s"
+
+[[drill.steps]]
+scenario = "partition-minority"
+settle = "1s"
+
+[[drill.steps]]
+scenario = "partition-majority"
+"#,
+    )
+    .expect("write the plan");
+    let plan_text = plan.display().to_string();
+    let report = drill_with(
         &dir,
+        &["--plan", &plan_text],
         &[
             "leader-kill",
             "leader-pause",
             "partition-minority",
             "partition-majority",
         ],
+    );
+    let budgets: Vec<u64> = report.steps.iter().map(|s| s.budgets.rto_ms).collect();
+    assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000]);
+    // The majority side of five is three: every link between them and the other two is cut,
+    // both ways (3 x 2 x 2 relays).
+    assert!(
+        report.steps[3].fault.starts_with("12 links"),
+        "{}",
+        report.steps[3].fault
     );
     assert!(
         report.steps[0].fault.starts_with("SIGKILL east-"),
@@ -96,7 +148,12 @@ fn each_single_region_scenario_is_measured_and_the_html_report_renders_in_chromi
     let page = dir.join("report.html");
     let (dom, log) = open_headless(&page, &["--dump-dom".to_string()]);
     assert!(dom.contains("Rampart drill"), "{dom}");
-    assert_eq!(dom.matches("<svg").count(), 4 * report.steps.len(), "{dom}");
+    let charts: usize = report
+        .steps
+        .iter()
+        .map(|s| 3 + s.paths.len() + s.paths.iter().filter(|p| !p.holders.is_empty()).count())
+        .sum();
+    assert_eq!(dom.matches("<svg").count(), charts, "{dom}");
     for bad in ["Failed to load resource", "Uncaught", "CONSOLE("] {
         assert!(!log.contains(bad), "{bad} in Chromium's log:\n{log}");
     }
@@ -139,6 +196,9 @@ fn the_region_scenarios_are_measured_and_a_region_outage_reports_its_rpo() {
             "region-failover",
             "failback",
         ],
+        // A region outage loses what east acknowledged and had not shipped: its RPO, held to
+        // the budget, not a broken rule.
+        &["--rpo-budget", "100000"],
     );
     let outage = &report.steps[2];
     let said = outage.reported_rpo.as_deref().expect("the failover's words");
@@ -164,6 +224,58 @@ fn the_region_scenarios_are_measured_and_a_region_outage_reports_its_rpo() {
         .contains("east is the primary"));
     let epochs: Vec<u64> = report.steps[5].samples.iter().map(|s| s.epoch).collect();
     assert!(epochs.iter().max() >= Some(&5), "{epochs:?}");
+}
+
+#[test]
+fn the_service_scenarios_are_measured_through_the_api_and_the_proxy_with_one_primary_at_a_time() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // The drill's sample service replicates asynchronously: what a kill loses is its RPO,
+    // counted against the budget, not a broken rule.
+    let report = drill(
+        root.path(),
+        &["primary-kill", "node-kill", "zone-loss", "switchover"],
+        &["--rpo-budget", "100000"],
+    );
+    for step in &report.steps {
+        let paths: Vec<&str> = step.paths.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["api", "proxy"], "{step:?}");
+        let api = &step.paths[0];
+        assert_eq!(api.lost, 0, "{step:?}");
+        assert!(!step.paths[1].holders.is_empty(), "{step:?}");
+        let tokens = step
+            .checks
+            .iter()
+            .find(|c| c.name.starts_with("no two primaries"))
+            .expect("the two-primaries check");
+        assert!(tokens.passed, "{tokens:?}");
+    }
+    // The switchover shows in the tokens: the target acknowledges under a newer one.
+    let switched = &report.steps[3].paths[1].holders;
+    let (first, last) = (switched.first().expect("holders"), switched.last().expect("holders"));
+    assert!(
+        last.token > first.token && last.instance != first.instance,
+        "{switched:?}"
+    );
+    assert!(
+        report.steps[0].fault.starts_with("SIGKILL drill-kv/s-"),
+        "{}",
+        report.steps[0].fault
+    );
+    assert!(
+        report.steps[1].fault.starts_with("SIGKILL east-"),
+        "{}",
+        report.steps[1].fault
+    );
+    assert!(
+        report.steps[2].fault.starts_with("SIGKILL east-"),
+        "{}",
+        report.steps[2].fault
+    );
+    assert!(
+        report.steps[3].fault.starts_with("switchover of drill-kv from s-"),
+        "{}",
+        report.steps[3].fault
+    );
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `DEADLINE`.

@@ -1,21 +1,21 @@
-//! Sample-service instances run by a local region's nodes: shared by `rampart demo` and
-//! `rampart bench --service-failover`.
+//! Sample-service instances run by a local region's nodes: shared by `rampart demo`,
+//! `rampart bench --service-failover` and the drills.
 
 use std::time::Duration;
 
 use rampart_client::Client;
 use rampart_core::service::InstanceSpec;
 
-use crate::outcome::Failure;
-
 /// How the instances of a fleet run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Mode {
     /// `sample-service --synchronous`: a write is acknowledged once a synchronous replica
     /// has it.
     pub synchronous: bool,
     /// This instance is registered as the synchronous standby.
     pub standby: bool,
+    /// Its zone label.
+    pub zone: Option<String>,
 }
 
 /// Registers instance `id` of `service`, run by node `node` (supervised) and serving on
@@ -32,7 +32,7 @@ pub async fn register(
     addr: &str,
     generation: usize,
     mode: Mode,
-) -> Result<(), Failure> {
+) -> Result<(), String> {
     let synchronous = if mode.synchronous { " --synchronous" } else { "" };
     let command = format!(
         "exec {} --endpoints {endpoints} sample-service --listen {addr} --service {service} --instance {id} --heartbeat 100ms{synchronous} # {generation}",
@@ -43,18 +43,19 @@ pub async fn register(
         node: Some(node),
         command: Some(command),
         synchronous: mode.standby.then_some(true),
+        zone: mode.zone.clone(),
         ..InstanceSpec::default()
     };
     client
         .instance_put(service, id, &spec)
         .await
-        .map_err(Failure::message)?;
+        .map_err(|e| format!("cannot register instance {id} of {service}: {e}"))?;
     Ok(())
 }
 
 /// Waits until every instance of `service` is up.
 pub async fn wait_all_up(client: &Client, service: &str, timeout: Duration) {
-    rampart_testkit::eventually(timeout, "every instance up", || async {
+    crate::eventually(timeout, "every instance up", || async {
         let view = client.service(service).await.ok()?;
         view.instances
             .iter()
