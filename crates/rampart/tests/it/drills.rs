@@ -129,6 +129,13 @@ scenario = "partition-majority"
             "partition-majority",
         ],
     );
+    for step in &report.steps {
+        let register = step.checks.iter().find(|c| c.name == "a linearizable register");
+        assert!(
+            register.is_some_and(|c| c.detail.contains("each history linearizable")),
+            "{step:?}"
+        );
+    }
     let budgets: Vec<u64> = report.steps.iter().map(|s| s.budgets.rto_ms).collect();
     assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000]);
     // The majority side of five is three: every link between them and the other two is cut,
