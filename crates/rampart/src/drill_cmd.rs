@@ -23,7 +23,7 @@ pub enum DrillCommand {
     /// Run scenarios in turn against a topology of local nodes it starts and stops itself
     /// (one region of three, or with a region scenario two regions and a witness; with a
     /// service scenario a sample service behind a proxy too); built so far: every
-    /// scenario but backup-restore and postgres-primary-kill
+    /// scenario but postgres-primary-kill
     Run {
         /// Scenario names (see `drill list`), run in this order
         #[arg(required_unless_present = "plan", conflicts_with = "plan", value_parser = scenario_arg)]

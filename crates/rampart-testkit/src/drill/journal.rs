@@ -27,6 +27,9 @@ pub enum Fault {
         instance: String,
         pid: u32,
     },
+    /// A backup restored into a scratch region under `dir`: undone by stopping its nodes
+    /// (every process with an argument under `dir`) and removing `dir`.
+    Restore { dir: std::path::PathBuf },
     /// A planned operation (a switchover, a region failover or fail-back) to `to`:
     /// nothing to undo.
     Planned { what: String, to: String },
@@ -141,7 +144,7 @@ pub fn pending(dir: &Path) -> std::io::Result<Vec<(u64, Scenario, Fault)>> {
     Ok(open)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

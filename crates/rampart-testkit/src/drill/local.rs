@@ -153,6 +153,9 @@ pub struct LocalTopology {
     pub nodes: Vec<NodeRecord>,
     pub relays: Vec<RelayRecord>,
     pub relays_pid: Option<u32>,
+    /// Whether the data regions back up (to `backups/` with `backup.key`, both here).
+    #[serde(default)]
+    pub backups: bool,
     /// The drill's service and its proxy, once started.
     #[serde(default)]
     pub service: Option<ServiceRecord>,
@@ -168,7 +171,9 @@ const LINKS_FILE: &str = "links.json";
 
 impl LocalTopology {
     /// Starts `plan` under `dir` (which it creates), relays first, then every node.
-    pub fn start(binary: &Path, plan: &TopologyPlan, dir: &Path) -> std::io::Result<LocalTopology> {
+    /// With `backups`, every data region's nodes get a `[backup]` table: a local
+    /// destination under `dir` and a fresh key.
+    pub fn start(binary: &Path, plan: &TopologyPlan, dir: &Path, backups: bool) -> std::io::Result<LocalTopology> {
         plan.check().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
@@ -197,6 +202,7 @@ impl LocalTopology {
             nodes,
             relays,
             relays_pid: None,
+            backups,
             service: None,
             stopped: false,
             children: BTreeMap::new(),
@@ -272,12 +278,41 @@ impl LocalTopology {
                 args.extend(["--peer-via".into(), via.join(",")]);
             }
         }
+        let mut config_text = String::new();
+        if self.backups && !region.witness {
+            config_text.push_str(&self.backup_table()?);
+        }
         if self.plan.regions.len() > 1 {
-            let config = self.dir.join(format!("{}.toml", node.region));
-            std::fs::write(&config, self.regions_table(&node.region))?;
+            config_text.push_str(&self.regions_table(&node.region));
+        }
+        if !config_text.is_empty() {
+            let config = self.config_path(&node.region);
+            std::fs::write(&config, config_text)?;
             args.extend(["--config".into(), config.display().to_string()]);
         }
         Ok(args)
+    }
+
+    /// The config file of `region`'s nodes.
+    pub fn config_path(&self, region: &str) -> PathBuf {
+        self.dir.join(format!("{region}.toml"))
+    }
+
+    /// `[backup]`: a local destination and a key, made on first use.
+    fn backup_table(&self) -> std::io::Result<String> {
+        let key = self.dir.join("backup.key");
+        if !key.exists() {
+            let mut bytes = [0u8; 32];
+            std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes)?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&key, hex)?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        Ok(format!(
+            "[backup]\ndestination = \"file://{}\"\nkey_file = \"{}\"\n",
+            self.dir.join("backups").display(),
+            key.display()
+        ))
     }
 
     /// `[regions]` for a node of `own`: the others reached through `own`'s relays.
@@ -403,7 +438,7 @@ impl LocalTopology {
         service::register(&client, &binary, &endpoints, &instance).await
     }
 
-    fn spawn(&mut self, args: &[String], log: &Path) -> std::io::Result<u32> {
+    pub(crate) fn spawn(&mut self, args: &[String], log: &Path) -> std::io::Result<u32> {
         use std::os::unix::process::CommandExt;
         let log = File::options().create(true).append(true).open(log)?;
         // A session of its own: a Ctrl-C meant for the drill does not reach it (the drill
@@ -716,6 +751,23 @@ pub(crate) fn is_ours(pid: u32, marker: impl AsRef<std::ffi::OsStr>) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let marker = marker.as_ref().as_encoded_bytes();
     cmdline.split(|b| *b == 0).any(|arg| arg == marker)
+}
+
+/// The processes with an argument under `dir` (a scratch region's data dirs), found in
+/// `/proc`: the drill started them, and nothing else names that directory.
+pub(crate) fn processes_under(dir: &Path) -> Vec<u32> {
+    let prefix = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).any(|arg| arg.starts_with(prefix.as_bytes()))
+        })
+        .collect()
 }
 
 pub(crate) fn signal(pid: u32, signal: i32) {

@@ -33,7 +33,7 @@ use journal::{Fault, Journal};
 use local::{LocalTopology, TopologyPlan};
 
 /// The scenarios `run_local` can run so far.
-pub const LOCAL_SCENARIOS: [Scenario; 13] = [
+pub const LOCAL_SCENARIOS: [Scenario; 14] = [
     Scenario::LeaderKill,
     Scenario::LeaderPause,
     Scenario::PartitionMinority,
@@ -47,6 +47,7 @@ pub const LOCAL_SCENARIOS: [Scenario; 13] = [
     Scenario::Switchover,
     Scenario::RegionFailover,
     Scenario::Failback,
+    Scenario::BackupRestore,
 ];
 
 /// Canary writers per drill.
@@ -297,7 +298,8 @@ async fn run_steps(
         .map(|r| format!("{} ({})", r.name, r.nodes))
         .collect();
     progress(&format!("starting the topology: {}", names.join(", ")));
-    let mut topology = LocalTopology::start(binary, plan, &dir.join("topology"))
+    let backups = planned.iter().any(|p| p.scenario == Scenario::BackupRestore);
+    let mut topology = LocalTopology::start(binary, plan, &dir.join("topology"), backups)
         .map_err(|e| fail(&steps, format!("cannot start the topology: {e}")))?;
     topology
         .wait_healthy(HEALTHY_DEADLINE)
@@ -499,6 +501,9 @@ async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> 
         Scenario::RegionOutage => Fault::Kill {
             nodes: topology.region_nodes(primary).map(|n| n.name.clone()).collect(),
         },
+        Scenario::BackupRestore => Fault::Restore {
+            dir: topology.dir.join(format!("scratch-{}", journal::now_ms())),
+        },
         Scenario::LinkCut => Fault::Links {
             relays: between(primary, &standby),
             mode: RelayMode::Blackhole,
@@ -519,9 +524,16 @@ async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> 
     })
 }
 
-/// Injects `fault` (for the planned scenarios: asks for the operation).
-async fn inject(topology: &mut LocalTopology, scenario: Scenario, fault: &Fault, primary: &str) -> Result<(), String> {
+/// Injects `fault` (for the planned scenarios: asks for the operation); returns the checks
+/// the operation itself answers (a restore: does it hold the backup's state).
+async fn inject(
+    topology: &mut LocalTopology,
+    scenario: Scenario,
+    fault: &Fault,
+    primary: &str,
+) -> Result<Vec<Check>, String> {
     match fault {
+        Fault::Restore { dir } => return restore_scratch(topology, primary, dir).await.map(|c| vec![c]),
         Fault::Kill { nodes } => {
             for node in nodes {
                 topology
@@ -571,7 +583,107 @@ async fn inject(topology: &mut LocalTopology, scenario: Scenario, fault: &Fault,
             answer.map_err(|e| format!("the {scenario} to {to} was refused: {e}"))?;
         }
     }
-    Ok(())
+    Ok(Vec::new())
+}
+
+/// Scratch nodes of a restore.
+const SCRATCH_NODES: u64 = 3;
+
+/// `backup-restore`: a backup of the primary region now, restored into a scratch region
+/// of three nodes under `dir` (`rampart backup restore`), started, and compared: the
+/// scratch region must hold the backup's revision and checksum.
+async fn restore_scratch(topology: &mut LocalTopology, primary: &str, dir: &Path) -> Result<Check, String> {
+    let started = Instant::now();
+    let manifest = topology
+        .region_client(primary)
+        .backup_create(Duration::from_secs(120))
+        .await
+        .map_err(|e| format!("the backup failed: {e}"))?;
+    let backed_up = started.elapsed();
+    let addresses = (0..SCRATCH_NODES)
+        .map(|_| crate::free_port())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    let initial: Vec<String> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let initial = initial.join(",");
+    let data_dirs: Vec<std::path::PathBuf> = (1..=SCRATCH_NODES).map(|i| dir.join(format!("n{i}"))).collect();
+    let mut restore = std::process::Command::new(&topology.binary);
+    restore
+        .args(["backup", "restore", &manifest.id, "--config"])
+        .arg(topology.config_path(primary))
+        .args(["--initial-cluster", &initial]);
+    for data_dir in &data_dirs {
+        restore.arg("--data-dir").arg(data_dir);
+    }
+    let out = restore.output().map_err(|e| format!("cannot run the restore: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the restore of backup {} failed: {}",
+            manifest.id,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    for (i, (addr, data_dir)) in addresses.iter().zip(&data_dirs).enumerate() {
+        let args: Vec<String> = [
+            "node",
+            "--id",
+            &(i + 1).to_string(),
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--initial-cluster",
+            &initial,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        topology
+            .spawn(&args, &dir.join(format!("n{}.log", i + 1)))
+            .map_err(|e| format!("cannot start scratch node {}: {e}", i + 1))?;
+    }
+    // Every scratch node serving the backup's state.
+    let deadline = Instant::now() + RECOVERY_DEADLINE;
+    let want = (manifest.revision, manifest.checksum.clone());
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        seen.clear();
+        for addr in &addresses {
+            let client = Client::new(&[addr.to_string()])
+                .map_err(|e| e.to_string())?
+                .with_deadline(Duration::from_millis(500));
+            seen.push(client.cluster().await.ok().map(|s| (s.revision, s.checksum)));
+        }
+        if seen.iter().all(|s| s.as_ref() == Some(&want)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let matches = seen.iter().all(|s| s.as_ref() == Some(&want));
+    Ok(Check {
+        name: "the restored scratch region holds the backup's state".into(),
+        passed: matches,
+        detail: if matches {
+            format!(
+                "backup {} (revision {}, checksum {}) taken in {} ms, restored and serving on {} nodes {} ms later",
+                manifest.id,
+                manifest.revision,
+                manifest.checksum,
+                backed_up.as_millis(),
+                SCRATCH_NODES,
+                (started.elapsed() - backed_up).as_millis()
+            )
+        } else {
+            format!(
+                "backup {} is revision {} checksum {}; the scratch nodes say {seen:?}",
+                manifest.id, manifest.revision, manifest.checksum
+            )
+        },
+    })
 }
 
 /// Undoes `fault` on `topology`.
@@ -589,9 +701,22 @@ pub async fn undo(topology: &mut LocalTopology, fault: &Fault) -> Result<(), Str
             .set_links(relays, RelayMode::Pass)
             .map_err(|e| format!("cannot heal the links: {e}"))?,
         Fault::KillInstance { instance, .. } => topology.restart_instance(instance).await?,
+        Fault::Restore { dir } => undo_restore(dir)?,
         Fault::Planned { .. } => {}
     }
     Ok(())
+}
+
+/// Stops a scratch region's nodes and removes it.
+fn undo_restore(dir: &Path) -> Result<(), String> {
+    for pid in local::processes_under(dir) {
+        local::signal(pid, libc::SIGKILL);
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
+    }
 }
 
 /// The monitor: samples every data region's leader, term, epoch and primary.
@@ -761,7 +886,7 @@ async fn step(
         .undone(number)
         .map_err(|e| format!("cannot write the journal: {e}"))?;
     mark(&mut marks, "undone");
-    injected_result?;
+    let operation_checks = injected_result?;
     canaries.wait_progress(20).await?;
     // Each path's RTO: the longest gap without an acknowledgement from the fault until
     // it recovered.
@@ -845,6 +970,7 @@ async fn step(
             },
         },
     ];
+    checks.extend(operation_checks);
     if let Some((keys, operations, broken)) = register {
         checks.push(Check {
             name: "a linearizable register".into(),
@@ -942,6 +1068,7 @@ pub fn describe(fault: &Fault) -> String {
         Fault::Pause { node, pid } => format!("SIGSTOP {node} (pid {pid})"),
         Fault::Links { relays, mode } => format!("{} links set to {mode:?}", relays.len()),
         Fault::KillInstance { service, instance, pid } => format!("SIGKILL {service}/{instance} (pid {pid})"),
+        Fault::Restore { dir } => format!("the newest backup restored into {}", dir.display()),
         Fault::Planned { what, .. } => what.clone(),
     }
 }
@@ -984,6 +1111,11 @@ pub async fn cleanup(dir: &Path, keep: bool) -> Result<Cleanup, String> {
                 .await
                 .map_err(|e| format!("cannot undo step {number}: {e}"))?,
             None if matches!(fault, Fault::Planned { .. }) => {}
+            None if matches!(fault, Fault::Restore { .. }) => {
+                if let Fault::Restore { dir } = &fault {
+                    undo_restore(dir)?;
+                }
+            }
             None => {
                 return Err(format!(
                     "step {number} ({scenario}: {}) cannot be undone: its topology is gone",

@@ -115,6 +115,9 @@ settle = "1s"
 
 [[drill.steps]]
 scenario = "partition-majority"
+
+[[drill.steps]]
+scenario = "backup-restore"
 "#,
     )
     .expect("write the plan");
@@ -127,7 +130,17 @@ scenario = "partition-majority"
             "leader-pause",
             "partition-minority",
             "partition-majority",
+            "backup-restore",
         ],
+    );
+    let restored = report.steps[4]
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("the restored scratch region"));
+    assert!(
+        restored.is_some_and(|c| c.passed && c.detail.contains("serving on 3 nodes")),
+        "{:?}",
+        report.steps[4]
     );
     for step in &report.steps {
         let register = step.checks.iter().find(|c| c.name == "a linearizable register");
@@ -137,7 +150,7 @@ scenario = "partition-majority"
         );
     }
     let budgets: Vec<u64> = report.steps.iter().map(|s| s.budgets.rto_ms).collect();
-    assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000]);
+    assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000, 60_000]);
     // The majority side of five is three: every link between them and the other two is cut,
     // both ways (3 x 2 x 2 relays).
     assert!(
