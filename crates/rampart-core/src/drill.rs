@@ -130,6 +130,11 @@ impl Scenario {
         )
     }
 
+    /// Whether it breaks the drill's PostgreSQL (and so needs it running).
+    pub fn needs_postgres(self) -> bool {
+        self == Scenario::PostgresPrimaryKill
+    }
+
     /// Whether it moves the primary region.
     pub fn moves_primary_region(self) -> bool {
         matches!(
@@ -152,7 +157,7 @@ impl Scenario {
 /// holding the original primary's data to move to). Scenarios that break the sample
 /// service and scenarios that move the primary region are drilled apart.
 pub fn check_sequence(scenarios: &[Scenario]) -> Result<(), String> {
-    let service = scenarios.iter().find(|s| s.needs_service());
+    let service = scenarios.iter().find(|s| s.needs_service() || s.needs_postgres());
     let region = scenarios.iter().find(|s| s.moves_primary_region());
     if let (Some(service), Some(region)) = (service, region) {
         // The drill's service has its instances in the first primary region only.
@@ -281,6 +286,7 @@ mod tests {
             check_sequence(&[PrimaryKill, NodeKill, ZoneLoss, Switchover, LinkCut]),
             Ok(())
         );
+        assert!(check_sequence(&[PostgresPrimaryKill, RegionOutage, Failback]).is_err());
         assert!(RegionOutage.needs_regions() && !LeaderKill.needs_regions());
         assert!(!RegionOutage.promises_no_loss() && LinkCut.promises_no_loss());
     }

@@ -22,8 +22,8 @@ pub enum DrillCommand {
     List,
     /// Run scenarios in turn against a topology of local nodes it starts and stops itself
     /// (one region of three, or with a region scenario two regions and a witness; with a
-    /// service scenario a sample service behind a proxy too); built so far: every
-    /// scenario but postgres-primary-kill
+    /// service scenario a sample service behind a proxy too, with postgres-primary-kill
+    /// PostgreSQL behind it)
     Run {
         /// Scenario names (see `drill list`), run in this order
         #[arg(required_unless_present = "plan", conflicts_with = "plan", value_parser = scenario_arg)]

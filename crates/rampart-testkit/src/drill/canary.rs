@@ -1,4 +1,5 @@
-//! The canary: writers on each path (the API; the drill's service through the proxy), and
+//! The canary: writers on each path (the API; the drill's service through the proxy; its
+//! PostgreSQL through the proxy), and
 //! a register canary whose reads and writes of a few keys give histories small enough for
 //! the linearizability check.
 
@@ -16,6 +17,8 @@ use crate::Workload;
 pub(crate) struct Canaries {
     pub api: Workload,
     pub service: Option<service::ServiceCanary>,
+    /// Inserts into the drill's PostgreSQL through the proxy.
+    pub sql: Option<super::postgres::SqlCanary>,
     /// Register reads and writes, for the linearizability check.
     pub register: Option<RegisterCanary>,
 }
@@ -25,6 +28,9 @@ impl Canaries {
         let mut all = vec![("api", self.api.history.as_ref())];
         if let Some(service) = &self.service {
             all.push(("proxy", service.history.as_ref()));
+        }
+        if let Some(sql) = &self.sql {
+            all.push(("sql", sql.history.as_ref()));
         }
         all
     }

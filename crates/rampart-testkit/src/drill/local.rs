@@ -17,6 +17,7 @@ use rampart_client::Client;
 use rampart_core::api::ClusterStatus;
 use serde::{Deserialize, Serialize};
 
+use super::postgres::{self, PgInstance, PgRecord, PG_SERVICE};
 use super::service::{self, InstanceRecord, ServiceRecord, SERVICE};
 use crate::cluster::{agreed_leader, converged, free_port};
 use crate::relay::{Relay, RelayMode};
@@ -156,9 +157,15 @@ pub struct LocalTopology {
     /// Whether the data regions back up (to `backups/` with `backup.key`, both here).
     #[serde(default)]
     pub backups: bool,
-    /// The drill's service and its proxy, once started.
+    /// The drill's sample service, once started.
     #[serde(default)]
     pub service: Option<ServiceRecord>,
+    /// The drill's PostgreSQL, once started.
+    #[serde(default)]
+    pub postgres: Option<PgRecord>,
+    /// The proxy in front of them.
+    #[serde(default)]
+    pub proxy: Option<ProxyRecord>,
     /// Set once everything was stopped.
     pub stopped: bool,
     /// Processes this process started, to reap them.
@@ -204,6 +211,8 @@ impl LocalTopology {
             relays_pid: None,
             backups,
             service: None,
+            postgres: None,
+            proxy: None,
             stopped: false,
             children: BTreeMap::new(),
         };
@@ -338,82 +347,117 @@ impl LocalTopology {
         text
     }
 
-    /// Starts the drill's service: an instance on each node of the primary region, then
-    /// a proxy following its primary; returns once a write through the proxy is
-    /// acknowledged.
-    pub async fn start_service(&mut self) -> Result<(), String> {
+    /// Starts the drill's services: `kv`, the sample service (an instance on each node of
+    /// the primary region), and `pg`, PostgreSQL (the same), then the proxy with a listener
+    /// following each one's primary; returns once each has a primary and every instance is
+    /// up (and PostgreSQL has the canary's table).
+    pub async fn start_services(&mut self, kv: bool, pg: bool) -> Result<(), String> {
         let primary = self.plan.primary().to_string();
         let client = self.region_client(&primary);
-        client
-            .service_put(SERVICE, &service::policy())
-            .await
-            .map_err(|e| format!("cannot register service {SERVICE}: {e}"))?;
         let endpoints = self.endpoints(&primary).join(",");
-        let mut instances = Vec::new();
-        for node in self.region_nodes(&primary) {
-            instances.push(InstanceRecord {
-                id: format!("s-{}", node.id),
-                node: node.name.clone(),
-                node_id: node.id,
-                addr: free_port().map_err(|e| e.to_string())?,
-                zone: node.zone.clone(),
-                generation: 0,
-            });
+        let nodes: Vec<NodeRecord> = self.region_nodes(&primary).cloned().collect();
+        let mut listeners = String::new();
+        if kv {
+            client
+                .service_put(SERVICE, &service::policy())
+                .await
+                .map_err(|e| format!("cannot register service {SERVICE}: {e}"))?;
+            let mut instances = Vec::new();
+            for node in &nodes {
+                instances.push(InstanceRecord {
+                    id: format!("s-{}", node.id),
+                    node: node.name.clone(),
+                    node_id: node.id,
+                    addr: free_port().map_err(|e| e.to_string())?,
+                    zone: node.zone.clone(),
+                    generation: 0,
+                });
+            }
+            for instance in &instances {
+                service::register(&client, &self.binary, &endpoints, instance).await?;
+            }
+            let proxy = free_port().map_err(|e| e.to_string())?;
+            listeners.push_str(&format!(
+                "[[proxy.listeners]]\nname = \"{SERVICE}\"\nbind = \"{proxy}\"\nmode = \"http\"\nservice = \"{SERVICE}\"\nroute = \"primary\"\n"
+            ));
+            self.service = Some(ServiceRecord { instances, proxy });
         }
-        for instance in &instances {
-            service::register(&client, &self.binary, &endpoints, instance).await?;
+        if pg {
+            let dir = PgRecord::make_dir().map_err(|e| format!("cannot make PostgreSQL's directory: {e}"))?;
+            let mut instances = Vec::new();
+            for node in &nodes {
+                instances.push(PgInstance {
+                    id: format!("pg-{}", node.id),
+                    node_id: node.id,
+                    port: free_port().map_err(|e| e.to_string())?.port(),
+                });
+            }
+            let record = PgRecord {
+                dir,
+                instances,
+                proxy: free_port().map_err(|e| e.to_string())?,
+            };
+            // Recorded first: a drill that fails from here on still removes the directory.
+            self.postgres = Some(record.clone());
+            self.save().map_err(|e| e.to_string())?;
+            client
+                .service_put(PG_SERVICE, &record.policy()?)
+                .await
+                .map_err(|e| format!("cannot register service {PG_SERVICE}: {e}"))?;
+            for instance in &record.instances {
+                let spec = rampart_core::service::InstanceSpec {
+                    endpoint: format!("127.0.0.1:{}", instance.port),
+                    node: Some(instance.node_id),
+                    ..Default::default()
+                };
+                client
+                    .instance_put(PG_SERVICE, &instance.id, &spec)
+                    .await
+                    .map_err(|e| format!("cannot register instance {} of {PG_SERVICE}: {e}", instance.id))?;
+            }
+            listeners.push_str(&format!(
+                "[[proxy.listeners]]\nname = \"{PG_SERVICE}\"\nbind = \"{}\"\nmode = \"tcp\"\nservice = \"{PG_SERVICE}\"\nroute = \"primary\"\n",
+                record.proxy
+            ));
         }
         let config = self.dir.join("proxy.toml");
-        let proxy = free_port().map_err(|e| e.to_string())?;
-        std::fs::write(
-            &config,
-            format!(
-                "[[proxy.listeners]]\nname = \"{SERVICE}\"\nbind = \"{proxy}\"\nmode = \"http\"\nservice = \"{SERVICE}\"\nroute = \"primary\"\n"
-            ),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-        let proxy_args: Vec<String> = vec![
-            "--endpoints".into(),
-            endpoints,
-            "proxy".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        self.service = Some(ServiceRecord {
-            instances,
-            proxy,
-            proxy_args,
-            proxy_pid: None,
-            proxy_config: config,
+        std::fs::write(&config, listeners).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        self.proxy = Some(ProxyRecord {
+            args: vec![
+                "--endpoints".into(),
+                endpoints,
+                "proxy".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            pid: None,
+            config,
         });
         self.start_proxy().map_err(|e| format!("cannot start the proxy: {e}"))?;
-        // Every instance up, then the first made primary.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let first = format!("s-{}", self.region_nodes(&primary).next().expect("a node").id);
-        let mut asked = false;
-        loop {
-            match service::serving(&client).await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                Err(e) if !asked && e.ends_with("has no primary") => {
-                    asked = client.switchover(SERVICE, &first).await.is_ok();
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        if kv {
+            // Every instance up, then the first made primary.
+            let first = format!("s-{}", nodes[0].id);
+            wait_serving(&client, SERVICE, Some(&first), Duration::from_secs(60)).await?;
         }
+        if let Some(record) = &self.postgres {
+            // initdb, then a base backup for each replica.
+            wait_serving(&client, PG_SERVICE, None, Duration::from_secs(180)).await?;
+            postgres::make_table(record.proxy, std::time::Instant::now() + Duration::from_secs(60)).await?;
+        }
+        Ok(())
     }
 
     /// Starts the proxy (again), unless it runs.
     pub fn start_proxy(&mut self) -> std::io::Result<()> {
-        let Some(record) = self.service.clone() else {
+        let Some(record) = self.proxy.clone() else {
             return Ok(());
         };
-        if record.proxy_pid.is_some_and(|pid| is_ours(pid, &record.proxy_config)) {
+        if record.pid.is_some_and(|pid| is_ours(pid, &record.config)) {
             return Ok(());
         }
-        let pid = self.spawn(&record.proxy_args, &self.dir.join("proxy.log"))?;
-        if let Some(service) = self.service.as_mut() {
-            service.proxy_pid = Some(pid);
+        let pid = self.spawn(&record.args, &self.dir.join("proxy.log"))?;
+        if let Some(proxy) = self.proxy.as_mut() {
+            proxy.pid = Some(pid);
         }
         self.save()
     }
@@ -649,11 +693,17 @@ impl LocalTopology {
         if primaries.len() > 1 {
             return Err(format!("the regions disagree on the primary region: {primaries:?}"));
         }
-        if let Some(record) = &self.service {
-            if !record.proxy_pid.is_some_and(|pid| is_ours(pid, &record.proxy_config)) {
+        if let Some(record) = &self.proxy {
+            if !record.pid.is_some_and(|pid| is_ours(pid, &record.config)) {
                 return Err("the proxy is not running".into());
             }
-            service::serving(&self.client().with_deadline(Duration::from_millis(500))).await?;
+        }
+        let client = self.client().with_deadline(Duration::from_millis(500));
+        if self.service.is_some() {
+            service::serving(&client, SERVICE).await?;
+        }
+        if self.postgres.is_some() {
+            service::serving(&client, PG_SERVICE).await?;
         }
         Ok(())
     }
@@ -676,15 +726,22 @@ impl LocalTopology {
         for name in names {
             self.kill_node(&name)?;
         }
-        if let Some(record) = self.service.as_mut() {
-            if let Some(pid) = record.proxy_pid.take() {
-                if is_ours(pid, &record.proxy_config) {
+        if let Some(record) = self.proxy.as_mut() {
+            if let Some(pid) = record.pid.take() {
+                if is_ours(pid, &record.config) {
                     signal(pid, libc::SIGKILL);
                 }
                 if let Some(mut child) = self.children.remove(&pid) {
                     let _ = child.wait();
                 }
             }
+        }
+        if let Some(record) = &self.postgres {
+            // PostgreSQL outlives a killed node: its postmasters go with the directory.
+            for pid in processes_under(&record.dir) {
+                signal(pid, libc::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(&record.dir);
         }
         if let Some(pid) = self.relays_pid.take() {
             if is_ours(pid, &self.dir) {
@@ -696,6 +753,32 @@ impl LocalTopology {
         }
         self.stopped = true;
         self.save()
+    }
+}
+
+/// The proxy a drill's services sit behind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub args: Vec<String>,
+    pub pid: Option<u32>,
+    /// Its config file: also how its process is recognised.
+    pub config: PathBuf,
+}
+
+/// Waits until every instance of `name` is up and one is its primary; with `first`, asks
+/// for a switchover to it once, when all are up and none is primary yet.
+async fn wait_serving(client: &Client, name: &str, first: Option<&str>, within: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut asked = first.is_none();
+    loop {
+        match service::serving(client, name).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) if !asked && e.ends_with("has no primary") => {
+                asked = client.switchover(name, first.expect("asked above")).await.is_ok();
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 

@@ -12,9 +12,11 @@
 mod canary;
 pub mod journal;
 pub mod local;
+pub mod postgres;
 pub mod report;
 pub mod service;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +35,7 @@ use journal::{Fault, Journal};
 use local::{LocalTopology, TopologyPlan};
 
 /// The scenarios `run_local` can run so far.
-pub const LOCAL_SCENARIOS: [Scenario; 14] = [
+pub const LOCAL_SCENARIOS: [Scenario; 15] = [
     Scenario::LeaderKill,
     Scenario::LeaderPause,
     Scenario::PartitionMinority,
@@ -48,6 +50,7 @@ pub const LOCAL_SCENARIOS: [Scenario; 14] = [
     Scenario::RegionFailover,
     Scenario::Failback,
     Scenario::BackupRestore,
+    Scenario::PostgresPrimaryKill,
 ];
 
 /// Canary writers per drill.
@@ -305,16 +308,23 @@ async fn run_steps(
         .wait_healthy(HEALTHY_DEADLINE)
         .await
         .map_err(|e| fail(&steps, format!("the topology did not come up: {e}")))?;
-    if planned.iter().any(|p| p.scenario.needs_service()) {
+    let kv = planned.iter().any(|p| p.scenario.needs_service());
+    let pg = planned.iter().any(|p| p.scenario.needs_postgres());
+    if kv || pg {
+        let names: Vec<&str> = [(kv, service::SERVICE), (pg, postgres::PG_SERVICE)]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| *name)
+            .collect();
         progress(&format!(
-            "starting the service {}: an instance on each node of {}, behind a proxy",
-            service::SERVICE,
+            "starting {}: an instance on each node of {}, behind a proxy",
+            names.join(" and "),
             plan.primary()
         ));
         topology
-            .start_service()
+            .start_services(kv, pg)
             .await
-            .map_err(|e| fail(&steps, format!("the service did not come up: {e}")))?;
+            .map_err(|e| fail(&steps, format!("the services did not come up: {e}")))?;
     }
     let started = Instant::now();
     let total = planned.len();
@@ -378,6 +388,8 @@ struct Now {
     leader: String,
     /// The drill's service's primary, when it runs.
     instance: Option<service::InstanceRecord>,
+    /// The drill's PostgreSQL's primary instance, when it runs.
+    pg_primary: Option<postgres::PgInstance>,
 }
 
 async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
@@ -385,7 +397,7 @@ async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
     let leader = wait_leader(topology, &region).await?;
     let instance = match &topology.service {
         Some(record) => {
-            let id = service::serving(client).await?;
+            let id = service::serving(client, service::SERVICE).await?;
             Some(
                 record
                     .instances
@@ -397,10 +409,20 @@ async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
         }
         None => None,
     };
+    let pg_primary = match &topology.postgres {
+        Some(record) => {
+            let id = service::serving(client, postgres::PG_SERVICE).await?;
+            Some(record.instances.iter().find(|i| i.id == id).cloned().ok_or(format!(
+                "the primary {id} is not one of the drill's PostgreSQL instances"
+            ))?)
+        }
+        None => None,
+    };
     Ok(Now {
         region,
         leader,
         instance,
+        pg_primary,
     })
 }
 
@@ -501,6 +523,20 @@ async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> 
         Scenario::RegionOutage => Fault::Kill {
             nodes: topology.region_nodes(primary).map(|n| n.name.clone()).collect(),
         },
+        Scenario::PostgresPrimaryKill => {
+            let primary = now.pg_primary.clone().ok_or("the drill's PostgreSQL is not running")?;
+            let record = topology
+                .postgres
+                .as_ref()
+                .ok_or("the drill's PostgreSQL is not running")?;
+            Fault::KillInstance {
+                service: postgres::PG_SERVICE.into(),
+                pid: record
+                    .postmaster_pid(&primary.id)
+                    .ok_or(format!("instance {} has no postmaster.pid", primary.id))?,
+                instance: primary.id,
+            }
+        }
         Scenario::BackupRestore => Fault::Restore {
             dir: topology.dir.join(format!("scratch-{}", journal::now_ms())),
         },
@@ -520,7 +556,6 @@ async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> 
             what: format!("planned fail-back from {primary} to {}", topology.plan.primary()),
             to: topology.plan.primary().to_string(),
         },
-        other => return Err(format!("scenario {other} is not built yet")),
     })
 }
 
@@ -547,6 +582,16 @@ async fn inject(
         Fault::Links { relays, mode } => topology
             .set_links(relays, *mode)
             .map_err(|e| format!("cannot set the links: {e}"))?,
+        Fault::KillInstance { service, instance, pid } if service == postgres::PG_SERVICE => {
+            let record = topology
+                .postgres
+                .as_ref()
+                .ok_or("the drill's PostgreSQL is not running")?;
+            if !postgres::is_postmaster_of(*pid, &record.data_dir(instance)) {
+                return Err(format!("pid {pid} is no longer instance {instance}'s postmaster"));
+            }
+            local::signal(*pid, libc::SIGKILL);
+        }
         Fault::KillInstance { instance, pid, .. } => {
             let addr = topology
                 .service
@@ -700,6 +745,9 @@ pub async fn undo(topology: &mut LocalTopology, fault: &Fault) -> Result<(), Str
         Fault::Links { relays, .. } => topology
             .set_links(relays, RelayMode::Pass)
             .map_err(|e| format!("cannot heal the links: {e}"))?,
+        // Its node brings a PostgreSQL instance back by itself, as a replica of the new
+        // primary (rewound).
+        Fault::KillInstance { service, .. } if service == postgres::PG_SERVICE => {}
         Fault::KillInstance { instance, .. } => topology.restart_instance(instance).await?,
         Fault::Restore { dir } => undo_restore(dir)?,
         Fault::Planned { .. } => {}
@@ -842,6 +890,10 @@ async fn step(
             .service
             .as_ref()
             .map(|s| service::ServiceCanary::start(s.proxy, CANARY_WRITERS, &prefix)),
+        sql: topology
+            .postgres
+            .as_ref()
+            .map(|p| postgres::SqlCanary::start(p.proxy, CANARY_WRITERS, &prefix)),
         register,
     };
     canaries.wait_progress(20).await?;
@@ -888,12 +940,15 @@ async fn step(
     mark(&mut marks, "undone");
     let operation_checks = injected_result?;
     canaries.wait_progress(20).await?;
-    // Each path's RTO: the longest gap without an acknowledgement from the fault until
-    // it recovered.
+    // Each path's RTO: the longest time from the fault on that it acknowledged nothing,
+    // until the canary stops (every path recovered, the fault undone, 20 more writes
+    // acknowledged on each). A dying primary's last acknowledgements do not hide the gap
+    // after them, nor does an outage the undo itself causes go uncounted.
+    let end = Instant::now();
     let rto_of = |history: &History| {
         history
             .first_ack_after(done)
-            .map(|d| history.longest_gap_without_ack(injected, done + d).as_millis() as u64)
+            .map(|_| history.longest_gap_without_ack(injected, end).as_millis() as u64)
     };
     let api_rto = rto_of(&canaries.api.history);
     let service_rto = canaries.service.as_ref().map(|c| rto_of(&c.history));
@@ -902,6 +957,11 @@ async fn step(
         None => None,
     };
     let api_history = canaries.api.stop().await;
+    let sql_rto = canaries.sql.as_ref().map(|c| rto_of(&c.history));
+    let sql_history = match canaries.sql {
+        Some(canary) => Some(canary.stop().await),
+        None => None,
+    };
     let service_run = match canaries.service {
         Some(canary) => Some(canary.stop().await),
         None => None,
@@ -991,6 +1051,34 @@ async fn step(
             lost: lost.len(),
             writes: buckets(&history, zero),
             holders: holders(&acks, zero),
+        });
+    }
+    if let (Some(history), Some(rto_ms), Some(primary)) = (sql_history, sql_rto, &after.pg_primary) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], primary.port));
+        let state = postgres::final_state(addr, &prefix).await?;
+        let lost = history.lost_acknowledged_writes(&state);
+        let applied = history.failed_but_applied(&state);
+        checks.push(Check {
+            name: "no acknowledged row lost (SQL; synchronous commit)".into(),
+            passed: lost.is_empty(),
+            detail: format!(
+                "{} of {} missing from the new primary",
+                lost.len(),
+                history.acknowledged()
+            ),
+        });
+        checks.push(Check {
+            name: "no refused row applied (SQL)".into(),
+            passed: applied.is_empty(),
+            detail: format!("{} refused inserts found applied", applied.len()),
+        });
+        paths.push(PathFigures {
+            path: "sql".into(),
+            rto_ms,
+            acknowledged: history.acknowledged(),
+            lost: lost.len(),
+            writes: buckets(&history, zero),
+            holders: Vec::new(),
         });
     }
     let rto_ms = paths

@@ -32,16 +32,12 @@ pub struct InstanceRecord {
     pub generation: usize,
 }
 
-/// The drill's service and its proxy, as `topology.json` keeps them.
+/// The drill's service, as `topology.json` keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceRecord {
     pub instances: Vec<InstanceRecord>,
     /// The proxy's listener for the service's primary.
     pub proxy: SocketAddr,
-    pub proxy_args: Vec<String>,
-    pub proxy_pid: Option<u32>,
-    /// The proxy's config file: also how its process is recognised.
-    pub proxy_config: std::path::PathBuf,
 }
 
 /// The policy of the drill's service: heartbeats, an instance that loses the role may take
@@ -79,16 +75,16 @@ pub async fn register(
     .await
 }
 
-/// Whether every instance is up and one is the primary.
-pub async fn serving(client: &Client) -> Result<String, String> {
+/// Service `name`'s primary, when every instance is up and one is the primary.
+pub async fn serving(client: &Client, name: &str) -> Result<String, String> {
     let view = client
-        .service(SERVICE)
+        .service(name)
         .await
-        .map_err(|e| format!("cannot read service {SERVICE}: {e}"))?;
+        .map_err(|e| format!("cannot read service {name}: {e}"))?;
     if let Some(down) = view.instances.iter().find(|i| i.health != Health::Up) {
-        return Err(format!("instance {} of {SERVICE} is {:?}", down.id, down.health));
+        return Err(format!("instance {} of {name} is {:?}", down.id, down.health));
     }
-    view.primary.ok_or_else(|| format!("service {SERVICE} has no primary"))
+    view.primary.ok_or_else(|| format!("service {name} has no primary"))
 }
 
 /// The PID instance `addr` reports (`GET /health`).

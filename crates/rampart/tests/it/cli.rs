@@ -464,10 +464,11 @@ fn a_drill_reports_rto_and_rpo_and_exits_1_when_a_budget_cannot_be_met() {
     assert_eq!(written, report);
     let markdown = std::fs::read_to_string(reports.join("report.md")).expect("report.md");
     assert!(markdown.contains("| leader-kill |"), "{markdown}");
-    // A scenario not built yet, or unknown, is refused before anything starts: exit 2.
-    let (code, _, err) = run(&["drill", "run", "backup-restore"]);
+    // Scenarios that cannot run together, or an unknown one, are refused before anything
+    // starts: exit 2.
+    let (code, _, err) = run(&["drill", "run", "postgres-primary-kill", "region-failover"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("not built yet"), "{err}");
+    assert!(err.contains("as two drills"), "{err}");
     let (code, _, err) = run(&["drill", "run", "zone-lost"]);
     assert_eq!(code, 2, "{err}");
     // A plan that cannot run is refused naming the field, before anything starts.

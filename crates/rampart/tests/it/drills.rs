@@ -298,6 +298,32 @@ fn the_service_scenarios_are_measured_through_the_api_and_the_proxy_with_one_pri
     );
 }
 
+#[test]
+fn a_postgresql_primary_killed_under_inserts_through_the_proxy_loses_no_acknowledged_row() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let report = drill(root.path(), &["postgres-primary-kill"], &[]);
+    let step = &report.steps[0];
+    assert!(step.fault.starts_with("SIGKILL drill-db/pg-"), "{}", step.fault);
+    let paths: Vec<&str> = step.paths.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["api", "sql"], "{step:?}");
+    let sql = &step.paths[1];
+    assert!(sql.acknowledged > 0 && sql.lost == 0, "{sql:?}");
+    let rows = step
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("no acknowledged row lost"))
+        .expect("the SQL check");
+    assert!(rows.passed, "{rows:?}");
+    // PostgreSQL's directory went with the topology.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rampart-drill-pg-"))
+        .filter(|e| e.path().join("pg-1").exists())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Polls `check` every 50 ms until it holds, for at most `DEADLINE`.
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + DEADLINE;
