@@ -501,7 +501,15 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
-        Command::Drill(command) => crate::drill_cmd::run(output, command).await,
+        Command::Drill(command) => {
+            // What `drill run --commands` drills: the deployment the global flags reach.
+            let access = rampart_testkit::drill::remote::Access {
+                endpoints: args.endpoints.clone(),
+                token: token.clone(),
+                tls: tls.clone(),
+            };
+            crate::drill_cmd::run(output, command, access).await
+        }
         Command::Bench(bench_args) => run_bench(bench_args, output).await,
         Command::Status => {
             let status = client()?.cluster().await?;

@@ -10,8 +10,11 @@ use std::time::Duration;
 use clap::Subcommand;
 use rampart_core::drill::{catalogue, Scenario};
 use rampart_testkit::drill::local::TopologyPlan;
+use rampart_testkit::drill::remote::{Access, Commands};
 use rampart_testkit::drill::report::{html, markdown};
-use rampart_testkit::drill::{cleanup, default_plan, run_local, Budgets, Cleanup, PlannedStep, Report};
+use rampart_testkit::drill::{
+    check_local, check_remote, cleanup, default_plan, run_local, run_remote, Budgets, Cleanup, PlannedStep, Report,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::outcome::{print, Failure, Output};
@@ -41,8 +44,17 @@ pub enum DrillCommand {
         data_dir: PathBuf,
         /// A topology file (TOML, `[[regions]]` with name, nodes, witness, zones) instead
         /// of the default one
-        #[arg(long)]
+        #[arg(long, conflicts_with = "commands")]
         topology: Option<PathBuf>,
+        /// Drill the deployment --endpoints reaches (with --token-file and --cacert as
+        /// any command) instead of a local topology: its faults run as the operator
+        /// commands in this file (TOML: kill, start, pause, resume, cut, heal templates,
+        /// and per-node [nodes.REGION-ID] overrides)
+        #[arg(long)]
+        commands: Option<PathBuf>,
+        /// Run against a local topology the drill starts itself (the default)
+        #[arg(long, conflicts_with = "commands")]
+        local: bool,
         /// Each scenario's recovery (the longest time without an acknowledged write, from
         /// the fault until a write sent after it is acknowledged) must take at most this
         /// long [default: the plan's, else 5s]
@@ -266,7 +278,19 @@ fn cleanup_text(dir: &Path, done: &Cleanup) -> String {
     lines.join("\n")
 }
 
-pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
+/// Reads an operator commands file, naming the field at fault.
+fn read_commands(path: &Path) -> Result<Commands, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
+    let commands: Commands =
+        toml::from_str(&text).map_err(|e| Failure::usage(anyhow::anyhow!("{}: {}", path.display(), e.message())))?;
+    commands
+        .check()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", path.display())))?;
+    Ok(commands)
+}
+
+pub async fn run(output: Output, command: DrillCommand, access: Access) -> Result<(), Failure> {
     match command {
         DrillCommand::List => {
             let scenarios = catalogue();
@@ -284,6 +308,8 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
             report_dir,
             data_dir,
             topology,
+            commands,
+            local: _,
             rto_budget,
             rpo_budget,
         } => {
@@ -306,11 +332,21 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
                 }
             };
             let scenarios: Vec<Scenario> = steps.iter().map(|s| s.scenario).collect();
+            let remote = match &commands {
+                Some(path) => {
+                    let commands = read_commands(path)?;
+                    check_remote(&scenarios).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+                    Some(commands)
+                }
+                None => None,
+            };
             let plan = match topology.or(planned_topology) {
                 Some(path) => read_topology(&path)?,
                 None => default_plan(&scenarios),
             };
-            rampart_testkit::drill::check_local(&scenarios, &plan).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+            if remote.is_none() {
+                check_local(&scenarios, &plan).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
+            }
             let binary = std::env::current_exe().map_err(|e| Failure::failed(e.into()))?;
             let dir = report_dir.unwrap_or_else(|| {
                 data_dir.join("drills").join(format!(
@@ -321,10 +357,14 @@ pub async fn run(output: Output, command: DrillCommand) -> Result<(), Failure> {
             });
             eprintln!("drill in {}", dir.display());
             let progress = |line: &str| eprintln!("{line}");
-            let report = tokio::select! {
-                report = run_local(&binary, &plan, &steps, budgets, &dir, &progress) => {
-                    report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?
+            let drill = async {
+                match remote {
+                    Some(commands) => run_remote(access, commands, &steps, budgets, &dir, &progress).await,
+                    None => run_local(&binary, &plan, &steps, budgets, &dir, &progress).await,
                 }
+            };
+            let report = tokio::select! {
+                report = drill => report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("interrupted: undoing every fault and stopping the topology");
                     let done = cleanup(&dir, false).await.map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;

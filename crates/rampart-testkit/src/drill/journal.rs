@@ -30,6 +30,13 @@ pub enum Fault {
     /// A backup restored into a scratch region under `dir`: undone by stopping its nodes
     /// (every process with an argument under `dir`) and removing `dir`.
     Restore { dir: std::path::PathBuf },
+    /// Operator commands run (`--endpoints`): undone by running `undo`, rendered when the
+    /// fault was planned.
+    Commands {
+        what: String,
+        run: Vec<String>,
+        undo: Vec<String>,
+    },
     /// A planned operation (a switchover, a region failover or fail-back) to `to`:
     /// nothing to undo.
     Planned { what: String, to: String },

@@ -13,8 +13,10 @@ mod canary;
 pub mod journal;
 pub mod local;
 pub mod postgres;
+pub mod remote;
 pub mod report;
 pub mod service;
+pub mod target;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,6 +35,8 @@ use crate::Workload;
 use canary::{Canaries, RegisterCanary};
 use journal::{Fault, Journal};
 use local::{LocalTopology, TopologyPlan};
+use remote::{Access, Commands, Remote};
+use target::Target;
 
 /// The scenarios `run_local` can run so far.
 pub const LOCAL_SCENARIOS: [Scenario; 15] = [
@@ -238,9 +242,9 @@ pub fn default_plan(scenarios: &[Scenario]) -> TopologyPlan {
     }
 }
 
-/// Runs `scenarios` in turn against `plan`, started under `dir/topology`, with the
-/// journal in `dir`. Whatever happens, the faults are undone and the topology stopped
-/// before it returns; a step that fails ends the drill with the steps so far.
+/// Runs `planned` in turn against `plan`, started under `dir/topology`, with the journal
+/// in `dir`. Whatever happens, the faults are undone and the topology stopped before it
+/// returns; a step that fails ends the drill with the steps so far.
 pub async fn run_local(
     binary: &Path,
     plan: &TopologyPlan,
@@ -252,16 +256,77 @@ pub async fn run_local(
     let scenarios: Vec<Scenario> = planned.iter().map(|p| p.scenario).collect();
     check_local(&scenarios, plan)?;
     let started_ms = now_ms();
-    let outcome = std::panic::AssertUnwindSafe(run_steps(binary, plan, planned, dir, progress))
+    let run = async {
+        let mut target = Target::Local(start_local(binary, plan, planned, dir, progress).await?);
+        run_steps(&mut target, planned, dir, progress).await
+    };
+    let outcome = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+    progress("undoing every fault and stopping the topology");
+    let cleaned = cleanup(dir, false).await.map(|_| ());
+    Ok(report(started_ms, scenarios, budgets, outcome, cleaned))
+}
+
+/// Runs `planned` in turn against the deployment `access` reaches, its faults through
+/// `commands`, with the journal in `dir`. Whatever happens, the faults the journal holds
+/// are undone before it returns, and the deployment is waited on to be healthy again.
+pub async fn run_remote(
+    access: Access,
+    commands: Commands,
+    planned: &[PlannedStep],
+    budgets: Budgets,
+    dir: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Report, String> {
+    let scenarios: Vec<Scenario> = planned.iter().map(|p| p.scenario).collect();
+    check_remote(&scenarios)?;
+    let remote = Remote::discover(access, commands).await?;
+    let names: Vec<&str> = remote.nodes.iter().map(|n| n.name.as_str()).collect();
+    progress(&format!("drilling {} nodes: {}", names.len(), names.join(", ")));
+    let mut target = Target::Remote(remote);
+    target
+        .wait_healthy(HEALTHY_DEADLINE)
+        .await
+        .map_err(|e| format!("the deployment is not healthy before the drill: {e}"))?;
+    let started_ms = now_ms();
+    let outcome = std::panic::AssertUnwindSafe(run_steps(&mut target, planned, dir, progress))
         .catch_unwind()
         .await;
+    progress("undoing every fault");
+    let cleaned = match cleanup(dir, false).await {
+        Ok(_) => target.wait_healthy(HEALTHY_DEADLINE).await,
+        Err(e) => Err(e),
+    };
+    Ok(report(started_ms, scenarios, budgets, outcome, cleaned))
+}
+
+/// Refuses scenarios `--endpoints` cannot run, or not in that order.
+pub fn check_remote(scenarios: &[Scenario]) -> Result<(), String> {
+    if let Some(missing) = scenarios.iter().find(|s| !remote::REMOTE_SCENARIOS.contains(s)) {
+        let built: Vec<&str> = remote::REMOTE_SCENARIOS.iter().map(|s| s.name()).collect();
+        return Err(format!(
+            "scenario {missing} is not available with --endpoints; these are: {}",
+            built.join(", ")
+        ));
+    }
+    rampart_core::drill::check_sequence(scenarios)
+}
+
+type Partial = (Vec<Step>, String);
+
+/// The report of a drill that ran (or stopped) with `outcome`, and cleaned up with
+/// `cleaned`.
+fn report(
+    started_ms: u64,
+    scenarios: Vec<Scenario>,
+    budgets: Budgets,
+    outcome: Result<Result<Vec<Step>, Partial>, Box<dyn std::any::Any + Send>>,
+    cleaned: Result<(), String>,
+) -> Report {
     let (steps, aborted) = match outcome {
         Ok(Ok(steps)) => (steps, None),
         Ok(Err((steps, why))) => (steps, Some(why)),
         Err(panic) => (Vec::new(), Some(panic_text(panic))),
     };
-    progress("undoing every fault and stopping the topology");
-    let cleaned = cleanup(dir, false).await;
     let passed = aborted.is_none()
         && cleaned.is_ok()
         && steps
@@ -270,31 +335,29 @@ pub async fn run_local(
     let aborted = match (aborted, cleaned) {
         (Some(why), _) => Some(why),
         (None, Err(why)) => Some(format!("clean-up failed: {why}")),
-        (None, Ok(_)) => None,
+        (None, Ok(())) => None,
     };
-    Ok(Report {
+    Report {
         started_ms,
         scenarios,
         budgets,
         steps,
         passed,
         aborted,
-    })
+    }
 }
 
-type Partial = (Vec<Step>, String);
-
-async fn run_steps(
+/// Starts the drill's own topology under `dir/topology`, healthy, with the services the
+/// steps need.
+async fn start_local(
     binary: &Path,
     plan: &TopologyPlan,
     planned: &[PlannedStep],
     dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Vec<Step>, Partial> {
-    let fail = |steps: &Vec<Step>, why: String| (steps.clone(), why);
-    let mut steps = Vec::new();
-    std::fs::create_dir_all(dir).map_err(|e| fail(&steps, format!("cannot make {}: {e}", dir.display())))?;
-    let mut journal = Journal::open(dir).map_err(|e| fail(&steps, format!("cannot open the journal: {e}")))?;
+) -> Result<LocalTopology, Partial> {
+    let fail = |why: String| (Vec::new(), why);
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot make {}: {e}", dir.display())))?;
     let names: Vec<String> = plan
         .regions
         .iter()
@@ -303,11 +366,11 @@ async fn run_steps(
     progress(&format!("starting the topology: {}", names.join(", ")));
     let backups = planned.iter().any(|p| p.scenario == Scenario::BackupRestore);
     let mut topology = LocalTopology::start(binary, plan, &dir.join("topology"), backups)
-        .map_err(|e| fail(&steps, format!("cannot start the topology: {e}")))?;
+        .map_err(|e| fail(format!("cannot start the topology: {e}")))?;
     topology
         .wait_healthy(HEALTHY_DEADLINE)
         .await
-        .map_err(|e| fail(&steps, format!("the topology did not come up: {e}")))?;
+        .map_err(|e| fail(format!("the topology did not come up: {e}")))?;
     let kv = planned.iter().any(|p| p.scenario.needs_service());
     let pg = planned.iter().any(|p| p.scenario.needs_postgres());
     if kv || pg {
@@ -324,8 +387,22 @@ async fn run_steps(
         topology
             .start_services(kv, pg)
             .await
-            .map_err(|e| fail(&steps, format!("the services did not come up: {e}")))?;
+            .map_err(|e| fail(format!("the services did not come up: {e}")))?;
     }
+    Ok(topology)
+}
+
+/// Runs each step in turn; the first that cannot finish ends the drill.
+async fn run_steps(
+    target: &mut Target,
+    planned: &[PlannedStep],
+    dir: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<Step>, Partial> {
+    let fail = |steps: &Vec<Step>, why: String| (steps.clone(), why);
+    let mut steps = Vec::new();
+    std::fs::create_dir_all(dir).map_err(|e| fail(&steps, format!("cannot make {}: {e}", dir.display())))?;
+    let mut journal = Journal::open(dir).map_err(|e| fail(&steps, format!("cannot open the journal: {e}")))?;
     let started = Instant::now();
     let total = planned.len();
     for (
@@ -345,7 +422,7 @@ async fn run_steps(
             tokio::time::sleep(*settle).await;
         }
         progress(&format!("[{}/{total}] {scenario}: {}", i + 1, scenario.fault()));
-        let ran = std::panic::AssertUnwindSafe(step(&mut topology, &mut journal, *scenario, i, started, *budgets))
+        let ran = std::panic::AssertUnwindSafe(step(target, &mut journal, *scenario, i, started, *budgets))
             .catch_unwind()
             .await;
         let done = match ran {
@@ -392,10 +469,10 @@ struct Now {
     pg_primary: Option<postgres::PgInstance>,
 }
 
-async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
+async fn now(target: &Target, client: &Client) -> Result<Now, String> {
     let region = current_primary(client).await?;
-    let leader = wait_leader(topology, &region).await?;
-    let instance = match &topology.service {
+    let leader = wait_leader(target, &region).await?;
+    let instance = match target.local().and_then(|t| t.service.as_ref()) {
         Some(record) => {
             let id = service::serving(client, service::SERVICE).await?;
             Some(
@@ -409,7 +486,7 @@ async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
         }
         None => None,
     };
-    let pg_primary = match &topology.postgres {
+    let pg_primary = match target.local().and_then(|t| t.postgres.as_ref()) {
         Some(record) => {
             let id = service::serving(client, postgres::PG_SERVICE).await?;
             Some(record.instances.iter().find(|i| i.id == id).cloned().ok_or(format!(
@@ -427,7 +504,15 @@ async fn now(topology: &LocalTopology, client: &Client) -> Result<Now, String> {
 }
 
 /// The fault `scenario` injects now.
-async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> Result<Fault, String> {
+async fn plan_fault(target: &Target, scenario: Scenario, now: &Now) -> Result<Fault, String> {
+    match target {
+        Target::Local(topology) => plan_local(topology, scenario, now).await,
+        Target::Remote(remote) => remote.plan(scenario, &now.region, &now.leader),
+    }
+}
+
+/// The fault `scenario` injects now on the drill's own topology.
+async fn plan_local(topology: &LocalTopology, scenario: Scenario, now: &Now) -> Result<Fault, String> {
     let (primary, leader) = (now.region.as_str(), now.leader.as_str());
     let standby = topology
         .data_regions()
@@ -561,12 +646,43 @@ async fn plan_fault(topology: &LocalTopology, scenario: Scenario, now: &Now) -> 
 
 /// Injects `fault` (for the planned scenarios: asks for the operation); returns the checks
 /// the operation itself answers (a restore: does it hold the backup's state).
-async fn inject(
-    topology: &mut LocalTopology,
-    scenario: Scenario,
-    fault: &Fault,
-    primary: &str,
-) -> Result<Vec<Check>, String> {
+async fn inject(target: &mut Target, scenario: Scenario, fault: &Fault, primary: &str) -> Result<Vec<Check>, String> {
+    match fault {
+        Fault::Commands { run, .. } => remote::run_commands(run).await?,
+        Fault::Planned { to, .. } if scenario == Scenario::Switchover => {
+            target
+                .client()?
+                .switchover(service::SERVICE, to)
+                .await
+                .map_err(|e| format!("the switchover to {to} was refused: {e}"))?;
+        }
+        Fault::Planned { to, .. } => {
+            let request = FailoverRequest {
+                to: to.clone(),
+                allow_data_loss: false,
+                dry_run: false,
+            };
+            // Asked of the primary region: it hands over.
+            let client = target.region_client(primary)?;
+            let answer = if scenario == Scenario::Failback {
+                client.regions_failback(&request).await
+            } else {
+                client.regions_failover(&request).await
+            };
+            answer.map_err(|e| format!("the {scenario} to {to} was refused: {e}"))?;
+        }
+        local => {
+            let topology = target
+                .local_mut()
+                .ok_or("a local fault on a deployment the drill did not start")?;
+            return inject_local(topology, local, primary).await;
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Injects a fault on the drill's own topology.
+async fn inject_local(topology: &mut LocalTopology, fault: &Fault, primary: &str) -> Result<Vec<Check>, String> {
     match fault {
         Fault::Restore { dir } => return restore_scratch(topology, primary, dir).await.map(|c| vec![c]),
         Fault::Kill { nodes } => {
@@ -605,28 +721,7 @@ async fn inject(
             }
             local::signal(*pid, libc::SIGKILL);
         }
-        Fault::Planned { to, .. } if scenario == Scenario::Switchover => {
-            topology
-                .client()
-                .switchover(service::SERVICE, to)
-                .await
-                .map_err(|e| format!("the switchover to {to} was refused: {e}"))?;
-        }
-        Fault::Planned { to, .. } => {
-            let request = FailoverRequest {
-                to: to.clone(),
-                allow_data_loss: false,
-                dry_run: false,
-            };
-            // Asked of the primary region: it hands over.
-            let client = topology.region_client(primary);
-            let answer = if scenario == Scenario::Failback {
-                client.regions_failback(&request).await
-            } else {
-                client.regions_failover(&request).await
-            };
-            answer.map_err(|e| format!("the {scenario} to {to} was refused: {e}"))?;
-        }
+        Fault::Planned { .. } | Fault::Commands { .. } => {}
     }
     Ok(Vec::new())
 }
@@ -732,7 +827,22 @@ async fn restore_scratch(topology: &mut LocalTopology, primary: &str, dir: &Path
 }
 
 /// Undoes `fault` on `topology`.
-pub async fn undo(topology: &mut LocalTopology, fault: &Fault) -> Result<(), String> {
+pub async fn undo(target: &mut Target, fault: &Fault) -> Result<(), String> {
+    match fault {
+        Fault::Commands { undo, .. } => remote::run_commands(undo).await,
+        Fault::Planned { .. } => Ok(()),
+        Fault::Restore { dir } => undo_restore(dir),
+        local => {
+            let topology = target
+                .local_mut()
+                .ok_or("a local fault on a deployment the drill did not start")?;
+            undo_local(topology, local).await
+        }
+    }
+}
+
+/// Undoes a fault on the drill's own topology.
+async fn undo_local(topology: &mut LocalTopology, fault: &Fault) -> Result<(), String> {
     match fault {
         Fault::Kill { nodes } => {
             for node in nodes {
@@ -749,8 +859,7 @@ pub async fn undo(topology: &mut LocalTopology, fault: &Fault) -> Result<(), Str
         // primary (rewound).
         Fault::KillInstance { service, .. } if service == postgres::PG_SERVICE => {}
         Fault::KillInstance { instance, .. } => topology.restart_instance(instance).await?,
-        Fault::Restore { dir } => undo_restore(dir)?,
-        Fault::Planned { .. } => {}
+        Fault::Restore { .. } | Fault::Planned { .. } | Fault::Commands { .. } => {}
     }
     Ok(())
 }
@@ -768,16 +877,19 @@ fn undo_restore(dir: &Path) -> Result<(), String> {
 }
 
 /// The monitor: samples every data region's leader, term, epoch and primary.
-fn start_monitor(topology: &LocalTopology, zero: Instant) -> (Arc<Mutex<Vec<Sample>>>, AbortOnDrop) {
+/// What the monitor has sampled so far.
+type Samples = Arc<Mutex<Vec<Sample>>>;
+
+fn start_monitor(target: &Target, zero: Instant) -> Result<(Samples, AbortOnDrop), String> {
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<(String, Client)> = topology
+    let clients: Vec<(String, Client)> = target
         .data_regions()
         .into_iter()
         .map(|r| {
-            let client = topology.region_client(&r).with_deadline(Duration::from_millis(500));
-            (r, client)
+            let client = target.region_client(&r)?.with_deadline(Duration::from_millis(500));
+            Ok((r, client))
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let sink = samples.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -796,7 +908,7 @@ fn start_monitor(topology: &LocalTopology, zero: Instant) -> (Arc<Mutex<Vec<Samp
             tokio::time::sleep(SAMPLE_EVERY).await;
         }
     });
-    (samples, AbortOnDrop(task))
+    Ok((samples, AbortOnDrop(task)))
 }
 
 /// A task that ends with its handle (a step that fails leaves no monitor behind).
@@ -842,10 +954,10 @@ async fn current_primary(client: &Client) -> Result<String, String> {
     }
 }
 
-async fn wait_leader(topology: &LocalTopology, region: &str) -> Result<String, String> {
+async fn wait_leader(target: &Target, region: &str) -> Result<String, String> {
     let deadline = Instant::now() + RECOVERY_DEADLINE;
     loop {
-        if let Some(leader) = topology.leader(region).await {
+        if let Some(leader) = target.leader(region).await {
             return Ok(leader);
         }
         if Instant::now() >= deadline {
@@ -856,7 +968,7 @@ async fn wait_leader(topology: &LocalTopology, region: &str) -> Result<String, S
 }
 
 async fn step(
-    topology: &mut LocalTopology,
+    target: &mut Target,
     journal: &mut Journal,
     scenario: Scenario,
     index: usize,
@@ -871,8 +983,8 @@ async fn step(
             label: label.to_string(),
         })
     };
-    let (samples, _monitor) = start_monitor(topology, zero);
-    let client = Arc::new(topology.client().with_deadline(Duration::from_secs(2)));
+    let (samples, _monitor) = start_monitor(target, zero)?;
+    let client = Arc::new(target.client()?.with_deadline(Duration::from_secs(2)));
     let prefix = format!("drill/{:02}-{}", index + 1, scenario.name());
     // Register reads go to the primary region only: a standby region serves reads of
     // what it has (documented), which no check should call a broken rule; and a scenario
@@ -881,30 +993,30 @@ async fn step(
         None
     } else {
         let region = current_primary(&client).await?;
-        let reads = Arc::new(topology.region_client(&region).with_deadline(Duration::from_secs(2)));
+        let reads = Arc::new(target.region_client(&region)?.with_deadline(Duration::from_secs(2)));
         Some(RegisterCanary::start(reads, &prefix))
     };
     let canaries = Canaries {
         api: Workload::start(client.clone(), CANARY_WRITERS, &prefix),
-        service: topology
-            .service
-            .as_ref()
+        service: target
+            .local()
+            .and_then(|t| t.service.as_ref())
             .map(|s| service::ServiceCanary::start(s.proxy, CANARY_WRITERS, &prefix)),
-        sql: topology
-            .postgres
-            .as_ref()
+        sql: target
+            .local()
+            .and_then(|t| t.postgres.as_ref())
             .map(|p| postgres::SqlCanary::start(p.proxy, CANARY_WRITERS, &prefix)),
         register,
     };
     canaries.wait_progress(20).await?;
-    let before = now(topology, &client).await?;
-    let fault = plan_fault(topology, scenario, &before).await?;
+    let before = now(target, &client).await?;
+    let fault = plan_fault(target, scenario, &before).await?;
     let number = journal
         .injecting(scenario, &fault)
         .map_err(|e| format!("cannot write the journal: {e}"))?;
     let injected = Instant::now();
     mark(&mut marks, &format!("fault: {}", describe(&fault)));
-    let injected_result = inject(topology, scenario, &fault, &before.region).await;
+    let injected_result = inject(target, scenario, &fault, &before.region).await;
     // A planned operation is done when its call returns; a fault at once.
     let done = Instant::now();
     if matches!(fault, Fault::Planned { .. }) {
@@ -931,7 +1043,7 @@ async fn step(
         });
     }
     // Undo, whatever happened.
-    undo(topology, &fault)
+    undo(target, &fault)
         .await
         .map_err(|e| format!("cannot undo the fault: {e}"))?;
     journal
@@ -966,10 +1078,10 @@ async fn step(
         Some(canary) => Some(canary.stop().await),
         None => None,
     };
-    topology.wait_healthy(HEALTHY_DEADLINE).await?;
+    target.wait_healthy(HEALTHY_DEADLINE).await?;
     mark(&mut marks, "healthy");
-    let after = now(topology, &client).await?;
-    let reader = topology.region_client(&after.region);
+    let after = now(target, &client).await?;
+    let reader = target.region_client(&after.region)?;
 
     let state = crate::workload::final_state(&reader, &prefix).await;
     let lost = api_history.lost_acknowledged_writes(&state);
@@ -1157,6 +1269,7 @@ pub fn describe(fault: &Fault) -> String {
         Fault::Links { relays, mode } => format!("{} links set to {mode:?}", relays.len()),
         Fault::KillInstance { service, instance, pid } => format!("SIGKILL {service}/{instance} (pid {pid})"),
         Fault::Restore { dir } => format!("the newest backup restored into {}", dir.display()),
+        Fault::Commands { what, .. } => what.clone(),
         Fault::Planned { what, .. } => what.clone(),
     }
 }
@@ -1182,41 +1295,33 @@ pub struct Cleanup {
 pub async fn cleanup(dir: &Path, keep: bool) -> Result<Cleanup, String> {
     let pending = journal::pending(dir).map_err(|e| format!("cannot read the journal in {}: {e}", dir.display()))?;
     let topology_dir = dir.join("topology");
-    let mut topology = match LocalTopology::load(&topology_dir) {
-        Ok(t) if !t.stopped => Some(t),
+    let mut target = match LocalTopology::load(&topology_dir) {
+        Ok(t) if !t.stopped => Some(Target::Local(t)),
         Ok(_) => None,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("cannot read {}: {e}", topology_dir.display())),
     };
     let journal = Journal::open(dir).map_err(|e| format!("cannot open the journal: {e}"))?;
     let mut done = Cleanup {
-        topology_found: topology.is_some(),
+        topology_found: target.is_some(),
         ..Cleanup::default()
     };
     for (number, scenario, fault) in pending {
-        match topology.as_mut() {
-            Some(topology) => undo(topology, &fault)
-                .await
-                .map_err(|e| format!("cannot undo step {number}: {e}"))?,
-            None if matches!(fault, Fault::Planned { .. }) => {}
-            None if matches!(fault, Fault::Restore { .. }) => {
-                if let Fault::Restore { dir } = &fault {
-                    undo_restore(dir)?;
-                }
-            }
-            None => {
-                return Err(format!(
-                    "step {number} ({scenario}: {}) cannot be undone: its topology is gone",
-                    describe(&fault)
-                ))
-            }
-        }
+        let undone = match (target.as_mut(), &fault) {
+            (Some(target), _) => undo(target, &fault).await,
+            // Without a topology of its own: what needs none.
+            (None, Fault::Planned { .. }) => Ok(()),
+            (None, Fault::Restore { dir }) => undo_restore(dir),
+            (None, Fault::Commands { undo, .. }) => remote::run_commands(undo).await,
+            (None, _) => Err("its topology is gone".to_string()),
+        };
+        undone.map_err(|e| format!("step {number} ({scenario}: {}) cannot be undone: {e}", describe(&fault)))?;
         journal
             .undone(number)
             .map_err(|e| format!("cannot write the journal: {e}"))?;
         done.undone.push(format!("{scenario}: {}", describe(&fault)));
     }
-    if let Some(mut topology) = topology {
+    if let Some(Target::Local(mut topology)) = target {
         let health = topology.wait_healthy(HEALTHY_DEADLINE).await;
         done.healthy = Some(health.is_ok());
         done.unhealthy = health.err();

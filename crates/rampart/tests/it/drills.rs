@@ -398,3 +398,165 @@ fn a_drill_killed_half_way_leaves_faults_that_cleanup_undoes_and_the_topology_is
             .all(|pid| !matches!(process_state(*pid), Some(s) if s != 'Z'))
     });
 }
+
+/// `links.py cut|heal A B DIR`: sets the relays between nodes A and B of the topology in
+/// DIR to blackhole or pass, as an operator's `cut` and `heal` would change a firewall.
+const LINKS_PY: &str = r#"import json, os, sys
+op, a, b, d = sys.argv[1:5]
+relays = json.load(open(os.path.join(d, "topology.json")))["relays"]
+modes = json.load(open(os.path.join(d, "links.json")))
+for i, r in enumerate(relays):
+    if (r.get("from_node"), r["to"]) in ((a, b), (b, a)):
+        modes[i] = "blackhole" if op == "cut" else "pass"
+tmp = os.path.join(d, "links.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(modes, f)
+os.rename(tmp, os.path.join(d, "links.json"))
+"#;
+
+#[test]
+fn a_deployment_the_drill_did_not_start_is_drilled_through_the_operators_commands() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // The "deployment": a region the test starts, whose nodes only the commands touch.
+    let plan = rampart_testkit::drill::local::TopologyPlan::one_region();
+    let deployed = root.path().join("deployed");
+    let mut topology = LocalTopology::start(Path::new(binary()), &plan, &deployed, false).expect("start");
+    runtime.block_on(topology.wait_healthy(DEADLINE)).expect("healthy");
+    let ops = root.path().join("ops");
+    std::fs::create_dir_all(&ops).expect("ops dir");
+    for node in &topology.nodes {
+        std::fs::write(
+            ops.join(format!("{}.pid", node.name)),
+            node.pid.expect("running").to_string(),
+        )
+        .expect("pid");
+        let args: Vec<String> = node.args.iter().map(|a| format!("'{a}'")).collect();
+        std::fs::write(
+            ops.join(format!("start-{}.sh", node.name)),
+            format!(
+                "setsid '{}' {} >> '{}' 2>&1 < /dev/null &\necho $! > '{}'\n",
+                binary(),
+                args.join(" "),
+                node.data_dir.join("node.log").display(),
+                ops.join(format!("{}.pid", node.name)).display()
+            ),
+        )
+        .expect("start script");
+    }
+    std::fs::write(ops.join("links.py"), LINKS_PY).expect("links.py");
+    let dir = topology.dir.display().to_string();
+    let ops_text = ops.display().to_string();
+    let commands = root.path().join("commands.toml");
+    std::fs::write(
+        &commands,
+        format!(
+            r#"kill = "kill -KILL $(cat {ops_text}/{{name}}.pid)"
+start = "sh {ops_text}/start-{{name}}.sh"
+pause = "kill -STOP $(cat {ops_text}/{{name}}.pid)"
+resume = "kill -CONT $(cat {ops_text}/{{name}}.pid)"
+cut = "python3 {ops_text}/links.py cut {{name}} {{peer_name}} {dir}"
+heal = "python3 {ops_text}/links.py heal {{name}} {{peer_name}} {dir}"
+"#
+        ),
+    )
+    .expect("commands");
+    let endpoints = topology
+        .nodes
+        .iter()
+        .map(|n| n.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let report_dir = root.path().join("report");
+    let (code, out, err) = run(&[
+        "--output",
+        "json",
+        "--endpoints",
+        &endpoints,
+        "drill",
+        "run",
+        "leader-kill",
+        "leader-pause",
+        "partition-minority",
+        "--commands",
+        &commands.display().to_string(),
+        "--rto-budget",
+        "60s",
+        "--report-dir",
+        &report_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: Report = serde_json::from_str(&out).expect("a json report");
+    assert!(report.passed, "{out}");
+    let faults: Vec<&str> = report.steps.iter().map(|s| s.fault.as_str()).collect();
+    assert!(faults[0].starts_with("kill east-"), "{faults:?}");
+    assert!(faults[1].starts_with("pause east-"), "{faults:?}");
+    assert!(
+        faults[2].starts_with("cut east-") && faults[2].ends_with("off from the rest of east"),
+        "{faults:?}"
+    );
+    assert!(report.steps.iter().all(|s| s.rto_ms.is_some() && s.lost == 0), "{out}");
+    // Every link healed, every node back (the killed one by its start command).
+    let modes: Vec<String> =
+        serde_json::from_slice(&std::fs::read(topology.dir.join("links.json")).expect("links")).expect("modes");
+    assert!(modes.iter().all(|m| m == "pass"), "{modes:?}");
+    let pids: Vec<u32> = topology
+        .nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(ops.join(format!("{}.pid", n.name)))
+                .expect("pid")
+                .trim()
+                .parse()
+                .expect("a pid")
+        })
+        .collect();
+    assert!(
+        pids.iter()
+            .all(|pid| matches!(process_state(*pid), Some(s) if s != 'Z' && s != 'T')),
+        "{pids:?}"
+    );
+
+    // A scenario the commands cannot give is refused before anything runs.
+    let (code, _, err) = run(&[
+        "--endpoints",
+        &endpoints,
+        "drill",
+        "run",
+        "zone-loss",
+        "--commands",
+        &commands.display().to_string(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not available with --endpoints"), "{err}");
+    // A template naming a placeholder it cannot have is refused naming the field.
+    let bad = root.path().join("bad.toml");
+    std::fs::write(&bad, "kill = \"kill {peer_host}\"\n").expect("write");
+    let (code, _, err) = run(&["drill", "run", "leader-kill", "--commands", &bad.display().to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("kill: unknown placeholder {peer_host}"), "{err}");
+
+    // A killed remote drill's rendered undo runs at `drill cleanup`, with no topology.
+    let orphan = root.path().join("orphan");
+    std::fs::create_dir_all(&orphan).expect("dir");
+    let mended = root.path().join("mended");
+    let fault = serde_json::json!({"event": "injecting", "step": 1, "scenario": "leader-pause",
+        "fault": {"kind": "commands", "what": "pause east-9", "run": ["true"],
+                  "undo": [format!("touch {}", mended.display())]}, "at_ms": 1});
+    std::fs::write(orphan.join("journal.jsonl"), format!("{fault}\n")).expect("journal");
+    let (code, out, err) = run(&["drill", "cleanup", &orphan.display().to_string()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        mended.exists() && out.contains("undone: leader-pause: pause east-9"),
+        "{out}"
+    );
+    assert!(journal::pending(&orphan).expect("journal").is_empty());
+
+    for pid in pids {
+        // SAFETY: the nodes this test started (through its start scripts).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    topology.stop().expect("stop the relays");
+}
