@@ -502,12 +502,15 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Command::Node(node_args) => crate::node_cmd::run(*node_args).await,
         Command::Demo(demo_args) => crate::demo::run(demo_args).await,
         Command::Drill(command) => {
-            // What `drill run --commands` drills: the deployment the global flags reach.
-            let access = rampart_testkit::drill::remote::Access {
+            // What `drill run --endpoints` drills: the deployment the global flags reach,
+            // when `--endpoints` is on the command line (the variable alone does not turn
+            // a local drill into one of a deployment).
+            let given = std::env::args().any(|a| a == "--endpoints" || a.starts_with("--endpoints="));
+            let access = given.then(|| rampart_testkit::drill::remote::Access {
                 endpoints: args.endpoints.clone(),
                 token: token.clone(),
                 tls: tls.clone(),
-            };
+            });
             crate::drill_cmd::run(output, command, access).await
         }
         Command::Bench(bench_args) => run_bench(bench_args, output).await,

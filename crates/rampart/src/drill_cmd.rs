@@ -46,10 +46,10 @@ pub enum DrillCommand {
         /// of the default one
         #[arg(long, conflicts_with = "commands")]
         topology: Option<PathBuf>,
-        /// Drill the deployment --endpoints reaches (with --token-file and --cacert as
-        /// any command) instead of a local topology: its faults run as the operator
-        /// commands in this file (TOML: kill, start, pause, resume, cut, heal templates,
-        /// and per-node [nodes.REGION-ID] overrides)
+        /// With --endpoints (and --token-file, --cacert as any command), which drills that
+        /// deployment instead of a local topology: the operator commands that break and
+        /// mend its nodes (TOML: kill, start, pause, resume, cut, heal templates, and
+        /// per-node [nodes.REGION-ID] overrides)
         #[arg(long)]
         commands: Option<PathBuf>,
         /// Run against a local topology the drill starts itself (the default)
@@ -290,7 +290,8 @@ fn read_commands(path: &Path) -> Result<Commands, Failure> {
     Ok(commands)
 }
 
-pub async fn run(output: Output, command: DrillCommand, access: Access) -> Result<(), Failure> {
+/// `access`: the deployment `--endpoints` names, when given on the command line.
+pub async fn run(output: Output, command: DrillCommand, access: Option<Access>) -> Result<(), Failure> {
     match command {
         DrillCommand::List => {
             let scenarios = catalogue();
@@ -332,13 +333,23 @@ pub async fn run(output: Output, command: DrillCommand, access: Access) -> Resul
                 }
             };
             let scenarios: Vec<Scenario> = steps.iter().map(|s| s.scenario).collect();
-            let remote = match &commands {
-                Some(path) => {
+            let remote = match (&commands, access) {
+                (Some(path), Some(access)) => {
                     let commands = read_commands(path)?;
                     check_remote(&scenarios).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?;
-                    Some(commands)
+                    Some((access, commands))
                 }
-                None => None,
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "--commands drills an existing deployment: name it with --endpoints"
+                    )))
+                }
+                (None, Some(_)) => {
+                    return Err(Failure::usage(anyhow::anyhow!(
+                        "--endpoints drills an existing deployment: give --commands FILE with the commands that break and mend its nodes (kill, start, pause, resume, cut, heal); without --endpoints the drill starts a local topology"
+                    )))
+                }
             };
             let plan = match topology.or(planned_topology) {
                 Some(path) => read_topology(&path)?,
@@ -359,7 +370,7 @@ pub async fn run(output: Output, command: DrillCommand, access: Access) -> Resul
             let progress = |line: &str| eprintln!("{line}");
             let drill = async {
                 match remote {
-                    Some(commands) => run_remote(access, commands, &steps, budgets, &dir, &progress).await,
+                    Some((access, commands)) => run_remote(access, commands, &steps, budgets, &dir, &progress).await,
                     None => run_local(&binary, &plan, &steps, budgets, &dir, &progress).await,
                 }
             };

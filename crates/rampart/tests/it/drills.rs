@@ -532,9 +532,30 @@ heal = "python3 {ops_text}/links.py heal {{name}} {{peer_name}} {dir}"
     // A template naming a placeholder it cannot have is refused naming the field.
     let bad = root.path().join("bad.toml");
     std::fs::write(&bad, "kill = \"kill {peer_host}\"\n").expect("write");
-    let (code, _, err) = run(&["drill", "run", "leader-kill", "--commands", &bad.display().to_string()]);
+    let (code, _, err) = run(&[
+        "--endpoints",
+        &endpoints,
+        "drill",
+        "run",
+        "leader-kill",
+        "--commands",
+        &bad.display().to_string(),
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("kill: unknown placeholder {peer_host}"), "{err}");
+    // --endpoints without the commands, or the commands without a deployment: refused.
+    let (code, _, err) = run(&["--endpoints", &endpoints, "drill", "run", "leader-kill"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give --commands FILE"), "{err}");
+    let (code, _, err) = run(&[
+        "drill",
+        "run",
+        "leader-kill",
+        "--commands",
+        &commands.display().to_string(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("name it with --endpoints"), "{err}");
 
     // A killed remote drill's rendered undo runs at `drill cleanup`, with no topology.
     let orphan = root.path().join("orphan");
