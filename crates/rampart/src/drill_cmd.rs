@@ -11,7 +11,7 @@ use clap::Subcommand;
 use rampart_core::drill::{catalogue, Scenario};
 use rampart_testkit::drill::local::TopologyPlan;
 use rampart_testkit::drill::remote::{Access, Commands};
-use rampart_testkit::drill::report::{html, markdown};
+use rampart_testkit::drill::report::{html, markdown, summarize, summary_markdown};
 use rampart_testkit::drill::{
     check_local, check_remote, cleanup, default_plan, run_local, run_remote, Budgets, Cleanup, PlannedStep, Report,
 };
@@ -64,6 +64,11 @@ pub enum DrillCommand {
         /// plan's, else 0]
         #[arg(long)]
         rpo_budget: Option<u64>,
+        /// Run the whole drill this many times, each against a fresh topology (run-1,
+        /// run-2, ... in the drill's directory), and summarise each scenario's RTO and RPO:
+        /// median and worst (summary.md, summary.json)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
     },
     /// Undo whatever a drill that was killed left: faults it recorded and never undid
     /// (healed links, SIGCONT, killed nodes started again); then check that its topology
@@ -313,6 +318,7 @@ pub async fn run(output: Output, command: DrillCommand, access: Option<Access>) 
             local: _,
             rto_budget,
             rpo_budget,
+            repeat,
         } => {
             let (steps, budgets, planned_topology) = match &plan_file {
                 Some(path) => read_plan(path, rto_budget, rpo_budget)?,
@@ -366,37 +372,71 @@ pub async fn run(output: Output, command: DrillCommand, access: Option<Access>) 
                     scenarios[0]
                 ))
             });
-            eprintln!("drill in {}", dir.display());
             let progress = |line: &str| eprintln!("{line}");
-            let drill = async {
-                match remote {
-                    Some((access, commands)) => run_remote(access, commands, &steps, budgets, &dir, &progress).await,
-                    None => run_local(&binary, &plan, &steps, budgets, &dir, &progress).await,
+            let mut reports = Vec::new();
+            for run in 1..=repeat {
+                let run_dir = if repeat == 1 {
+                    dir.clone()
+                } else {
+                    eprintln!("== run {run} of {repeat} ==");
+                    dir.join(format!("run-{run}"))
+                };
+                eprintln!("drill in {}", run_dir.display());
+                let drill = async {
+                    match &remote {
+                        Some((access, commands)) => {
+                            run_remote(access.clone(), commands.clone(), &steps, budgets, &run_dir, &progress).await
+                        }
+                        None => run_local(&binary, &plan, &steps, budgets, &run_dir, &progress).await,
+                    }
+                };
+                let report = tokio::select! {
+                    report = drill => report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?,
+                    _ = tokio::signal::ctrl_c() => {
+                        eprintln!("interrupted: undoing every fault and stopping the topology");
+                        let done = cleanup(&run_dir, false).await.map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
+                        eprintln!("{}", cleanup_text(&run_dir, &done));
+                        return Err(Failure::failed(anyhow::anyhow!("the drill was interrupted")));
+                    }
+                };
+                write_report(&run_dir, &report).map_err(|e| {
+                    Failure::failed(anyhow::anyhow!(
+                        "cannot write the report into {}: {e}",
+                        run_dir.display()
+                    ))
+                })?;
+                if report.passed {
+                    // The topology's data is not needed once everything passed.
+                    let _ = std::fs::remove_dir_all(run_dir.join("topology"));
                 }
-            };
-            let report = tokio::select! {
-                report = drill => report.map_err(|e| Failure::usage(anyhow::anyhow!(e)))?,
-                _ = tokio::signal::ctrl_c() => {
-                    eprintln!("interrupted: undoing every fault and stopping the topology");
-                    let done = cleanup(&dir, false).await.map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
-                    eprintln!("{}", cleanup_text(&dir, &done));
-                    return Err(Failure::failed(anyhow::anyhow!("the drill was interrupted")));
-                }
-            };
-            write_report(&dir, &report)
-                .map_err(|e| Failure::failed(anyhow::anyhow!("cannot write the report into {}: {e}", dir.display())))?;
-            if report.passed {
-                // The topology's data is not needed once everything passed.
-                let _ = std::fs::remove_dir_all(dir.join("topology"));
+                reports.push(report);
             }
-            let text = markdown(&report);
-            print(output, &report, |_| {
-                format!("{}\nreport: {}", text.trim_end(), dir.join("report.html").display())
-            });
-            if !report.passed {
+            let failed: Vec<usize> = (0..reports.len()).filter(|i| !reports[*i].passed).collect();
+            if repeat == 1 {
+                let report = &reports[0];
+                let text = markdown(report);
+                print(output, report, |_| {
+                    format!("{}\nreport: {}", text.trim_end(), dir.join("report.html").display())
+                });
+            } else {
+                let summary = summarize(&reports);
+                let text = summary_markdown(&summary, repeat as usize);
+                std::fs::write(
+                    dir.join("summary.json"),
+                    serde_json::to_vec_pretty(&summary).expect("a summary encodes"),
+                )
+                .and_then(|()| std::fs::write(dir.join("summary.md"), &text))
+                .map_err(|e| {
+                    Failure::failed(anyhow::anyhow!("cannot write the summary into {}: {e}", dir.display()))
+                })?;
+                print(output, &summary, |_| text.trim_end().to_string());
+            }
+            if !failed.is_empty() {
+                let runs: Vec<String> = failed.iter().map(|i| (i + 1).to_string()).collect();
                 return Err(Failure::failed(anyhow::anyhow!(
-                    "the drill failed: a budget was missed, a safety check failed or a step could not finish (nodes' logs kept under {})",
-                    dir.join("topology").display()
+                    "the drill failed{}: a budget was missed, a safety check failed or a step could not finish (reports and nodes' logs under {})",
+                    if repeat == 1 { String::new() } else { format!(" in run {}", runs.join(", ")) },
+                    dir.display()
                 )));
             }
         }

@@ -5,6 +5,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use rampart_core::drill::Scenario;
+use serde::{Deserialize, Serialize};
+
 use super::{PathFigures, Report, Step, BUCKET_MS};
 
 /// The report as Markdown.
@@ -173,7 +176,7 @@ fn step_section(step: &Step) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "<h2 id=\"{}-{}\">{}</h2>\n<p>{}. RTO <b>{}</b> (budget {} ms); {} of {} acknowledged writes lost.</p>",
+        "<h2 id=\"{}-{}\">{}</h2>\n<p>{}. RTO <b>{}</b> (budget {} ms); RPO <b>{}</b> of {} acknowledged writes lost (budget {}).</p>",
         step.scenario,
         step.injected_at_ms,
         step.scenario,
@@ -181,7 +184,8 @@ fn step_section(step: &Step) -> String {
         rto_text(step),
         budget_ms,
         step.lost,
-        step.acknowledged
+        step.acknowledged,
+        step.budgets.rpo_writes
     );
     if let Some(rpo) = &step.reported_rpo {
         let _ = writeln!(out, "<p>The failover said: {}</p>", esc(rpo));
@@ -418,4 +422,178 @@ fn rto_chart(step: &Step, budget_ms: u64) -> String {
         LEFT + bar(budget_ms).max(1.0) + 4.0
     );
     svg
+}
+
+/// One scenario over repeated drills.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioSummary {
+    pub scenario: Scenario,
+    /// Steps of it that finished.
+    pub runs: usize,
+    /// RTO of each, ms (none: no recovery), in run order.
+    pub rto_ms: Vec<Option<u64>>,
+    pub rto_median_ms: Option<u64>,
+    /// The slowest; none if any did not recover.
+    pub rto_worst_ms: Option<u64>,
+    /// Acknowledged writes lost in each.
+    pub lost: Vec<usize>,
+    pub lost_median: usize,
+    pub lost_worst: usize,
+    /// Steps that met their budgets and passed every check.
+    pub passed: usize,
+}
+
+/// Each scenario's figures over `reports` (repeated runs of one drill), in the order the
+/// scenarios first appear.
+pub fn summarize(reports: &[Report]) -> Vec<ScenarioSummary> {
+    let mut order: Vec<Scenario> = Vec::new();
+    for step in reports.iter().flat_map(|r| &r.steps) {
+        if !order.contains(&step.scenario) {
+            order.push(step.scenario);
+        }
+    }
+    order
+        .into_iter()
+        .map(|scenario| {
+            let steps: Vec<&Step> = reports
+                .iter()
+                .flat_map(|r| &r.steps)
+                .filter(|s| s.scenario == scenario)
+                .collect();
+            let rto_ms: Vec<Option<u64>> = steps.iter().map(|s| s.rto_ms).collect();
+            let mut recovered: Vec<u64> = rto_ms.iter().flatten().copied().collect();
+            recovered.sort_unstable();
+            let lost: Vec<usize> = steps.iter().map(|s| s.lost).collect();
+            let mut sorted_lost = lost.clone();
+            sorted_lost.sort_unstable();
+            ScenarioSummary {
+                scenario,
+                runs: steps.len(),
+                rto_median_ms: median(&recovered),
+                rto_worst_ms: if recovered.len() == rto_ms.len() {
+                    recovered.last().copied()
+                } else {
+                    None
+                },
+                rto_ms,
+                lost_median: median(&sorted_lost).unwrap_or(0),
+                lost_worst: sorted_lost.last().copied().unwrap_or(0),
+                lost,
+                passed: steps
+                    .iter()
+                    .filter(|s| s.within_budget && s.checks.iter().all(|c| c.passed))
+                    .count(),
+            }
+        })
+        .collect()
+}
+
+/// The middle of `sorted` (the lower of the two middles of an even count).
+fn median<T: Copy>(sorted: &[T]) -> Option<T> {
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+}
+
+/// The summary as Markdown: one table, a row per scenario.
+pub fn summary_markdown(summary: &[ScenarioSummary], repeat: usize) -> String {
+    let ms = |v: Option<u64>| v.map_or("no recovery".to_string(), |ms| format!("{ms} ms"));
+    let mut lines = vec![
+        format!("# Rampart drill, {repeat} runs"),
+        String::new(),
+        "| scenario | runs | RTO median | RTO worst | RTO each run (ms) | lost median | lost worst | passed |"
+            .to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for s in summary {
+        let each: Vec<String> = s
+            .rto_ms
+            .iter()
+            .map(|r| r.map_or("-".to_string(), |ms| ms.to_string()))
+            .collect();
+        lines.push(format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} of {} |",
+            s.scenario,
+            s.runs,
+            ms(s.rto_median_ms),
+            ms(s.rto_worst_ms),
+            each.join(", "),
+            s.lost_median,
+            s.lost_worst,
+            s.passed,
+            s.runs
+        ));
+    }
+    lines.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(scenario: Scenario, rto_ms: Option<u64>, lost: usize) -> Step {
+        Step {
+            scenario,
+            injected_at_ms: 0,
+            fault_at_ms: 0,
+            fault: String::new(),
+            budgets: super::super::Budgets {
+                rto_ms: 5000,
+                rpo_writes: 0,
+            },
+            rto_ms,
+            acknowledged: 100,
+            lost,
+            reported_rpo: None,
+            checks: Vec::new(),
+            within_budget: rto_ms.is_some_and(|ms| ms <= 5000) && lost == 0,
+            marks: Vec::new(),
+            samples: Vec::new(),
+            paths: Vec::new(),
+        }
+    }
+
+    fn report(steps: Vec<Step>) -> Report {
+        Report {
+            started_ms: 0,
+            scenarios: steps.iter().map(|s| s.scenario).collect(),
+            budgets: steps[0].budgets,
+            steps,
+            passed: true,
+            aborted: None,
+        }
+    }
+
+    #[test]
+    fn a_summary_gives_each_scenarios_median_and_worst_and_no_worst_when_a_run_did_not_recover() {
+        let reports = vec![
+            report(vec![
+                step(Scenario::LeaderKill, Some(300), 0),
+                step(Scenario::LinkCut, Some(5), 0),
+            ]),
+            report(vec![
+                step(Scenario::LeaderKill, Some(100), 0),
+                step(Scenario::LinkCut, None, 2),
+            ]),
+            report(vec![step(Scenario::LeaderKill, Some(200), 1)]),
+        ];
+        let summary = summarize(&reports);
+        assert_eq!(summary.len(), 2);
+        let kill = &summary[0];
+        assert_eq!(kill.scenario, Scenario::LeaderKill);
+        assert_eq!(
+            (kill.runs, kill.rto_median_ms, kill.rto_worst_ms),
+            (3, Some(200), Some(300))
+        );
+        assert_eq!((kill.lost_median, kill.lost_worst, kill.passed), (0, 1, 2));
+        let cut = &summary[1];
+        assert_eq!(
+            (cut.rto_median_ms, cut.rto_worst_ms, cut.lost_worst),
+            (Some(5), None, 2)
+        );
+        let text = summary_markdown(&summary, 3);
+        assert!(
+            text.contains("| leader-kill | 3 | 200 ms | 300 ms | 300, 100, 200 | 0 | 1 | 2 of 3 |"),
+            "{text}"
+        );
+        assert!(text.contains("| link-cut | 2 | 5 ms | no recovery | 5, - |"), "{text}");
+    }
 }

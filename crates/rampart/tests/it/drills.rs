@@ -581,3 +581,36 @@ heal = "python3 {ops_text}/links.py heal {{name}} {{peer_name}} {dir}"
     }
     topology.stop().expect("stop the relays");
 }
+
+#[test]
+fn a_repeated_drill_summarises_each_scenarios_median_and_worst() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("bench");
+    let (code, out, err) = run(&[
+        "--output",
+        "json",
+        "drill",
+        "run",
+        "leader-kill",
+        "--repeat",
+        "2",
+        "--rto-budget",
+        "60s",
+        "--report-dir",
+        &dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary: Vec<rampart_testkit::drill::report::ScenarioSummary> = serde_json::from_str(&out).expect("json");
+    assert_eq!(summary.len(), 1, "{out}");
+    let kill = &summary[0];
+    assert_eq!((kill.runs, kill.passed, kill.lost_worst), (2, 2, 0), "{kill:?}");
+    assert!(
+        kill.rto_worst_ms >= kill.rto_median_ms && kill.rto_median_ms.is_some(),
+        "{kill:?}"
+    );
+    let markdown = std::fs::read_to_string(dir.join("summary.md")).expect("summary.md");
+    assert!(markdown.contains("| leader-kill | 2 |"), "{markdown}");
+    for run in ["run-1", "run-2"] {
+        assert!(dir.join(run).join("report.json").exists(), "{run}");
+    }
+}
