@@ -3,7 +3,7 @@
 //! a register canary whose reads and writes of a few keys give histories small enough for
 //! the linearizability check.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use rampart_client::{Client, PutOptions};
 
 use super::{service, RECOVERY_DEADLINE};
 use crate::history::{linearizable, History, RegisterCall, RegisterOp, REGISTER_OPS_MAX};
+use crate::workload::Writers;
 use crate::Workload;
 
 /// The canary's paths: the API always, the drill's service through the proxy when it runs.
@@ -76,8 +77,7 @@ impl Canaries {
 /// linearizable read, paced, and moving on to a fresh key once a key has
 /// [`REGISTER_OPS_MAX`] operations (what the checker takes).
 pub(crate) struct RegisterCanary {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writers: Writers,
     /// Each key's operations, in microseconds since the canary started.
     ops: Arc<Mutex<Vec<Vec<RegisterOp>>>>,
 }
@@ -89,67 +89,61 @@ const REGISTER_PACE: Duration = Duration::from_millis(10);
 
 impl RegisterCanary {
     pub fn start(client: Arc<Client>, prefix: &str) -> RegisterCanary {
-        let stop = Arc::new(AtomicBool::new(false));
         let ops: Arc<Mutex<Vec<Vec<RegisterOp>>>> = Arc::new(Mutex::new(vec![Vec::new()]));
         // Slots taken on the current key, so a key never has more than the checker takes.
         let reserved = Arc::new(Mutex::new((0usize, 0usize)));
         let zero = Instant::now();
-        let tasks = (0..REGISTER_WORKERS)
-            .map(|worker| {
-                let (client, stop, ops, reserved) = (client.clone(), stop.clone(), ops.clone(), reserved.clone());
-                let prefix = prefix.to_string();
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let key_index = {
-                            let mut slot = reserved.lock().expect("register lock");
-                            if slot.1 == REGISTER_OPS_MAX {
-                                *slot = (slot.0 + 1, 0);
-                                ops.lock().expect("register lock").push(Vec::new());
-                            }
-                            slot.1 += 1;
-                            slot.0
-                        };
-                        let key = format!("{prefix}/register/{key_index}");
-                        let sent = zero.elapsed().as_micros() as u64;
-                        let op = if (n + worker as u64).is_multiple_of(2) {
-                            let value = format!("w{worker}-{n}");
-                            match client.put(&key, &value, PutOptions::default()).await {
-                                Ok(_) => Some((RegisterCall::Write(value), Some(zero.elapsed().as_micros() as u64))),
-                                // Refused: never applied, so not part of the history.
-                                Err(e) if e.is_definite() => None,
-                                Err(_) => Some((RegisterCall::Write(value), None)),
-                            }
-                        } else {
-                            match client.get_key(&key, false).await {
-                                Ok(found) => Some((
-                                    RegisterCall::Read(found.map(|kv| kv.value)),
-                                    Some(zero.elapsed().as_micros() as u64),
-                                )),
-                                // No answer: a read says nothing.
-                                Err(_) => None,
-                            }
-                        };
-                        if let Some((call, answered)) = op {
-                            let mut all = ops.lock().expect("register lock");
-                            all[key_index].push(RegisterOp { call, sent, answered });
+        let (sink, prefix) = (ops.clone(), prefix.to_string());
+        let writers = Writers::start(REGISTER_WORKERS, move |worker, stop| {
+            let (client, ops, reserved, prefix) = (client.clone(), sink.clone(), reserved.clone(), prefix.clone());
+            async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key_index = {
+                        let mut slot = reserved.lock().expect("register lock");
+                        if slot.1 == REGISTER_OPS_MAX {
+                            *slot = (slot.0 + 1, 0);
+                            ops.lock().expect("register lock").push(Vec::new());
                         }
-                        tokio::time::sleep(REGISTER_PACE).await;
+                        slot.1 += 1;
+                        slot.0
+                    };
+                    let key = format!("{prefix}/register/{key_index}");
+                    let sent = zero.elapsed().as_micros() as u64;
+                    let op = if (n + worker as u64).is_multiple_of(2) {
+                        let value = format!("w{worker}-{n}");
+                        match client.put(&key, &value, PutOptions::default()).await {
+                            Ok(_) => Some((RegisterCall::Write(value), Some(zero.elapsed().as_micros() as u64))),
+                            // Refused: never applied, so not part of the history.
+                            Err(e) if e.is_definite() => None,
+                            Err(_) => Some((RegisterCall::Write(value), None)),
+                        }
+                    } else {
+                        match client.get_key(&key, false).await {
+                            Ok(found) => Some((
+                                RegisterCall::Read(found.map(|kv| kv.value)),
+                                Some(zero.elapsed().as_micros() as u64),
+                            )),
+                            // No answer: a read says nothing.
+                            Err(_) => None,
+                        }
+                    };
+                    if let Some((call, answered)) = op {
+                        let mut all = ops.lock().expect("register lock");
+                        all[key_index].push(RegisterOp { call, sent, answered });
                     }
-                })
-            })
-            .collect();
-        RegisterCanary { stop, tasks, ops }
+                    tokio::time::sleep(REGISTER_PACE).await;
+                }
+            }
+        });
+        RegisterCanary { writers, ops }
     }
 
     /// Stops the workers and checks each key's history: how many keys, how many
     /// operations, and the first key whose history is not linearizable.
     pub async fn stop_and_check(mut self) -> (usize, usize, Option<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in std::mem::take(&mut self.tasks) {
-            let _ = task.await;
-        }
+        self.writers.stop().await;
         let all = self.ops.lock().expect("register lock").clone();
         let operations = all.iter().map(Vec::len).sum();
         let broken = all
@@ -161,11 +155,5 @@ impl RegisterCanary {
                 Err(e) => Some(format!("register {i}: {e}")),
             });
         (all.len(), operations, broken)
-    }
-}
-
-impl Drop for RegisterCanary {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -673,7 +673,6 @@ impl LocalTopology {
                 relay.from_region, relay.to
             ));
         }
-        let mut primaries = std::collections::BTreeSet::new();
         for region in self.data_regions() {
             self.leader(&region)
                 .await
@@ -681,17 +680,13 @@ impl LocalTopology {
             self.converged(&region)
                 .await
                 .ok_or_else(|| format!("region {region}'s nodes have not converged"))?;
-            if self.plan.regions.len() > 1 {
-                let client = self.region_client(&region).with_deadline(Duration::from_millis(500));
-                let view = client
-                    .regions()
-                    .await
-                    .map_err(|e| format!("region {region} does not say its regions: {e}"))?;
-                primaries.insert((view.primary, view.epoch));
-            }
         }
-        if primaries.len() > 1 {
-            return Err(format!("the regions disagree on the primary region: {primaries:?}"));
+        if self.plan.regions.len() > 1 {
+            let clients = self.data_regions().into_iter().map(|r| {
+                let client = self.region_client(&r);
+                (r, client)
+            });
+            super::target::agree_on_primary(clients.collect()).await?;
         }
         if let Some(record) = &self.proxy {
             if !record.pid.is_some_and(|pid| is_ours(pid, &record.config)) {

@@ -38,25 +38,6 @@ use local::{LocalTopology, TopologyPlan};
 use remote::{Access, Commands, Remote};
 use target::Target;
 
-/// The scenarios `run_local` can run so far.
-pub const LOCAL_SCENARIOS: [Scenario; 15] = [
-    Scenario::LeaderKill,
-    Scenario::LeaderPause,
-    Scenario::PartitionMinority,
-    Scenario::PartitionMajority,
-    Scenario::PrimaryKill,
-    Scenario::NodeKill,
-    Scenario::ZoneLoss,
-    Scenario::RegionOutage,
-    Scenario::LinkCut,
-    Scenario::LinkSlow,
-    Scenario::Switchover,
-    Scenario::RegionFailover,
-    Scenario::Failback,
-    Scenario::BackupRestore,
-    Scenario::PostgresPrimaryKill,
-];
-
 /// Canary writers per drill.
 const CANARY_WRITERS: usize = 4;
 /// How long recovery may take before the step fails.
@@ -211,15 +192,9 @@ pub struct Report {
     pub aborted: Option<String>,
 }
 
-/// Refuses scenarios `run_local` cannot run, or not in that order, before anything starts.
+/// Refuses scenarios `run_local` cannot run in that order, or on `plan`, before anything
+/// starts.
 pub fn check_local(scenarios: &[Scenario], plan: &TopologyPlan) -> Result<(), String> {
-    if let Some(missing) = scenarios.iter().find(|s| !LOCAL_SCENARIOS.contains(s)) {
-        let built: Vec<&str> = LOCAL_SCENARIOS.iter().map(|s| s.name()).collect();
-        return Err(format!(
-            "scenario {missing} is not built yet; built so far: {}",
-            built.join(", ")
-        ));
-    }
     rampart_core::drill::check_sequence(scenarios)?;
     plan.check()?;
     if let Some(needs) = scenarios.iter().find(|s| s.needs_regions()) {

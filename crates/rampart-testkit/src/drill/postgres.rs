@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::history::{History, OpOutcome};
+use crate::workload::Writers;
 
 /// The drill's PostgreSQL service.
 pub const PG_SERVICE: &str = "drill-db";
@@ -119,8 +120,7 @@ pub async fn make_table(addr: SocketAddr, deadline: Instant) -> Result<(), Strin
 
 /// Writers inserting unique keys through the proxy, until stopped.
 pub struct SqlCanary {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writers: Writers,
     pub history: Arc<History>,
 }
 
@@ -128,63 +128,50 @@ impl SqlCanary {
     /// Starts `writers` writers inserting `PREFIX.wN.SEQ` through `proxy`.
     pub fn start(proxy: SocketAddr, writers: usize, prefix: &str) -> SqlCanary {
         let prefix = prefix.replace('/', ".");
-        let stop = Arc::new(AtomicBool::new(false));
         let history = Arc::new(History::default());
-        let tasks = (0..writers)
-            .map(|writer| {
-                let (stop, history, prefix) = (stop.clone(), history.clone(), prefix.clone());
-                tokio::spawn(async move {
-                    let mut seq = 0u64;
-                    let mut sql: Option<tokio_postgres::Client> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        if sql.as_ref().is_none_or(|c| c.is_closed()) {
-                            sql = connect(proxy).await;
-                            if sql.is_none() {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
+        let sink = history.clone();
+        let writers = Writers::start(writers, move |writer, stop| {
+            let (history, prefix) = (sink.clone(), prefix.clone());
+            async move {
+                let mut seq = 0u64;
+                let mut sql: Option<tokio_postgres::Client> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if sql.as_ref().is_none_or(|c| c.is_closed()) {
+                        sql = connect(proxy).await;
+                        if sql.is_none() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
                         }
-                        seq += 1;
-                        let key = format!("{prefix}.w{writer}.{seq:07}");
-                        let sent = Instant::now();
-                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
-                        let insert = sql
-                            .as_ref()
-                            .expect("connected")
-                            .execute("INSERT INTO drill_canary (k) VALUES ($1)", &params);
-                        let outcome = match tokio::time::timeout(Duration::from_secs(5), insert).await {
-                            Ok(Ok(_)) => OpOutcome::Acknowledged { revision: seq },
-                            // A read-only server refused it: not applied.
-                            Ok(Err(e))
-                                if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) =>
-                            {
-                                OpOutcome::Failed
-                            }
-                            _ => {
-                                sql = None;
-                                OpOutcome::Unknown
-                            }
-                        };
-                        history.record_sent(writer, &key, &key, outcome, sent);
                     }
-                })
-            })
-            .collect();
-        SqlCanary { stop, tasks, history }
+                    seq += 1;
+                    let key = format!("{prefix}.w{writer}.{seq:07}");
+                    let sent = Instant::now();
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+                    let insert = sql
+                        .as_ref()
+                        .expect("connected")
+                        .execute("INSERT INTO drill_canary (k) VALUES ($1)", &params);
+                    let outcome = match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                        Ok(Ok(_)) => OpOutcome::Acknowledged { revision: seq },
+                        // A read-only server refused it: not applied.
+                        Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                            OpOutcome::Failed
+                        }
+                        _ => {
+                            sql = None;
+                            OpOutcome::Unknown
+                        }
+                    };
+                    history.record_sent(writer, &key, &key, outcome, sent);
+                }
+            }
+        });
+        SqlCanary { writers, history }
     }
 
     pub async fn stop(mut self) -> Arc<History> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in std::mem::take(&mut self.tasks) {
-            let _ = task.await;
-        }
-        self.history.clone()
-    }
-}
-
-impl Drop for SqlCanary {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.writers.stop().await;
+        self.history
     }
 }
 

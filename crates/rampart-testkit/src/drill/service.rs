@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use rampart_core::health::Health;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{History, OpOutcome, PrimaryAck};
+use crate::workload::Writers;
 
 /// The drill's service.
 pub const SERVICE: &str = "drill-kv";
@@ -99,8 +100,7 @@ pub async fn instance_pid(addr: SocketAddr) -> Option<u32> {
 
 /// Writers putting fresh keys through the proxy, until stopped.
 pub struct ServiceCanary {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writers: Writers,
     pub history: Arc<History>,
     pub acks: Arc<Mutex<Vec<PrimaryAck>>>,
 }
@@ -110,62 +110,45 @@ impl ServiceCanary {
     /// prefix becomes `.`) through the proxy at `proxy`.
     pub fn start(proxy: SocketAddr, writers: usize, prefix: &str) -> ServiceCanary {
         let prefix = prefix.replace('/', ".");
-        let stop = Arc::new(AtomicBool::new(false));
         let history = Arc::new(History::default());
         let acks = Arc::new(Mutex::new(Vec::new()));
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
             .expect("an HTTP client");
-        let tasks = (0..writers)
-            .map(|writer| {
-                let (stop, history, acks, http) = (stop.clone(), history.clone(), acks.clone(), http.clone());
-                let prefix = prefix.clone();
-                tokio::spawn(async move {
-                    let mut seq = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        seq += 1;
-                        let key = format!("{prefix}.w{writer}.{seq:07}");
-                        let value = format!("{writer}-{seq}");
-                        let sent = Instant::now();
-                        let answer = http
-                            .put(format!("http://{proxy}/kv/{key}"))
-                            .body(value.clone())
-                            .send()
-                            .await;
-                        let outcome = outcome(answer, &acks, sent).await;
-                        let refused = outcome == OpOutcome::Failed;
-                        history.record_sent(writer, &key, &value, outcome, sent);
-                        if refused {
-                            // No primary yet: do not spin.
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
+        let (sink, tokens) = (history.clone(), acks.clone());
+        let writers = Writers::start(writers, move |writer, stop| {
+            let (history, acks, http, prefix) = (sink.clone(), tokens.clone(), http.clone(), prefix.clone());
+            async move {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let key = format!("{prefix}.w{writer}.{seq:07}");
+                    let value = format!("{writer}-{seq}");
+                    let sent = Instant::now();
+                    let answer = http
+                        .put(format!("http://{proxy}/kv/{key}"))
+                        .body(value.clone())
+                        .send()
+                        .await;
+                    let outcome = outcome(answer, &acks, sent).await;
+                    let refused = outcome == OpOutcome::Failed;
+                    history.record_sent(writer, &key, &value, outcome, sent);
+                    if refused {
+                        // No primary yet: do not spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                })
-            })
-            .collect();
-        ServiceCanary {
-            stop,
-            tasks,
-            history,
-            acks,
-        }
+                }
+            }
+        });
+        ServiceCanary { writers, history, acks }
     }
 
     /// Stops every writer; returns the history and the acknowledgements' tokens.
     pub async fn stop(mut self) -> (Arc<History>, Vec<PrimaryAck>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in std::mem::take(&mut self.tasks) {
-            let _ = task.await;
-        }
+        self.writers.stop().await;
         let acks = self.acks.lock().expect("acks lock").clone();
-        (self.history.clone(), acks)
-    }
-}
-
-impl Drop for ServiceCanary {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        (self.history, acks)
     }
 }
 

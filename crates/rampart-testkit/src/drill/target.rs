@@ -115,7 +115,6 @@ async fn statuses(nodes: &[(String, Client)]) -> Option<Vec<ClusterStatus>> {
 /// Healthy: every node answers, each data region has one agreed leader and has converged,
 /// and the regions agree on the primary.
 async fn remote_healthy(remote: &Remote) -> Result<(), String> {
-    let mut primaries = std::collections::BTreeSet::new();
     let regions = remote.data_regions();
     for region in &regions {
         let nodes = node_clients(remote, region)?;
@@ -130,15 +129,28 @@ async fn remote_healthy(remote: &Remote) -> Result<(), String> {
             .ok_or(format!("a node of {region} stopped answering"))?;
         agreed_leader(&all).ok_or(format!("region {region} has no agreed leader"))?;
         converged(&all).ok_or(format!("region {region}'s nodes have not converged"))?;
-        if regions.len() > 1 {
-            let view = remote
-                .region_client(region)?
-                .with_deadline(Duration::from_millis(500))
-                .regions()
-                .await
-                .map_err(|e| format!("region {region} does not say its regions: {e}"))?;
-            primaries.insert((view.primary, view.epoch));
-        }
+    }
+    if regions.len() > 1 {
+        let clients = regions
+            .iter()
+            .map(|r| Ok((r.clone(), remote.region_client(r)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        agree_on_primary(clients).await?;
+    }
+    Ok(())
+}
+
+/// Every region (asked through its client) names the same primary region at the same
+/// epoch.
+pub(crate) async fn agree_on_primary(regions: Vec<(String, Client)>) -> Result<(), String> {
+    let mut primaries = std::collections::BTreeSet::new();
+    for (region, client) in regions {
+        let view = client
+            .with_deadline(Duration::from_millis(500))
+            .regions()
+            .await
+            .map_err(|e| format!("region {region} does not say its regions: {e}"))?;
+        primaries.insert((view.primary, view.epoch));
     }
     if primaries.len() > 1 {
         return Err(format!("the regions disagree on the primary region: {primaries:?}"));
