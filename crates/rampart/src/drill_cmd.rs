@@ -32,7 +32,7 @@ pub enum DrillCommand {
         #[arg(required_unless_present = "plan", conflicts_with = "plan", value_parser = scenario_arg)]
         scenarios: Vec<Scenario>,
         /// A drill plan (TOML): `[drill]` with budgets and a topology file, and its
-        /// `[[drill.steps]]` (scenario, and optionally rto_budget, rpo_budget, settle)
+        /// `[[drill.steps]]` (scenario, and optionally rto_budget, rpo_budget, settle, hold)
         #[arg(long)]
         plan: Option<PathBuf>,
         /// The drill's directory: its journal, its topology while it runs, and
@@ -64,6 +64,10 @@ pub enum DrillCommand {
         /// plan's, else 0]
         #[arg(long)]
         rpo_budget: Option<u64>,
+        /// How long each fault stays at the least, even once writes go through again (a
+        /// plan's steps may say otherwise with `hold`)
+        #[arg(long, default_value = "5s", value_parser = crate::outcome::duration_arg)]
+        hold: Duration,
         /// Run the whole drill this many times, each against a fresh topology (run-1,
         /// run-2, ... in the drill's directory), and summarise each scenario's RTO and RPO:
         /// median and worst (summary.md, summary.json)
@@ -124,6 +128,8 @@ struct PlanStep {
     rpo_budget: Option<u64>,
     /// How long to let the topology settle before this step.
     settle: Option<String>,
+    /// How long the fault stays at the least.
+    hold: Option<String>,
 }
 
 fn plan_duration(field: &str, text: &str) -> Result<Duration, Failure> {
@@ -137,6 +143,7 @@ fn read_plan(
     path: &Path,
     rto: Option<Duration>,
     rpo: Option<u64>,
+    hold: Duration,
 ) -> Result<(Vec<PlannedStep>, Budgets, Option<PathBuf>), Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
@@ -180,6 +187,10 @@ fn read_plan(
                 rpo_writes: step.rpo_budget.unwrap_or(defaults.rpo_writes),
             },
             settle,
+            hold: match &step.hold {
+                Some(text) => plan_duration(&field("hold"), text).map_err(in_file)?,
+                None => hold,
+            },
         });
     }
     let topology = table.topology.map(|t| path.parent().unwrap_or(Path::new(".")).join(t));
@@ -318,10 +329,11 @@ pub async fn run(output: Output, command: DrillCommand, access: Option<Access>) 
             local: _,
             rto_budget,
             rpo_budget,
+            hold,
             repeat,
         } => {
             let (steps, budgets, planned_topology) = match &plan_file {
-                Some(path) => read_plan(path, rto_budget, rpo_budget)?,
+                Some(path) => read_plan(path, rto_budget, rpo_budget, hold)?,
                 None => {
                     let budgets = Budgets {
                         rto_ms: rto_budget.unwrap_or(DEFAULT_RTO).as_millis() as u64,
@@ -333,6 +345,7 @@ pub async fn run(output: Output, command: DrillCommand, access: Option<Access>) 
                             scenario: *scenario,
                             budgets,
                             settle: Duration::ZERO,
+                            hold,
                         })
                         .collect();
                     (steps, budgets, None)

@@ -57,13 +57,16 @@ pub struct Budgets {
     pub rpo_writes: u64,
 }
 
-/// One step of a drill: a scenario, the budgets it is held to, and how long to let the
-/// topology settle before it (a drill plan's `settle`).
+/// One step of a drill: a scenario, the budgets it is held to, how long to let the
+/// topology settle before it (a drill plan's `settle`), and how long its fault stays at
+/// the least (`hold`: a partition healed the moment the first write got through would
+/// test nothing).
 #[derive(Debug, Clone, Copy)]
 pub struct PlannedStep {
     pub scenario: Scenario,
     pub budgets: Budgets,
     pub settle: Duration,
+    pub hold: Duration,
 }
 
 /// One safety check's verdict.
@@ -386,6 +389,7 @@ async fn run_steps(
             scenario,
             budgets,
             settle,
+            hold,
         },
     ) in planned.iter().enumerate()
     {
@@ -397,7 +401,7 @@ async fn run_steps(
             tokio::time::sleep(*settle).await;
         }
         progress(&format!("[{}/{total}] {scenario}: {}", i + 1, scenario.fault()));
-        let ran = std::panic::AssertUnwindSafe(step(target, &mut journal, *scenario, i, started, *budgets))
+        let ran = std::panic::AssertUnwindSafe(step(target, &mut journal, *scenario, i, started, *budgets, *hold))
             .catch_unwind()
             .await;
         let done = match ran {
@@ -949,6 +953,7 @@ async fn step(
     index: usize,
     started: Instant,
     budgets: Budgets,
+    hold: Duration,
 ) -> Result<Step, String> {
     let zero = Instant::now();
     let mut marks = Vec::new();
@@ -1016,6 +1021,10 @@ async fn step(
             at_ms: at.duration_since(zero).as_millis() as u64,
             label: "recovered: a write sent after it acknowledged on every path".into(),
         });
+    }
+    // The fault stays for `hold` at the least (a planned operation is over once answered).
+    if !matches!(fault, Fault::Planned { .. }) && injected_result.is_ok() {
+        tokio::time::sleep_until((injected + hold).into()).await;
     }
     // Undo, whatever happened.
     undo(target, &fault)

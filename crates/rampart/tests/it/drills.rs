@@ -27,7 +27,8 @@ fn drill_with(dir: &Path, run_args: &[&str], scenarios: &[&str]) -> Report {
     let dir_text = dir.display().to_string();
     let mut args = vec!["--output", "json", "drill", "run"];
     args.extend_from_slice(run_args);
-    args.extend(["--report-dir", &dir_text]);
+    // Faults held 2 s: long enough for an election, short enough for the suite.
+    args.extend(["--hold", "2s", "--report-dir", &dir_text]);
     let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
     let report: Report = serde_json::from_str(&out).expect("a json report");
@@ -149,6 +150,9 @@ scenario = "backup-restore"
             "{step:?}"
         );
     }
+    // The partition held long enough for the rest of the region to elect another leader.
+    let terms: Vec<u64> = report.steps[2].samples.iter().map(|s| s.term).filter(|t| *t > 0).collect();
+    assert!(terms.last() > terms.first(), "{terms:?}");
     let budgets: Vec<u64> = report.steps.iter().map(|s| s.budgets.rto_ms).collect();
     assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000, 60_000]);
     // The majority side of five is three: every link between them and the other two is cut,
@@ -340,6 +344,48 @@ fn process_state(pid: u32) -> Option<char> {
 }
 
 #[test]
+fn ctrl_c_during_a_fault_undoes_it_stops_the_topology_and_exits_non_zero() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("interrupted");
+    let drill = Command::new(binary())
+        .args(["drill", "run", "leader-pause", "--report-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the drill");
+    let paused = std::cell::Cell::new(None);
+    wait_until("the drill to pause a leader", || {
+        let pending = journal::pending(&dir).unwrap_or_default();
+        let found = pending.iter().find_map(|(_, _, fault)| match fault {
+            Fault::Pause { pid, .. } => Some(*pid),
+            _ => None,
+        });
+        let stopped = found.is_some_and(|pid| process_state(pid) == Some('T'));
+        if stopped {
+            paused.set(found);
+        }
+        stopped
+    });
+    // SAFETY: the drill process this test started.
+    unsafe {
+        libc::kill(drill.id() as i32, libc::SIGINT);
+    }
+    let out = drill.wait_with_output().expect("the drill ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(journal::pending(&dir).expect("journal").is_empty(), "{err}");
+    let topology = LocalTopology::load(&dir.join("topology")).expect("the topology");
+    assert!(topology.stopped, "{err}");
+    let pid = paused.take().expect("a paused node");
+    wait_until(
+        "the paused node to be gone",
+        || !matches!(process_state(pid), Some(s) if s != 'Z'),
+    );
+}
+
+#[test]
 fn a_drill_killed_half_way_leaves_faults_that_cleanup_undoes_and_the_topology_is_healthy_after() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("killed");
@@ -480,6 +526,8 @@ heal = "python3 {ops_text}/links.py heal {{name}} {{peer_name}} {dir}"
         "partition-minority",
         "--commands",
         &commands.display().to_string(),
+        "--hold",
+        "2s",
         "--rto-budget",
         "60s",
         "--report-dir",
@@ -594,6 +642,8 @@ fn a_repeated_drill_summarises_each_scenarios_median_and_worst() {
         "leader-kill",
         "--repeat",
         "2",
+        "--hold",
+        "2s",
         "--rto-budget",
         "60s",
         "--report-dir",
