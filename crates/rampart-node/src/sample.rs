@@ -251,7 +251,12 @@ async fn heartbeat_loop(shared: Shared) {
             let mut replica = shared.1.lock().expect("replica lock");
             replica.role = Some(answer.role);
             replica.token = answer.token;
-            replica.primary = answer.primary;
+            // With no primary named (a switchover between the release and the promotion),
+            // a replica goes on pulling from the last one: the target of a switchover
+            // catches up from the old primary, which is what the switchover waits for.
+            if answer.primary.is_some() {
+                replica.primary = answer.primary;
+            }
             replica.confirmed = Some(Instant::now());
             break;
         }

@@ -629,8 +629,10 @@ async fn inject(target: &mut Target, scenario: Scenario, fault: &Fault, primary:
     match fault {
         Fault::Commands { run, .. } => remote::run_commands(run).await?,
         Fault::Planned { to, .. } if scenario == Scenario::Switchover => {
+            // The leader waits for the target to catch up (up to 30 s) before it answers.
             target
                 .client()?
+                .with_deadline(Duration::from_secs(60))
                 .switchover(service::SERVICE, to)
                 .await
                 .map_err(|e| format!("the switchover to {to} was refused: {e}"))?;

@@ -151,7 +151,12 @@ scenario = "backup-restore"
         );
     }
     // The partition held long enough for the rest of the region to elect another leader.
-    let terms: Vec<u64> = report.steps[2].samples.iter().map(|s| s.term).filter(|t| *t > 0).collect();
+    let terms: Vec<u64> = report.steps[2]
+        .samples
+        .iter()
+        .map(|s| s.term)
+        .filter(|t| *t > 0)
+        .collect();
     assert!(terms.last() > terms.first(), "{terms:?}");
     let budgets: Vec<u64> = report.steps.iter().map(|s| s.budgets.rto_ms).collect();
     assert_eq!(budgets, [60_000, 90_000, 60_000, 60_000, 60_000]);
