@@ -32,6 +32,20 @@ const BACKUP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Marks a request a node forwarded, so it is never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-rampart-forwarded-by";
 
+/// Returns once this node knows a leader other than `leader`.
+async fn leader_replaced(node: &Shared, leader: NodeId) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if metrics.borrow_and_update().current_leader.is_some_and(|l| l != leader) {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            // The Raft instance stopped: nothing will change any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 fn needs_leader(request: &Request) -> bool {
     let path = request.uri().path();
     if !path.starts_with("/v1/") || path.starts_with("/v1/watch") {
@@ -59,14 +73,14 @@ pub async fn to_leader(State(node): State<Shared>, request: Request, next: Next)
         Some(leader) if leader == node.id => next.run(request).await,
         Some(leader) => match node.address_of(leader) {
             None => ApiError::no_leader().into_response(),
-            Some(addr) => forward(&node, &addr, request)
+            Some(addr) => forward(&node, leader, &addr, request)
                 .await
                 .unwrap_or_else(|e| e.into_response()),
         },
     }
 }
 
-async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response, ApiError> {
+async fn forward(node: &Shared, leader: NodeId, addr: &str, request: Request) -> Result<Response, ApiError> {
     node.metrics.forwarded_requests.inc();
     let (parts, body) = request.into_parts();
     let limit = node.config.limits.request_body_bytes_max;
@@ -100,7 +114,19 @@ async fn forward(node: &Shared, addr: &str, request: Request) -> Result<Response
         outgoing = outgoing.header(FORWARDED_FOR_HEADER, caller.source.as_str());
     }
     outgoing = outgoing.header(FORWARDED_HEADER, node.id.to_string());
-    let answer = outgoing.send().await.map_err(|e| {
+    // A leader replaced while the request is with it (paused, cut off) may never answer:
+    // once this node knows another leader, the request is answered here instead.
+    let sent = tokio::select! {
+        sent = outgoing.send() => sent,
+        () = leader_replaced(node, leader) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership_lost",
+                format!("the leader this node forwarded to (node {leader}) was replaced while the request was with it; it may or may not have taken effect"),
+            ));
+        }
+    };
+    let answer = sent.map_err(|e| {
         if e.is_connect() {
             // Nothing reached the leader: safe for the client to retry.
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", format!("leader at {addr} unreachable: {e}"))

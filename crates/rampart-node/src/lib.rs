@@ -151,7 +151,12 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
 
     let (alerts, alert_queue) = tokio::sync::mpsc::channel(alerts::QUEUE_MAX);
-    let proposer = Proposer::start(raft.clone(), metrics.clone(), config.request_timeout);
+    let proposer = Proposer::start(
+        raft.clone(),
+        metrics.clone(),
+        config.request_timeout,
+        config.election_timeout,
+    );
     let node = Arc::new(node::Node {
         id: config.id,
         applied: sm.applied(),

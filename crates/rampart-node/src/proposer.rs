@@ -35,6 +35,10 @@ const QUEUE_MAX: usize = 16 * 1024;
 enum BatchError {
     /// Leadership was lost after the batch may have been appended: outcome unknown.
     LeadershipLost,
+    /// This leader stopped hearing from a majority (cut off, or the others paused) while
+    /// the batch was in flight: outcome unknown, and the writer should try elsewhere now
+    /// rather than at its deadline (a new leader is being elected meanwhile).
+    CutOff(Duration),
     TimedOut(Duration),
     Failed(String),
 }
@@ -48,6 +52,14 @@ impl BatchError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "leadership_lost",
                 "this node lost leadership while proposing; the write may or may not take effect",
+            ),
+            BatchError::CutOff(silence) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership_lost",
+                format!(
+                    "this leader has not heard from a majority for {} ms while proposing; the write may or may not take effect",
+                    silence.as_millis()
+                ),
             ),
             BatchError::TimedOut(after) => ApiError::timeout("the write", *after),
             BatchError::Failed(message) => ApiError::internal(format!("write failed: {message}")),
@@ -67,10 +79,12 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batcher for `raft`; each batch's proposal gives up after `timeout`.
-    pub fn start(raft: Raft, metrics: Arc<Metrics>, timeout: Duration) -> Proposer {
+    /// Starts the batcher for `raft`; each batch's proposal gives up after `timeout`, or
+    /// as soon as this leader no longer counts itself leader (no majority heard from for
+    /// twice `election_timeout`: `core::election::leader_counts_itself`).
+    pub fn start(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, election_timeout: Duration) -> Proposer {
         let (queue, waiting) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(batch_loop(raft, metrics, timeout, waiting));
+        tokio::spawn(batch_loop(raft, metrics, timeout, election_timeout, waiting));
         Proposer { queue }
     }
 
@@ -118,7 +132,13 @@ impl Pending {
     }
 }
 
-async fn batch_loop(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, mut waiting: mpsc::Receiver<Proposal>) {
+async fn batch_loop(
+    raft: Raft,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    election_timeout: Duration,
+    mut waiting: mpsc::Receiver<Proposal>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
     // A proposal that did not fit the previous batch opens the next one.
     let mut carried: Option<Proposal> = None;
@@ -157,16 +177,22 @@ async fn batch_loop(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, mut wa
         let raft = raft.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            let result = match tokio::time::timeout(timeout, raft.client_write(Batch { commands })).await {
-                Err(_) => Err(BatchError::TimedOut(timeout)),
-                Ok(Ok(response)) if response.data.len() == replies.len() => Ok(response.data),
-                Ok(Ok(response)) => Err(BatchError::Failed(format!(
-                    "{} outcomes for a batch of {} writes",
-                    response.data.len(),
-                    replies.len()
-                ))),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(BatchError::LeadershipLost),
-                Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
+            let write = tokio::time::timeout(timeout, raft.client_write(Batch { commands }));
+            let result = tokio::select! {
+                written = write => match written {
+                    Err(_) => Err(BatchError::TimedOut(timeout)),
+                    Ok(Ok(response)) if response.data.len() == replies.len() => Ok(response.data),
+                    Ok(Ok(response)) => Err(BatchError::Failed(format!(
+                        "{} outcomes for a batch of {} writes",
+                        response.data.len(),
+                        replies.len()
+                    ))),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(BatchError::LeadershipLost),
+                    Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
+                },
+                // Its entry stays with Raft (a later leader may still commit it): the
+                // writers are told the outcome is unknown, now rather than at a deadline.
+                silence = cut_off(&raft, election_timeout) => Err(BatchError::CutOff(silence)),
             };
             drop(slot);
             match result {
@@ -183,5 +209,32 @@ async fn batch_loop(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, mut wa
                 }
             }
         });
+    }
+}
+
+/// How often a proposal in flight checks that its leader still hears from a majority.
+const CUT_OFF_CHECK: Duration = Duration::from_millis(50);
+
+/// Returns once this node, leading, no longer counts itself leader (it has not heard from
+/// a majority for twice `election_timeout`), with how long it has not; never while it
+/// hears from one (or is not the leader: openraft answers that proposal itself).
+async fn cut_off(raft: &Raft, election_timeout: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(CUT_OFF_CHECK).await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.state != openraft::ServerState::Leader {
+            continue;
+        }
+        // A leader not yet acknowledged by a quorum (just elected) counts the silence
+        // from when this proposal began, not as already cut off.
+        let age = metrics
+            .millis_since_quorum_ack
+            .map(Duration::from_millis)
+            .or(Some(started.elapsed()));
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        if !rampart_core::election::leader_counts_itself(age, voters, election_timeout) {
+            return age.unwrap_or_default();
+        }
     }
 }

@@ -59,6 +59,63 @@ async fn cut_off_leader_acknowledges_nothing_and_majority_goes_on() {
     assert_eq!(state.get("part/before").map(String::as_str), Some("1"));
 }
 
+/// Found by a drill (`partition-minority`): a write the leader had taken when it was cut
+/// off waited for the node's request timeout or the client's deadline, whichever came
+/// first, though the majority had a new leader within a second. It is now answered
+/// `leadership_lost` (outcome unknown) once the leader has not heard from a majority for
+/// twice the election timeout, so the client moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_in_flight_on_a_cut_off_leader_is_answered_unknown_not_left_to_a_deadline() {
+    let cluster = cluster_with_relays(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    // A deadline far past anything the region takes to notice.
+    let client = cluster.client_of(leader).with_deadline(Duration::from_secs(120));
+    client
+        .put("cut/before", "1", PutOptions::default())
+        .await
+        .expect("write before the partition");
+    cluster.isolate(leader, RelayMode::Blackhole);
+    let answer = client.put("cut/in-flight", "x", PutOptions::default()).await;
+    match answer {
+        Err(rampart_client::ClientError::Api { code, .. }) => {
+            assert_eq!(code, "leadership_lost", "answered {code}");
+        }
+        other => panic!("expected leadership_lost from the cut-off leader, got {other:?}"),
+    }
+    cluster.heal();
+    cluster.wait_converged(DEADLINE).await;
+}
+
+/// The same through a follower: its forward to the cut-off leader went into the partition
+/// and was held until a timeout; it is answered `leadership_lost` once the follower knows
+/// the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_a_follower_forwarded_to_a_replaced_leader_is_answered_unknown() {
+    let cluster = cluster_with_relays(3).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
+    let client = cluster.client_of(follower).with_deadline(Duration::from_secs(120));
+    client
+        .put("fwd/before", "1", PutOptions::default())
+        .await
+        .expect("write before the partition");
+    cluster.isolate(leader, RelayMode::Blackhole);
+    let answer = client.put("fwd/in-flight", "x", PutOptions::default()).await;
+    match answer {
+        // Acknowledged: the follower already knew the new leader when the write came.
+        Ok(put) => assert!(put.revision > 0),
+        Err(rampart_client::ClientError::Api { code, .. }) => assert_eq!(code, "leadership_lost"),
+        Err(other) => panic!("expected leadership_lost from the follower, got {other:?}"),
+    }
+    // Its next write reaches the new leader.
+    client
+        .put("fwd/after", "y", PutOptions::default())
+        .await
+        .expect("the majority takes writes");
+    cluster.heal();
+    cluster.wait_converged(DEADLINE).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paused_leader_acknowledges_nothing_with_stale_leadership() {
     let mut cluster = cluster(3).await;
