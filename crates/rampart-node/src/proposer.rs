@@ -80,8 +80,7 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the batcher for `raft`; each batch's proposal gives up after `timeout`, or
-    /// as soon as this leader no longer counts itself leader (no majority heard from for
-    /// twice `election_timeout`: `core::election::leader_counts_itself`).
+    /// once this leader has not heard from a majority for four `election_timeout`s.
     pub fn start(raft: Raft, metrics: Arc<Metrics>, timeout: Duration, election_timeout: Duration) -> Proposer {
         let (queue, waiting) = mpsc::channel(QUEUE_MAX);
         tokio::spawn(batch_loop(raft, metrics, timeout, election_timeout, waiting));
@@ -215,26 +214,24 @@ async fn batch_loop(
 /// How often a proposal in flight checks that its leader still hears from a majority.
 const CUT_OFF_CHECK: Duration = Duration::from_millis(50);
 
-/// Returns once this node, leading, no longer counts itself leader (it has not heard from
-/// a majority for twice `election_timeout`), with how long it has not; never while it
-/// hears from one (or is not the leader: openraft answers that proposal itself).
+/// Returns once this node, leading, has not heard from a majority for four election
+/// timeouts (twice what makes it stop counting itself leader for new requests: a busy
+/// machine's late heartbeats must not fail writes in flight), with how long it has not;
+/// never while it hears from one, before a first acknowledgement, or when it is not the
+/// leader (openraft answers that proposal itself).
 async fn cut_off(raft: &Raft, election_timeout: Duration) -> Duration {
-    let started = std::time::Instant::now();
     loop {
         tokio::time::sleep(CUT_OFF_CHECK).await;
         let metrics = raft.metrics().borrow().clone();
-        if metrics.state != openraft::ServerState::Leader {
+        if metrics.state != openraft::ServerState::Leader
+            || metrics.membership_config.membership().voter_ids().count() <= 1
+        {
             continue;
         }
-        // A leader not yet acknowledged by a quorum (just elected) counts the silence
-        // from when this proposal began, not as already cut off.
-        let age = metrics
-            .millis_since_quorum_ack
-            .map(Duration::from_millis)
-            .or(Some(started.elapsed()));
-        let voters = metrics.membership_config.membership().voter_ids().count();
-        if !rampart_core::election::leader_counts_itself(age, voters, election_timeout) {
-            return age.unwrap_or_default();
+        if let Some(age) = metrics.millis_since_quorum_ack.map(Duration::from_millis) {
+            if age > election_timeout * 4 {
+                return age;
+            }
         }
     }
 }
